@@ -1,0 +1,22 @@
+"""sqlcache: Redis as a safe, fast second-level cache for SQLAlchemy 2.x."""
+
+from __future__ import annotations
+
+from . import signals
+from .cache import SQLCache
+from .config import CacheConfig, ModelPolicy
+from .errors import CacheUnavailable, CodecError, ConfigurationError, SQLCacheError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheConfig",
+    "CacheUnavailable",
+    "CodecError",
+    "ConfigurationError",
+    "ModelPolicy",
+    "SQLCache",
+    "SQLCacheError",
+    "__version__",
+    "signals",
+]

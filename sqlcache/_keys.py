@@ -1,0 +1,84 @@
+"""Pure: every Redis key shape. No client, no clock, no globals.
+
+    {prefix}:clock                      the invalidation clock (generations are drawn from it)
+    {prefix}:e:{fp}:{entity}:{pk}       identity entry of one mapped class (fp = schema fingerprint)
+    {prefix}:d:i:{table}:{pk}           dependency: one row identity (table = base table of the hierarchy)
+    {prefix}:d:b:{table}                dependency: rows of a table changed by statements we cannot
+                                        attribute to rows (Core DML, ORM bulk statements)
+    {prefix}:d:t:{table}                dependency: anything in a table changed (queries read it)
+    {prefix}:d:u:{tag}                  dependency: a user tag
+    {prefix}:d:*                        dependency of every entry: moved by writes we cannot attribute
+                                        to a table (text SQL) and by a fence after lost invalidations
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from hashlib import blake2b
+from urllib.parse import quote
+
+from ._codec import encode_body
+
+__all__ = [
+    "bulk_dep_key",
+    "clock_key",
+    "global_dep_key",
+    "identity_dep_key",
+    "identity_entry_key",
+    "pk_token",
+    "scan_pattern",
+    "table_dep_key",
+    "tag_dep_key",
+]
+
+_GLOB = re.compile(r"([*?\[\]\\])")
+
+
+def clock_key(prefix: str) -> str:
+    return f"{prefix}:clock"
+
+
+def pk_token(pk: Sequence[object]) -> str:
+    """A canonical, injective text form of a primary key tuple."""
+    parts = []
+    for v in pk:
+        if type(v) is int:
+            parts.append(str(v))
+        elif type(v) is str:
+            parts.append("s" + quote(v, safe=""))
+        elif type(v) is uuid.UUID:
+            parts.append("u" + v.hex)
+        else:
+            parts.append("h" + blake2b(encode_body(v), digest_size=16).hexdigest())
+    return ",".join(parts)
+
+
+def identity_entry_key(prefix: str, fingerprint: str, entity: str, pk: Sequence[object]) -> str:
+    return f"{prefix}:e:{fingerprint}:{entity}:{pk_token(pk)}"
+
+
+def identity_dep_key(prefix: str, table: str, pk: Sequence[object]) -> str:
+    return f"{prefix}:d:i:{table}:{pk_token(pk)}"
+
+
+def bulk_dep_key(prefix: str, table: str) -> str:
+    return f"{prefix}:d:b:{table}"
+
+
+def table_dep_key(prefix: str, table: str) -> str:
+    return f"{prefix}:d:t:{table}"
+
+
+def tag_dep_key(prefix: str, tag: str) -> str:
+    return f"{prefix}:d:u:{tag}"
+
+
+def global_dep_key(prefix: str) -> str:
+    return f"{prefix}:d:*"
+
+
+def scan_pattern(prefix: str) -> str:
+    """A SCAN MATCH pattern for every key under ``prefix`` and nothing else."""
+    return _GLOB.sub(r"\\\1", prefix) + ":*"

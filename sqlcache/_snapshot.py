@@ -1,0 +1,303 @@
+"""Pure-ish: ORM instances <-> plain, msgpack-able structures; the schema fingerprint of a mapper.
+
+This module owns every use of private SQLAlchemy API (``InstanceState`` internals and the identity
+map's ``_add_unpresent``), each wrapped in one function with the reason beside it;
+tests/integration/test_sqlalchemy_internals.py fails loudly if an upgrade moves them.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import types as sqltypes
+from sqlalchemy.orm import ColumnProperty, Mapper
+from sqlalchemy.orm.attributes import instance_dict, instance_state
+
+from ._codec import decode, encode
+from .errors import CodecError, ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import InstanceState, Session
+    from sqlalchemy.sql.schema import Column
+
+__all__ = [
+    "Hierarchy",
+    "Shape",
+    "check_supported",
+    "decode_entry",
+    "encode_absent",
+    "encode_instance",
+    "fingerprint",
+    "hierarchy_for",
+    "materialize",
+]
+
+Conv = Callable[[Any], Any]
+
+# Generic types whose ORM values the codec round-trips exactly. Dialect types subclass these.
+_SUPPORTED: tuple[type[sqltypes.TypeEngine[Any]], ...] = (
+    sqltypes.Integer,
+    sqltypes.Numeric,
+    sqltypes.Float,  # a Numeric in 2.0, not in 2.1
+    sqltypes.String,  # Text, Unicode, UnicodeText, and dialect strings
+    sqltypes.Boolean,
+    sqltypes.Date,
+    sqltypes.DateTime,
+    sqltypes.Time,
+    sqltypes.Interval,
+    sqltypes.Uuid,
+    sqltypes.Enum,
+    sqltypes.JSON,
+    sqltypes._Binary,  # LargeBinary, BINARY, VARBINARY, BLOB
+    sqltypes.ARRAY,
+)
+
+
+def _dialect_extras() -> tuple[type[sqltypes.TypeEngine[Any]], ...]:
+    extra: list[type[sqltypes.TypeEngine[Any]]] = []
+    try:
+        from sqlalchemy.dialects import postgresql as pg
+
+        extra += [pg.INET, pg.CIDR, pg.HSTORE, pg.MACADDR, pg.BIT, pg.TSVECTOR, pg.MONEY, pg.OID]
+    except ImportError:  # pragma: no cover - ships with SQLAlchemy
+        pass
+    try:
+        from sqlalchemy.dialects import mysql
+
+        extra += [mysql.YEAR, mysql.BIT, mysql.SET]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(extra)
+
+
+_SUPPORTED_EXTRA = _dialect_extras()
+
+
+def _type_problem(type_: sqltypes.TypeEngine[Any]) -> str | None:
+    if isinstance(type_, sqltypes.TypeDecorator):
+        # The decorator's own Python values are checked exactly at encode time (an unexpected type is
+        # an encode error, never a wrong value), so accept it when its storage type is supported.
+        return _type_problem(type_.impl_instance)
+    if isinstance(type_, sqltypes.ARRAY):
+        item = type_.item_type
+        if isinstance(item, sqltypes.Enum) and item.enum_class is not None:
+            return "ARRAY of a Python enum"
+        return _type_problem(item)
+    if isinstance(type_, _SUPPORTED) or isinstance(type_, _SUPPORTED_EXTRA):
+        return None
+    return f"type {type_!r} is not one sqlcache can round-trip"
+
+
+def check_supported(mapper: Mapper[Any]) -> None:
+    """Raise ConfigurationError naming the first column whose type the codec cannot round-trip."""
+    for m in mapper.base_mapper.self_and_descendants:
+        for prop in m.column_attrs:
+            for col in prop.columns:
+                problem = _type_problem(col.type)
+                if problem:
+                    raise ConfigurationError(
+                        f"{m.class_.__name__}.{prop.key} cannot be cached: {problem}; "
+                        f"leave {m.class_.__name__} unregistered or change the column type"
+                    )
+
+
+def _converters(col: Column[Any]) -> tuple[Conv | None, Conv | None]:
+    """ORM value <-> codec value for one column, where they differ (Python enums, MySQL SET)."""
+    type_ = col.type
+    if isinstance(type_, sqltypes.TypeDecorator):
+        return None, None
+    if isinstance(type_, sqltypes.Enum) and type_.enum_class is not None:
+        cls: type[enum.Enum] = type_.enum_class
+
+        def to_plain(v: Any) -> Any:
+            if v is None:
+                return None
+            if type(v) is not cls:
+                raise CodecError(f"{col} holds {v!r}, not a member of {cls.__name__}")
+            return v.name
+
+        def from_plain(v: Any) -> Any:
+            if v is None:
+                return None
+            try:
+                return cls[v]
+            except (KeyError, TypeError) as exc:
+                raise CodecError(f"{v!r} is not a member of {cls.__name__}") from exc
+
+        return to_plain, from_plain
+    return None, None
+
+
+def _describe_type(type_: sqltypes.TypeEngine[Any]) -> str:
+    text = repr(type_)
+    if isinstance(type_, sqltypes.Enum) and type_.enum_class is not None:
+        text += repr([m.name for m in type_.enum_class])
+    return f"{type(type_).__module__}.{type(type_).__qualname__}:{text}"
+
+
+def class_id(mapper: Mapper[Any]) -> str:
+    cls = mapper.class_
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def fingerprint(mapper: Mapper[Any]) -> str:
+    """Hash of every mapped column, type and class of the hierarchy: an older definition never matches."""
+    h = blake2b(digest_size=8)
+    for m in sorted(mapper.base_mapper.self_and_descendants, key=class_id):
+        h.update(f"class {class_id(m)} {m.polymorphic_identity!r}\n".encode())
+        for prop in sorted(m.column_attrs, key=lambda p: p.key):
+            cols = ",".join(f"{c.table.fullname if c.table is not None else ''}.{c.name}" for c in prop.columns)
+            h.update(f"  {prop.key} {cols} {_describe_type(prop.columns[0].type)} {prop.deferred}\n".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class Shape:
+    """The column attributes of one concrete mapper, in a fixed order, with their converters."""
+
+    mapper: Mapper[Any]
+    class_id: str
+    keys: tuple[str, ...]
+    deferred: tuple[bool, ...]
+    to_plain: tuple[Conv | None, ...]
+    from_plain: tuple[Conv | None, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Hierarchy:
+    """Everything needed to store and rebuild entries of one requested mapper."""
+
+    mapper: Mapper[Any]
+    fingerprint: str
+    entity: str
+    base_table: str
+    tables: tuple[str, ...]  # every table of every mapper in the inheritance hierarchy
+    shapes: dict[str, Shape]  # class id -> shape, for the mapper and its subclasses
+
+
+def _shape(mapper: Mapper[Any]) -> Shape:
+    props: Sequence[ColumnProperty[Any]] = list(mapper.column_attrs)
+    convs = [_converters(p.columns[0]) for p in props]
+    return Shape(
+        mapper=mapper,
+        class_id=class_id(mapper),
+        keys=tuple(p.key for p in props),
+        deferred=tuple(bool(p.deferred) for p in props),
+        to_plain=tuple(c[0] for c in convs),
+        from_plain=tuple(c[1] for c in convs),
+    )
+
+
+def hierarchy_for(mapper: Mapper[Any]) -> Hierarchy:
+    base = mapper.base_mapper
+    tables: list[str] = []
+    for m in base.self_and_descendants:
+        for t in m.tables:
+            if t.fullname not in tables:
+                tables.append(t.fullname)
+    return Hierarchy(
+        mapper=mapper,
+        fingerprint=fingerprint(mapper),
+        entity=class_id(mapper),
+        base_table=base.local_table.fullname,
+        tables=tuple(sorted(tables)),
+        shapes={class_id(m): _shape(m) for m in mapper.self_and_descendants},
+    )
+
+
+# -- entries --------------------------------------------------------------------------------------
+# payload = encode([fingerprint, class id or None (absent), loaded mask, [values of loaded attributes]])
+
+
+def encode_instance(h: Hierarchy, state: InstanceState[Any]) -> bytes | None:
+    """Payload for a persistent instance as the database returned it; None if it cannot be cached."""
+    cid = class_id(state.mapper)
+    shape = h.shapes.get(cid)
+    if shape is None or state.modified or state.expired:
+        return None
+    dict_ = state.dict
+    mask = 0
+    values: list[Any] = []
+    for i, key in enumerate(shape.keys):
+        if key in dict_:
+            v = dict_[key]
+            conv = shape.to_plain[i]
+            values.append(conv(v) if conv is not None else v)
+            mask |= 1 << i
+    return encode([h.fingerprint, cid, mask, values])
+
+
+def encode_absent(h: Hierarchy) -> bytes:
+    return encode([h.fingerprint, None, 0, []])
+
+
+def decode_entry(h: Hierarchy, payload: bytes) -> tuple[Shape, int, list[Any]] | None:
+    """(shape, loaded mask, values), or None for a cached absence. Raises CodecError on anything else."""
+    data = decode(payload)
+    if type(data) is not list or len(data) != 4:
+        raise CodecError("entry is not a 4-item list")
+    fp, cid, mask, values = data
+    if fp != h.fingerprint:
+        raise CodecError("entry was written by another model definition")
+    if cid is None:
+        return None
+    shape = h.shapes.get(cid) if type(cid) is str else None
+    if shape is None or type(mask) is not int or type(values) is not list or mask < 0:
+        raise CodecError("entry names an unknown class or is malformed")
+    if mask >> len(shape.keys) or mask.bit_count() != len(values):
+        raise CodecError("entry's loaded mask does not match its values")
+    out: list[Any] = []
+    j = 0
+    for i, conv in enumerate(shape.from_plain):
+        if mask >> i & 1:
+            v = values[j]
+            out.append(conv(v) if conv is not None else v)
+            j += 1
+    return shape, mask, out
+
+
+def materialize(
+    session: Session, shape: Shape, identity_key: tuple[Any, ...], mask: int, values: list[Any]
+) -> Any:
+    """Build a persistent instance exactly as a database load would and place it in the identity map.
+
+    Mirrors the new-instance branch of SQLAlchemy's ``loading._instance``: the public alternatives
+    (``merge(load=False)`` or ``make_transient_to_detached`` + ``add``) build the object twice or fire
+    the detached->persistent events instead of the ``load`` event listeners expect.
+    """
+    identity_map = session.identity_map
+    existing = identity_map.get(identity_key)
+    if existing is not None:
+        return existing
+    mapper = shape.mapper
+    instance = mapper.class_manager.new_instance()
+    dict_ = instance_dict(instance)
+    state = instance_state(instance)
+    state.key = identity_key
+    state.identity_token = identity_key[2] if len(identity_key) > 2 else None
+    state.session_id = session.hash_key  # type: ignore[attr-defined]
+    identity_map._add_unpresent(state, identity_key)  # type: ignore[attr-defined]
+    j = 0
+    expired = state.expired_attributes
+    for i, key in enumerate(shape.keys):
+        if mask >> i & 1:
+            dict_[key] = values[j]
+            j += 1
+        elif not shape.deferred[i]:
+            # a column the original load did not fetch (a subclass table): loads on access, as after
+            # a polymorphic load of the base class
+            expired.add(key)
+    manager = state.manager
+    if manager.dispatch.load:
+        manager.dispatch.load(state, None)
+    if session.dispatch.loaded_as_persistent:
+        session.dispatch.loaded_as_persistent(session, state)
+    return instance
+
+
+_ = ipaddress  # the codec handles ipaddress values of INET/CIDR columns

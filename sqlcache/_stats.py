@@ -1,0 +1,43 @@
+"""Counters behind ``SQLCache.stats()``."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+__all__ = ["COUNTERS", "Stats"]
+
+COUNTERS = (
+    "hits",  # served from Redis
+    "misses",  # answered by the database
+    "fills",  # entries stored after a miss
+    "fills_refused",  # fills Redis refused as stale: a writer changed a dependency since the miss
+    "fills_skipped",  # fills not attempted: a dependency was locked, or the snapshot may predate a commit
+    "bypassed",  # reads that could not use the cache (own writes, populate_existing, FOR UPDATE, ...)
+    "invalidations",  # dependencies given a fresh generation
+    "repopulated",  # entries written by a committing writer (mode="repopulate")
+    "invalidations_deferred",  # dependencies kept in the pending journal while Redis was away
+    "invalidations_replayed",  # dependencies from the journal applied once Redis answered
+    "invalidations_lost",  # dependencies dropped when the journal overflowed (a fence replaced them)
+    "fences",  # cache-wide invalidations after a journal overflow
+    "errors",  # Redis failures and undecodable entries
+    "backoffs",  # times Redis was skipped for a back-off period after repeated failures
+    "skipped_backoff",  # calls not made because of a back-off period
+    "signal_errors",  # exceptions raised by signal receivers
+)
+
+
+class Stats:
+    """Thread-safe counters."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def incr(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {name: self._counts[name] for name in COUNTERS}

@@ -1,0 +1,228 @@
+"""The only module that talks to Redis: runs the Lua scripts and translates redis-py exceptions."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+
+import redis
+
+from .errors import CacheUnavailable, ConfigurationError
+
+__all__ = ["ReadResult", "RepopEntry", "Store", "client_for"]
+
+T = TypeVar("T")
+
+# Errors that mean "Redis cannot serve us right now". A ResponseError from a script (OOM, READONLY
+# replica, BUSY) is an outage too as far as callers are concerned: the database answers instead.
+_REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadResult:
+    """What read.lua answered: a payload on a hit, or the snapshot a later fill must present."""
+
+    hit: bool
+    payload: bytes | None
+    generations: bytes
+    clock: int
+    locked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RepopEntry:
+    """An entry a committing writer wants to write after releasing its locks (repopulate mode)."""
+
+    key: str
+    dep_keys: tuple[str, ...]
+    ttl_ms: int
+    payload: bytes
+    # per dependency: "=" if this writer locked it, else the generation lock.lua reported for it
+    seen: tuple[str, ...]
+
+
+def client_for(target: redis.Redis | str, timeout: float) -> redis.Redis:
+    """A client with bounded timeouts, no retries and bytes responses, built from a URL or a client."""
+    if isinstance(target, str):
+        try:
+            return redis.Redis.from_url(
+                target,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry_on_timeout=False,
+                retry=None,
+                decode_responses=False,
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid Redis URL {target!r}: {exc}") from exc
+    if not isinstance(target, redis.Redis):
+        raise ConfigurationError(f"expected a redis.Redis client or a URL, got {target!r}")
+    pool = target.connection_pool
+    kwargs = pool.connection_kwargs
+    retry = kwargs.get("retry")
+    if (
+        kwargs.get("socket_timeout") is not None
+        and kwargs["socket_timeout"] <= timeout
+        and not kwargs.get("decode_responses")
+        and (retry is None or getattr(retry, "_retries", 1) == 0)
+    ):
+        return target
+    # The caller's client may wait long, retry, or decode bytes: derive one over a pool of our own that
+    # reaches the same server with our guarantees, rather than change the caller's client.
+    kept = {k: v for k, v in kwargs.items() if k in _KEPT_CONNECTION_KWARGS or k.startswith("ssl_")}
+    kept.update(socket_timeout=timeout, socket_connect_timeout=timeout, retry=None)
+    new_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kept)
+    return redis.Redis(connection_pool=new_pool)
+
+
+# What identifies the server and the credentials; everything else (retries, decoding, timeouts) is ours.
+_KEPT_CONNECTION_KWARGS = frozenset(
+    {"host", "port", "db", "username", "password", "path", "client_name", "credential_provider",
+     "socket_keepalive", "socket_keepalive_options", "protocol"}
+)
+
+
+def _script_source(name: str) -> str:
+    lua = resources.files("sqlcache").joinpath("lua")
+    return lua.joinpath("_lib.lua").read_text("utf-8") + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
+
+
+class Store:
+    """Runs one Lua script per operation; turns every Redis failure into CacheUnavailable.
+
+    After ``failure_threshold`` consecutive failures it stops calling Redis for a back-off period
+    (doubling up to ``max_backoff``) so that a dead Redis does not add a timeout to every request.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        failure_threshold: int = 3,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client = client
+        self._read = client.register_script(_script_source("read"))
+        self._fill = client.register_script(_script_source("fill"))
+        self._lock = client.register_script(_script_source("lock"))
+        self._release = client.register_script(_script_source("release"))
+        self._failure_threshold = failure_threshold
+        self._base_backoff = backoff
+        self._max_backoff = max_backoff
+        self._now = clock
+        self._mutex = threading.Lock()
+        self._failures = 0
+        self._next_backoff = backoff
+        self._open_until = 0.0
+        self.backoffs = 0
+        self.skipped = 0
+
+    # -- circuit breaker ---------------------------------------------------------------------------
+
+    @property
+    def backing_off(self) -> bool:
+        return self._open_until > self._now()
+
+    def _call(self, operation: str, fn: Callable[[], T]) -> T:
+        if self._open_until and self._open_until > self._now():
+            self.skipped += 1
+            raise CacheUnavailable(operation)
+        try:
+            result = fn()
+        except _REDIS_ERRORS as exc:
+            self._failed()
+            raise CacheUnavailable(operation) from exc
+        if self._failures:
+            with self._mutex:
+                self._failures = 0
+                self._next_backoff = self._base_backoff
+                self._open_until = 0.0
+        return result
+
+    def _failed(self) -> None:
+        with self._mutex:
+            self._failures += 1
+            if self._failures >= self._failure_threshold:
+                self._open_until = self._now() + self._next_backoff
+                self._next_backoff = min(self._next_backoff * 2, self._max_backoff)
+                self._failures = 0
+                self.backoffs += 1
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str], gen_ttl_ms: int) -> ReadResult:
+        keys = [clock_key, entry_key, *dep_keys]
+        r: list[Any] = self._call("read", lambda: self._read(keys=keys, args=[gen_ttl_ms]))
+        if r[0] == 1:
+            return ReadResult(True, r[1], b"", int(r[2]), False)
+        return ReadResult(False, None, r[1], int(r[2]), r[3] == 1)
+
+    def fill(
+        self,
+        clock_key: str,
+        entry_key: str,
+        dep_keys: Sequence[str],
+        payload: bytes,
+        ttl_ms: int,
+        generations: bytes,
+        snapshot_clock: int | None,
+        gen_ttl_ms: int,
+    ) -> int:
+        keys = [clock_key, entry_key, *dep_keys]
+        bound = "" if snapshot_clock is None else str(snapshot_clock)
+        args = [payload, ttl_ms, generations, bound, gen_ttl_ms]
+        return int(self._call("fill", lambda: self._fill(keys=keys, args=args)))
+
+    def lock(
+        self,
+        clock_key: str,
+        lock_keys: Sequence[str],
+        watch_keys: Sequence[str],
+        token: str,
+        lock_ttl_ms: int,
+        gen_ttl_ms: int,
+    ) -> list[str]:
+        keys = [clock_key, *lock_keys, *watch_keys]
+        args = [token, len(lock_keys), lock_ttl_ms, gen_ttl_ms]
+        r: list[bytes] = self._call("lock", lambda: self._lock(keys=keys, args=args))
+        return [g.decode() for g in r]
+
+    def release(
+        self,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        entries: Sequence[RepopEntry] = (),
+    ) -> int:
+        keys: list[str] = [clock_key, *dep_keys]
+        args: list[Any] = [token, len(dep_keys), gen_ttl_ms, len(entries)]
+        for e in entries:
+            keys.append(e.key)
+            keys.extend(e.dep_keys)
+            args.extend([len(e.dep_keys), e.ttl_ms, e.payload, *e.seen])
+        return int(self._call("release", lambda: self._release(keys=keys, args=args)))
+
+    def delete(self, *keys: str) -> None:
+        self._call("delete", lambda: self.client.delete(*keys))
+
+    def delete_matching(self, pattern: str, batch: int = 500) -> int:
+        def run() -> int:
+            removed = 0
+            chunk: list[bytes] = []
+            for key in self.client.scan_iter(match=pattern, count=batch):
+                chunk.append(key)
+                if len(chunk) >= batch:
+                    removed += int(self.client.unlink(*chunk))
+                    chunk = []
+            if chunk:
+                removed += int(self.client.unlink(*chunk))
+            return removed
+
+        return self._call("clear", run)

@@ -1,0 +1,110 @@
+"""What one database transaction wrote, and which tables a statement writes. No I/O."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Table
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import ExecutionContext
+    from sqlalchemy.orm import InstanceState
+
+    from ._snapshot import Hierarchy
+
+__all__ = ["IdentityWrite", "TxnState", "cascade_targets", "dml_tables", "is_write_sql"]
+
+# Text SQL is parsed only far enough to tell a read from a write; a write we cannot attribute to a
+# table invalidates everything (the d:* dependency), which is always safe.
+_LEADING_COMMENTS = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.S)
+_READ_VERBS = frozenset(
+    {"select", "show", "explain", "describe", "desc", "values", "table", "pragma", "set", "begin", "start",
+     "commit", "rollback", "savepoint", "release", "end", "fetch", "declare", "close", "listen", "unlisten",
+     "notify", "reset", "discard", "prepare", "deallocate", "use", "analyze", "vacuum", "checkpoint"}
+)
+_DML_WORD = re.compile(r"\b(insert|update|delete|merge|replace|truncate)\b", re.I)
+
+
+def is_write_sql(sql: str) -> bool:
+    """True unless ``sql`` is recognisably a read (or transaction control) statement."""
+    m = _LEADING_COMMENTS.match(sql)
+    rest = sql[m.end() if m else 0 :]
+    word = re.match(r"[A-Za-z]+", rest)
+    if word is None:
+        return bool(rest.strip())
+    verb = word.group(0).lower()
+    if verb == "with":  # a CTE may hide a data-modifying statement
+        return _DML_WORD.search(rest) is not None
+    if verb == "pragma":  # SQLite: "PRAGMA x = y" changes state, "PRAGMA x" / "PRAGMA x(y)" reads
+        return "=" in rest
+    return verb not in _READ_VERBS
+
+
+def dml_tables(context: ExecutionContext) -> list[Table]:
+    """The tables a compiled INSERT/UPDATE/DELETE writes (its target table)."""
+    compiled = context.compiled
+    stmt: Any = getattr(compiled, "statement", None)
+    table = getattr(stmt, "table", None)
+    out: list[Table] = []
+    if isinstance(table, Table):
+        out.append(table)
+    elif table is not None:
+        # an alias or join as DML target: every table it names
+        for t in getattr(table, "_from_objects", ()):
+            out.extend(x for x in getattr(t, "_from_objects", (t,)) if isinstance(x, Table))
+    return out
+
+
+_CASCADING = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
+
+
+def _action(value: object) -> bool:
+    return isinstance(value, str) and value.upper() in _CASCADING
+
+
+def cascade_targets(table: Table, deleted: bool, updated: bool) -> set[Table]:
+    """Tables the database itself may change when rows of ``table`` are deleted or updated (FK actions)."""
+    out: set[Table] = set()
+    todo = [table]
+    while todo:
+        t = todo.pop()
+        md = t.metadata
+        for other in md.tables.values():
+            for fk in other.foreign_keys:
+                if fk.column.table is not t or other in out:
+                    continue
+                if (deleted and _action(fk.ondelete)) or (updated and _action(fk.onupdate)):
+                    out.add(other)
+                    todo.append(other)
+    out.discard(table)
+    return out
+
+
+@dataclass(eq=False)
+class IdentityWrite:
+    """One row the unit of work wrote: its hierarchy, primary key and, for repopulation, its state."""
+
+    hierarchy: Hierarchy
+    pk: tuple[Any, ...]
+    state: InstanceState[Any] | None  # None once deleted
+    cls: type[Any]
+    # the instance itself, held until commit: the identity map holds clean objects only weakly, and the
+    # repopulated entry is encoded from the instance's state at the pre-commit point
+    obj: Any = None
+
+
+@dataclass(eq=False)
+class TxnState:
+    """Writes of one database transaction on one connection, and its snapshot clock."""
+
+    identities: dict[str, IdentityWrite] = field(default_factory=dict)  # identity dep key -> write
+    tables: dict[str, Table] = field(default_factory=dict)  # every table written
+    bulk: dict[str, Table] = field(default_factory=dict)  # tables written by statements, rows unknown
+    everything: bool = False  # a write we could not attribute to a table
+    began_sql: bool = False  # a statement ran: the database snapshot may already be fixed
+    clock0: int | None = None  # invalidation clock read before the first statement
+
+    def wrote_anything(self) -> bool:
+        return bool(self.identities or self.tables or self.everything)

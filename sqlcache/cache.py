@@ -1,0 +1,492 @@
+"""SQLCache: the facade. Holds configuration, the store and the registrations; runs the read and
+commit flows that the listeners in _wiring.py hand it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import redis
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import NoInspectionAvailable
+from sqlalchemy.orm import Mapper
+
+from . import _keys, signals
+from ._snapshot import Hierarchy, check_supported, decode_entry, encode_absent, encode_instance, hierarchy_for
+from ._snapshot import materialize as _materialize
+from ._stats import Stats
+from ._store import ReadResult, RepopEntry, Store, client_for
+from ._txn import IdentityWrite, TxnState, cascade_targets
+from ._wiring import Wiring, one_row_result
+from .config import CacheConfig, Mode, ModelPolicy
+from .errors import CacheUnavailable, CodecError, ConfigurationError
+
+if TYPE_CHECKING:
+    from blinker import NamedSignal
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine.interfaces import DBAPIConnection
+    from sqlalchemy.engine.result import Result
+    from sqlalchemy.orm import ORMExecuteState, Session
+
+__all__ = ["SQLCache"]
+
+log = logging.getLogger("sqlcache")
+
+# Most dependency keys a process keeps while Redis is away before it gives up on them one by one and
+# fences the whole prefix instead (a burst of misses, never a stale read).
+_JOURNAL_LIMIT = 10_000
+
+
+@dataclass(eq=False)
+class _PendingRelease:
+    """What a pre-commit lock promised to release once the database COMMIT returned."""
+
+    keys: list[str]
+    token: str
+    entries: list[RepopEntry]
+    identities: list[tuple[type[Any], tuple[Any, ...]]]
+    tags: list[str]
+
+
+class SQLCache:
+    """Redis as a second-level cache for the SQLAlchemy engines it is attached to.
+
+    :param redis_client: a ``redis.Redis`` client or a ``redis://`` URL. A client without a bounded
+        socket timeout, with retries or with ``decode_responses=True`` is not changed: sqlcache talks to
+        the same server through a pool of its own with ``timeout`` and no retries.
+    :param prefix: every key lives under ``prefix + ":"``; use one prefix per database.
+    :param default_ttl: seconds an entry lives unless its model or query says otherwise; ``None``: no
+        expiry (entries still go when a dependency's generation expires, see ``generation_ttl``).
+    :param timeout: seconds a Redis call may take before the database answers instead.
+    :param lock_ttl: seconds a pre-commit lock outlives a writer that never released it.
+    :param generation_ttl: seconds a dependency generation lives after it was last written.
+    :raises ConfigurationError: on a bad argument.
+
+    Guarantees: a read that starts after ``commit()`` returned never sees an entry older than that
+    commit (see docs/consistency.md for the isolation levels and the limits). Redis failures never
+    reach the caller: the database answers and :data:`~sqlcache.signals.cache_error` fires.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis | str,
+        prefix: str = "sqlcache",
+        default_ttl: int | None = 3600,
+        *,
+        timeout: float = 0.25,
+        lock_ttl: int = 60,
+        generation_ttl: int = 7 * 24 * 3600,
+        failure_threshold: int = 3,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.config = CacheConfig(
+            prefix=prefix,
+            default_ttl=default_ttl,
+            timeout=timeout,
+            lock_ttl=lock_ttl,
+            generation_ttl=generation_ttl,
+            failure_threshold=failure_threshold,
+            backoff=backoff,
+            max_backoff=max_backoff,
+        )
+        self.store = Store(
+            client_for(redis_client, timeout),
+            failure_threshold=failure_threshold,
+            backoff=backoff,
+            max_backoff=max_backoff,
+        )
+        self._stats = Stats()
+        self._policies: dict[Mapper[Any], ModelPolicy] = {}
+        self._hierarchies: dict[Mapper[Any], Hierarchy] = {}
+        self._cascades: dict[tuple[Any, bool, bool], set[Any]] = {}
+        self._wiring = Wiring(self)
+        self._pending: dict[int, _PendingRelease] = {}
+        self._journal: set[str] = set()
+        self._fence = False
+        self._mutex = threading.Lock()
+        self._clock_key = _keys.clock_key(prefix)
+        self._global_key = _keys.global_dep_key(prefix)
+        self._gen_ttl_ms = generation_ttl * 1000
+        #: when True, an exception raised by a signal receiver propagates (the test suite sets it)
+        self.strict_signals = False
+
+    def __repr__(self) -> str:
+        return f"<SQLCache prefix={self.config.prefix!r}>"
+
+    # -- public API ----------------------------------------------------------------------------------
+
+    def attach(self, engine: Engine) -> None:
+        """Collect writes through ``engine`` and serve its reads of registered models from Redis.
+
+        Idempotent. Several engines per cache and several caches per engine are allowed (use different
+        prefixes for different databases).
+
+        :raises ConfigurationError: if ``engine`` is not a SQLAlchemy :class:`~sqlalchemy.engine.Engine`.
+        """
+        if not isinstance(engine, Engine):
+            raise ConfigurationError(f"attach() takes a sqlalchemy Engine, got {engine!r}")
+        self._wiring.attach(engine)
+
+    def detach(self, engine: Engine) -> None:
+        """Undo :meth:`attach`; idempotent. Transactions in flight on ``engine`` still release their locks."""
+        if not isinstance(engine, Engine):
+            raise ConfigurationError(f"detach() takes a sqlalchemy Engine, got {engine!r}")
+        self._wiring.detach(engine)
+
+    def register(self, cls: type[Any], ttl: int | None = None, mode: Mode = "invalidate") -> None:
+        """Serve ``session.get(cls, pk)`` and many-to-one lazy loads of ``cls`` (and subclasses) from Redis.
+
+        :param ttl: seconds an entry lives; ``None`` uses the cache's ``default_ttl``.
+        :param mode: ``"invalidate"`` drops entries a commit wrote; ``"repopulate"`` writes the committed
+            state instead, when that is provably the newest (otherwise it invalidates).
+        :raises ConfigurationError: if ``cls`` is not mapped, or a column type cannot round-trip.
+        """
+        mapper = self._mapper_of(cls)
+        policy = ModelPolicy(ttl=ttl, mode=mode)
+        check_supported(mapper)
+        with self._mutex:
+            self._policies[mapper] = policy
+            self._hierarchies.clear()
+        self._wiring.watch_mapper(mapper)
+
+    def invalidate(self, cls: type[Any], pk: Any) -> None:
+        """Invalidate the entry of one row now (outside any transaction)."""
+        h = self._hierarchy(self._mapper_of(cls))
+        pk_t = pk if isinstance(pk, tuple) else (pk,)
+        key = _keys.identity_dep_key(self.config.prefix, h.base_table, pk_t)
+        self._invalidate_now([key], [(h.mapper.class_, pk_t)], [])
+
+    def invalidate_model(self, cls: type[Any]) -> None:
+        """Invalidate every entry of ``cls`` and of the tables of its inheritance hierarchy."""
+        h = self._hierarchy(self._mapper_of(cls))
+        p = self.config.prefix
+        keys = [k for t in h.tables for k in (_keys.bulk_dep_key(p, t), _keys.table_dep_key(p, t))]
+        self._invalidate_now(keys, [], [f"table:{t}" for t in h.tables])
+
+    def clear(self) -> int:
+        """Delete every key under this cache's prefix (SCAN, never KEYS); returns how many were deleted.
+
+        A fill in flight when this runs is refused, since the generations it saw are gone.
+        """
+        with self._degrade("clear"):
+            return self.store.delete_matching(_keys.scan_pattern(self.config.prefix))
+        return 0
+
+    def stats(self) -> dict[str, int]:
+        """Counters since this cache was created (see ``sqlcache._stats.COUNTERS`` for each meaning)."""
+        out = self._stats.snapshot()
+        out["backoffs"] = self.store.backoffs
+        out["skipped_backoff"] = self.store.skipped
+        out["journal"] = len(self._journal)
+        return out
+
+    # -- registrations -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _mapper_of(cls: type[Any]) -> Mapper[Any]:
+        try:
+            mapper = sa_inspect(cls)
+        except NoInspectionAvailable:
+            mapper = None
+        if not isinstance(mapper, Mapper):
+            raise ConfigurationError(f"{cls!r} is not a mapped class")
+        return mapper
+
+    def policy_for(self, mapper: Mapper[Any]) -> ModelPolicy | None:
+        for m in mapper.iterate_to_root():
+            p = self._policies.get(m)
+            if p is not None:
+                return p
+        return None
+
+    def _hierarchy(self, mapper: Mapper[Any]) -> Hierarchy:
+        h = self._hierarchies.get(mapper)
+        if h is None:
+            h = hierarchy_for(mapper)
+            self._hierarchies[mapper] = h
+        return h
+
+    def _ttl_ms(self, policy: ModelPolicy) -> int:
+        ttl = policy.ttl if policy.ttl is not None else self.config.default_ttl
+        return (ttl or 0) * 1000
+
+    # -- degradation and signals ---------------------------------------------------------------------
+
+    @contextmanager
+    def _degrade(self, operation: str) -> Iterator[None]:
+        """The one place Redis and codec failures are absorbed: count, signal, let the caller go on."""
+        try:
+            yield
+        except (CacheUnavailable, CodecError) as exc:
+            self._stats.incr("errors")
+            log.debug("sqlcache %s failed: %s", operation, exc)
+            self._send(signals.cache_error, exc=exc, operation=operation)
+
+    def _send(self, signal: NamedSignal, **kwargs: Any) -> None:
+        """Call each receiver; one that raises is logged and counted, never undoes the caller's work."""
+        for receiver in signal.receivers_for(self):
+            try:
+                receiver(self, **kwargs)
+            except Exception:
+                if self.strict_signals:
+                    raise
+                self._stats.incr("signal_errors")
+                log.exception("sqlcache: receiver of %s raised", signal.name)
+
+    # -- journal of invalidations Redis did not take -------------------------------------------------
+
+    def _defer(self, keys: list[str]) -> None:
+        with self._mutex:
+            if self._fence:
+                self._stats.incr("invalidations_lost", len(keys))
+                return
+            self._journal.update(keys)
+            self._stats.incr("invalidations_deferred", len(keys))
+            if len(self._journal) > _JOURNAL_LIMIT:
+                self._stats.incr("invalidations_lost", len(self._journal))
+                self._journal.clear()
+                self._fence = True
+
+    def _replay(self) -> bool:
+        """Apply the journal before anything is read from Redis again; False if Redis is still away."""
+        if not self._journal and not self._fence:
+            return True
+        with self._mutex:
+            keys = sorted(self._journal)
+            fence = self._fence
+        if fence:
+            keys = [self._global_key]
+        try:
+            self.store.release(self._clock_key, keys, "", self._gen_ttl_ms)
+        except CacheUnavailable as exc:
+            self._stats.incr("errors")
+            self._send(signals.cache_error, exc=exc, operation="replay")
+            return False
+        with self._mutex:
+            self._journal.difference_update(keys)
+            if fence:
+                self._fence = False
+                self._stats.incr("fences")
+        self._stats.incr("invalidations_replayed", len(keys))
+        return True
+
+    def _invalidate_now(
+        self, keys: list[str], identities: list[tuple[type[Any], tuple[Any, ...]]], tags: list[str]
+    ) -> None:
+        try:
+            self.store.release(self._clock_key, keys, "", self._gen_ttl_ms)
+            self._stats.incr("invalidations", len(keys))
+        except CacheUnavailable as exc:
+            self._stats.incr("errors")
+            self._send(signals.cache_error, exc=exc, operation="invalidate")
+            self._defer(keys)
+        if signals.invalidated.receivers:
+            self._send(signals.invalidated, identities=identities, tags=tags, remote=False)
+
+    # -- read path: identity loads -------------------------------------------------------------------
+
+    def read_identity(
+        self, orm_state: ORMExecuteState, mapper: Mapper[Any], pk: tuple[Any, ...], policy: ModelPolicy
+    ) -> Result[Any] | None:
+        """Serve a primary-key load from Redis, or run it and fill; None lets SQLAlchemy run it as usual."""
+        session = orm_state.session
+        h = self._hierarchy(mapper)
+        p = self.config.prefix
+        dep_identity = _keys.identity_dep_key(p, h.base_table, pk)
+        txns = self._wiring.session_txns(session)
+        for st in txns:
+            if st.everything or dep_identity in st.identities or any(t in st.bulk for t in h.tables):
+                # t0 this transaction wrote the row (or its table); the cache holds the committed state,
+                # which is not what this transaction must see: read the database
+                self._stats.incr("bypassed")
+                return None
+        if not self._replay():
+            return None
+        entry_key = _keys.identity_entry_key(p, h.fingerprint, h.entity, pk)
+        deps = [dep_identity, *(_keys.bulk_dep_key(p, t) for t in h.tables), self._global_key]
+        r: ReadResult | None = None
+        with self._degrade("read"):
+            r = self.store.read(self._clock_key, entry_key, deps, self._gen_ttl_ms)
+        if r is None:
+            return None
+        if not txns:
+            # no statement has run in this transaction yet: this clock reading precedes its snapshot
+            self._wiring.note_clock(session, r.clock)
+        if r.hit:
+            assert r.payload is not None
+            decoded: Any = False
+            with self._degrade("decode"):
+                decoded = decode_entry(h, r.payload)
+            if decoded is not False:
+                self._stats.incr("hits")
+                if signals.cache_hit.receivers:
+                    self._send(signals.cache_hit, key=entry_key, kind="identity")
+                if decoded is None:
+                    return one_row_result(mapper, None)
+                shape, mask, values = decoded
+                identity_key = h.mapper.identity_key_from_primary_key(pk)
+                return one_row_result(mapper, _materialize(session, shape, identity_key, mask, values))
+            with self._degrade("decode"):
+                self.store.delete(entry_key)
+        self._stats.incr("misses")
+        if signals.cache_miss.receivers:
+            self._send(signals.cache_miss, key=entry_key, kind="identity")
+        frozen = orm_state.invoke_statement().freeze()
+        if r.hit or r.locked:
+            # a writer holds a dependency between its lock and its release: whatever we just read may
+            # already be outdated; do not store it
+            self._stats.incr("fills_skipped")
+            return frozen()
+        self._fill(session, h, policy, entry_key, deps, r, frozen.data)
+        return frozen()
+
+    def _fill(
+        self,
+        session: Session,
+        h: Hierarchy,
+        policy: ModelPolicy,
+        entry_key: str,
+        deps: list[str],
+        r: ReadResult,
+        rows: Any,
+    ) -> None:
+        bound: int | None = None
+        for st, snapshot_fixed in self._wiring.session_txns_isolation(session):
+            if snapshot_fixed:
+                if st.clock0 is None:
+                    # repeatable read / SQLite: the snapshot was fixed by a statement that ran before any
+                    # clock reading, so a commit between the two could be invisible to us
+                    self._stats.incr("fills_skipped")
+                    return
+                bound = st.clock0 if bound is None else min(bound, st.clock0)
+        payload: bytes | None = None
+        with self._degrade("encode"):
+            if not rows:
+                payload = encode_absent(h)
+            else:
+                obj = rows[0]
+                if not hasattr(obj, "_sa_instance_state"):  # a Row, not a scalar-mode ORM result
+                    obj = obj[0]
+                payload = encode_instance(h, sa_inspect(obj))
+        if payload is None:
+            return
+        with self._degrade("fill"):
+            stored = self.store.fill(
+                self._clock_key, entry_key, deps, payload, self._ttl_ms(policy), r.generations, bound,
+                self._gen_ttl_ms,
+            )
+            if stored == 1:
+                self._stats.incr("fills")
+            elif stored == 0:
+                self._stats.incr("fills_refused")
+            else:
+                self._stats.incr("fills_skipped")
+
+    # -- write path ----------------------------------------------------------------------------------
+
+    def record_identity(self, st: TxnState, mapper: Mapper[Any], state: Any, deleted: bool) -> None:
+        h = self._hierarchy(mapper.base_mapper)
+        pk = tuple(mapper.primary_key_from_instance(state.obj()))
+        key = _keys.identity_dep_key(self.config.prefix, h.base_table, pk)
+        obj = None if deleted else state.obj()
+        st.identities[key] = IdentityWrite(h, pk, None if deleted else state, mapper.class_, obj)
+
+    def cascades(self, table: Any, deleted: bool, updated: bool) -> set[Any]:
+        k = (table, deleted, updated)
+        out = self._cascades.get(k)
+        if out is None:
+            out = cascade_targets(table, deleted, updated)
+            self._cascades[k] = out
+        return out
+
+    def precommit(self, st: TxnState, dbapi_key: int) -> None:
+        """Before the database COMMIT: lock every dependency the transaction wrote (one round trip)."""
+        p = self.config.prefix
+        keys: list[str] = list(st.identities)
+        tags: list[str] = []
+        for name in st.tables:
+            keys.append(_keys.table_dep_key(p, name))
+            tags.append(f"table:{name}")
+        for name in st.bulk:
+            keys.append(_keys.bulk_dep_key(p, name))
+        if st.everything:
+            keys.append(self._global_key)
+            tags.append("*")
+        identities = [(w.cls, w.pk) for w in st.identities.values()]
+        token = uuid.uuid4().hex
+        # repopulate: entries whose new state we know; their other dependencies are watched, not locked
+        repop: list[tuple[str, list[str], int, bytes]] = []
+        watch: list[str] = []
+        if not st.everything:
+            for dep_key, w in st.identities.items():
+                if w.state is None:
+                    continue
+                policy = self.policy_for(w.state.mapper)
+                if policy is None or policy.mode != "repopulate":
+                    continue
+                if any(t in st.bulk for t in w.hierarchy.tables):
+                    continue  # a statement changed rows of this table behind the unit of work's back
+                h = self._hierarchy(w.state.mapper)
+                payload: bytes | None = None
+                with self._degrade("encode"):
+                    payload = encode_instance(h, w.state)
+                if payload is None:
+                    continue
+                others = [_keys.bulk_dep_key(p, t) for t in h.tables] + [self._global_key]
+                entry_key = _keys.identity_entry_key(p, h.fingerprint, h.entity, w.pk)
+                repop.append((entry_key, [dep_key, *others], self._ttl_ms(policy), payload))
+                watch.extend(o for o in others if o not in watch)
+        seen: list[str] = []
+        try:
+            seen = self.store.lock(
+                self._clock_key, keys, watch, token, self.config.lock_ttl * 1000, self._gen_ttl_ms
+            )
+        except CacheUnavailable as exc:
+            # the commit goes ahead; the release after it (or the journal) still invalidates
+            self._stats.incr("errors")
+            self._send(signals.cache_error, exc=exc, operation="lock")
+            repop = []
+        watched = dict(zip(watch, seen, strict=False))
+        entries: list[RepopEntry] = []
+        for entry_key, deps, ttl_ms, payload in repop:
+            marks = tuple("=" if i == 0 else watched.get(d, "") for i, d in enumerate(deps))
+            if all(marks):
+                entries.append(RepopEntry(entry_key, tuple(deps), ttl_ms, payload, marks))
+        self._pending[dbapi_key] = _PendingRelease(keys, token, entries, identities, tags)
+
+    def postcommit(self, dbapi_key: int, committed: bool) -> None:
+        """After the database COMMIT: fresh generations, locks dropped, repopulated entries written."""
+        pending = self._pending.pop(dbapi_key, None)
+        if pending is None:
+            return
+        if not self._replay():
+            self._defer(pending.keys)
+        else:
+            try:
+                written = self.store.release(
+                    self._clock_key,
+                    pending.keys,
+                    pending.token,
+                    self._gen_ttl_ms,
+                    pending.entries if committed else (),
+                )
+                self._stats.incr("invalidations", len(pending.keys))
+                self._stats.incr("repopulated", written)
+            except CacheUnavailable as exc:
+                self._stats.incr("errors")
+                self._send(signals.cache_error, exc=exc, operation="release")
+                self._defer(pending.keys)
+        if signals.invalidated.receivers:
+            self._send(signals.invalidated, identities=pending.identities, tags=pending.tags, remote=False)
+
+    def dbapi_key(self, dbapi_connection: DBAPIConnection | Connection) -> int:
+        return id(dbapi_connection)

@@ -1,0 +1,71 @@
+"""Frozen option bags and their validation; no I/O."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import ConfigurationError
+
+__all__ = ["CacheConfig", "Mode", "ModelPolicy", "validate_ttl"]
+
+Mode = Literal["invalidate", "repopulate"]
+
+_PREFIX = re.compile(r"^[^\s*?\[\]\\]+$")
+
+
+def validate_ttl(ttl: object, what: str) -> int | None:
+    """Return ``ttl`` if it is ``None`` or a positive int of seconds; raise ConfigurationError otherwise."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
+        raise ConfigurationError(f"{what} must be a positive int of seconds or None, got {ttl!r}")
+    return ttl
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Settings of one :class:`~sqlcache.SQLCache`.
+
+    :param prefix: every Redis key starts with ``prefix + ":"``.
+    :param default_ttl: seconds an entry lives when its model or query gives none (``None``: no expiry).
+    :param timeout: seconds any Redis call may take before the database answers instead.
+    :param lock_ttl: seconds a pre-commit lock lives if its writer never releases it.
+    :param generation_ttl: seconds a dependency generation lives after it was last written.
+    """
+
+    prefix: str
+    default_ttl: int | None = 3600
+    timeout: float = 0.25
+    lock_ttl: int = 60
+    generation_ttl: int = 7 * 24 * 3600
+    failure_threshold: int = 3
+    backoff: float = 1.0
+    max_backoff: float = 30.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prefix, str) or not self.prefix or not _PREFIX.match(self.prefix):
+            raise ConfigurationError(
+                f"prefix must be a non-empty string without whitespace or glob characters, got {self.prefix!r}"
+            )
+        validate_ttl(self.default_ttl, "default_ttl")
+        validate_ttl(self.lock_ttl, "lock_ttl")
+        validate_ttl(self.generation_ttl, "generation_ttl")
+        if not isinstance(self.timeout, (int, float)) or not 0 < self.timeout <= 60:
+            raise ConfigurationError(f"timeout must be seconds in (0, 60], got {self.timeout!r}")
+        if self.failure_threshold < 1:
+            raise ConfigurationError(f"failure_threshold must be >= 1, got {self.failure_threshold!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPolicy:
+    """How one registered mapped class is cached: ``ttl`` seconds (None: the cache default) and mode."""
+
+    ttl: int | None = None
+    mode: Mode = "invalidate"
+
+    def __post_init__(self) -> None:
+        validate_ttl(self.ttl, "ttl")
+        if self.mode not in ("invalidate", "repopulate"):
+            raise ConfigurationError(f"mode must be 'invalidate' or 'repopulate', got {self.mode!r}")

@@ -1,0 +1,33 @@
+-- fill: store an entry only if every dependency generation is unchanged since the miss and unlocked
+-- KEYS[1] clock; KEYS[2] entry key; KEYS[3..n] dependency keys
+-- ARGV[1] payload; ARGV[2] entry ttl ms (0 = none); ARGV[3] generations seen at the miss;
+-- ARGV[4] snapshot clock of the reading transaction ('' when its snapshot is per statement);
+-- ARGV[5] ttl ms of generation keys (0 = none)
+-- returns 1 if stored; 0 if refused as stale; 2 if refused because a dependency changed after the
+-- reading transaction's snapshot (repeatable read)
+local gens = {}
+for i = 3, #KEYS do
+  local r = redis.pcall('HMGET', KEYS[i], 'g', 'x')
+  if type(r) == 'table' and r.err then return 0 end
+  if not r[1] or r[2] then return 0 end
+  gens[#gens + 1] = r[1]
+end
+if table.concat(gens, ',') ~= ARGV[3] then return 0 end
+if ARGV[4] ~= '' then
+  local bound = tonumber(ARGV[4])
+  for i = 1, #gens do
+    if tonumber(gens[i]) > bound then return 2 end
+  end
+end
+local entry = ARGV[3] .. '|' .. ARGV[1]
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('SET', KEYS[2], entry, 'PX', ttl)
+else
+  redis.call('SET', KEYS[2], entry)
+end
+local gen_ttl = tonumber(ARGV[5])
+if gen_ttl > 0 then
+  for i = 3, #KEYS do redis.call('PEXPIRE', KEYS[i], gen_ttl) end
+end
+return 1

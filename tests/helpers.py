@@ -1,0 +1,76 @@
+"""Deterministic race drivers: pause a thread right after a given SELECT, run a writer, resume."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+
+class Gate:
+    """Blocks the chosen thread after its next matching SELECT until ``resume()``."""
+
+    def __init__(self) -> None:
+        self.paused = threading.Event()
+        self._resume = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def wait_paused(self, timeout: float = 20) -> None:
+        assert self.paused.wait(timeout), "reader never reached the paused point"
+
+    def block(self) -> None:
+        self.paused.set()
+        assert self._resume.wait(30), "test never resumed the reader"
+
+
+@contextmanager
+def pause_after_select(engine: Engine, table: str) -> Iterator[Gate]:
+    """Pause ``gate.thread`` just after it ran a SELECT that reads ``table`` (between SELECT and fill)."""
+    gate = Gate()
+    fired = threading.Event()
+
+    def after(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if (
+            threading.current_thread() is gate.thread
+            and not fired.is_set()
+            and statement.lstrip().upper().startswith("SELECT")
+            and table in statement
+        ):
+            fired.set()
+            gate.block()
+
+    event.listen(engine, "after_cursor_execute", after)
+    try:
+        yield gate
+    finally:
+        gate.resume()
+        event.remove(engine, "after_cursor_execute", after)
+
+
+def run_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Start ``fn`` in a thread; the list receives its result or the exception it raised."""
+    out: list[Any] = []
+
+    def target() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            out.append(exc)
+
+    t = threading.Thread(target=target, daemon=True)
+    return t, out
+
+
+def finish(t: threading.Thread, out: list[Any], timeout: float = 30) -> Any:
+    t.join(timeout)
+    assert not t.is_alive(), "thread did not finish"
+    if out and isinstance(out[0], BaseException):
+        raise out[0]
+    return out[0] if out else None

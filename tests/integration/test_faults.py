@@ -1,0 +1,198 @@
+"""Redis failures and garbage in Redis: callers never see an exception and never get wrong data."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlcache import SQLCache, signals
+
+from ..conftest import RedisServer, SQLCounter, free_port
+from ..models import User
+
+
+def make_user(engine: Engine, name: str = "ann") -> int:
+    with Session(engine) as s:
+        u = User(name=name)
+        s.add(u)
+        s.commit()
+        return u.id
+
+
+def entry_keys(client: redis.Redis, cache: SQLCache) -> list[bytes]:
+    return list(client.scan_iter(match=f"{cache.config.prefix}:e:*"))
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"", b"garbage", b"1,2,3|\x01\x02", b"|", b"\xff" * 100, "LIST"],
+    ids=["empty", "text", "bad-payload", "bare-sep", "binary", "wrong-type"],
+)
+def test_garbage_entry_is_a_miss(
+    engine: Engine, cache: SQLCache, redis_client: redis.Redis, garbage: object
+) -> None:
+    """Garbage, truncated bytes or a wrong Redis type under an entry key are misses, never errors."""
+    cache.register(User)
+    uid = make_user(engine)
+    with Session(engine) as s:
+        s.get(User, uid)
+    (key,) = entry_keys(redis_client, cache)
+    redis_client.delete(key)
+    if garbage == "LIST":
+        redis_client.rpush(key, b"x")
+    else:
+        redis_client.set(key, garbage)  # type: ignore[arg-type]
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "ann"
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "ann"
+
+
+def test_truncated_valid_entry_is_a_miss(engine: Engine, cache: SQLCache, redis_client: redis.Redis) -> None:
+    """A valid entry cut short (current generations, bad payload) is a miss and is replaced."""
+    cache.register(User)
+    uid = make_user(engine)
+    with Session(engine) as s:
+        s.get(User, uid)
+    (key,) = entry_keys(redis_client, cache)
+    value = redis_client.get(key)
+    assert value is not None
+    errors: list[str] = []
+
+    @signals.cache_error.connect_via(cache)
+    def on_error(sender: SQLCache, exc: BaseException, operation: str) -> None:
+        errors.append(operation)
+
+    redis_client.set(key, value[:-3])
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "ann"
+    assert errors == ["decode"]
+    signals.cache_error.disconnect(on_error)
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "ann"
+
+
+def test_garbage_generation_keys(engine: Engine, cache: SQLCache, redis_client: redis.Redis) -> None:
+    """Dependency and clock keys holding the wrong type are repaired into fresh generations."""
+    cache.register(User)
+    uid = make_user(engine)
+    with Session(engine) as s:
+        s.get(User, uid)
+    p = cache.config.prefix
+    for key in redis_client.scan_iter(match=f"{p}:d:*"):
+        redis_client.delete(key)
+        redis_client.set(key, b"junk")
+    redis_client.delete(f"{p}:clock")
+    redis_client.rpush(f"{p}:clock", b"junk")
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "ann"
+    with Session(engine) as s:
+        u = s.get(User, uid)
+        u.name = "bob"
+        s.commit()
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "bob"
+
+
+def test_entry_of_other_model_definition_is_a_miss(
+    engine: Engine, cache: SQLCache, redis_client: redis.Redis
+) -> None:
+    """An entry whose payload carries another schema fingerprint is never decoded into this model."""
+    from sqlcache import _codec
+
+    cache.register(User)
+    uid = make_user(engine)
+    with Session(engine) as s:
+        s.get(User, uid)
+    (key,) = entry_keys(redis_client, cache)
+    value = redis_client.get(key)
+    assert value is not None
+    header, payload = value.split(b"|", 1)
+    fp, cid, mask, values = _codec.decode(payload)
+    forged = _codec.encode(["0" * 16, cid, mask, ["forged" if v == "ann" else v for v in values]])
+    redis_client.set(key, header + b"|" + forged)
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "ann"
+
+
+def test_redis_unreachable(engine: Engine, sql_count: SQLCounter) -> None:
+    """With Redis down, reads come from the database, commits succeed, cache_error fires, then back-off."""
+    cache = SQLCache(f"redis://127.0.0.1:{free_port()}/0", prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.2)
+    cache.strict_signals = True
+    cache.register(User)
+    cache.attach(engine)
+    errors: list[str] = []
+
+    @signals.cache_error.connect_via(cache)
+    def on_error(sender: SQLCache, exc: BaseException, operation: str) -> None:
+        errors.append(operation)
+
+    try:
+        uid = make_user(engine)
+        for _ in range(5):
+            with Session(engine) as s:
+                s.get(User, uid).name = "x"
+                s.commit()
+        with Session(engine) as s:
+            assert s.get(User, uid).name == "x"
+        st = cache.stats()
+        assert errors and st["errors"] >= 1
+        assert st["backoffs"] >= 1 and st["skipped_backoff"] >= 1
+        assert st["invalidations_deferred"] >= 1
+    finally:
+        signals.cache_error.disconnect(on_error)
+        cache.detach(engine)
+
+
+def test_journal_replayed_after_restart(engine: Engine, private_redis: RedisServer) -> None:
+    """Invalidations made while Redis was down are applied before Redis serves anything again."""
+    cache = SQLCache(private_redis.url, prefix="journal", timeout=0.3, backoff=0.05, max_backoff=0.05)
+    cache.strict_signals = True
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        uid = make_user(engine)
+        with Session(engine) as s:
+            s.get(User, uid)
+        private_redis.stop()
+        with Session(engine) as s:
+            s.get(User, uid).name = "during outage"
+            s.commit()
+        assert cache.stats()["journal"] >= 1
+        private_redis.start()
+        import time
+
+        time.sleep(0.1)
+        with Session(engine) as s:
+            assert s.get(User, uid).name == "during outage"
+        st = cache.stats()
+        assert st["journal"] == 0 and st["invalidations_replayed"] >= 1
+    finally:
+        cache.detach(engine)
+
+
+def test_signal_receiver_error_does_not_break_commit(engine: Engine, redis_url: str) -> None:
+    """A receiver that raises is counted, and the user's commit still succeeds."""
+    cache = SQLCache(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    cache.register(User)
+    cache.attach(engine)
+
+    def boom(sender: Any, **kw: Any) -> None:
+        raise RuntimeError("receiver bug")
+
+    signals.invalidated.connect(boom, sender=cache)
+    try:
+        uid = make_user(engine)
+        with Session(engine) as s:
+            s.get(User, uid).name = "ok"
+            s.commit()
+        assert cache.stats()["signal_errors"] >= 1
+    finally:
+        signals.invalidated.disconnect(boom)
+        cache.detach(engine)
+        cache.clear()

@@ -1,0 +1,256 @@
+"""Identity cache: Session.get and many-to-one lazy loads served from Redis, on all three databases."""
+
+from __future__ import annotations
+
+import decimal
+
+import pytest
+from sqlalchemy import inspect, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlcache import SQLCache, signals
+
+from ..conftest import SQLCounter
+from ..models import Car, Employee, Engineer, Manager, Membership, Order, Product, Truck, User, Vehicle
+
+
+def seed_user(engine: Engine, name: str = "ann", **kw: object) -> int:
+    with Session(engine) as s:
+        u = User(name=name, **kw)
+        s.add(u)
+        s.commit()
+        return u.id
+
+
+def test_get_miss_then_hit_without_sql(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """The first get reads the database and fills; a get in a fresh session sends no SQL."""
+    cache.register(User)
+    uid = seed_user(engine)
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "ann"
+    sql_count.reset()
+    with Session(engine) as s:
+        u = s.get(User, uid)
+        assert u is not None and u.name == "ann"
+    assert len(sql_count) == 0
+    st = cache.stats()
+    assert st["hits"] == 1 and st["misses"] == 1 and st["fills"] == 1
+
+
+def test_cached_object_is_like_a_loaded_one(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """An object from the cache is persistent, clean, in the identity map, and lazy-loads as usual."""
+    cache.register(User)
+    uid = seed_user(engine, bio="long text")
+    with Session(engine) as s:
+        s.add(Order(user_id=uid, total=decimal.Decimal("9.50")))
+        s.commit()
+    with Session(engine) as s:
+        s.get(User, uid)
+    with Session(engine) as s:
+        sql_count.reset()
+        u = s.get(User, uid)
+        assert len(sql_count) == 0
+        state = inspect(u)
+        assert state.persistent and not state.modified and not s.dirty
+        assert s.get(User, uid) is u
+        assert "bio" in state.unloaded  # deferred column stays deferred
+        assert u.bio == "long text"  # ... and loads on access
+        assert [o.total for o in u.orders] == [decimal.Decimal("9.50")]  # relationship lazy-loads
+        assert u.orders[0].user is u
+        u.name = "bob"
+        s.commit()
+        assert u.name == "bob"  # expired after commit, reloaded
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "bob"
+
+
+def test_commit_invalidates_and_signals(engine: Engine, cache: SQLCache) -> None:
+    """An ORM update invalidates the entry before commit() returns and fires ``invalidated``."""
+    cache.register(User)
+    uid = seed_user(engine)
+    seen: list[tuple[list[object], list[str], bool]] = []
+
+    @signals.invalidated.connect_via(cache)
+    def on_invalidated(sender: SQLCache, identities: list[object], tags: list[str], remote: bool) -> None:
+        seen.append((identities, tags, remote))
+
+    with Session(engine) as s:
+        s.get(User, uid)
+    with Session(engine) as s:
+        u = s.get(User, uid)
+        u.name = "new"
+        s.commit()
+    assert seen and seen[-1][0] == [(User, (uid,))] and seen[-1][2] is False
+    assert "table:users" in seen[-1][1]
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "new"
+    signals.invalidated.disconnect(on_invalidated)
+
+
+def test_absent_row_cached_then_insert_seen(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """A cached 'not found' never outlives the row's creation."""
+    cache.register(User)
+    with Session(engine) as s:
+        assert s.get(User, 777) is None
+    sql_count.reset()
+    with Session(engine) as s:
+        assert s.get(User, 777) is None
+    assert len(sql_count) == 0
+    with Session(engine) as s:
+        s.add(User(id=777, name="late"))
+        s.commit()
+    with Session(engine) as s:
+        assert s.get(User, 777).name == "late"
+
+
+def test_composite_primary_key(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """Composite keys (int, str) are cached and invalidated per row."""
+    cache.register(Membership)
+    with Session(engine) as s:
+        s.add_all([Membership(org_id=1, user_key="a:b c", role="x"), Membership(org_id=1, user_key="b", role="y")])
+        s.commit()
+    with Session(engine) as s:
+        assert s.get(Membership, (1, "a:b c")).role == "x"
+        assert s.get(Membership, {"org_id": 1, "user_key": "b"}).role == "y"
+    sql_count.reset()
+    with Session(engine) as s:
+        assert s.get(Membership, (1, "a:b c")).role == "x"
+        assert s.get(Membership, (1, "b")).role == "y"
+    assert len(sql_count) == 0
+    with Session(engine) as s:
+        s.get(Membership, (1, "b")).role = "z"
+        s.commit()
+    sql_count.reset()
+    with Session(engine) as s:
+        assert s.get(Membership, (1, "a:b c")).role == "x"
+        assert len(sql_count) == 0
+        assert s.get(Membership, (1, "b")).role == "z"
+
+
+def test_many_to_one_lazy_load_from_cache(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """order.user is served from Redis once cached."""
+    cache.register(User)
+    uid = seed_user(engine)
+    with Session(engine) as s:
+        s.add(Order(user_id=uid, total=decimal.Decimal("1")))
+        s.commit()
+    with Session(engine) as s:
+        s.get(User, uid)
+    with Session(engine) as s:
+        order = s.scalars(select(Order)).one()
+        sql_count.reset()
+        assert order.user.name == "ann"
+        assert len(sql_count) == 0
+
+
+def test_populate_existing_and_for_update_bypass(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """populate_existing and with_for_update always read the database."""
+    cache.register(User)
+    uid = seed_user(engine)
+    with Session(engine) as s:
+        s.get(User, uid)
+    with Session(engine) as s:
+        sql_count.reset()
+        s.get(User, uid, populate_existing=True)
+        assert sql_count.selects() == 1
+    with Session(engine) as s:
+        sql_count.reset()
+        s.get(User, uid, with_for_update=True)
+        assert sql_count.selects() == 1
+
+
+def test_joined_inheritance(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """An Engineer entry is never served as a Manager, and get(Employee) returns the Engineer."""
+    cache.register(Employee)
+    with Session(engine) as s:
+        e = Engineer(name="eve", language="py")
+        m = Manager(name="max", reports=3)
+        s.add_all([e, m])
+        s.commit()
+        eid, mid = e.id, m.id
+    for _ in range(2):
+        with Session(engine) as s:
+            got = s.get(Employee, eid)
+            assert type(got) is Engineer and got.language == "py"
+            assert s.get(Manager, eid) is None
+        with Session(engine) as s:
+            assert s.get(Manager, eid) is None
+            m2 = s.get(Manager, mid)
+            assert type(m2) is Manager and m2.reports == 3
+            eng = s.get(Engineer, eid)
+            assert type(eng) is Engineer and eng.language == "py"
+    sql_count.reset()
+    with Session(engine) as s:
+        assert type(s.get(Engineer, eid)) is Engineer
+    assert len(sql_count) == 0
+    with Session(engine) as s:
+        s.get(Engineer, eid).language = "rust"
+        s.commit()
+    with Session(engine) as s:
+        assert s.get(Employee, eid).language == "rust"
+        assert s.get(Engineer, eid).language == "rust"
+
+
+def test_single_table_inheritance(engine: Engine, cache: SQLCache) -> None:
+    """Single-table subclasses: get(Truck) of a Car is None, get(Vehicle) of a Car is a Car."""
+    cache.register(Vehicle)
+    with Session(engine) as s:
+        c = Car(wheels=4)
+        t = Truck(wheels=6, payload=10)
+        s.add_all([c, t])
+        s.commit()
+        cid, tid = c.id, t.id
+    for _ in range(2):
+        with Session(engine) as s:
+            assert s.get(Truck, cid) is None
+            assert type(s.get(Vehicle, cid)) is Car
+            assert s.get(Truck, tid).payload == 10
+            assert s.get(Car, tid) is None
+
+
+def test_repopulate_mode_writes_new_state(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """mode='repopulate': after commit the next get is a hit with the committed values."""
+    cache.register(Product, mode="repopulate")
+    with Session(engine) as s:
+        p = Product(name="pen", price=decimal.Decimal("1.25"), stock=3)
+        s.add(p)
+        s.commit()
+        pid = p.id
+    sql_count.reset()
+    with Session(engine) as s:
+        got = s.get(Product, pid)
+        assert got.price == decimal.Decimal("1.25")
+    assert len(sql_count) == 0, "insert in repopulate mode should warm the cache"
+    with Session(engine) as s:
+        s.get(Product, pid).stock = 2
+        s.commit()
+    sql_count.reset()
+    with Session(engine) as s:
+        assert s.get(Product, pid).stock == 2
+    assert len(sql_count) == 0, sql_count.statements
+    assert cache.stats()["repopulated"] >= 2
+
+
+def test_unregistered_models_untouched(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """A class that was not registered always reads the database."""
+    uid = seed_user(engine)
+    for _ in range(2):
+        with Session(engine) as s:
+            sql_count.reset()
+            s.get(User, uid)
+            assert sql_count.selects() == 1
+
+
+@pytest.mark.parametrize("mode", ["invalidate", "repopulate"])
+def test_delete_invalidates(engine: Engine, cache: SQLCache, mode: str) -> None:
+    """A deleted row is not served after commit."""
+    cache.register(User, mode=mode)  # type: ignore[arg-type]
+    uid = seed_user(engine)
+    with Session(engine) as s:
+        s.get(User, uid)
+    with Session(engine) as s:
+        s.delete(s.get(User, uid))
+        s.commit()
+    with Session(engine) as s:
+        assert s.get(User, uid) is None

@@ -1,0 +1,122 @@
+"""Scenario 7: every column type round-trips through the cache with the same value and Python type."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, Table, inspect
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sqlcache import ConfigurationError, SQLCache
+
+from ..conftest import SQLCounter
+from ..models import Color, Typed
+
+COLUMNS = [c.key for c in inspect(Typed).column_attrs]
+
+
+def sample(engine: Engine) -> dict[str, Any]:
+    tz = dt.timezone(dt.timedelta(hours=2))
+    at_tz = dt.datetime(2024, 2, 29, 23, 59, 58, 123456, tzinfo=tz)
+    if engine.dialect.name != "postgresql":
+        at_tz = at_tz.replace(microsecond=0)
+    return {
+        "id": 1,
+        "big": 2**62 + 7,
+        "num": decimal.Decimal("12345678901234.123456"),
+        "flt": 0.1,
+        "s": "héllo ✓",
+        "txt": "x" * 5000,
+        "flag": True,
+        "day": dt.date(1999, 12, 31),
+        "at": dt.datetime(2001, 1, 2, 3, 4, 5, 6 if engine.dialect.name != "mariadb" else 0),
+        "at_tz": at_tz,
+        "clock": dt.time(13, 14, 15),
+        "span": dt.timedelta(days=3, seconds=7, microseconds=0),
+        "uid": uuid.UUID("12345678-1234-5678-1234-567812345678"),
+        "color": Color.green,
+        "mood": "sad",
+        "doc": {"a": [1, 2.5, None, {"b": "c"}], "n": True},
+        "blob": b"\x00\xffbinary",
+    }
+
+
+@pytest.mark.parametrize("with_nulls", [False, True])
+def test_typed_row_round_trips(engine: Engine, cache: SQLCache, sql_count: SQLCounter, with_nulls: bool) -> None:
+    """A hit returns exactly what the database load returned: same values, same types."""
+    cache.register(Typed)
+    values = sample(engine)
+    if with_nulls:
+        values = {k: (v if k == "id" else None) for k, v in values.items()}
+    with Session(engine) as s:
+        s.add(Typed(**values))
+        s.commit()
+    with Session(engine) as s:
+        loaded = {k: getattr(s.get(Typed, 1), k) for k in COLUMNS}
+    sql_count.reset()
+    with Session(engine) as s:
+        cached = {k: getattr(s.get(Typed, 1), k) for k in COLUMNS}
+    assert len(sql_count) == 0
+    for k in COLUMNS:
+        assert cached[k] == loaded[k], k
+        assert type(cached[k]) is type(loaded[k]), k
+        if isinstance(loaded[k], dt.datetime) and loaded[k].tzinfo is not None:
+            assert cached[k].utcoffset() == loaded[k].utcoffset()
+
+
+class ArrayBase(DeclarativeBase):
+    metadata = MetaData()
+
+
+class WithArray(ArrayBase):
+    __tablename__ = "with_array"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    ints: Mapped[list[int]] = mapped_column(pg.ARRAY(Integer))
+    nums: Mapped[list[decimal.Decimal]] = mapped_column(pg.ARRAY(pg.NUMERIC(10, 2)))
+    data: Mapped[dict[str, Any]] = mapped_column(pg.JSONB)
+    ip: Mapped[Any] = mapped_column(pg.INET)
+
+
+def test_postgresql_array_jsonb_inet(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """PostgreSQL ARRAY, JSONB and INET columns round-trip."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL types")
+    ArrayBase.metadata.create_all(engine)
+    try:
+        cache.register(WithArray)
+        with Session(engine) as s:
+            s.add(WithArray(id=1, ints=[1, 2, 3], nums=[decimal.Decimal("1.50")], data={"k": [1]}, ip="10.0.0.1"))
+            s.commit()
+        with Session(engine) as s:
+            row = s.get(WithArray, 1)
+            loaded = (row.ints, row.nums, row.data, row.ip)
+        sql_count.reset()
+        with Session(engine) as s:
+            row = s.get(WithArray, 1)
+            cached = (row.ints, row.nums, row.data, row.ip)
+        assert len(sql_count) == 0
+        assert cached == loaded
+        assert [type(x) for x in cached] == [type(x) for x in loaded]
+        assert type(cached[1][0]) is decimal.Decimal
+    finally:
+        ArrayBase.metadata.drop_all(engine)
+
+
+def test_unsupported_type_rejected_at_register(redis_url: str) -> None:
+    """A model with a column type the codec cannot round-trip fails at register(), naming the column."""
+
+    class Odd(DeclarativeBase):
+        metadata = MetaData()
+
+    class Weird(Odd):
+        __table__ = Table("weird", Odd.metadata, Column("id", Integer, primary_key=True), Column("r", pg.INT4RANGE))
+
+    cache = SQLCache(redis_url, prefix="reject")
+    with pytest.raises(ConfigurationError, match="Weird.r"):
+        cache.register(Weird)

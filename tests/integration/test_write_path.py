@@ -1,0 +1,208 @@
+"""Write path: every way of writing through the attached engine invalidates what it wrote."""
+
+from __future__ import annotations
+
+import decimal
+
+from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlcache import SQLCache
+
+from ..conftest import SQLCounter
+from ..models import Order, Tag, User, user_tags
+
+
+def warm(engine: Engine, cls: type, pk: object) -> None:
+    with Session(engine) as s:
+        s.get(cls, pk)
+
+
+def name_of(engine: Engine, uid: int) -> str | None:
+    with Session(engine) as s:
+        u = s.get(User, uid)
+        return None if u is None else u.name
+
+
+def make_users(engine: Engine, n: int = 3) -> list[int]:
+    with Session(engine) as s:
+        us = [User(name=f"u{i}") for i in range(n)]
+        s.add_all(us)
+        s.commit()
+        return [u.id for u in us]
+
+
+def test_orm_update_statement(engine: Engine, cache: SQLCache) -> None:
+    """session.execute(update(User)...) invalidates every cached user."""
+    cache.register(User)
+    ids = make_users(engine)
+    for i in ids:
+        warm(engine, User, i)
+    with Session(engine) as s:
+        s.execute(update(User).where(User.id == ids[0]).values(name="changed"))
+        s.commit()
+    assert name_of(engine, ids[0]) == "changed"
+    assert name_of(engine, ids[1]) == "u1"
+
+
+def test_orm_bulk_update_by_pk_and_bulk_insert(engine: Engine, cache: SQLCache) -> None:
+    """ORM bulk UPDATE by primary key and bulk INSERT invalidate their rows."""
+    cache.register(User)
+    ids = make_users(engine)
+    warm(engine, User, ids[1])
+    warm(engine, User, 9001)
+    with Session(engine) as s:
+        s.execute(update(User), [{"id": ids[1], "name": "bulk"}])
+        s.execute(insert(User), [{"id": 9001, "name": "inserted"}])
+        s.commit()
+    assert name_of(engine, ids[1]) == "bulk"
+    assert name_of(engine, 9001) == "inserted"
+
+
+def test_core_connection_statements(engine: Engine, cache: SQLCache) -> None:
+    """connection.execute(update/delete on the table) through the engine invalidates."""
+    cache.register(User)
+    ids = make_users(engine)
+    for i in ids:
+        warm(engine, User, i)
+    users = User.__table__
+    with engine.begin() as conn:
+        conn.execute(users.update().where(users.c.id == ids[0]).values(name="core"))
+        conn.execute(delete(users).where(users.c.id == ids[2]))
+    assert name_of(engine, ids[0]) == "core"
+    assert name_of(engine, ids[2]) is None
+
+
+def test_text_sql_write_invalidates_everything(engine: Engine, cache: SQLCache) -> None:
+    """A write in text SQL, whose table we do not parse, invalidates every entry."""
+    cache.register(User)
+    ids = make_users(engine)
+    warm(engine, User, ids[0])
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE users SET name = 'txt' WHERE id = :i"), {"i": ids[0]})
+    assert name_of(engine, ids[0]) == "txt"
+
+
+def test_database_cascade_delete(engine: Engine, cache: SQLCache) -> None:
+    """ON DELETE CASCADE rows removed by the database are invalidated too."""
+    cache.register(User)
+    cache.register(Order)
+    (uid,) = make_users(engine, 1)
+    with Session(engine) as s:
+        o = Order(user_id=uid, total=decimal.Decimal("3"))
+        s.add(o)
+        s.commit()
+        oid = o.id
+    warm(engine, Order, oid)
+    with engine.begin() as conn:
+        conn.execute(delete(User.__table__).where(User.__table__.c.id == uid))
+    with Session(engine) as s:
+        assert s.get(Order, oid) is None
+
+
+def test_relationship_only_changes(engine: Engine, cache: SQLCache) -> None:
+    """Moving an order to another user (collection change only) invalidates the order."""
+    cache.register(Order)
+    a, b = make_users(engine, 2)
+    with Session(engine) as s:
+        o = Order(user_id=a, total=decimal.Decimal("1"))
+        s.add(o)
+        s.commit()
+        oid = o.id
+    warm(engine, Order, oid)
+    with Session(engine) as s:
+        ub = s.get(User, b)
+        ub.orders.append(order := s.get(Order, oid))  # moves it: a collection change only
+        assert order.user is ub
+        s.commit()
+    with Session(engine) as s:
+        assert s.get(Order, oid).user_id == b
+
+
+def test_many_to_many_and_cascade_delete_orphan(engine: Engine, cache: SQLCache) -> None:
+    """Association rows and delete-orphan cascades through the unit of work invalidate."""
+    cache.register(Order)
+    cache.register(Tag)
+    (uid,) = make_users(engine, 1)
+    with Session(engine) as s:
+        u = s.get(User, uid)
+        o = Order(total=decimal.Decimal("2"))
+        u.orders.append(o)
+        u.tags.append(Tag(label="x"))
+        s.commit()
+        oid = o.id
+    warm(engine, Order, oid)
+    with Session(engine) as s:
+        u = s.get(User, uid)
+        u.orders.clear()  # delete-orphan
+        u.tags.clear()
+        s.commit()
+    with Session(engine) as s:
+        assert s.get(Order, oid) is None
+        assert s.scalars(select(user_tags.c.user_id)).all() == []
+
+
+def test_rollback_leaves_cache_correct(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """Scenario 3: a transaction flushes, reads its own rows, rolls back; the cache never saw them."""
+    cache.register(User)
+    (uid,) = make_users(engine, 1)
+    warm(engine, User, uid)
+    with Session(engine) as s:
+        u = s.get(User, uid)
+        u.name = "uncommitted"
+        s.flush()
+        s.expire_all()
+        sql_count.reset()
+        assert s.get(User, uid).name == "uncommitted"  # own write: from the database
+        assert sql_count.selects() == 1
+        s.add(User(id=4242, name="ghost"))
+        s.flush()
+        assert s.get(User, 4242).name == "ghost"
+        s.rollback()
+    assert name_of(engine, uid) == "u0"
+    assert name_of(engine, 4242) is None
+    assert cache.stats()["fills"] >= 1
+
+
+def test_savepoint_rollback(engine: Engine, cache: SQLCache) -> None:
+    """Writes in a rolled-back savepoint and a committed outer transaction leave correct entries."""
+    cache.register(User)
+    a, b = make_users(engine, 2)
+    warm(engine, User, a)
+    warm(engine, User, b)
+    with Session(engine) as s:
+        s.get(User, a).name = "outer"
+        nested = s.begin_nested()
+        s.get(User, b).name = "inner"
+        s.flush()
+        nested.rollback()
+        s.commit()
+    assert name_of(engine, a) == "outer"
+    assert name_of(engine, b) == "u1"
+
+
+def test_session_committing_nothing(engine: Engine, cache: SQLCache) -> None:
+    """A session that commits without writing leaves entries valid and costs no Redis write."""
+    cache.register(User)
+    (uid,) = make_users(engine, 1)
+    warm(engine, User, uid)
+    before = cache.stats()["invalidations"]
+    with Session(engine) as s:
+        s.get(User, uid)
+        s.commit()
+    assert cache.stats()["invalidations"] == before
+    assert cache.stats()["hits"] >= 1
+
+
+def test_own_writes_never_filled(engine: Engine, cache: SQLCache) -> None:
+    """A transaction that wrote a table neither reads that table from the cache nor fills it."""
+    cache.register(User)
+    ids = make_users(engine, 2)
+    with Session(engine) as s:
+        s.execute(update(User).where(User.id == ids[0]).values(name="mine"))
+        assert s.get(User, ids[1]).name == "u1"  # table written in bulk: database read, no fill
+        fills = cache.stats()["fills"]
+        assert fills == 0
+        s.rollback()
+    assert name_of(engine, ids[0]) == "u0"
