@@ -1,14 +1,14 @@
 """Pure: every Redis key shape. No client, no clock, no globals.
 
-    {prefix}:clock                      the invalidation clock (generations are drawn from it)
-    {prefix}:e:{fp}:{entity}:{pk}       identity entry of one mapped class (fp = schema fingerprint)
-    {prefix}:d:i:{table}:{pk}           dependency: one row identity (table = base table of the hierarchy)
-    {prefix}:d:b:{table}                dependency: rows of a table changed by statements we cannot
-                                        attribute to rows (Core DML, ORM bulk statements)
-    {prefix}:d:t:{table}                dependency: anything in a table changed (queries read it)
-    {prefix}:d:u:{tag}                  dependency: a user tag
-    {prefix}:d:*                        dependency of every entry: moved by writes we cannot attribute
-                                        to a table (text SQL) and by a fence after lost invalidations
+{prefix}:clock                      the invalidation clock (generations are drawn from it)
+{prefix}:e:{fp}:{entity}:{pk}       identity entry of one mapped class (fp = schema fingerprint)
+{prefix}:d:i:{table}:{pk}           dependency: one row identity (table = base table of the hierarchy)
+{prefix}:d:b:{table}                dependency: rows of a table changed by statements we cannot
+                                    attribute to rows (Core DML, ORM bulk statements)
+{prefix}:d:t:{table}                dependency: anything in a table changed (queries read it)
+{prefix}:d:u:{tag}                  dependency: a user tag
+{prefix}:d:*                        dependency of every entry: moved by writes we cannot attribute
+                                    to a table (text SQL) and by a fence after lost invalidations
 """
 
 from __future__ import annotations

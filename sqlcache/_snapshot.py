@@ -8,7 +8,6 @@ tests/integration/test_sqlalchemy_internals.py fails loudly if an upgrade moves 
 from __future__ import annotations
 
 import enum
-import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
@@ -23,7 +22,6 @@ from .errors import CodecError, ConfigurationError
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import InstanceState, Session
-    from sqlalchemy.sql.schema import Column
 
 __all__ = [
     "Hierarchy",
@@ -106,7 +104,14 @@ def check_supported(mapper: Mapper[Any]) -> None:
                     )
 
 
-def _converters(col: Column[Any]) -> tuple[Conv | None, Conv | None]:
+def table_name(table: Any) -> str:
+    """Schema-qualified name of a table (or the name of another selectable), as used in keys."""
+    if table is None:
+        return ""
+    return str(getattr(table, "fullname", None) or getattr(table, "name", None) or table)
+
+
+def _converters(col: Any) -> tuple[Conv | None, Conv | None]:
     """ORM value <-> codec value for one column, where they differ (Python enums, MySQL SET)."""
     type_ = col.type
     if isinstance(type_, sqltypes.TypeDecorator):
@@ -151,7 +156,9 @@ def fingerprint(mapper: Mapper[Any]) -> str:
     for m in sorted(mapper.base_mapper.self_and_descendants, key=class_id):
         h.update(f"class {class_id(m)} {m.polymorphic_identity!r}\n".encode())
         for prop in sorted(m.column_attrs, key=lambda p: p.key):
-            cols = ",".join(f"{c.table.fullname if c.table is not None else ''}.{c.name}" for c in prop.columns)
+            cols = ",".join(
+                f"{table_name(getattr(c, 'table', None))}.{c.name}" for c in prop.columns
+            )
             h.update(f"  {prop.key} {cols} {_describe_type(prop.columns[0].type)} {prop.deferred}\n".encode())
     return h.hexdigest()
 
@@ -198,13 +205,13 @@ def hierarchy_for(mapper: Mapper[Any]) -> Hierarchy:
     tables: list[str] = []
     for m in base.self_and_descendants:
         for t in m.tables:
-            if t.fullname not in tables:
-                tables.append(t.fullname)
+            if table_name(t) not in tables:
+                tables.append(table_name(t))
     return Hierarchy(
         mapper=mapper,
         fingerprint=fingerprint(mapper),
         entity=class_id(mapper),
-        base_table=base.local_table.fullname,
+        base_table=table_name(base.local_table),
         tables=tuple(sorted(tables)),
         shapes={class_id(m): _shape(m) for m in mapper.self_and_descendants},
     )
@@ -280,8 +287,8 @@ def materialize(
     state = instance_state(instance)
     state.key = identity_key
     state.identity_token = identity_key[2] if len(identity_key) > 2 else None
-    state.session_id = session.hash_key  # type: ignore[attr-defined]
-    identity_map._add_unpresent(state, identity_key)  # type: ignore[attr-defined]
+    state.session_id = session.hash_key
+    identity_map._add_unpresent(state, identity_key)
     j = 0
     expired = state.expired_attributes
     for i, key in enumerate(shape.keys):
@@ -299,5 +306,3 @@ def materialize(
         session.dispatch.loaded_as_persistent(session, state)
     return instance
 
-
-_ = ipaddress  # the codec handles ipaddress values of INET/CIDR columns

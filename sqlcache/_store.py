@@ -81,8 +81,19 @@ def client_for(target: redis.Redis | str, timeout: float) -> redis.Redis:
 
 # What identifies the server and the credentials; everything else (retries, decoding, timeouts) is ours.
 _KEPT_CONNECTION_KWARGS = frozenset(
-    {"host", "port", "db", "username", "password", "path", "client_name", "credential_provider",
-     "socket_keepalive", "socket_keepalive_options", "protocol"}
+    {
+        "host",
+        "port",
+        "db",
+        "username",
+        "password",
+        "path",
+        "client_name",
+        "credential_provider",
+        "socket_keepalive",
+        "socket_keepalive_options",
+        "protocol",
+    }
 )
 
 
@@ -176,7 +187,7 @@ class Store:
     ) -> int:
         keys = [clock_key, entry_key, *dep_keys]
         bound = "" if snapshot_clock is None else str(snapshot_clock)
-        args = [payload, ttl_ms, generations, bound, gen_ttl_ms]
+        args: list[Any] = [payload, ttl_ms, generations, bound, gen_ttl_ms]
         return int(self._call("fill", lambda: self._fill(keys=keys, args=args)))
 
     def lock(
@@ -189,7 +200,7 @@ class Store:
         gen_ttl_ms: int,
     ) -> list[str]:
         keys = [clock_key, *lock_keys, *watch_keys]
-        args = [token, len(lock_keys), lock_ttl_ms, gen_ttl_ms]
+        args: list[Any] = [token, len(lock_keys), lock_ttl_ms, gen_ttl_ms]
         r: list[bytes] = self._call("lock", lambda: self._lock(keys=keys, args=args))
         return [g.decode() for g in r]
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Table
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine.interfaces import ExecutionContext
+    from sqlalchemy.engine.default import DefaultExecutionContext
     from sqlalchemy.orm import InstanceState
 
     from ._snapshot import Hierarchy
@@ -20,9 +20,38 @@ __all__ = ["IdentityWrite", "TxnState", "cascade_targets", "dml_tables", "is_wri
 # table invalidates everything (the d:* dependency), which is always safe.
 _LEADING_COMMENTS = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*", re.S)
 _READ_VERBS = frozenset(
-    {"select", "show", "explain", "describe", "desc", "values", "table", "pragma", "set", "begin", "start",
-     "commit", "rollback", "savepoint", "release", "end", "fetch", "declare", "close", "listen", "unlisten",
-     "notify", "reset", "discard", "prepare", "deallocate", "use", "analyze", "vacuum", "checkpoint"}
+    {
+        "select",
+        "show",
+        "explain",
+        "describe",
+        "desc",
+        "values",
+        "table",
+        "pragma",
+        "set",
+        "begin",
+        "start",
+        "commit",
+        "rollback",
+        "savepoint",
+        "release",
+        "end",
+        "fetch",
+        "declare",
+        "close",
+        "listen",
+        "unlisten",
+        "notify",
+        "reset",
+        "discard",
+        "prepare",
+        "deallocate",
+        "use",
+        "analyze",
+        "vacuum",
+        "checkpoint",
+    }
 )
 _DML_WORD = re.compile(r"\b(insert|update|delete|merge|replace|truncate)\b", re.I)
 
@@ -42,7 +71,7 @@ def is_write_sql(sql: str) -> bool:
     return verb not in _READ_VERBS
 
 
-def dml_tables(context: ExecutionContext) -> list[Table]:
+def dml_tables(context: DefaultExecutionContext) -> list[Table]:
     """The tables a compiled INSERT/UPDATE/DELETE writes (its target table)."""
     compiled = context.compiled
     stmt: Any = getattr(compiled, "statement", None)

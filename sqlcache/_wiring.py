@@ -34,7 +34,8 @@ from ._txn import TxnState, dml_tables, is_write_sql
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
-    from sqlalchemy.engine.interfaces import Dialect, ExecutionContext
+    from sqlalchemy.engine.default import DefaultExecutionContext
+    from sqlalchemy.engine.interfaces import Dialect
     from sqlalchemy.engine.result import Result
     from sqlalchemy.orm import ORMExecuteState, SessionTransaction
 
@@ -278,7 +279,7 @@ class Wiring:
         cursor: Any,
         statement: str,
         parameters: Any,
-        context: ExecutionContext | None,
+        context: DefaultExecutionContext | None,
         executemany: bool,
     ) -> None:
         st = self.txn(conn)
@@ -309,7 +310,7 @@ class Wiring:
         cursor: Any,
         statement: str,
         parameters: Any,
-        context: ExecutionContext | None,
+        context: DefaultExecutionContext | None,
         executemany: bool,
     ) -> None:
         # AUTOCOMMIT: the statement is already committed and no commit event will come
@@ -396,7 +397,7 @@ class Wiring:
         if policy is None:
             return None
         bind = orm_state.session.get_bind(mapper=mapper)
-        if getattr(bind, "engine", bind).pool not in self._pools:
+        if bind.engine.pool not in self._pools:
             return None
         return self.cache.read_identity(orm_state, mapper, pk, policy)
 

@@ -42,6 +42,8 @@ log = logging.getLogger("sqlcache")
 # fences the whole prefix instead (a burst of misses, never a stale read).
 _JOURNAL_LIMIT = 10_000
 
+_EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
+
 
 @dataclass(eq=False)
 class _PendingRelease:
@@ -346,13 +348,14 @@ class SQLCache:
             # already be outdated; do not store it
             self._stats.incr("fills_skipped")
             return frozen()
-        self._fill(session, h, policy, entry_key, deps, r, frozen.data)
+        self._fill(session, h, pk, policy, entry_key, deps, r, frozen.data)
         return frozen()
 
     def _fill(
         self,
         session: Session,
         h: Hierarchy,
+        pk: tuple[Any, ...],
         policy: ModelPolicy,
         entry_key: str,
         deps: list[str],
@@ -371,17 +374,31 @@ class SQLCache:
         payload: bytes | None = None
         with self._degrade("encode"):
             if not rows:
-                payload = encode_absent(h)
+                # Absence is cached only for keys the database compares exactly: with a string key a
+                # case-insensitive or PAD SPACE collation could match a row inserted under another
+                # spelling, whose insert would invalidate that spelling's key, not this one.
+                if all(type(v) in _EXACT_KEY_TYPES for v in pk):
+                    payload = encode_absent(h)
             else:
                 obj = rows[0]
                 if not hasattr(obj, "_sa_instance_state"):  # a Row, not a scalar-mode ORM result
                     obj = obj[0]
-                payload = encode_instance(h, sa_inspect(obj))
+                state = sa_inspect(obj)
+                # the row found must carry exactly the key asked for (collations, Decimal('1.0') vs
+                # Decimal('1.00')): writes invalidate the row's own key, so only that key may be filled
+                if state.key is not None and _keys.pk_token(state.key[1]) == _keys.pk_token(pk):
+                    payload = encode_instance(h, state)
         if payload is None:
             return
         with self._degrade("fill"):
             stored = self.store.fill(
-                self._clock_key, entry_key, deps, payload, self._ttl_ms(policy), r.generations, bound,
+                self._clock_key,
+                entry_key,
+                deps,
+                payload,
+                self._ttl_ms(policy),
+                r.generations,
+                bound,
                 self._gen_ttl_ms,
             )
             if stored == 1:

@@ -47,7 +47,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not self.prefix or not _PREFIX.match(self.prefix):
             raise ConfigurationError(
-                f"prefix must be a non-empty string without whitespace or glob characters, got {self.prefix!r}"
+                "prefix must be a non-empty string without whitespace or glob characters, "
+                f"got {self.prefix!r}"
             )
         validate_ttl(self.default_ttl, "default_ttl")
         validate_ttl(self.lock_ttl, "lock_ttl")

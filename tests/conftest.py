@@ -110,7 +110,7 @@ def _tmpdir() -> Iterator[str]:
         engine.dispose()
         try:
             _drop_namespace(backend)
-        except Exception:  # noqa: BLE001 - best-effort cleanup of a test namespace
+        except Exception:
             pass
     shutil.rmtree(d, ignore_errors=True)
 
@@ -123,7 +123,7 @@ def _engine_for(backend: str, tmp: str) -> Engine:
             with engine.connect() as c:
                 c.execute(text("SELECT 1"))
             Base.metadata.create_all(engine)
-        except Exception as exc:  # noqa: BLE001 - any driver error means "service unavailable"
+        except Exception as exc:
             unavailable(backend, exc)
         _ENGINES[backend] = engine
     return engine
@@ -202,8 +202,19 @@ class RedisServer:
             unavailable("redis-server", FileNotFoundError("redis-server"))
         assert exe is not None
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir],
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

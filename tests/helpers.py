@@ -61,7 +61,7 @@ def run_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
     def target() -> None:
         try:
             out.append(fn())
-        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+        except BaseException as exc:
             out.append(exc)
 
     t = threading.Thread(target=target, daemon=True)

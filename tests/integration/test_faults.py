@@ -113,7 +113,7 @@ def test_entry_of_other_model_definition_is_a_miss(
     value = redis_client.get(key)
     assert value is not None
     header, payload = value.split(b"|", 1)
-    fp, cid, mask, values = _codec.decode(payload)
+    _fp, cid, mask, values = _codec.decode(payload)
     forged = _codec.encode(["0" * 16, cid, mask, ["forged" if v == "ann" else v for v in values]])
     redis_client.set(key, header + b"|" + forged)
     with Session(engine) as s:

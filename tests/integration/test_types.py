@@ -48,7 +48,9 @@ def sample(engine: Engine) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("with_nulls", [False, True])
-def test_typed_row_round_trips(engine: Engine, cache: SQLCache, sql_count: SQLCounter, with_nulls: bool) -> None:
+def test_typed_row_round_trips(
+    engine: Engine, cache: SQLCache, sql_count: SQLCounter, with_nulls: bool
+) -> None:
     """A hit returns exactly what the database load returned: same values, same types."""
     cache.register(Typed)
     values = sample(engine)
@@ -91,7 +93,11 @@ def test_postgresql_array_jsonb_inet(engine: Engine, cache: SQLCache, sql_count:
     try:
         cache.register(WithArray)
         with Session(engine) as s:
-            s.add(WithArray(id=1, ints=[1, 2, 3], nums=[decimal.Decimal("1.50")], data={"k": [1]}, ip="10.0.0.1"))
+            s.add(
+                WithArray(
+                    id=1, ints=[1, 2, 3], nums=[decimal.Decimal("1.50")], data={"k": [1]}, ip="10.0.0.1"
+                )
+            )
             s.commit()
         with Session(engine) as s:
             row = s.get(WithArray, 1)
@@ -115,8 +121,10 @@ def test_unsupported_type_rejected_at_register(redis_url: str) -> None:
         metadata = MetaData()
 
     class Weird(Odd):
-        __table__ = Table("weird", Odd.metadata, Column("id", Integer, primary_key=True), Column("r", pg.INT4RANGE))
+        __table__ = Table(
+            "weird", Odd.metadata, Column("id", Integer, primary_key=True), Column("r", pg.INT4RANGE)
+        )
 
     cache = SQLCache(redis_url, prefix="reject")
-    with pytest.raises(ConfigurationError, match="Weird.r"):
+    with pytest.raises(ConfigurationError, match=r"Weird\.r"):
         cache.register(Weird)
