@@ -62,7 +62,10 @@ def pk_load(orm_state: ORMExecuteState) -> tuple[Mapper[Any], tuple[Any, ...]] |
         return None
     get_clause, get_params = mapper._get_clause
     where = stmt._where_criteria
-    if len(where) != 1 or where[0] is not get_clause:
+    if len(where) != 1:
+        return None
+    # 2.1 passes the clause itself, 2.0 an annotated copy of it
+    if where[0] is not get_clause and getattr(where[0], "_Annotated__element", None) is not get_clause:
         return None
     if (
         stmt._for_update_arg is not None
