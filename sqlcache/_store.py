@@ -24,13 +24,21 @@ _REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
 @dataclass(frozen=True, slots=True)
 class ReadResult:
-    """What read.lua answered: a payload on a hit, or the snapshot a later fill must present."""
+    """What a read found: a payload on a hit; otherwise the snapshot a later fill must present.
+
+    ``generations`` is None when the read could not vouch for them (a dependency missing, locked or
+    unreadable); ``snapshot()`` then asks Redis to create or repair them.
+    """
 
     hit: bool
     payload: bytes | None
-    generations: bytes
+    generations: bytes | None
     clock: int
     locked: bool
+
+
+def _is_generation(v: bytes | None) -> bool:
+    return v is not None and v.isdigit()
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +127,7 @@ class Store:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
-        self._read = client.register_script(_script_source("read"))
+        self._snapshot = client.register_script(_script_source("snapshot"))
         self._fill = client.register_script(_script_source("fill"))
         self._lock = client.register_script(_script_source("lock"))
         self._release = client.register_script(_script_source("release"))
@@ -167,12 +175,33 @@ class Store:
 
     # -- operations --------------------------------------------------------------------------------
 
-    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str], gen_ttl_ms: int) -> ReadResult:
-        keys = [clock_key, entry_key, *dep_keys]
-        r: list[Any] = self._call("read", lambda: self._read(keys=keys, args=[gen_ttl_ms]))
-        if r[0] == 1:
-            return ReadResult(True, r[1], b"", int(r[2]), False)
-        return ReadResult(False, None, r[1], int(r[2]), r[3] == 1)
+    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
+        """One MGET of the entry, the clock and the dependencies: the whole hit path.
+
+        MGET is atomic, so the entry and the generations it is checked against are one instant's.
+        An entry is ``g1,g2,...|payload``, valid only if each dependency holds exactly that generation
+        (a locked dependency holds more than digits, so it never matches).
+        """
+        values: list[bytes | None] = self._call(
+            "read", lambda: self.client.mget([entry_key, clock_key, *dep_keys])
+        )
+        entry, clock_raw = values[0], values[1]
+        deps = values[2:]
+        clock = int(clock_raw) if _is_generation(clock_raw) else 0
+        if all(_is_generation(d) for d in deps):
+            joined = b",".join(deps)  # type: ignore[arg-type]
+            if entry is not None:
+                sep = entry.find(b"|")
+                if sep >= 0 and entry[:sep] == joined:
+                    return ReadResult(True, entry[sep + 1 :], joined, clock, False)
+            return ReadResult(False, None, joined, clock, False)
+        return ReadResult(False, None, None, clock, False)
+
+    def snapshot(self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int) -> ReadResult:
+        """Create missing generations, repair garbage, expire dead locks; the miss path's slow case."""
+        keys = [clock_key, *dep_keys]
+        r: list[Any] = self._call("read", lambda: self._snapshot(keys=keys, args=[gen_ttl_ms]))
+        return ReadResult(False, None, r[0], int(r[1]), r[2] == 1)
 
     def fill(
         self,

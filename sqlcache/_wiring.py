@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from .cache import SQLCache
 
-__all__ = ["Wiring", "one_row_result"]
+__all__ = ["Wiring", "result_metadata"]
 
 _PER_STATEMENT = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
 
@@ -109,18 +109,15 @@ def is_autocommit(conn: Connection) -> bool:
 _RESULT_META_PARAMS = pyinspect.signature(SimpleResultMetaData.__init__).parameters
 
 
-def one_row_result(mapper: Mapper[Any], obj: Any) -> Result[Any]:
-    """A Result shaped like the ORM's for ``select(mapper)``: one entity column, uniqued by identity.
+def result_metadata(mapper: Mapper[Any]) -> SimpleResultMetaData:
+    """Metadata shaped like the ORM's for ``select(mapper)``: one entity column, uniqued by identity.
 
     SQLAlchemy 2.0 takes ``_unique_filters``, 2.1 ``_create_unique_filters``; by identity, as the ORM
     does, so that classes with ``__eq__`` but no ``__hash__`` work.
     """
     if "_create_unique_filters" in _RESULT_META_PARAMS:
-        meta = SimpleResultMetaData([mapper.class_.__name__], _create_unique_filters=lambda _r: [id])
-    else:  # pragma: no cover - SQLAlchemy 2.0
-        meta = SimpleResultMetaData([mapper.class_.__name__], _unique_filters=[id])  # type: ignore[call-arg]
-    rows = [] if obj is None else [(obj,)]
-    return IteratorResult(meta, iter(rows))
+        return SimpleResultMetaData([mapper.class_.__name__], _create_unique_filters=lambda _r: [id])
+    return SimpleResultMetaData([mapper.class_.__name__], _unique_filters=[id])  # type: ignore[call-arg]
 
 
 # -- the dialect's commit, wrapped once per dialect --------------------------------------------------
@@ -173,6 +170,7 @@ class Wiring:
         self._mappers: set[Mapper[Any]] = set()
         self._mappers_listening: set[Mapper[Any]] = set()
         self._session_listening = False
+        self._metas: dict[Mapper[Any], SimpleResultMetaData] = {}
         # per-cache keys in Connection.info / Session.info, so that two caches never share state
         self._txn_key = ("sqlcache.txn", id(cache))
         self._conns_key = ("sqlcache.conns", id(cache))
@@ -388,6 +386,12 @@ class Wiring:
             yield st, _snapshot_fixed(conn)
 
     # -- reads ----------------------------------------------------------------------------------------
+
+    def one_row_result(self, mapper: Mapper[Any], obj: Any) -> Result[Any]:
+        meta = self._metas.get(mapper)
+        if meta is None:
+            meta = self._metas[mapper] = result_metadata(mapper)
+        return IteratorResult(meta, iter(() if obj is None else ((obj,),)))
 
     def _on_orm_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         if not orm_state.is_select:

@@ -23,7 +23,7 @@ from ._snapshot import materialize as _materialize
 from ._stats import Stats
 from ._store import ReadResult, RepopEntry, Store, client_for
 from ._txn import IdentityWrite, TxnState, cascade_targets
-from ._wiring import Wiring, one_row_result
+from ._wiring import Wiring
 from .config import CacheConfig, Mode, ModelPolicy
 from .errors import CacheUnavailable, CodecError, ConfigurationError
 
@@ -108,6 +108,7 @@ class SQLCache:
         )
         self._stats = Stats()
         self._policies: dict[Mapper[Any], ModelPolicy] = {}
+        self._policy_memo: dict[Mapper[Any], ModelPolicy | None] = {}
         self._hierarchies: dict[Mapper[Any], Hierarchy] = {}
         self._cascades: dict[tuple[Any, bool, bool], set[Any]] = {}
         self._wiring = Wiring(self)
@@ -157,6 +158,7 @@ class SQLCache:
         check_supported(mapper)
         with self._mutex:
             self._policies[mapper] = policy
+            self._policy_memo.clear()
             self._hierarchies.clear()
         self._wiring.watch_mapper(mapper)
 
@@ -204,11 +206,17 @@ class SQLCache:
         return mapper
 
     def policy_for(self, mapper: Mapper[Any]) -> ModelPolicy | None:
+        try:
+            return self._policy_memo[mapper]
+        except KeyError:
+            pass
+        found = None
         for m in mapper.iterate_to_root():
-            p = self._policies.get(m)
-            if p is not None:
-                return p
-        return None
+            found = self._policies.get(m)
+            if found is not None:
+                break
+        self._policy_memo[mapper] = found
+        return found
 
     def _hierarchy(self, mapper: Mapper[Any]) -> Hierarchy:
         h = self._hierarchies.get(mapper)
@@ -317,12 +325,9 @@ class SQLCache:
         deps = [dep_identity, *(_keys.bulk_dep_key(p, t) for t in h.tables), self._global_key]
         r: ReadResult | None = None
         with self._degrade("read"):
-            r = self.store.read(self._clock_key, entry_key, deps, self._gen_ttl_ms)
+            r = self.store.read(self._clock_key, entry_key, deps)
         if r is None:
             return None
-        if not txns:
-            # no statement has run in this transaction yet: this clock reading precedes its snapshot
-            self._wiring.note_clock(session, r.clock)
         if r.hit:
             assert r.payload is not None
             decoded: Any = False
@@ -330,20 +335,33 @@ class SQLCache:
                 decoded = decode_entry(h, r.payload)
             if decoded is not False:
                 self._stats.incr("hits")
+                if not txns and r.clock:
+                    # no statement has run in this transaction yet: this clock reading precedes the
+                    # snapshot a repeatable-read transaction will take
+                    self._wiring.note_clock(session, r.clock)
                 if signals.cache_hit.receivers:
                     self._send(signals.cache_hit, key=entry_key, kind="identity")
                 if decoded is None:
-                    return one_row_result(mapper, None)
+                    return self._wiring.one_row_result(mapper, None)
                 shape, mask, values = decoded
                 identity_key = h.mapper.identity_key_from_primary_key(pk)
-                return one_row_result(mapper, _materialize(session, shape, identity_key, mask, values))
+                return self._wiring.one_row_result(
+                    mapper, _materialize(session, shape, identity_key, mask, values)
+                )
             with self._degrade("decode"):
                 self.store.delete(entry_key)
         self._stats.incr("misses")
         if signals.cache_miss.receivers:
             self._send(signals.cache_miss, key=entry_key, kind="identity")
+        if r.generations is None and not r.hit:
+            # a dependency was missing, locked or unreadable: one more round trip, before the SELECT,
+            # creates or repairs it (t0 snapshot here, t1 SELECT: a commit between moves a generation)
+            with self._degrade("read"):
+                r = self.store.snapshot(self._clock_key, deps, self._gen_ttl_ms)
+        if not txns and r.clock:
+            self._wiring.note_clock(session, r.clock)
         frozen = orm_state.invoke_statement().freeze()
-        if r.hit or r.locked:
+        if r.hit or r.locked or r.generations is None:
             # a writer holds a dependency between its lock and its release: whatever we just read may
             # already be outdated; do not store it
             self._stats.incr("fills_skipped")

@@ -1,6 +1,8 @@
 -- _lib: helpers prepended to every script by Store (not a script of its own)
--- Dependency keys are hashes: g = generation; x = latest expiry (us) of the live locks;
--- n = token of the newest lock; l:<token> = that lock's expiry (us).
+-- A dependency key is a plain string, so that a hit is one MGET of the entry and its dependencies:
+--   "<g>"                                  unlocked, generation g
+--   "<g>;<x>;<n>;<tok>:<exp>,<tok>:<exp>"  locked: x = latest lock expiry (us), n = newest lock's token,
+--                                          then every live lock with its expiry; g may be empty
 -- Generations come from one monotonic clock, KEYS[1] of every script: max(clock + 1, Redis TIME in us),
 -- so a generation never repeats, even after the clock key or Redis itself was flushed.
 
@@ -32,29 +34,51 @@ local function tick(clock_key)
   return g
 end
 
--- state of one dependency: generation (created fresh when missing) and whether it is locked.
--- A key whose locks all expired belonged to a writer that never released: it becomes a fresh generation.
-local function dep_state(key, clock_key, gen_ttl_ms)
-  local r = redis.pcall('HMGET', key, 'g', 'x')
-  if type(r) == 'table' and r.err then
-    redis.call('DEL', key)
-    r = {false, false}
+-- read one dependency: generation ('' if none), latest expiry or nil, newest token, {token = expiry}.
+-- Returns nil for garbage (wrong type or unparsable): callers treat it as missing.
+local function read_dep(key)
+  local v = redis.pcall('GET', key)
+  if type(v) ~= 'string' then
+    if type(v) == 'table' then redis.call('DEL', key) end
+    return nil
   end
-  local g, x = r[1], r[2]
+  local s = string.find(v, ';', 1, true)
+  if not s then
+    if string.match(v, '^%d+$') then return v, nil, '', {} end
+    return nil
+  end
+  local g = string.sub(v, 1, s - 1)
+  local x, n, rest = string.match(string.sub(v, s + 1), '^(%d+);([^;]*);(.*)$')
+  if not x or not string.match(g, '^%d*$') then return nil end
+  local locks = {}
+  for tok, exp in string.gmatch(rest, '([^,:]+):(%d+)') do locks[tok] = tonumber(exp) end
+  return g, tonumber(x), n, locks
+end
+
+local function write_dep(key, g, x, n, locks, ttl_ms)
+  local v = g
   if x then
-    local xv = tonumber(x)
-    if xv and xv > now_us() then
-      return g or '0', true
-    end
-    redis.call('DEL', key)
-    g = false
+    local parts = {}
+    for tok, exp in pairs(locks) do parts[#parts + 1] = tok .. ':' .. fmt(exp) end
+    v = g .. ';' .. fmt(x) .. ';' .. n .. ';' .. table.concat(parts, ',')
   end
-  if not g or not tonumber(g) then
+  if ttl_ms > 0 then
+    redis.call('SET', key, v, 'PX', ttl_ms)
+  else
+    redis.call('SET', key, v)
+  end
+end
+
+-- current generation of a dependency (created fresh when missing) and whether it is locked.
+-- A key whose locks all expired belonged to a writer that never released: it gets a fresh generation.
+local function dep_state(key, clock_key, gen_ttl_ms)
+  local g, x = read_dep(key)
+  if x and x > now_us() then
+    return g, true
+  end
+  if x or not g or g == '' then
     g = fmt(tick(clock_key))
-    redis.call('HSET', key, 'g', g)
-    if gen_ttl_ms > 0 then
-      redis.call('PEXPIRE', key, gen_ttl_ms)
-    end
+    write_dep(key, g, nil, '', {}, gen_ttl_ms)
   end
   return g, false
 end

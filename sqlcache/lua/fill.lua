@@ -5,12 +5,12 @@
 -- ARGV[5] ttl ms of generation keys (0 = none)
 -- returns 1 if stored; 0 if refused as stale; 2 if refused because a dependency changed after the
 -- reading transaction's snapshot (repeatable read)
+-- An entry is "g1,g2,...|payload": valid while each dependency still holds exactly that generation.
 local gens = {}
 for i = 3, #KEYS do
-  local r = redis.pcall('HMGET', KEYS[i], 'g', 'x')
-  if type(r) == 'table' and r.err then return 0 end
-  if not r[1] or r[2] then return 0 end
-  gens[#gens + 1] = r[1]
+  local v = redis.pcall('GET', KEYS[i])
+  if type(v) ~= 'string' or not string.match(v, '^%d+$') then return 0 end
+  gens[#gens + 1] = v
 end
 if table.concat(gens, ',') ~= ARGV[3] then return 0 end
 if ARGV[4] ~= '' then

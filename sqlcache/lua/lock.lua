@@ -5,26 +5,23 @@
 -- returns the generations of the watched keys ('' for a watched key that is locked)
 local token = ARGV[1]
 local m = tonumber(ARGV[2])
-local expiry = now_us() + tonumber(ARGV[3]) * 1000
+local lock_ms = tonumber(ARGV[3])
+local expiry = now_us() + lock_ms * 1000
 local gen_ttl = tonumber(ARGV[4])
+local key_ttl = 0
+if gen_ttl > 0 then key_ttl = math.max(gen_ttl, lock_ms * 2) end
 for i = 2, m + 1 do
   local key = KEYS[i]
-  local x = redis.pcall('HGET', key, 'x')
-  if type(x) == 'table' and x.err then
-    redis.call('DEL', key)
-    x = false
+  local g, x, n, locks = read_dep(KEYS[i])
+  if not g then
+    g, x, locks = '', nil, {}
   end
-  if x and (tonumber(x) or 0) <= now_us() then
-    -- every earlier lock expired unreleased: start from a fresh generation
-    redis.call('DEL', key)
-    x = false
+  if x and x <= now_us() then
+    -- every earlier lock expired unreleased: their writers' commits are done or dead; start afresh
+    g, x, locks = '', nil, {}
   end
-  local newest = math.max(tonumber(x) or 0, expiry)
-  redis.call('HSET', key, 'l:' .. token, fmt(expiry), 'n', token, 'x', fmt(newest))
-  local ttl = redis.call('PTTL', key)
-  if ttl >= 0 and ttl < tonumber(ARGV[3]) * 2 then
-    redis.call('PEXPIRE', key, tonumber(ARGV[3]) * 2)
-  end
+  locks[token] = expiry
+  write_dep(key, g, math.max(x or 0, expiry), token, locks, key_ttl)
 end
 local watched = {}
 for i = m + 2, #KEYS do

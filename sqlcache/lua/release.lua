@@ -15,36 +15,26 @@ local gen_ttl = tonumber(ARGV[3])
 local mine = {}
 for i = 2, m + 1 do
   local key = KEYS[i]
-  local h = redis.pcall('HGETALL', key)
-  if type(h) == 'table' and h.err then
-    redis.call('DEL', key)
-    h = {}
+  local g, x, n, locks = read_dep(key)
+  if not g then
+    x, n, locks = nil, '', {}
   end
-  local newest, live, was_mine = false, 0, false
-  local dead = {}
-  for j = 1, #h, 2 do
-    local f, v = h[j], h[j + 1]
-    if f == 'n' then newest = v
-    elseif string.sub(f, 1, 2) == 'l:' then
-      if f == 'l:' .. token then
-        was_mine = true
-        dead[#dead + 1] = f
-      elseif (tonumber(v) or 0) > now_us() then
-        live = math.max(live, tonumber(v))
-      else
-        dead[#dead + 1] = f
-      end
+  local was_mine = locks[token] ~= nil
+  locks[token] = nil
+  local live, newest_x = {}, nil
+  for tok, exp in pairs(locks) do
+    if exp > now_us() then
+      live[tok] = exp
+      newest_x = math.max(newest_x or 0, exp)
     end
   end
-  if #dead > 0 then redis.call('HDEL', key, unpack(dead)) end
-  redis.call('HSET', key, 'g', fmt(tick(KEYS[1])))
-  if live > 0 then
-    redis.call('HSET', key, 'x', fmt(live))
+  local fresh = fmt(tick(KEYS[1]))
+  if newest_x then
+    write_dep(key, fresh, newest_x, n, live, gen_ttl)
   else
-    redis.call('HDEL', key, 'x')
+    write_dep(key, fresh, nil, '', {}, gen_ttl)
   end
-  if gen_ttl > 0 then redis.call('PEXPIRE', key, gen_ttl) end
-  mine[key] = was_mine and newest == token and live == 0
+  mine[key] = was_mine and n == token and not newest_x
 end
 local written = 0
 local k = m + 2
@@ -59,15 +49,12 @@ for e = 1, tonumber(ARGV[4]) do
   for d = 1, n do
     local key = KEYS[k + d]
     local seen = ARGV[a + 2 + d]
-    if seen == '=' then
-      if not mine[key] then ok = false end
+    if seen == '=' and not mine[key] then ok = false end
+    local v = redis.pcall('GET', key)
+    if type(v) ~= 'string' or not string.match(v, '^%d+$') then ok = false
+    elseif seen ~= '=' and seen ~= v then ok = false
     end
-    local r = redis.pcall('HMGET', key, 'g', 'x')
-    if type(r) == 'table' and r.err then ok = false
-    elseif not r[1] or r[2] then ok = false
-    elseif seen ~= '=' and seen ~= r[1] then ok = false
-    end
-    if ok then gens[#gens + 1] = r[1] end
+    if ok then gens[#gens + 1] = v end
   end
   if ok then
     local entry = table.concat(gens, ',') .. '|' .. payload
