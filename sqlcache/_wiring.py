@@ -364,8 +364,13 @@ class Wiring:
             session.info.pop(self._conns_key, None)
             session.info.pop(self._clock_key, None)
 
-    def note_clock(self, session: Session, clock: int) -> None:
-        session.info.setdefault(self._clock_key, clock)
+    def note_clock(self, session: Session, clock: int, txns: list[TxnState]) -> None:
+        """Remember a clock reading taken before the transaction's first statement, if it is one."""
+        if not txns:
+            session.info.setdefault(self._clock_key, clock)  # handed to the connection by after_begin
+        for st in txns:
+            if not st.began_sql and st.clock0 is None:
+                st.clock0 = clock
 
     def session_txns(self, session: Session) -> list[TxnState]:
         out = []

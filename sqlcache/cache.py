@@ -335,10 +335,10 @@ class SQLCache:
                 decoded = decode_entry(h, r.payload)
             if decoded is not False:
                 self._stats.incr("hits")
-                if not txns and r.clock:
-                    # no statement has run in this transaction yet: this clock reading precedes the
+                if r.clock:
+                    # if no statement has run in this transaction yet, this clock reading precedes the
                     # snapshot a repeatable-read transaction will take
-                    self._wiring.note_clock(session, r.clock)
+                    self._wiring.note_clock(session, r.clock, txns)
                 if signals.cache_hit.receivers:
                     self._send(signals.cache_hit, key=entry_key, kind="identity")
                 if decoded is None:
@@ -358,8 +358,8 @@ class SQLCache:
             # creates or repairs it (t0 snapshot here, t1 SELECT: a commit between moves a generation)
             with self._degrade("read"):
                 r = self.store.snapshot(self._clock_key, deps, self._gen_ttl_ms)
-        if not txns and r.clock:
-            self._wiring.note_clock(session, r.clock)
+        if r.clock:
+            self._wiring.note_clock(session, r.clock, txns)
         frozen = orm_state.invoke_statement().freeze()
         if r.hit or r.locked or r.generations is None:
             # a writer holds a dependency between its lock and its release: whatever we just read may
