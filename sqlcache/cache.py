@@ -430,10 +430,16 @@ class SQLCache:
 
     def record_identity(self, st: TxnState, mapper: Mapper[Any], state: Any, deleted: bool) -> None:
         h = self._hierarchy(mapper.base_mapper)
-        pk = tuple(mapper.primary_key_from_instance(state.obj()))
+        obj = state.obj()
+        pk = tuple(mapper.primary_key_from_instance(obj))
         key = _keys.identity_dep_key(self.config.prefix, h.base_table, pk)
-        obj = None if deleted else state.obj()
         st.identities[key] = IdentityWrite(h, pk, None if deleted else state, mapper.class_, obj)
+        old = state.key
+        if old is not None and tuple(old[1]) != pk:
+            # the primary key itself changed: the row is gone from its old key too
+            old_pk = tuple(old[1])
+            old_key = _keys.identity_dep_key(self.config.prefix, h.base_table, old_pk)
+            st.identities[old_key] = IdentityWrite(h, old_pk, None, mapper.class_)
 
     def cascades(self, table: Any, deleted: bool, updated: bool) -> set[Any]:
         k = (table, deleted, updated)

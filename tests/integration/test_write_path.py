@@ -206,3 +206,27 @@ def test_own_writes_never_filled(engine: Engine, cache: SQLCache) -> None:
         assert fills == 0
         s.rollback()
     assert name_of(engine, ids[0]) == "u0"
+
+
+def test_autocommit_connection(engine: Engine, cache: SQLCache) -> None:
+    """A statement on an AUTOCOMMIT connection, committed by the database at once, invalidates at once."""
+    cache.register(User)
+    (uid,) = make_users(engine, 1)
+    warm(engine, User, uid)
+    users = User.__table__
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(users.update().where(users.c.id == uid).values(name="auto"))
+        assert name_of(engine, uid) == "auto"
+
+
+def test_primary_key_change(engine: Engine, cache: SQLCache) -> None:
+    """Changing a row's primary key through the ORM invalidates both the old and the new key."""
+    cache.register(User)
+    (uid,) = make_users(engine, 1)
+    warm(engine, User, uid)
+    warm(engine, User, uid + 1000)
+    with Session(engine) as s:
+        s.get(User, uid).id = uid + 1000
+        s.commit()
+    assert name_of(engine, uid) is None
+    assert name_of(engine, uid + 1000) == "u0"
