@@ -156,9 +156,7 @@ def fingerprint(mapper: Mapper[Any]) -> str:
     for m in sorted(mapper.base_mapper.self_and_descendants, key=class_id):
         h.update(f"class {class_id(m)} {m.polymorphic_identity!r}\n".encode())
         for prop in sorted(m.column_attrs, key=lambda p: p.key):
-            cols = ",".join(
-                f"{table_name(getattr(c, 'table', None))}.{c.name}" for c in prop.columns
-            )
+            cols = ",".join(f"{table_name(getattr(c, 'table', None))}.{c.name}" for c in prop.columns)
             h.update(f"  {prop.key} {cols} {_describe_type(prop.columns[0].type)} {prop.deferred}\n".encode())
     return h.hexdigest()
 
@@ -305,4 +303,3 @@ def materialize(
     if session.dispatch.loaded_as_persistent:
         session.dispatch.loaded_as_persistent(session, state)
     return instance
-
