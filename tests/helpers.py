@@ -9,6 +9,9 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from .models import User
 
 
 class Gate:
@@ -74,3 +77,19 @@ def finish(t: threading.Thread, out: list[Any], timeout: float = 30) -> Any:
     if out and isinstance(out[0], BaseException):
         raise out[0]
     return out[0] if out else None
+
+
+def make_user(engine: Engine, name: str = "ann", **kw: Any) -> int:
+    """Insert one user and return its id."""
+    with Session(engine) as s:
+        u = User(name=name, **kw)
+        s.add(u)
+        s.commit()
+        return u.id
+
+
+def user_name(engine: Engine, uid: int) -> str | None:
+    """The user's name as a fresh session's get returns it (through the cache when registered)."""
+    with Session(engine) as s:
+        u = s.get(User, uid)
+        return None if u is None else u.name

@@ -13,19 +13,17 @@ from sqlalchemy.orm import Session
 from sqlcache import SQLCache, signals
 
 from ..conftest import RedisServer, SQLCounter, free_port
+from ..helpers import make_user, user_name
 from ..models import User
 
 
-def make_user(engine: Engine, name: str = "ann") -> int:
-    with Session(engine) as s:
-        u = User(name=name)
-        s.add(u)
-        s.commit()
-        return u.id
-
-
-def entry_keys(client: redis.Redis, cache: SQLCache) -> list[bytes]:
-    return list(client.scan_iter(match=f"{cache.config.prefix}:e:*"))
+def cached_user(engine: Engine, cache: SQLCache, client: redis.Redis) -> tuple[int, bytes]:
+    """A registered user whose entry is in Redis: (its id, its entry key)."""
+    cache.register(User)
+    uid = make_user(engine)
+    assert user_name(engine, uid) == "ann"
+    (key,) = client.scan_iter(match=f"{cache.config.prefix}:e:*")
+    return uid, key
 
 
 @pytest.mark.parametrize(
@@ -37,29 +35,19 @@ def test_garbage_entry_is_a_miss(
     engine: Engine, cache: SQLCache, redis_client: redis.Redis, garbage: object
 ) -> None:
     """Garbage, truncated bytes or a wrong Redis type under an entry key are misses, never errors."""
-    cache.register(User)
-    uid = make_user(engine)
-    with Session(engine) as s:
-        s.get(User, uid)
-    (key,) = entry_keys(redis_client, cache)
+    uid, key = cached_user(engine, cache, redis_client)
     redis_client.delete(key)
     if garbage == "LIST":
         redis_client.rpush(key, b"x")
     else:
         redis_client.set(key, garbage)  # type: ignore[arg-type]
-    with Session(engine) as s:
-        assert s.get(User, uid).name == "ann"
-    with Session(engine) as s:
-        assert s.get(User, uid).name == "ann"
+    assert user_name(engine, uid) == "ann"
+    assert user_name(engine, uid) == "ann"
 
 
 def test_truncated_valid_entry_is_a_miss(engine: Engine, cache: SQLCache, redis_client: redis.Redis) -> None:
     """A valid entry cut short (current generations, bad payload) is a miss and is replaced."""
-    cache.register(User)
-    uid = make_user(engine)
-    with Session(engine) as s:
-        s.get(User, uid)
-    (key,) = entry_keys(redis_client, cache)
+    uid, key = cached_user(engine, cache, redis_client)
     value = redis_client.get(key)
     assert value is not None
     errors: list[str] = []
@@ -79,10 +67,7 @@ def test_truncated_valid_entry_is_a_miss(engine: Engine, cache: SQLCache, redis_
 
 def test_garbage_generation_keys(engine: Engine, cache: SQLCache, redis_client: redis.Redis) -> None:
     """Dependency and clock keys holding the wrong type are repaired into fresh generations."""
-    cache.register(User)
-    uid = make_user(engine)
-    with Session(engine) as s:
-        s.get(User, uid)
+    uid, _ = cached_user(engine, cache, redis_client)
     p = cache.config.prefix
     for key in redis_client.scan_iter(match=f"{p}:d:*"):
         redis_client.delete(key)
@@ -105,11 +90,7 @@ def test_entry_of_other_model_definition_is_a_miss(
     """An entry whose payload carries another schema fingerprint is never decoded into this model."""
     from sqlcache import _codec
 
-    cache.register(User)
-    uid = make_user(engine)
-    with Session(engine) as s:
-        s.get(User, uid)
-    (key,) = entry_keys(redis_client, cache)
+    uid, key = cached_user(engine, cache, redis_client)
     value = redis_client.get(key)
     assert value is not None
     header, payload = value.split(b"|", 1)

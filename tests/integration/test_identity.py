@@ -12,21 +12,14 @@ from sqlalchemy.orm import Session
 from sqlcache import SQLCache, signals
 
 from ..conftest import SQLCounter
+from ..helpers import make_user
 from ..models import Car, Employee, Engineer, Manager, Membership, Order, Product, Truck, User, Vehicle
-
-
-def seed_user(engine: Engine, name: str = "ann", **kw: object) -> int:
-    with Session(engine) as s:
-        u = User(name=name, **kw)
-        s.add(u)
-        s.commit()
-        return u.id
 
 
 def test_get_miss_then_hit_without_sql(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
     """The first get reads the database and fills; a get in a fresh session sends no SQL."""
     cache.register(User)
-    uid = seed_user(engine)
+    uid = make_user(engine)
     with Session(engine) as s:
         assert s.get(User, uid).name == "ann"
     sql_count.reset()
@@ -41,7 +34,7 @@ def test_get_miss_then_hit_without_sql(engine: Engine, cache: SQLCache, sql_coun
 def test_cached_object_is_like_a_loaded_one(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
     """An object from the cache is persistent, clean, in the identity map, and lazy-loads as usual."""
     cache.register(User)
-    uid = seed_user(engine, bio="long text")
+    uid = make_user(engine, bio="long text")
     with Session(engine) as s:
         s.add(Order(user_id=uid, total=decimal.Decimal("9.50")))
         s.commit()
@@ -68,7 +61,7 @@ def test_cached_object_is_like_a_loaded_one(engine: Engine, cache: SQLCache, sql
 def test_commit_invalidates_and_signals(engine: Engine, cache: SQLCache) -> None:
     """An ORM update invalidates the entry before commit() returns and fires ``invalidated``."""
     cache.register(User)
-    uid = seed_user(engine)
+    uid = make_user(engine)
     seen: list[tuple[list[object], list[str], bool]] = []
 
     @signals.invalidated.connect_via(cache)
@@ -133,7 +126,7 @@ def test_composite_primary_key(engine: Engine, cache: SQLCache, sql_count: SQLCo
 def test_many_to_one_lazy_load_from_cache(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
     """order.user is served from Redis once cached."""
     cache.register(User)
-    uid = seed_user(engine)
+    uid = make_user(engine)
     with Session(engine) as s:
         s.add(Order(user_id=uid, total=decimal.Decimal("1")))
         s.commit()
@@ -151,7 +144,7 @@ def test_populate_existing_and_for_update_bypass(
 ) -> None:
     """populate_existing and with_for_update always read the database."""
     cache.register(User)
-    uid = seed_user(engine)
+    uid = make_user(engine)
     with Session(engine) as s:
         s.get(User, uid)
     with Session(engine) as s:
@@ -238,7 +231,7 @@ def test_repopulate_mode_writes_new_state(engine: Engine, cache: SQLCache, sql_c
 
 def test_unregistered_models_untouched(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
     """A class that was not registered always reads the database."""
-    uid = seed_user(engine)
+    uid = make_user(engine)
     for _ in range(2):
         with Session(engine) as s:
             sql_count.reset()
@@ -250,7 +243,7 @@ def test_unregistered_models_untouched(engine: Engine, cache: SQLCache, sql_coun
 def test_delete_invalidates(engine: Engine, cache: SQLCache, mode: str) -> None:
     """A deleted row is not served after commit."""
     cache.register(User, mode=mode)  # type: ignore[arg-type]
-    uid = seed_user(engine)
+    uid = make_user(engine)
     with Session(engine) as s:
         s.get(User, uid)
     with Session(engine) as s:

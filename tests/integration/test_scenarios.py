@@ -12,16 +12,8 @@ from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache
 
-from ..helpers import finish, pause_after_select, run_in_thread
+from ..helpers import finish, make_user, pause_after_select, run_in_thread, user_name
 from ..models import Product, User
-
-
-def make_user(engine: Engine, name: str = "v1") -> int:
-    with Session(engine) as s:
-        u = User(name=name)
-        s.add(u)
-        s.commit()
-        return u.id
 
 
 def set_name(engine: Engine, uid: int, name: str) -> None:
@@ -30,15 +22,10 @@ def set_name(engine: Engine, uid: int, name: str) -> None:
         s.commit()
 
 
-def fresh_name(engine: Engine, uid: int) -> str:
-    with Session(engine) as s:
-        return s.get(User, uid).name
-
-
 def test_scenario1_late_fill_refused(engine: Engine, cache: SQLCache) -> None:
     """Reader misses and loads v1; a writer commits v2; the reader's fill is refused; reads see v2."""
     cache.register(User)
-    uid = make_user(engine)
+    uid = make_user(engine, "v1")
     with pause_after_select(engine, "users") as gate:
 
         def reader() -> str:
@@ -52,7 +39,7 @@ def test_scenario1_late_fill_refused(engine: Engine, cache: SQLCache) -> None:
         set_name(engine, uid, "v2")
         gate.resume()
         assert finish(t, out) == "v1"
-    assert fresh_name(engine, uid) == "v2"
+    assert user_name(engine, uid) == "v2"
     assert cache.stats()["fills_refused"] == 1
 
 
@@ -107,7 +94,7 @@ def _snapshot_engine(engine: Engine) -> Engine:
 def test_scenario9_repeatable_read_old_snapshot_not_stored(engine: Engine, cache: SQLCache) -> None:
     """A repeatable-read transaction that ran SQL before a commit to row r never stores its old r."""
     cache.register(User)
-    uid = make_user(engine)
+    uid = make_user(engine, "v1")
     other = make_user(engine, "other")
     eng = _snapshot_engine(engine)
     with Session(eng) as reader:
@@ -118,13 +105,13 @@ def test_scenario9_repeatable_read_old_snapshot_not_stored(engine: Engine, cache
         # inside an explicit transaction, so SQLite may already see v2)
         assert name == "v1" or engine.dialect.name == "sqlite"
         reader.commit()
-    assert fresh_name(engine, uid) == "v2"
+    assert user_name(engine, uid) == "v2"
 
 
 def test_scenario9_clock_first_then_commit(engine: Engine, cache: SQLCache) -> None:
     """When a cache read came first, a later fill in the same snapshot is refused if r changed since."""
     cache.register(User)
-    uid = make_user(engine)
+    uid = make_user(engine, "v1")
     other = make_user(engine, "other")
     eng = _snapshot_engine(engine)
     with Session(eng) as reader:
@@ -136,7 +123,7 @@ def test_scenario9_clock_first_then_commit(engine: Engine, cache: SQLCache) -> N
         name = reader.get(User, uid).name
         assert name in ("v1", "v2")
         reader.commit()
-    assert fresh_name(engine, uid) == "v2"
+    assert user_name(engine, uid) == "v2"
 
 
 def test_scenario9_fill_allowed_when_nothing_changed(engine: Engine, cache: SQLCache) -> None:

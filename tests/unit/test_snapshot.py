@@ -39,7 +39,7 @@ def test_entry_of_another_definition_refused() -> None:
     h = hierarchy_for(make({"name": mapped_column(String(20))}))
     cid = next(iter(h.shapes))
     good = _codec.encode([h.fingerprint, cid, 0b11, [1, "x"]])
-    shape, mask, values = decode_entry(h, good)  # type: ignore[misc]
+    _shape, mask, values = decode_entry(h, good)  # type: ignore[misc]
     assert values == [1, "x"] and mask == 3
     for bad in (
         [("0" * 16), cid, 0b11, [1, "x"]],
