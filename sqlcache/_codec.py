@@ -157,13 +157,13 @@ def _ext_hook(code: int, data: bytes) -> Any:
         y, mo, d, h, mi, s, us, fold, tz = _ints(_unpack(data), 9)
         return dt.datetime(y, mo, d, h, mi, s, us, tzinfo=_tz_in(tz), fold=fold)
     if code == _DATE:
-        y, mo, d = _ints(_unpack(data) + [None], 4)[:3]
+        y, mo, d = _ints([*_unpack(data), None], 4)[:3]
         return dt.date(y, mo, d)
     if code == _TIME:
         h, mi, s, us, fold, tz = _ints(_unpack(data), 6)
         return dt.time(h, mi, s, us, tzinfo=_tz_in(tz), fold=fold)
     if code == _TIMEDELTA:
-        days, seconds, micros = _ints(_unpack(data) + [None], 4)[:3]
+        days, seconds, micros = _ints([*_unpack(data), None], 4)[:3]
         return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
     if code == _DECIMAL:
         return decimal.Decimal(data.decode("ascii"))

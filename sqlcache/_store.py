@@ -187,7 +187,7 @@ class Store:
         )
         entry, clock_raw = values[0], values[1]
         deps = values[2:]
-        clock = int(clock_raw) if _is_generation(clock_raw) else 0
+        clock = int(clock_raw) if clock_raw is not None and clock_raw.isdigit() else 0
         if all(_is_generation(d) for d in deps):
             joined = b",".join(deps)  # type: ignore[arg-type]
             if entry is not None:

@@ -406,7 +406,7 @@ class SQLCache:
                 # Decimal('1.00')): writes invalidate the row's own key, so only that key may be filled
                 if state.key is not None and _keys.pk_token(state.key[1]) == _keys.pk_token(pk):
                     payload = encode_instance(h, state)
-        if payload is None:
+        if payload is None or r.generations is None:
             return
         with self._degrade("fill"):
             stored = self.store.fill(
