@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 
@@ -182,8 +182,8 @@ class Store:
         An entry is ``g1,g2,...|payload``, valid only if each dependency holds exactly that generation
         (a locked dependency holds more than digits, so it never matches).
         """
-        values: list[bytes | None] = self._call(
-            "read", lambda: self.client.mget([entry_key, clock_key, *dep_keys])
+        values = cast(
+            "list[bytes | None]", self._call("read", lambda: self.client.mget([entry_key, clock_key, *dep_keys]))
         )
         entry, clock_raw = values[0], values[1]
         deps = values[2:]

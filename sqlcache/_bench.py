@@ -1,0 +1,279 @@
+"""``python -m sqlcache bench``: uncached reads, sqlcache hits and the floor, side by side in one process.
+
+Systems run interleaved in short batches, in a shuffled order every round, so that a noisy neighbour
+slows them all alike; the report gives medians, p95 and ratios against the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import decimal
+import random
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+import redis
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, Numeric, String, Text, create_engine, event
+from sqlalchemy import text as sql_text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from .cache import SQLCache
+
+SCHEMA = "sqlcache_bench"
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class BenchUser(_Base):
+    __tablename__ = "bench_users"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    name: Mapped[str] = mapped_column(String(60))
+    email: Mapped[str] = mapped_column(String(120))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    balance: Mapped[decimal.Decimal] = mapped_column(Numeric(12, 2))
+    active: Mapped[bool] = mapped_column(Boolean)
+    score: Mapped[float] = mapped_column(Float)
+    bio: Mapped[str] = mapped_column(Text)
+
+
+class BenchOrder(_Base):
+    __tablename__ = "bench_orders"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    user_id: Mapped[int] = mapped_column(ForeignKey("bench_users.id"))
+    total: Mapped[decimal.Decimal] = mapped_column(Numeric(12, 2))
+    note: Mapped[str] = mapped_column(Text)
+    user: Mapped[BenchUser] = relationship()
+
+
+COLUMNS = ["id", "name", "email", "created_at", "balance", "active", "score", "bio"]
+
+
+def _engine(url: str) -> Engine:
+    if url.startswith("postgresql"):
+        with create_engine(url).begin() as c:
+            c.execute(sql_text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+        return create_engine(url, connect_args={"options": f"-csearch_path={SCHEMA}"})
+    return create_engine(url)
+
+
+def _seed(engine: Engine, rows: int) -> None:
+    _Base.metadata.drop_all(engine)
+    _Base.metadata.create_all(engine)
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    with Session(engine) as s:
+        for i in range(1, rows + 1):
+            s.add(
+                BenchUser(
+                    id=i,
+                    name=f"user {i}",
+                    email=f"user{i}@example.com",
+                    created_at=now + dt.timedelta(minutes=i),
+                    balance=decimal.Decimal(i) / 4,
+                    active=i % 2 == 0,
+                    score=i / 7,
+                    bio="lorem ipsum " * 5,
+                )
+            )
+        s.flush()
+        for i in range(1, rows + 1):
+            s.add(BenchOrder(id=i, user_id=i, total=decimal.Decimal(i), note="n"))
+        s.commit()
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, *args: Any) -> None:
+        self.n += 1
+
+
+def _ns(fn: Callable[[], None]) -> int:
+    t0 = time.perf_counter_ns()
+    fn()
+    return time.perf_counter_ns() - t0
+
+
+def _pct(xs: list[int], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] / 1000
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    rounds, batch, rows = (3, 10, 100) if args.quick else (args.rounds, args.batch, 1000)
+    try:
+        probe = redis.Redis.from_url(args.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        probe.ping()
+    except (redis.RedisError, ValueError) as exc:
+        print(f"sqlcache bench: cannot reach Redis at {args.redis_url}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        plain = _engine(args.database_url)
+        cached = _engine(args.database_url)
+        _seed(plain, rows)
+    except (SQLAlchemyError, ImportError) as exc:
+        print(f"sqlcache bench: cannot use the database {args.database_url}: {exc}", file=sys.stderr)
+        return 2
+    cache = SQLCache(args.redis_url, prefix=f"sqlcache-bench-{uuid.uuid4().hex[:8]}", default_ttl=3600)
+    cache.attach(cached)
+    cache.register(BenchUser)
+    rnd = random.Random(7)
+    try:
+        return _run(args, plain, cached, cache, probe, rnd, rounds, batch, rows)
+    finally:
+        cache.clear()
+        cache.detach(cached)
+        _Base.metadata.drop_all(plain)
+        plain.dispose()
+        cached.dispose()
+
+
+def _run(
+    args: argparse.Namespace,
+    plain: Engine,
+    cached: Engine,
+    cache: SQLCache,
+    floor_client: redis.Redis,
+    rnd: random.Random,
+    rounds: int,
+    batch: int,
+    rows: int,
+) -> int:
+    ids = list(range(1, rows + 1))
+    for i in ids:  # warm every entry
+        with Session(cached) as s:
+            s.get(BenchUser, i)
+    statements = _Counter()
+    event.listen(cached, "before_cursor_execute", statements)
+    hits0 = cache.stats()["hits"]
+    with Session(cached) as s:
+        s.get(BenchUser, 1)
+    event.remove(cached, "before_cursor_execute", statements)
+    if statements.n or cache.stats()["hits"] != hits0 + 1:
+        print("sqlcache bench: warm-up failed: gets are not served from Redis", file=sys.stderr)
+        return 1
+
+    # the floor: one GET of an entry the same size + msgpack decode + building the same ORM object
+    with Session(plain) as s:
+        row = s.get(BenchUser, 1)
+        assert row is not None
+        blob = msgpack.packb(
+            [str(v) if isinstance(v, (dt.datetime, decimal.Decimal)) else v for v in (getattr(row, c) for c in COLUMNS)]
+        )
+    floor_key = f"{cache.config.prefix}:floor"
+    floor_client.set(floor_key, blob)
+    manager = BenchUser.__mapper__.class_manager
+
+    def floor() -> None:
+        values = msgpack.unpackb(floor_client.get(floor_key))
+        obj = manager.new_instance()
+        obj.__dict__.update(zip(COLUMNS, values, strict=True))
+
+    def get_on(engine: Engine) -> Callable[[], None]:
+        def op() -> None:
+            with Session(engine) as s:
+                s.get(BenchUser, rnd.choice(ids))
+
+        return op
+
+    def lazy_on(engine: Engine) -> Callable[[], int]:
+        def op() -> int:
+            with Session(engine) as s:
+                order = s.get(BenchOrder, rnd.choice(ids))
+                assert order is not None
+                t0 = time.perf_counter_ns()
+                _ = order.user
+                return time.perf_counter_ns() - t0
+
+        return op
+
+    def update_on(engine: Engine) -> Callable[[], None]:
+        def op() -> None:
+            with Session(engine) as s:
+                u = s.get(BenchUser, rnd.choice(ids))
+                assert u is not None
+                u.score += 1
+                s.commit()
+
+        return op
+
+    systems: dict[str, Callable[[], int]] = {
+        "get plain": lambda: _ns(get_on(plain)),
+        "get sqlcache hit": lambda: _ns(get_on(cached)),
+        "lazy plain": lazy_on(plain),
+        "lazy sqlcache hit": lazy_on(cached),
+        "floor": lambda: _ns(floor),
+        "update plain": lambda: _ns(update_on(plain)),
+        "update sqlcache": lambda: _ns(update_on(cached)),
+    }
+    samples: dict[str, list[int]] = {name: [] for name in systems}
+    names = list(systems)
+    for r in range(rounds + 1):
+        rnd.shuffle(names)
+        for name in names:
+            fn = systems[name]
+            times = [fn() for _ in range(batch)]
+            if r:  # round 0 warms up
+                samples[name].extend(times)
+        # updates invalidate entries: warm them again outside the timed part
+        for i in ids:
+            with Session(cached) as s:
+                s.get(BenchUser, i)
+
+    db = plain.dialect.name
+    print(f"sqlcache bench: {db}, {rounds} rounds x {batch} ops per system, {rows} rows, interleaved")
+    print(f"{'system':<20} {'n':>6} {'median µs':>10} {'p95 µs':>10}")
+    med = {}
+    for name in systems:
+        xs = samples[name]
+        med[name] = statistics.median(xs) / 1000
+        print(f"{name:<20} {len(xs):>6} {med[name]:>10.1f} {_pct(xs, 0.95):>10.1f}")
+    print()
+    ratios = [
+        ("get hit / floor", med["get sqlcache hit"] / med["floor"], 1.5),
+        ("lazy hit / floor", med["lazy sqlcache hit"] / med["floor"], 1.5),
+        ("get hit / get plain", med["get sqlcache hit"] / med["get plain"], None),
+        ("lazy hit / lazy plain", med["lazy sqlcache hit"] / med["lazy plain"], None),
+        ("update sqlcache / update plain", med["update sqlcache"] / med["update plain"], 1.25),
+    ]
+    for label, ratio, target in ratios:
+        verdict = "" if target is None else f"  target <= {target}: {'PASS' if ratio <= target else 'MISS'}"
+        print(f"{label:<32} {ratio:6.2f}x{verdict}")
+    print()
+    for n in (1, 50):
+        print(f"redis round trips, update transaction of {n:>2} registered rows: {_round_trips(cache, cached, n)}")
+    print(f"redis round trips, read-only transaction: {_round_trips(cache, cached, 0)}")
+    floor_client.delete(floor_key)
+    return 0
+
+
+def _round_trips(cache: SQLCache, engine: Engine, n: int) -> int:
+    client = cache.store.client
+    calls = _Counter()
+    original = client.execute_command
+
+    def counting(*a: Any, **kw: Any) -> Any:
+        calls()
+        return original(*a, **kw)
+
+    with Session(engine) as s:
+        users = [s.get(BenchUser, i) for i in range(1, n + 1)] if n else []
+        client.execute_command = counting  # type: ignore[method-assign]
+        try:
+            for u in users:
+                assert u is not None
+                u.score += 1
+            s.commit()
+        finally:
+            client.execute_command = original  # type: ignore[method-assign]
+    return calls.n
