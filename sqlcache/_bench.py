@@ -19,7 +19,18 @@ from typing import Any
 
 import msgpack
 import redis
-from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, Numeric, String, Text, create_engine, event
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    Numeric,
+    String,
+    Text,
+    create_engine,
+    event,
+)
 from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -168,7 +179,10 @@ def _run(
         row = s.get(BenchUser, 1)
         assert row is not None
         blob = msgpack.packb(
-            [str(v) if isinstance(v, (dt.datetime, decimal.Decimal)) else v for v in (getattr(row, c) for c in COLUMNS)]
+            [
+                str(v) if isinstance(v, (dt.datetime, decimal.Decimal)) else v
+                for v in (getattr(row, c) for c in COLUMNS)
+            ]
         )
     floor_key = f"{cache.config.prefix}:floor"
     floor_client.set(floor_key, blob)
@@ -251,7 +265,8 @@ def _run(
         print(f"{label:<32} {ratio:6.2f}x{verdict}")
     print()
     for n in (1, 50):
-        print(f"redis round trips, update transaction of {n:>2} registered rows: {_round_trips(cache, cached, n)}")
+        trips = _round_trips(cache, cached, n)
+        print(f"redis round trips, update transaction of {n:>2} registered rows: {trips}")
     print(f"redis round trips, read-only transaction: {_round_trips(cache, cached, 0)}")
     floor_client.delete(floor_key)
     return 0
@@ -260,7 +275,7 @@ def _run(
 def _round_trips(cache: SQLCache, engine: Engine, n: int) -> int:
     client = cache.store.client
     calls = _Counter()
-    original = client.execute_command
+    original: Callable[..., Any] = client.execute_command
 
     def counting(*a: Any, **kw: Any) -> Any:
         calls()

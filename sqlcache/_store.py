@@ -183,7 +183,8 @@ class Store:
         (a locked dependency holds more than digits, so it never matches).
         """
         values = cast(
-            "list[bytes | None]", self._call("read", lambda: self.client.mget([entry_key, clock_key, *dep_keys]))
+            "list[bytes | None]",
+            self._call("read", lambda: self.client.mget([entry_key, clock_key, *dep_keys])),
         )
         entry, clock_raw = values[0], values[1]
         deps = values[2:]

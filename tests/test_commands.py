@@ -1,0 +1,61 @@
+"""The demo and the benchmark run end to end as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from sqlalchemy import create_engine
+
+from .conftest import PG_URL, REDIS_URL, free_port, unavailable
+
+
+def run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sqlcache", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"},
+    )
+
+
+def test_demo_plain(redis_url: str) -> None:
+    """The demo runs on SQLite and shows hits, the signal, a refused stale fill and a measured speed."""
+    p = run("demo", "--plain", "--rows", "30", "--redis-url", redis_url)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "hits   30  misses    0  SQL statements    0" in out
+    assert "invalidated: identities [Customer(1,)]" in out
+    assert "fills refused as stale: 1" in out and "a fresh read returns 'customer 2, v2'" in out
+    assert "cached get:" in out and "database get:" in out
+
+
+def test_demo_without_redis() -> None:
+    """With Redis unreachable the demo says so in one line, without a traceback."""
+    p = run("demo", "--plain", "--redis-url", f"redis://127.0.0.1:{free_port()}/0", timeout=60)
+    assert p.returncode == 2
+    assert "cannot reach Redis" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_bench_quick(redis_url: str) -> None:
+    """The benchmark's quick mode prints the table, the ratios and the round-trip counts."""
+    try:
+        probe = create_engine(PG_URL)
+        with probe.connect():
+            pass
+        probe.dispose()
+    except Exception as exc:  # any driver error means "unavailable"
+        unavailable("postgresql", exc)
+    p = run("bench", "--quick", "--database-url", PG_URL, "--redis-url", REDIS_URL)
+    assert p.returncode == 0, p.stderr
+    for needle in (
+        "get sqlcache hit",
+        "floor",
+        "update sqlcache / update plain",
+        "get hit / floor",
+        "update transaction of 50 registered rows: 2",
+        "read-only transaction: 0",
+    ):
+        assert needle in p.stdout, needle
