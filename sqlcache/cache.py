@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from blinker import NamedSignal
     from sqlalchemy.engine import Connection
     from sqlalchemy.engine.interfaces import DBAPIConnection
-    from sqlalchemy.engine.result import Result
+    from sqlalchemy.engine.result import FrozenResult, Result
     from sqlalchemy.orm import ORMExecuteState, Session
 
 __all__ = ["SQLCache"]
@@ -302,27 +302,27 @@ class SQLCache:
         if signals.invalidated.receivers:
             self._send(signals.invalidated, identities=identities, tags=tags, remote=False)
 
-    # -- read path: identity loads -------------------------------------------------------------------
+    # -- read path ---------------------------------------------------------------------------------
 
-    def read_identity(
-        self, orm_state: ORMExecuteState, mapper: Mapper[Any], pk: tuple[Any, ...], policy: ModelPolicy
+    def _read_through(
+        self,
+        orm_state: ORMExecuteState,
+        kind: str,
+        entry_key: str,
+        deps: list[str],
+        ttl_ms: int,
+        on_hit: Callable[[bytes], Result[Any]],
+        encode: Callable[[FrozenResult[Any]], bytes | None],
     ) -> Result[Any] | None:
-        """Serve a primary-key load from Redis, or run it and fill; None lets SQLAlchemy run it as usual."""
+        """One read through the cache: a hit, or the database and a guarded fill. None: not handled.
+
+        ``on_hit`` rebuilds the result from a payload (raising CodecError if it cannot); ``encode`` turns
+        the database's result into a payload, or None when it must not be stored.
+        """
         session = orm_state.session
-        h = self._hierarchy(mapper)
-        p = self.config.prefix
-        dep_identity = _keys.identity_dep_key(p, h.base_table, pk)
         txns = self._wiring.session_txns(session)
-        for st in txns:
-            if st.everything or dep_identity in st.identities or any(t in st.bulk for t in h.tables):
-                # t0 this transaction wrote the row (or its table); the cache holds the committed state,
-                # which is not what this transaction must see: read the database
-                self._stats.incr("bypassed")
-                return None
         if not self._replay():
             return None
-        entry_key = _keys.identity_entry_key(p, h.fingerprint, h.entity, pk)
-        deps = [dep_identity, *(_keys.bulk_dep_key(p, t) for t in h.tables), self._global_key]
         r: ReadResult | None = None
         with self._degrade("read"):
             r = self.store.read(self._clock_key, entry_key, deps)
@@ -330,29 +330,23 @@ class SQLCache:
             return None
         if r.hit:
             assert r.payload is not None
-            decoded: Any = False
+            result: Result[Any] | None = None
             with self._degrade("decode"):
-                decoded = decode_entry(h, r.payload)
-            if decoded is not False:
+                result = on_hit(r.payload)
+            if result is not None:
                 self._stats.incr("hits")
                 if r.clock:
                     # if no statement has run in this transaction yet, this clock reading precedes the
                     # snapshot a repeatable-read transaction will take
                     self._wiring.note_clock(session, r.clock, txns)
                 if signals.cache_hit.receivers:
-                    self._send(signals.cache_hit, key=entry_key, kind="identity")
-                if decoded is None:
-                    return self._wiring.one_row_result(mapper, None)
-                shape, mask, values = decoded
-                identity_key = h.mapper.identity_key_from_primary_key(pk)
-                return self._wiring.one_row_result(
-                    mapper, _materialize(session, shape, identity_key, mask, values)
-                )
+                    self._send(signals.cache_hit, key=entry_key, kind=kind)
+                return result
             with self._degrade("decode"):
                 self.store.delete(entry_key)
         self._stats.incr("misses")
         if signals.cache_miss.receivers:
-            self._send(signals.cache_miss, key=entry_key, kind="identity")
+            self._send(signals.cache_miss, key=entry_key, kind=kind)
         if r.generations is None and not r.hit:
             # a dependency was missing, locked or unreadable: one more round trip, before the SELECT,
             # creates or repairs it (t0 snapshot here, t1 SELECT: a commit between moves a generation)
@@ -366,19 +360,18 @@ class SQLCache:
             # already be outdated; do not store it
             self._stats.incr("fills_skipped")
             return frozen()
-        self._fill(session, h, pk, policy, entry_key, deps, r, frozen.data)
+        self._fill(session, entry_key, deps, ttl_ms, r.generations, frozen, encode)
         return frozen()
 
     def _fill(
         self,
         session: Session,
-        h: Hierarchy,
-        pk: tuple[Any, ...],
-        policy: ModelPolicy,
         entry_key: str,
         deps: list[str],
-        r: ReadResult,
-        rows: Any,
+        ttl_ms: int,
+        generations: bytes,
+        frozen: FrozenResult[Any],
+        encode: Callable[[FrozenResult[Any]], bytes | None],
     ) -> None:
         bound: int | None = None
         for st, snapshot_fixed in self._wiring.session_txns_isolation(session):
@@ -391,33 +384,12 @@ class SQLCache:
                 bound = st.clock0 if bound is None else min(bound, st.clock0)
         payload: bytes | None = None
         with self._degrade("encode"):
-            if not rows:
-                # Absence is cached only for keys the database compares exactly: with a string key a
-                # case-insensitive or PAD SPACE collation could match a row inserted under another
-                # spelling, whose insert would invalidate that spelling's key, not this one.
-                if all(type(v) in _EXACT_KEY_TYPES for v in pk):
-                    payload = encode_absent(h)
-            else:
-                obj = rows[0]
-                if not hasattr(obj, "_sa_instance_state"):  # a Row, not a scalar-mode ORM result
-                    obj = obj[0]
-                state = sa_inspect(obj)
-                # the row found must carry exactly the key asked for (collations, Decimal('1.0') vs
-                # Decimal('1.00')): writes invalidate the row's own key, so only that key may be filled
-                if state.key is not None and _keys.pk_token(state.key[1]) == _keys.pk_token(pk):
-                    payload = encode_instance(h, state)
-        if payload is None or r.generations is None:
+            payload = encode(frozen)
+        if payload is None:
             return
         with self._degrade("fill"):
             stored = self.store.fill(
-                self._clock_key,
-                entry_key,
-                deps,
-                payload,
-                self._ttl_ms(policy),
-                r.generations,
-                bound,
-                self._gen_ttl_ms,
+                self._clock_key, entry_key, deps, payload, ttl_ms, generations, bound, self._gen_ttl_ms
             )
             if stored == 1:
                 self._stats.incr("fills")
@@ -425,6 +397,64 @@ class SQLCache:
                 self._stats.incr("fills_refused")
             else:
                 self._stats.incr("fills_skipped")
+
+    def _own_writes(
+        self, session: Session, identity: str | None, bulk: Iterable[str], tables: Iterable[str]
+    ) -> bool:
+        """Whether this session's transaction wrote something the read depends on (it must not use Redis)."""
+        for st in self._wiring.session_txns(session):
+            if st.everything or (identity is not None and identity in st.identities):
+                return True
+            if any(t in st.bulk for t in bulk) or any(t in st.tables for t in tables):
+                return True
+        return False
+
+    def read_identity(
+        self, orm_state: ORMExecuteState, mapper: Mapper[Any], pk: tuple[Any, ...], policy: ModelPolicy
+    ) -> Result[Any] | None:
+        """Serve a primary-key load from Redis, or run it and fill; None lets SQLAlchemy run it as usual."""
+        session = orm_state.session
+        h = self._hierarchy(mapper)
+        p = self.config.prefix
+        dep_identity = _keys.identity_dep_key(p, h.base_table, pk)
+        if self._own_writes(session, dep_identity, h.tables, ()):
+            # this transaction wrote the row (or its table); the cache holds the committed state, which
+            # is not what this transaction must see: read the database
+            self._stats.incr("bypassed")
+            return None
+        entry_key = _keys.identity_entry_key(p, h.fingerprint, h.entity, pk)
+        deps = [dep_identity, *(_keys.bulk_dep_key(p, t) for t in h.tables), self._global_key]
+
+        def on_hit(payload: bytes) -> Result[Any]:
+            decoded = decode_entry(h, payload)
+            if decoded is None:
+                return self._wiring.one_row_result(mapper, None)
+            shape, mask, values = decoded
+            identity_key = h.mapper.identity_key_from_primary_key(pk)
+            return self._wiring.one_row_result(
+                mapper, _materialize(session, shape, identity_key, mask, values)
+            )
+
+        def encode(frozen: FrozenResult[Any]) -> bytes | None:
+            rows = frozen.data
+            if not rows:
+                # Absence is cached only for keys the database compares exactly: with a string key a
+                # case-insensitive or PAD SPACE collation could match a row inserted under another
+                # spelling, whose insert would invalidate that spelling's key, not this one.
+                return encode_absent(h) if all(type(v) in _EXACT_KEY_TYPES for v in pk) else None
+            obj = rows[0]
+            if not hasattr(obj, "_sa_instance_state"):  # a Row, not a scalar-mode ORM result
+                obj = obj[0]
+            state = sa_inspect(obj)
+            # the row found must carry exactly the key asked for (collations, Decimal('1.0') vs
+            # Decimal('1.00')): writes invalidate the row's own key, so only that key may be filled
+            if state.key is None or _keys.pk_token(state.key[1]) != _keys.pk_token(pk):
+                return None
+            return encode_instance(h, state)
+
+        return self._read_through(
+            orm_state, "identity", entry_key, deps, self._ttl_ms(policy), on_hit, encode
+        )
 
     # -- write path ----------------------------------------------------------------------------------
 
