@@ -273,22 +273,23 @@ def _run(
 
 
 def _round_trips(cache: SQLCache, engine: Engine, n: int) -> int:
-    client = cache.store.client
+    """Commands the cache writes to Redis for one committing update of ``n`` rows (pipelined ones too)."""
     calls = _Counter()
-    original: Callable[..., Any] = client.execute_command
+    conn_class: Any = cache.store.client.connection_pool.connection_class
+    original: Callable[..., Any] = conn_class.send_command
 
-    def counting(*a: Any, **kw: Any) -> Any:
+    def counting(self: Any, *a: Any, **kw: Any) -> Any:
         calls()
-        return original(*a, **kw)
+        return original(self, *a, **kw)
 
     with Session(engine) as s:
         users = [s.get(BenchUser, i) for i in range(1, n + 1)] if n else []
-        client.execute_command = counting  # type: ignore[method-assign]
+        conn_class.send_command = counting
         try:
             for u in users:
                 assert u is not None
                 u.score += 1
             s.commit()
         finally:
-            client.execute_command = original  # type: ignore[method-assign]
+            conn_class.send_command = original
     return calls.n

@@ -13,7 +13,7 @@ import redis
 
 from .errors import CacheUnavailable, ConfigurationError
 
-__all__ = ["ReadResult", "RepopEntry", "Store", "client_for"]
+__all__ = ["ReadResult", "RepopEntry", "SentLock", "Store", "client_for"]
 
 T = TypeVar("T")
 
@@ -39,6 +39,13 @@ class ReadResult:
 
 def _is_generation(v: bytes | None) -> bool:
     return v is not None and v.isdigit()
+
+
+@dataclass(eq=False, slots=True)
+class SentLock:
+    """A lock.lua call written to a connection whose reply is read after the database COMMIT."""
+
+    conn: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +148,7 @@ class Store:
         self._open_until = 0.0
         self.backoffs = 0
         self.skipped = 0
+        self._scripts_loaded = False
 
     # -- circuit breaker ---------------------------------------------------------------------------
 
@@ -153,6 +161,8 @@ class Store:
             self.skipped += 1
             raise CacheUnavailable(operation)
         try:
+            if not self._scripts_loaded:
+                self._load_scripts()
             result = fn()
         except _REDIS_ERRORS as exc:
             self._failed()
@@ -163,6 +173,14 @@ class Store:
                 self._next_backoff = self._base_backoff
                 self._open_until = 0.0
         return result
+
+    def _load_scripts(self) -> None:
+        """Load every script in one round trip, so that a pipelined EVALSHA never meets NOSCRIPT."""
+        pipe = self.client.pipeline(transaction=False)
+        for script in (self._snapshot, self._fill, self._lock, self._release):
+            pipe.script_load(script.script)
+        pipe.execute()
+        self._scripts_loaded = True
 
     def _failed(self) -> None:
         with self._mutex:
@@ -233,6 +251,73 @@ class Store:
         args: list[Any] = [token, len(lock_keys), lock_ttl_ms, gen_ttl_ms]
         r: list[bytes] = self._call("lock", lambda: self._lock(keys=keys, args=args))
         return [g.decode() for g in r]
+
+    def send_lock(
+        self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
+    ) -> SentLock:
+        """Write lock.lua to a connection of our own without waiting for its reply.
+
+        For commits that only invalidate: the lock is on its way to Redis before the database COMMIT
+        (the bytes are sent; a crash from here on still leaves it to expire into a fresh generation),
+        and its reply is read together with the release's after the COMMIT, on the same connection, so
+        Redis runs the two in order. One round trip of latency instead of two. Repopulating commits
+        wait for the reply instead: their "newest lock" rule needs Redis to order locks as the database
+        ordered the commits.
+        """
+        keys = [clock_key, *lock_keys]
+        args: list[Any] = [token, len(lock_keys), lock_ttl_ms, gen_ttl_ms]
+
+        def run() -> SentLock:
+            conn = self._connection()
+            try:
+                conn.send_command("EVALSHA", self._lock.sha, len(keys), *keys, *args)
+            except BaseException:
+                self._discard(conn)
+                raise
+            return SentLock(conn)
+
+        return self._call("lock", run)
+
+    def release_after(
+        self, sent: SentLock, clock_key: str, dep_keys: Sequence[str], token: str, gen_ttl_ms: int
+    ) -> bool:
+        """Release behind a pipelined lock; returns whether the lock itself had succeeded."""
+        keys = [clock_key, *dep_keys]
+        args: list[Any] = [token, len(dep_keys), gen_ttl_ms, 0]
+        conn = sent.conn
+
+        def run() -> list[Any]:
+            try:
+                conn.send_command("EVALSHA", self._release.sha, len(keys), *keys, *args)
+                replies: list[Any] = []
+                for _ in range(2):
+                    try:
+                        replies.append(conn.read_response())
+                    except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart
+                        replies.append(exc)
+            except BaseException:
+                self._discard(conn)
+                raise
+            self.client.connection_pool.release(conn)
+            return replies
+
+        lock_reply, release_reply = self._call("release", run)
+        if isinstance(release_reply, redis.ResponseError):
+            # NOSCRIPT: Redis restarted or was flushed since we loaded the scripts; load and release
+            self._scripts_loaded = False
+            self.release(clock_key, dep_keys, token, gen_ttl_ms)
+        return not isinstance(lock_reply, redis.ResponseError)
+
+    def _connection(self) -> Any:
+        pool = self.client.connection_pool
+        try:
+            return pool.get_connection()
+        except TypeError:  # redis-py before 5.3 wants a command name
+            return pool.get_connection("EVALSHA")
+
+    def _discard(self, conn: Any) -> None:
+        conn.disconnect()
+        self.client.connection_pool.release(conn)
 
     def release(
         self,

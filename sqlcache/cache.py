@@ -21,7 +21,7 @@ from . import _keys, signals
 from ._snapshot import Hierarchy, check_supported, decode_entry, encode_absent, encode_instance, hierarchy_for
 from ._snapshot import materialize as _materialize
 from ._stats import Stats
-from ._store import ReadResult, RepopEntry, Store, client_for
+from ._store import ReadResult, RepopEntry, SentLock, Store, client_for
 from ._txn import IdentityWrite, TxnState, cascade_targets
 from ._wiring import Wiring
 from .config import CacheConfig, Mode, ModelPolicy
@@ -54,6 +54,7 @@ class _PendingRelease:
     entries: list[RepopEntry]
     identities: list[tuple[type[Any], tuple[Any, ...]]]
     tags: list[str]
+    sent: SentLock | None = None  # a pipelined lock whose reply is read with the release
 
 
 class SQLCache:
@@ -517,10 +518,16 @@ class SQLCache:
                 repop.append((entry_key, [dep_key, *others], self._ttl_ms(policy), payload))
                 watch.extend(o for o in others if o not in watch)
         seen: list[str] = []
+        sent: SentLock | None = None
         try:
-            seen = self.store.lock(
-                self._clock_key, keys, watch, token, self.config.lock_ttl * 1000, self._gen_ttl_ms
-            )
+            if repop:
+                seen = self.store.lock(
+                    self._clock_key, keys, watch, token, self.config.lock_ttl * 1000, self._gen_ttl_ms
+                )
+            else:
+                sent = self.store.send_lock(
+                    self._clock_key, keys, token, self.config.lock_ttl * 1000, self._gen_ttl_ms
+                )
         except CacheUnavailable as exc:
             # the commit goes ahead; the release after it (or the journal) still invalidates
             self._stats.incr("errors")
@@ -532,14 +539,26 @@ class SQLCache:
             marks = tuple("=" if i == 0 else watched.get(d, "") for i, d in enumerate(deps))
             if all(marks):
                 entries.append(RepopEntry(entry_key, tuple(deps), ttl_ms, payload, marks))
-        self._pending[dbapi_key] = _PendingRelease(keys, token, entries, identities, tags)
+        self._pending[dbapi_key] = _PendingRelease(keys, token, entries, identities, tags, sent)
 
     def postcommit(self, dbapi_key: int, committed: bool) -> None:
         """After the database COMMIT: fresh generations, locks dropped, repopulated entries written."""
         pending = self._pending.pop(dbapi_key, None)
         if pending is None:
             return
-        if not self._replay():
+        if pending.sent is not None:
+            try:
+                if not self.store.release_after(
+                    pending.sent, self._clock_key, pending.keys, pending.token, self._gen_ttl_ms
+                ):
+                    self._stats.incr("errors")
+                self._stats.incr("invalidations", len(pending.keys))
+            except CacheUnavailable as exc:
+                self._stats.incr("errors")
+                self._send(signals.cache_error, exc=exc, operation="release")
+                self._defer(pending.keys)
+            self._replay()
+        elif not self._replay():
             self._defer(pending.keys)
         else:
             try:

@@ -1,40 +1,59 @@
-"""Cost targets, counted (not timed): Redis round trips per read and per committing transaction."""
+"""Cost targets, counted (not timed): Redis commands per read and per committing transaction.
+
+Counted by a redis-py connection class that tallies every command it writes (pipelined or not), on a
+private Redis; warm-up runs first so that connection handshakes and script loading are not counted.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
+import pytest
+import redis
 from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache
 
-from ..models import Order, Tag, User
+from ..conftest import RedisServer
+from ..models import Order, Product, Tag, User
 
 
-@contextmanager
-def count_round_trips(cache: SQLCache) -> Iterator[list[str]]:
-    """Record every command the cache's Redis client sends (one entry = one round trip)."""
-    client = cache.store.client
-    calls: list[str] = []
-    original = client.execute_command
+class CountingConnection(redis.Connection):
+    sent: list[str] = []
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        calls.append(str(args[0]))
-        return original(*args, **kwargs)
-
-    client.execute_command = counting  # type: ignore[method-assign]
-    try:
-        yield calls
-    finally:
-        client.execute_command = original  # type: ignore[method-assign]
+    def send_command(self, *args: Any, **kwargs: Any) -> None:
+        CountingConnection.sent.append(str(args[0]).upper())
+        super().send_command(*args, **kwargs)
 
 
-def test_hit_is_one_round_trip(engine: Engine, cache: SQLCache) -> None:
-    """A cache hit costs exactly one Redis round trip."""
+@pytest.fixture
+def counted(engine: Engine, private_redis: RedisServer) -> Iterator[tuple[SQLCache, list[str]]]:
+    pool = redis.ConnectionPool(
+        connection_class=CountingConnection, port=private_redis.port, socket_timeout=0.25, retry=None
+    )
+    cache = SQLCache(redis.Redis(connection_pool=pool), prefix="count")
+    assert cache.store.client.connection_pool is pool
+    cache.strict_signals = True
+    cache.attach(engine)
+    CountingConnection.sent = []
+    yield cache, CountingConnection.sent
+    cache.detach(engine)
+    pool.disconnect()
+
+
+def commands(sent: list[str]) -> list[str]:
+    """Commands written since the last call."""
+    out = list(sent)
+    sent.clear()
+    return out
+
+
+def test_hit_is_one_command(engine: Engine, counted: tuple[SQLCache, list[str]]) -> None:
+    """A cache hit is exactly one command (an MGET): one round trip."""
+    cache, sent = counted
     cache.register(User)
     with Session(engine) as s:
         u = User(name="a")
@@ -43,34 +62,52 @@ def test_hit_is_one_round_trip(engine: Engine, cache: SQLCache) -> None:
         uid = u.id
     with Session(engine) as s:
         s.get(User, uid)
-    with count_round_trips(cache) as calls, Session(engine) as s:
+    commands(sent)
+    with Session(engine) as s:
         s.get(User, uid)
-    assert len(calls) == 1, calls
+    assert commands(sent) == ["MGET"]
 
 
-def test_write_transaction_adds_two_round_trips_whatever_the_rows(engine: Engine, cache: SQLCache) -> None:
-    """A commit that wrote 1 or 50 registered rows (ORM and Core) adds exactly two round trips."""
+@pytest.mark.parametrize("model", [User, Product])
+def test_write_transaction_adds_two_commands_whatever_the_rows(
+    engine: Engine, counted: tuple[SQLCache, list[str]], model: type
+) -> None:
+    """A commit that wrote 1 or 50 registered rows (ORM and Core) costs a lock and a release, no more."""
+    cache, sent = counted
     cache.register(User)
     cache.register(Order)
-    for n in (1, 50):
-        with count_round_trips(cache) as calls, Session(engine) as s:
-            users = [User(name=f"u{i}") for i in range(n)]
-            s.add_all(users)
-            s.flush()
-            s.add_all([Order(user_id=u.id) for u in users])
-            s.execute(update(User).where(User.id == users[0].id).values(name="x"))
-            s.commit()
-        assert len(calls) == 2, (n, calls)
-
-
-def test_transaction_touching_nothing_cached_adds_zero(engine: Engine, cache: SQLCache) -> None:
-    """A transaction that wrote nothing adds no round trip; any write adds the same two."""
-    cache.register(User)
-    with count_round_trips(cache) as calls, Session(engine) as s:
+    cache.register(Product, mode="repopulate")
+    with Session(engine) as s:  # warm-up: connection handshake, script loading
+        s.add(Tag(label="warm"))
         s.commit()
-    assert calls == []
-    with count_round_trips(cache) as calls, Session(engine) as s:
+    for n in (1, 50):
+        commands(sent)
+        with Session(engine) as s:
+            if model is User:
+                users = [User(name=f"u{i}") for i in range(n)]
+                s.add_all(users)
+                s.flush()
+                s.add_all([Order(user_id=u.id) for u in users])
+                s.execute(update(User).where(User.id == users[0].id).values(name="x"))
+            else:
+                s.add_all([Product(name=f"p{i}", price=1) for i in range(n)])
+            s.commit()
+        assert commands(sent) == ["EVALSHA", "EVALSHA"], n
+
+
+def test_transaction_writing_nothing_adds_zero(engine: Engine, counted: tuple[SQLCache, list[str]]) -> None:
+    """A transaction that wrote nothing costs no command; any write costs the same two."""
+    cache, sent = counted
+    cache.register(User)
+    with Session(engine) as s:  # warm-up
+        s.add(Tag(label="warm"))
+        s.commit()
+    commands(sent)
+    with Session(engine) as s:
+        s.commit()
+    assert commands(sent) == []
+    with Session(engine) as s:
         s.add(Tag(label="t"))
         s.commit()
     # a write to any table moves that table's query dependency: one lock + one release
-    assert len(calls) == 2
+    assert commands(sent) == ["EVALSHA", "EVALSHA"]

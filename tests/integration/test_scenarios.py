@@ -54,16 +54,20 @@ def test_scenario2_delayed_release_of_older_writer(engine: Engine, cache: SQLCac
         pid = p.id
     stall = threading.Event()
     resumed = threading.Event()
-    original = cache.store.release
     writer1: list[threading.Thread] = []
+    originals = {name: getattr(cache.store, name) for name in ("release", "release_after")}
 
-    def slow_release(*args: Any, **kwargs: Any) -> int:
-        if writer1 and threading.current_thread() is writer1[0]:
-            stall.set()
-            assert resumed.wait(30)
-        return original(*args, **kwargs)
+    def stalled(name: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if writer1 and threading.current_thread() is writer1[0]:
+                stall.set()
+                assert resumed.wait(30)
+            return originals[name](*args, **kwargs)
 
-    cache.store.release = slow_release  # type: ignore[method-assign]
+        return call
+
+    for name in originals:  # writer 1's post-commit work waits, whichever path it takes
+        setattr(cache.store, name, stalled(name))
 
     def write(name: str) -> None:
         with Session(engine) as s:
@@ -79,7 +83,8 @@ def test_scenario2_delayed_release_of_older_writer(engine: Engine, cache: SQLCac
         assert s.get(Product, pid).name == "v2"
     resumed.set()
     finish(t1, out1)
-    cache.store.release = original  # type: ignore[method-assign]
+    for name, fn in originals.items():
+        setattr(cache.store, name, fn)
     for _ in range(2):
         with Session(engine) as s:
             assert s.get(Product, pid).name == "v2"
