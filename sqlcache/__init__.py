@@ -6,11 +6,13 @@ from . import signals
 from .cache import SQLCache
 from .config import CacheConfig, ModelPolicy
 from .errors import CacheUnavailable, CodecError, ConfigurationError, SQLCacheError
+from .options import CacheOption, cached
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CacheConfig",
+    "CacheOption",
     "CacheUnavailable",
     "CodecError",
     "ConfigurationError",
@@ -18,5 +20,6 @@ __all__ = [
     "SQLCache",
     "SQLCacheError",
     "__version__",
+    "cached",
     "signals",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "identity_dep_key",
     "identity_entry_key",
     "pk_token",
+    "query_key",
     "scan_pattern",
     "table_dep_key",
     "tag_dep_key",
@@ -73,6 +74,10 @@ def table_dep_key(prefix: str, table: str) -> str:
 
 def tag_dep_key(prefix: str, tag: str) -> str:
     return f"{prefix}:d:u:{tag}"
+
+
+def query_key(prefix: str, digest: str) -> str:
+    return f"{prefix}:q:{digest}"
 
 
 def global_dep_key(prefix: str) -> str:

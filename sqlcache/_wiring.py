@@ -29,8 +29,10 @@ from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql import Select
+from sqlalchemy.util import immutabledict
 
 from ._txn import TxnState, dml_tables, is_write_sql
+from .options import CacheOption
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 
     from .cache import SQLCache
 
-__all__ = ["Wiring", "result_metadata"]
+__all__ = ["Wiring", "result_metadata", "with_attributes"]
 
 _PER_STATEMENT = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
 
@@ -109,15 +111,22 @@ def is_autocommit(conn: Connection) -> bool:
 _RESULT_META_PARAMS = pyinspect.signature(SimpleResultMetaData.__init__).parameters
 
 
-def result_metadata(mapper: Mapper[Any]) -> SimpleResultMetaData:
-    """Metadata shaped like the ORM's for ``select(mapper)``: one entity column, uniqued by identity.
+def result_metadata(keys: list[str], entities: list[bool]) -> SimpleResultMetaData:
+    """Result metadata whose entity columns are uniqued by identity, as the ORM's are.
 
-    SQLAlchemy 2.0 takes ``_unique_filters``, 2.1 ``_create_unique_filters``; by identity, as the ORM
-    does, so that classes with ``__eq__`` but no ``__hash__`` work.
+    SQLAlchemy 2.0 takes ``_unique_filters``, 2.1 ``_create_unique_filters``; by identity so that
+    classes with ``__eq__`` but no ``__hash__`` work.
     """
+    filters = [id if e else None for e in entities]
     if "_create_unique_filters" in _RESULT_META_PARAMS:
-        return SimpleResultMetaData([mapper.class_.__name__], _create_unique_filters=lambda _r: [id])
-    return SimpleResultMetaData([mapper.class_.__name__], _unique_filters=[id])  # type: ignore[call-arg]
+        return SimpleResultMetaData(keys, _create_unique_filters=lambda _r: filters)
+    return SimpleResultMetaData(keys, _unique_filters=filters)  # type: ignore[call-arg]
+
+
+def with_attributes(result: Result[Any], single_entity: bool) -> Result[Any]:
+    """Mark a result as the ORM does, so that legacy ``Query`` returns entities, not one-item rows."""
+    result._attributes = immutabledict({"is_single_entity": single_entity, "filtered": single_entity})
+    return result
 
 
 # -- the dialect's commit, wrapped once per dialect --------------------------------------------------
@@ -395,12 +404,19 @@ class Wiring:
     def one_row_result(self, mapper: Mapper[Any], obj: Any) -> Result[Any]:
         meta = self._metas.get(mapper)
         if meta is None:
-            meta = self._metas[mapper] = result_metadata(mapper)
+            meta = self._metas[mapper] = result_metadata([mapper.class_.__name__], [True])
         return IteratorResult(meta, iter(() if obj is None else ((obj,),)))
 
     def _on_orm_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         if not orm_state.is_select:
             return None
+        for opt in orm_state.user_defined_options:
+            if isinstance(opt, CacheOption):
+                clause: Any = orm_state.statement
+                bind = orm_state.session.get_bind(mapper=orm_state.bind_mapper, clause=clause)
+                if bind.engine.pool not in self._pools:
+                    return None
+                return self.cache.read_query(orm_state, opt.payload, bind.engine)
         found = pk_load(orm_state)
         if found is None:
             return None

@@ -14,18 +14,21 @@ from typing import TYPE_CHECKING, Any
 import redis
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
+from sqlalchemy.engine.result import IteratorResult
 from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper
 
 from . import _keys, signals
+from ._query import Uncacheable, decode_rows, digest, encode_rows, stable, tables_read
 from ._snapshot import Hierarchy, check_supported, decode_entry, encode_absent, encode_instance, hierarchy_for
 from ._snapshot import materialize as _materialize
 from ._stats import Stats
 from ._store import ReadResult, RepopEntry, SentLock, Store, client_for
 from ._txn import IdentityWrite, TxnState, cascade_targets
-from ._wiring import Wiring
+from ._wiring import Wiring, result_metadata, with_attributes
 from .config import CacheConfig, Mode, ModelPolicy
 from .errors import CacheUnavailable, CodecError, ConfigurationError
+from .options import CacheOption, QueryPolicy
 
 if TYPE_CHECKING:
     from blinker import NamedSignal
@@ -43,6 +46,21 @@ log = logging.getLogger("sqlcache")
 _JOURNAL_LIMIT = 10_000
 
 _EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
+
+
+@dataclass(frozen=True, eq=False)
+class _QuerySpec:
+    """What a statement shape reads and returns, computed once per shape."""
+
+    digest: str
+    tables: tuple[str, ...]
+    columns: tuple[Hierarchy | None, ...]
+
+
+def _loaded(keys: tuple[str, ...], mask: int, values: list[Any]) -> dict[str, Any]:
+    """Attribute key -> value for the attributes a mask says were loaded."""
+    it = iter(values)
+    return {k: next(it) for i, k in enumerate(keys) if mask >> i & 1}
 
 
 @dataclass(eq=False)
@@ -110,6 +128,7 @@ class SQLCache:
         self._stats = Stats()
         self._policies: dict[Mapper[Any], ModelPolicy] = {}
         self._policy_memo: dict[Mapper[Any], ModelPolicy | None] = {}
+        self._query_memo: dict[Any, _QuerySpec] = {}
         self._hierarchies: dict[Mapper[Any], Hierarchy] = {}
         self._cascades: dict[tuple[Any, bool, bool], set[Any]] = {}
         self._wiring = Wiring(self)
@@ -456,6 +475,114 @@ class SQLCache:
         return self._read_through(
             orm_state, "identity", entry_key, deps, self._ttl_ms(policy), on_hit, encode
         )
+
+    def read_query(self, orm_state: ORMExecuteState, qp: QueryPolicy, engine: Engine) -> Result[Any] | None:
+        """Serve a ``cached()`` statement from Redis, or run it and fill; None: run it as usual."""
+        stmt: Any = orm_state.statement
+        opts = orm_state.load_options
+        if (
+            getattr(stmt, "_for_update_arg", None) is not None
+            or any(not isinstance(o, CacheOption) for o in getattr(stmt, "_with_options", ()))
+            or opts._populate_existing
+            or opts._yield_per
+            or orm_state.execution_options.get("populate_existing")
+            or orm_state.execution_options.get("yield_per")
+            or orm_state.execution_options.get("stream_results")
+            or orm_state.is_relationship_load
+            or orm_state.is_column_load
+        ):
+            self._stats.incr("bypassed")
+            return None
+        try:
+            spec = self._query_spec(stmt, engine)
+            ck = stmt._generate_cache_key()
+            params: list[Any] = [bp.effective_value for bp in ck.bindparams]
+            extra = orm_state.parameters
+            if isinstance(extra, dict):
+                params.append(sorted(extra.items()))
+            elif extra:
+                raise Uncacheable("executemany")
+            key = _keys.query_key(self.config.prefix, digest([spec.digest, params, list(qp.tags)]))
+        except Uncacheable:
+            self._stats.incr("bypassed")
+            return None
+        session = orm_state.session
+        if self._own_writes(session, None, (), spec.tables):
+            self._stats.incr("bypassed")
+            return None
+        p = self.config.prefix
+        deps = [
+            *(_keys.table_dep_key(p, t) for t in spec.tables),
+            *(_keys.tag_dep_key(p, t) for t in qp.tags),
+            self._global_key,
+        ]
+        columns = spec.columns
+
+        def on_hit(payload: bytes) -> Result[Any]:
+            keys, single, rows = decode_rows(columns, payload)
+            out = []
+            for row in rows:
+                cells = []
+                for h, cell in zip(columns, row, strict=True):
+                    if h is None or cell is None:
+                        cells.append(cell)
+                        continue
+                    shape, mask, values = cell
+                    loaded = _loaded(shape.keys, mask, values)
+                    m = shape.mapper
+                    pk = tuple(loaded[m.get_property_by_column(col).key] for col in m.primary_key)
+                    identity_key = m.identity_key_from_primary_key(pk)
+                    cells.append(_materialize(session, shape, identity_key, mask, values))
+                out.append(tuple(cells))
+            meta = result_metadata(keys, [h is not None for h in columns])
+            return with_attributes(IteratorResult(meta, iter(out)), single)
+
+        def encode(frozen: FrozenResult[Any]) -> bytes | None:
+            attrs = getattr(frozen, "_attributes", {}) or {}
+            return encode_rows(
+                columns, list(frozen.metadata.keys), bool(attrs.get("is_single_entity")), frozen.data
+            )
+
+        ttl = qp.ttl if qp.ttl is not None else self.config.default_ttl
+        return self._read_through(orm_state, "query", key, deps, (ttl or 0) * 1000, on_hit, encode)
+
+    def _query_spec(self, stmt: Any, engine: Engine) -> _QuerySpec:
+        ck = stmt._generate_cache_key()
+        if ck is None:
+            raise Uncacheable("no cache key")
+        memo_key = (ck.key, engine.dialect.name)
+        spec = self._query_memo.get(memo_key)
+        if spec is None:
+            compiled = stmt.compile(dialect=engine.dialect)
+            columns: list[Hierarchy | None] = []
+            for desc in stmt.column_descriptions:
+                entity, expr = desc.get("entity"), desc.get("expr")
+                if entity is not None and expr is entity:
+                    mapper = sa_inspect(entity)
+                    if not isinstance(mapper, Mapper):
+                        raise Uncacheable("aliased entity")
+                    check_supported(mapper)
+                    columns.append(self._hierarchy(mapper))
+                else:
+                    columns.append(None)
+            fps = [h.fingerprint if h is not None else None for h in columns]
+            spec = _QuerySpec(
+                digest([stable(ck.key), engine.dialect.name, fps]),
+                tables_read(compiled, stmt),
+                tuple(columns),
+            )
+            if len(self._query_memo) > 4096:
+                self._query_memo.clear()
+            self._query_memo[memo_key] = spec
+        return spec
+
+    def invalidate_tags(self, *tags: str) -> None:
+        """Invalidate every cached query tagged with any of ``tags``: one O(1) step per tag."""
+        for t in tags:
+            if not isinstance(t, str) or not t:
+                raise ConfigurationError(f"tags must be non-empty strings, got {t!r}")
+        keys = [_keys.tag_dep_key(self.config.prefix, t) for t in tags]
+        self._invalidate_now(keys, [], list(tags))
 
     # -- write path ----------------------------------------------------------------------------------
 

@@ -24,7 +24,16 @@ def test_all() -> None:
 
 def test_cache_methods() -> None:
     """The facade's verbs and their parameters."""
-    for name in ["attach", "detach", "register", "invalidate", "invalidate_model", "clear", "stats"]:
+    for name in [
+        "attach",
+        "detach",
+        "register",
+        "invalidate",
+        "invalidate_tags",
+        "invalidate_model",
+        "clear",
+        "stats",
+    ]:
         assert callable(getattr(SQLCache, name)), name
     params = inspect.signature(SQLCache.__init__).parameters
     assert list(params)[1:4] == ["redis_client", "prefix", "default_ttl"]

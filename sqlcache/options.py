@@ -1,0 +1,51 @@
+"""The ``cached()`` query option."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy.orm.interfaces import UserDefinedOption
+
+from .config import validate_ttl
+from .errors import ConfigurationError
+
+__all__ = ["CacheOption", "QueryPolicy", "cached"]
+
+
+@dataclass(frozen=True, slots=True)
+class QueryPolicy:
+    """What ``cached()`` asked for: ``ttl`` seconds (None: the cache default) and user tags."""
+
+    ttl: int | None = None
+    tags: tuple[str, ...] = ()
+
+
+class CacheOption(UserDefinedOption):
+    """Marks a statement for the query cache; its payload is a :class:`QueryPolicy`."""
+
+    payload: QueryPolicy
+    propagate_to_loaders = False
+
+
+def cached(ttl: int | None = None, tags: Iterable[str] = ()) -> CacheOption:
+    """Cache this query's result in Redis: ``select(User).options(cached(ttl=60, tags=["org:3"]))``.
+
+    Every table the statement reads is a dependency automatically; ``tags`` add user tags, invalidated
+    with :meth:`SQLCache.invalidate_tags`. Works with ``Session.execute/scalars/scalar`` and legacy
+    ``Query.options()``. Read from the database instead: ``with_for_update``, ``yield_per``,
+    ``populate_existing``, statements with loader options (eager loads) in this release, and anything a
+    transaction reads after writing one of the tables.
+
+    :raises ConfigurationError: on a bad ``ttl`` or a tag that is not a non-empty string.
+
+    .. versionadded:: 0.1
+    """
+    validate_ttl(ttl, "ttl")
+    if isinstance(tags, str):
+        tags = (tags,)
+    tag_tuple = tuple(tags)
+    for t in tag_tuple:
+        if not isinstance(t, str) or not t:
+            raise ConfigurationError(f"tags must be non-empty strings, got {t!r}")
+    return CacheOption(QueryPolicy(ttl, tuple(sorted(set(tag_tuple)))))

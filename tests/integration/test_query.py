@@ -1,0 +1,160 @@
+"""The query cache: cached() on ORM, legacy Query, column and Core selects; tags; invalidation."""
+
+from __future__ import annotations
+
+import decimal
+
+from sqlalchemy import func, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlcache import SQLCache, cached, signals
+
+from ..conftest import SQLCounter
+from ..helpers import finish, make_user, pause_after_select, run_in_thread
+from ..models import Order, Tag, User
+
+
+def seed(engine: Engine) -> list[int]:
+    ids = [make_user(engine, f"u{i}", email=f"{i}@x") for i in range(3)]
+    with Session(engine) as s:
+        s.add_all([Order(user_id=ids[0], total=decimal.Decimal("1.50")), Order(user_id=ids[1], total=1)])
+        s.commit()
+    return ids
+
+
+def names(engine: Engine, *options: object) -> list[str]:
+    with Session(engine) as s:
+        return [u.name for u in s.scalars(select(User).order_by(User.id).options(cached(), *options))]
+
+
+def test_orm_entities_miss_then_hit(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """The second run sends no SQL and returns persistent objects in the identity map."""
+    seed(engine)
+    assert names(engine) == ["u0", "u1", "u2"]
+    sql_count.reset()
+    with Session(engine) as s:
+        users = s.scalars(select(User).order_by(User.id).options(cached())).all()
+        assert [u.name for u in users] == ["u0", "u1", "u2"]
+        assert len(sql_count) == 0
+        assert s.get(User, users[0].id) is users[0]
+        assert [o.total for o in users[0].orders] == [decimal.Decimal("1.50")]  # lazy loads still work
+    st = cache.stats()
+    assert st["hits"] >= 1 and st["fills"] >= 1
+
+
+def test_legacy_query_and_rows(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """Legacy Query returns entities; column selects and Core table selects return equal rows."""
+    ids = seed(engine)
+    users_t = User.__table__
+    for _ in range(2):
+        sql_count.reset()
+        with Session(engine) as s:
+            q = s.query(User).filter(User.id.in_(ids[:2])).order_by(User.id).options(cached()).all()
+            assert [type(u) for u in q] == [User, User]
+            rows = s.execute(select(User.id, User.name).order_by(User.id).options(cached())).all()
+            assert [tuple(r) for r in rows] == [(i, f"u{n}") for n, i in enumerate(ids)]
+            assert rows[0].name == "u0"
+            core = s.execute(
+                select(users_t.c.id, users_t.c.email).order_by(users_t.c.id).options(cached())
+            ).all()
+            assert [r.email for r in core] == ["0@x", "1@x", "2@x"]
+            total = s.scalar(select(func.sum(Order.total)).options(cached()))
+            assert total == decimal.Decimal("2.50")
+    assert len(sql_count) == 0
+
+
+def test_parameters_are_part_of_the_key(engine: Engine, cache: SQLCache) -> None:
+    """Different bound values never share an entry."""
+    ids = seed(engine)
+    with Session(engine) as s:
+        for i in ids:
+            got = s.scalars(select(User).where(User.id == i).options(cached())).one()
+            assert got.id == i
+        a = s.scalars(select(User.id).where(User.id.in_(ids[:1])).options(cached())).all()
+        b = s.scalars(select(User.id).where(User.id.in_(ids[:2])).options(cached())).all()
+        assert a == ids[:1] and b == ids[:2]
+        assert s.scalars(select(User.id).order_by(User.id).limit(1).options(cached())).all() == ids[:1]
+        assert s.scalars(select(User.id).order_by(User.id).limit(2).options(cached())).all() == ids[:2]
+
+
+def test_writes_invalidate_what_queries_read(engine: Engine, cache: SQLCache) -> None:
+    """A write to any table a query reads (directly or through a join) invalidates it; others do not."""
+    ids = seed(engine)
+
+    def joined() -> list[str]:
+        with Session(engine) as s:
+            stmt = select(User.name).join(Order, Order.user_id == User.id).order_by(User.name)
+            return list(s.scalars(stmt.options(cached())))
+
+    assert names(engine) == ["u0", "u1", "u2"]
+    assert joined() == ["u0", "u1"]
+    with Session(engine) as s:
+        s.add(Tag(label="unrelated"))
+        s.commit()
+    hits = cache.stats()["hits"]
+    assert joined() == ["u0", "u1"]
+    assert cache.stats()["hits"] == hits + 1
+    with Session(engine) as s:
+        s.add(Order(user_id=ids[2], total=3))
+        s.commit()
+    assert joined() == ["u0", "u1", "u2"]
+    with Session(engine) as s:
+        s.get(User, ids[0]).name = "renamed"
+        s.commit()
+    assert names(engine) == ["renamed", "u1", "u2"]
+
+
+def test_invalidate_tags(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """invalidate_tags drops every query carrying the tag, and the signal reports it."""
+    seed(engine)
+    seen: list[list[str]] = []
+
+    @signals.invalidated.connect_via(cache)
+    def on(sender: SQLCache, identities: list[object], tags: list[str], remote: bool) -> None:
+        seen.append(tags)
+
+    def tagged(tag: str) -> int:
+        with Session(engine) as s:
+            return len(s.scalars(select(User).options(cached(tags=[tag]))).all())
+
+    tagged("org:1")
+    tagged("org:2")
+    sql_count.reset()
+    cache.invalidate_tags("org:1")
+    tagged("org:2")
+    assert len(sql_count) == 0
+    tagged("org:1")
+    assert sql_count.selects() == 1
+    assert seen == [["org:1"]]
+    signals.invalidated.disconnect(on)
+
+
+def test_query_stale_fill_refused(engine: Engine, cache: SQLCache) -> None:
+    """Reader paused between SELECT and fill; a writer commits; a fresh read returns the new rows."""
+    ids = seed(engine)
+    with pause_after_select(engine, "users") as gate:
+        t, out = run_in_thread(lambda: names(engine))
+        gate.thread = t
+        t.start()
+        gate.wait_paused()
+        with Session(engine) as s:
+            s.get(User, ids[1]).name = "new"
+            s.commit()
+        gate.resume()
+        assert finish(t, out) == ["u0", "u1", "u2"]
+    assert names(engine) == ["u0", "new", "u2"]
+    assert cache.stats()["fills_refused"] == 1
+
+
+def test_own_writes_bypass(engine: Engine, cache: SQLCache) -> None:
+    """A transaction that wrote a table reads it from the database, and stores nothing."""
+    ids = seed(engine)
+    names(engine)
+    with Session(engine) as s:
+        s.get(User, ids[0]).name = "mine"
+        s.flush()
+        got = [u.name for u in s.scalars(select(User).order_by(User.id).options(cached()))]
+        assert got[0] == "mine"
+        s.rollback()
+    assert names(engine) == ["u0", "u1", "u2"]

@@ -1,0 +1,54 @@
+"""Query keys: stable across processes, different for different statements or parameters."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from hypothesis import given
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from sqlcache._query import digest, stable
+
+from ..models import Order, User
+
+
+def key_of(stmt: object) -> str:
+    ck = stmt._generate_cache_key()  # type: ignore[attr-defined]
+    return digest([stable(ck.key), [bp.effective_value for bp in ck.bindparams]])
+
+
+def statement(kind: int, value: int, limit: int) -> object:
+    stmts = [
+        select(User).where(User.id == value),
+        select(User).where(User.id > value),
+        select(User.id).where(User.id == value),
+        select(User).where(User.version == value),
+        select(Order).where(Order.user_id == value),
+        select(User).where(User.id.in_([value, value + 1])),
+    ]
+    return stmts[kind].limit(limit)
+
+
+@given(
+    st.tuples(st.integers(0, 5), st.integers(-50, 50), st.integers(1, 5)),
+    st.tuples(st.integers(0, 5), st.integers(-50, 50), st.integers(1, 5)),
+)
+def test_different_statements_never_share_a_key(a: tuple[int, int, int], b: tuple[int, int, int]) -> None:
+    """Equal shape and parameters give equal keys; anything else gives different keys."""
+    assert (key_of(statement(*a)) == key_of(statement(*b))) == (a == b)
+
+
+def test_key_is_stable_across_processes() -> None:
+    """A fresh interpreter computes the same key for the same statement."""
+    code = (
+        "from sqlalchemy import select\n"
+        "from tests.models import User\n"
+        "from tests.unit.test_query_keys import key_of\n"
+        "print(key_of(select(User).where(User.id == 7).limit(3)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == key_of(select(User).where(User.id == 7).limit(3))
