@@ -20,6 +20,7 @@ from typing import Any
 import msgpack
 import redis
 from sqlalchemy import (
+    JSON,
     Boolean,
     DateTime,
     Float,
@@ -30,13 +31,16 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    select,
 )
 from sqlalchemy import text as sql_text
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from .cache import SQLCache
+from .options import cached as cached_option
 
 SCHEMA = "sqlcache_bench"
 
@@ -55,6 +59,8 @@ class BenchUser(_Base):
     active: Mapped[bool] = mapped_column(Boolean)
     score: Mapped[float] = mapped_column(Float)
     bio: Mapped[str] = mapped_column(Text)
+    meta: Mapped[Any] = mapped_column(JSON().with_variant(JSONB(), "postgresql"))
+    rank: Mapped[int] = mapped_column(Integer)
 
 
 class BenchOrder(_Base):
@@ -66,7 +72,7 @@ class BenchOrder(_Base):
     user: Mapped[BenchUser] = relationship()
 
 
-COLUMNS = ["id", "name", "email", "created_at", "balance", "active", "score", "bio"]
+COLUMNS = ["id", "name", "email", "created_at", "balance", "active", "score", "bio", "meta", "rank"]
 
 
 def _engine(url: str) -> Engine:
@@ -93,6 +99,8 @@ def _seed(engine: Engine, rows: int) -> None:
                     active=i % 2 == 0,
                     score=i / 7,
                     bio="lorem ipsum " * 5,
+                    meta={"tier": i % 3, "tags": ["a", "b"], "ok": True},
+                    rank=i % 97,
                 )
             )
         s.flush()
@@ -121,7 +129,7 @@ def _pct(xs: list[int], q: float) -> float:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    rounds, batch, rows = (3, 10, 100) if args.quick else (args.rounds, args.batch, 1000)
+    rounds, batch, rows = (3, 10, 200) if args.quick else (args.rounds, args.batch, 1000)
     try:
         probe = redis.Redis.from_url(args.redis_url, socket_timeout=2, socket_connect_timeout=2)
         probe.ping()
@@ -174,24 +182,45 @@ def _run(
         print("sqlcache bench: warm-up failed: gets are not served from Redis", file=sys.stderr)
         return 1
 
-    # the floor: one GET of an entry the same size + msgpack decode + building the same ORM object
-    with Session(plain) as s:
-        row = s.get(BenchUser, 1)
-        assert row is not None
-        blob = msgpack.packb(
-            [
-                str(v) if isinstance(v, (dt.datetime, decimal.Decimal)) else v
-                for v in (getattr(row, c) for c in COLUMNS)
-            ]
-        )
-    floor_key = f"{cache.config.prefix}:floor"
-    floor_client.set(floor_key, blob)
+    # the floor: one GET of an entry the same size + msgpack decode + building the same ORM objects
     manager = BenchUser.__mapper__.class_manager
 
-    def floor() -> None:
-        values = msgpack.unpackb(floor_client.get(floor_key))
-        obj = manager.new_instance()
-        obj.__dict__.update(zip(COLUMNS, values, strict=True))
+    def plain_values(u: BenchUser) -> list[Any]:
+        return [
+            str(v) if isinstance(v, (dt.datetime, decimal.Decimal)) else v
+            for v in (getattr(u, c) for c in COLUMNS)
+        ]
+
+    floor_keys = {}
+    with Session(plain) as s:
+        for n in (1, 20, 200):
+            users = s.scalars(select(BenchUser).order_by(BenchUser.id).limit(n)).all()
+            floor_keys[n] = f"{cache.config.prefix}:floor{n}"
+            floor_client.set(floor_keys[n], msgpack.packb([plain_values(u) for u in users]))
+
+    def floor_of(n: int) -> Callable[[], None]:
+        key = floor_keys[n]
+
+        def op() -> None:
+            for values in msgpack.unpackb(floor_client.get(key)):
+                obj = manager.new_instance()
+                obj.__dict__.update(zip(COLUMNS, values, strict=True))
+
+        return op
+
+    floor = floor_of(1)
+
+    def query_on(engine: Engine, n: int, use_cache: bool) -> Callable[[], None]:
+        stmt = select(BenchUser).where(BenchUser.id <= n).order_by(BenchUser.id)
+        if use_cache:
+            stmt = stmt.options(cached_option())
+
+        def op() -> None:
+            with Session(engine) as s:
+                rows = s.scalars(stmt).all()
+                assert len(rows) == n
+
+        return op
 
     def get_on(engine: Engine) -> Callable[[], None]:
         def op() -> None:
@@ -227,6 +256,12 @@ def _run(
         "lazy plain": lazy_on(plain),
         "lazy sqlcache hit": lazy_on(cached),
         "floor": lambda: _ns(floor),
+        "q20 plain": lambda: _ns(query_on(plain, 20, False)),
+        "q20 sqlcache hit": lambda: _ns(query_on(cached, 20, True)),
+        "q20 floor": lambda: _ns(floor_of(20)),
+        "q200 plain": lambda: _ns(query_on(plain, 200, False)),
+        "q200 sqlcache hit": lambda: _ns(query_on(cached, 200, True)),
+        "q200 floor": lambda: _ns(floor_of(200)),
         "update plain": lambda: _ns(update_on(plain)),
         "update sqlcache": lambda: _ns(update_on(cached)),
     }
@@ -243,6 +278,8 @@ def _run(
         for i in ids:
             with Session(cached) as s:
                 s.get(BenchUser, i)
+        for n in (20, 200):
+            query_on(cached, n, True)()
 
     db = plain.dialect.name
     print(f"sqlcache bench: {db}, {rounds} rounds x {batch} ops per system, {rows} rows, interleaved")
@@ -259,6 +296,10 @@ def _run(
         ("get hit / get plain", med["get sqlcache hit"] / med["get plain"], None),
         ("lazy hit / lazy plain", med["lazy sqlcache hit"] / med["lazy plain"], None),
         ("update sqlcache / update plain", med["update sqlcache"] / med["update plain"], 1.25),
+        ("q20 hit / q20 floor", med["q20 sqlcache hit"] / med["q20 floor"], 1.5),
+        ("q200 hit / q200 floor", med["q200 sqlcache hit"] / med["q200 floor"], 1.5),
+        ("q20 hit / q20 plain", med["q20 sqlcache hit"] / med["q20 plain"], None),
+        ("q200 hit / q200 plain", med["q200 sqlcache hit"] / med["q200 plain"], 0.5),
     ]
     for label, ratio, target in ratios:
         verdict = "" if target is None else f"  target <= {target}: {'PASS' if ratio <= target else 'MISS'}"
@@ -268,7 +309,7 @@ def _run(
         trips = _round_trips(cache, cached, n)
         print(f"redis round trips, update transaction of {n:>2} registered rows: {trips}")
     print(f"redis round trips, read-only transaction: {_round_trips(cache, cached, 0)}")
-    floor_client.delete(floor_key)
+    floor_client.delete(*floor_keys.values())
     return 0
 
 

@@ -10,7 +10,7 @@ code  type                             ext payload
 ====  ===============================  =====================================================
 1     tuple                            msgpack array of the items
 2     int outside 64 bits              ASCII decimal digits (with sign)
-3     datetime.datetime                [y, mo, d, h, mi, s, us, fold, tz]
+3     datetime.datetime                12 bytes >HBBBBBIB (y..us, fold), then tz: none, b'U', msgpack tz
 4     datetime.date                    [y, mo, d]
 5     datetime.time                    [h, mi, s, us, fold, tz]
 6     datetime.timedelta               [days, seconds, microseconds]
@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import ipaddress
 import re
+import struct
 import uuid
 import zoneinfo
 from typing import Any
@@ -96,6 +98,16 @@ def _tz_in(v: Any) -> dt.tzinfo | None:
     raise CodecError("malformed tzinfo")
 
 
+# datetime fields, fixed width: year, month, day, hour, minute, second, microsecond, fold
+_DT = struct.Struct(">HBBBBBIB")
+
+
+@functools.lru_cache(maxsize=256)
+def _tz_from(tail: bytes) -> dt.tzinfo | None:
+    """A datetime's encoded tzinfo (tzinfo objects are immutable, so decoding each once is enough)."""
+    return _tz_in(_unpack(tail))
+
+
 def _default(o: Any) -> msgpack.ExtType:
     t = type(o)
     if t is tuple:
@@ -103,12 +115,10 @@ def _default(o: Any) -> msgpack.ExtType:
     if t is int:  # only reached when it does not fit in 64 bits
         return msgpack.ExtType(_BIGINT, str(o).encode("ascii"))
     if t is dt.datetime:
-        return msgpack.ExtType(
-            _DATETIME,
-            _pack(
-                [o.year, o.month, o.day, o.hour, o.minute, o.second, o.microsecond, o.fold, _tz_out(o.tzinfo)]
-            ),
-        )
+        fields = _DT.pack(o.year, o.month, o.day, o.hour, o.minute, o.second, o.microsecond, o.fold)
+        tz = o.tzinfo
+        tail = b"" if tz is None else b"U" if tz is dt.timezone.utc else _pack(_tz_out(tz))
+        return msgpack.ExtType(_DATETIME, fields + tail)
     if t is dt.date:
         return msgpack.ExtType(_DATE, _pack([o.year, o.month, o.day]))
     if t is dt.time:
@@ -143,6 +153,16 @@ def _ints(v: Any, n: int) -> list[int]:
 
 
 def _ext_hook(code: int, data: bytes) -> Any:
+    # the two most frequent in rows first: timestamps and numerics
+    if code == _DATETIME:
+        if len(data) < _DT.size:
+            raise CodecError("malformed datetime")
+        y, mo, d, h, mi, s, us, fold = _DT.unpack_from(data)
+        tail = data[_DT.size :]
+        tzinfo = None if not tail else dt.timezone.utc if tail == b"U" else _tz_from(tail)
+        return dt.datetime(y, mo, d, h, mi, s, us, tzinfo=tzinfo, fold=fold)
+    if code == _DECIMAL:
+        return decimal.Decimal(data.decode("ascii"))
     if code == _TUPLE:
         items = _unpack(data)
         if type(items) is not list:
@@ -153,9 +173,6 @@ def _ext_hook(code: int, data: bytes) -> Any:
         if not re.fullmatch(r"-?\d{1,5000}", text):
             raise CodecError("malformed integer")
         return int(text)
-    if code == _DATETIME:
-        y, mo, d, h, mi, s, us, fold, tz = _ints(_unpack(data), 9)
-        return dt.datetime(y, mo, d, h, mi, s, us, tzinfo=_tz_in(tz), fold=fold)
     if code == _DATE:
         y, mo, d = _ints([*_unpack(data), None], 4)[:3]
         return dt.date(y, mo, d)
@@ -165,8 +182,6 @@ def _ext_hook(code: int, data: bytes) -> Any:
     if code == _TIMEDELTA:
         days, seconds, micros = _ints([*_unpack(data), None], 4)[:3]
         return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
-    if code == _DECIMAL:
-        return decimal.Decimal(data.decode("ascii"))
     if code == _UUID:
         return uuid.UUID(bytes=data)
     if code in (_SET, _FROZENSET):

@@ -132,6 +132,15 @@ def decode_rows(
             shape = h.shapes.get(cid) if type(cid) is str else None
             if shape is None or type(mask) is not int or mask < 0 or type(values) is not list:
                 raise CodecError("entity cell names an unknown class")
+            if mask == shape.full_mask:
+                if len(values) != len(shape.keys):
+                    raise CodecError("entity cell's mask does not match its values")
+                for i in shape.converted:
+                    conv = shape.from_plain[i]
+                    assert conv is not None
+                    values[i] = conv(values[i])
+                cells.append((shape, mask, values))
+                continue
             if mask >> len(shape.keys) or mask.bit_count() != len(values):
                 raise CodecError("entity cell's mask does not match its values")
             plain = []

@@ -171,6 +171,23 @@ class Shape:
     deferred: tuple[bool, ...]
     to_plain: tuple[Conv | None, ...]
     from_plain: tuple[Conv | None, ...]
+    full_mask: int  # every column attribute loaded
+    pk_positions: tuple[int, ...]  # where the primary key columns sit in ``keys``
+    identity_class: type[Any]  # first item of this mapper's identity keys
+    converted: tuple[int, ...]  # positions whose values need a converter
+
+    def identity_key(self, mask: int, values: list[Any]) -> tuple[Any, ...]:
+        """The identity key of a decoded row (values compact by mask)."""
+        if mask == self.full_mask:
+            pk = tuple(values[i] for i in self.pk_positions)
+        else:
+            loaded = {}
+            it = iter(values)
+            for i in range(len(self.keys)):
+                if mask >> i & 1:
+                    loaded[i] = next(it)
+            pk = tuple(loaded[i] for i in self.pk_positions)
+        return (self.identity_class, pk, None)
 
 
 @dataclass(frozen=True, eq=False)
@@ -188,13 +205,19 @@ class Hierarchy:
 def _shape(mapper: Mapper[Any]) -> Shape:
     props: Sequence[ColumnProperty[Any]] = list(mapper.column_attrs)
     convs = [_converters(p.columns[0]) for p in props]
+    keys = tuple(p.key for p in props)
+    pk_keys = [mapper.get_property_by_column(col).key for col in mapper.primary_key]
     return Shape(
         mapper=mapper,
         class_id=class_id(mapper),
-        keys=tuple(p.key for p in props),
+        keys=keys,
         deferred=tuple(bool(p.deferred) for p in props),
         to_plain=tuple(c[0] for c in convs),
         from_plain=tuple(c[1] for c in convs),
+        full_mask=(1 << len(props)) - 1,
+        pk_positions=tuple(keys.index(k) for k in pk_keys),
+        identity_class=mapper.identity_key_from_primary_key(tuple([None] * len(pk_keys)))[0],
+        converted=tuple(i for i, c in enumerate(convs) if c[1] is not None),
     )
 
 
@@ -264,6 +287,57 @@ def decode_entry(h: Hierarchy, payload: bytes) -> tuple[Shape, int, list[Any]] |
             out.append(conv(v) if conv is not None else v)
             j += 1
     return shape, mask, out
+
+
+def materialize_many(
+    session: Session, items: list[tuple[Shape, tuple[Any, ...], int, list[Any]]]
+) -> list[Any]:
+    """:func:`materialize` for many rows at once (the per-session lookups done once)."""
+    identity_map = session.identity_map
+    get = identity_map.get
+    add = identity_map._add_unpresent
+    hash_key = session.hash_key
+    persistent_evt = bool(session.dispatch.loaded_as_persistent)
+    load_evt: dict[Shape, bool] = {}
+    out = []
+    for shape, identity_key, mask, values in items:
+        existing = get(identity_key)
+        if existing is not None:
+            out.append(existing)
+            continue
+        instance = shape.mapper.class_manager.new_instance()
+        state = instance_state(instance)
+        state.key = identity_key
+        state.session_id = hash_key
+        add(state, identity_key)
+        if mask == shape.full_mask:
+            state.dict.update(zip(shape.keys, values, strict=True))
+        else:
+            _fill_partial(shape, state, state.dict, mask, values)
+        fire = load_evt.get(shape)
+        if fire is None:
+            fire = load_evt[shape] = bool(shape.mapper.class_manager.dispatch.load)
+        if fire:
+            state.manager.dispatch.load(state, None)
+        if persistent_evt:
+            session.dispatch.loaded_as_persistent(session, state)
+        out.append(instance)
+    return out
+
+
+def _fill_partial(
+    shape: Shape, state: InstanceState[Any], dict_: dict[str, Any], mask: int, values: list[Any]
+) -> None:
+    j = 0
+    expired = state.expired_attributes
+    for i, key in enumerate(shape.keys):
+        if mask >> i & 1:
+            dict_[key] = values[j]
+            j += 1
+        elif not shape.deferred[i]:
+            # a column the original load did not fetch (a subclass table): loads on access, as after
+            # a polymorphic load of the base class
+            expired.add(key)
 
 
 def materialize(

@@ -20,7 +20,15 @@ from sqlalchemy.orm import Mapper
 
 from . import _keys, signals
 from ._query import Uncacheable, decode_rows, digest, encode_rows, stable, tables_read
-from ._snapshot import Hierarchy, check_supported, decode_entry, encode_absent, encode_instance, hierarchy_for
+from ._snapshot import (
+    Hierarchy,
+    check_supported,
+    decode_entry,
+    encode_absent,
+    encode_instance,
+    hierarchy_for,
+    materialize_many,
+)
 from ._snapshot import materialize as _materialize
 from ._stats import Stats
 from ._store import ReadResult, RepopEntry, SentLock, Store, client_for
@@ -55,12 +63,6 @@ class _QuerySpec:
     digest: str
     tables: tuple[str, ...]
     columns: tuple[Hierarchy | None, ...]
-
-
-def _loaded(keys: tuple[str, ...], mask: int, values: list[Any]) -> dict[str, Any]:
-    """Attribute key -> value for the attributes a mask says were loaded."""
-    it = iter(values)
-    return {k: next(it) for i, k in enumerate(keys) if mask >> i & 1}
 
 
 @dataclass(eq=False)
@@ -520,20 +522,21 @@ class SQLCache:
 
         def on_hit(payload: bytes) -> Result[Any]:
             keys, single, rows = decode_rows(columns, payload)
+            entity_at = [i for i, h in enumerate(columns) if h is not None]
+            todo = []
+            for row in rows:
+                for i in entity_at:
+                    cell = row[i]
+                    if cell is not None:
+                        shape, mask, values = cell
+                        todo.append((shape, shape.identity_key(mask, values), mask, values))
+            built = iter(materialize_many(session, todo))
             out = []
             for row in rows:
-                cells = []
-                for h, cell in zip(columns, row, strict=True):
-                    if h is None or cell is None:
-                        cells.append(cell)
-                        continue
-                    shape, mask, values = cell
-                    loaded = _loaded(shape.keys, mask, values)
-                    m = shape.mapper
-                    pk = tuple(loaded[m.get_property_by_column(col).key] for col in m.primary_key)
-                    identity_key = m.identity_key_from_primary_key(pk)
-                    cells.append(_materialize(session, shape, identity_key, mask, values))
-                out.append(tuple(cells))
+                for i in entity_at:
+                    if row[i] is not None:
+                        row[i] = next(built)
+                out.append(tuple(row))
             meta = result_metadata(keys, [h is not None for h in columns])
             return with_attributes(IteratorResult(meta, iter(out)), single)
 
