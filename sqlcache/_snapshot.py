@@ -303,7 +303,7 @@ def materialize_many(
     for shape, identity_key, mask, values in items:
         existing = get(identity_key)
         if existing is not None:
-            out.append(existing)
+            out.append((existing, False))
             continue
         instance = shape.mapper.class_manager.new_instance()
         state = instance_state(instance)
@@ -321,7 +321,7 @@ def materialize_many(
             state.manager.dispatch.load(state, None)
         if persistent_evt:
             session.dispatch.loaded_as_persistent(session, state)
-        out.append(instance)
+        out.append((instance, True))
     return out
 
 

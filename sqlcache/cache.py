@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.engine.result import IteratorResult
 from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.attributes import set_committed_value
 
 from . import _keys, signals
 from ._query import Uncacheable, decode_rows, digest, encode_rows, stable, tables_read
@@ -36,7 +37,7 @@ from ._txn import IdentityWrite, TxnState, cascade_targets
 from ._wiring import Wiring, result_metadata, with_attributes
 from .config import CacheConfig, Mode, ModelPolicy
 from .errors import CacheUnavailable, CodecError, ConfigurationError
-from .options import CacheOption, QueryPolicy
+from .options import QueryPolicy
 
 if TYPE_CHECKING:
     from blinker import NamedSignal
@@ -63,6 +64,14 @@ class _QuerySpec:
     digest: str
     tables: tuple[str, ...]
     columns: tuple[Hierarchy | None, ...]
+
+
+def _resolve(instances: list[Any], ref: Any) -> Any:
+    if ref is None:
+        return None
+    if type(ref) is list:
+        return [instances[i] for i in ref]
+    return instances[ref]
 
 
 @dataclass(eq=False)
@@ -484,7 +493,6 @@ class SQLCache:
         opts = orm_state.load_options
         if (
             getattr(stmt, "_for_update_arg", None) is not None
-            or any(not isinstance(o, CacheOption) for o in getattr(stmt, "_with_options", ()))
             or opts._populate_existing
             or opts._yield_per
             or orm_state.execution_options.get("populate_existing")
@@ -496,7 +504,7 @@ class SQLCache:
             self._stats.incr("bypassed")
             return None
         try:
-            spec = self._query_spec(stmt, engine)
+            spec_key, spec = self._query_spec(stmt, engine)
             ck = stmt._generate_cache_key()
             params: list[Any] = [bp.effective_value for bp in ck.bindparams]
             extra = orm_state.parameters
@@ -521,35 +529,45 @@ class SQLCache:
         columns = spec.columns
 
         def on_hit(payload: bytes) -> Result[Any]:
-            keys, single, rows = decode_rows(columns, payload)
+            keys, single, rows, objects = decode_rows(columns, payload, self._hierarchy)
+            built = materialize_many(
+                session,
+                [(d.shape, d.shape.identity_key(d.mask, d.values), d.mask, d.values) for d in objects],
+            )
+            instances = [b[0] for b in built]
+            for d, (obj, new) in zip(objects, built, strict=True):
+                for key, ref in d.rels:
+                    # as an eager load does: new objects get the loaded relationship, existing ones only
+                    # where theirs is not loaded yet
+                    if new or key not in obj.__dict__:
+                        set_committed_value(obj, key, _resolve(instances, ref))
             entity_at = [i for i, h in enumerate(columns) if h is not None]
-            todo = []
-            for row in rows:
-                for i in entity_at:
-                    cell = row[i]
-                    if cell is not None:
-                        shape, mask, values = cell
-                        todo.append((shape, shape.identity_key(mask, values), mask, values))
-            built = iter(materialize_many(session, todo))
             out = []
             for row in rows:
                 for i in entity_at:
                     if row[i] is not None:
-                        row[i] = next(built)
+                        row[i] = instances[row[i]]
                 out.append(tuple(row))
             meta = result_metadata(keys, [h is not None for h in columns])
             return with_attributes(IteratorResult(meta, iter(out)), single)
 
         def encode(frozen: FrozenResult[Any]) -> bytes | None:
-            attrs = getattr(frozen, "_attributes", {}) or {}
-            return encode_rows(
-                columns, list(frozen.metadata.keys), bool(attrs.get("is_single_entity")), frozen.data
-            )
+            single = bool((getattr(frozen, "_attributes", None) or {}).get("is_single_entity"))
+            keys = list(frozen.metadata.keys)
+            payload, through = encode_rows(columns, keys, single, frozen.data, self._hierarchy)
+            if not through <= set(spec.tables):
+                # eager loads read tables the statement itself does not name; the generations taken
+                # before this SELECT did not cover them. Learn them for the next miss, store nothing now.
+                tables = tuple(sorted(through | set(spec.tables)))
+                self._query_memo[spec_key] = _QuerySpec(spec.digest, tables, spec.columns)
+                self._stats.incr("fills_skipped")
+                return None
+            return payload
 
         ttl = qp.ttl if qp.ttl is not None else self.config.default_ttl
         return self._read_through(orm_state, "query", key, deps, (ttl or 0) * 1000, on_hit, encode)
 
-    def _query_spec(self, stmt: Any, engine: Engine) -> _QuerySpec:
+    def _query_spec(self, stmt: Any, engine: Engine) -> tuple[Any, _QuerySpec]:
         ck = stmt._generate_cache_key()
         if ck is None:
             raise Uncacheable("no cache key")
@@ -577,7 +595,7 @@ class SQLCache:
             if len(self._query_memo) > 4096:
                 self._query_memo.clear()
             self._query_memo[memo_key] = spec
-        return spec
+        return memo_key, spec
 
     def invalidate_tags(self, *tags: str) -> None:
         """Invalidate every cached query tagged with any of ``tags``: one O(1) step per tag."""

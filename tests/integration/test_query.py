@@ -6,7 +6,7 @@ import decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from sqlcache import SQLCache, cached, signals
 
@@ -158,3 +158,45 @@ def test_own_writes_bypass(engine: Engine, cache: SQLCache) -> None:
         assert got[0] == "mine"
         s.rollback()
     assert names(engine) == ["u0", "u1", "u2"]
+
+
+def test_eager_loads(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """joinedload and selectinload (many-to-one, one-to-many, many-to-many) come back loaded, no SQL."""
+    ids = seed(engine)
+    with Session(engine) as s:
+        u0 = s.get(User, ids[0])
+        u0.tags.append(Tag(label="vip"))
+        s.commit()
+
+    def load() -> list[tuple[str, list[str], list[str], list[str]]]:
+        with Session(engine) as s:
+            stmt = (
+                select(User)
+                .order_by(User.id)
+                .options(selectinload(User.orders).joinedload(Order.user), joinedload(User.tags), cached())
+            )
+            users = s.scalars(stmt).unique().all()
+            sql_count.reset()
+            out = [
+                (
+                    u.name,
+                    [str(o.total) for o in u.orders],
+                    [o.user.name for o in u.orders],
+                    [t.label for t in u.tags],
+                )
+                for u in users
+            ]
+            assert len(sql_count) == 0, sql_count.statements
+            return out
+
+    first = load()
+    assert first[0] == ("u0", ["1.50"], ["u0"], ["vip"])
+    assert load() == first  # learns the tables eager loads read
+    sql_count.reset()
+    assert load() == first
+    hits = cache.stats()["hits"]
+    assert hits >= 1
+    with Session(engine) as s:  # a write to a table only the eager load reads invalidates the query
+        s.add(Order(user_id=ids[2], total=7))
+        s.commit()
+    assert load()[2][1] == ["7.00"]
