@@ -14,6 +14,9 @@ COUNTERS = (
     "fills_refused",  # fills Redis refused as stale: a writer changed a dependency since the miss
     "fills_skipped",  # fills not attempted: a dependency was locked, or the snapshot may predate a commit
     "bypassed",  # reads that could not use the cache (own writes, populate_existing, FOR UPDATE, ...)
+    "stale_served",  # expired-but-valid query entries served while another caller refreshed them
+    "stampede_waits",  # callers that waited for another caller's fill of the same query, and got it
+    "stampede_timeouts",  # callers that waited past stampede_wait and queried the database themselves
     "invalidations",  # dependencies given a fresh generation
     "repopulated",  # entries written by a committing writer (mode="repopulate")
     "invalidations_deferred",  # dependencies kept in the pending journal while Redis was away

@@ -35,6 +35,12 @@ class ReadResult:
     generations: bytes | None
     clock: int
     locked: bool
+    stale: bool = False  # a valid entry past its TTL, served only under stale-while-revalidate
+
+
+def fill_lock_key(entry_key: str) -> str:
+    """The stampede lock of an entry (under the same prefix)."""
+    return entry_key + ":lock"
 
 
 def _is_generation(v: bytes | None) -> bool:
@@ -138,6 +144,7 @@ class Store:
         self._fill = client.register_script(_script_source("fill"))
         self._lock = client.register_script(_script_source("lock"))
         self._release = client.register_script(_script_source("release"))
+        self._unlock = client.register_script(_script_source("unlock"))
         self._failure_threshold = failure_threshold
         self._base_backoff = backoff
         self._max_backoff = max_backoff
@@ -177,7 +184,7 @@ class Store:
     def _load_scripts(self) -> None:
         """Load every script in one round trip, so that a pipelined EVALSHA never meets NOSCRIPT."""
         pipe = self.client.pipeline(transaction=False)
-        for script in (self._snapshot, self._fill, self._lock, self._release):
+        for script in (self._snapshot, self._fill, self._lock, self._release, self._unlock):
             pipe.script_load(script.script)
         pipe.execute()
         self._scripts_loaded = True
@@ -211,8 +218,13 @@ class Store:
             joined = b",".join(deps)  # type: ignore[arg-type]
             if entry is not None:
                 sep = entry.find(b"|")
-                if sep >= 0 and entry[:sep] == joined:
+                header = entry[:sep] if sep >= 0 else b""
+                if sep >= 0 and header == joined:
                     return ReadResult(True, entry[sep + 1 :], joined, clock, False)
+                if sep >= 0 and header.startswith(joined + b";F") and header[len(joined) + 2 :].isdigit():
+                    # valid (nothing invalidated it) but maybe past its TTL: stale-while-revalidate
+                    stale = int(header[len(joined) + 2 :]) < time.time() * 1000
+                    return ReadResult(True, entry[sep + 1 :], joined, clock, False, stale)
             return ReadResult(False, None, joined, clock, False)
         return ReadResult(False, None, None, clock, False)
 
@@ -232,11 +244,24 @@ class Store:
         generations: bytes,
         snapshot_clock: int | None,
         gen_ttl_ms: int,
+        fresh_until_ms: int | None = None,
+        lock_token: str = "",
     ) -> int:
-        keys = [clock_key, entry_key, *dep_keys]
+        keys = [clock_key, entry_key, fill_lock_key(entry_key), *dep_keys]
         bound = "" if snapshot_clock is None else str(snapshot_clock)
-        args: list[Any] = [payload, ttl_ms, generations, bound, gen_ttl_ms]
+        suffix = "" if fresh_until_ms is None else f";F{fresh_until_ms}"
+        args: list[Any] = [payload, ttl_ms, generations, bound, gen_ttl_ms, suffix, lock_token]
         return int(self._call("fill", lambda: self._fill(keys=keys, args=args)))
+
+    def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
+        """Take the entry's stampede lock (SET NX PX): True if this caller is the one to query."""
+        key = fill_lock_key(entry_key)
+        return bool(self._call("lock", lambda: self.client.set(key, token, nx=True, px=ttl_ms)))
+
+    def unlock_fill(self, clock_key: str, entry_key: str, token: str) -> None:
+        """Drop the stampede lock if it is still ours (it may have expired and been taken by another)."""
+        keys = [clock_key, fill_lock_key(entry_key)]
+        self._call("unlock", lambda: self._unlock(keys=keys, args=[token]))
 
     def lock(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -119,6 +120,7 @@ class SQLCache:
         failure_threshold: int = 3,
         backoff: float = 1.0,
         max_backoff: float = 30.0,
+        stampede_wait: float = 2.0,
     ) -> None:
         self.config = CacheConfig(
             prefix=prefix,
@@ -129,7 +131,10 @@ class SQLCache:
             failure_threshold=failure_threshold,
             backoff=backoff,
             max_backoff=max_backoff,
+            stampede_wait=stampede_wait,
         )
+        # a query's stampede lock outlives the wait of the callers behind it, then expires on its own
+        self._fill_lock_ms = int(max(2 * stampede_wait, 5.0) * 1000)
         self.store = Store(
             client_for(redis_client, timeout),
             failure_threshold=failure_threshold,
@@ -344,11 +349,16 @@ class SQLCache:
         ttl_ms: int,
         on_hit: Callable[[bytes], Result[Any]],
         encode: Callable[[FrozenResult[Any]], bytes | None],
+        protect: bool = False,
+        swr_ms: int = 0,
     ) -> Result[Any] | None:
         """One read through the cache: a hit, or the database and a guarded fill. None: not handled.
 
         ``on_hit`` rebuilds the result from a payload (raising CodecError if it cannot); ``encode`` turns
-        the database's result into a payload, or None when it must not be stored.
+        the database's result into a payload, or None when it must not be stored. ``protect``: callers
+        that miss together elect one to query (a lock with a token) while the others wait a bounded time
+        for its fill. ``swr_ms``: an entry past its TTL but not invalidated may be served that much
+        longer while one caller refreshes it.
         """
         session = orm_state.session
         txns = self._wiring.session_txns(session)
@@ -359,40 +369,126 @@ class SQLCache:
             r = self.store.read(self._clock_key, entry_key, deps)
         if r is None:
             return None
-        if r.hit:
-            assert r.payload is not None
-            result: Result[Any] | None = None
-            with self._degrade("decode"):
-                result = on_hit(r.payload)
-            if result is not None:
-                self._stats.incr("hits")
-                if r.clock:
-                    # if no statement has run in this transaction yet, this clock reading precedes the
-                    # snapshot a repeatable-read transaction will take
-                    self._wiring.note_clock(session, r.clock, txns)
-                if signals.cache_hit.receivers:
-                    self._send(signals.cache_hit, key=entry_key, kind=kind)
-                return result
+        token = ""
+        if r.hit and r.stale and protect:
+            # expired but valid: one caller refreshes; the others keep getting the old entry meanwhile
+            with self._degrade("lock"):
+                candidate = uuid.uuid4().hex
+                if self.store.try_fill_lock(entry_key, candidate, self._fill_lock_ms):
+                    token = candidate
+            if not token:
+                served = self._serve(session, kind, entry_key, r, txns, on_hit)
+                if served is not None:
+                    self._stats.incr("stale_served")
+                    return served
+        elif r.hit:
+            served = self._serve(session, kind, entry_key, r, txns, on_hit)
+            if served is not None:
+                return served
+        if not r.hit:
+            self._stats.incr("misses")
+            if signals.cache_miss.receivers:
+                self._send(signals.cache_miss, key=entry_key, kind=kind)
+        if protect and not token and not r.hit:
+            waited = self._await_fill(session, kind, entry_key, deps, txns, on_hit)
+            if isinstance(waited, str):
+                token = waited
+            elif waited is not None:
+                return waited
+        try:
+            if r.generations is None:
+                # a dependency was missing, locked or unreadable: one more round trip, before the
+                # SELECT, creates or repairs it (t0 snapshot here, t1 SELECT: a commit between the two
+                # moves a generation)
+                snap: ReadResult | None = None
+                with self._degrade("read"):
+                    snap = self.store.snapshot(self._clock_key, deps, self._gen_ttl_ms)
+                r = snap if snap is not None else r
+            if r.clock:
+                self._wiring.note_clock(session, r.clock, txns)
+            frozen = orm_state.invoke_statement().freeze()
+            if r.locked or r.generations is None:
+                # a writer holds a dependency between its lock and its release: whatever we just read
+                # may already be outdated; do not store it
+                self._stats.incr("fills_skipped")
+                return frozen()
+            fresh_until = int(time.time() * 1000) + ttl_ms if swr_ms and ttl_ms else None
+            entry_ttl = ttl_ms + swr_ms if ttl_ms else 0
+            if self._fill(
+                session, entry_key, deps, entry_ttl, r.generations, frozen, encode, fresh_until, token
+            ):
+                token = ""  # fill.lua dropped the lock
+            return frozen()
+        finally:
+            if token:
+                with self._degrade("unlock"):
+                    self.store.unlock_fill(self._clock_key, entry_key, token)
+
+    def _serve(
+        self,
+        session: Session,
+        kind: str,
+        entry_key: str,
+        r: ReadResult,
+        txns: list[TxnState],
+        on_hit: Callable[[bytes], Result[Any]],
+    ) -> Result[Any] | None:
+        """Rebuild a hit; None (and the entry deleted) if its payload cannot be decoded."""
+        assert r.payload is not None
+        result: Result[Any] | None = None
+        with self._degrade("decode"):
+            result = on_hit(r.payload)
+        if result is None:
             with self._degrade("decode"):
                 self.store.delete(entry_key)
-        self._stats.incr("misses")
-        if signals.cache_miss.receivers:
-            self._send(signals.cache_miss, key=entry_key, kind=kind)
-        if r.generations is None and not r.hit:
-            # a dependency was missing, locked or unreadable: one more round trip, before the SELECT,
-            # creates or repairs it (t0 snapshot here, t1 SELECT: a commit between moves a generation)
-            with self._degrade("read"):
-                r = self.store.snapshot(self._clock_key, deps, self._gen_ttl_ms)
+            return None
+        self._stats.incr("hits")
         if r.clock:
+            # if no statement has run in this transaction yet, this clock reading precedes the snapshot
+            # a repeatable-read transaction will take
             self._wiring.note_clock(session, r.clock, txns)
-        frozen = orm_state.invoke_statement().freeze()
-        if r.hit or r.locked or r.generations is None:
-            # a writer holds a dependency between its lock and its release: whatever we just read may
-            # already be outdated; do not store it
-            self._stats.incr("fills_skipped")
-            return frozen()
-        self._fill(session, entry_key, deps, ttl_ms, r.generations, frozen, encode)
-        return frozen()
+        if signals.cache_hit.receivers:
+            self._send(signals.cache_hit, key=entry_key, kind=kind)
+        return result
+
+    def _await_fill(
+        self,
+        session: Session,
+        kind: str,
+        entry_key: str,
+        deps: list[str],
+        txns: list[TxnState],
+        on_hit: Callable[[bytes], Result[Any]],
+    ) -> Result[Any] | str | None:
+        """Stampede protection: the lock's token if we are the one to query, the other's fill if it
+        arrived in time, or None to query the database ourselves after the wait."""
+        token = uuid.uuid4().hex
+        acquired = False
+        with self._degrade("lock"):
+            acquired = self.store.try_fill_lock(entry_key, token, self._fill_lock_ms)
+        if acquired:
+            return token
+        deadline = time.monotonic() + self.config.stampede_wait
+        pause = 0.005
+        while time.monotonic() < deadline:
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.05)
+            r: ReadResult | None = None
+            with self._degrade("read"):
+                r = self.store.read(self._clock_key, entry_key, deps)
+            if r is None:
+                return None
+            if r.hit:
+                served = self._serve(session, kind, entry_key, r, txns, on_hit)
+                if served is not None:
+                    self._stats.incr("stampede_waits")
+                    return served
+            # the holder may have died: its lock expires, and the next caller takes over at once
+            with self._degrade("lock"):
+                if self.store.try_fill_lock(entry_key, token, self._fill_lock_ms):
+                    return token
+        self._stats.incr("stampede_timeouts")
+        return None
 
     def _fill(
         self,
@@ -403,7 +499,10 @@ class SQLCache:
         generations: bytes,
         frozen: FrozenResult[Any],
         encode: Callable[[FrozenResult[Any]], bytes | None],
-    ) -> None:
+        fresh_until: int | None = None,
+        token: str = "",
+    ) -> bool:
+        """Store a fill if it may be stored; True once Redis ran fill.lua (which drops our lock)."""
         bound: int | None = None
         for st, snapshot_fixed in self._wiring.session_txns_isolation(session):
             if snapshot_fixed:
@@ -411,23 +510,35 @@ class SQLCache:
                     # repeatable read / SQLite: the snapshot was fixed by a statement that ran before any
                     # clock reading, so a commit between the two could be invisible to us
                     self._stats.incr("fills_skipped")
-                    return
+                    return False
                 bound = st.clock0 if bound is None else min(bound, st.clock0)
         payload: bytes | None = None
         with self._degrade("encode"):
             payload = encode(frozen)
         if payload is None:
-            return
+            return False
+        ran = False
         with self._degrade("fill"):
             stored = self.store.fill(
-                self._clock_key, entry_key, deps, payload, ttl_ms, generations, bound, self._gen_ttl_ms
+                self._clock_key,
+                entry_key,
+                deps,
+                payload,
+                ttl_ms,
+                generations,
+                bound,
+                self._gen_ttl_ms,
+                fresh_until,
+                token,
             )
+            ran = True
             if stored == 1:
                 self._stats.incr("fills")
             elif stored == 0:
                 self._stats.incr("fills_refused")
             else:
                 self._stats.incr("fills_skipped")
+        return ran
 
     def _own_writes(
         self, session: Session, identity: str | None, bulk: Iterable[str], tables: Iterable[str]
@@ -565,7 +676,17 @@ class SQLCache:
             return payload
 
         ttl = qp.ttl if qp.ttl is not None else self.config.default_ttl
-        return self._read_through(orm_state, "query", key, deps, (ttl or 0) * 1000, on_hit, encode)
+        return self._read_through(
+            orm_state,
+            "query",
+            key,
+            deps,
+            (ttl or 0) * 1000,
+            on_hit,
+            encode,
+            protect=True,
+            swr_ms=(qp.swr or 0) * 1000,
+        )
 
     def _query_spec(self, stmt: Any, engine: Engine) -> tuple[Any, _QuerySpec]:
         ck = stmt._generate_cache_key()

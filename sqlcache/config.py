@@ -33,6 +33,8 @@ class CacheConfig:
     :param timeout: seconds any Redis call may take before the database answers instead.
     :param lock_ttl: seconds a pre-commit lock lives if its writer never releases it.
     :param generation_ttl: seconds a dependency generation lives after it was last written.
+    :param stampede_wait: seconds a cached query's caller waits for another caller's fill of the same
+        key before it queries the database itself.
     """
 
     prefix: str
@@ -43,6 +45,7 @@ class CacheConfig:
     failure_threshold: int = 3
     backoff: float = 1.0
     max_backoff: float = 30.0
+    stampede_wait: float = 2.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not self.prefix or not _PREFIX.match(self.prefix):
@@ -55,6 +58,8 @@ class CacheConfig:
         validate_ttl(self.generation_ttl, "generation_ttl")
         if not isinstance(self.timeout, (int, float)) or not 0 < self.timeout <= 60:
             raise ConfigurationError(f"timeout must be seconds in (0, 60], got {self.timeout!r}")
+        if not isinstance(self.stampede_wait, (int, float)) or not 0 <= self.stampede_wait <= 60:
+            raise ConfigurationError(f"stampede_wait must be seconds in [0, 60], got {self.stampede_wait!r}")
         if self.failure_threshold < 1:
             raise ConfigurationError(f"failure_threshold must be >= 1, got {self.failure_threshold!r}")
 
