@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
@@ -12,6 +13,7 @@ from sqlalchemy import Table
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.interfaces import MapperProperty
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.schema import Column
 
@@ -41,10 +43,14 @@ def stable(o: Any) -> Any:
         return ("T", table_name(o))
     if isinstance(o, Mapper):
         return ("M", class_id(o))
+    if isinstance(o, MapperProperty):
+        return ("P", class_id(o.parent), o.key)
     if isinstance(o, Column):
         return ("C", table_name(o.table), o.key)
     if isinstance(o, type):
         return ("Y", f"{o.__module__}.{o.__qualname__}")
+    if isinstance(o, types.CodeType):  # lambda statements (the ORM's lazy loaders use them)
+        return ("K", f"{o.co_filename}:{o.co_firstlineno}:{o.co_name}")
     if isinstance(o, enum.Enum):
         return ("E", f"{type(o).__qualname__}.{o.name}")
     mod = getattr(o, "__module__", None) or ""

@@ -32,7 +32,7 @@ from sqlalchemy.sql import Select
 from sqlalchemy.util import immutabledict
 
 from ._txn import TxnState, dml_tables, is_write_sql
-from .options import CacheOption
+from .options import CacheOption, QueryPolicy
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -419,6 +419,8 @@ class Wiring:
                 return self.cache.read_query(orm_state, opt.payload, bind.engine)
         found = pk_load(orm_state)
         if found is None:
+            if orm_state.is_relationship_load:
+                return self._relationship_load(orm_state)
             return None
         mapper, pk = found
         policy = self.cache.policy_for(mapper)
@@ -428,6 +430,20 @@ class Wiring:
         if bind.engine.pool not in self._pools:
             return None
         return self.cache.read_identity(orm_state, mapper, pk, policy)
+
+    def _relationship_load(self, orm_state: ORMExecuteState) -> Result[Any] | None:
+        """A lazy load of a collection of registered objects: cached like a query on its tables."""
+        mapper = orm_state.bind_mapper
+        if mapper is None:
+            return None
+        policy = self.cache.policy_for(mapper)
+        if policy is None:
+            return None
+        clause: Any = orm_state.statement
+        bind = orm_state.session.get_bind(mapper=mapper, clause=clause)
+        if bind.engine.pool not in self._pools:
+            return None
+        return self.cache.read_query(orm_state, QueryPolicy(ttl=policy.ttl), bind.engine, relationship=True)
 
 
 def _snapshot_fixed(conn: Connection) -> bool:

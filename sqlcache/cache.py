@@ -598,7 +598,9 @@ class SQLCache:
             orm_state, "identity", entry_key, deps, self._ttl_ms(policy), on_hit, encode
         )
 
-    def read_query(self, orm_state: ORMExecuteState, qp: QueryPolicy, engine: Engine) -> Result[Any] | None:
+    def read_query(
+        self, orm_state: ORMExecuteState, qp: QueryPolicy, engine: Engine, relationship: bool = False
+    ) -> Result[Any] | None:
         """Serve a ``cached()`` statement from Redis, or run it and fill; None: run it as usual."""
         stmt: Any = orm_state.statement
         opts = orm_state.load_options
@@ -609,7 +611,7 @@ class SQLCache:
             or orm_state.execution_options.get("populate_existing")
             or orm_state.execution_options.get("yield_per")
             or orm_state.execution_options.get("stream_results")
-            or orm_state.is_relationship_load
+            or (orm_state.is_relationship_load and not relationship)
             or orm_state.is_column_load
         ):
             self._stats.incr("bypassed")
@@ -617,12 +619,13 @@ class SQLCache:
         try:
             spec_key, spec = self._query_spec(stmt, engine)
             ck = stmt._generate_cache_key()
-            params: list[Any] = [bp.effective_value for bp in ck.bindparams]
             extra = orm_state.parameters
-            if isinstance(extra, dict):
-                params.append(sorted(extra.items()))
-            elif extra:
+            if extra and not isinstance(extra, dict):
                 raise Uncacheable("executemany")
+            given: dict[str, Any] = dict(extra) if isinstance(extra, dict) else {}
+            # by position, not by name: anonymous parameter names embed process-specific ids
+            params: list[Any] = [given.pop(bp.key, bp.effective_value) for bp in ck.bindparams]
+            params.append(sorted(given.items()))
             key = _keys.query_key(self.config.prefix, digest([spec.digest, params, list(qp.tags)]))
         except Uncacheable:
             self._stats.incr("bypassed")

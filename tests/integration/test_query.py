@@ -200,3 +200,25 @@ def test_eager_loads(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> 
         s.add(Order(user_id=ids[2], total=7))
         s.commit()
     assert load()[2][1] == ["7.00"]
+
+
+def test_collection_lazy_load_cached(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """user.orders of a registered Order class comes from Redis, and follows writes to orders."""
+    cache.register(Order)
+    cache.register(User)  # so that a cache call, not SQL, opens each transaction (repeatable read)
+    ids = seed(engine)
+
+    def totals() -> list[str]:
+        with Session(engine) as s:
+            u = s.get(User, ids[0])
+            sql_count.reset()
+            out = [str(o.total) for o in u.orders]
+            return out
+
+    for _ in range(3):  # miss (learns the tables the loaded backrefs read), miss and fill, hit
+        assert totals() == ["1.50"]
+    assert len(sql_count) == 0
+    with Session(engine) as s:
+        s.add(Order(user_id=ids[0], total=2))
+        s.commit()
+    assert totals() == ["1.50", "2.00"]
