@@ -222,3 +222,22 @@ def test_collection_lazy_load_cached(engine: Engine, cache: SQLCache, sql_count:
         s.add(Order(user_id=ids[0], total=2))
         s.commit()
     assert totals() == ["1.50", "2.00"]
+
+
+def test_query_repeatable_read_old_snapshot_not_stored(engine: Engine, cache: SQLCache) -> None:
+    """Scenario 9 for queries: a snapshot older than a commit never fills the cache."""
+    ids = seed(engine)
+    eng = (
+        engine.execution_options(isolation_level="REPEATABLE READ")
+        if engine.dialect.name == "postgresql"
+        else engine
+    )
+    with Session(eng) as reader:
+        reader.execute(select(Tag.id)).all()  # fixes the snapshot
+        with Session(engine) as writer:
+            writer.get(User, ids[0]).name = "v2"
+            writer.commit()
+        got = [u.name for u in reader.scalars(select(User).order_by(User.id).options(cached()))]
+        assert got[0] in ("u0", "v2")  # the old row on MariaDB / PostgreSQL, maybe the new on SQLite
+        reader.commit()
+    assert names(engine)[0] == "v2"
