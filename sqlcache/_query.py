@@ -18,7 +18,7 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.schema import Column
 
 from ._codec import decode, encode, encode_body
-from ._snapshot import Hierarchy, Shape, class_id, table_name
+from ._snapshot import Hierarchy, Shape, class_id, plain_values, table_name
 from .errors import CodecError
 
 __all__ = ["Decoded", "Uncacheable", "decode_rows", "encode_rows", "stable", "tables_read"]
@@ -102,15 +102,7 @@ class _Encoder:
         entry: list[Any] = [h.fingerprint, cid, 0, [], []]
         self.objects.append(entry)
         dict_ = state.dict
-        mask = 0
-        values: list[Any] = []
-        for i, key in enumerate(shape.keys):
-            if key in dict_:
-                v = dict_[key]
-                conv = shape.to_plain[i]
-                values.append(conv(v) if conv is not None else v)
-                mask |= 1 << i
-        entry[2], entry[3] = mask, values
+        entry[2], entry[3] = plain_values(shape, dict_)
         rels: list[Any] = []
         for rel in state.mapper.relationships:
             if rel.key not in dict_:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import ColumnProperty, Mapper
-from sqlalchemy.orm.attributes import instance_dict, instance_state
+from sqlalchemy.orm.attributes import instance_state
 
 from ._codec import decode, encode
 from .errors import CodecError, ConfigurationError
@@ -248,7 +248,12 @@ def encode_instance(h: Hierarchy, state: InstanceState[Any]) -> bytes | None:
     shape = h.shapes.get(cid)
     if shape is None or state.modified or state.expired:
         return None
-    dict_ = state.dict
+    mask, values = plain_values(shape, state.dict)
+    return encode([h.fingerprint, cid, mask, values])
+
+
+def plain_values(shape: Shape, dict_: dict[str, Any]) -> tuple[int, list[Any]]:
+    """(loaded mask, codec-ready values of the loaded column attributes) of an instance's dict."""
     mask = 0
     values: list[Any] = []
     for i, key in enumerate(shape.keys):
@@ -257,7 +262,7 @@ def encode_instance(h: Hierarchy, state: InstanceState[Any]) -> bytes | None:
             conv = shape.to_plain[i]
             values.append(conv(v) if conv is not None else v)
             mask |= 1 << i
-    return encode([h.fingerprint, cid, mask, values])
+    return mask, values
 
 
 def encode_absent(h: Hierarchy) -> bytes:
@@ -343,37 +348,5 @@ def _fill_partial(
 def materialize(
     session: Session, shape: Shape, identity_key: tuple[Any, ...], mask: int, values: list[Any]
 ) -> Any:
-    """Build a persistent instance exactly as a database load would and place it in the identity map.
-
-    Mirrors the new-instance branch of SQLAlchemy's ``loading._instance``: the public alternatives
-    (``merge(load=False)`` or ``make_transient_to_detached`` + ``add``) build the object twice or fire
-    the detached->persistent events instead of the ``load`` event listeners expect.
-    """
-    identity_map = session.identity_map
-    existing = identity_map.get(identity_key)
-    if existing is not None:
-        return existing
-    mapper = shape.mapper
-    instance = mapper.class_manager.new_instance()
-    dict_ = instance_dict(instance)
-    state = instance_state(instance)
-    state.key = identity_key
-    state.identity_token = identity_key[2] if len(identity_key) > 2 else None
-    state.session_id = session.hash_key
-    identity_map._add_unpresent(state, identity_key)
-    j = 0
-    expired = state.expired_attributes
-    for i, key in enumerate(shape.keys):
-        if mask >> i & 1:
-            dict_[key] = values[j]
-            j += 1
-        elif not shape.deferred[i]:
-            # a column the original load did not fetch (a subclass table): loads on access, as after
-            # a polymorphic load of the base class
-            expired.add(key)
-    manager = state.manager
-    if manager.dispatch.load:
-        manager.dispatch.load(state, None)
-    if session.dispatch.loaded_as_persistent:
-        session.dispatch.loaded_as_persistent(session, state)
-    return instance
+    """Build one persistent instance exactly as a database load would, in the identity map."""
+    return materialize_many(session, [(shape, identity_key, mask, values)])[0][0]

@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.result import IteratorResult
-from sqlalchemy.exc import NoInspectionAvailable
+from sqlalchemy.exc import NoInspectionAvailable, SQLAlchemyError
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -56,6 +56,9 @@ log = logging.getLogger("sqlcache")
 _JOURNAL_LIMIT = 10_000
 
 _EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
+
+# what describing an unusual statement may raise; such a statement is simply not cached
+_UNDESCRIBABLE = (SQLAlchemyError, ConfigurationError, AttributeError, TypeError, NotImplementedError)
 
 
 @dataclass(frozen=True, eq=False)
@@ -617,8 +620,10 @@ class SQLCache:
             self._stats.incr("bypassed")
             return None
         try:
-            spec_key, spec = self._query_spec(stmt, engine)
             ck = stmt._generate_cache_key()
+            if ck is None:
+                raise Uncacheable("no cache key")
+            spec_key, spec = self._query_spec(stmt, ck, engine)
             extra = orm_state.parameters
             if extra and not isinstance(extra, dict):
                 raise Uncacheable("executemany")
@@ -691,35 +696,44 @@ class SQLCache:
             swr_ms=(qp.swr or 0) * 1000,
         )
 
-    def _query_spec(self, stmt: Any, engine: Engine) -> tuple[Any, _QuerySpec]:
-        ck = stmt._generate_cache_key()
-        if ck is None:
-            raise Uncacheable("no cache key")
+    def _query_spec(self, stmt: Any, ck: Any, engine: Engine) -> tuple[Any, _QuerySpec]:
         memo_key = (ck.key, engine.dialect.name)
         spec = self._query_memo.get(memo_key)
         if spec is None:
-            compiled = stmt.compile(dialect=engine.dialect)
-            columns: list[Hierarchy | None] = []
-            for desc in stmt.column_descriptions:
-                entity, expr = desc.get("entity"), desc.get("expr")
-                if entity is not None and expr is entity:
-                    mapper = sa_inspect(entity)
-                    if not isinstance(mapper, Mapper):
-                        raise Uncacheable("aliased entity")
-                    check_supported(mapper)
-                    columns.append(self._hierarchy(mapper))
-                else:
-                    columns.append(None)
-            fps = [h.fingerprint if h is not None else None for h in columns]
-            spec = _QuerySpec(
-                digest([stable(ck.key), engine.dialect.name, fps]),
-                tables_read(compiled, stmt),
-                tuple(columns),
-            )
+            try:
+                spec = self._new_query_spec(stmt, ck, engine)
+            except (
+                SQLAlchemyError,
+                ConfigurationError,
+                AttributeError,
+                TypeError,
+                NotImplementedError,
+            ) as exc:
+                # a statement sqlcache cannot describe (an unsupported column type, a textual or exotic
+                # construct) is simply not cached: the database answers it as usual
+                raise Uncacheable(str(exc)) from exc
             if len(self._query_memo) > 4096:
                 self._query_memo.clear()
             self._query_memo[memo_key] = spec
         return memo_key, spec
+
+    def _new_query_spec(self, stmt: Any, ck: Any, engine: Engine) -> _QuerySpec:
+        """Tables, result columns and shape digest of a statement (computed once per shape)."""
+        compiled = stmt.compile(dialect=engine.dialect)
+        columns: list[Hierarchy | None] = []
+        for desc in stmt.column_descriptions:
+            entity, expr = desc.get("entity"), desc.get("expr")
+            if entity is not None and expr is entity:
+                mapper = sa_inspect(entity)
+                if not isinstance(mapper, Mapper):
+                    raise Uncacheable("aliased entity")
+                check_supported(mapper)
+                columns.append(self._hierarchy(mapper))
+            else:
+                columns.append(None)
+        fps = [h.fingerprint if h is not None else None for h in columns]
+        shape_digest = digest([stable(ck.key), engine.dialect.name, fps])
+        return _QuerySpec(shape_digest, tables_read(compiled, stmt), tuple(columns))
 
     def invalidate_tags(self, *tags: str) -> None:
         """Invalidate every cached query tagged with any of ``tags``: one O(1) step per tag."""

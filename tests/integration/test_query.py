@@ -241,3 +241,18 @@ def test_query_repeatable_read_old_snapshot_not_stored(engine: Engine, cache: SQ
         assert got[0] in ("u0", "v2")  # the old row on MariaDB / PostgreSQL, maybe the new on SQLite
         reader.commit()
     assert names(engine)[0] == "v2"
+
+
+def test_uncacheable_statements_just_run(engine: Engine, cache: SQLCache) -> None:
+    """Statements sqlcache cannot key or describe run against the database, never raise."""
+    from sqlalchemy import literal_column, text
+    from sqlalchemy.orm import aliased
+
+    seed(engine)
+    ua = aliased(User)
+    with Session(engine) as s:
+        assert len(s.scalars(select(ua).options(cached())).all()) == 3
+        assert len(s.execute(select(literal_column("1")).options(cached())).all()) == 1
+        stmt = select(User).from_statement(text("SELECT * FROM users")).options(cached())
+        assert len(s.scalars(stmt).all()) == 3
+    assert cache.stats()["errors"] == 0
