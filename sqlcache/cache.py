@@ -3,6 +3,8 @@ commit flows that the listeners in _wiring.py hand it."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -57,6 +59,8 @@ _JOURNAL_LIMIT = 10_000
 
 _EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
 
+_MAC_SIZE = 16
+
 # what describing an unusual statement may raise; such a statement is simply not cached
 _UNDESCRIBABLE = (SQLAlchemyError, ConfigurationError, AttributeError, TypeError, NotImplementedError)
 
@@ -102,6 +106,9 @@ class SQLCache:
     :param timeout: seconds a Redis call may take before the database answers instead.
     :param lock_ttl: seconds a pre-commit lock outlives a writer that never released it.
     :param generation_ttl: seconds a dependency generation lives after it was last written.
+    :param stampede_wait: seconds a cached query's callers wait for another caller's fill.
+    :param secret: sign every entry (HMAC-SHA256 over its key and payload); entries written by anyone
+        without the secret, or moved to another key, are misses. See docs/operations.md for the threat.
     :raises ConfigurationError: on a bad argument.
 
     Guarantees: a read that starts after ``commit()`` returned never sees an entry older than that
@@ -124,6 +131,7 @@ class SQLCache:
         backoff: float = 1.0,
         max_backoff: float = 30.0,
         stampede_wait: float = 2.0,
+        secret: bytes | str | None = None,
     ) -> None:
         self.config = CacheConfig(
             prefix=prefix,
@@ -158,6 +166,9 @@ class SQLCache:
         self._clock_key = _keys.clock_key(prefix)
         self._global_key = _keys.global_dep_key(prefix)
         self._gen_ttl_ms = generation_ttl * 1000
+        if secret is not None and (not isinstance(secret, (bytes, str)) or len(secret) < 16):
+            raise ConfigurationError("secret must be bytes or str of at least 16 characters")
+        self._secret = secret.encode() if isinstance(secret, str) else secret
         #: when True, an exception raised by a signal receiver propagates (the test suite sets it)
         self.strict_signals = False
 
@@ -267,6 +278,29 @@ class SQLCache:
     def _ttl_ms(self, policy: ModelPolicy) -> int:
         ttl = policy.ttl if policy.ttl is not None else self.config.default_ttl
         return (ttl or 0) * 1000
+
+    # -- signed entries ---------------------------------------------------------------------------------
+
+    def _seal(self, entry_key: str, payload: bytes) -> bytes:
+        """With a secret: a keyed MAC over the entry's key and payload, in front of the payload."""
+        if self._secret is None:
+            return payload
+        return self._mac(entry_key, payload) + payload
+
+    def _unseal(self, entry_key: str, data: bytes) -> bytes:
+        if self._secret is None:
+            return data
+        tag, payload = data[:_MAC_SIZE], data[_MAC_SIZE:]
+        if len(tag) != _MAC_SIZE or not hmac.compare_digest(tag, self._mac(entry_key, payload)):
+            raise CodecError("entry not signed with this cache's secret")
+        return payload
+
+    def _mac(self, entry_key: str, payload: bytes) -> bytes:
+        assert self._secret is not None
+        mac = hmac.new(self._secret, entry_key.encode(), hashlib.sha256)
+        mac.update(b"\0")
+        mac.update(payload)
+        return mac.digest()[:_MAC_SIZE]
 
     # -- degradation and signals ---------------------------------------------------------------------
 
@@ -440,7 +474,7 @@ class SQLCache:
         assert r.payload is not None
         result: Result[Any] | None = None
         with self._degrade("decode"):
-            result = on_hit(r.payload)
+            result = on_hit(self._unseal(entry_key, r.payload))
         if result is None:
             with self._degrade("decode"):
                 self.store.delete(entry_key)
@@ -520,6 +554,7 @@ class SQLCache:
             payload = encode(frozen)
         if payload is None:
             return False
+        payload = self._seal(entry_key, payload)
         ran = False
         with self._degrade("fill"):
             stored = self.store.fill(
@@ -801,6 +836,7 @@ class SQLCache:
                     continue
                 others = [_keys.bulk_dep_key(p, t) for t in h.tables] + [self._global_key]
                 entry_key = _keys.identity_entry_key(p, h.fingerprint, h.entity, w.pk)
+                payload = self._seal(entry_key, payload)
                 repop.append((entry_key, [dep_key, *others], self._ttl_ms(policy), payload))
                 watch.extend(o for o in others if o not in watch)
         seen: list[str] = []
