@@ -23,6 +23,7 @@ from ._codec import encode_body
 
 __all__ = [
     "bulk_dep_key",
+    "channel",
     "clock_key",
     "global_dep_key",
     "identity_dep_key",
@@ -78,6 +79,11 @@ def tag_dep_key(prefix: str, tag: str) -> str:
 
 def query_key(prefix: str, digest: str) -> str:
     return f"{prefix}:q:{digest}"
+
+
+def channel(prefix: str) -> str:
+    """The pub/sub channel invalidations are broadcast on."""
+    return f"{prefix}:invalidated"
 
 
 def global_dep_key(prefix: str) -> str:

@@ -304,11 +304,18 @@ class Store:
         return self._call("lock", run)
 
     def release_after(
-        self, sent: SentLock, clock_key: str, dep_keys: Sequence[str], token: str, gen_ttl_ms: int
+        self,
+        sent: SentLock,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        announce: tuple[str, bytes] | None = None,
     ) -> bool:
         """Release behind a pipelined lock; returns whether the lock itself had succeeded."""
         keys = [clock_key, *dep_keys]
-        args: list[Any] = [token, len(dep_keys), gen_ttl_ms, 0]
+        channel, message = announce or ("", b"")
+        args: list[Any] = [token, len(dep_keys), gen_ttl_ms, 0, channel, message]
         conn = sent.conn
 
         def run() -> list[Any]:
@@ -330,7 +337,7 @@ class Store:
         if isinstance(release_reply, redis.ResponseError):
             # NOSCRIPT: Redis restarted or was flushed since we loaded the scripts; load and release
             self._scripts_loaded = False
-            self.release(clock_key, dep_keys, token, gen_ttl_ms)
+            self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
         return not isinstance(lock_reply, redis.ResponseError)
 
     def _connection(self) -> Any:
@@ -351,9 +358,11 @@ class Store:
         token: str,
         gen_ttl_ms: int,
         entries: Sequence[RepopEntry] = (),
+        announce: tuple[str, bytes] | None = None,
     ) -> int:
         keys: list[str] = [clock_key, *dep_keys]
-        args: list[Any] = [token, len(dep_keys), gen_ttl_ms, len(entries)]
+        channel, message = announce or ("", b"")
+        args: list[Any] = [token, len(dep_keys), gen_ttl_ms, len(entries), channel, message]
         for e in entries:
             keys.append(e.key)
             keys.extend(e.dep_keys)

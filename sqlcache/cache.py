@@ -23,10 +23,13 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.attributes import set_committed_value
 
 from . import _keys, signals
+from ._codec import encode_body
+from ._listen import Listener
 from ._query import Uncacheable, decode_rows, digest, encode_rows, stable, tables_read
 from ._snapshot import (
     Hierarchy,
     check_supported,
+    class_id,
     decode_entry,
     encode_absent,
     encode_instance,
@@ -107,6 +110,8 @@ class SQLCache:
     :param lock_ttl: seconds a pre-commit lock outlives a writer that never released it.
     :param generation_ttl: seconds a dependency generation lives after it was last written.
     :param stampede_wait: seconds a cached query's callers wait for another caller's fill.
+    :param broadcast: publish every invalidation on a pub/sub channel under the prefix, inside the
+        release script (no extra round trip); other processes hear them through :meth:`listen`.
     :param secret: sign every entry (HMAC-SHA256 over its key and payload); entries written by anyone
         without the secret, or moved to another key, are misses. See docs/operations.md for the threat.
     :raises ConfigurationError: on a bad argument.
@@ -132,6 +137,7 @@ class SQLCache:
         max_backoff: float = 30.0,
         stampede_wait: float = 2.0,
         secret: bytes | str | None = None,
+        broadcast: bool = False,
     ) -> None:
         self.config = CacheConfig(
             prefix=prefix,
@@ -143,7 +149,10 @@ class SQLCache:
             backoff=backoff,
             max_backoff=max_backoff,
             stampede_wait=stampede_wait,
+            broadcast=broadcast,
         )
+        self._channel = _keys.channel(prefix)
+        self._node = uuid.uuid4().hex  # tells this cache's own broadcasts from other processes
         # a query's stampede lock outlives the wait of the callers behind it, then expires on its own
         self._fill_lock_ms = int(max(2 * stampede_wait, 5.0) * 1000)
         self.store = Store(
@@ -349,7 +358,9 @@ class SQLCache:
         if fence:
             keys = [self._global_key]
         try:
-            self.store.release(self._clock_key, keys, "", self._gen_ttl_ms)
+            self.store.release(
+                self._clock_key, keys, "", self._gen_ttl_ms, announce=self._announce([], ["*"])
+            )
         except CacheUnavailable as exc:
             self._stats.incr("errors")
             self._send(signals.cache_error, exc=exc, operation="replay")
@@ -366,7 +377,9 @@ class SQLCache:
         self, keys: list[str], identities: list[tuple[type[Any], tuple[Any, ...]]], tags: list[str]
     ) -> None:
         try:
-            self.store.release(self._clock_key, keys, "", self._gen_ttl_ms)
+            self.store.release(
+                self._clock_key, keys, "", self._gen_ttl_ms, announce=self._announce(identities, tags)
+            )
             self._stats.incr("invalidations", len(keys))
         except CacheUnavailable as exc:
             self._stats.incr("errors")
@@ -374,6 +387,38 @@ class SQLCache:
             self._defer(keys)
         if signals.invalidated.receivers:
             self._send(signals.invalidated, identities=identities, tags=tags, remote=False)
+
+    def _announce(
+        self, identities: list[tuple[type[Any], tuple[Any, ...]]], tags: list[str]
+    ) -> tuple[str, bytes] | None:
+        """The pub/sub message a release publishes when ``broadcast`` is on (inside the same script)."""
+        if not self.config.broadcast:
+            return None
+        try:
+            body = [[class_id(sa_inspect(cls)), list(pk)] for cls, pk in identities]
+            message = encode_body([self._node, body, tags])
+        except CodecError:
+            message = encode_body([self._node, [], [*tags, "*"]])
+        return self._channel, message
+
+    def listen(self) -> Listener:
+        """Re-emit other processes' invalidations as ``signals.invalidated(remote=True)``.
+
+        Starts a daemon thread subscribed to this prefix's channel (requires ``broadcast=True`` on the
+        publishing caches) and returns it; ``listener.stop()`` ends it. A lost connection is reported as
+        ``cache_error`` with ``operation="listen"`` (messages may have been missed) and re-established.
+        """
+        listener = Listener(self)
+        listener.start()
+        return listener
+
+    def remote_identity(self, cid: str, pk: list[Any]) -> tuple[type[Any], tuple[Any, ...]] | None:
+        """A (class, pk) from a broadcast message, if the class is one this cache knows."""
+        for mapper in list(self._policies):
+            for m in mapper.self_and_descendants:
+                if class_id(m) == cid:
+                    return m.class_, tuple(pk)
+        return None
 
     # -- read path ---------------------------------------------------------------------------------
 
@@ -870,8 +915,9 @@ class SQLCache:
             return
         if pending.sent is not None:
             try:
+                announce = self._announce(pending.identities, pending.tags)
                 if not self.store.release_after(
-                    pending.sent, self._clock_key, pending.keys, pending.token, self._gen_ttl_ms
+                    pending.sent, self._clock_key, pending.keys, pending.token, self._gen_ttl_ms, announce
                 ):
                     self._stats.incr("errors")
                 self._stats.incr("invalidations", len(pending.keys))
@@ -890,6 +936,7 @@ class SQLCache:
                     pending.token,
                     self._gen_ttl_ms,
                     pending.entries if committed else (),
+                    announce=self._announce(pending.identities, pending.tags),
                 )
                 self._stats.incr("invalidations", len(pending.keys))
                 self._stats.incr("repopulated", written)

@@ -46,6 +46,7 @@ class CacheConfig:
     backoff: float = 1.0
     max_backoff: float = 30.0
     stampede_wait: float = 2.0
+    broadcast: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not self.prefix or not _PREFIX.match(self.prefix):

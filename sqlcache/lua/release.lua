@@ -3,7 +3,8 @@
 -- KEYS[1] clock; KEYS[2..m+1] dependency keys to release; then, per repopulated entry, its entry key
 -- followed by its dependency keys
 -- ARGV[1] lock token ('' = no lock held: a direct invalidation); ARGV[2] m; ARGV[3] ttl ms of
--- generation keys (0 = none); ARGV[4] number of entries; then per entry: number of its dependencies,
+-- generation keys (0 = none); ARGV[4] number of entries; ARGV[5] pub/sub channel and ARGV[6] message
+-- to publish once released ('' = none); then per entry: number of its dependencies,
 -- entry ttl ms (0 = none), payload, and per dependency either '=' (locked by this writer) or the
 -- generation it had when this writer locked (from lock.lua)
 -- returns the number of entries written
@@ -36,9 +37,12 @@ for i = 2, m + 1 do
   end
   mine[key] = was_mine and n == token and not newest_x
 end
+if ARGV[5] ~= '' then
+  redis.call('PUBLISH', ARGV[5], ARGV[6])
+end
 local written = 0
 local k = m + 2
-local a = 5
+local a = 7
 for e = 1, tonumber(ARGV[4]) do
   local n = tonumber(ARGV[a])
   local ttl = tonumber(ARGV[a + 1])
