@@ -1,0 +1,268 @@
+"""A multi-process consistency checker: K writers, R readers, real PostgreSQL and Redis.
+
+Writers bump a version column (row-locked, so versions per row are strictly increasing) and log each
+commit once ``commit()`` has returned. Readers log what they saw and when they started, through
+``Session.get`` and through a ``cached()`` query, with random pauses injected between their SELECT and
+their fill to widen the race windows. Violations:
+
+- a read that started after version v of a row was committed (commit returned) but saw a lower one;
+- at the end, a cached value that differs from the database.
+
+``--mode naive`` runs the usual cache-aside recipe instead (delete after commit, fill on miss), which
+the checker must catch. Soak: ``python -m tests.concurrency.checker --seconds 300``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import redis
+from sqlalchemy import Integer, MetaData, create_engine, event, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from sqlcache import SQLCache, cached
+
+ROWS = 12
+PG_URL = os.environ.get("SQLCACHE_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("SQLCACHE_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Row(Base):
+    __tablename__ = "check_rows"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    version: Mapped[int] = mapped_column(Integer)
+
+
+def _engine(pg_url: str, schema: str) -> Engine:
+    return create_engine(pg_url, connect_args={"options": f"-csearch_path={schema}"})
+
+
+def _pauses(engine: Engine, rnd: random.Random) -> None:
+    """Sleep now and then right after a SELECT: between a reader's SELECT and its fill."""
+
+    def after(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and rnd.random() < 0.3:
+            time.sleep(rnd.uniform(0, 0.02))
+
+    event.listen(engine, "after_cursor_execute", after)
+
+
+class Naive:
+    """The usual recipe: GET, else SELECT and SET; after commit, DEL. (Deliberately racy.)"""
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.r = redis.Redis.from_url(url)
+        self.prefix = prefix
+
+    def get(self, engine: Engine, rid: int) -> int:
+        key = f"{self.prefix}:naive:{rid}"
+        raw = self.r.get(key)
+        if raw is not None:
+            return int(msgpack.unpackb(raw))
+        with Session(engine) as s:
+            row = s.get(Row, rid)
+            assert row is not None
+            v = row.version
+        self.r.set(key, msgpack.packb(v))
+        return v
+
+    def written(self, rid: int) -> None:
+        self.r.delete(f"{self.prefix}:naive:{rid}")
+
+
+def _writer(args: dict[str, Any], n: int) -> None:
+    rnd = random.Random(n)
+    engine = _engine(args["pg_url"], args["schema"])
+    cache = naive = None
+    if args["mode"] == "sqlcache":
+        cache = SQLCache(args["redis_url"], prefix=args["prefix"])
+        cache.register(Row)
+        cache.attach(engine)
+    else:
+        naive = Naive(args["redis_url"], args["prefix"])
+    out = Path(args["dir"], f"w{n}.jsonl").open("w")
+    stop = args["stop"]
+    while time.time() < stop:
+        rid = rnd.randint(1, ROWS)
+        with Session(engine) as s:
+            row = s.get(Row, rid, with_for_update=True)
+            assert row is not None
+            row.version += 1
+            v = row.version
+            s.commit()
+        if naive is not None:
+            naive.written(rid)
+        out.write(json.dumps(["w", rid, v, time.time()]) + "\n")
+    out.close()
+
+
+def _reader(args: dict[str, Any], n: int) -> None:
+    rnd = random.Random(1000 + n)
+    engine = _engine(args["pg_url"], args["schema"])
+    _pauses(engine, rnd)
+    cache = naive = None
+    if args["mode"] == "sqlcache":
+        cache = SQLCache(args["redis_url"], prefix=args["prefix"])
+        cache.register(Row)
+        cache.attach(engine)
+    else:
+        naive = Naive(args["redis_url"], args["prefix"])
+    out = Path(args["dir"], f"r{n}.jsonl").open("w")
+    stop = args["stop"]
+    while time.time() < stop:
+        rid = rnd.randint(1, ROWS)
+        started = time.time()
+        if naive is not None:
+            v = naive.get(engine, rid)
+            kind = "naive"
+        elif rnd.random() < 0.5:
+            with Session(engine) as s:
+                row = s.get(Row, rid)
+                assert row is not None
+                v, kind = row.version, "get"
+        else:
+            with Session(engine) as s:
+                v = s.scalars(select(Row.version).where(Row.id == rid).options(cached())).one()
+                kind = "query"
+        out.write(json.dumps(["r", rid, v, started, kind]) + "\n")
+    out.close()
+
+
+def run_checker(
+    mode: str = "sqlcache",
+    seconds: float = 20.0,
+    writers: int = 2,
+    readers: int = 3,
+    pg_url: str = PG_URL,
+    redis_url: str = REDIS_URL,
+) -> dict[str, Any]:
+    """Run the processes for ``seconds`` and return the figures, violations included."""
+    schema = f"sqlcache_check_{uuid.uuid4().hex[:8]}"
+    prefix = f"check-{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg_url)
+    with admin.begin() as c:
+        c.execute(text(f"CREATE SCHEMA {schema}"))
+    engine = _engine(pg_url, schema)
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add_all(Row(id=i, version=0) for i in range(1, ROWS + 1))
+        s.commit()
+    work = tempfile.mkdtemp(prefix="sqlcache-check-")
+    ctx = multiprocessing.get_context("spawn")
+    try:
+        # processes start slowly under spawn: every one begins at the same moment, after start-up
+        args = {
+            "mode": mode,
+            "pg_url": pg_url,
+            "redis_url": redis_url,
+            "schema": schema,
+            "prefix": prefix,
+            "dir": work,
+            "stop": time.time() + seconds + 3,
+        }
+        procs = [ctx.Process(target=_writer, args=(args, n)) for n in range(writers)]
+        procs += [ctx.Process(target=_reader, args=(args, n)) for n in range(readers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(seconds + 120)
+        failed = [p.exitcode for p in procs if p.exitcode != 0]
+        commits: dict[int, list[tuple[float, int]]] = {}
+        reads: list[list[Any]] = []
+        for f in Path(work).glob("*.jsonl"):
+            for line in f.read_text().splitlines():
+                rec = json.loads(line)
+                if rec[0] == "w":
+                    commits.setdefault(rec[1], []).append((rec[3], rec[2]))
+                else:
+                    reads.append(rec)
+        for lst in commits.values():
+            lst.sort()
+        violations = []
+        for _, rid, seen, started, kind in reads:
+            floor = max((v for t, v in commits.get(rid, []) if t < started), default=0)
+            if seen < floor:
+                violations.append({"row": rid, "saw": seen, "committed_before_start": floor, "via": kind})
+        mismatches = _final_check(mode, engine, redis_url, prefix)
+        return {
+            "mode": mode,
+            "seconds": seconds,
+            "writes": sum(len(v) for v in commits.values()),
+            "reads": len(reads),
+            "operations": len(reads) + sum(len(v) for v in commits.values()),
+            "violations": len(violations),
+            "examples": violations[:5],
+            "final_mismatches": mismatches,
+            "failed_processes": failed,
+        }
+    finally:
+        engine.dispose()
+        with admin.begin() as c:
+            c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+        r = redis.Redis.from_url(redis_url)
+        for key in r.scan_iter(match=f"{prefix}:*"):
+            r.delete(key)
+
+
+def _final_check(mode: str, engine: Engine, redis_url: str, prefix: str) -> list[dict[str, int]]:
+    """Every value the cache would serve now equals the database."""
+    truth: dict[int, int] = {}
+    with Session(engine) as s:
+        for row in s.scalars(select(Row)):
+            truth[row.id] = row.version
+    out = []
+    if mode == "naive":
+        naive = Naive(redis_url, prefix)
+        for rid, v in truth.items():
+            got = naive.get(engine, rid)
+            if got != v:
+                out.append({"row": rid, "cached": got, "database": v})
+        return out
+    cache = SQLCache(redis_url, prefix=prefix)
+    cache.register(Row)
+    cache.attach(engine)
+    try:
+        for rid, v in truth.items():
+            with Session(engine) as s:
+                row = s.get(Row, rid)
+                assert row is not None
+                got_get = row.version
+            with Session(engine) as s:
+                got_q = s.scalars(select(Row.version).where(Row.id == rid).options(cached())).one()
+            if got_get != v or got_q != v:
+                out.append({"row": rid, "cached_get": got_get, "cached_query": got_q, "database": v})
+    finally:
+        cache.detach(engine)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mode", choices=["sqlcache", "naive"], default="sqlcache")
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--writers", type=int, default=2)
+    parser.add_argument("--readers", type=int, default=3)
+    a = parser.parse_args()
+    print(json.dumps(run_checker(a.mode, a.seconds, a.writers, a.readers), indent=2))
+
+
+if __name__ == "__main__":
+    main()
