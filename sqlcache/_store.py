@@ -156,6 +156,7 @@ class Store:
         self.backoffs = 0
         self.skipped = 0
         self._scripts_loaded = False
+        self.ok_seq = 0  # successful calls so far: tells one failure burst from the next
 
     # -- circuit breaker ---------------------------------------------------------------------------
 
@@ -174,6 +175,7 @@ class Store:
         except _REDIS_ERRORS as exc:
             self._failed()
             raise CacheUnavailable(operation) from exc
+        self.ok_seq += 1
         if self._failures:
             with self._mutex:
                 self._failures = 0

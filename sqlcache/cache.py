@@ -178,6 +178,7 @@ class SQLCache:
         if secret is not None and (not isinstance(secret, (bytes, str)) or len(secret) < 16):
             raise ConfigurationError("secret must be bytes or str of at least 16 characters")
         self._secret = secret.encode() if isinstance(secret, str) else secret
+        self._reported_seq = -1  # Store.ok_seq when the last outage was signalled
         #: when True, an exception raised by a signal receiver propagates (the test suite sets it)
         self.strict_signals = False
 
@@ -319,9 +320,18 @@ class SQLCache:
         try:
             yield
         except (CacheUnavailable, CodecError) as exc:
-            self._stats.incr("errors")
-            log.debug("sqlcache %s failed: %s", operation, exc)
-            self._send(signals.cache_error, exc=exc, operation=operation)
+            self._report(exc, operation)
+
+    def _report(self, exc: Exception, operation: str) -> None:
+        """Count a failure; signal it, but an outage only once per burst (until Redis answers again)."""
+        self._stats.incr("errors")
+        log.debug("sqlcache %s failed: %s", operation, exc)
+        if isinstance(exc, CacheUnavailable):
+            seq = self.store.ok_seq
+            if seq == self._reported_seq:
+                return  # same burst: Redis has not answered since the last cache_error
+            self._reported_seq = seq
+        self._send(signals.cache_error, exc=exc, operation=operation)
 
     def _send(self, signal: NamedSignal, **kwargs: Any) -> None:
         """Call each receiver; one that raises is logged and counted, never undoes the caller's work."""
@@ -362,8 +372,7 @@ class SQLCache:
                 self._clock_key, keys, "", self._gen_ttl_ms, announce=self._announce([], ["*"])
             )
         except CacheUnavailable as exc:
-            self._stats.incr("errors")
-            self._send(signals.cache_error, exc=exc, operation="replay")
+            self._report(exc, "replay")
             return False
         with self._mutex:
             self._journal.difference_update(keys)
@@ -382,8 +391,7 @@ class SQLCache:
             )
             self._stats.incr("invalidations", len(keys))
         except CacheUnavailable as exc:
-            self._stats.incr("errors")
-            self._send(signals.cache_error, exc=exc, operation="invalidate")
+            self._report(exc, "invalidate")
             self._defer(keys)
         if signals.invalidated.receivers:
             self._send(signals.invalidated, identities=identities, tags=tags, remote=False)
@@ -897,8 +905,7 @@ class SQLCache:
                 )
         except CacheUnavailable as exc:
             # the commit goes ahead; the release after it (or the journal) still invalidates
-            self._stats.incr("errors")
-            self._send(signals.cache_error, exc=exc, operation="lock")
+            self._report(exc, "lock")
             repop = []
         watched = dict(zip(watch, seen, strict=False))
         entries: list[RepopEntry] = []
@@ -922,8 +929,7 @@ class SQLCache:
                     self._stats.incr("errors")
                 self._stats.incr("invalidations", len(pending.keys))
             except CacheUnavailable as exc:
-                self._stats.incr("errors")
-                self._send(signals.cache_error, exc=exc, operation="release")
+                self._report(exc, "release")
                 self._defer(pending.keys)
             self._replay()
         elif not self._replay():
@@ -941,8 +947,7 @@ class SQLCache:
                 self._stats.incr("invalidations", len(pending.keys))
                 self._stats.incr("repopulated", written)
             except CacheUnavailable as exc:
-                self._stats.incr("errors")
-                self._send(signals.cache_error, exc=exc, operation="release")
+                self._report(exc, "release")
                 self._defer(pending.keys)
         if signals.invalidated.receivers:
             self._send(signals.invalidated, identities=pending.identities, tags=pending.tags, remote=False)

@@ -102,7 +102,7 @@ def test_entry_of_other_model_definition_is_a_miss(
 
 
 def test_redis_unreachable(engine: Engine, sql_count: SQLCounter) -> None:
-    """With Redis down, reads come from the database, commits succeed, cache_error fires, then back-off."""
+    """With Redis down, reads use the database, commits succeed, cache_error fires once, then back-off."""
     cache = SQLCache(f"redis://127.0.0.1:{free_port()}/0", prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.2)
     cache.strict_signals = True
     cache.register(User)
@@ -122,7 +122,8 @@ def test_redis_unreachable(engine: Engine, sql_count: SQLCounter) -> None:
         with Session(engine) as s:
             assert s.get(User, uid).name == "x"
         st = cache.stats()
-        assert errors and st["errors"] >= 1
+        assert len(errors) == 1, errors  # one cache_error per failure burst, however many calls failed
+        assert st["errors"] >= 5
         assert st["backoffs"] >= 1 and st["skipped_backoff"] >= 1
         assert st["invalidations_deferred"] >= 1
     finally:
