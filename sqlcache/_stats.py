@@ -22,7 +22,8 @@ COUNTERS = (
     "invalidations_deferred",  # dependencies kept in the pending journal while Redis was away
     "invalidations_replayed",  # dependencies from the journal applied once Redis answered
     "invalidations_lost",  # dependencies dropped when the journal overflowed (a fence replaced them)
-    "fences",  # cache-wide invalidations after a journal overflow
+    "fences",  # cache-wide invalidations (after a journal overflow or a Redis restart)
+    "restarts",  # Redis restarts noticed (a new run id); each fences the prefix
     "errors",  # Redis failures and undecodable entries
     "backoffs",  # times Redis was skipped for a back-off period after repeated failures
     "skipped_backoff",  # calls not made because of a back-off period

@@ -157,6 +157,12 @@ class Store:
         self.skipped = 0
         self._scripts_loaded = False
         self.ok_seq = 0  # successful calls so far: tells one failure burst from the next
+        self.run_id: str | None = None
+        self.on_restart: Callable[[], None] | None = None
+        self._restart_pending = False
+        # every new connection asks the server for its run id before anything else is sent on it, so a
+        # restarted Redis is noticed even when redis-py reconnects silently
+        client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
 
     # -- circuit breaker ---------------------------------------------------------------------------
 
@@ -173,8 +179,20 @@ class Store:
                 self._load_scripts()
             result = fn()
         except _REDIS_ERRORS as exc:
+            self._scripts_loaded = False  # load the scripts again once it answers (it may have restarted)
             self._failed()
             raise CacheUnavailable(operation) from exc
+        if self._restart_pending:
+            # t0 entry e filled under generation g1; Redis snapshots to disk
+            # t1 a commit moves g1 to g2, acknowledged; Redis dies before its next snapshot
+            # t2 Redis restarts from the snapshot: e and g1 are back and e looks valid. This answer came
+            #    from the restarted server: drop it, and let the owner fence before the next read
+            with self._mutex:
+                self._restart_pending = False
+            self._scripts_loaded = False
+            if self.on_restart is not None:
+                self.on_restart()
+            raise CacheUnavailable(f"{operation} (redis restarted)")
         self.ok_seq += 1
         if self._failures:
             with self._mutex:
@@ -182,6 +200,20 @@ class Store:
                 self._next_backoff = self._base_backoff
                 self._open_until = 0.0
         return result
+
+    def _on_connect(self, conn: Any) -> None:
+        conn.on_connect()
+        conn.send_command("INFO", "server")
+        info = conn.read_response()
+        text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+        run_id = ""
+        for line in text.splitlines():
+            if line.startswith("run_id:"):
+                run_id = line[len("run_id:") :].strip()
+        with self._mutex:
+            if self.run_id is not None and run_id != self.run_id:
+                self._restart_pending = True
+            self.run_id = run_id
 
     def _load_scripts(self) -> None:
         """Load every script in one round trip, so that a pipelined EVALSHA never meets NOSCRIPT."""

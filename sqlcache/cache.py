@@ -179,6 +179,7 @@ class SQLCache:
             raise ConfigurationError("secret must be bytes or str of at least 16 characters")
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self._reported_seq = -1  # Store.ok_seq when the last outage was signalled
+        self.store.on_restart = self._redis_restarted
         #: when True, an exception raised by a signal receiver propagates (the test suite sets it)
         self.strict_signals = False
 
@@ -358,6 +359,13 @@ class SQLCache:
                 self._journal.clear()
                 self._fence = True
 
+    def _redis_restarted(self) -> None:
+        # a restarted Redis may hold a snapshot older than invalidations it acknowledged: every entry
+        # under the prefix is fenced (d:* moves) before this process reads Redis again
+        with self._mutex:
+            self._fence = True
+        self._stats.incr("restarts")
+
     def _replay(self) -> bool:
         """Apply the journal before anything is read from Redis again; False if Redis is still away."""
         if not self._journal and not self._fence:
@@ -375,10 +383,12 @@ class SQLCache:
             self._report(exc, "replay")
             return False
         with self._mutex:
-            self._journal.difference_update(keys)
-            if fence:
+            if fence:  # the fence supersedes every journalled key
+                self._journal.clear()
                 self._fence = False
                 self._stats.incr("fences")
+            else:
+                self._journal.difference_update(keys)
         self._stats.incr("invalidations_replayed", len(keys))
         return True
 

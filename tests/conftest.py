@@ -196,6 +196,10 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    def save(self) -> None:
+        """Write a snapshot to disk now (the restart below restores it)."""
+        redis.Redis(port=self.port, socket_timeout=5).save()
+
     def start(self) -> None:
         exe = shutil.which("redis-server")
         if exe is None:

@@ -150,10 +150,11 @@ def test_journal_replayed_after_restart(engine: Engine, private_redis: RedisServ
         import time
 
         time.sleep(0.1)
-        with Session(engine) as s:
-            assert s.get(User, uid).name == "during outage"
+        for _ in range(2):  # the first call notices the restarted server (new run id) and fences
+            with Session(engine) as s:
+                assert s.get(User, uid).name == "during outage"
         st = cache.stats()
-        assert st["journal"] == 0 and st["invalidations_replayed"] >= 1
+        assert st["journal"] == 0 and st["invalidations_replayed"] >= 1 and st["restarts"] == 1
     finally:
         cache.detach(engine)
 
@@ -178,3 +179,29 @@ def test_signal_receiver_error_does_not_break_commit(engine: Engine, redis_url: 
         signals.invalidated.disconnect(boom)
         cache.detach(engine)
         cache.clear()
+
+
+def test_restart_from_old_snapshot_is_fenced(engine: Engine, private_redis: RedisServer) -> None:
+    """Redis restored from a snapshot older than an invalidation it acknowledged serves nothing stale."""
+    import time
+
+    cache = SQLCache(private_redis.url, prefix="restart", timeout=0.3, backoff=0.05, max_backoff=0.05)
+    cache.strict_signals = True
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        uid = make_user(engine, "v1")
+        assert user_name(engine, uid) == "v1"  # filled
+        private_redis.save()  # the snapshot holds the v1 entry and its generations
+        with Session(engine) as s:
+            s.get(User, uid).name = "v2"  # invalidated in Redis, acknowledged...
+            s.commit()
+        private_redis.stop()  # ...then lost: killed before another snapshot
+        private_redis.start()  # restores the v1 entry and its old generations
+        time.sleep(0.1)
+        for _ in range(3):
+            assert user_name(engine, uid) == "v2"
+        st = cache.stats()
+        assert st["restarts"] == 1 and st["fences"] == 1
+    finally:
+        cache.detach(engine)
