@@ -256,3 +256,29 @@ def test_uncacheable_statements_just_run(engine: Engine, cache: SQLCache) -> Non
         stmt = select(User).from_statement(text("SELECT * FROM users")).options(cached())
         assert len(s.scalars(stmt).all()) == 3
     assert cache.stats()["errors"] == 0
+
+
+def test_polymorphic_queries(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """Joined and single-table hierarchies: a hit returns the same subclasses with the same columns."""
+    from ..models import Car, Employee, Engineer, Manager, Truck, Vehicle
+
+    with Session(engine) as s:
+        s.add_all(
+            [Engineer(name="eve", language="py"), Manager(name="max", reports=2), Car(), Truck(payload=9)]
+        )
+        s.commit()
+
+    def load() -> tuple[list[tuple[type, str]], list[tuple[type, int | None]]]:
+        with Session(engine) as s:
+            emps = s.scalars(select(Employee).order_by(Employee.name).options(cached())).all()
+            vehicles = s.scalars(select(Vehicle).order_by(Vehicle.id).options(cached())).all()
+            return [(type(e), e.name) for e in emps], [(type(v), v.payload) for v in vehicles]
+
+    first = load()
+    assert first == ([(Engineer, "eve"), (Manager, "max")], [(Car, None), (Truck, 9)])
+    sql_count.reset()
+    assert load() == first
+    assert len(sql_count) == 0
+    with Session(engine) as s:
+        eng = s.scalars(select(Engineer).options(cached())).one()
+        assert eng.language == "py"  # subclass columns load (from the database) on access
