@@ -50,6 +50,19 @@ def redis_url() -> str:
 
 
 @pytest.fixture(scope="session")
+def pg_url() -> str:
+    """PostgreSQL's URL, once it answered (skip or fail as for every service)."""
+    try:
+        probe = create_engine(PG_URL)
+        with probe.connect():
+            pass
+        probe.dispose()
+    except Exception as exc:  # any driver error means "unavailable"
+        unavailable("postgresql", exc)
+    return PG_URL
+
+
+@pytest.fixture(scope="session")
 def redis_client(redis_url: str) -> redis.Redis:
     return redis.Redis.from_url(redis_url, socket_timeout=5)
 

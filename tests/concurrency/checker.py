@@ -85,16 +85,22 @@ class Naive:
         self.r.delete(f"{self.prefix}:naive:{rid}")
 
 
+def _setup(args: dict[str, Any], pauses: random.Random | None) -> tuple[Engine, Naive | None]:
+    """A worker's engine, with sqlcache attached or the naive recipe beside it."""
+    engine = _engine(args["pg_url"], args["schema"])
+    if pauses is not None:
+        _pauses(engine, pauses)
+    if args["mode"] != "sqlcache":
+        return engine, Naive(args["redis_url"], args["prefix"])
+    cache = SQLCache(args["redis_url"], prefix=args["prefix"])
+    cache.register(Row)
+    cache.attach(engine)
+    return engine, None
+
+
 def _writer(args: dict[str, Any], n: int) -> None:
     rnd = random.Random(n)
-    engine = _engine(args["pg_url"], args["schema"])
-    cache = naive = None
-    if args["mode"] == "sqlcache":
-        cache = SQLCache(args["redis_url"], prefix=args["prefix"])
-        cache.register(Row)
-        cache.attach(engine)
-    else:
-        naive = Naive(args["redis_url"], args["prefix"])
+    engine, naive = _setup(args, None)
     out = Path(args["dir"], f"w{n}.jsonl").open("w")
     stop = args["stop"]
     while time.time() < stop:
@@ -113,15 +119,7 @@ def _writer(args: dict[str, Any], n: int) -> None:
 
 def _reader(args: dict[str, Any], n: int) -> None:
     rnd = random.Random(1000 + n)
-    engine = _engine(args["pg_url"], args["schema"])
-    _pauses(engine, rnd)
-    cache = naive = None
-    if args["mode"] == "sqlcache":
-        cache = SQLCache(args["redis_url"], prefix=args["prefix"])
-        cache.register(Row)
-        cache.attach(engine)
-    else:
-        naive = Naive(args["redis_url"], args["prefix"])
+    engine, naive = _setup(args, rnd)
     out = Path(args["dir"], f"r{n}.jsonl").open("w")
     stop = args["stop"]
     while time.time() < stop:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from sqlalchemy import create_engine
 
-from ..conftest import PG_URL, unavailable
 from .checker import run_checker
 
 pytestmark = pytest.mark.concurrency
@@ -15,20 +13,9 @@ pytestmark = pytest.mark.concurrency
 SECONDS = float(os.environ.get("SQLCACHE_CHECK_SECONDS", "15"))
 
 
-@pytest.fixture(scope="module")
-def pg() -> None:
-    try:
-        probe = create_engine(PG_URL)
-        with probe.connect():
-            pass
-        probe.dispose()
-    except Exception as exc:  # any driver error means "unavailable"
-        unavailable("postgresql", exc)
-
-
-def test_sqlcache_has_no_violations(pg: None, redis_url: str) -> None:
+def test_sqlcache_has_no_violations(pg_url: str, redis_url: str) -> None:
     """Writers and readers in separate processes: no stale read after a commit, cache == DB at the end."""
-    result = run_checker("sqlcache", SECONDS, redis_url=redis_url)
+    result = run_checker("sqlcache", SECONDS, pg_url=pg_url, redis_url=redis_url)
     print(result)
     assert result["failed_processes"] == []
     assert result["reads"] > 100 and result["writes"] > 20, result
@@ -36,8 +23,8 @@ def test_sqlcache_has_no_violations(pg: None, redis_url: str) -> None:
     assert result["final_mismatches"] == []
 
 
-def test_checker_catches_naive_cache_aside(pg: None, redis_url: str) -> None:
+def test_checker_catches_naive_cache_aside(pg_url: str, redis_url: str) -> None:
     """The same load through delete-after-commit / fill-on-miss produces violations the checker sees."""
-    result = run_checker("naive", 6, redis_url=redis_url)
+    result = run_checker("naive", 6, pg_url=pg_url, redis_url=redis_url)
     assert result["failed_processes"] == []
     assert result["violations"] > 0 or result["final_mismatches"], result
