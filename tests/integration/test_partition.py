@@ -1,0 +1,95 @@
+"""A TCP proxy between one process and a Redis that keeps its data: partitions and a slow Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlcache import SQLCache, signals
+
+from ..conftest import RedisServer
+from ..helpers import make_user
+from ..models import User
+from ..proxy import Proxy
+
+
+@pytest.fixture
+def proxy(private_redis: RedisServer) -> Iterator[Proxy]:
+    p = Proxy(private_redis.port)
+    yield p
+    p.close()
+
+
+def name(engine: Engine, uid: int) -> str:
+    with Session(engine) as s:
+        u = s.get(User, uid)
+        assert u is not None
+        return u.name
+
+
+def test_partition_then_heal(engine: Engine, private_redis: RedisServer, proxy: Proxy) -> None:
+    """Writes committed while cut off are invalidated before anything is read again, for every process."""
+    prefix = f"p{uuid.uuid4().hex[:8]}"
+    behind = SQLCache(proxy.url, prefix=prefix, timeout=0.3, backoff=0.05, max_backoff=0.05)
+    behind.strict_signals = True
+    other = SQLCache(private_redis.url, prefix=prefix)  # another process, never cut off
+    for c in (behind, other):
+        c.register(User)
+    behind.attach(engine)
+    errors: list[str] = []
+
+    @signals.cache_error.connect_via(behind)
+    def on_error(sender: SQLCache, exc: BaseException, operation: str) -> None:
+        errors.append(operation)
+
+    try:
+        uid = make_user(engine, "v1")
+        assert name(engine, uid) == "v1"  # filled through the proxy; Redis keeps it
+        proxy.cut()
+        with Session(engine) as s:
+            s.get(User, uid).name = "v2"  # read from the database, committed, not invalidated in Redis
+            s.commit()
+        assert name(engine, uid) == "v2"
+        assert behind.stats()["journal"] >= 1 and errors
+        proxy.heal()
+        time.sleep(0.1)
+        assert name(engine, uid) == "v2"  # the journal is replayed before Redis is read again
+        assert behind.stats()["journal"] == 0
+        behind.detach(engine)
+        other.attach(engine)
+        assert name(engine, uid) == "v2"  # and the other process sees it too
+    finally:
+        signals.cache_error.disconnect(on_error)
+        behind.detach(engine)
+        other.detach(engine)
+
+
+def test_slow_redis_costs_at_most_the_timeout_then_backs_off(
+    engine: Engine, private_redis: RedisServer, proxy: Proxy
+) -> None:
+    """A Redis answering in 2 s adds about the timeout to a read, and nothing once backing off."""
+    cache = SQLCache(
+        proxy.url, prefix=f"s{uuid.uuid4().hex[:8]}", timeout=0.2, failure_threshold=2, backoff=30
+    )
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        uid = make_user(engine, "v1")
+        assert name(engine, uid) == "v1"
+        proxy.latency = 2.0
+        durations = []
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert name(engine, uid) == "v1"
+            durations.append(time.monotonic() - t0)
+        assert max(durations[:2]) < 0.2 * 2 + 0.5, durations  # the timeout, not Redis' 2 s
+        assert max(durations[2:]) < 0.15, durations  # backing off: Redis not even asked
+        assert cache.stats()["backoffs"] >= 1
+    finally:
+        proxy.latency = 0
+        cache.detach(engine)
