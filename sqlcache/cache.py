@@ -110,6 +110,7 @@ class SQLCache:
     :param lock_ttl: seconds a pre-commit lock outlives a writer that never released it.
     :param generation_ttl: seconds a dependency generation lives after it was last written.
     :param stampede_wait: seconds a cached query's callers wait for another caller's fill.
+    :param max_entry_bytes: results whose encoded entry is larger are not cached (``stats()["too_large"]``).
     :param broadcast: publish every invalidation on a pub/sub channel under the prefix, inside the
         release script (no extra round trip); other processes hear them through :meth:`listen`.
     :param secret: sign every entry (HMAC-SHA256 over its key and payload); entries written by anyone
@@ -136,6 +137,7 @@ class SQLCache:
         backoff: float = 1.0,
         max_backoff: float = 30.0,
         stampede_wait: float = 2.0,
+        max_entry_bytes: int = 8 * 1024 * 1024,
         secret: bytes | str | None = None,
         broadcast: bool = False,
     ) -> None:
@@ -149,6 +151,7 @@ class SQLCache:
             backoff=backoff,
             max_backoff=max_backoff,
             stampede_wait=stampede_wait,
+            max_entry_bytes=max_entry_bytes,
             broadcast=broadcast,
         )
         self._channel = _keys.channel(prefix)
@@ -179,6 +182,7 @@ class SQLCache:
             raise ConfigurationError("secret must be bytes or str of at least 16 characters")
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self._reported_seq = -1  # Store.ok_seq when the last outage was signalled
+        self._replay_timer: threading.Timer | None = None
         self.store.on_restart = self._redis_restarted
         #: when True, an exception raised by a signal receiver propagates (the test suite sets it)
         self.strict_signals = False
@@ -348,6 +352,7 @@ class SQLCache:
     # -- journal of invalidations Redis did not take -------------------------------------------------
 
     def _defer(self, keys: list[str]) -> None:
+        self._schedule_replay()
         with self._mutex:
             if self._fence:
                 self._stats.incr("invalidations_lost", len(keys))
@@ -358,6 +363,25 @@ class SQLCache:
                 self._stats.incr("invalidations_lost", len(self._journal))
                 self._journal.clear()
                 self._fence = True
+
+    def _schedule_replay(self) -> None:
+        """Retry the journal in the background too, so an idle process does not leave other processes
+        reading entries it could not invalidate once Redis is back."""
+        with self._mutex:
+            if self._replay_timer is not None:
+                return
+            timer = threading.Timer(self.config.backoff, self._replay_in_background)
+            timer.daemon = True
+            self._replay_timer = timer
+        timer.start()
+
+    def _replay_in_background(self) -> None:
+        with self._mutex:
+            self._replay_timer = None
+        if (self._journal or self._fence) and not self.store.backing_off:
+            self._replay()
+        if self._journal or self._fence:
+            self._schedule_replay()
 
     def _redis_restarted(self) -> None:
         # a restarted Redis may hold a snapshot older than invalidations it acknowledged: every entry
@@ -616,6 +640,9 @@ class SQLCache:
         with self._degrade("encode"):
             payload = encode(frozen)
         if payload is None:
+            return False
+        if len(payload) > self.config.max_entry_bytes:
+            self._stats.incr("too_large")  # a huge result is not worth a Redis value: stays uncached
             return False
         payload = self._seal(entry_key, payload)
         ran = False

@@ -46,6 +46,7 @@ class CacheConfig:
     backoff: float = 1.0
     max_backoff: float = 30.0
     stampede_wait: float = 2.0
+    max_entry_bytes: int = 8 * 1024 * 1024
     broadcast: bool = False
 
     def __post_init__(self) -> None:
@@ -61,6 +62,8 @@ class CacheConfig:
             raise ConfigurationError(f"timeout must be seconds in (0, 60], got {self.timeout!r}")
         if not isinstance(self.stampede_wait, (int, float)) or not 0 <= self.stampede_wait <= 60:
             raise ConfigurationError(f"stampede_wait must be seconds in [0, 60], got {self.stampede_wait!r}")
+        if not isinstance(self.max_entry_bytes, int) or self.max_entry_bytes < 1:
+            raise ConfigurationError(f"max_entry_bytes must be a positive int, got {self.max_entry_bytes!r}")
         if self.failure_threshold < 1:
             raise ConfigurationError(f"failure_threshold must be >= 1, got {self.failure_threshold!r}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import decimal
+import uuid
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -282,3 +283,29 @@ def test_polymorphic_queries(engine: Engine, cache: SQLCache, sql_count: SQLCoun
     with Session(engine) as s:
         eng = s.scalars(select(Engineer).options(cached())).one()
         assert eng.language == "py"  # subclass columns load (from the database) on access
+
+
+def test_odd_tags_and_large_results(engine: Engine, redis_url: str) -> None:
+    """Tags with spaces, colons, braces, non-ASCII or great length work; oversized results stay uncached."""
+    cache = SQLCache(redis_url, prefix=f"o{{dd}}:ü-{uuid.uuid4().hex[:6]}", max_entry_bytes=150)
+    cache.strict_signals = True
+    cache.attach(engine)
+    tags = ["org 3", "a:b:c", "{hash}", "naïve ✓", "x" * 2000]
+    try:
+        seed(engine)
+        for tag in tags:
+            with Session(engine) as s:
+                s.scalars(select(User.id).options(cached(tags=[tag]))).all()
+                s.scalars(select(User.id).options(cached(tags=[tag]))).all()
+            hits = cache.stats()["hits"]
+            cache.invalidate_tags(tag)
+            with Session(engine) as s:
+                s.scalars(select(User.id).options(cached(tags=[tag]))).all()
+            assert cache.stats()["hits"] == hits
+        with Session(engine) as s:
+            for _ in range(2):
+                assert len(s.scalars(select(User).options(cached())).all()) == 3
+        assert cache.stats()["too_large"] == 2
+    finally:
+        cache.detach(engine)
+        cache.clear()
