@@ -64,6 +64,10 @@ _EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
 
 _MAC_SIZE = 16
 
+# Python types a database stores and returns exactly as assigned; a repopulated entry may only carry
+# written values of these types (anything else is invalidated and read back from the database)
+_STORED_AS_ASSIGNED = frozenset({int, bool, str, bytes, type(None), uuid.UUID})
+
 # what describing an unusual statement may raise; such a statement is simply not cached
 _UNDESCRIBABLE = (SQLAlchemyError, ConfigurationError, AttributeError, TypeError, NotImplementedError)
 
@@ -875,7 +879,11 @@ class SQLCache:
         obj = state.obj()
         pk = tuple(mapper.primary_key_from_instance(obj))
         key = _keys.identity_dep_key(self.config.prefix, h.base_table, pk)
-        st.identities[key] = IdentityWrite(h, pk, None if deleted else state, mapper.class_, obj)
+        written = set(state.dict) if state.key is None else set(state.committed_state)
+        previous = st.identities.get(key)
+        if previous is not None:
+            written |= previous.written
+        st.identities[key] = IdentityWrite(h, pk, None if deleted else state, mapper.class_, obj, written)
         old = state.key
         if old is not None and tuple(old[1]) != pk:
             # the primary key itself changed: the row is gone from its old key too
@@ -918,6 +926,11 @@ class SQLCache:
                     continue
                 if any(t in st.bulk for t in w.hierarchy.tables):
                     continue  # a statement changed rows of this table behind the unit of work's back
+                dict_ = w.state.dict
+                if any(type(dict_.get(k)) not in _STORED_AS_ASSIGNED for k in w.written if k in dict_):
+                    # e.g. Decimal("3") comes back as Decimal("3.00"), a +05:00 datetime in UTC or without
+                    # microseconds: only the database knows the stored value, so invalidate instead
+                    continue
                 h = self._hierarchy(w.state.mapper)
                 payload: bytes | None = None
                 with self._degrade("encode"):
