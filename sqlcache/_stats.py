@@ -24,6 +24,7 @@ COUNTERS = (
     "invalidations_replayed",  # dependencies from the journal applied once Redis answered
     "invalidations_lost",  # dependencies dropped when the journal overflowed (a fence replaced them)
     "fences",  # cache-wide invalidations (after a journal overflow or a Redis restart)
+    "outbox_relayed",  # outbox rows applied by this process's relay (their writer never marked them done)
     "restarts",  # Redis restarts noticed (a new run id); each fences the prefix
     "errors",  # Redis failures and undecodable entries
     "backoffs",  # times Redis was skipped for a back-off period after repeated failures

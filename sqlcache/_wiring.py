@@ -232,6 +232,9 @@ class Wiring:
             self._session_listening = False
             self._unlisten_mappers()
 
+    def engines(self) -> list[Engine]:
+        return list(self._engines)
+
     def watch_mapper(self, mapper: Mapper[Any]) -> None:
         self._mappers.add(mapper)
         if self._session_listening:
@@ -278,7 +281,7 @@ class Wiring:
     def _on_commit(self, conn: Connection) -> None:
         st: TxnState | None = conn.info.pop(self._txn_key, None)
         if st is not None and st.wrote_anything():
-            self.cache.precommit(st, id(conn.connection))
+            self.cache.precommit(st, id(conn.connection), conn)
 
     def _on_after_commit(self, dbapi_connection: Any, committed: bool) -> None:
         self.cache.postcommit(id(dbapi_connection), committed)
@@ -313,6 +316,10 @@ class Wiring:
                     st.bulk[other.fullname] = other
         elif context.isddl or is_write_sql(statement):
             st.everything = True
+        else:
+            return
+        if self.cache.config.durable and st.outbox_id is None and is_autocommit(conn):
+            self.cache.outbox_early(st, conn)
 
     def _on_after_cursor_execute(
         self,
@@ -328,7 +335,7 @@ class Wiring:
         if st is not None and st.wrote_anything() and is_autocommit(conn):
             conn.info[self._txn_key] = TxnState(began_sql=True)
             key = id(conn.connection)
-            self.cache.precommit(st, key)
+            self.cache.precommit(st, key, conn)
             self.cache.postcommit(key, True)
 
     def _session_flushing(self, conn: Connection) -> bool:

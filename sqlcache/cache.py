@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import redis
+from sqlalchemy import MetaData, Table
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.result import IteratorResult
@@ -25,6 +26,8 @@ from sqlalchemy.orm.attributes import set_committed_value
 from . import _keys, signals
 from ._codec import encode_body
 from ._listen import Listener
+from ._outbox import DEFAULT_TABLE, MAX_BODY_CHARS, OutboxSQL, Relay, check_table, outbox_table
+from ._outbox import encode_body as encode_outbox_body
 from ._query import Uncacheable, decode_rows, digest, encode_rows, stable, tables_read
 from ._snapshot import (
     Hierarchy,
@@ -42,7 +45,7 @@ from ._store import ReadResult, RepopEntry, SentLock, Store, client_for
 from ._txn import IdentityWrite, TxnState, cascade_targets
 from ._wiring import Wiring, result_metadata, with_attributes
 from .config import CacheConfig, Mode, ModelPolicy
-from .errors import CacheUnavailable, CodecError, ConfigurationError
+from .errors import CacheUnavailable, CodecError, ConfigurationError, SQLCacheError
 from .options import QueryPolicy
 
 if TYPE_CHECKING:
@@ -99,6 +102,7 @@ class _PendingRelease:
     identities: list[tuple[type[Any], tuple[Any, ...]]]
     tags: list[str]
     sent: SentLock | None = None  # a pipelined lock whose reply is read with the release
+    outbox: tuple[Relay, str] | None = None  # durable: the relay to tell once the row is applied
 
 
 class SQLCache:
@@ -119,6 +123,12 @@ class SQLCache:
         release script (no extra round trip); other processes hear them through :meth:`listen`.
     :param secret: sign every entry (HMAC-SHA256 over its key and payload); entries written by anyone
         without the secret, or moved to another key, are misses. See docs/operations.md for the threat.
+    :param durable: write each transaction's invalidations into an outbox table in the same database
+        transaction, and run a relay thread per attached engine that applies what no writer could
+        (a crash, an outage); see docs/durability.md. The table must exist (:meth:`create_outbox`).
+    :param outbox_table: the outbox table's name.
+    :param relay_interval: seconds between two passes of the relay.
+    :param relay_grace: age in seconds at which a relay applies a row its writer did not mark done.
     :raises ConfigurationError: on a bad argument.
 
     Guarantees: a read that starts after ``commit()`` returned never sees an entry older than that
@@ -144,6 +154,10 @@ class SQLCache:
         max_entry_bytes: int = 8 * 1024 * 1024,
         secret: bytes | str | None = None,
         broadcast: bool = False,
+        durable: bool = False,
+        outbox_table: str = DEFAULT_TABLE,
+        relay_interval: float = 1.0,
+        relay_grace: float = 10.0,
     ) -> None:
         self.config = CacheConfig(
             prefix=prefix,
@@ -157,13 +171,19 @@ class SQLCache:
             stampede_wait=stampede_wait,
             max_entry_bytes=max_entry_bytes,
             broadcast=broadcast,
+            durable=durable,
+            outbox_table=outbox_table,
+            relay_interval=relay_interval,
+            relay_grace=relay_grace,
         )
         self._channel = _keys.channel(prefix)
         self._node = uuid.uuid4().hex  # tells this cache's own broadcasts from other processes
         # a query's stampede lock outlives the wait of the callers behind it, then expires on its own
         self._fill_lock_ms = int(max(2 * stampede_wait, 5.0) * 1000)
+        client = client_for(redis_client, timeout)
+        self._owns_client = client is not redis_client  # built from a URL, or derived: ours to close
         self.store = Store(
-            client_for(redis_client, timeout),
+            client,
             failure_threshold=failure_threshold,
             backoff=backoff,
             max_backoff=max_backoff,
@@ -187,6 +207,8 @@ class SQLCache:
         self._secret = secret.encode() if isinstance(secret, str) else secret
         self._reported_seq = -1  # Store.ok_seq when the last outage was signalled
         self._replay_timer: threading.Timer | None = None
+        self._relays: dict[Any, Relay] = {}  # engine.pool -> its relay (durable)
+        self._closed = False
         self.store.on_restart = self._redis_restarted
         #: when True, an exception raised by a signal receiver propagates (the test suite sets it)
         self.strict_signals = False
@@ -206,6 +228,13 @@ class SQLCache:
         """
         if not isinstance(engine, Engine):
             raise ConfigurationError(f"attach() takes a sqlalchemy Engine, got {engine!r}")
+        if self._closed:
+            raise ConfigurationError("this SQLCache was closed")
+        if self.config.durable and engine.pool not in self._relays:
+            check_table(engine, self.config.outbox_table)
+            relay = self._new_relay(engine)
+            self._relays[engine.pool] = relay
+            relay.start()
         self._wiring.attach(engine)
 
     def detach(self, engine: Engine) -> None:
@@ -213,6 +242,93 @@ class SQLCache:
         if not isinstance(engine, Engine):
             raise ConfigurationError(f"detach() takes a sqlalchemy Engine, got {engine!r}")
         self._wiring.detach(engine)
+        relay = self._relays.pop(engine.pool, None)
+        if relay is not None:
+            relay.stop()
+
+    def close(self) -> None:
+        """Detach every engine, stop the relays (after deleting the outbox rows already applied) and the
+        journal's replay timer, and close the connections this cache opened to Redis. Idempotent."""
+        self._closed = True
+        for engine in self._wiring.engines():
+            self._wiring.detach(engine)
+        relays, self._relays = list(self._relays.values()), {}
+        for relay in relays:
+            relay.stop()
+        with self._mutex:
+            timer, self._replay_timer = self._replay_timer, None
+        if timer is not None:
+            timer.cancel()
+        if self._owns_client:
+            self.store.client.connection_pool.disconnect()
+
+    # -- durable invalidation ------------------------------------------------------------------------
+
+    def outbox_table(self, metadata: MetaData | None = None) -> Table:
+        """The outbox table of this cache (``outbox_table`` name), defined in ``metadata``: pass your
+        models' metadata to have Alembic autogenerate create it in a migration."""
+        return outbox_table(metadata if metadata is not None else MetaData(), self.config.outbox_table)
+
+    def create_outbox(self, engine: Engine) -> None:
+        """Create the outbox table in ``engine``'s database if it is not there (``CREATE TABLE``)."""
+        self.outbox_table().create(engine, checkfirst=True)
+
+    def relay(self, engine: Engine, *, start: bool = True) -> Relay:
+        """A relay for ``engine``'s outbox without attaching the engine: for a process whose only job is
+        to apply what crashed or cut-off writers left (``sqlcache relay`` runs one). ``relay.stop()``
+        ends it; ``relay.run_once()`` runs one pass in the calling thread.
+
+        :raises ConfigurationError: if the outbox table does not exist.
+        """
+        check_table(engine, self.config.outbox_table)
+        relay = self._new_relay(engine)
+        if start:
+            relay.start()
+        return relay
+
+    def _new_relay(self, engine: Engine) -> Relay:
+        sql = OutboxSQL(self.outbox_table(), engine.dialect, batch=500)
+        return Relay(self, engine, sql, self.config.relay_interval, self.config.relay_grace)
+
+    def apply_relayed(self, keys: list[str], tags: list[str]) -> None:
+        """Give ``keys`` fresh generations (a relay's batch); raises CacheUnavailable if Redis is away."""
+        self.store.release(self._clock_key, keys, "", self._gen_ttl_ms, announce=self._announce([], tags))
+        self._stats.incr("invalidations", len(keys))
+
+    def _outbox_write(self, st: TxnState, conn: Connection, keys: list[str], tags: list[str]) -> str:
+        """Insert the transaction's outbox row on its own connection, before its COMMIT."""
+        relay = self._relays.get(conn.engine.pool)
+        if relay is None:
+            raise ConfigurationError("durable=True but this engine has no relay (attach() it first)")
+        body = encode_outbox_body(keys, tags)
+        if len(body) > MAX_BODY_CHARS:
+            body = encode_outbox_body(self._coarse_keys(st), tags)
+        try:
+            return relay.sql.write(conn.connection.dbapi_connection, self.config.prefix, body)
+        except relay.sql.dbapi_error as exc:
+            raise SQLCacheError(
+                f"durable invalidation: writing the outbox row failed ({exc}); the transaction is not "
+                "committed"
+            ) from exc
+
+    def _coarse_keys(self, st: TxnState) -> list[str]:
+        """Table-wide keys covering everything ``st`` wrote (an outbox row of bounded size)."""
+        p = self.config.prefix
+        if st.everything:
+            return [self._global_key]
+        tables = set(st.tables) | set(st.bulk)
+        for w in st.identities.values():
+            tables.update(w.hierarchy.tables)
+        out = []
+        for name in sorted(tables):
+            out += [_keys.bulk_dep_key(p, name), _keys.table_dep_key(p, name)]
+        return out
+
+    def outbox_early(self, st: TxnState, conn: Connection) -> None:
+        """AUTOCOMMIT: a write is about to be committed by the statement itself, with no COMMIT to
+        write the outbox row before; write a row with the statement's table-wide keys first."""
+        if st.outbox_id is None:
+            st.outbox_id = self._outbox_write(st, conn, self._coarse_keys(st), [])
 
     def register(self, cls: type[Any], ttl: int | None = None, mode: Mode = "invalidate") -> None:
         """Serve ``session.get(cls, pk)`` and many-to-one lazy loads of ``cls`` (and subclasses) from Redis.
@@ -899,8 +1015,9 @@ class SQLCache:
             self._cascades[k] = out
         return out
 
-    def precommit(self, st: TxnState, dbapi_key: int) -> None:
-        """Before the database COMMIT: lock every dependency the transaction wrote (one round trip)."""
+    def precommit(self, st: TxnState, dbapi_key: int, conn: Connection | None = None) -> None:
+        """Before the database COMMIT: lock every dependency the transaction wrote (one round trip);
+        with ``durable``, write its outbox row on ``conn`` first."""
         p = self.config.prefix
         keys: list[str] = list(st.identities)
         tags: list[str] = []
@@ -913,6 +1030,11 @@ class SQLCache:
             keys.append(self._global_key)
             tags.append("*")
         identities = [(w.cls, w.pk) for w in st.identities.values()]
+        outbox: tuple[Relay, str] | None = None
+        if self.config.durable and conn is not None:
+            # before the lock: if the row cannot be written, the commit fails and nothing is locked
+            row_id = st.outbox_id or self._outbox_write(st, conn, keys, tags)
+            outbox = (self._relays[conn.engine.pool], row_id)
         token = uuid.uuid4().hex
         # repopulate: entries whose new state we know; their other dependencies are watched, not locked
         repop: list[tuple[str, list[str], int, bytes]] = []
@@ -963,13 +1085,14 @@ class SQLCache:
             marks = tuple("=" if i == 0 else watched.get(d, "") for i, d in enumerate(deps))
             if all(marks):
                 entries.append(RepopEntry(entry_key, tuple(deps), ttl_ms, payload, marks))
-        self._pending[dbapi_key] = _PendingRelease(keys, token, entries, identities, tags, sent)
+        self._pending[dbapi_key] = _PendingRelease(keys, token, entries, identities, tags, sent, outbox)
 
     def postcommit(self, dbapi_key: int, committed: bool) -> None:
         """After the database COMMIT: fresh generations, locks dropped, repopulated entries written."""
         pending = self._pending.pop(dbapi_key, None)
         if pending is None:
             return
+        released = False
         if pending.sent is not None:
             try:
                 announce = self._announce(pending.identities, pending.tags)
@@ -978,6 +1101,7 @@ class SQLCache:
                 ):
                     self._stats.incr("errors")
                 self._stats.incr("invalidations", len(pending.keys))
+                released = True
             except CacheUnavailable as exc:
                 self._report(exc, "release")
                 self._defer(pending.keys)
@@ -996,9 +1120,13 @@ class SQLCache:
                 )
                 self._stats.incr("invalidations", len(pending.keys))
                 self._stats.incr("repopulated", written)
+                released = True
             except CacheUnavailable as exc:
                 self._report(exc, "release")
                 self._defer(pending.keys)
+        if pending.outbox is not None and (released or not committed):
+            # applied (or never committed): the row only needs deleting; otherwise a relay applies it
+            pending.outbox[0].mark_done(pending.outbox[1])
         if signals.invalidated.receivers:
             self._send(signals.invalidated, identities=pending.identities, tags=pending.tags, remote=False)
 

@@ -13,6 +13,7 @@ __all__ = ["CacheConfig", "Mode", "ModelPolicy", "validate_ttl"]
 Mode = Literal["invalidate", "repopulate"]
 
 _PREFIX = re.compile(r"^[^\s*?\[\]\\]+$")
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 def validate_ttl(ttl: object, what: str) -> int | None:
@@ -48,6 +49,10 @@ class CacheConfig:
     stampede_wait: float = 2.0
     max_entry_bytes: int = 8 * 1024 * 1024
     broadcast: bool = False
+    durable: bool = False
+    outbox_table: str = "sqlcache_outbox"
+    relay_interval: float = 1.0
+    relay_grace: float = 10.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not self.prefix or not _PREFIX.match(self.prefix):
@@ -64,6 +69,20 @@ class CacheConfig:
             raise ConfigurationError(f"stampede_wait must be seconds in [0, 60], got {self.stampede_wait!r}")
         if not isinstance(self.max_entry_bytes, int) or self.max_entry_bytes < 1:
             raise ConfigurationError(f"max_entry_bytes must be a positive int, got {self.max_entry_bytes!r}")
+        if not isinstance(self.outbox_table, str) or not _TABLE.match(self.outbox_table):
+            raise ConfigurationError(
+                f"outbox_table must be a plain SQL identifier, got {self.outbox_table!r}"
+            )
+        if self.durable and len(self.prefix) > 255:
+            raise ConfigurationError(
+                "durable=True needs a prefix of at most 255 characters (the outbox column)"
+            )
+        if not isinstance(self.relay_interval, (int, float)) or not 0 < self.relay_interval <= 3600:
+            raise ConfigurationError(
+                f"relay_interval must be seconds in (0, 3600], got {self.relay_interval!r}"
+            )
+        if not isinstance(self.relay_grace, (int, float)) or not 0 <= self.relay_grace <= 86400:
+            raise ConfigurationError(f"relay_grace must be seconds in [0, 86400], got {self.relay_grace!r}")
         if self.failure_threshold < 1:
             raise ConfigurationError(f"failure_threshold must be >= 1, got {self.failure_threshold!r}")
 

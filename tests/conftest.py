@@ -99,6 +99,14 @@ def _make_engine(backend: str, tmp: str) -> Engine:
     return create_engine(MARIADB_URL.rsplit("/", 1)[0] + "/" + name)
 
 
+def shareable_url(engine: Engine) -> str:
+    """A URL another process can use to reach the same test database (PostgreSQL's schema included)."""
+    url = engine.url
+    if url.get_backend_name() == "postgresql":
+        url = url.update_query_dict({"options": f"-csearch_path=sqlcache_{RUN_ID}"})
+    return url.render_as_string(hide_password=False)
+
+
 def _drop_namespace(backend: str) -> None:
     if backend == "postgresql":
         admin = create_engine(PG_URL)

@@ -1,0 +1,397 @@
+"""Durable invalidation: the outbox row written in the committing transaction, the relay that applies
+what a crashed or cut-off writer could not, and the commands around them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from sqlalchemy import MetaData, create_engine, inspect, select, text, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlcache import ConfigurationError, SQLCache, SQLCacheError, signals
+from sqlcache._outbox import MAX_BODY_CHARS, outbox_table
+
+from ..conftest import RedisServer, free_port, shareable_url
+from ..helpers import make_user, user_name
+from ..models import User
+from ..proxy import Proxy
+
+OUTBOX = outbox_table(MetaData())
+
+
+def prefix() -> str:
+    return f"o{uuid.uuid4().hex[:10]}"
+
+
+def dead_redis() -> str:
+    """A Redis URL nothing listens on: every call fails at once."""
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+def rows(engine: Engine, pfx: str) -> list[dict[str, object]]:
+    with engine.connect() as c:
+        found = c.execute(select(OUTBOX).where(OUTBOX.c.prefix == pfx)).mappings().all()
+        return [dict(r) for r in found]
+
+
+@pytest.fixture
+def outbox(engine: Engine) -> Engine:
+    """``engine`` with the outbox table present (created once per database, emptied per test)."""
+    OUTBOX.create(engine, checkfirst=True)
+    with engine.begin() as c:
+        c.execute(OUTBOX.delete())
+    return engine
+
+
+@pytest.fixture
+def make_cache() -> Iterator[Callable[..., SQLCache]]:
+    made: list[SQLCache] = []
+
+    def make(url: str, pfx: str, **kw: object) -> SQLCache:
+        c = SQLCache(url, prefix=pfx, default_ttl=600, **kw)  # type: ignore[arg-type]
+        c.strict_signals = True
+        c.register(User)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def test_attach_refuses_a_missing_outbox_table(engine: Engine, redis_url: str) -> None:
+    cache = SQLCache(redis_url, prefix=prefix(), durable=True, outbox_table="no_such_outbox")
+    with pytest.raises(ConfigurationError, match="create_outbox"):
+        cache.attach(engine)
+    cache.close()
+
+
+def test_bad_durable_settings_are_refused(redis_url: str) -> None:
+    with pytest.raises(ConfigurationError, match="outbox_table"):
+        SQLCache(redis_url, durable=True, outbox_table="x; drop table users")
+    with pytest.raises(ConfigurationError, match="relay_interval"):
+        SQLCache(redis_url, durable=True, relay_interval=0)
+    with pytest.raises(ConfigurationError, match="relay_grace"):
+        SQLCache(redis_url, durable=True, relay_grace=-1)
+    with pytest.raises(ConfigurationError, match="255"):
+        SQLCache(redis_url, prefix="p" * 300, durable=True)
+    with pytest.raises(ConfigurationError, match="in-memory"):
+        SQLCache(redis_url, durable=True).attach(create_engine("sqlite://"))
+
+
+def test_commit_writes_its_row_and_the_relay_only_deletes_it(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    pfx = prefix()
+    cache = make_cache(redis_url, pfx, durable=True, relay_interval=3600)
+    cache.attach(outbox)
+    uid = make_user(outbox, "v1")
+    relay = cache._relays[outbox.pool]
+    relay.run_once()
+    assert rows(outbox, pfx) == []
+    assert user_name(outbox, uid) == "v1"  # filled
+
+    with Session(outbox) as s:
+        s.get(User, uid).name = "rolled back"
+        s.flush()
+        s.rollback()
+    assert rows(outbox, pfx) == []  # a rolled-back transaction leaves no row
+
+    with Session(outbox) as s:
+        s.get(User, uid).name = "v2"
+        s.commit()
+    [row] = rows(outbox, pfx)  # written in the committing transaction
+    body = json.loads(str(row["body"]))
+    assert any(k.startswith(f"{pfx}:d:i:users:") for k in body["keys"])
+    assert relay.pending_done() == 1  # the writer invalidated Redis itself
+
+    assert user_name(outbox, uid) == "v2"  # refilled
+    before = cache.stats()
+    assert relay.run_once() == 0  # deleted, not applied again
+    assert rows(outbox, pfx) == []
+    assert user_name(outbox, uid) == "v2"
+    after = cache.stats()
+    assert after["hits"] == before["hits"] + 1 and after["invalidations"] == before["invalidations"]
+
+
+WRITER = textwrap.dedent(
+    """
+    import os, sys
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+    from sqlcache import SQLCache
+    from tests.models import User
+
+    db_url, redis_url, pfx, uid = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    engine = create_engine(db_url)
+    cache = SQLCache(redis_url, prefix=pfx, durable=True, relay_interval=3600, timeout=0.2)
+    cache.register(User)
+    cache.attach(engine)
+    with Session(engine) as s:
+        s.get(User, uid).name = "v2"
+        s.commit()  # Redis is unreachable: the invalidation waits in this process's journal
+    print("committed", flush=True)
+    os._exit(0)  # crash: the journal dies with the process
+    """
+)
+
+
+def test_crash_while_redis_is_unreachable_loses_no_invalidation(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    """A writer cut off from Redis commits and dies; the relay still invalidates what it wrote."""
+    pfx = prefix()
+    reader = make_cache(redis_url, pfx)
+    reader.attach(outbox)
+    uid = make_user(outbox, "v1")
+    assert user_name(outbox, uid) == "v1"  # cached in Redis
+
+    done = subprocess.run(
+        [sys.executable, "-c", WRITER, shareable_url(outbox), dead_redis(), pfx, str(uid)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "committed" in done.stdout, done.stderr
+    assert len(rows(outbox, pfx)) == 1
+    # without the outbox this entry would now be served stale until it expired
+    assert user_name(outbox, uid) == "v1"
+
+    relay = make_cache(redis_url, pfx, durable=True, relay_grace=0, relay_interval=3600).relay(
+        outbox, start=False
+    )
+    assert relay.run_once() == 1
+    assert rows(outbox, pfx) == []
+    assert user_name(outbox, uid) == "v2"
+
+
+def test_relay_backs_off_while_redis_is_away_then_applies(
+    outbox: Engine, private_redis: RedisServer, make_cache: Callable[..., SQLCache]
+) -> None:
+    pfx = prefix()
+    reader = make_cache(private_redis.url, pfx)
+    reader.attach(outbox)
+    uid = make_user(outbox, "v1")
+    assert user_name(outbox, uid) == "v1"
+
+    reader.detach(outbox)  # the reader stands for another process: it sees nothing of the write
+    writer = make_cache(dead_redis(), pfx, durable=True, relay_interval=3600, timeout=0.2)
+    writer.strict_signals = False
+    writer.attach(outbox)
+    with Session(outbox) as s:
+        s.get(User, uid).name = "v2"
+        s.commit()
+    writer.close()  # as good as a crash: its journal is gone
+    reader.attach(outbox)
+    assert len(rows(outbox, pfx)) == 1
+    assert user_name(outbox, uid) == "v1"  # stale in Redis: only the outbox knows
+
+    proxy = Proxy(private_redis.port)
+    try:
+        proxy.cut()
+        relaying = make_cache(
+            proxy.url, pfx, durable=True, relay_grace=0, relay_interval=0.05, backoff=0.05, max_backoff=0.2
+        )
+        errors: list[str] = []
+
+        @signals.cache_error.connect_via(relaying)
+        def on_error(sender: SQLCache, exc: BaseException, operation: str) -> None:
+            errors.append(operation)
+
+        relay = relaying.relay(outbox)
+        deadline = time.monotonic() + 10
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "relay" in errors
+        assert len(rows(outbox, pfx)) == 1  # kept until Redis takes it
+        assert user_name(outbox, uid) == "v1"
+        proxy.heal()
+        deadline = time.monotonic() + 10
+        while rows(outbox, pfx) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rows(outbox, pfx) == []
+        assert user_name(outbox, uid) == "v2"
+        assert relaying.stats()["outbox_relayed"] == 1
+        relay.stop()
+        assert not relay.is_alive()
+    finally:
+        proxy.close()
+
+
+def test_autocommit_writes_its_row_before_the_statement(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    pfx = prefix()
+    reader = make_cache(redis_url, pfx)
+    reader.attach(outbox)
+    uid = make_user(outbox, "v1")
+    assert user_name(outbox, uid) == "v1"
+    reader.detach(outbox)
+    writer = make_cache(dead_redis(), pfx, durable=True, relay_interval=3600, timeout=0.2)
+    writer.strict_signals = False
+    writer.attach(outbox)
+    with outbox.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(update(User.__table__).where(User.__table__.c.id == uid).values(name="v2"))
+    [row] = rows(outbox, pfx)
+    assert f"{pfx}:d:b:users" in json.loads(str(row["body"]))["keys"]  # table-wide: written first
+    writer.close()
+    reader.attach(outbox)
+    assert user_name(outbox, uid) == "v1"
+    relay = make_cache(redis_url, pfx, durable=True, relay_grace=0).relay(outbox, start=False)
+    assert relay.run_once() == 1
+    assert user_name(outbox, uid) == "v2"
+
+
+def test_a_huge_transaction_keeps_its_row_small(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    pfx = prefix()
+    reader = make_cache(redis_url, pfx)
+    reader.attach(outbox)
+    uid = make_user(outbox, "v1")
+    assert user_name(outbox, uid) == "v1"
+    reader.detach(outbox)
+    writer = make_cache(dead_redis(), pfx, durable=True, relay_interval=3600, timeout=0.2)
+    writer.strict_signals = False
+    writer.attach(outbox)
+    with Session(outbox) as s:
+        s.add_all(User(name=f"bulk {'x' * 30} {i}") for i in range(1500))
+        s.get(User, uid).name = "v2"
+        s.commit()
+    writer.close()
+    reader.attach(outbox)
+    assert user_name(outbox, uid) == "v1"
+    [row] = rows(outbox, pfx)
+    body = str(row["body"])
+    assert len(body) <= MAX_BODY_CHARS
+    assert f"{pfx}:d:b:users" in json.loads(body)["keys"]
+    relay = make_cache(redis_url, pfx, durable=True, relay_grace=0).relay(outbox, start=False)
+    assert relay.run_once() == 1
+    assert user_name(outbox, uid) == "v2"
+
+
+def test_a_failed_outbox_write_fails_the_commit(
+    engine: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    table = f"outbox_{uuid.uuid4().hex[:8]}"
+    doomed = outbox_table(MetaData(), table)
+    doomed.create(engine)
+    uid = make_user(engine, "v1")
+    cache = make_cache(redis_url, prefix(), durable=True, outbox_table=table, relay_interval=3600)
+    cache.attach(engine)
+    raw = engine.raw_connection()  # the table disappears behind the cache's back
+    try:
+        raw.cursor().execute(f"DROP TABLE {table}")
+        raw.commit()
+    finally:
+        raw.close()
+    with Session(engine) as s:
+        s.get(User, uid).name = "v2"
+        with pytest.raises(SQLCacheError, match="outbox"):
+            s.commit()
+    assert user_name(engine, uid) == "v1"  # nothing committed
+
+
+def test_unreadable_rows_fence_the_prefix(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    pfx = prefix()
+    cache = make_cache(redis_url, pfx, durable=True, relay_grace=0, relay_interval=3600)
+    cache.attach(outbox)
+    uid = make_user(outbox, "v1")
+    assert user_name(outbox, uid) == "v1"
+    # behind the cache's back (a raw connection fires no events): the entry is now stale, and two
+    # outbox rows appear, an unreadable one of this prefix and one of another prefix
+    raw = outbox.raw_connection()
+    try:
+        cur = raw.cursor()
+        cur.execute(f"UPDATE users SET name = 'v2' WHERE id = {uid}")
+        cur.execute(
+            "INSERT INTO sqlcache_outbox (id, prefix, created_ms, body) "
+            f"VALUES ('g1', '{pfx}', 0, '{{not json'), ('g2', 'other', 0, '[]')"
+        )
+        cur.close()
+        raw.commit()
+    finally:
+        raw.close()
+    assert user_name(outbox, uid) == "v1"
+    relay = cache._relays[outbox.pool]
+    assert relay.run_once() >= 1
+    assert [r["id"] for r in rows(outbox, pfx)] == []
+    assert [r["id"] for r in rows(outbox, "other")] == ["g2"]
+    assert user_name(outbox, uid) == "v2"
+
+
+def test_close_stops_the_relay_and_refuses_attach(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    cache = make_cache(redis_url, prefix(), durable=True, relay_interval=0.05)
+    cache.attach(outbox)
+    relay = cache._relays[outbox.pool]
+    deadline = time.monotonic() + 5
+    while relay.passes == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert relay.passes > 0
+    cache.close()
+    cache.close()
+    assert not relay.is_alive()
+    with pytest.raises(ConfigurationError, match="closed"):
+        cache.attach(outbox)
+
+
+def test_relay_command_applies_what_a_crashed_writer_left(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    pfx = prefix()
+    reader = make_cache(redis_url, pfx)
+    reader.attach(outbox)
+    uid = make_user(outbox, "v1")
+    assert user_name(outbox, uid) == "v1"
+    done = subprocess.run(
+        [sys.executable, "-c", WRITER, shareable_url(outbox), dead_redis(), pfx, str(uid)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert user_name(outbox, uid) == "v1"
+    cmd = [sys.executable, "-m", "sqlcache", "relay", "--database-url", shareable_url(outbox)]
+    cmd += ["--redis-url", redis_url, "--prefix", pfx, "--once"]
+    young = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert young.returncode == 0 and "applied 0 outbox rows" in young.stdout, young.stderr  # grace
+    applied = subprocess.run([*cmd, "--grace", "0"], capture_output=True, text=True, timeout=60)
+    assert applied.returncode == 0 and "applied 1 outbox rows" in applied.stdout, applied.stderr
+    assert rows(outbox, pfx) == []
+    assert user_name(outbox, uid) == "v2"
+
+
+def test_outbox_command_prints_and_creates_the_table(engine: Engine) -> None:
+    url = shareable_url(engine)
+    table = f"outbox_{uuid.uuid4().hex[:8]}"
+    shown = subprocess.run(
+        [sys.executable, "-m", "sqlcache", "outbox", "--database-url", url, "--table", table],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"CREATE TABLE {table}" in shown.stdout and "CREATE INDEX" in shown.stdout
+    assert not inspect(engine).has_table(table)  # printing creates nothing
+    created = subprocess.run(
+        [sys.executable, "-m", "sqlcache", "outbox", "--database-url", url, "--table", table, "--create"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    assert inspect(engine).has_table(table)
+    with engine.begin() as c:
+        c.execute(text(f"DROP TABLE {table}"))
