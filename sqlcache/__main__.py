@@ -35,9 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--grace", type=float, default=10.0, help="age in seconds at which a row is applied (default 10)"
     )
     relay.add_argument("--once", action="store_true", help="one pass, then exit (for cron jobs and scripts)")
-    outbox = sub.add_parser(
-        "outbox", help="print the outbox table's DDL for a database, or create it"
-    )
+    outbox = sub.add_parser("outbox", help="print the outbox table's DDL for a database, or create it")
     outbox.add_argument("--database-url", required=True, help="SQLAlchemy URL of the database")
     outbox.add_argument("--table", default="sqlcache_outbox", help="the outbox table")
     outbox.add_argument("--create", action="store_true", help="create the table (if missing) instead")
