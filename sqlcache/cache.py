@@ -303,9 +303,16 @@ class SQLCache:
         body = encode_outbox_body(keys, tags)
         if len(body) > MAX_BODY_CHARS:
             body = encode_outbox_body(self._coarse_keys(st), tags)
+        dbapi_connection = conn.connection.dbapi_connection
         try:
-            return relay.sql.write(conn.connection.dbapi_connection, self.config.prefix, body)
+            return relay.sql.write(dbapi_connection, self.config.prefix, body)
         except relay.sql.dbapi_error as exc:
+            # SQLAlchemy neither commits nor resets a connection whose commit event raised: roll the
+            # transaction back here, or its locks would outlive it in the pool
+            try:
+                dbapi_connection.rollback()  # type: ignore[union-attr]
+            except relay.sql.dbapi_error:
+                conn.invalidate()
             raise SQLCacheError(
                 f"durable invalidation: writing the outbox row failed ({exc}); the transaction is not "
                 "committed"

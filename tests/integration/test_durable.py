@@ -20,7 +20,7 @@ from sqlcache import ConfigurationError, SQLCache, SQLCacheError, signals
 from sqlcache._outbox import MAX_BODY_CHARS, outbox_table
 
 from ..conftest import RedisServer, free_port, shareable_url
-from ..helpers import make_user, user_name
+from ..helpers import finish, make_user, run_in_thread, user_name
 from ..models import User
 from ..proxy import Proxy
 
@@ -298,6 +298,20 @@ def test_a_failed_outbox_write_fails_the_commit(
         with pytest.raises(SQLCacheError, match="outbox"):
             s.commit()
     assert user_name(engine, uid) == "v1"  # nothing committed
+    # and nothing left open: another connection can write the same row at once
+    other = create_engine(shareable_url(engine))
+    try:
+
+        def rename() -> str | None:
+            with other.begin() as c:
+                c.execute(update(User.__table__).where(User.__table__.c.id == uid).values(name="v3"))
+            return user_name(other, uid)
+
+        t, out = run_in_thread(rename)
+        t.start()
+        assert finish(t, out, timeout=10) == "v3"
+    finally:
+        other.dispose()
 
 
 def test_unreadable_rows_fence_the_prefix(
