@@ -169,6 +169,7 @@ def cache(redis_url: str, engine: Engine) -> Iterator[SQLCache]:
     yield c
     c.detach(engine)
     c.clear()
+    c.close()
 
 
 class SQLCounter:
