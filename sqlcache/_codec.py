@@ -35,10 +35,13 @@ A tz tail is empty for a naive value; ``b"U"`` for ``timezone.utc`` (decoded bac
 the same + its UTF-8 name otherwise; ``b"Z"`` + the ASCII key of a ``zoneinfo.ZoneInfo``. Any other tzinfo
 class is an encode error.
 
+One more: a ``datetime.datetime`` whose tzinfo is ``timezone.utc`` itself and whose fold is 0 is written as
+msgpack's own timestamp ext (-1: seconds and nanoseconds since the epoch), which msgpack decodes in C, before
+any ext_hook, back to an aware datetime in ``timezone.utc`` (code 3 still decodes, and encodes every other
+datetime). Any -1 payload is therefore read as such a datetime, a supported type.
+
 A new type is a new code plus a round-trip test; a code's meaning never changes. Any other code is a decode
-error, with one exception: msgpack decodes its own timestamp ext (-1, which we never write) before ext_hook
-is consulted, so it cannot be refused there; it is read as an aware UTC ``datetime``, a supported type.
-Refusing it would cost a scan of every payload (see ``_unpack_inner``).
+error.
 
 Tuples, sets and frozensets nest at most ``_MAX_DEPTH`` deep inside one another (lists and dicts do not
 count): each level is one more ``unpackb`` call on the C stack, tens of kilobytes each, so a crafted payload
@@ -128,7 +131,7 @@ def _array_of_packed(items: list[bytes]) -> bytes:
     return head + b"".join(items)
 
 
-def _inner_default(depth: int) -> Callable[[Any], msgpack.ExtType]:
+def _inner_default(depth: int) -> Callable[[Any], msgpack.ExtType | msgpack.Timestamp]:
     if depth >= _MAX_DEPTH:
         raise CodecError(f"tuples/sets nested more than {_MAX_DEPTH} deep")
     return _DEFAULTS[depth + 1]
@@ -227,9 +230,14 @@ _ENCODERS: Final[MappingProxyType[type[Any], tuple[int, Callable[[Any, int], byt
 )
 
 
-def _default_at(depth: int) -> Callable[[Any], msgpack.ExtType]:
-    def default(o: Any) -> msgpack.ExtType:
+def _default_at(depth: int) -> Callable[[Any], msgpack.ExtType | msgpack.Timestamp]:
+    def default(o: Any) -> msgpack.ExtType | msgpack.Timestamp:
         kind = type(o)
+        if kind is dt.datetime and o.tzinfo is dt.timezone.utc and not o.fold:
+            # msgpack's own timestamp (ext -1): decoded to exactly this value in C, ten times faster than
+            # an ext_hook call (the aware UTC datetime is what PostgreSQL's timestamptz comes back as)
+            delta = o - _EPOCH
+            return msgpack.Timestamp(delta.days * 86400 + delta.seconds, delta.microseconds * 1000)
         entry = _ENCODERS.get(kind)
         if entry is None:
             raise CodecError(f"cannot encode a value of type {kind.__module__}.{kind.__qualname__}")
@@ -239,6 +247,7 @@ def _default_at(depth: int) -> Callable[[Any], msgpack.ExtType]:
     return default
 
 
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _DEFAULTS: Final = tuple(_default_at(depth) for depth in range(_MAX_DEPTH + 1))
 _DEFAULT: Final = _DEFAULTS[0]
 

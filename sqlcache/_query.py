@@ -77,13 +77,20 @@ def tables_read(compiled: Any, statement: Any) -> tuple[str, ...]:
 HierarchyOf = Callable[[Mapper[Any]], Hierarchy]
 
 
+# Version of the row layout below; part of every query key, so entries of another layout are never read.
+LAYOUT = 2
+
+
 class _Encoder:
-    """Objects of a result and the relationships loaded on them, flattened into an indexed list."""
+    """Objects of a result and the relationships loaded on them, flattened into indexed lists."""
 
     def __init__(self, hier: HierarchyOf) -> None:
         self.hier = hier
         self.index: dict[int, int] = {}
+        self.shape_index: dict[tuple[str, str], int] = {}
+        self.shapes: list[list[str]] = []
         self.objects: list[list[Any]] = []
+        self.rels: list[Any] = []
         self.tables: set[str] = set()
         self._keep: list[Any] = []
 
@@ -96,14 +103,17 @@ class _Encoder:
         shape = h.shapes.get(cid)
         if shape is None or state.modified:
             raise CodecError("object of an unexpected class or with pending changes")
+        sk = (h.fingerprint, cid)
+        si = self.shape_index.get(sk)
+        if si is None:
+            si = self.shape_index[sk] = len(self.shapes)
+            self.shapes.append([h.fingerprint, cid])
         idx = len(self.objects)
         self.index[id(obj)] = idx
         self._keep.append(obj)
-        entry: list[Any] = [h.fingerprint, cid, 0, [], []]
-        self.objects.append(entry)
         dict_ = state.dict
-        entry[2], entry[3] = plain_values(shape, dict_)
-        rels: list[Any] = []
+        mask, values = plain_values(shape, dict_)
+        self.objects.append([si, mask, *values])
         for rel in state.mapper.relationships:
             if rel.key not in dict_:
                 continue
@@ -113,14 +123,14 @@ class _Encoder:
                 self.tables.add(table_name(rel.secondary))
             value = dict_[rel.key]
             if value is None:
-                rels.append([rel.key, None])
+                ref: Any = None
             elif rel.uselist:
                 if not isinstance(value, list):
                     raise CodecError(f"collection {rel} is not a list")
-                rels.append([rel.key, [self.add(target, o) for o in value]])
+                ref = [self.add(target, o) for o in value]
             else:
-                rels.append([rel.key, self.add(target, value)])
-        entry[4] = rels
+                ref = self.add(target, value)
+            self.rels += [idx, rel.key, ref]
         return idx
 
 
@@ -133,12 +143,17 @@ def encode_rows(
 ) -> tuple[bytes, set[str]]:
     """(payload, tables read through loaded relationships).
 
-    payload = [fingerprints, keys, single-entity flag, rows, objects]; an entity cell is an index into
-    objects; an object is [fingerprint, class id, loaded mask, values, [[relationship, ref], ...]] with
-    ref None, an index, or a list of indexes.
+    payload = [fingerprints, keys, single-entity flag, flat, rows, shapes, objects, rels]:
+
+    - rows: one list of cells per row, an entity cell being an index into objects; ``flat`` when the
+      statement returns one entity and no row holds None: then rows is just the list of indexes;
+    - shapes: [fingerprint, class id] pairs; objects: [shape index, loaded mask, *values of the loaded
+      column attributes] (one list per object, nothing else: a hit builds hundreds of them);
+    - rels: a flat list of (object index, relationship key, ref) triples, ref None, an index, or a list.
     """
     enc = _Encoder(hier)
-    out = []
+    out: list[Any] = []
+    flat = len(columns) == 1 and columns[0] is not None
     for row in rows:
         cells = tuple(row) if isinstance(row, Row) else (row,)
         if len(cells) != len(columns):
@@ -149,107 +164,134 @@ def encode_rows(
                 for h, c in zip(columns, cells, strict=True)
             ]
         )
+    if flat and all(r[0] is not None for r in out):
+        out = [r[0] for r in out]
+    else:
+        flat = False
     fps = [h.fingerprint if h is not None else None for h in columns]
-    return encode([fps, list(keys), single, out, enc.objects]), enc.tables
+    payload = encode([fps, list(keys), single, flat, out, enc.shapes, enc.objects, enc.rels])
+    return payload, enc.tables
 
 
 @dataclass(eq=False)
 class Decoded:
-    """One object of a cached result, ready to materialise; ``rels`` maps relationship key to refs."""
+    """A validated query entry: its objects are ``[shape index, mask, *values]`` lists whose values are
+    already converted; ``shapes[i]`` is the Shape of shape index i; rels are (object, key, ref)."""
 
-    shape: Shape
-    mask: int
-    values: list[Any]
-    rels: list[tuple[str, Any]]
-
-
-def _decode_object(h: Hierarchy, raw: Any) -> tuple[Shape, int, list[Any], Any]:
-    if type(raw) is not list or len(raw) != 5:
-        raise CodecError("malformed object")
-    fp, cid, mask, values, rels = raw
-    if fp != h.fingerprint:
-        raise CodecError("object written by another model definition")
-    shape = h.shapes.get(cid) if type(cid) is str else None
-    if (
-        shape is None
-        or type(mask) is not int
-        or mask < 0
-        or type(values) is not list
-        or type(rels) is not list
-    ):
-        raise CodecError("object names an unknown class or is malformed")
-    if mask == shape.full_mask:
-        if len(values) != len(shape.keys):
-            raise CodecError("object's mask does not match its values")
-        for i in shape.converted:
-            conv = shape.from_plain[i]
-            assert conv is not None
-            values[i] = conv(values[i])
-        return shape, mask, values, rels
-    if mask >> len(shape.keys) or mask.bit_count() != len(values):
-        raise CodecError("object's mask does not match its values")
-    plain = []
-    j = 0
-    for i, conv in enumerate(shape.from_plain):
-        if mask >> i & 1:
-            plain.append(conv(values[j]) if conv is not None else values[j])
-            j += 1
-    return shape, mask, plain, rels
+    keys: list[str]
+    single: bool
+    flat: bool
+    rows: list[Any]
+    shapes: list[Shape | None]
+    objects: list[list[Any]]
+    rels: list[tuple[int, str, Any]]
 
 
-def decode_rows(
-    columns: Sequence[Hierarchy | None], payload: bytes, hier: HierarchyOf
-) -> tuple[list[str], bool, list[list[Any]], list[Decoded]]:
-    """(keys, single-entity flag, rows whose entity cells are object indexes, the objects)."""
+def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: HierarchyOf) -> Decoded:
+    """Decode and validate a query entry completely (nothing is built from a payload that fails)."""
     data = decode(payload)
-    if type(data) is not list or len(data) != 5:
-        raise CodecError("query entry is not a 5-item list")
-    fps, keys, single, rows, objects = data
+    if type(data) is not list or len(data) != 8:
+        raise CodecError("query entry is not an 8-item list")
+    fps, keys, single, flat, rows, shape_refs, objects, rels = data
     if fps != [h.fingerprint if h is not None else None for h in columns]:
         raise CodecError("query entry was written by another model definition")
     if (
         type(keys) is not list
         or type(rows) is not list
         or type(single) is not bool
+        or type(flat) is not bool
+        or type(shape_refs) is not list
         or type(objects) is not list
+        or type(rels) is not list
+        or len(rels) % 3
     ):
         raise CodecError("malformed query entry")
-    decoded: list[Decoded | None] = [None] * len(objects)
-    todo: list[tuple[Hierarchy, int]] = []
+    n_objects = len(objects)
+    shapes: list[Shape | None] = [None] * len(shape_refs)
+    owner: list[Hierarchy | None] = [None] * len(shape_refs)
+    seen = bytearray(n_objects)
+    todo: list[int] = []  # objects validated whose relationships are not yet
+    by_owner: dict[int, list[tuple[str, Any]]] = {}
+    for k in range(0, len(rels), 3):
+        i, key = rels[k], rels[k + 1]
+        if type(i) is not int or not 0 <= i < n_objects or type(key) is not str:
+            raise CodecError("malformed relationship")
+        by_owner.setdefault(i, []).append((key, rels[k + 2]))
 
-    def ref(h: Hierarchy, i: Any) -> int:
-        if type(i) is not int or not 0 <= i < len(objects):
+    def check(h: Hierarchy, i: Any) -> None:
+        """Object i, referenced where an instance of ``h`` is expected: validate it once."""
+        if type(i) is not int or not 0 <= i < n_objects:
             raise CodecError("dangling object reference")
-        todo.append((h, i))
-        return i
+        obj = objects[i]
+        if type(obj) is not list or len(obj) < 2:
+            raise CodecError("malformed object")
+        si = obj[0]
+        if type(si) is not int or not 0 <= si < len(shape_refs):
+            raise CodecError("object names an unknown shape")
+        shape = shapes[si]
+        if shape is None:
+            ref = shape_refs[si]
+            if type(ref) is not list or len(ref) != 2 or ref[0] != h.fingerprint or type(ref[1]) is not str:
+                raise CodecError("object written by another model definition")
+            shape = h.shapes.get(ref[1])
+            if shape is None:
+                raise CodecError("object names an unknown class")
+            shapes[si] = shape
+            owner[si] = h
+        elif owner[si] is not h and shape_refs[si][0] != h.fingerprint:
+            raise CodecError("object written by another model definition")
+        if seen[i]:
+            return
+        seen[i] = 1
+        if by_owner:
+            todo.append(i)
+        mask = obj[1]
+        if type(mask) is int and mask == shape.full_mask:
+            if len(obj) != len(shape.keys) + 2:
+                raise CodecError("object's mask does not match its values")
+            for j in shape.converted:
+                conv = shape.from_plain[j]
+                assert conv is not None
+                obj[j + 2] = conv(obj[j + 2])
+            return
+        if type(mask) is not int or mask < 0 or mask >> len(shape.keys) or mask.bit_count() != len(obj) - 2:
+            raise CodecError("object's mask does not match its values")
+        j = 2
+        for pos, conv in enumerate(shape.from_plain):
+            if mask >> pos & 1:
+                if conv is not None:
+                    obj[j] = conv(obj[j])
+                j += 1
 
-    for row in rows:
-        if type(row) is not list or len(row) != len(columns):
-            raise CodecError("malformed query row")
-        for h, cell in zip(columns, row, strict=True):
-            if h is not None and cell is not None:
-                ref(h, cell)
+    if flat:
+        if len(columns) != 1 or columns[0] is None:
+            raise CodecError("flat rows for a statement that does not return one entity")
+        h0 = columns[0]
+        for cell in rows:
+            check(h0, cell)
+    else:
+        for row in rows:
+            if type(row) is not list or len(row) != len(columns):
+                raise CodecError("malformed query row")
+            for h, cell in zip(columns, row, strict=True):
+                if h is not None and cell is not None:
+                    check(h, cell)
+    out_rels: list[tuple[int, str, Any]] = []
     while todo:
-        h, i = todo.pop()
-        if decoded[i] is not None:
-            continue
-        shape, mask, values, rels = _decode_object(h, objects[i])
-        out_rels: list[tuple[str, Any]] = []
-        for item in rels:
-            if type(item) is not list or len(item) != 2 or type(item[0]) is not str:
-                raise CodecError("malformed relationship")
-            key, value = item
-            prop = shape.mapper.relationships.get(key) if hasattr(shape.mapper.relationships, "get") else None
+        i = todo.pop()
+        for key, value in by_owner.pop(i, ()):
+            shape = shapes[objects[i][0]]
+            assert shape is not None
+            prop = shape.mapper.relationships.get(key)
             if prop is None:
                 raise CodecError(f"unknown relationship {key!r}")
             target = hier(prop.mapper)
-            if value is None:
-                out_rels.append((key, None))
-            elif type(value) is list:
-                out_rels.append((key, [ref(target, v) for v in value]))
-            else:
-                out_rels.append((key, ref(target, value)))
-        decoded[i] = Decoded(shape, mask, values, out_rels)
-    if any(d is None for d in decoded):
+            if type(value) is list:
+                for v in value:
+                    check(target, v)
+            elif value is not None:
+                check(target, value)
+            out_rels.append((i, key, value))
+    if not all(seen):
         raise CodecError("unreferenced object in query entry")
-    return keys, single, rows, [d for d in decoded if d is not None]
+    return Decoded(keys, single, flat, rows, shapes, objects, out_rels)

@@ -175,6 +175,7 @@ class Shape:
     pk_positions: tuple[int, ...]  # where the primary key columns sit in ``keys``
     identity_class: type[Any]  # first item of this mapper's identity keys
     converted: tuple[int, ...]  # positions whose values need a converter
+    pk_offsets: tuple[int, ...]  # pk_positions + 2: where the key sits in a query entry's object list
 
     def identity_key(self, mask: int, values: list[Any]) -> tuple[Any, ...]:
         """The identity key of a decoded row (values compact by mask)."""
@@ -218,6 +219,7 @@ def _shape(mapper: Mapper[Any]) -> Shape:
         pk_positions=tuple(keys.index(k) for k in pk_keys),
         identity_class=mapper.identity_key_from_primary_key(tuple([None] * len(pk_keys)))[0],
         converted=tuple(i for i, c in enumerate(convs) if c[1] is not None),
+        pk_offsets=tuple(keys.index(k) + 2 for k in pk_keys),
     )
 
 
@@ -328,6 +330,62 @@ def materialize_many(
             session.dispatch.loaded_as_persistent(session, state)
         out.append((instance, True))
     return out
+
+
+def materialize_objects(
+    session: Session, shapes: Sequence[Shape | None], objects: list[list[Any]]
+) -> tuple[list[Any], bytearray]:
+    """Instances for validated ``[shape index, mask, *values]`` objects (see _query.decode_rows), in
+    order, and a flag per object: 1 if it was built here, 0 if the identity map already held it.
+
+    The hot loop of a query hit: per object one identity-key tuple, one instance and its state,
+    nothing else that outlives the call.
+    """
+    identity_map = session.identity_map
+    get = identity_map.get
+    add = identity_map._add_unpresent
+    hash_key = session.hash_key
+    persistent_evt = session.dispatch.loaded_as_persistent if session.dispatch.loaded_as_persistent else None
+    per_shape: dict[int, tuple[Callable[[], Any], Any]] = {}
+    instances: list[Any] = []
+    new = bytearray(len(objects))
+    for n, obj in enumerate(objects):
+        si = obj[0]
+        shape = shapes[si]
+        assert shape is not None
+        mask = obj[1]
+        full = mask == shape.full_mask
+        if full:
+            offs = shape.pk_offsets
+            pk = (obj[offs[0]],) if len(offs) == 1 else tuple([obj[k] for k in offs])
+            identity_key = (shape.identity_class, pk, None)
+        else:
+            identity_key = shape.identity_key(mask, obj[2:])
+        existing = get(identity_key)
+        if existing is not None:
+            instances.append(existing)
+            continue
+        made = per_shape.get(si)
+        if made is None:
+            manager = shape.mapper.class_manager
+            load = manager.dispatch.load if manager.dispatch.load else None
+            made = per_shape[si] = (manager.new_instance, load)
+        instance = made[0]()
+        state = instance_state(instance)
+        state.key = identity_key
+        state.session_id = hash_key
+        add(state, identity_key)
+        if full:
+            state.dict.update(zip(shape.keys, obj[2:], strict=True))  # lengths checked in decode
+        else:
+            _fill_partial(shape, state, state.dict, mask, obj[2:])
+        if made[1] is not None:
+            made[1](state, None)
+        if persistent_evt is not None:
+            persistent_evt(session, state)
+        instances.append(instance)
+        new[n] = 1
+    return instances, new
 
 
 def _fill_partial(

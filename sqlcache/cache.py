@@ -28,6 +28,7 @@ from ._codec import encode_body
 from ._listen import Listener
 from ._outbox import DEFAULT_TABLE, MAX_BODY_CHARS, OutboxSQL, Relay, check_table, outbox_table
 from ._outbox import encode_body as encode_outbox_body
+from ._query import LAYOUT as ROWS_LAYOUT
 from ._query import Uncacheable, decode_rows, digest, encode_rows, stable, tables_read
 from ._snapshot import (
     Hierarchy,
@@ -37,7 +38,7 @@ from ._snapshot import (
     encode_absent,
     encode_instance,
     hierarchy_for,
-    materialize_many,
+    materialize_objects,
 )
 from ._snapshot import materialize as _materialize
 from ._stats import Stats
@@ -900,27 +901,26 @@ class SQLCache:
         columns = spec.columns
 
         def on_hit(payload: bytes) -> Result[Any]:
-            keys, single, rows, objects = decode_rows(columns, payload, self._hierarchy)
-            built = materialize_many(
-                session,
-                [(d.shape, d.shape.identity_key(d.mask, d.values), d.mask, d.values) for d in objects],
-            )
-            instances = [b[0] for b in built]
-            for d, (obj, new) in zip(objects, built, strict=True):
-                for key, ref in d.rels:
-                    # as an eager load does: new objects get the loaded relationship, existing ones only
-                    # where theirs is not loaded yet
-                    if new or key not in obj.__dict__:
-                        set_committed_value(obj, key, _resolve(instances, ref))
-            entity_at = [i for i, h in enumerate(columns) if h is not None]
-            out = []
-            for row in rows:
-                for i in entity_at:
-                    if row[i] is not None:
-                        row[i] = instances[row[i]]
-                out.append(tuple(row))
-            meta = result_metadata(keys, [h is not None for h in columns])
-            return with_attributes(IteratorResult(meta, iter(out)), single)
+            d = decode_rows(columns, payload, self._hierarchy)
+            instances, new = materialize_objects(session, d.shapes, d.objects)
+            for i, key, ref in d.rels:
+                obj = instances[i]
+                # as an eager load does: new objects get the loaded relationship, existing ones only
+                # where theirs is not loaded yet
+                if new[i] or key not in obj.__dict__:
+                    set_committed_value(obj, key, _resolve(instances, ref))
+            if d.flat:
+                out = [(instances[i],) for i in d.rows]
+            else:
+                entity_at = [i for i, h in enumerate(columns) if h is not None]
+                out = []
+                for row in d.rows:
+                    for i in entity_at:
+                        if row[i] is not None:
+                            row[i] = instances[row[i]]
+                    out.append(tuple(row))
+            meta = result_metadata(d.keys, [h is not None for h in columns])
+            return with_attributes(IteratorResult(meta, iter(out)), d.single)
 
         def encode(frozen: FrozenResult[Any]) -> bytes | None:
             single = bool((getattr(frozen, "_attributes", None) or {}).get("is_single_entity"))
@@ -984,7 +984,7 @@ class SQLCache:
             else:
                 columns.append(None)
         fps = [h.fingerprint if h is not None else None for h in columns]
-        shape_digest = digest([stable(ck.key), engine.dialect.name, fps])
+        shape_digest = digest([ROWS_LAYOUT, stable(ck.key), engine.dialect.name, fps])
         return _QuerySpec(shape_digest, tables_read(compiled, stmt), tuple(columns))
 
     def invalidate_tags(self, *tags: str) -> None:

@@ -287,7 +287,7 @@ def test_polymorphic_queries(engine: Engine, cache: SQLCache, sql_count: SQLCoun
 
 def test_odd_tags_and_large_results(engine: Engine, redis_url: str) -> None:
     """Tags with spaces, colons, braces, non-ASCII or great length work; oversized results stay uncached."""
-    cache = SQLCache(redis_url, prefix=f"o{{dd}}:ü-{uuid.uuid4().hex[:6]}", max_entry_bytes=150)
+    cache = SQLCache(redis_url, prefix=f"o{{dd}}:ü-{uuid.uuid4().hex[:6]}", max_entry_bytes=100)
     cache.strict_signals = True
     cache.attach(engine)
     tags = ["org 3", "a:b:c", "{hash}", "naïve ✓", "x" * 2000]

@@ -528,7 +528,7 @@ def test_unknown_ext_code_nested_refused() -> None:
 
 
 def test_msgpack_timestamp_reads_as_utc_datetime() -> None:
-    """msgpack's own timestamp ext (-1), never written by us, decodes as a datetime in timezone.utc."""
+    """msgpack's own timestamp ext (-1) decodes as a datetime in timezone.utc."""
     out = decode(bytes([FORMAT_VERSION]) + msgpack.packb(msgpack.Timestamp(0, 1000)))
     assert type(out) is dt.datetime and out.tzinfo is dt.timezone.utc and out.microsecond == 1
 
@@ -601,3 +601,23 @@ def test_max_depth_decodes_on_a_small_thread_stack() -> None:
     finally:
         threading.stack_size(previous)
     assert out == [v]
+
+
+def test_utc_datetimes_use_msgpack_timestamps() -> None:
+    """An aware UTC datetime (timestamptz) is written as msgpack's timestamp, decoded in C, and comes back
+    equal, in timezone.utc itself, from year 1 to 9999; fold=1 or another zone keeps extension 3."""
+    utc = dt.timezone.utc
+    for v in [
+        dt.datetime(1, 1, 1, tzinfo=utc),
+        dt.datetime(1969, 12, 31, 23, 59, 59, 500_000, tzinfo=utc),
+        dt.datetime(2026, 11, 30, 13, 7, 1, 123_456, tzinfo=utc),
+        dt.datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=utc),
+    ]:
+        data = encode(v)
+        assert data[1:3] == b"\xd7\xff" or data[1:3] == b"\xc7\x0c"  # fixext 8 / ext 8 (12 bytes), type -1
+        out = decode(data)
+        assert out == v and out.tzinfo is utc and out.fold == 0 and type(out) is dt.datetime
+    folded = dt.datetime(2026, 1, 1, tzinfo=utc, fold=1)
+    assert decode(encode(folded)).fold == 1
+    plus_zero = dt.datetime(2026, 1, 1, tzinfo=dt.timezone(dt.timedelta(0), "Z0"))
+    assert decode(encode(plus_zero)).tzinfo.tzname(None) == "Z0"
