@@ -109,7 +109,6 @@ _MICROSECOND: Final = dt.timedelta(microseconds=1)
 # a key read from Redis, and on encode, so that whatever we write we can read back.
 _ZONE_KEY: Final = re.compile(r"[A-Za-z0-9_+\-]{1,64}(?:/[A-Za-z0-9_+\-]{1,64}){0,4}")
 # Exactly what str(Decimal) produces (either capitalisation of the exponent marker, see Context.capitals).
-_DECIMAL_TEXT: Final = re.compile(r"-?(?:\d+(?:\.\d+)?(?:[Ee][+-]\d+)?|Infinity|s?NaN\d*)")
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -195,8 +194,13 @@ def _enc_timedelta(o: dt.timedelta, depth: int) -> bytes:
     return _TD.pack(o.days, o.seconds, o.microseconds)
 
 
+# str(Decimal) follows the caller's context (capitals=0 writes "1e+5"); this one is fixed, so every process
+# writes, and checks, the same text.
+_DECIMAL_CONTEXT: Final = decimal.Context(capitals=1)
+
+
 def _enc_decimal(o: decimal.Decimal, depth: int) -> bytes:
-    return str(o).encode("ascii")
+    return _DECIMAL_CONTEXT.to_sci_string(o).encode("ascii")
 
 
 def _enc_uuid(o: uuid.UUID, depth: int) -> bytes:
@@ -330,11 +334,24 @@ def _dec_bigint(data: bytes, depth: int) -> int:
     return value
 
 
+# tz tail bytes -> tzinfo, for tails already decoded once: every tzinfo we build is immutable (timezone)
+# or a shared singleton (ZoneInfo), so reusing one is what decoding it again would give. Bounded: only the
+# first _TAILS_MAX distinct tails are kept; the rest are decoded each time.
+_TAILS: dict[bytes, dt.tzinfo | None] = {}
+_TAILS_MAX: Final = 256
+
+
 def _dec_datetime(data: bytes, depth: int) -> dt.datetime:
     if len(data) < _DT.size:
         raise CodecError("malformed datetime")
     y, mo, d, h, mi, s, us, fold = _DT.unpack_from(data)
-    return dt.datetime(y, mo, d, h, mi, s, us, _tz_from(data, _DT.size), fold=fold)
+    tail = data[_DT.size :]
+    tz = _TAILS.get(tail, _TAILS)
+    if tz is _TAILS:
+        tz = _tz_from(data, _DT.size)
+        if len(_TAILS) < _TAILS_MAX:
+            _TAILS[tail] = tz
+    return dt.datetime(y, mo, d, h, mi, s, us, tz, fold=fold)  # type: ignore[arg-type]
 
 
 def _dec_date(data: bytes, depth: int) -> dt.date:
@@ -359,13 +376,13 @@ def _dec_timedelta(data: bytes, depth: int) -> dt.timedelta:
 
 def _dec_decimal(data: bytes, depth: int) -> decimal.Decimal:
     text = data.decode("ascii")
-    if not _DECIMAL_TEXT.fullmatch(text):
-        raise CodecError("malformed decimal")
     try:
         value = decimal.Decimal(text)
     except decimal.InvalidOperation as exc:  # an exponent beyond what the decimal module can hold
         raise CodecError("malformed decimal") from exc
-    if value.is_nan() and "N" not in text:  # the same, under a caller's context that does not trap it
+    # the canonical text is what encode wrote: anything else (spaces, underscores, "inf", a NaN a caller's
+    # context made of garbage) is not our payload. Cheaper than a regular expression on the hot path.
+    if _DECIMAL_CONTEXT.to_sci_string(value) != text:
         raise CodecError("malformed decimal")
     return value
 

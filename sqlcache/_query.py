@@ -113,7 +113,7 @@ class _Encoder:
         self._keep.append(obj)
         dict_ = state.dict
         mask, values = plain_values(shape, dict_)
-        self.objects.append([si, mask, *values])
+        self.objects.append([*values, si, mask])
         for rel in state.mapper.relationships:
             if rel.key not in dict_:
                 continue
@@ -147,8 +147,9 @@ def encode_rows(
 
     - rows: one list of cells per row, an entity cell being an index into objects; ``flat`` when the
       statement returns one entity and no row holds None: then rows is just the list of indexes;
-    - shapes: [fingerprint, class id] pairs; objects: [shape index, loaded mask, *values of the loaded
-      column attributes] (one list per object, nothing else: a hit builds hundreds of them);
+    - shapes: [fingerprint, class id] pairs; objects: [*values of the loaded column attributes, shape
+      index, loaded mask] (one list per object, nothing else: a hit builds hundreds of them; the two
+      trailing items let ``zip(keys, object)`` take the values without a slice);
     - rels: a flat list of (object index, relationship key, ref) triples, ref None, an index, or a list.
     """
     enc = _Encoder(hier)
@@ -175,7 +176,7 @@ def encode_rows(
 
 @dataclass(eq=False)
 class Decoded:
-    """A validated query entry: its objects are ``[shape index, mask, *values]`` lists whose values are
+    """A validated query entry: its objects are ``[*values, shape index, mask]`` lists whose values are
     already converted; ``shapes[i]`` is the Shape of shape index i; rels are (object, key, ref)."""
 
     keys: list[str]
@@ -225,7 +226,7 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
         obj = objects[i]
         if type(obj) is not list or len(obj) < 2:
             raise CodecError("malformed object")
-        si = obj[0]
+        si = obj[-2]
         if type(si) is not int or not 0 <= si < len(shape_refs):
             raise CodecError("object names an unknown shape")
         shape = shapes[si]
@@ -245,18 +246,24 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
         seen[i] = 1
         if by_owner:
             todo.append(i)
-        mask = obj[1]
+        mask = obj[-1]
         if type(mask) is int and mask == shape.full_mask:
             if len(obj) != len(shape.keys) + 2:
                 raise CodecError("object's mask does not match its values")
             for j in shape.converted:
                 conv = shape.from_plain[j]
                 assert conv is not None
-                obj[j + 2] = conv(obj[j + 2])
+                obj[j] = conv(obj[j])
             return
-        if type(mask) is not int or mask < 0 or mask >> len(shape.keys) or mask.bit_count() != len(obj) - 2:
+        if (
+            type(mask) is not int
+            or mask < 0
+            or mask >> len(shape.keys)
+            or mask.bit_count() != len(obj) - 2
+            or shape.pk_mask & ~mask
+        ):
             raise CodecError("object's mask does not match its values")
-        j = 2
+        j = 0
         for pos, conv in enumerate(shape.from_plain):
             if mask >> pos & 1:
                 if conv is not None:
@@ -280,7 +287,7 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
     while todo:
         i = todo.pop()
         for key, value in by_owner.pop(i, ()):
-            shape = shapes[objects[i][0]]
+            shape = shapes[objects[i][-2]]
             assert shape is not None
             prop = shape.mapper.relationships.get(key)
             if prop is None:

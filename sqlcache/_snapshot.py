@@ -175,7 +175,7 @@ class Shape:
     pk_positions: tuple[int, ...]  # where the primary key columns sit in ``keys``
     identity_class: type[Any]  # first item of this mapper's identity keys
     converted: tuple[int, ...]  # positions whose values need a converter
-    pk_offsets: tuple[int, ...]  # pk_positions + 2: where the key sits in a query entry's object list
+    pk_mask: int  # bits of the primary key columns: a partial load must include them
 
     def identity_key(self, mask: int, values: list[Any]) -> tuple[Any, ...]:
         """The identity key of a decoded row (values compact by mask)."""
@@ -219,7 +219,7 @@ def _shape(mapper: Mapper[Any]) -> Shape:
         pk_positions=tuple(keys.index(k) for k in pk_keys),
         identity_class=mapper.identity_key_from_primary_key(tuple([None] * len(pk_keys)))[0],
         converted=tuple(i for i, c in enumerate(convs) if c[1] is not None),
-        pk_offsets=tuple(keys.index(k) + 2 for k in pk_keys),
+        pk_mask=sum(1 << keys.index(k) for k in pk_keys),
     )
 
 
@@ -284,7 +284,7 @@ def decode_entry(h: Hierarchy, payload: bytes) -> tuple[Shape, int, list[Any]] |
     shape = h.shapes.get(cid) if type(cid) is str else None
     if shape is None or type(mask) is not int or type(values) is not list or mask < 0:
         raise CodecError("entry names an unknown class or is malformed")
-    if mask >> len(shape.keys) or mask.bit_count() != len(values):
+    if mask >> len(shape.keys) or mask.bit_count() != len(values) or shape.pk_mask & ~mask:
         raise CodecError("entry's loaded mask does not match its values")
     out: list[Any] = []
     j = 0
@@ -335,7 +335,7 @@ def materialize_many(
 def materialize_objects(
     session: Session, shapes: Sequence[Shape | None], objects: list[list[Any]]
 ) -> tuple[list[Any], bytearray]:
-    """Instances for validated ``[shape index, mask, *values]`` objects (see _query.decode_rows), in
+    """Instances for validated ``[*values, shape index, mask]`` objects (see _query.decode_rows), in
     order, and a flag per object: 1 if it was built here, 0 if the identity map already held it.
 
     The hot loop of a query hit: per object one identity-key tuple, one instance and its state,
@@ -350,17 +350,17 @@ def materialize_objects(
     instances: list[Any] = []
     new = bytearray(len(objects))
     for n, obj in enumerate(objects):
-        si = obj[0]
+        si = obj[-2]
         shape = shapes[si]
         assert shape is not None
-        mask = obj[1]
+        mask = obj[-1]
         full = mask == shape.full_mask
         if full:
-            offs = shape.pk_offsets
+            offs = shape.pk_positions
             pk = (obj[offs[0]],) if len(offs) == 1 else tuple([obj[k] for k in offs])
             identity_key = (shape.identity_class, pk, None)
         else:
-            identity_key = shape.identity_key(mask, obj[2:])
+            identity_key = shape.identity_key(mask, obj)
         existing = get(identity_key)
         if existing is not None:
             instances.append(existing)
@@ -376,9 +376,9 @@ def materialize_objects(
         state.session_id = hash_key
         add(state, identity_key)
         if full:
-            state.dict.update(zip(shape.keys, obj[2:], strict=True))  # lengths checked in decode
+            instance.__dict__.update(zip(shape.keys, obj, strict=False))  # stops before the two trailers
         else:
-            _fill_partial(shape, state, state.dict, mask, obj[2:])
+            _fill_partial(shape, state, state.dict, mask, obj)
         if made[1] is not None:
             made[1](state, None)
         if persistent_evt is not None:

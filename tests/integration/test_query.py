@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import decimal
 import uuid
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
@@ -309,3 +310,59 @@ def test_odd_tags_and_large_results(engine: Engine, redis_url: str) -> None:
     finally:
         cache.detach(engine)
         cache.clear()
+
+
+def test_damaged_query_entries_are_misses(engine: Engine, cache: SQLCache, redis_client: object) -> None:
+    """Every structural damage to a cached result (wrong types, dangling references, unknown shapes or
+    relationships, a mask without the primary key, extra or missing values) is a miss: the database
+    answers, nothing half-built is left in the session, no exception reaches the caller."""
+    from sqlcache._codec import decode, encode
+
+    seed(engine)
+    stmt = select(User).order_by(User.id).options(selectinload(User.orders), cached())
+
+    def load() -> list[tuple[str, list[str]]]:
+        with Session(engine) as s:
+            users = s.scalars(stmt).all()
+            assert all(isinstance(u, User) for u in s.identity_map.values() if type(u).__name__ == "User")
+            return [(u.name, [str(o.total) for o in u.orders]) for u in users]
+
+    expected = load()
+    expected = load()  # the second miss learns the orders table; this one fills
+    assert load() == expected
+    client: Any = redis_client
+    [key] = [k for k in client.scan_iter(match=f"{cache.config.prefix}:q:*") if not k.endswith(b":lock")]
+    raw = client.get(key)
+    head, payload = raw.split(b"|", 1)
+    good = decode(payload)
+    fps, keys, single, flat, rows, shapes, objects, rels = good
+    n_user = len(objects[rows[0]]) - 2
+
+    def damaged() -> list[Any]:
+        d = decode(payload)
+        return [
+            ["not", "a", "list"],
+            d[:7],
+            [fps, keys, single, "yes", rows, shapes, objects, rels],
+            [fps, keys, single, flat, [*rows, len(objects)], shapes, objects, rels],
+            [fps, keys, single, flat, [*rows, -1], shapes, objects, rels],
+            [fps, keys, single, flat, rows, [["0" * 16, shapes[0][1]], *shapes[1:]], objects, rels],
+            [fps, keys, single, flat, rows, [[shapes[0][0], "no.such.Class"], *shapes[1:]], objects, rels],
+            [fps, keys, single, flat, rows, shapes, [[*o[:-1], 0] for o in objects], rels],  # mask 0: no pk
+            [fps, keys, single, flat, rows, shapes, [[*o[:-1], -1] for o in objects], rels],
+            [fps, keys, single, flat, rows, shapes, [[*o[:-2], 99, o[-1]] for o in objects], rels],
+            [fps, keys, single, flat, rows, shapes, [[0, *o] for o in objects], rels],  # one value too many
+            [fps, keys, single, flat, rows, shapes, [o[1:] for o in objects], rels],  # one too few
+            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "no_such_relationship", None]],
+            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "orders", [len(objects)]]],
+            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "orders"]],
+            [fps, keys, single, flat, rows, shapes, [*objects, objects[0]], rels],  # unreferenced object
+            [fps, keys, single, flat, [[r] for r in rows], shapes, objects, rels],
+        ]
+
+    assert n_user > 2
+    for i, bad in enumerate(damaged()):
+        client.set(key, head + b"|" + encode(bad), px=60_000)
+        errors = cache.stats()["errors"]
+        assert load() == expected, i
+        assert cache.stats()["errors"] == errors + 1, i

@@ -621,3 +621,16 @@ def test_utc_datetimes_use_msgpack_timestamps() -> None:
     assert decode(encode(folded)).fold == 1
     plus_zero = dt.datetime(2026, 1, 1, tzinfo=dt.timezone(dt.timedelta(0), "Z0"))
     assert decode(encode(plus_zero)).tzinfo.tzname(None) == "Z0"
+
+
+def test_decimal_text_is_context_independent() -> None:
+    """A process whose decimal context writes lowercase exponents encodes the same bytes as any other,
+    and non-canonical decimal texts are refused."""
+    reference = encode(decimal.Decimal("1.5E+7"))
+    with decimal.localcontext() as ctx:
+        ctx.capitals = 0
+        assert encode(decimal.Decimal("1.5E+7")) == reference
+        assert str(decode(reference)) == "1.5e+7"
+    for text in [b" 1", b"1_0", b"inf", b"1e+5", b"+1", b".5", b"nan", b""]:
+        with pytest.raises(CodecError):
+            decode(ext(7, text))
