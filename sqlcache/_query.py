@@ -18,10 +18,28 @@ from sqlalchemy.sql import visitors
 from sqlalchemy.sql.schema import Column
 
 from ._codec import decode, encode, encode_body
-from ._snapshot import Hierarchy, Shape, class_id, plain_values, table_name
+from ._snapshot import (
+    DEFERRED_KINDS,
+    LAZY_KINDS,
+    Hierarchy,
+    Shape,
+    Unreproducible,
+    class_id,
+    loader_marks,
+    plain_values,
+    table_name,
+)
 from .errors import CodecError
 
-__all__ = ["Decoded", "Uncacheable", "decode_rows", "encode_rows", "stable", "tables_read"]
+__all__ = [
+    "Decoded",
+    "Uncacheable",
+    "Unreproducible",
+    "decode_rows",
+    "encode_rows",
+    "stable",
+    "tables_read",
+]
 
 
 class Uncacheable(Exception):
@@ -78,7 +96,7 @@ HierarchyOf = Callable[[Mapper[Any]], Hierarchy]
 
 
 # Version of the row layout below; part of every query key, so entries of another layout are never read.
-LAYOUT = 2
+LAYOUT = 3
 
 
 class _Encoder:
@@ -91,6 +109,7 @@ class _Encoder:
         self.shapes: list[list[str]] = []
         self.objects: list[list[Any]] = []
         self.rels: list[Any] = []
+        self.marks: list[Any] = []
         self.tables: set[str] = set()
         self._keep: list[Any] = []
 
@@ -114,6 +133,8 @@ class _Encoder:
         dict_ = state.dict
         mask, values = plain_values(shape, dict_)
         self.objects.append([*values, si, mask])
+        for key, kind in loader_marks(state):
+            self.marks += [idx, key, kind]
         for rel in state.mapper.relationships:
             if rel.key not in dict_:
                 continue
@@ -150,7 +171,11 @@ def encode_rows(
     - shapes: [fingerprint, class id] pairs; objects: [*values of the loaded column attributes, shape
       index, loaded mask] (one list per object, nothing else: a hit builds hundreds of them; the two
       trailing items let ``zip(keys, object)`` take the values without a slice);
-    - rels: a flat list of (object index, relationship key, ref) triples, ref None, an index, or a list.
+    - rels: a flat list of (object index, relationship key, ref) triples, ref None, an index, or a list;
+    - marks: a flat list of (object index, attribute, kind) triples: the per-instance loader strategies
+      the load left (``raiseload``, ``lazyload``, ``defer(raiseload=True)``), rebuilt on a hit.
+
+    Raises Unreproducible if an object carries a strategy a hit could not rebuild.
     """
     enc = _Encoder(hier)
     out: list[Any] = []
@@ -170,7 +195,7 @@ def encode_rows(
     else:
         flat = False
     fps = [h.fingerprint if h is not None else None for h in columns]
-    payload = encode([fps, list(keys), single, flat, out, enc.shapes, enc.objects, enc.rels])
+    payload = encode([fps, list(keys), single, flat, out, enc.shapes, enc.objects, enc.rels, enc.marks])
     return payload, enc.tables
 
 
@@ -186,14 +211,15 @@ class Decoded:
     shapes: list[Shape | None]
     objects: list[list[Any]]
     rels: list[tuple[int, str, Any]]
+    marks: list[tuple[int, str, str]]
 
 
 def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: HierarchyOf) -> Decoded:
     """Decode and validate a query entry completely (nothing is built from a payload that fails)."""
     data = decode(payload)
-    if type(data) is not list or len(data) != 8:
-        raise CodecError("query entry is not an 8-item list")
-    fps, keys, single, flat, rows, shape_refs, objects, rels = data
+    if type(data) is not list or len(data) != 9:
+        raise CodecError("query entry is not a 9-item list")
+    fps, keys, single, flat, rows, shape_refs, objects, rels, marks = data
     if fps != [h.fingerprint if h is not None else None for h in columns]:
         raise CodecError("query entry was written by another model definition")
     if (
@@ -205,6 +231,8 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
         or type(objects) is not list
         or type(rels) is not list
         or len(rels) % 3
+        or type(marks) is not list
+        or len(marks) % 3
     ):
         raise CodecError("malformed query entry")
     n_objects = len(objects)
@@ -301,4 +329,17 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
             out_rels.append((i, key, value))
     if not all(seen):
         raise CodecError("unreferenced object in query entry")
-    return Decoded(keys, single, flat, rows, shapes, objects, out_rels)
+    out_marks: list[tuple[int, str, str]] = []
+    for k in range(0, len(marks), 3):
+        i, key, kind = marks[k], marks[k + 1], marks[k + 2]
+        if type(i) is not int or not 0 <= i < n_objects or type(key) is not str:
+            raise CodecError("malformed loader mark")
+        shape = shapes[objects[i][-2]]
+        assert shape is not None
+        if not (
+            (kind in LAZY_KINDS and key in shape.mapper.relationships)
+            or (kind in DEFERRED_KINDS and key in shape.keys)
+        ):
+            raise CodecError(f"unknown loader mark {kind!r} on {key!r}")
+        out_marks.append((i, key, kind))
+    return Decoded(keys, single, flat, rows, shapes, objects, out_rels, out_marks)

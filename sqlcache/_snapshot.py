@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import ColumnProperty, Mapper
+from sqlalchemy.orm import strategies as _strategies
 from sqlalchemy.orm.attributes import instance_state
 
 from ._codec import decode, encode
@@ -386,6 +387,72 @@ def materialize_objects(
         instances.append(instance)
         new[n] = 1
     return instances, new
+
+
+# -- per-instance loader strategies ---------------------------------------------------------------
+# A load leaves a callable in ``state.callables`` for each attribute whose loader strategy differs from
+# the mapper's default: raiseload(), lazyload() of an eagerly configured relationship, defer(...,
+# raiseload=True). A hit must leave the same, or ``raiseload("*")`` would quietly stop raising. The
+# callable classes are private (renamed with a leading underscore in 2.1); this is their only use.
+def _strategy_class(name: str) -> Any:
+    for candidate in ("_" + name, name):  # 2.1 name first, then 2.0's
+        found = getattr(_strategies, candidate, None)
+        if found is not None:
+            return found
+    raise ImportError(f"sqlalchemy.orm.strategies has no {name}: unsupported SQLAlchemy version")
+
+
+_LazyCallable: Any = _strategy_class("LoadLazyAttribute")
+_DeferredCallable: Any = _strategy_class("LoadDeferredColumns")
+LAZY_KINDS = frozenset({"select", "raise", "raise_on_sql"})
+DEFERRED_KINDS = frozenset({"deferred", "deferred_raise"})
+
+
+class Unreproducible(Exception):
+    """A loaded object carries a loader strategy a hit could not rebuild (e.g. criteria on a lazy load)."""
+
+
+def loader_marks(state: InstanceState[Any]) -> list[tuple[str, str]]:
+    """The per-instance loader strategies a load left on ``state``, as (attribute, kind) pairs."""
+    out: list[tuple[str, str]] = []
+    for key, fn in state.callables.items():
+        if isinstance(fn, _LazyCallable):
+            sk = fn.strategy_key
+            kind = sk[0][1] if len(sk) == 1 and sk[0][0] == "lazy" else None
+            criteria = fn.extra_criteria  # None, a tuple, or a SQL expression (never test its truth)
+            has_criteria = criteria is not None and not (type(criteria) is tuple and len(criteria) == 0)
+            loadopt = fn.loadopt
+            loadopt_criteria = getattr(loadopt, "_extra_criteria", None) if loadopt is not None else None
+            if (
+                kind not in LAZY_KINDS
+                or has_criteria
+                or (loadopt_criteria is not None and len(loadopt_criteria) > 0)
+            ):
+                raise Unreproducible(f"loader strategy {sk!r} on {key!r}")
+            out.append((key, kind))
+        elif isinstance(fn, _DeferredCallable):
+            out.append((key, "deferred_raise" if fn.raiseload else "deferred"))
+        else:
+            raise Unreproducible(f"loader callable {type(fn).__name__} on {key!r}")
+    return out
+
+
+def apply_marks(instances: list[Any], new: bytearray, marks: list[tuple[int, str, str]]) -> None:
+    """Put back, on the objects a hit built, the per-instance loader strategies of their load."""
+    for i, key, kind in marks:
+        if not new[i]:
+            continue
+        state = instance_state(instances[i])
+        if kind in LAZY_KINDS:
+            prop = state.mapper.relationships[key]
+            strategy = prop._get_strategy((("lazy", kind),))
+            fn = _LazyCallable(key, strategy, None, None)
+        else:
+            fn = _DeferredCallable(key, kind == "deferred_raise")
+            state.expired_attributes.discard(key)
+        if "callables" not in state.__dict__:  # the class-level default is a shared empty dict
+            state.callables = {}
+        state.callables[key] = fn
 
 
 def _fill_partial(

@@ -29,9 +29,10 @@ from ._listen import Listener
 from ._outbox import DEFAULT_TABLE, MAX_BODY_CHARS, OutboxSQL, Relay, check_table, outbox_table
 from ._outbox import encode_body as encode_outbox_body
 from ._query import LAYOUT as ROWS_LAYOUT
-from ._query import Uncacheable, decode_rows, digest, encode_rows, stable, tables_read
+from ._query import Uncacheable, Unreproducible, decode_rows, digest, encode_rows, stable, tables_read
 from ._snapshot import (
     Hierarchy,
+    apply_marks,
     check_supported,
     class_id,
     decode_entry,
@@ -91,6 +92,59 @@ def _resolve(instances: list[Any], ref: Any) -> Any:
     if type(ref) is list:
         return [instances[i] for i in ref]
     return instances[ref]
+
+
+def _set_load_paths(
+    stmt: Any,
+    columns: tuple[Hierarchy | None, ...],
+    rows: list[Any],
+    flat: bool,
+    rels: list[tuple[int, str, Any]],
+    instances: list[Any],
+    new: bytearray,
+) -> None:
+    """Give each object a hit built what a database load gives it: the statement's propagating loader
+    options (``raiseload``, ``lazyload``... keep applying to its lazy loads) and its load path (the query
+    entity's, or the eager-loading relationship's beneath its parent's); the first path reaching an
+    object wins, as the first row does in a load."""
+    options = tuple(o for o in stmt._with_options if o.propagate_to_loaders)
+    current = getattr(stmt._compile_options, "_current_path", None)  # set on lazy loads' statements
+    tops = [
+        (
+            current + h.mapper._path_registry
+            if current is not None and current.path
+            else h.mapper._path_registry
+        )
+        if h is not None
+        else None
+        for h in columns
+    ]
+    paths: list[Any] = [None] * len(instances)
+    if flat:
+        top = tops[0]
+        for i in rows:
+            if paths[i] is None:
+                paths[i] = top
+    else:
+        for row in rows:
+            for top, cell in zip(tops, row, strict=True):
+                if top is not None and cell is not None and paths[cell] is None:
+                    paths[cell] = top
+    for i, key, ref in rels:
+        parent = paths[i]
+        if parent is None or ref is None:
+            continue
+        prop = sa_inspect(instances[i]).mapper.relationships[key]
+        child = parent[prop][prop.mapper]
+        for c in ref if type(ref) is list else (ref,):
+            if paths[c] is None:
+                paths[c] = child
+    for i, obj in enumerate(instances):
+        if new[i]:
+            state = sa_inspect(obj)
+            state.load_options = options
+            if paths[i] is not None:
+                state.load_path = paths[i]
 
 
 @dataclass(eq=False)
@@ -909,6 +963,10 @@ class SQLCache:
                 # where theirs is not loaded yet
                 if new[i] or key not in obj.__dict__:
                     set_committed_value(obj, key, _resolve(instances, ref))
+            if any(new):
+                _set_load_paths(stmt, columns, d.rows, d.flat, d.rels, instances, new)
+                if d.marks:
+                    apply_marks(instances, new, d.marks)
             if d.flat:
                 out = [(instances[i],) for i in d.rows]
             else:
@@ -925,7 +983,12 @@ class SQLCache:
         def encode(frozen: FrozenResult[Any]) -> bytes | None:
             single = bool((getattr(frozen, "_attributes", None) or {}).get("is_single_entity"))
             keys = list(frozen.metadata.keys)
-            payload, through = encode_rows(columns, keys, single, frozen.data, self._hierarchy)
+            try:
+                payload, through = encode_rows(columns, keys, single, frozen.data, self._hierarchy)
+            except Unreproducible:
+                # e.g. lazyload(User.orders.and_(...)): a hit could not give its objects that loader
+                self._stats.incr("fills_skipped")
+                return None
             if not through <= set(spec.tables):
                 # eager loads read tables the statement itself does not name; the generations taken
                 # before this SELECT did not cover them. Learn them for the next miss, store nothing now.

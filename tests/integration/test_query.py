@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import decimal
 import uuid
+from collections.abc import Callable
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session, joinedload, selectinload
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.orm import Session, defer, joinedload, lazyload, raiseload, selectinload
 
 from sqlcache import SQLCache, cached, signals
 
@@ -335,29 +338,73 @@ def test_damaged_query_entries_are_misses(engine: Engine, cache: SQLCache, redis
     raw = client.get(key)
     head, payload = raw.split(b"|", 1)
     good = decode(payload)
-    fps, keys, single, flat, rows, shapes, objects, rels = good
+    fps, keys, single, flat, rows, shapes, objects, rels, marks = good
     n_user = len(objects[rows[0]]) - 2
 
     def damaged() -> list[Any]:
         d = decode(payload)
         return [
             ["not", "a", "list"],
-            d[:7],
-            [fps, keys, single, "yes", rows, shapes, objects, rels],
-            [fps, keys, single, flat, [*rows, len(objects)], shapes, objects, rels],
-            [fps, keys, single, flat, [*rows, -1], shapes, objects, rels],
-            [fps, keys, single, flat, rows, [["0" * 16, shapes[0][1]], *shapes[1:]], objects, rels],
-            [fps, keys, single, flat, rows, [[shapes[0][0], "no.such.Class"], *shapes[1:]], objects, rels],
-            [fps, keys, single, flat, rows, shapes, [[*o[:-1], 0] for o in objects], rels],  # mask 0: no pk
-            [fps, keys, single, flat, rows, shapes, [[*o[:-1], -1] for o in objects], rels],
-            [fps, keys, single, flat, rows, shapes, [[*o[:-2], 99, o[-1]] for o in objects], rels],
-            [fps, keys, single, flat, rows, shapes, [[0, *o] for o in objects], rels],  # one value too many
-            [fps, keys, single, flat, rows, shapes, [o[1:] for o in objects], rels],  # one too few
-            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "no_such_relationship", None]],
-            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "orders", [len(objects)]]],
-            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "orders"]],
-            [fps, keys, single, flat, rows, shapes, [*objects, objects[0]], rels],  # unreferenced object
-            [fps, keys, single, flat, [[r] for r in rows], shapes, objects, rels],
+            d[:8],
+            [fps, keys, single, "yes", rows, shapes, objects, rels, marks],
+            [fps, keys, single, flat, [*rows, len(objects)], shapes, objects, rels, marks],
+            [fps, keys, single, flat, [*rows, -1], shapes, objects, rels, marks],
+            [fps, keys, single, flat, rows, [["0" * 16, shapes[0][1]], *shapes[1:]], objects, rels, marks],
+            [
+                fps,
+                keys,
+                single,
+                flat,
+                rows,
+                [[shapes[0][0], "no.such.Class"], *shapes[1:]],
+                objects,
+                rels,
+                marks,
+            ],
+            [
+                fps,
+                keys,
+                single,
+                flat,
+                rows,
+                shapes,
+                [[*o[:-1], 0] for o in objects],
+                rels,
+                marks,
+            ],  # mask 0: no pk
+            [fps, keys, single, flat, rows, shapes, [[*o[:-1], -1] for o in objects], rels, marks],
+            [fps, keys, single, flat, rows, shapes, [[*o[:-2], 99, o[-1]] for o in objects], rels, marks],
+            [
+                fps,
+                keys,
+                single,
+                flat,
+                rows,
+                shapes,
+                [[0, *o] for o in objects],
+                rels,
+                marks,
+            ],  # one value too many
+            [fps, keys, single, flat, rows, shapes, [o[1:] for o in objects], rels, marks],  # one too few
+            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "no_such_relationship", None], marks],
+            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "orders", [len(objects)]], marks],
+            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "orders"], marks],
+            [
+                fps,
+                keys,
+                single,
+                flat,
+                rows,
+                shapes,
+                [*objects, objects[0]],
+                rels,
+                marks,
+            ],  # unreferenced object
+            [fps, keys, single, flat, [[r] for r in rows], shapes, objects, rels, marks],
+            [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, 0, "tags", "explode"]],
+            [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, 0, "no_such", "raise"]],
+            [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, len(objects), "tags", "raise"]],
+            [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, 0, "tags"]],
         ]
 
     assert n_user > 2
@@ -366,3 +413,53 @@ def test_damaged_query_entries_are_misses(engine: Engine, cache: SQLCache, redis
         errors = cache.stats()["errors"]
         assert load() == expected, i
         assert cache.stats()["errors"] == errors + 1, i
+
+
+@pytest.mark.parametrize(
+    ("options", "cacheable"),
+    [
+        pytest.param(lambda: (raiseload("*"),), True, id="raiseload-all"),
+        pytest.param(lambda: (selectinload(User.orders), raiseload("*")), True, id="selectin-then-raise"),
+        pytest.param(lambda: (selectinload(User.orders).raiseload(Order.user),), True, id="nested-raise"),
+        pytest.param(lambda: (defer(User.email, raiseload=True),), True, id="defer-raise"),
+        pytest.param(lambda: (joinedload(User.tags), lazyload(User.orders)), True, id="joined-and-lazy"),
+        pytest.param(lambda: (lazyload(User.orders.and_(Order.total > 5)),), False, id="lazy-criteria"),
+    ],
+)
+def test_hits_keep_the_loader_strategies_of_a_load(
+    engine: Engine, cache: SQLCache, options: Callable[[], tuple[Any, ...]], cacheable: bool
+) -> None:
+    """raiseload / lazyload / defer(raiseload=True) behave on objects from a hit exactly as on objects
+    from the database (a lazy load with criteria, which a hit could not rebuild, is never cached)."""
+    ids = seed(engine)
+    with Session(engine) as s:
+        u0 = s.get(User, ids[0])
+        assert u0 is not None
+        u0.tags.append(Tag(label="t"))
+        s.add(Order(user_id=ids[0], total=9))
+        s.commit()
+
+    def probe(*extra: Any) -> list[Any]:
+        out: list[Any] = []
+        with Session(engine) as s:
+            users = s.scalars(select(User).order_by(User.id).options(*options(), *extra)).unique().all()
+            for u in users:
+                for attr in ("tags", "orders", "email"):
+                    try:
+                        v = getattr(u, attr)
+                        out.append(sorted(str(x.id) for x in v) if isinstance(v, list) else v)
+                    except InvalidRequestError:
+                        out.append(f"{attr} raised")
+                for o in u.__dict__.get("orders", []):
+                    try:
+                        out.append(o.user.name)
+                    except InvalidRequestError:
+                        out.append("order.user raised")
+        return out
+
+    expected = probe()
+    for _ in range(3):  # miss, (learn the tables eager loads read), fill, hit
+        assert probe(cached()) == expected
+    hits = cache.stats()["hits"]
+    assert probe(cached()) == expected
+    assert cache.stats()["hits"] == hits + (1 if cacheable else 0)
