@@ -13,6 +13,7 @@ from sqlalchemy import Table
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.collections import collection_adapter
 from sqlalchemy.orm.interfaces import MapperProperty
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.schema import Column
@@ -53,8 +54,11 @@ def stable(o: Any) -> Any:
     memory addresses, so each is named instead. Anything unknown makes the statement uncacheable
     rather than risk two different statements sharing a key.
     """
-    if o is None or isinstance(o, (str, int, float, bool, bytes)):
+    if o is None or type(o) in (str, int, float, bool, bytes):
         return o
+    if isinstance(o, str) and not isinstance(o, enum.Enum):
+        # quoted_name (alias and label names): its quoting changes the SQL, so it is part of the key
+        return ("Q", str(o), getattr(o, "quote", None), type(o).__qualname__)
     if isinstance(o, (tuple, list)):
         return tuple(stable(x) for x in o)
     if isinstance(o, Table):
@@ -146,9 +150,12 @@ class _Encoder:
             if value is None:
                 ref: Any = None
             elif rel.uselist:
-                if not isinstance(value, list):
-                    raise CodecError(f"collection {rel} is not a list")
-                ref = [self.add(target, o) for o in value]
+                # any collection class (list, set, attribute_keyed_dict, custom): its members in the
+                # adapter's order; set_committed_value() rebuilds the same collection class on a hit
+                members = value if isinstance(value, list) else collection_adapter(value)
+                if members is None:
+                    raise CodecError(f"collection {rel} has no collection adapter")
+                ref = [self.add(target, o) for o in members]
             else:
                 ref = self.add(target, value)
             self.rels += [idx, rel.key, ref]

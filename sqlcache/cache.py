@@ -84,6 +84,7 @@ class _QuerySpec:
     digest: str
     tables: tuple[str, ...]
     columns: tuple[Hierarchy | None, ...]
+    aliased: bool = False  # an entity is an aliased() class: load paths come from the statement itself
 
 
 def _resolve(instances: list[Any], ref: Any) -> Any:
@@ -97,6 +98,7 @@ def _resolve(instances: list[Any], ref: Any) -> Any:
 def _set_load_paths(
     stmt: Any,
     columns: tuple[Hierarchy | None, ...],
+    aliased: bool,
     rows: list[Any],
     flat: bool,
     rels: list[tuple[int, str, Any]],
@@ -109,15 +111,16 @@ def _set_load_paths(
     object wins, as the first row does in a load."""
     options = tuple(o for o in stmt._with_options if o.propagate_to_loaders)
     current = getattr(stmt._compile_options, "_current_path", None)  # set on lazy loads' statements
+    if aliased:  # the path of an aliased() entity is the alias's own, taken from this very statement
+        entities: list[Any] = [
+            sa_inspect(d["entity"])._path_registry if h is not None else None
+            for h, d in zip(columns, stmt.column_descriptions, strict=True)
+        ]
+    else:
+        entities = [h.mapper._path_registry if h is not None else None for h in columns]
     tops = [
-        (
-            current + h.mapper._path_registry
-            if current is not None and current.path
-            else h.mapper._path_registry
-        )
-        if h is not None
-        else None
-        for h in columns
+        (current + e if current is not None and current.path else e) if e is not None else None
+        for e in entities
     ]
     paths: list[Any] = [None] * len(instances)
     if flat:
@@ -942,6 +945,11 @@ class SQLCache:
         except Uncacheable:
             self._stats.incr("bypassed")
             return None
+        if spec.aliased and any(o.propagate_to_loaders for o in stmt._with_options):
+            # loader options bound to an alias are matched against the statement SQLAlchemy compiled
+            # first; a hit cannot line them up with this one's alias: the database answers
+            self._stats.incr("bypassed")
+            return None
         session = orm_state.session
         if self._own_writes(session, None, (), spec.tables):
             self._stats.incr("bypassed")
@@ -964,7 +972,7 @@ class SQLCache:
                 if new[i] or key not in obj.__dict__:
                     set_committed_value(obj, key, _resolve(instances, ref))
             if any(new):
-                _set_load_paths(stmt, columns, d.rows, d.flat, d.rels, instances, new)
+                _set_load_paths(stmt, columns, spec.aliased, d.rows, d.flat, d.rels, instances, new)
                 if d.marks:
                     apply_marks(instances, new, d.marks)
             if d.flat:
@@ -993,7 +1001,7 @@ class SQLCache:
                 # eager loads read tables the statement itself does not name; the generations taken
                 # before this SELECT did not cover them. Learn them for the next miss, store nothing now.
                 tables = tuple(sorted(through | set(spec.tables)))
-                self._query_memo[spec_key] = _QuerySpec(spec.digest, tables, spec.columns)
+                self._query_memo[spec_key] = _QuerySpec(spec.digest, tables, spec.columns, spec.aliased)
                 self._stats.incr("fills_skipped")
                 return None
             return payload
@@ -1036,19 +1044,22 @@ class SQLCache:
         """Tables, result columns and shape digest of a statement (computed once per shape)."""
         compiled = stmt.compile(dialect=engine.dialect)
         columns: list[Hierarchy | None] = []
+        aliased = False
         for desc in stmt.column_descriptions:
             entity, expr = desc.get("entity"), desc.get("expr")
             if entity is not None and expr is entity:
-                mapper = sa_inspect(entity)
+                insp = sa_inspect(entity)
+                mapper = insp if isinstance(insp, Mapper) else getattr(insp, "mapper", None)
                 if not isinstance(mapper, Mapper):
-                    raise Uncacheable("aliased entity")
+                    raise Uncacheable("entity without a mapper")
+                aliased = aliased or insp is not mapper
                 check_supported(mapper)
                 columns.append(self._hierarchy(mapper))
             else:
                 columns.append(None)
         fps = [h.fingerprint if h is not None else None for h in columns]
         shape_digest = digest([ROWS_LAYOUT, stable(ck.key), engine.dialect.name, fps])
-        return _QuerySpec(shape_digest, tables_read(compiled, stmt), tuple(columns))
+        return _QuerySpec(shape_digest, tables_read(compiled, stmt), tuple(columns), aliased)
 
     def invalidate_tags(self, *tags: str) -> None:
         """Invalidate every cached query tagged with any of ``tags``: one O(1) step per tag."""

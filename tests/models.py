@@ -29,7 +29,14 @@ from sqlalchemy import (
     Time,
     Uuid,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    attribute_keyed_dict,
+    deferred,
+    mapped_column,
+    relationship,
+)
 
 
 class Base(DeclarativeBase):
@@ -50,6 +57,11 @@ class User(Base):
     bio: Mapped[str | None] = deferred(mapped_column(Text, default=None))
     orders: Mapped[list[Order]] = relationship(back_populates="user", cascade="all, delete-orphan")
     tags: Mapped[list[Tag]] = relationship(secondary="user_tags")
+    # the same rows through other collection classes (read-only views for the query cache's tests)
+    order_set: Mapped[set[Order]] = relationship(collection_class=set, viewonly=True)
+    orders_by_id: Mapped[dict[int, Order]] = relationship(
+        collection_class=attribute_keyed_dict("id"), viewonly=True
+    )
 
 
 class Order(Base):

@@ -251,12 +251,9 @@ def test_query_repeatable_read_old_snapshot_not_stored(engine: Engine, cache: SQ
 def test_uncacheable_statements_just_run(engine: Engine, cache: SQLCache) -> None:
     """Statements sqlcache cannot key or describe run against the database, never raise."""
     from sqlalchemy import literal_column, text
-    from sqlalchemy.orm import aliased
 
     seed(engine)
-    ua = aliased(User)
     with Session(engine) as s:
-        assert len(s.scalars(select(ua).options(cached())).all()) == 3
         assert len(s.execute(select(literal_column("1")).options(cached())).all()) == 1
         stmt = select(User).from_statement(text("SELECT * FROM users")).options(cached())
         assert len(s.scalars(stmt).all()) == 3
@@ -463,3 +460,81 @@ def test_hits_keep_the_loader_strategies_of_a_load(
     hits = cache.stats()["hits"]
     assert probe(cached()) == expected
     assert cache.stats()["hits"] == hits + (1 if cacheable else 0)
+
+
+def test_set_and_dict_collections(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """Eager-loaded collections of any class (set, attribute_keyed_dict) come back as that class."""
+    ids = seed(engine)
+    stmt = (
+        select(User)
+        .order_by(User.id)
+        .options(selectinload(User.order_set), selectinload(User.orders_by_id), cached())
+    )
+
+    def load() -> list[tuple[str, Any, Any]]:
+        with Session(engine) as s:
+            users = s.scalars(stmt).all()
+            sql_count.reset()
+            out = [
+                (
+                    type(u.order_set).__name__,
+                    sorted(str(o.total) for o in u.order_set),
+                    {k: str(o.total) for k, o in u.orders_by_id.items()},
+                )
+                for u in users
+            ]
+            assert len(sql_count) == 0
+            assert all(isinstance(u.order_set, set) and isinstance(u.orders_by_id, dict) for u in users)
+            return out
+
+    expected = load()
+    assert expected[0][1] == ["1.50"] and len(expected[0][2]) == 1
+    for _ in range(2):
+        assert load() == expected
+    hits = cache.stats()["hits"]
+    assert load() == expected
+    assert cache.stats()["hits"] == hits + 1
+    with Session(engine) as s:
+        s.add(Order(user_id=ids[0], total=3))
+        s.commit()
+    assert load()[0][1] == ["1.50", "3.00"]
+
+
+def test_aliased_entities(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """aliased() entities are cached like their class (joined to others, invalidated by writes); with
+    loader options bound to the alias they are not cached at all."""
+    from sqlalchemy.orm import aliased
+
+    ids = seed(engine)
+    ua = aliased(User, name="buyer")
+
+    def load() -> list[tuple[str, str]]:
+        with Session(engine) as s:
+            stmt = (
+                select(ua, Order)
+                .join(Order, Order.user_id == ua.id)
+                .order_by(Order.id)
+                .options(cached(tags=["aliased"]))
+            )
+            return [(u.name, str(o.total)) for u, o in s.execute(stmt)]
+
+    expected = load()
+    assert expected == [("u0", "1.50"), ("u1", "1.00")]
+    sql_count.reset()
+    assert load() == expected
+    assert sql_count.selects() == 0
+    with Session(engine) as s:
+        u = s.get(User, ids[1])
+        assert u is not None
+        u.name = "renamed"
+        s.commit()
+    assert load() == [("u0", "1.50"), ("renamed", "1.00")]
+
+    before = cache.stats()
+    for _ in range(2):
+        with Session(engine) as s:
+            stmt = select(ua).order_by(ua.id).options(selectinload(ua.orders), cached())
+            assert [len(u.orders) for u in s.scalars(stmt)] == [1, 1, 0]
+    after = cache.stats()
+    assert after["bypassed"] >= before["bypassed"] + 2
+    assert (after["hits"], after["fills"]) == (before["hits"], before["fills"])

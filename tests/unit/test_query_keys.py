@@ -52,3 +52,17 @@ def test_key_is_stable_across_processes() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == key_of(select(User).where(User.id == 7).limit(3))
+
+
+def test_alias_names_and_quoting_are_part_of_the_key() -> None:
+    """aliased() statements are keyed (alias names are quoted_name, a str subclass): equal aliases
+    share a key across alias objects; another name or other quoting never does."""
+    from sqlalchemy.orm import aliased
+    from sqlalchemy.sql.elements import quoted_name
+
+    def of(name: object) -> str:
+        ua = aliased(User, name=name)  # type: ignore[arg-type]
+        return key_of(select(ua).where(ua.id == 1))
+
+    assert of("buyer") == of("buyer")
+    assert len({of("buyer"), of("seller"), of(quoted_name("buyer", True)), key_of(select(User))}) == 4
