@@ -334,10 +334,15 @@ def materialize_many(
 
 
 def materialize_objects(
-    session: Session, shapes: Sequence[Shape | None], objects: list[list[Any]]
+    session: Session,
+    shapes: Sequence[Shape | None],
+    objects: list[list[Any]],
+    load_options: tuple[Any, ...] = (),
+    load_path: Any = None,
 ) -> tuple[list[Any], bytearray]:
     """Instances for validated ``[*values, shape index, mask]`` objects (see _query.decode_rows), in
-    order, and a flag per object: 1 if it was built here, 0 if the identity map already held it.
+    order, and a flag per object: 1 if it was built here, 0 if the identity map already held it. New
+    objects get ``load_options`` and ``load_path`` as a database load would give them.
 
     The hot loop of a query hit: per object one identity-key tuple, one instance and its state,
     nothing else that outlives the call.
@@ -375,6 +380,9 @@ def materialize_objects(
         state = instance_state(instance)
         state.key = identity_key
         state.session_id = hash_key
+        state.load_options = load_options
+        if load_path is not None:
+            state.load_path = load_path
         add(state, identity_key)
         if full:
             instance.__dict__.update(zip(shape.keys, obj, strict=False))  # stops before the two trailers

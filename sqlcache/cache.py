@@ -95,20 +95,11 @@ def _resolve(instances: list[Any], ref: Any) -> Any:
     return instances[ref]
 
 
-def _set_load_paths(
-    stmt: Any,
-    columns: tuple[Hierarchy | None, ...],
-    aliased: bool,
-    rows: list[Any],
-    flat: bool,
-    rels: list[tuple[int, str, Any]],
-    instances: list[Any],
-    new: bytearray,
-) -> None:
-    """Give each object a hit built what a database load gives it: the statement's propagating loader
-    options (``raiseload``, ``lazyload``... keep applying to its lazy loads) and its load path (the query
-    entity's, or the eager-loading relationship's beneath its parent's); the first path reaching an
-    object wins, as the first row does in a load."""
+def _load_context(
+    stmt: Any, columns: tuple[Hierarchy | None, ...], aliased: bool
+) -> tuple[tuple[Any, ...], list[Any]]:
+    """(the statement's propagating loader options, the load path of each entity column): what a
+    database load leaves on the objects of each column (``state.load_options`` / ``load_path``)."""
     options = tuple(o for o in stmt._with_options if o.propagate_to_loaders)
     current = getattr(stmt._compile_options, "_current_path", None)  # set on lazy loads' statements
     if aliased:  # the path of an aliased() entity is the alias's own, taken from this very statement
@@ -122,12 +113,24 @@ def _set_load_paths(
         (current + e if current is not None and current.path else e) if e is not None else None
         for e in entities
     ]
+    return options, tops
+
+
+def _fix_load_paths(
+    tops: list[Any],
+    rows: list[Any],
+    flat: bool,
+    rels: list[tuple[int, str, Any]],
+    instances: list[Any],
+    new: bytearray,
+) -> None:
+    """Objects not of the first entity column get their own column's path, objects loaded through a
+    relationship the relationship's path beneath their parent's (materialize_objects gave every new
+    object the first column's). The first path reaching an object wins, as the first row does."""
     paths: list[Any] = [None] * len(instances)
     if flat:
-        top = tops[0]
         for i in rows:
-            if paths[i] is None:
-                paths[i] = top
+            paths[i] = tops[0]
     else:
         for row in rows:
             for top, cell in zip(tops, row, strict=True):
@@ -142,12 +145,10 @@ def _set_load_paths(
         for c in ref if type(ref) is list else (ref,):
             if paths[c] is None:
                 paths[c] = child
-    for i, obj in enumerate(instances):
-        if new[i]:
-            state = sa_inspect(obj)
-            state.load_options = options
-            if paths[i] is not None:
-                state.load_path = paths[i]
+    first = next((t for t in tops if t is not None), None)
+    for i, path in enumerate(paths):
+        if new[i] and path is not None and path is not first:
+            sa_inspect(instances[i]).load_path = path
 
 
 @dataclass(eq=False)
@@ -964,17 +965,19 @@ class SQLCache:
 
         def on_hit(payload: bytes) -> Result[Any]:
             d = decode_rows(columns, payload, self._hierarchy)
-            instances, new = materialize_objects(session, d.shapes, d.objects)
+            options, tops = _load_context(stmt, columns, spec.aliased)
+            first_path = next((t for t in tops if t is not None), None)
+            instances, new = materialize_objects(session, d.shapes, d.objects, options, first_path)
             for i, key, ref in d.rels:
                 obj = instances[i]
                 # as an eager load does: new objects get the loaded relationship, existing ones only
                 # where theirs is not loaded yet
                 if new[i] or key not in obj.__dict__:
                     set_committed_value(obj, key, _resolve(instances, ref))
-            if any(new):
-                _set_load_paths(stmt, columns, spec.aliased, d.rows, d.flat, d.rels, instances, new)
-                if d.marks:
-                    apply_marks(instances, new, d.marks)
+            if d.rels or not d.flat:
+                _fix_load_paths(tops, d.rows, d.flat, d.rels, instances, new)
+            if d.marks:
+                apply_marks(instances, new, d.marks)
             if d.flat:
                 out = [(instances[i],) for i in d.rows]
             else:
