@@ -15,7 +15,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--database-url", default=None, help="SQLAlchemy URL (default: a temporary SQLite file)"
     )
     demo.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    demo.add_argument("--rows", type=int, default=200, help="users in the demo shop")
+    demo.add_argument(
+        "--rows", type=int, default=200, help="customers and products in the demo shop (at least 10)"
+    )
     demo.add_argument("--plain", action="store_true", help="plain text output, no live table")
     bench = sub.add_parser("bench", help="compare uncached reads, sqlcache hits and the floor, side by side")
     bench.add_argument("--database-url", default="postgresql+psycopg://root@127.0.0.1:5432/test")
