@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import signals
+from ._outbox import Relay, outbox_table
 from .cache import SQLCache
 from .config import CacheConfig, ModelPolicy
 from .errors import CacheUnavailable, CodecError, ConfigurationError, SQLCacheError
@@ -17,9 +18,11 @@ __all__ = [
     "CodecError",
     "ConfigurationError",
     "ModelPolicy",
+    "Relay",
     "SQLCache",
     "SQLCacheError",
     "__version__",
     "cached",
+    "outbox_table",
     "signals",
 ]

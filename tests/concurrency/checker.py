@@ -9,7 +9,9 @@ their fill to widen the race windows. Violations:
 - at the end, a cached value that differs from the database.
 
 ``--mode naive`` runs the usual cache-aside recipe instead (delete after commit, fill on miss), which
-the checker must catch. Soak: ``python -m tests.concurrency.checker --seconds 300``.
+the checker must catch; ``--mode durable`` runs sqlcache with ``durable=True`` (outbox rows written by
+every commit, relays deleting them; at the end no row may be left). Soak:
+``python -m tests.concurrency.checker --seconds 300``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from sqlalchemy import Integer, MetaData, create_engine, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sqlcache import SQLCache, cached
+from sqlcache import SQLCache, cached, outbox_table
 
 ROWS = 12
 PG_URL = os.environ.get("SQLCACHE_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
@@ -85,22 +87,25 @@ class Naive:
         self.r.delete(f"{self.prefix}:naive:{rid}")
 
 
-def _setup(args: dict[str, Any], pauses: random.Random | None) -> tuple[Engine, Naive | None]:
+def _setup(
+    args: dict[str, Any], pauses: random.Random | None
+) -> tuple[Engine, Naive | None, SQLCache | None]:
     """A worker's engine, with sqlcache attached or the naive recipe beside it."""
     engine = _engine(args["pg_url"], args["schema"])
     if pauses is not None:
         _pauses(engine, pauses)
-    if args["mode"] != "sqlcache":
-        return engine, Naive(args["redis_url"], args["prefix"])
-    cache = SQLCache(args["redis_url"], prefix=args["prefix"])
+    if args["mode"] == "naive":
+        return engine, Naive(args["redis_url"], args["prefix"]), None
+    durable = args["mode"] == "durable"
+    cache = SQLCache(args["redis_url"], prefix=args["prefix"], durable=durable, relay_interval=0.2)
     cache.register(Row)
     cache.attach(engine)
-    return engine, None
+    return engine, None, cache
 
 
 def _writer(args: dict[str, Any], n: int) -> None:
     rnd = random.Random(n)
-    engine, naive = _setup(args, None)
+    engine, naive, cache = _setup(args, None)
     out = Path(args["dir"], f"w{n}.jsonl").open("w")
     stop = args["stop"]
     while time.time() < stop:
@@ -115,11 +120,13 @@ def _writer(args: dict[str, Any], n: int) -> None:
             naive.written(rid)
         out.write(json.dumps(["w", rid, v, time.time()]) + "\n")
     out.close()
+    if cache is not None:
+        cache.close()  # durable: the relay deletes the rows this writer applied before it stops
 
 
 def _reader(args: dict[str, Any], n: int) -> None:
     rnd = random.Random(1000 + n)
-    engine, naive = _setup(args, rnd)
+    engine, naive, cache = _setup(args, rnd)
     out = Path(args["dir"], f"r{n}.jsonl").open("w")
     stop = args["stop"]
     while time.time() < stop:
@@ -139,6 +146,8 @@ def _reader(args: dict[str, Any], n: int) -> None:
                 kind = "query"
         out.write(json.dumps(["r", rid, v, started, kind]) + "\n")
     out.close()
+    if cache is not None:
+        cache.close()
 
 
 def run_checker(
@@ -157,6 +166,8 @@ def run_checker(
         c.execute(text(f"CREATE SCHEMA {schema}"))
     engine = _engine(pg_url, schema)
     Base.metadata.create_all(engine)
+    if mode == "durable":
+        outbox_table(MetaData()).create(engine)
     with Session(engine) as s:
         s.add_all(Row(id=i, version=0) for i in range(1, ROWS + 1))
         s.commit()
@@ -197,6 +208,10 @@ def run_checker(
             if seen < floor:
                 violations.append({"row": rid, "saw": seen, "committed_before_start": floor, "via": kind})
         mismatches = _final_check(mode, engine, redis_url, prefix)
+        outbox_left = None
+        if mode == "durable":
+            with engine.connect() as c:
+                outbox_left = c.execute(text("SELECT count(*) FROM sqlcache_outbox")).scalar_one()
         return {
             "mode": mode,
             "seconds": seconds,
@@ -207,6 +222,7 @@ def run_checker(
             "examples": violations[:5],
             "final_mismatches": mismatches,
             "failed_processes": failed,
+            "outbox_left": outbox_left,
         }
     finally:
         engine.dispose()
@@ -254,7 +270,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--mode", choices=["sqlcache", "naive"], default="sqlcache")
+    parser.add_argument("--mode", choices=["sqlcache", "durable", "naive"], default="sqlcache")
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--readers", type=int, default=3)

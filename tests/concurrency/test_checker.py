@@ -28,3 +28,14 @@ def test_checker_catches_naive_cache_aside(pg_url: str, redis_url: str) -> None:
     result = run_checker("naive", 6, pg_url=pg_url, redis_url=redis_url)
     assert result["failed_processes"] == []
     assert result["violations"] > 0 or result["final_mismatches"], result
+
+
+def test_durable_mode_has_no_violations_and_leaves_no_rows(pg_url: str, redis_url: str) -> None:
+    """durable=True under the same load: no violation, and every outbox row deleted by the end."""
+    result = run_checker("durable", min(SECONDS, 8), pg_url=pg_url, redis_url=redis_url)
+    print(result)
+    assert result["failed_processes"] == []
+    assert result["writes"] > 20, result
+    assert result["violations"] == 0, result["examples"]
+    assert result["final_mismatches"] == []
+    assert result["outbox_left"] == 0

@@ -16,8 +16,8 @@ from sqlalchemy import MetaData, create_engine, inspect, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sqlcache import ConfigurationError, SQLCache, SQLCacheError, signals
-from sqlcache._outbox import MAX_BODY_CHARS, outbox_table
+from sqlcache import ConfigurationError, SQLCache, SQLCacheError, outbox_table, signals
+from sqlcache._outbox import MAX_BODY_CHARS
 
 from ..conftest import RedisServer, free_port, shareable_url
 from ..helpers import finish, make_user, run_in_thread, user_name
