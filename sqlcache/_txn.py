@@ -137,7 +137,7 @@ class TxnState:
     everything: bool = False  # a write we could not attribute to a table
     began_sql: bool = False  # a statement ran: the database snapshot may already be fixed
     clock0: int | None = None  # invalidation clock read before the first statement
-    outbox_id: str | None = None  # durable: the outbox row already written for this transaction
+    outbox: Any = None  # durable: (relay, row id) of the outbox row already written (AUTOCOMMIT)
 
     def wrote_anything(self) -> bool:
         return bool(self.identities or self.tables or self.everything)

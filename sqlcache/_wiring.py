@@ -223,7 +223,8 @@ class Wiring:
         for name, fn in self._engine_events():
             event.remove(engine, name, fn)
         self._engines.discard(engine)
-        self._pools.discard(engine.pool)
+        if not any(e.pool is engine.pool for e in self._engines):
+            self._pools.discard(engine.pool)  # proxies from execution_options() share their pool
         if not any(e.dialect is engine.dialect for e in self._engines):
             _remove_commit_hook(engine.dialect, self._on_after_commit)
         if not self._engines and self._session_listening:
@@ -318,7 +319,8 @@ class Wiring:
             st.everything = True
         else:
             return
-        if self.cache.config.durable and st.outbox_id is None and is_autocommit(conn):
+        if self.cache.config.durable and is_autocommit(conn):
+            # a row per statement (one that failed before may have left its own: it stays, harmless)
             self.cache.outbox_early(st, conn)
 
     def _on_after_cursor_execute(

@@ -301,6 +301,8 @@ class SQLCache:
         if not isinstance(engine, Engine):
             raise ConfigurationError(f"detach() takes a sqlalchemy Engine, got {engine!r}")
         self._wiring.detach(engine)
+        if any(e.pool is engine.pool for e in self._wiring.engines()):
+            return  # engine.execution_options() proxies share the pool, its relay and its writes
         relay = self._relays.pop(engine.pool, None)
         if relay is not None:
             relay.stop()
@@ -354,28 +356,37 @@ class SQLCache:
         self.store.release(self._clock_key, keys, "", self._gen_ttl_ms, announce=self._announce([], tags))
         self._stats.incr("invalidations", len(keys))
 
-    def _outbox_write(self, st: TxnState, conn: Connection, keys: list[str], tags: list[str]) -> str:
-        """Insert the transaction's outbox row on its own connection, before its COMMIT."""
-        relay = self._relays.get(conn.engine.pool)
-        if relay is None:
-            raise ConfigurationError("durable=True but this engine has no relay (attach() it first)")
-        body = encode_outbox_body(keys, tags)
-        if len(body) > MAX_BODY_CHARS:
-            body = encode_outbox_body(self._coarse_keys(st), tags)
+    def _outbox_write(
+        self, st: TxnState, conn: Connection, keys: list[str], tags: list[str]
+    ) -> tuple[Relay, str]:
+        """Insert the transaction's outbox row on its own connection, before its COMMIT; returns the
+        relay to tell once the invalidation is applied, and the row's id.
+
+        :raises SQLCacheError: the row could not be written; the transaction was rolled back.
+        """
         dbapi_connection = conn.connection.dbapi_connection
-        try:
-            return relay.sql.write(dbapi_connection, self.config.prefix, body)
-        except relay.sql.dbapi_error as exc:
-            # SQLAlchemy neither commits nor resets a connection whose commit event raised: roll the
-            # transaction back here, or its locks would outlive it in the pool
+        relay = self._relays.get(conn.engine.pool)
+        problem: BaseException | None = None
+        if relay is None:  # detached or closed while this transaction ran
+            problem = ConfigurationError("durable=True but this engine is not attached (or the cache closed)")
+        else:
+            body = encode_outbox_body(keys, tags)
+            if len(body) > MAX_BODY_CHARS:
+                body = encode_outbox_body(self._coarse_keys(st), tags)
             try:
-                dbapi_connection.rollback()  # type: ignore[union-attr]
-            except relay.sql.dbapi_error:
-                conn.invalidate()
-            raise SQLCacheError(
-                f"durable invalidation: writing the outbox row failed ({exc}); the transaction is not "
-                "committed"
-            ) from exc
+                return relay, relay.sql.write(dbapi_connection, self.config.prefix, body)
+            except relay.sql.dbapi_error as exc:
+                problem = exc
+        # SQLAlchemy neither commits nor resets a connection whose commit event raised: roll the
+        # transaction back here, or its locks would outlive it in the pool
+        try:
+            dbapi_connection.rollback()  # type: ignore[union-attr]
+        except Exception:  # the driver's own error: the connection is unusable, drop it
+            conn.invalidate()
+        raise SQLCacheError(
+            f"durable invalidation: writing the outbox row failed ({problem}); the transaction was "
+            "rolled back"
+        ) from problem
 
     def _coarse_keys(self, st: TxnState) -> list[str]:
         """Table-wide keys covering everything ``st`` wrote (an outbox row of bounded size)."""
@@ -393,8 +404,7 @@ class SQLCache:
     def outbox_early(self, st: TxnState, conn: Connection) -> None:
         """AUTOCOMMIT: a write is about to be committed by the statement itself, with no COMMIT to
         write the outbox row before; write a row with the statement's table-wide keys first."""
-        if st.outbox_id is None:
-            st.outbox_id = self._outbox_write(st, conn, self._coarse_keys(st), [])
+        st.outbox = self._outbox_write(st, conn, self._coarse_keys(st), [])
 
     def register(self, cls: type[Any], ttl: int | None = None, mode: Mode = "invalidate") -> None:
         """Serve ``session.get(cls, pk)`` and many-to-one lazy loads of ``cls`` (and subclasses) from Redis.
@@ -600,6 +610,8 @@ class SQLCache:
             else:
                 self._journal.difference_update(keys)
         self._stats.incr("invalidations_replayed", len(keys))
+        for relay in list(self._relays.values()):
+            relay.wake()  # Redis is back: the outbox rows left meanwhile need not wait for a back-off
         return True
 
     def _invalidate_now(
@@ -1117,8 +1129,7 @@ class SQLCache:
         outbox: tuple[Relay, str] | None = None
         if self.config.durable and conn is not None:
             # before the lock: if the row cannot be written, the commit fails and nothing is locked
-            row_id = st.outbox_id or self._outbox_write(st, conn, keys, tags)
-            outbox = (self._relays[conn.engine.pool], row_id)
+            outbox = st.outbox or self._outbox_write(st, conn, keys, tags)
         token = uuid.uuid4().hex
         # repopulate: entries whose new state we know; their other dependencies are watched, not locked
         repop: list[tuple[str, list[str], int, bytes]] = []
@@ -1208,8 +1219,10 @@ class SQLCache:
             except CacheUnavailable as exc:
                 self._report(exc, "release")
                 self._defer(pending.keys)
-        if pending.outbox is not None and (released or not committed):
-            # applied (or never committed): the row only needs deleting; otherwise a relay applies it
+        if pending.outbox is not None and released:
+            # applied: the row only needs deleting. Otherwise a relay applies it, even when the COMMIT
+            # raised: a COMMIT that reached the server before the connection broke may have committed
+            # (and a transaction that truly rolled back left no row to apply).
             pending.outbox[0].mark_done(pending.outbox[1])
         if signals.invalidated.receivers:
             self._send(signals.invalidated, identities=pending.identities, tags=pending.tags, remote=False)

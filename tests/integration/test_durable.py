@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy import MetaData, create_engine, inspect, select, text, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from sqlcache import ConfigurationError, SQLCache, SQLCacheError, outbox_table, signals
@@ -409,3 +410,124 @@ def test_outbox_command_prints_and_creates_the_table(engine: Engine) -> None:
     assert inspect(engine).has_table(table)
     with engine.begin() as c:
         c.execute(text(f"DROP TABLE {table}"))
+
+
+def test_autocommit_statement_after_a_failed_one_gets_its_own_row(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    """Under AUTOCOMMIT a statement that failed leaves its row behind; the next write writes its own."""
+    from sqlalchemy import insert
+
+    from ..models import Tag
+
+    pfx = prefix()
+    reader = make_cache(redis_url, pfx)
+    reader.attach(outbox)
+    uid = make_user(outbox, "v1")
+    assert user_name(outbox, uid) == "v1"
+    with Session(outbox) as s:
+        s.add(Tag(id=1, label="taken"))
+        s.commit()
+    reader.detach(outbox)
+    writer = make_cache(dead_redis(), pfx, durable=True, relay_interval=3600, timeout=0.2)
+    writer.strict_signals = False
+    writer.attach(outbox)
+    with outbox.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        with pytest.raises(DBAPIError):
+            c.execute(insert(Tag.__table__).values(id=1, label="duplicate"))
+        c.execute(update(User.__table__).where(User.__table__.c.id == uid).values(name="v2"))
+    writer.close()
+    reader.attach(outbox)
+    bodies = [json.loads(str(r["body"]))["keys"] for r in rows(outbox, pfx)]
+    assert any(f"{pfx}:d:b:users" in keys for keys in bodies), bodies
+    relay = make_cache(redis_url, pfx, durable=True, relay_grace=0).relay(outbox, start=False)
+    relay.run_once()
+    assert user_name(outbox, uid) == "v2"
+
+
+def test_a_commit_that_failed_on_the_wire_keeps_its_row(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    """COMMIT reached the server but the client saw an error (a lost connection), and Redis is away:
+    the write may well be committed, so its row stays for a relay."""
+    pfx = prefix()
+    reader = make_cache(redis_url, pfx)
+    reader.attach(outbox)
+    uid = make_user(outbox, "v1")
+    assert user_name(outbox, uid) == "v1"
+    reader.detach(outbox)
+    engine = create_engine(shareable_url(outbox))  # a dialect of its own, to break
+    real_commit = engine.dialect.do_commit
+
+    def commit_then_fail(dbapi_connection: object) -> None:
+        real_commit(dbapi_connection)
+        raise engine.dialect.loaded_dbapi.OperationalError("connection lost after COMMIT")
+
+    engine.dialect.do_commit = commit_then_fail  # type: ignore[method-assign]
+    writer = make_cache(dead_redis(), pfx, durable=True, relay_interval=3600, timeout=0.2)
+    writer.strict_signals = False
+    writer.attach(engine)
+    try:
+        with Session(engine) as s:
+            u = s.get(User, uid)
+            assert u is not None
+            u.name = "v2"
+            with pytest.raises(DBAPIError):
+                s.commit()
+        writer.close()
+    finally:
+        engine.dispose()
+    reader.attach(outbox)
+    assert len(rows(outbox, pfx)) == 1  # the write did commit; its row must not have been deleted
+    relay = make_cache(redis_url, pfx, durable=True, relay_grace=0).relay(outbox, start=False)
+    assert relay.run_once() == 1
+    assert user_name(outbox, uid) == "v2"
+
+
+def test_detaching_a_proxy_engine_keeps_the_base_engine_durable(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    """engine.execution_options() proxies share the pool: detaching one leaves the engine attached,
+    its relay running and its commits writing rows."""
+    pfx = prefix()
+    cache = make_cache(redis_url, pfx, durable=True, relay_interval=3600)
+    cache.attach(outbox)
+    proxy = outbox.execution_options(isolation_level="AUTOCOMMIT")
+    cache.attach(proxy)
+    cache.detach(proxy)
+    uid = make_user(outbox, "v1")
+    assert user_name(outbox, uid) == "v1"
+    hits = cache.stats()["hits"]
+    assert user_name(outbox, uid) == "v1"
+    assert cache.stats()["hits"] == hits + 1  # still attached
+    assert len(rows(outbox, pfx)) == 1  # the insert's row, marked done
+    assert cache._relays[outbox.pool].is_alive()
+    cache._relays[outbox.pool].run_once()
+    assert rows(outbox, pfx) == []
+
+
+def test_relay_applies_huge_backlogs_in_bounded_calls(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    """Hundreds of rows of a thousand keys each (a long outage of bulk writers) are applied in calls
+    of bounded size, within the Redis timeout, and deleted."""
+    pfx = prefix()
+    keys = [f"{pfx}:d:i:users:{i}" for i in range(1000)]
+    with outbox.begin() as c:
+        c.execute(
+            OUTBOX.insert(),
+            [
+                {
+                    "id": f"bulk{n}",
+                    "prefix": pfx,
+                    "created_ms": 0,
+                    "body": json.dumps({"keys": keys, "tags": []}),
+                }
+                for n in range(60)
+            ],
+        )
+    cache = make_cache(redis_url, pfx, durable=True, relay_grace=0, relay_interval=3600)
+    relay = cache.relay(outbox, start=False)
+    assert relay.run_once() == 60
+    assert rows(outbox, pfx) == []
+    assert cache.stats()["errors"] == 0
