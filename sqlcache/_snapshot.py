@@ -352,18 +352,35 @@ def materialize_objects(
     add = identity_map._add_unpresent
     hash_key = session.hash_key
     persistent_evt = session.dispatch.loaded_as_persistent if session.dispatch.loaded_as_persistent else None
-    per_shape: dict[int, tuple[Callable[[], Any], Any]] = {}
+    # per shape index: (class, state constructor, state setter, manager, load event or None, pk offset
+    # when the key is a single column); ClassManager.new_instance() spelled out, to keep the state
+    per_shape: dict[int, tuple[Any, Any, Any, Any, Any, int]] = {}
     instances: list[Any] = []
     new = bytearray(len(objects))
     for n, obj in enumerate(objects):
         si = obj[-2]
+        made = per_shape.get(si)
+        if made is None:
+            shape_ = shapes[si]
+            assert shape_ is not None
+            manager = shape_.mapper.class_manager
+            load = manager.dispatch.load if manager.dispatch.load else None
+            single = shape_.pk_positions[0] if len(shape_.pk_positions) == 1 else -1
+            made = per_shape[si] = (
+                manager.class_,
+                manager._state_constructor,
+                manager._state_setter,
+                manager,
+                load,
+                single,
+            )
         shape = shapes[si]
         assert shape is not None
         mask = obj[-1]
         full = mask == shape.full_mask
         if full:
-            offs = shape.pk_positions
-            pk = (obj[offs[0]],) if len(offs) == 1 else tuple([obj[k] for k in offs])
+            pos = made[5]
+            pk = (obj[pos],) if pos >= 0 else tuple([obj[k] for k in shape.pk_positions])
             identity_key = (shape.identity_class, pk, None)
         else:
             identity_key = shape.identity_key(mask, obj)
@@ -371,13 +388,10 @@ def materialize_objects(
         if existing is not None:
             instances.append(existing)
             continue
-        made = per_shape.get(si)
-        if made is None:
-            manager = shape.mapper.class_manager
-            load = manager.dispatch.load if manager.dispatch.load else None
-            made = per_shape[si] = (manager.new_instance, load)
-        instance = made[0]()
-        state = instance_state(instance)
+        cls = made[0]
+        instance = cls.__new__(cls)
+        state = made[1](instance, made[3])
+        made[2](instance, state)
         state.key = identity_key
         state.session_id = hash_key
         state.load_options = load_options
@@ -388,8 +402,8 @@ def materialize_objects(
             instance.__dict__.update(zip(shape.keys, obj, strict=False))  # stops before the two trailers
         else:
             _fill_partial(shape, state, state.dict, mask, obj)
-        if made[1] is not None:
-            made[1](state, None)
+        if made[4] is not None:
+            made[4](state, None)
         if persistent_evt is not None:
             persistent_evt(session, state)
         instances.append(instance)
