@@ -219,6 +219,55 @@ class Decoded:
     objects: list[list[Any]]
     rels: list[tuple[int, str, Any]]
     marks: list[tuple[int, str, str]]
+    # where mutable values sit (JSON dicts and lists, ARRAY lists, sets), filled by share(): a shared
+    # Decoded hands out fresh copies of those, never the objects it keeps
+    mutable_at: list[tuple[int, tuple[int, ...]]] | None = None
+    rows_mutable: bool = False
+
+    def share(self) -> Decoded:
+        """Mark this result as kept for reuse; returns it. Afterwards use :meth:`fresh` per caller."""
+        found: list[tuple[int, tuple[int, ...]]] = []
+        for n, obj in enumerate(self.objects):
+            at = tuple(i for i in range(len(obj) - 2) if _is_mutable(obj[i]))
+            if at:
+                found.append((n, at))
+        self.mutable_at = found
+        self.rows_mutable = not self.flat and any(_is_mutable(cell) for row in self.rows for cell in row)
+        return self
+
+    def fresh(self) -> Decoded:
+        """A copy a caller may use and mutate without touching this one: objects holding mutable values
+        and the rows are copied, everything immutable is shared."""
+        objects = self.objects
+        if self.mutable_at:
+            objects = list(objects)
+            for n, at in self.mutable_at:
+                obj = objects[n] = list(objects[n])
+                for i in at:
+                    obj[i] = _copy_mutable(obj[i])
+        rows = self.rows
+        if not self.flat:
+            rows = [_copy_mutable(row) if self.rows_mutable else list(row) for row in rows]
+        return Decoded(self.keys, self.single, self.flat, rows, self.shapes, objects, self.rels, self.marks)
+
+
+def _is_mutable(v: Any) -> bool:
+    t = type(v)
+    return t is list or t is dict or t is set or (t is tuple and any(_is_mutable(x) for x in v))
+
+
+def _copy_mutable(v: Any) -> Any:
+    """A deep copy of the containers the codec decodes to (everything else in them is immutable)."""
+    t = type(v)
+    if t is list:
+        return [_copy_mutable(x) for x in v]
+    if t is dict:
+        return {k: _copy_mutable(x) for k, x in v.items()}
+    if t is set:
+        return set(v)  # set items are hashable: immutable values
+    if t is tuple:
+        return tuple(_copy_mutable(x) for x in v) if _is_mutable(v) else v
+    return v
 
 
 def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: HierarchyOf) -> Decoded:

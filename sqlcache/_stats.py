@@ -13,6 +13,7 @@ COUNTERS = (
     "fills",  # entries stored after a miss
     "fills_refused",  # fills Redis refused as stale: a writer changed a dependency since the miss
     "fills_skipped",  # fills not attempted: a dependency was locked, or the snapshot may predate a commit
+    "decodes_reused",  # query hits whose Redis bytes equalled a result decoded before (decoding skipped)
     "too_large",  # results not cached because their entry would exceed max_entry_bytes
     "bypassed",  # reads that could not use the cache (own writes, populate_existing, FOR UPDATE, ...)
     "stale_served",  # expired-but-valid query entries served while another caller refreshed them

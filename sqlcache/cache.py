@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,16 @@ from ._listen import Listener
 from ._outbox import DEFAULT_TABLE, MAX_BODY_CHARS, OutboxSQL, Relay, check_table, outbox_table
 from ._outbox import encode_body as encode_outbox_body
 from ._query import LAYOUT as ROWS_LAYOUT
-from ._query import Uncacheable, Unreproducible, decode_rows, digest, encode_rows, stable, tables_read
+from ._query import (
+    Decoded,
+    Uncacheable,
+    Unreproducible,
+    decode_rows,
+    digest,
+    encode_rows,
+    stable,
+    tables_read,
+)
 from ._snapshot import (
     Hierarchy,
     apply_marks,
@@ -188,6 +198,8 @@ class SQLCache:
     :param outbox_table: the outbox table's name.
     :param relay_interval: seconds between two passes of the relay.
     :param relay_grace: age in seconds at which a relay applies a row its writer did not mark done.
+    :param decoded_cache_bytes: budget (in bytes of Redis payload) for keeping decoded query results
+        in process, reused while Redis keeps returning the very same bytes for a key; 0 turns it off.
     :raises ConfigurationError: on a bad argument.
 
     Guarantees: a read that starts after ``commit()`` returned never sees an entry older than that
@@ -217,6 +229,7 @@ class SQLCache:
         outbox_table: str = DEFAULT_TABLE,
         relay_interval: float = 1.0,
         relay_grace: float = 10.0,
+        decoded_cache_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.config = CacheConfig(
             prefix=prefix,
@@ -264,9 +277,21 @@ class SQLCache:
         if secret is not None and (not isinstance(secret, (bytes, str)) or len(secret) < 16):
             raise ConfigurationError("secret must be bytes or str of at least 16 characters")
         self._secret = secret.encode() if isinstance(secret, str) else secret
+        if (
+            isinstance(decoded_cache_bytes, bool)
+            or not isinstance(decoded_cache_bytes, int)
+            or decoded_cache_bytes < 0
+        ):
+            raise ConfigurationError(f"decoded_cache_bytes must be an int >= 0, got {decoded_cache_bytes!r}")
         self._reported_seq = -1  # Store.ok_seq when the last outage was signalled
         self._replay_timer: threading.Timer | None = None
         self._relays: dict[Any, Relay] = {}  # engine.pool -> its relay (durable)
+        # decoded query results by entry key, reused while Redis returns the same bytes (bounded LRU)
+        self._decoded_max = decoded_cache_bytes
+        self._decoded_bytes = 0
+        self._decoded_lru: OrderedDict[str, tuple[bytes, Any, Decoded]] | None = (
+            OrderedDict() if decoded_cache_bytes > 0 else None
+        )
         self._closed = False
         self.store.on_restart = self._redis_restarted
         #: when True, an exception raised by a signal receiver propagates (the test suite sets it)
@@ -976,16 +1001,16 @@ class SQLCache:
         columns = spec.columns
 
         def on_hit(payload: bytes) -> Result[Any]:
-            d = decode_rows(columns, payload, self._hierarchy)
+            d = self._decoded(key, payload, columns)
             options, tops = _load_context(stmt, columns, spec.aliased)
             first_path = next((t for t in tops if t is not None), None)
             instances, new = materialize_objects(session, d.shapes, d.objects, options, first_path)
-            for i, key, ref in d.rels:
+            for i, attr, ref in d.rels:
                 obj = instances[i]
                 # as an eager load does: new objects get the loaded relationship, existing ones only
                 # where theirs is not loaded yet
-                if new[i] or key not in obj.__dict__:
-                    set_committed_value(obj, key, _resolve(instances, ref))
+                if new[i] or attr not in obj.__dict__:
+                    set_committed_value(obj, attr, _resolve(instances, ref))
             if d.rels or not d.flat:
                 _fix_load_paths(tops, d.rows, d.flat, d.rels, instances, new)
             if d.marks:
@@ -1033,6 +1058,37 @@ class SQLCache:
             protect=True,
             swr_ms=(qp.swr or 0) * 1000,
         )
+
+    def _decoded(self, entry_key: str, payload: bytes, columns: tuple[Hierarchy | None, ...]) -> Decoded:
+        """The decoded, validated result of a query entry: reused while Redis returns the very same bytes
+        for the key (decoding is most of a large hit), decoded afresh otherwise. Never a source of data
+        of its own: Redis answered with these bytes just now."""
+        kept = self._decoded_lru
+        if kept is None:
+            return decode_rows(columns, payload, self._hierarchy)
+        with self._mutex:
+            found = kept.get(entry_key)
+            if found is not None and found[0] == payload and found[1] is columns:
+                kept.move_to_end(entry_key)
+                shared = found[2]
+            else:
+                shared = None
+        if shared is not None:
+            self._stats.incr("decodes_reused")
+            return shared.fresh()
+        d = decode_rows(columns, payload, self._hierarchy).share()
+        size = len(payload)
+        if size * 8 <= self._decoded_max:  # one result may take at most an eighth of the budget
+            with self._mutex:
+                old = kept.pop(entry_key, None)
+                if old is not None:
+                    self._decoded_bytes -= len(old[0])
+                kept[entry_key] = (payload, columns, d)
+                self._decoded_bytes += size
+                while self._decoded_bytes > self._decoded_max:
+                    _, (p, _c, _d) = kept.popitem(last=False)
+                    self._decoded_bytes -= len(p)
+        return d.fresh()
 
     def _query_spec(self, stmt: Any, ck: Any, engine: Engine) -> tuple[Any, _QuerySpec]:
         memo_key = (ck.key, engine.dialect.name)

@@ -538,3 +538,50 @@ def test_aliased_entities(engine: Engine, cache: SQLCache, sql_count: SQLCounter
     after = cache.stats()
     assert after["bypassed"] >= before["bypassed"] + 2
     assert (after["hits"], after["fills"]) == (before["hits"], before["fills"])
+
+
+def test_reused_decodes_never_share_mutable_values(engine: Engine, cache: SQLCache) -> None:
+    """Hits whose Redis bytes are unchanged reuse the decoded result, but every hit gets its own JSON
+    dicts and lists: mutating one object's value in place never reaches another hit."""
+    from ..models import Typed
+
+    with Session(engine) as s:
+        s.add(Typed(id=1, doc={"tags": ["a"], "n": 1}))
+        s.commit()
+    entities = select(Typed).options(cached())
+    columns = select(Typed.id, Typed.doc).options(cached())
+
+    def both() -> tuple[Any, Any, Session]:
+        s = Session(engine)
+        return s.scalars(entities).one(), s.execute(columns).one(), s
+
+    both()[2].close()  # miss, fill
+    first, row, s1 = both()
+    assert cache.stats()["hits"] >= 2
+    first.doc["tags"].append("mutated in place")
+    first.doc["n"] = 99
+    row.doc["tags"].append("mutated too")
+    second, row2, s2 = both()
+    assert second.doc == {"tags": ["a"], "n": 1}
+    assert row2.doc == {"tags": ["a"], "n": 1}
+    assert second.doc is not first.doc and second.doc["tags"] is not first.doc["tags"]
+    assert cache.stats()["decodes_reused"] >= 2
+    s1.close()
+    s2.close()
+
+
+def test_decoded_results_budget(engine: Engine, redis_url: str) -> None:
+    """decoded_cache_bytes=0 decodes every hit; a result bigger than an eighth of the budget is not kept."""
+    seed(engine)
+    for budget, reused in ((0, False), (64, False), (1 << 20, True)):
+        cache = SQLCache(redis_url, prefix=f"b{uuid.uuid4().hex[:8]}", decoded_cache_bytes=budget)
+        cache.attach(engine)
+        try:
+            for _ in range(3):
+                with Session(engine) as s:
+                    assert len(s.scalars(select(User).options(cached())).all()) == 3
+            assert cache.stats()["hits"] == 2
+            assert (cache.stats()["decodes_reused"] > 0) is reused, budget
+        finally:
+            cache.clear()
+            cache.close()
