@@ -198,8 +198,9 @@ class SQLCache:
     :param outbox_table: the outbox table's name.
     :param relay_interval: seconds between two passes of the relay.
     :param relay_grace: age in seconds at which a relay applies a row its writer did not mark done.
-    :param decoded_cache_bytes: budget (in bytes of Redis payload) for keeping decoded query results
-        in process, reused while Redis keeps returning the very same bytes for a key; 0 turns it off.
+    :param decoded_cache_bytes: budget (in bytes of Redis payload; about four times that in memory) for
+        keeping decoded query results in process, reused while Redis keeps returning the very same bytes
+        for a key; 0 turns it off.
     :raises ConfigurationError: on a bad argument.
 
     Guarantees: a read that starts after ``commit()`` returned never sees an entry older than that
@@ -229,7 +230,7 @@ class SQLCache:
         outbox_table: str = DEFAULT_TABLE,
         relay_interval: float = 1.0,
         relay_grace: float = 10.0,
-        decoded_cache_bytes: int = 16 * 1024 * 1024,
+        decoded_cache_bytes: int = 4 * 1024 * 1024,
     ) -> None:
         self.config = CacheConfig(
             prefix=prefix,
