@@ -143,18 +143,25 @@ def run_bench(args: argparse.Namespace) -> int:
     except (SQLAlchemyError, ImportError) as exc:
         print(f"sqlcache bench: cannot use the database {args.database_url}: {exc}", file=sys.stderr)
         return 2
-    cache = SQLCache(args.redis_url, prefix=f"sqlcache-bench-{uuid.uuid4().hex[:8]}", default_ttl=3600)
+    prefix = f"sqlcache-bench-{uuid.uuid4().hex[:8]}"
+    cache = SQLCache(args.redis_url, prefix=prefix, default_ttl=3600)
     cache.attach(cached)
     cache.register(BenchUser)
+    # the same entries, read by a cache that decodes every hit (decoded results not reused)
+    decoding = _engine(args.database_url)
+    decoding_cache = SQLCache(args.redis_url, prefix=prefix, default_ttl=3600, decoded_cache_bytes=0)
+    decoding_cache.attach(decoding)
+    decoding_cache.register(BenchUser)
     rnd = random.Random(7)
     try:
-        return _run(args, plain, cached, cache, probe, rnd, rounds, batch, rows)
+        return _run(args, plain, cached, cache, probe, rnd, rounds, batch, rows, decoding)
     finally:
         cache.clear()
-        cache.detach(cached)
+        cache.close()
+        decoding_cache.close()
         _Base.metadata.drop_all(plain)
-        plain.dispose()
-        cached.dispose()
+        for engine in (plain, cached, decoding):
+            engine.dispose()
 
 
 def _run(
@@ -167,6 +174,7 @@ def _run(
     rounds: int,
     batch: int,
     rows: int,
+    decoding: Engine,
 ) -> int:
     ids = list(range(1, rows + 1))
     for i in ids:  # warm every entry
@@ -274,6 +282,8 @@ def _run(
         "q200 plain": lambda: _ns(query_on(plain, 200, False)),
         "q200 sqlcache hit": lambda: _ns(query_on(cached, 200, True)),
         "q200 floor": lambda: _ns(floor_of(200)),
+        "q20 hit, no reuse": lambda: _ns(query_on(decoding, 20, True)),
+        "q200 hit, no reuse": lambda: _ns(query_on(decoding, 200, True)),
         "update plain": lambda: _ns(update_on(plain)),
         "update sqlcache": lambda: _ns(update_on(cached)),
     }
@@ -312,6 +322,9 @@ def _run(
         ("q200 hit / q200 floor", med["q200 sqlcache hit"] / med["q200 floor"], 1.5),
         ("q20 hit / q20 plain", med["q20 sqlcache hit"] / med["q20 plain"], None),
         ("q200 hit / q200 plain", med["q200 sqlcache hit"] / med["q200 plain"], 0.5),
+        ("q20 no-reuse hit / q20 floor", med["q20 hit, no reuse"] / med["q20 floor"], None),
+        ("q200 no-reuse hit / q200 floor", med["q200 hit, no reuse"] / med["q200 floor"], None),
+        ("q200 no-reuse hit / q200 plain", med["q200 hit, no reuse"] / med["q200 plain"], None),
     ]
     for label, ratio, target in ratios:
         verdict = "" if target is None else f"  target <= {target}: {'PASS' if ratio <= target else 'MISS'}"
