@@ -256,13 +256,17 @@ def _is_mutable(v: Any) -> bool:
     return t is list or t is dict or t is set or (t is tuple and any(_is_mutable(x) for x in v))
 
 
+# what the codec decodes that holds no mutable container
+_ATOMIC = frozenset({str, int, float, bool, type(None), bytes})
+
+
 def _copy_mutable(v: Any) -> Any:
     """A deep copy of the containers the codec decodes to (everything else in them is immutable)."""
     t = type(v)
-    if t is list:
-        return [_copy_mutable(x) for x in v]
     if t is dict:
-        return {k: _copy_mutable(x) for k, x in v.items()}
+        return {k: x if type(x) in _ATOMIC else _copy_mutable(x) for k, x in v.items()}
+    if t is list:
+        return [x if type(x) in _ATOMIC else _copy_mutable(x) for x in v]
     if t is set:
         return set(v)  # set items are hashable: immutable values
     if t is tuple:

@@ -66,3 +66,36 @@ def test_alias_names_and_quoting_are_part_of_the_key() -> None:
 
     assert of("buyer") == of("buyer")
     assert len({of("buyer"), of("seller"), of(quoted_name("buyer", True)), key_of(select(User))}) == 4
+
+
+def _containers(v: object) -> list[object]:
+    out: list[object] = []
+    if isinstance(v, (list, dict, set)):
+        out.append(v)
+    items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple, set)) else ()
+    for x in items:
+        out.extend(_containers(x))
+    return out
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=4)
+        | st.tuples(inner, inner)
+        | st.sets(st.integers(), max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@given(json_like)
+def test_copies_of_decoded_values_share_no_mutable_container(value: object) -> None:
+    """A reused decoded result hands out equal values that share no list, dict or set with it."""
+    from sqlcache._query import _copy_mutable
+
+    copied = _copy_mutable(value)
+    assert copied == value
+    mine = {id(c) for c in _containers(value)}
+    assert not any(id(c) in mine for c in _containers(copied))
