@@ -138,6 +138,7 @@ class TxnState:
     began_sql: bool = False  # a statement ran: the database snapshot may already be fixed
     clock0: int | None = None  # invalidation clock read before the first statement
     outbox: Any = None  # durable: (relay, row id) of the outbox row already written (AUTOCOMMIT)
+    translated: bool = False  # a write ran under a schema_translate_map
 
     def wrote_anything(self) -> bool:
         return bool(self.identities or self.tables or self.everything)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect as pyinspect
 import weakref
 from collections.abc import Callable, Iterator
+from hashlib import blake2b
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -319,6 +320,8 @@ class Wiring:
             st.everything = True
         else:
             return
+        if context.execution_options.get("schema_translate_map"):
+            st.translated = True  # the rows live in another schema: never repopulate default-schema keys
         if self.cache.config.durable and is_autocommit(conn):
             # a row per statement (one that failed before may have left its own: it stays, harmless)
             self.cache.outbox_early(st, conn)
@@ -425,7 +428,9 @@ class Wiring:
                 bind = orm_state.session.get_bind(mapper=orm_state.bind_mapper, clause=clause)
                 if bind.engine.pool not in self._pools:
                     return None
-                return self.cache.read_query(orm_state, opt.payload, bind.engine)
+                return self.cache.read_query(
+                    orm_state, opt.payload, bind.engine, translation(orm_state, bind)
+                )
         found = pk_load(orm_state)
         if found is None:
             if orm_state.is_relationship_load:
@@ -438,7 +443,7 @@ class Wiring:
         bind = orm_state.session.get_bind(mapper=mapper)
         if bind.engine.pool not in self._pools:
             return None
-        return self.cache.read_identity(orm_state, mapper, pk, policy)
+        return self.cache.read_identity(orm_state, mapper, pk, policy, translation(orm_state, bind))
 
     def _relationship_load(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         """A lazy load of a collection of registered objects: cached like a query on its tables."""
@@ -452,7 +457,26 @@ class Wiring:
         bind = orm_state.session.get_bind(mapper=mapper, clause=clause)
         if bind.engine.pool not in self._pools:
             return None
-        return self.cache.read_query(orm_state, QueryPolicy(ttl=policy.ttl), bind.engine, relationship=True)
+        return self.cache.read_query(
+            orm_state,
+            QueryPolicy(ttl=policy.ttl),
+            bind.engine,
+            translation(orm_state, bind),
+            relationship=True,
+        )
+
+
+def translation(orm_state: ORMExecuteState, bind: Any) -> str:
+    """ "" or a digest of the ``schema_translate_map`` in effect (execute / statement options over the
+    connection's or engine's): the same statement reads other tables under another map, so it is part
+    of every entry key (dependencies stay per table name: a write under any map invalidates all)."""
+    stm = orm_state.execution_options.get("schema_translate_map")
+    if stm is None:
+        stm = bind.get_execution_options().get("schema_translate_map")
+    if not stm:
+        return ""
+    text = repr(sorted((repr(k), repr(v)) for k, v in stm.items()))
+    return blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def _snapshot_fixed(conn: Connection) -> bool:

@@ -904,7 +904,12 @@ class SQLCache:
         return False
 
     def read_identity(
-        self, orm_state: ORMExecuteState, mapper: Mapper[Any], pk: tuple[Any, ...], policy: ModelPolicy
+        self,
+        orm_state: ORMExecuteState,
+        mapper: Mapper[Any],
+        pk: tuple[Any, ...],
+        policy: ModelPolicy,
+        translation: str = "",
     ) -> Result[Any] | None:
         """Serve a primary-key load from Redis, or run it and fill; None lets SQLAlchemy run it as usual."""
         session = orm_state.session
@@ -916,7 +921,7 @@ class SQLCache:
             # is not what this transaction must see: read the database
             self._stats.incr("bypassed")
             return None
-        entry_key = _keys.identity_entry_key(p, h.fingerprint, h.entity, pk)
+        entry_key = _keys.identity_entry_key(p, h.fingerprint + translation, h.entity, pk)
         deps = [dep_identity, *(_keys.bulk_dep_key(p, t) for t in h.tables), self._global_key]
 
         def on_hit(payload: bytes) -> Result[Any]:
@@ -951,7 +956,12 @@ class SQLCache:
         )
 
     def read_query(
-        self, orm_state: ORMExecuteState, qp: QueryPolicy, engine: Engine, relationship: bool = False
+        self,
+        orm_state: ORMExecuteState,
+        qp: QueryPolicy,
+        engine: Engine,
+        translation: str = "",
+        relationship: bool = False,
     ) -> Result[Any] | None:
         """Serve a ``cached()`` statement from Redis, or run it and fill; None: run it as usual."""
         stmt: Any = orm_state.statement
@@ -980,7 +990,9 @@ class SQLCache:
             # by position, not by name: anonymous parameter names embed process-specific ids
             params: list[Any] = [given.pop(bp.key, bp.effective_value) for bp in ck.bindparams]
             params.append(sorted(given.items()))
-            key = _keys.query_key(self.config.prefix, digest([spec.digest, params, list(qp.tags)]))
+            key = _keys.query_key(
+                self.config.prefix, digest([spec.digest, params, list(qp.tags), translation])
+            )
         except Uncacheable:
             self._stats.incr("bypassed")
             return None
@@ -1191,7 +1203,7 @@ class SQLCache:
         # repopulate: entries whose new state we know; their other dependencies are watched, not locked
         repop: list[tuple[str, list[str], int, bytes]] = []
         watch: list[str] = []
-        if not st.everything:
+        if not st.everything and not st.translated:
             for dep_key, w in st.identities.items():
                 if w.state is None:
                     continue

@@ -17,7 +17,7 @@ from sqlcache import SQLCache, cached, signals
 
 from ..conftest import SQLCounter
 from ..helpers import finish, make_user, pause_after_select, run_in_thread
-from ..models import Order, Tag, User
+from ..models import Base, Order, Tag, User
 
 
 def seed(engine: Engine) -> list[int]:
@@ -585,3 +585,52 @@ def test_decoded_results_budget(engine: Engine, redis_url: str) -> None:
         finally:
             cache.clear()
             cache.close()
+
+
+def test_schema_translate_map_is_part_of_every_key(pg_url: str, redis_url: str) -> None:
+    """Tenants in schemas of their own (schema_translate_map on the engine, the connection or the
+    execution): the same query and the same Session.get never serve one tenant's rows to another."""
+    from sqlalchemy import create_engine, text
+
+    run = uuid.uuid4().hex[:8]
+    schemas = [f"tenant_a_{run}", f"tenant_b_{run}"]
+    engine = create_engine(pg_url)
+    cache = SQLCache(redis_url, prefix=f"st{run}")
+    cache.strict_signals = True
+    cache.register(User)
+    try:
+        tenants = [engine.execution_options(schema_translate_map={None: name}) for name in schemas]
+        for name, tenant in zip(schemas, tenants, strict=True):
+            with engine.begin() as c:
+                c.execute(text(f"CREATE SCHEMA {name}"))
+            Base.metadata.create_all(tenant)
+            with Session(tenant) as s:
+                s.add(User(id=1, name=f"user of {name}"))
+                s.commit()
+        cache.attach(engine)
+        for _ in range(3):  # misses, fills, hits
+            for name, tenant in zip(schemas, tenants, strict=True):
+                with Session(tenant) as s:
+                    assert [u.name for u in s.scalars(select(User).options(cached()))] == [f"user of {name}"]
+                    assert s.get(User, 1).name == f"user of {name}"  # type: ignore[union-attr]
+                with Session(engine) as s:  # per execution
+                    opts = {"schema_translate_map": {None: name}}
+                    rows = s.execute(select(User.name).options(cached()), execution_options=opts).all()
+                    assert rows == [(f"user of {name}",)]
+        assert cache.stats()["hits"] >= 8
+        with Session(tenants[0]) as s:  # a write under one map invalidates what every tenant cached
+            s.get(User, 1).name = "renamed"  # type: ignore[union-attr]
+            s.commit()
+        with Session(tenants[0]) as s:
+            assert s.get(User, 1).name == "renamed"  # type: ignore[union-attr]
+            assert [u.name for u in s.scalars(select(User).options(cached()))] == ["renamed"]
+        with Session(tenants[1]) as s:
+            assert s.get(User, 1).name == f"user of {schemas[1]}"  # type: ignore[union-attr]
+    finally:
+        cache.detach(engine)
+        cache.clear()
+        cache.close()
+        with engine.begin() as c:
+            for name in schemas:
+                c.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+        engine.dispose()
