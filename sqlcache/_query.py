@@ -284,6 +284,8 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
         raise CodecError("query entry was written by another model definition")
     if (
         type(keys) is not list
+        or len(keys) != len(columns)
+        or not all(k is None or type(k) is str for k in keys)
         or type(rows) is not list
         or type(single) is not bool
         or type(flat) is not bool

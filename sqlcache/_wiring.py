@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import inspect as pyinspect
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any
 
@@ -112,16 +112,34 @@ def is_autocommit(conn: Connection) -> bool:
 _RESULT_META_PARAMS = pyinspect.signature(SimpleResultMetaData.__init__).parameters
 
 
-def result_metadata(keys: list[str], entities: list[bool]) -> SimpleResultMetaData:
-    """Result metadata whose entity columns are uniqued by identity, as the ORM's are.
+def result_metadata(
+    keys: Sequence[str | None], entities: list[bool], extra: list[tuple[Any, ...]] | None = None
+) -> SimpleResultMetaData:
+    """Result metadata whose entity columns are uniqued by identity, as the ORM's are; ``extra`` holds,
+    per column, the objects ``row._mapping[...]`` accepts besides the name (entity, attribute, column).
 
     SQLAlchemy 2.0 takes ``_unique_filters``, 2.1 ``_create_unique_filters``; by identity so that
     classes with ``__eq__`` but no ``__hash__`` work.
     """
     filters = [id if e else None for e in entities]
+    names: Any = keys  # None for an unnamed column, as SQLAlchemy's own ORM results have
     if "_create_unique_filters" in _RESULT_META_PARAMS:
-        return SimpleResultMetaData(keys, _create_unique_filters=lambda _r: filters)
-    return SimpleResultMetaData(keys, _unique_filters=filters)  # type: ignore[call-arg]
+        return SimpleResultMetaData(names, extra=extra, _create_unique_filters=lambda _r: filters)
+    return SimpleResultMetaData(names, extra=extra, _unique_filters=filters)  # type: ignore[call-arg]
+
+
+def column_extras(stmt: Any) -> list[tuple[Any, ...]]:
+    """Per result column, what a database result's row mapping accepts as a key besides the name: the
+    entity, the ORM attribute and its column, or the Core column."""
+    out: list[tuple[Any, ...]] = []
+    for desc in stmt.column_descriptions:
+        expr = desc.get("expr")
+        if expr is None:
+            out.append(())
+            continue
+        column = getattr(expr, "expression", None) if expr is not desc.get("entity") else None
+        out.append((expr,) if column is None or column is expr else (expr, column))
+    return out
 
 
 def with_attributes(result: Result[Any], single_entity: bool) -> Result[Any]:

@@ -55,7 +55,7 @@ from ._snapshot import materialize as _materialize
 from ._stats import Stats
 from ._store import ReadResult, RepopEntry, SentLock, Store, client_for
 from ._txn import IdentityWrite, TxnState, cascade_targets
-from ._wiring import Wiring, result_metadata, with_attributes
+from ._wiring import Wiring, column_extras, result_metadata, with_attributes
 from .config import CacheConfig, Mode, ModelPolicy
 from .errors import CacheUnavailable, CodecError, ConfigurationError, SQLCacheError
 from .options import QueryPolicy
@@ -95,6 +95,7 @@ class _QuerySpec:
     tables: tuple[str, ...]
     columns: tuple[Hierarchy | None, ...]
     aliased: bool = False  # an entity is an aliased() class: load paths come from the statement itself
+    extras: list[tuple[Any, ...]] | None = None  # per column, row._mapping keys besides the name
 
 
 def _resolve(instances: list[Any], ref: Any) -> Any:
@@ -1038,12 +1039,18 @@ class SQLCache:
                         if row[i] is not None:
                             row[i] = instances[row[i]]
                     out.append(tuple(row))
-            meta = result_metadata(d.keys, [h is not None for h in columns])
+            extras = column_extras(stmt) if spec.aliased else spec.extras
+            meta = result_metadata(d.keys, [h is not None for h in columns], extras)
             return with_attributes(IteratorResult(meta, iter(out)), d.single)
 
         def encode(frozen: FrozenResult[Any]) -> bytes | None:
             single = bool((getattr(frozen, "_attributes", None) or {}).get("is_single_entity"))
-            keys = list(frozen.metadata.keys)
+            # _keys keeps the None of unnamed columns (an anonymous aliased(), with_polymorphic), which
+            # .keys drops: the names must line up with the columns
+            keys = list(getattr(frozen.metadata, "_keys", None) or frozen.metadata.keys)
+            if len(keys) != len(columns):
+                self._stats.incr("fills_skipped")
+                return None
             try:
                 payload, through = encode_rows(columns, keys, single, frozen.data, self._hierarchy)
             except Unreproducible:
@@ -1054,7 +1061,9 @@ class SQLCache:
                 # eager loads read tables the statement itself does not name; the generations taken
                 # before this SELECT did not cover them. Learn them for the next miss, store nothing now.
                 tables = tuple(sorted(through | set(spec.tables)))
-                self._query_memo[spec_key] = _QuerySpec(spec.digest, tables, spec.columns, spec.aliased)
+                self._query_memo[spec_key] = _QuerySpec(
+                    spec.digest, tables, spec.columns, spec.aliased, spec.extras
+                )
                 self._stats.incr("fills_skipped")
                 return None
             return payload
@@ -1143,7 +1152,10 @@ class SQLCache:
                 columns.append(None)
         fps = [h.fingerprint if h is not None else None for h in columns]
         shape_digest = digest([ROWS_LAYOUT, stable(ck.key), engine.dialect.name, fps])
-        return _QuerySpec(shape_digest, tables_read(compiled, stmt), tuple(columns), aliased)
+        extras = column_extras(stmt)
+        if len(extras) != len(columns):
+            raise Uncacheable("result columns do not match the column descriptions")
+        return _QuerySpec(shape_digest, tables_read(compiled, stmt), tuple(columns), aliased, extras)
 
     def invalidate_tags(self, *tags: str) -> None:
         """Invalidate every cached query tagged with any of ``tags``: one O(1) step per tag."""

@@ -634,3 +634,40 @@ def test_schema_translate_map_is_part_of_every_key(pg_url: str, redis_url: str) 
             for name in schemas:
                 c.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
         engine.dispose()
+
+
+def test_rows_of_a_hit_answer_to_the_same_keys(engine: Engine, cache: SQLCache) -> None:
+    """Unnamed entities (anonymous aliased(), with_polymorphic) keep their place, and row._mapping
+    accepts the entity, the attribute, the table column and the name, as on a database result."""
+    from sqlalchemy.orm import aliased, with_polymorphic
+
+    from ..models import Employee, Engineer, Manager
+
+    seed(engine)
+    with Session(engine) as s:
+        s.add_all([Engineer(name="e", language="py"), Manager(name="m", reports=2)])
+        s.commit()
+    users = User.__table__
+
+    def probe() -> list[Any]:
+        out: list[Any] = []
+        with Session(engine) as s:
+            ua = aliased(User)
+            out.append([u.name for u in s.scalars(select(ua).order_by(ua.id).options(cached()))])
+            wp = with_polymorphic(Employee, [Engineer, Manager])
+            rows = s.execute(select(wp, Employee.name).order_by(wp.id).options(cached())).all()
+            out.append([(type(r[0]).__name__, r.name, r[1]) for r in rows])
+            row = s.execute(select(User, User.name).order_by(User.id).options(cached())).first()
+            assert row is not None
+            out.append((row._mapping[User].name, row._mapping[User.name], row._mapping[users.c.name]))
+            out.append(row._mapping["name"])
+            core = s.execute(select(users.c.id, users.c.name).order_by(users.c.id).options(cached())).first()
+            assert core is not None
+            out.append((core._mapping[users.c.name], core._mapping["name"], core.name))
+        return out
+
+    expected = probe()
+    hits = cache.stats()["hits"]
+    for _ in range(2):
+        assert probe() == expected
+    assert cache.stats()["hits"] >= hits + 6
