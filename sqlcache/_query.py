@@ -274,6 +274,16 @@ def _copy_mutable(v: Any) -> Any:
     return v
 
 
+def _check_key_value(v: Any) -> None:
+    """A primary key value must be usable in an identity key: present and hashable."""
+    if v is None:
+        raise CodecError("object without its primary key")
+    try:
+        hash(v)
+    except TypeError as exc:
+        raise CodecError("unhashable primary key value") from exc
+
+
 def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: HierarchyOf) -> Decoded:
     """Decode and validate a query entry completely (nothing is built from a payload that fails)."""
     data = decode(payload)
@@ -329,8 +339,10 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
                 raise CodecError("object names an unknown class")
             shapes[si] = shape
             owner[si] = h
-        elif owner[si] is not h and shape_refs[si][0] != h.fingerprint:
-            raise CodecError("object written by another model definition")
+        elif owner[si] is not h and (shape_refs[si][0] != h.fingerprint or not shape.mapper.isa(h.mapper)):
+            # the same hierarchy requested as another class: a base-class object where a subclass
+            # is expected is not one
+            raise CodecError("object of another class than the one expected here")
         if seen[i]:
             return
         seen[i] = 1
@@ -340,6 +352,8 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
         if type(mask) is int and mask == shape.full_mask:
             if len(obj) != len(shape.keys) + 2:
                 raise CodecError("object's mask does not match its values")
+            for p in shape.pk_positions:
+                _check_key_value(obj[p])
             for j in shape.converted:
                 conv = shape.from_plain[j]
                 assert conv is not None
@@ -356,6 +370,8 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
         j = 0
         for pos, conv in enumerate(shape.from_plain):
             if mask >> pos & 1:
+                if shape.pk_mask >> pos & 1:
+                    _check_key_value(obj[j])
                 if conv is not None:
                     obj[j] = conv(obj[j])
                 j += 1
@@ -384,9 +400,13 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
                 raise CodecError(f"unknown relationship {key!r}")
             target = hier(prop.mapper)
             if type(value) is list:
+                if not prop.uselist:
+                    raise CodecError(f"a collection for the scalar relationship {key!r}")
                 for v in value:
                     check(target, v)
             elif value is not None:
+                if prop.uselist:
+                    raise CodecError(f"a single object for the collection {key!r}")
                 check(target, value)
             out_rels.append((i, key, value))
     if not all(seen):
@@ -394,7 +414,7 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
     out_marks: list[tuple[int, str, str]] = []
     for k in range(0, len(marks), 3):
         i, key, kind = marks[k], marks[k + 1], marks[k + 2]
-        if type(i) is not int or not 0 <= i < n_objects or type(key) is not str:
+        if type(i) is not int or not 0 <= i < n_objects or type(key) is not str or type(kind) is not str:
             raise CodecError("malformed loader mark")
         shape = shapes[objects[i][-2]]
         assert shape is not None

@@ -347,16 +347,45 @@ def materialize_objects(
     The hot loop of a query hit: per object one identity-key tuple, one instance and its state,
     nothing else that outlives the call.
     """
-    identity_map = session.identity_map
-    get = identity_map.get
-    add = identity_map._add_unpresent
-    hash_key = session.hash_key
-    persistent_evt = session.dispatch.loaded_as_persistent if session.dispatch.loaded_as_persistent else None
     # per shape index: (class, state constructor, state setter, manager, load event or None, pk offset
     # when the key is a single column); ClassManager.new_instance() spelled out, to keep the state
     per_shape: dict[int, tuple[Any, Any, Any, Any, Any, int]] = {}
     instances: list[Any] = []
     new = bytearray(len(objects))
+    try:
+        _build(session, shapes, objects, load_options, load_path, per_shape, instances, new)
+    except BaseException:
+        discard_built(session, instances, new)  # nothing half-built stays in the session
+        raise
+    return instances, new
+
+
+def discard_built(session: Session, instances: list[Any], new: bytearray) -> None:
+    """Take the objects a failed hit built back out of the session's identity map."""
+    identity_map = session.identity_map
+    for n, obj in enumerate(instances):
+        if n < len(new) and new[n]:
+            state = instance_state(obj)
+            identity_map.safe_discard(state)
+            state.session_id = None
+            state.key = None
+
+
+def _build(
+    session: Session,
+    shapes: Sequence[Shape | None],
+    objects: list[list[Any]],
+    load_options: tuple[Any, ...],
+    load_path: Any,
+    per_shape: dict[int, tuple[Any, Any, Any, Any, Any, int]],
+    instances: list[Any],
+    new: bytearray,
+) -> None:
+    identity_map = session.identity_map
+    get = identity_map.get
+    add = identity_map._add_unpresent
+    hash_key = session.hash_key
+    persistent_evt = session.dispatch.loaded_as_persistent if session.dispatch.loaded_as_persistent else None
     for n, obj in enumerate(objects):
         si = obj[-2]
         made = per_shape.get(si)
@@ -398,6 +427,8 @@ def materialize_objects(
         if load_path is not None:
             state.load_path = load_path
         add(state, identity_key)
+        instances.append(instance)
+        new[n] = 1  # from here on, a failure takes it back out (discard_built)
         if full:
             instance.__dict__.update(zip(shape.keys, obj, strict=False))  # stops before the two trailers
         else:
@@ -406,9 +437,6 @@ def materialize_objects(
             made[4](state, None)
         if persistent_evt is not None:
             persistent_evt(session, state)
-        instances.append(instance)
-        new[n] = 1
-    return instances, new
 
 
 # -- per-instance loader strategies ---------------------------------------------------------------

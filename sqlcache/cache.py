@@ -46,6 +46,7 @@ from ._snapshot import (
     check_supported,
     class_id,
     decode_entry,
+    discard_built,
     encode_absent,
     encode_instance,
     hierarchy_for,
@@ -1018,17 +1019,24 @@ class SQLCache:
             d = self._decoded(key, payload, columns)
             options, tops = _load_context(stmt, columns, spec.aliased)
             first_path = next((t for t in tops if t is not None), None)
-            instances, new = materialize_objects(session, d.shapes, d.objects, options, first_path)
-            for i, attr, ref in d.rels:
-                obj = instances[i]
-                # as an eager load does: new objects get the loaded relationship, existing ones only
-                # where theirs is not loaded yet
-                if new[i] or attr not in obj.__dict__:
-                    set_committed_value(obj, attr, _resolve(instances, ref))
-            if d.rels or not d.flat:
-                _fix_load_paths(tops, d.rows, d.flat, d.rels, instances, new)
-            if d.marks:
-                apply_marks(instances, new, d.marks)
+            try:
+                instances, new = materialize_objects(session, d.shapes, d.objects, options, first_path)
+            except Exception as exc:  # validated above, so a bug or an exotic mapping: not a hit
+                raise CodecError(f"cannot build the cached objects: {exc!r}") from exc
+            try:
+                for i, attr, ref in d.rels:
+                    obj = instances[i]
+                    # as an eager load does: new objects get the loaded relationship, existing ones only
+                    # where theirs is not loaded yet
+                    if new[i] or attr not in obj.__dict__:
+                        set_committed_value(obj, attr, _resolve(instances, ref))
+                if d.rels or not d.flat:
+                    _fix_load_paths(tops, d.rows, d.flat, d.rels, instances, new)
+                if d.marks:
+                    apply_marks(instances, new, d.marks)
+            except Exception as exc:
+                discard_built(session, instances, new)
+                raise CodecError(f"cannot build the cached objects: {exc!r}") from exc
             if d.flat:
                 out = [(instances[i],) for i in d.rows]
             else:

@@ -312,7 +312,9 @@ def test_odd_tags_and_large_results(engine: Engine, redis_url: str) -> None:
         cache.clear()
 
 
-def test_damaged_query_entries_are_misses(engine: Engine, cache: SQLCache, redis_client: object) -> None:
+def test_damaged_query_entries_are_misses(
+    engine: Engine, cache: SQLCache, redis_client: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every structural damage to a cached result (wrong types, dangling references, unknown shapes or
     relationships, a mask without the primary key, extra or missing values) is a miss: the database
     answers, nothing half-built is left in the session, no exception reaches the caller."""
@@ -402,9 +404,30 @@ def test_damaged_query_entries_are_misses(engine: Engine, cache: SQLCache, redis
             [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, 0, "no_such", "raise"]],
             [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, len(objects), "tags", "raise"]],
             [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, 0, "tags"]],
+            [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, 0, "tags", ["raise"]]],
+            [fps, keys, single, flat, rows, shapes, [[{"a": 1}, *o[1:]] for o in objects], rels, marks],
+            [fps, keys, single, flat, rows, shapes, [[None, *o[1:]] for o in objects], rels, marks],
+            [fps, [[k] for k in keys], single, flat, rows, shapes, objects, rels, marks],
+            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "orders", 1], marks],
+            [fps, keys, single, flat, rows, shapes, objects, [*rels, len(objects) - 1, "user", [0]], marks],
         ]
 
     assert n_user > 2
+    # a failure after objects were built (a bug; validation leaves none to find): none of them stays
+    # in the session, so the database's rows, not the entry's altered names, are what it holds
+    import sqlcache.cache as cache_module
+
+    altered = [[*o[:1], "not the name", *o[2:]] if len(o) == n_user + 2 else o for o in objects]
+    client.set(key, head + b"|" + encode([fps, keys, single, flat, rows, shapes, altered, rels, marks]))
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("late failure")
+
+    monkeypatch.setattr(cache_module, "_fix_load_paths", broken)
+    with Session(engine) as s:
+        assert [u.name for u in s.scalars(stmt)] == [name for name, _ in expected]
+        assert all(u.name != "not the name" for u in s.scalars(select(User)))
+    monkeypatch.undo()
     for i, bad in enumerate(damaged()):
         client.set(key, head + b"|" + encode(bad), px=60_000)
         errors = cache.stats()["errors"]
