@@ -1023,18 +1023,23 @@ class SQLCache:
                 instances, new = materialize_objects(session, d.shapes, d.objects, options, first_path)
             except Exception as exc:  # validated above, so a bug or an exotic mapping: not a hit
                 raise CodecError(f"cannot build the cached objects: {exc!r}") from exc
+            touched: list[tuple[Any, str]] = []  # relationships set on objects the session already had
             try:
                 for i, attr, ref in d.rels:
                     obj = instances[i]
                     # as an eager load does: new objects get the loaded relationship, existing ones only
                     # where theirs is not loaded yet
                     if new[i] or attr not in obj.__dict__:
+                        if not new[i]:
+                            touched.append((obj, attr))
                         set_committed_value(obj, attr, _resolve(instances, ref))
                 if d.rels or not d.flat:
                     _fix_load_paths(tops, d.rows, d.flat, d.rels, instances, new)
                 if d.marks:
                     apply_marks(instances, new, d.marks)
             except Exception as exc:
+                for obj, attr in touched:
+                    session.expire(obj, [attr])  # unloaded again, as before this hit
                 discard_built(session, instances, new)
                 raise CodecError(f"cannot build the cached objects: {exc!r}") from exc
             if d.flat:

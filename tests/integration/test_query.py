@@ -417,7 +417,9 @@ def test_damaged_query_entries_are_misses(
     # in the session, so the database's rows, not the entry's altered names, are what it holds
     import sqlcache.cache as cache_module
 
-    altered = [[*o[:1], "not the name", *o[2:]] if len(o) == n_user + 2 else o for o in objects]
+    order_at = next(i for i, o in enumerate(objects) if len(o) != n_user + 2)
+    altered = [list(o) for o in objects]
+    altered[order_at][2] = decimal.Decimal("999.00")  # an order's total
     client.set(key, head + b"|" + encode([fps, keys, single, flat, rows, shapes, altered, rels, marks]))
 
     def broken(*args: Any) -> None:
@@ -425,8 +427,9 @@ def test_damaged_query_entries_are_misses(
 
     monkeypatch.setattr(cache_module, "_fix_load_paths", broken)
     with Session(engine) as s:
+        held = s.scalars(select(User).order_by(User.id)).all()  # in the session, orders not loaded
         assert [u.name for u in s.scalars(stmt)] == [name for name, _ in expected]
-        assert all(u.name != "not the name" for u in s.scalars(select(User)))
+        assert [(u.name, [str(o.total) for o in u.orders]) for u in held] == expected
     monkeypatch.undo()
     for i, bad in enumerate(damaged()):
         client.set(key, head + b"|" + encode(bad), px=60_000)
