@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import ColumnProperty, Mapper
 from sqlalchemy.orm import strategies as _strategies
-from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
 from ._codec import decode, encode
 from .errors import CodecError, ConfigurationError
@@ -311,6 +311,7 @@ def materialize_many(
     for shape, identity_key, mask, values in items:
         existing = get(identity_key)
         if existing is not None:
+            refresh_unloaded(shape, existing, mask, values)
             out.append((existing, False))
             continue
         instance = shape.mapper.class_manager.new_instance()
@@ -358,6 +359,19 @@ def materialize_objects(
         discard_built(session, instances, new)  # nothing half-built stays in the session
         raise
     return instances, new
+
+
+def refresh_unloaded(shape: Shape, obj: Any, mask: int, values: Sequence[Any]) -> None:
+    """As a database load does with an object already in the identity map: its unloaded attributes
+    (expired by a commit, deferred, never loaded) take the values the load brought; loaded ones and
+    pending changes are left alone."""
+    dict_ = obj.__dict__
+    j = 0
+    for i, key in enumerate(shape.keys):
+        if mask >> i & 1:
+            if key not in dict_:
+                set_committed_value(obj, key, values[j])
+            j += 1
 
 
 def discard_built(session: Session, instances: list[Any], new: bytearray) -> None:
@@ -416,6 +430,7 @@ def _build(
         existing = get(identity_key)
         if existing is not None:
             instances.append(existing)
+            refresh_unloaded(shape, existing, mask, obj)
             continue
         cls = made[0]
         instance = cls.__new__(cls)
@@ -490,8 +505,8 @@ def loader_marks(state: InstanceState[Any]) -> list[tuple[str, str]]:
 def apply_marks(instances: list[Any], new: bytearray, marks: list[tuple[int, str, str]]) -> None:
     """Put back, on the objects a hit built, the per-instance loader strategies of their load."""
     for i, key, kind in marks:
-        if not new[i]:
-            continue
+        if not new[i] and key in instances[i].__dict__:
+            continue  # an object the session had: only its unloaded attributes take the strategy
         state = instance_state(instances[i])
         if kind in LAZY_KINDS:
             prop = state.mapper.relationships[key]

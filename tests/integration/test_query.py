@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, defer, joinedload, lazyload, raiseload, selectinload
@@ -697,3 +697,42 @@ def test_rows_of_a_hit_answer_to_the_same_keys(engine: Engine, cache: SQLCache) 
     for _ in range(2):
         assert probe() == expected
     assert cache.stats()["hits"] >= hits + 6
+
+
+def test_hits_treat_objects_already_in_the_session_as_a_load_does(
+    engine: Engine, cache: SQLCache, sql_count: SQLCounter
+) -> None:
+    """Objects the session already holds get their unloaded attributes from a hit (expired by a commit,
+    deferred) and the hit's loader strategies on them; loaded attributes are left alone."""
+    from sqlalchemy.orm import undefer
+
+    ids = seed(engine)
+    with Session(engine) as s:
+        s.execute(update(User).where(User.id == ids[0]).values(bio="b0"))
+        s.commit()
+    for _ in range(3):  # fill both statements
+        with Session(engine) as s:
+            s.scalars(select(User).order_by(User.id).options(undefer(User.bio), cached())).all()
+            s.scalars(select(User).order_by(User.id).options(raiseload("*"), cached())).all()
+            s.get(User, ids[0])
+
+    with Session(engine) as s:
+        held = s.scalars(select(User).order_by(User.id).options(defer(User.bio, raiseload=True))).all()
+        s.commit()  # every attribute expired
+        sql_count.reset()
+        s.scalars(select(User).order_by(User.id).options(undefer(User.bio), cached())).all()
+        assert [u.name for u in held] == ["u0", "u1", "u2"] and held[0].bio == "b0"
+        assert sql_count.selects() == 0
+        held[1].name = "pending"  # a pending change survives a hit
+        s.scalars(select(User).order_by(User.id).options(raiseload("*"), cached())).all()
+        assert held[1].name == "pending"
+        with pytest.raises(InvalidRequestError):
+            _ = held[0].orders  # unloaded before the hit: it takes the hit's raiseload, as from the database
+        s.rollback()
+    with Session(engine) as s:
+        u = s.get(User, ids[0])
+        assert u is not None
+        s.commit()
+        sql_count.reset()
+        assert s.get(User, ids[0]) is u and u.name == "u0"  # Session.get refreshes an expired object too
+        assert sql_count.selects() == 0, sql_count.statements
