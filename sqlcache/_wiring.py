@@ -52,7 +52,8 @@ _PER_STATEMENT = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
 
 
 def pk_load(orm_state: ORMExecuteState) -> tuple[Mapper[Any], tuple[Any, ...]] | None:
-    """(mapper, pk) if this execution is a plain load by primary key (Session.get, many-to-one lazy load).
+    """(mapper, pk) if this execution is a plain load by primary key (Session.get, many-to-one lazy load,
+    the load of an expired object's attributes).
 
     SQLAlchemy marks neither publicly: both build ``select(mapper).where(mapper._get_clause[0])`` and
     pass the key as parameters, which is what we recognise here.
@@ -80,8 +81,7 @@ def pk_load(orm_state: ORMExecuteState) -> tuple[Mapper[Any], tuple[Any, ...]] |
         return None
     opts = orm_state.load_options
     if (
-        opts._populate_existing
-        or opts._refresh_state is not None
+        opts._populate_existing  # session.refresh(): the database, explicitly
         or opts._identity_token is not None
         or opts._yield_per
         or orm_state.execution_options.get("populate_existing")

@@ -88,6 +88,10 @@ _STORED_AS_ASSIGNED = frozenset({int, bool, str, bytes, type(None), uuid.UUID})
 _UNDESCRIBABLE = (SQLAlchemyError, ConfigurationError, AttributeError, TypeError, NotImplementedError)
 
 
+class _Unservable(Exception):
+    """A valid entry that cannot answer this particular load (it lacks an attribute asked for)."""
+
+
 @dataclass(frozen=True, eq=False)
 class _QuerySpec:
     """What a statement shape reads and returns, computed once per shape."""
@@ -786,8 +790,12 @@ class SQLCache:
         """Rebuild a hit; None (and the entry deleted) if its payload cannot be decoded."""
         assert r.payload is not None
         result: Result[Any] | None = None
-        with self._degrade("decode"):
-            result = on_hit(self._unseal(entry_key, r.payload))
+        try:
+            with self._degrade("decode"):
+                result = on_hit(self._unseal(entry_key, r.payload))
+        except _Unservable:
+            self._stats.incr("bypassed")
+            return None
         if result is None:
             with self._degrade("decode"):
                 self.store.delete(entry_key)
@@ -926,11 +934,22 @@ class SQLCache:
         entry_key = _keys.identity_entry_key(p, h.fingerprint + translation, h.entity, pk)
         deps = [dep_identity, *(_keys.bulk_dep_key(p, t) for t in h.tables), self._global_key]
 
+        refresh = orm_state.load_options._refresh_state  # loading an expired object's attributes
+        wanted = getattr(orm_state.statement._compile_options, "_only_load_props", None)
+
         def on_hit(payload: bytes) -> Result[Any]:
             decoded = decode_entry(h, payload)
             if decoded is None:
                 return self._wiring.one_row_result(mapper, None)
             shape, mask, values = decoded
+            if refresh is not None:
+                obj = refresh.obj()
+                cached = {k for i, k in enumerate(shape.keys) if mask >> i & 1}
+                # the columns asked for (relationships among them stay unloaded, lazy, as after a load)
+                asked = wanted if wanted else refresh.expired_attributes
+                needed = {k for k in asked if k in shape.keys}
+                if obj is None or type(obj) is not shape.mapper.class_ or not needed <= cached:
+                    raise _Unservable  # e.g. a deferred column the entry does not hold: the database
             identity_key = h.mapper.identity_key_from_primary_key(pk)
             return self._wiring.one_row_result(
                 mapper, _materialize(session, shape, identity_key, mask, values)

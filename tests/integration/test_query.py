@@ -706,6 +706,7 @@ def test_hits_treat_objects_already_in_the_session_as_a_load_does(
     deferred) and the hit's loader strategies on them; loaded attributes are left alone."""
     from sqlalchemy.orm import undefer
 
+    cache.register(User)
     ids = seed(engine)
     with Session(engine) as s:
         s.execute(update(User).where(User.id == ids[0]).values(bio="b0"))

@@ -26,6 +26,7 @@ def test_scenario1_late_fill_refused(engine: Engine, cache: SQLCache) -> None:
     """Reader misses and loads v1; a writer commits v2; the reader's fill is refused; reads see v2."""
     cache.register(User)
     uid = make_user(engine, "v1")
+    cache.clear()  # make_user's own read after its commit filled the entry: the reader must miss
     with pause_after_select(engine, "users") as gate:
 
         def reader() -> str:
