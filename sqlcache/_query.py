@@ -71,8 +71,16 @@ def stable(o: Any) -> Any:
         return ("C", table_name(o.table), o.key)
     if isinstance(o, type):
         return ("Y", f"{o.__module__}.{o.__qualname__}")
-    if isinstance(o, types.CodeType):  # lambda statements (the ORM's lazy loaders use them)
-        return ("K", f"{o.co_filename}:{o.co_firstlineno}:{o.co_name}")
+    if isinstance(o, types.CodeType):
+        # lambda statements (with_loader_criteria, the ORM's lazy loaders): two lambdas can share a line,
+        # so the code itself is named, with its constants and names, not just where it sits
+        return (
+            "K",
+            f"{o.co_filename}:{o.co_firstlineno}:{o.co_name}",
+            blake2b(o.co_code, digest_size=16).hexdigest(),
+            stable(o.co_consts),
+            o.co_names,
+        )
     if isinstance(o, enum.Enum):
         return ("E", f"{type(o).__qualname__}.{o.name}")
     mod = getattr(o, "__module__", None) or ""

@@ -99,3 +99,16 @@ def test_copies_of_decoded_values_share_no_mutable_container(value: object) -> N
     assert copied == value
     mine = {id(c) for c in _containers(value)}
     assert not any(id(c) in mine for c in _containers(copied))
+
+
+def test_lambdas_on_one_line_have_their_own_keys() -> None:
+    """Two lambdas written on the same line (with_loader_criteria) never share a key."""
+    from sqlalchemy.orm import with_loader_criteria
+
+    big, small = (lambda c: c.id > 2), (lambda c: c.id <= 2)
+
+    def of(fn: object) -> str:
+        return key_of(select(User).options(with_loader_criteria(Order, fn, include_aliases=True)))  # type: ignore[arg-type]
+
+    assert of(big) != of(small)
+    assert of(big) == of(big)
