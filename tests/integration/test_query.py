@@ -76,8 +76,8 @@ def test_parameters_are_part_of_the_key(engine: Engine, cache: SQLCache) -> None
         for i in ids:
             got = s.scalars(select(User).where(User.id == i).options(cached())).one()
             assert got.id == i
-        a = s.scalars(select(User.id).where(User.id.in_(ids[:1])).options(cached())).all()
-        b = s.scalars(select(User.id).where(User.id.in_(ids[:2])).options(cached())).all()
+        a = s.scalars(select(User.id).where(User.id.in_(ids[:1])).order_by(User.id).options(cached())).all()
+        b = s.scalars(select(User.id).where(User.id.in_(ids[:2])).order_by(User.id).options(cached())).all()
         assert a == ids[:1] and b == ids[:2]
         assert s.scalars(select(User.id).order_by(User.id).limit(1).options(cached())).all() == ids[:1]
         assert s.scalars(select(User.id).order_by(User.id).limit(2).options(cached())).all() == ids[:2]
