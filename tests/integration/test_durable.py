@@ -10,6 +10,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pytest
 from sqlalchemy import MetaData, create_engine, inspect, select, text, update
@@ -66,6 +67,44 @@ def make_cache() -> Iterator[Callable[..., SQLCache]]:
     yield make
     for c in made:
         c.close()
+
+
+class Scene:
+    """A reader process that cached a user, and writers that cannot reach Redis and then crash."""
+
+    def __init__(self, engine: Engine, redis_url: str, make: Callable[..., SQLCache]) -> None:
+        self.engine, self.redis_url, self.make = engine, redis_url, make
+        self.pfx = prefix()
+        self.reader = make(redis_url, self.pfx)
+        self.reader.attach(engine)
+        self.uid = make_user(engine, "v1")
+        assert user_name(engine, self.uid) == "v1"  # cached in Redis
+
+    @contextmanager
+    def cut_off_writer(self, engine: Engine | None = None) -> Iterator[SQLCache]:
+        """A durable writer whose Redis is unreachable, alone on the engine (the reader, another
+        process, sees nothing of its writes), closed at the end as good as a crash: journal gone."""
+        self.reader.detach(self.engine)
+        writer = self.make(dead_redis(), self.pfx, durable=True, relay_interval=3600, timeout=0.2)
+        writer.strict_signals = False
+        writer.attach(engine or self.engine)
+        try:
+            yield writer
+        finally:
+            writer.close()
+            self.reader.attach(self.engine)
+
+    def name(self) -> str | None:
+        return user_name(self.engine, self.uid)
+
+    def relay_once(self) -> int:
+        relayer = self.make(self.redis_url, self.pfx, durable=True, relay_grace=0, relay_interval=3600)
+        return relayer.relay(self.engine, start=False).run_once()
+
+
+@pytest.fixture
+def scene(outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]) -> Scene:
+    return Scene(outbox, redis_url, make_cache)
 
 
 def test_attach_refuses_a_missing_outbox_table(engine: Engine, redis_url: str) -> None:
@@ -145,33 +184,26 @@ WRITER = textwrap.dedent(
 )
 
 
-def test_crash_while_redis_is_unreachable_loses_no_invalidation(
-    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
-) -> None:
-    """A writer cut off from Redis commits and dies; the relay still invalidates what it wrote."""
-    pfx = prefix()
-    reader = make_cache(redis_url, pfx)
-    reader.attach(outbox)
-    uid = make_user(outbox, "v1")
-    assert user_name(outbox, uid) == "v1"  # cached in Redis
-
+def crash_a_writer(scene: Scene) -> None:
+    """A separate process, cut off from Redis, commits v2 and dies before Redis comes back."""
     done = subprocess.run(
-        [sys.executable, "-c", WRITER, shareable_url(outbox), dead_redis(), pfx, str(uid)],
+        [sys.executable, "-c", WRITER, shareable_url(scene.engine), dead_redis(), scene.pfx, str(scene.uid)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 0 and "committed" in done.stdout, done.stderr
-    assert len(rows(outbox, pfx)) == 1
+    assert len(rows(scene.engine, scene.pfx)) == 1
     # without the outbox this entry would now be served stale until it expired
-    assert user_name(outbox, uid) == "v1"
+    assert scene.name() == "v1"
 
-    relay = make_cache(redis_url, pfx, durable=True, relay_grace=0, relay_interval=3600).relay(
-        outbox, start=False
-    )
-    assert relay.run_once() == 1
-    assert rows(outbox, pfx) == []
-    assert user_name(outbox, uid) == "v2"
+
+def test_crash_while_redis_is_unreachable_loses_no_invalidation(scene: Scene) -> None:
+    """A writer cut off from Redis commits and dies; the relay still invalidates what it wrote."""
+    crash_a_writer(scene)
+    assert scene.relay_once() == 1
+    assert rows(scene.engine, scene.pfx) == []
+    assert scene.name() == "v2"
 
 
 def test_relay_backs_off_while_redis_is_away_then_applies(
@@ -227,56 +259,28 @@ def test_relay_backs_off_while_redis_is_away_then_applies(
         proxy.close()
 
 
-def test_autocommit_writes_its_row_before_the_statement(
-    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
-) -> None:
-    pfx = prefix()
-    reader = make_cache(redis_url, pfx)
-    reader.attach(outbox)
-    uid = make_user(outbox, "v1")
-    assert user_name(outbox, uid) == "v1"
-    reader.detach(outbox)
-    writer = make_cache(dead_redis(), pfx, durable=True, relay_interval=3600, timeout=0.2)
-    writer.strict_signals = False
-    writer.attach(outbox)
-    with outbox.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(update(User.__table__).where(User.__table__.c.id == uid).values(name="v2"))
-    [row] = rows(outbox, pfx)
-    assert f"{pfx}:d:b:users" in json.loads(str(row["body"]))["keys"]  # table-wide: written first
-    writer.close()
-    reader.attach(outbox)
-    assert user_name(outbox, uid) == "v1"
-    relay = make_cache(redis_url, pfx, durable=True, relay_grace=0).relay(outbox, start=False)
-    assert relay.run_once() == 1
-    assert user_name(outbox, uid) == "v2"
+def test_autocommit_writes_its_row_before_the_statement(scene: Scene) -> None:
+    with scene.cut_off_writer(), scene.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(update(User.__table__).where(User.__table__.c.id == scene.uid).values(name="v2"))
+        [row] = rows(scene.engine, scene.pfx)
+        assert f"{scene.pfx}:d:b:users" in json.loads(str(row["body"]))["keys"]  # table-wide: written first
+    assert scene.name() == "v1"  # stale: only the outbox knows
+    assert scene.relay_once() == 1
+    assert scene.name() == "v2"
 
 
-def test_a_huge_transaction_keeps_its_row_small(
-    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
-) -> None:
-    pfx = prefix()
-    reader = make_cache(redis_url, pfx)
-    reader.attach(outbox)
-    uid = make_user(outbox, "v1")
-    assert user_name(outbox, uid) == "v1"
-    reader.detach(outbox)
-    writer = make_cache(dead_redis(), pfx, durable=True, relay_interval=3600, timeout=0.2)
-    writer.strict_signals = False
-    writer.attach(outbox)
-    with Session(outbox) as s:
+def test_a_huge_transaction_keeps_its_row_small(scene: Scene) -> None:
+    with scene.cut_off_writer(), Session(scene.engine) as s:
         s.add_all(User(name=f"bulk {'x' * 30} {i}") for i in range(1500))
-        s.get(User, uid).name = "v2"
+        s.get(User, scene.uid).name = "v2"  # type: ignore[union-attr]
         s.commit()
-    writer.close()
-    reader.attach(outbox)
-    assert user_name(outbox, uid) == "v1"
-    [row] = rows(outbox, pfx)
+    [row] = rows(scene.engine, scene.pfx)
     body = str(row["body"])
     assert len(body) <= MAX_BODY_CHARS
-    assert f"{pfx}:d:b:users" in json.loads(body)["keys"]
-    relay = make_cache(redis_url, pfx, durable=True, relay_grace=0).relay(outbox, start=False)
-    assert relay.run_once() == 1
-    assert user_name(outbox, uid) == "v2"
+    assert f"{scene.pfx}:d:b:users" in json.loads(body)["keys"]
+    assert scene.name() == "v1"
+    assert scene.relay_once() == 1
+    assert scene.name() == "v2"
 
 
 def test_a_failed_outbox_write_fails_the_commit(
@@ -362,22 +366,9 @@ def test_close_stops_the_relay_and_refuses_attach(
         cache.attach(outbox)
 
 
-def test_relay_command_applies_what_a_crashed_writer_left(
-    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
-) -> None:
-    pfx = prefix()
-    reader = make_cache(redis_url, pfx)
-    reader.attach(outbox)
-    uid = make_user(outbox, "v1")
-    assert user_name(outbox, uid) == "v1"
-    done = subprocess.run(
-        [sys.executable, "-c", WRITER, shareable_url(outbox), dead_redis(), pfx, str(uid)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert user_name(outbox, uid) == "v1"
+def test_relay_command_applies_what_a_crashed_writer_left(scene: Scene, redis_url: str) -> None:
+    crash_a_writer(scene)
+    outbox, pfx, uid = scene.engine, scene.pfx, scene.uid
     cmd = [sys.executable, "-m", "sqlcache", "relay", "--database-url", shareable_url(outbox)]
     cmd += ["--redis-url", redis_url, "--prefix", pfx, "--once"]
     young = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -412,51 +403,29 @@ def test_outbox_command_prints_and_creates_the_table(engine: Engine) -> None:
         c.execute(text(f"DROP TABLE {table}"))
 
 
-def test_autocommit_statement_after_a_failed_one_gets_its_own_row(
-    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
-) -> None:
+def test_autocommit_statement_after_a_failed_one_gets_its_own_row(scene: Scene) -> None:
     """Under AUTOCOMMIT a statement that failed leaves its row behind; the next write writes its own."""
     from sqlalchemy import insert
 
     from ..models import Tag
 
-    pfx = prefix()
-    reader = make_cache(redis_url, pfx)
-    reader.attach(outbox)
-    uid = make_user(outbox, "v1")
-    assert user_name(outbox, uid) == "v1"
-    with Session(outbox) as s:
+    with Session(scene.engine) as s:
         s.add(Tag(id=1, label="taken"))
         s.commit()
-    reader.detach(outbox)
-    writer = make_cache(dead_redis(), pfx, durable=True, relay_interval=3600, timeout=0.2)
-    writer.strict_signals = False
-    writer.attach(outbox)
-    with outbox.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+    with scene.cut_off_writer(), scene.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         with pytest.raises(DBAPIError):
             c.execute(insert(Tag.__table__).values(id=1, label="duplicate"))
-        c.execute(update(User.__table__).where(User.__table__.c.id == uid).values(name="v2"))
-    writer.close()
-    reader.attach(outbox)
-    bodies = [json.loads(str(r["body"]))["keys"] for r in rows(outbox, pfx)]
-    assert any(f"{pfx}:d:b:users" in keys for keys in bodies), bodies
-    relay = make_cache(redis_url, pfx, durable=True, relay_grace=0).relay(outbox, start=False)
-    relay.run_once()
-    assert user_name(outbox, uid) == "v2"
+        c.execute(update(User.__table__).where(User.__table__.c.id == scene.uid).values(name="v2"))
+    bodies = [json.loads(str(r["body"]))["keys"] for r in rows(scene.engine, scene.pfx)]
+    assert any(f"{scene.pfx}:d:b:users" in keys for keys in bodies), bodies
+    scene.relay_once()
+    assert scene.name() == "v2"
 
 
-def test_a_commit_that_failed_on_the_wire_keeps_its_row(
-    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
-) -> None:
+def test_a_commit_that_failed_on_the_wire_keeps_its_row(scene: Scene) -> None:
     """COMMIT reached the server but the client saw an error (a lost connection), and Redis is away:
     the write may well be committed, so its row stays for a relay."""
-    pfx = prefix()
-    reader = make_cache(redis_url, pfx)
-    reader.attach(outbox)
-    uid = make_user(outbox, "v1")
-    assert user_name(outbox, uid) == "v1"
-    reader.detach(outbox)
-    engine = create_engine(shareable_url(outbox))  # a dialect of its own, to break
+    engine = create_engine(shareable_url(scene.engine))  # a dialect of its own, to break
     real_commit = engine.dialect.do_commit
 
     def commit_then_fail(dbapi_connection: object) -> None:
@@ -464,24 +433,16 @@ def test_a_commit_that_failed_on_the_wire_keeps_its_row(
         raise engine.dialect.loaded_dbapi.OperationalError("connection lost after COMMIT")
 
     engine.dialect.do_commit = commit_then_fail  # type: ignore[method-assign]
-    writer = make_cache(dead_redis(), pfx, durable=True, relay_interval=3600, timeout=0.2)
-    writer.strict_signals = False
-    writer.attach(engine)
     try:
-        with Session(engine) as s:
-            u = s.get(User, uid)
-            assert u is not None
-            u.name = "v2"
+        with scene.cut_off_writer(engine), Session(engine) as s:
+            s.get(User, scene.uid).name = "v2"  # type: ignore[union-attr]
             with pytest.raises(DBAPIError):
                 s.commit()
-        writer.close()
     finally:
         engine.dispose()
-    reader.attach(outbox)
-    assert len(rows(outbox, pfx)) == 1  # the write did commit; its row must not have been deleted
-    relay = make_cache(redis_url, pfx, durable=True, relay_grace=0).relay(outbox, start=False)
-    assert relay.run_once() == 1
-    assert user_name(outbox, uid) == "v2"
+    assert len(rows(scene.engine, scene.pfx)) == 1  # the write did commit; its row must not be deleted
+    assert scene.relay_once() == 1
+    assert scene.name() == "v2"
 
 
 def test_detaching_a_proxy_engine_keeps_the_base_engine_durable(

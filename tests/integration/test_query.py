@@ -312,6 +312,9 @@ def test_odd_tags_and_large_results(engine: Engine, redis_url: str) -> None:
         cache.clear()
 
 
+LAYOUT_FIELDS = ("fps", "keys", "single", "flat", "rows", "shapes", "objects", "rels", "marks")
+
+
 def test_damaged_query_entries_are_misses(
     engine: Engine, cache: SQLCache, redis_client: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -340,76 +343,41 @@ def test_damaged_query_entries_are_misses(
     fps, keys, single, flat, rows, shapes, objects, rels, marks = good
     n_user = len(objects[rows[0]]) - 2
 
+    fields = dict(zip(LAYOUT_FIELDS, good, strict=True))
+
+    def variant(**changes: Any) -> list[Any]:
+        return [changes.get(name, fields[name]) for name in LAYOUT_FIELDS]
+
     def damaged() -> list[Any]:
         d = decode(payload)
         return [
             ["not", "a", "list"],
             d[:8],
-            [fps, keys, single, "yes", rows, shapes, objects, rels, marks],
-            [fps, keys, single, flat, [*rows, len(objects)], shapes, objects, rels, marks],
-            [fps, keys, single, flat, [*rows, -1], shapes, objects, rels, marks],
-            [fps, keys, single, flat, rows, [["0" * 16, shapes[0][1]], *shapes[1:]], objects, rels, marks],
-            [
-                fps,
-                keys,
-                single,
-                flat,
-                rows,
-                [[shapes[0][0], "no.such.Class"], *shapes[1:]],
-                objects,
-                rels,
-                marks,
-            ],
-            [
-                fps,
-                keys,
-                single,
-                flat,
-                rows,
-                shapes,
-                [[*o[:-1], 0] for o in objects],
-                rels,
-                marks,
-            ],  # mask 0: no pk
-            [fps, keys, single, flat, rows, shapes, [[*o[:-1], -1] for o in objects], rels, marks],
-            [fps, keys, single, flat, rows, shapes, [[*o[:-2], 99, o[-1]] for o in objects], rels, marks],
-            [
-                fps,
-                keys,
-                single,
-                flat,
-                rows,
-                shapes,
-                [[0, *o] for o in objects],
-                rels,
-                marks,
-            ],  # one value too many
-            [fps, keys, single, flat, rows, shapes, [o[1:] for o in objects], rels, marks],  # one too few
-            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "no_such_relationship", None], marks],
-            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "orders", [len(objects)]], marks],
-            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "orders"], marks],
-            [
-                fps,
-                keys,
-                single,
-                flat,
-                rows,
-                shapes,
-                [*objects, objects[0]],
-                rels,
-                marks,
-            ],  # unreferenced object
-            [fps, keys, single, flat, [[r] for r in rows], shapes, objects, rels, marks],
-            [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, 0, "tags", "explode"]],
-            [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, 0, "no_such", "raise"]],
-            [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, len(objects), "tags", "raise"]],
-            [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, 0, "tags"]],
-            [fps, keys, single, flat, rows, shapes, objects, rels, [*marks, 0, "tags", ["raise"]]],
-            [fps, keys, single, flat, rows, shapes, [[{"a": 1}, *o[1:]] for o in objects], rels, marks],
-            [fps, keys, single, flat, rows, shapes, [[None, *o[1:]] for o in objects], rels, marks],
-            [fps, [[k] for k in keys], single, flat, rows, shapes, objects, rels, marks],
-            [fps, keys, single, flat, rows, shapes, objects, [*rels, 0, "orders", 1], marks],
-            [fps, keys, single, flat, rows, shapes, objects, [*rels, len(objects) - 1, "user", [0]], marks],
+            variant(flat="yes"),
+            variant(rows=[*rows, len(objects)]),
+            variant(rows=[*rows, -1]),
+            variant(shapes=[["0" * 16, shapes[0][1]], *shapes[1:]]),
+            variant(shapes=[[shapes[0][0], "no.such.Class"], *shapes[1:]]),
+            variant(objects=[[*o[:-1], 0] for o in objects]),  # mask 0: no primary key
+            variant(objects=[[*o[:-1], -1] for o in objects]),
+            variant(objects=[[*o[:-2], 99, o[-1]] for o in objects]),
+            variant(objects=[[0, *o] for o in objects]),  # one value too many
+            variant(objects=[o[1:] for o in objects]),  # one too few
+            variant(objects=[*objects, objects[0]]),  # an unreferenced object
+            variant(objects=[[{"a": 1}, *o[1:]] for o in objects]),  # an unhashable key
+            variant(objects=[[None, *o[1:]] for o in objects]),  # no key
+            variant(rows=[[r] for r in rows]),
+            variant(keys=[[k] for k in keys]),
+            variant(rels=[*rels, 0, "no_such_relationship", None]),
+            variant(rels=[*rels, 0, "orders", [len(objects)]]),
+            variant(rels=[*rels, 0, "orders"]),
+            variant(rels=[*rels, 0, "orders", 1]),  # one object for a collection
+            variant(rels=[*rels, len(objects) - 1, "user", [0]]),  # a collection for a scalar
+            variant(marks=[*marks, 0, "tags", "explode"]),
+            variant(marks=[*marks, 0, "no_such", "raise"]),
+            variant(marks=[*marks, len(objects), "tags", "raise"]),
+            variant(marks=[*marks, 0, "tags"]),
+            variant(marks=[*marks, 0, "tags", ["raise"]]),
         ]
 
     assert n_user > 2
