@@ -491,9 +491,11 @@ def translation(orm_state: ORMExecuteState, bind: Any) -> str:
     stm = orm_state.execution_options.get("schema_translate_map")
     if stm is None:
         stm = bind.get_execution_options().get("schema_translate_map")
-    if not stm:
+    # horizontal sharding: the same statement on another shard reads other rows
+    shard = orm_state.load_options._identity_token or orm_state.execution_options.get("identity_token")
+    if not stm and shard is None:
         return ""
-    text = repr(sorted((repr(k), repr(v)) for k, v in stm.items()))
+    text = repr((sorted((repr(k), repr(v)) for k, v in (stm or {}).items()), repr(shard)))
     return blake2b(text.encode(), digest_size=8).hexdigest()
 
 

@@ -1145,7 +1145,7 @@ class SQLCache:
         return d.fresh()
 
     def _query_spec(self, stmt: Any, ck: Any, engine: Engine) -> tuple[Any, _QuerySpec]:
-        memo_key = (ck.key, engine.dialect.name)
+        memo_key = (ck.key, engine.dialect.name, engine.dialect.driver)
         spec = self._query_memo.get(memo_key)
         if spec is None:
             try:
@@ -1183,7 +1183,9 @@ class SQLCache:
             else:
                 columns.append(None)
         fps = [h.fingerprint if h is not None else None for h in columns]
-        shape_digest = digest([ROWS_LAYOUT, stable(ck.key), engine.dialect.name, fps])
+        # the driver too: two drivers of one database may return other Python types for a column
+        dialect = f"{engine.dialect.name}+{engine.dialect.driver}"
+        shape_digest = digest([ROWS_LAYOUT, stable(ck.key), dialect, fps])
         extras = column_extras(stmt)
         if len(extras) != len(columns):
             raise Uncacheable("result columns do not match the column descriptions")

@@ -705,3 +705,21 @@ def test_hits_treat_objects_already_in_the_session_as_a_load_does(
         sql_count.reset()
         assert s.get(User, ids[0]) is u and u.name == "u0"  # Session.get refreshes an expired object too
         assert sql_count.selects() == 0, sql_count.statements
+
+
+def test_shards_do_not_share_entries(engine: Engine, cache: SQLCache) -> None:
+    """Horizontal sharding's identity token (another shard, other rows) is part of the key."""
+    seed(engine)
+    stmt = select(User).order_by(User.id).options(cached())
+
+    def run(token: str) -> None:
+        with Session(engine) as s:
+            s.scalars(stmt, execution_options={"identity_token": token}).all()
+
+    for _ in range(2):
+        run("shard-a")
+    hits = cache.stats()["hits"]
+    run("shard-b")
+    assert cache.stats()["hits"] == hits  # a miss: shard a's entry is not shard b's
+    run("shard-b")
+    assert cache.stats()["hits"] == hits + 1
