@@ -361,17 +361,24 @@ def materialize_objects(
     return instances, new
 
 
-def refresh_unloaded(shape: Shape, obj: Any, mask: int, values: Sequence[Any]) -> None:
-    """As a database load does with an object already in the identity map: its unloaded attributes
-    (expired by a commit, deferred, never loaded) take the values the load brought; loaded ones and
-    pending changes are left alone."""
+def refresh_unloaded(shape: Shape, obj: Any, mask: int, values: Sequence[Any]) -> bool:
+    """An object already in the identity map, found again by a hit: if none of its columns is loaded
+    (all expired by a commit), it takes the entry's values, as from a database load; True if so.
+
+    An object holding some columns keeps them and loads the others from the database on access: the
+    entry may hold a newer version of the row than the loaded columns came from (another commit, or a
+    repeatable-read snapshot), and one object must never mix two versions of its row.
+    """
     dict_ = obj.__dict__
+    state = instance_state(obj)
+    if any(key in dict_ or key in state.committed_state for key in shape.keys):
+        return False
     j = 0
     for i, key in enumerate(shape.keys):
         if mask >> i & 1:
-            if key not in dict_:
-                set_committed_value(obj, key, values[j])
+            set_committed_value(obj, key, values[j])
             j += 1
+    return True
 
 
 def discard_built(session: Session, instances: list[Any], new: bytearray) -> None:
@@ -505,16 +512,20 @@ def loader_marks(state: InstanceState[Any]) -> list[tuple[str, str]]:
 def apply_marks(instances: list[Any], new: bytearray, marks: list[tuple[int, str, str]]) -> None:
     """Put back, on the objects a hit built, the per-instance loader strategies of their load."""
     for i, key, kind in marks:
-        if not new[i] and key in instances[i].__dict__:
-            continue  # an object the session had: only its unloaded attributes take the strategy
         state = instance_state(instances[i])
+        if not new[i] and (key in state.dict or (kind in DEFERRED_KINDS and key in state.expired_attributes)):
+            # an object the session had: only its unloaded attributes take the strategy, and an expired
+            # column stays expired (SQLAlchemy reloads expired columns before any column loader runs;
+            # a relationship's loader is consulted whether it expired or not)
+            continue
         if kind in LAZY_KINDS:
             prop = state.mapper.relationships[key]
             strategy = prop._get_strategy((("lazy", kind),))
             fn = _LazyCallable(key, strategy, None, None)
         else:
             fn = _DeferredCallable(key, kind == "deferred_raise")
-            state.expired_attributes.discard(key)
+            if new[i]:
+                state.expired_attributes.discard(key)
         if "callables" not in state.__dict__:  # the class-level default is a shared empty dict
             state.callables = {}
         state.callables[key] = fn

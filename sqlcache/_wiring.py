@@ -81,7 +81,8 @@ def pk_load(orm_state: ORMExecuteState) -> tuple[Mapper[Any], tuple[Any, ...]] |
         return None
     opts = orm_state.load_options
     if (
-        opts._populate_existing  # session.refresh(): the database, explicitly
+        opts._populate_existing
+        or getattr(opts, "_is_user_refresh", False)  # session.refresh(): the database, explicitly
         or opts._identity_token is not None
         or opts._yield_per
         or orm_state.execution_options.get("populate_existing")
@@ -431,6 +432,40 @@ class Wiring:
 
     # -- reads ----------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _bind(orm_state: ORMExecuteState, mapper: Any, clause: Any) -> Any:
+        """The engine or connection this execution goes to (its bind arguments included: an explicit
+        bind, a shard id)."""
+        args = dict(orm_state.bind_arguments)
+        args.setdefault("mapper", mapper)
+        if clause is not None:
+            args.setdefault("clause", clause)
+        return orm_state.session.get_bind(**args)
+
+    def translation(self, orm_state: ORMExecuteState, bind: Any) -> str:
+        """ "" or a digest of what makes the same statement read other rows: the ``schema_translate_map``
+        in effect (execution options over those of the session's connection, of the bind) and a shard
+        (identity token, shard id). Part of every entry key; dependencies stay per table name, so a
+        write under any map or on any shard invalidates them all."""
+        stm = orm_state.execution_options.get("schema_translate_map")
+        if stm is None:
+            for conn in orm_state.session.info.get(self._conns_key, ()):
+                if not conn.closed and conn.engine.pool is bind.engine.pool:
+                    stm = conn.get_execution_options().get("schema_translate_map")
+                    break
+            else:
+                stm = bind.get_execution_options().get("schema_translate_map")
+        shard = (
+            orm_state.load_options._identity_token
+            or orm_state.execution_options.get("identity_token")
+            or orm_state.execution_options.get("_sa_shard_id")
+            or orm_state.bind_arguments.get("shard_id")
+        )
+        if not stm and shard is None:
+            return ""
+        text = repr((sorted((repr(k), repr(v)) for k, v in (stm or {}).items()), repr(shard)))
+        return blake2b(text.encode(), digest_size=8).hexdigest()
+
     def one_row_result(self, mapper: Mapper[Any], obj: Any) -> Result[Any]:
         meta = self._metas.get(mapper)
         if meta is None:
@@ -440,15 +475,21 @@ class Wiring:
     def _on_orm_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         if not orm_state.is_select:
             return None
+        session = orm_state.session
+        if session.autoflush and orm_state.load_options._autoflush and not session._is_clean():
+            # SQLAlchemy autoflushes after this event, then runs the statement against the flushed
+            # rows (a pending insert found by a get, a changed column matched by a WHERE): only the
+            # database can answer that
+            if orm_state.user_defined_options or pk_load(orm_state) is not None:
+                self.cache.note_bypass()
+            return None
         for opt in orm_state.user_defined_options:
             if isinstance(opt, CacheOption):
-                clause: Any = orm_state.statement
-                bind = orm_state.session.get_bind(mapper=orm_state.bind_mapper, clause=clause)
+                bind = self._bind(orm_state, orm_state.bind_mapper, orm_state.statement)
                 if bind.engine.pool not in self._pools:
                     return None
-                return self.cache.read_query(
-                    orm_state, opt.payload, bind.engine, translation(orm_state, bind)
-                )
+                tr = self.translation(orm_state, bind)
+                return self.cache.read_query(orm_state, opt.payload, bind.engine, tr)
         found = pk_load(orm_state)
         if found is None:
             if orm_state.is_relationship_load:
@@ -458,10 +499,10 @@ class Wiring:
         policy = self.cache.policy_for(mapper)
         if policy is None:
             return None
-        bind = orm_state.session.get_bind(mapper=mapper)
+        bind = self._bind(orm_state, mapper, None)
         if bind.engine.pool not in self._pools:
             return None
-        return self.cache.read_identity(orm_state, mapper, pk, policy, translation(orm_state, bind))
+        return self.cache.read_identity(orm_state, mapper, pk, policy, self.translation(orm_state, bind))
 
     def _relationship_load(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         """A lazy load of a collection of registered objects: cached like a query on its tables."""
@@ -471,32 +512,13 @@ class Wiring:
         policy = self.cache.policy_for(mapper)
         if policy is None:
             return None
-        clause: Any = orm_state.statement
-        bind = orm_state.session.get_bind(mapper=mapper, clause=clause)
+        bind = self._bind(orm_state, mapper, orm_state.statement)
         if bind.engine.pool not in self._pools:
             return None
+        tr = self.translation(orm_state, bind)
         return self.cache.read_query(
-            orm_state,
-            QueryPolicy(ttl=policy.ttl),
-            bind.engine,
-            translation(orm_state, bind),
-            relationship=True,
+            orm_state, QueryPolicy(ttl=policy.ttl), bind.engine, tr, relationship=True
         )
-
-
-def translation(orm_state: ORMExecuteState, bind: Any) -> str:
-    """ "" or a digest of the ``schema_translate_map`` in effect (execute / statement options over the
-    connection's or engine's): the same statement reads other tables under another map, so it is part
-    of every entry key (dependencies stay per table name: a write under any map invalidates all)."""
-    stm = orm_state.execution_options.get("schema_translate_map")
-    if stm is None:
-        stm = bind.get_execution_options().get("schema_translate_map")
-    # horizontal sharding: the same statement on another shard reads other rows
-    shard = orm_state.load_options._identity_token or orm_state.execution_options.get("identity_token")
-    if not stm and shard is None:
-        return ""
-    text = repr((sorted((repr(k), repr(v)) for k, v in (stm or {}).items()), repr(shard)))
-    return blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def _snapshot_fixed(conn: Connection) -> bool:

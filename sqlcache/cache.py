@@ -902,6 +902,9 @@ class SQLCache:
                 self._stats.incr("fills_skipped")
         return ran
 
+    def note_bypass(self) -> None:
+        self._stats.incr("bypassed")
+
     def _own_writes(
         self, session: Session, identity: str | None, bulk: Iterable[str], tables: Iterable[str]
     ) -> bool:
@@ -948,14 +951,24 @@ class SQLCache:
                 # the columns asked for (relationships among them stay unloaded, lazy, as after a load)
                 asked = wanted if wanted else refresh.expired_attributes
                 needed = {k for k in asked if k in shape.keys}
-                if obj is None or type(obj) is not shape.mapper.class_ or not needed <= cached:
-                    raise _Unservable  # e.g. a deferred column the entry does not hold: the database
+                if (
+                    obj is None
+                    or type(obj) is not shape.mapper.class_
+                    or not needed <= cached
+                    # only a whole reload (every column expired, as after a commit): an object holding
+                    # some columns must not take others from a newer version of its row
+                    or any(k in obj.__dict__ for k in shape.keys)
+                ):
+                    raise _Unservable  # the database answers
             identity_key = h.mapper.identity_key_from_primary_key(pk)
             return self._wiring.one_row_result(
                 mapper, _materialize(session, shape, identity_key, mask, values)
             )
 
         def encode(frozen: FrozenResult[Any]) -> bytes | None:
+            if refresh is not None:
+                # a reload's object may hold columns loaded earlier, from an older row: never stored
+                return None
             rows = frozen.data
             if not rows:
                 # Absence is cached only for keys the database compares exactly: with a string key a

@@ -611,6 +611,14 @@ def test_schema_translate_map_is_part_of_every_key(pg_url: str, redis_url: str) 
                     opts = {"schema_translate_map": {None: name}}
                     rows = s.execute(select(User.name).options(cached()), execution_options=opts).all()
                     assert rows == [(f"user of {name}",)]
+                with Session(engine) as s:  # on the session's connection
+                    s.connection(execution_options={"schema_translate_map": {None: name}})
+                    assert s.scalars(select(User.name).options(cached())).all() == [f"user of {name}"]
+                    assert s.get(User, 1).name == f"user of {name}"  # type: ignore[union-attr]
+                with Session(engine) as s:  # an explicit bind
+                    args = {"bind": tenant}
+                    rows = s.execute(select(User.name).options(cached()), bind_arguments=args).all()
+                    assert rows == [(f"user of {name}",)]
         assert cache.stats()["hits"] >= 8
         with Session(tenants[0]) as s:  # a write under one map invalidates what every tenant cached
             s.get(User, 1).name = "renamed"  # type: ignore[union-attr]
@@ -693,7 +701,10 @@ def test_hits_treat_objects_already_in_the_session_as_a_load_does(
         assert [u.name for u in held] == ["u0", "u1", "u2"] and held[0].bio == "b0"
         assert sql_count.selects() == 0
         held[1].name = "pending"  # a pending change survives a hit
-        s.scalars(select(User).order_by(User.id).options(raiseload("*"), cached())).all()
+        hits = cache.stats()["hits"]
+        with s.no_autoflush:
+            s.scalars(select(User).order_by(User.id).options(raiseload("*"), cached())).all()
+        assert cache.stats()["hits"] == hits + 1
         assert held[1].name == "pending"
         with pytest.raises(InvalidRequestError):
             _ = held[0].orders  # unloaded before the hit: it takes the hit's raiseload, as from the database
@@ -723,3 +734,84 @@ def test_shards_do_not_share_entries(engine: Engine, cache: SQLCache) -> None:
     assert cache.stats()["hits"] == hits  # a miss: shard a's entry is not shard b's
     run("shard-b")
     assert cache.stats()["hits"] == hits + 1
+
+
+def test_pending_changes_are_flushed_before_anything_is_read(engine: Engine, cache: SQLCache) -> None:
+    """With autoflush, SQLAlchemy flushes pending changes and then runs the statement: a pending insert
+    is found by get, a changed column is matched by WHERE. Hits cannot know either: the database answers."""
+    cache.register(User)
+    ids = seed(engine)
+    by_name = select(User.id).where(User.name == "renamed").options(cached())
+    for _ in range(3):  # fills: nobody is called "renamed", user 999 does not exist
+        with Session(engine) as s:
+            assert s.scalars(by_name).all() == []
+            assert s.get(User, 999) is None
+    with Session(engine) as s:
+        u = s.get(User, ids[0])
+        assert u is not None
+        u.name = "renamed"
+        assert s.scalars(by_name).all() == [ids[0]]
+        s.add(User(id=999, name="new"))
+        assert s.get(User, 999) is not None and s.get(User, 999).name == "new"  # type: ignore[union-attr]
+        s.rollback()
+    with Session(engine) as s:
+        assert s.scalars(by_name).all() == []
+
+
+def test_reloads_keep_objects_whole_and_refresh_reads_the_database(engine: Engine, cache: SQLCache) -> None:
+    """A reload of some attributes never mixes in a newer version of the row, and never stores the
+    mix; session.refresh() reads the database; an expired column keeps loading on access after a hit
+    that defers it with raiseload, as after a database load."""
+    from ..models import Product
+
+    cache.register(User)
+    cache.register(Product)
+    with Session(engine) as s:
+        s.add(Product(id=1, name="p1", price=decimal.Decimal("1.00"), stock=1))
+        s.commit()
+    uid = make_user(engine, "a1", email="e1")
+    s1 = Session(engine, expire_on_commit=False)
+    try:
+        held = s1.get(User, uid)
+        assert held is not None and held.name == "a1"
+        s1.commit()
+        with Session(engine) as s2:  # another session commits a new version (and the entry refills)
+            u2 = s2.get(User, uid)
+            assert u2 is not None
+            u2.name, u2.email = "a2", "e2"
+            s2.commit()
+        with Session(engine) as s3:
+            assert s3.get(User, uid).name == "a2"  # type: ignore[union-attr]
+        s1.expire(held, ["email"])
+        assert (held.name, held.email) == ("a1", "e2")  # from the database, as without a cache
+        s1.commit()
+    finally:
+        s1.close()
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "a2"  # type: ignore[union-attr]  # no mixed row was stored
+
+    with Session(engine) as s:
+        p = s.get(Product, 1)
+        assert p is not None and p.name == "p1"  # filled
+        s.commit()
+        raw = engine.raw_connection()  # behind the cache's back: the entry stays as it is
+        try:
+            cursor = raw.cursor()
+            cursor.execute("UPDATE products SET name = 'outside' WHERE id = 1")
+            cursor.close()
+            raw.commit()
+        finally:
+            raw.close()
+        s.refresh(p)
+        assert p.name == "outside"  # refresh() asks the database, never Redis
+
+    stmt = select(User).where(User.id == uid).options(defer(User.email, raiseload=True), cached())
+    for _ in range(2):
+        with Session(engine) as s:
+            s.scalars(stmt).all()
+    with Session(engine) as s:
+        u = s.get(User, uid)
+        assert u is not None
+        s.commit()  # everything expired
+        s.scalars(stmt).all()  # a hit on the expired object
+        assert u.email == "e2"  # still loads, as after the same query against the database
