@@ -263,9 +263,28 @@ def plain_values(shape: Shape, dict_: dict[str, Any]) -> tuple[int, list[Any]]:
         if key in dict_:
             v = dict_[key]
             conv = shape.to_plain[i]
-            values.append(conv(v) if conv is not None else v)
+            if conv is not None:
+                v = conv(v)
+            elif type(v) not in _PLAIN_CONTAINERS and isinstance(v, (dict, list, set)):
+                v = _plain_container(v)
+            values.append(v)
             mask |= 1 << i
     return mask, values
+
+
+_PLAIN_CONTAINERS = (dict, list, set)
+
+
+def _plain_container(v: Any) -> Any:
+    """sqlalchemy.ext.mutable's MutableDict / MutableList / MutableSet (subclasses the codec refuses)
+    as the plain containers they wrap; the ``load`` / ``refresh`` events coerce them back on a hit."""
+    if isinstance(v, dict):
+        return {k: _plain_container(x) if isinstance(x, (dict, list, set)) else x for k, x in v.items()}
+    if isinstance(v, list):
+        return [_plain_container(x) if isinstance(x, (dict, list, set)) else x for x in v]
+    if isinstance(v, set):
+        return set(v)
+    return v
 
 
 def encode_absent(h: Hierarchy) -> bytes:
@@ -374,10 +393,14 @@ def refresh_unloaded(shape: Shape, obj: Any, mask: int, values: Sequence[Any]) -
     if any(key in dict_ or key in state.committed_state for key in shape.keys):
         return False
     j = 0
+    keys = []
     for i, key in enumerate(shape.keys):
         if mask >> i & 1:
             set_committed_value(obj, key, values[j])
+            keys.append(key)
             j += 1
+    if state.manager.dispatch.refresh:  # as after a reload from the database (ext.mutable listens)
+        state.manager.dispatch.refresh(state, None, keys)
     return True
 
 

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Time,
     Uuid,
 )
+from sqlalchemy.ext.mutable import MutableDict
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -161,3 +162,11 @@ class Typed(Base):
     mood: Mapped[str | None] = mapped_column(Enum("happy", "sad", name="mood"))
     doc: Mapped[Any] = mapped_column(JSON)
     blob: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class Settings(Base):
+    """A JSON column tracked by sqlalchemy.ext.mutable."""
+
+    __tablename__ = "settings"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    prefs: Mapped[dict[str, Any]] = mapped_column(MutableDict.as_mutable(JSON))

@@ -306,3 +306,39 @@ def test_repopulate_never_caches_unnormalised_values(engine: Engine, cache: SQLC
     with Session(engine) as s:
         got = s.get(Product, pid)
         assert got.stock == 7 and str(got.price) == "4.50"
+
+
+def test_mutable_json_is_cached_and_still_tracked(engine: Engine, cache: SQLCache) -> None:
+    """MutableDict.as_mutable(JSON) values are cached as plain JSON and come back as MutableDict (the
+    load and refresh events coerce them), so in-place changes are still flushed."""
+    from sqlalchemy.ext.mutable import MutableDict
+
+    from ..models import Settings
+
+    cache.register(Settings)
+    with Session(engine) as s:
+        s.add(Settings(id=1, prefs={"theme": "dark", "tags": ["a"]}))
+        s.commit()
+    for _ in range(2):
+        with Session(engine) as s:
+            st = s.get(Settings, 1)
+            assert st is not None and isinstance(st.prefs, MutableDict)
+    assert cache.stats()["hits"] >= 1 and cache.stats()["errors"] == 0
+    with Session(engine) as s:
+        st = s.get(Settings, 1)
+        assert st is not None
+        st.prefs["theme"] = "light"  # in place: tracked by MutableDict
+        assert st in s.dirty
+        s.commit()  # expires st; the next access reloads it (from the entry once refilled)
+        assert isinstance(st.prefs, MutableDict) and st.prefs["theme"] == "light"
+    with Session(engine) as s:
+        s.get(Settings, 1)
+    with Session(engine) as s:
+        st = s.get(Settings, 1)
+        assert st is not None
+        s.commit()
+        hits = cache.stats()["hits"]
+        assert isinstance(st.prefs, MutableDict) and st.prefs["theme"] == "light"  # reload from a hit
+        assert cache.stats()["hits"] == hits + 1
+        st.prefs["theme"] = "blue"
+        assert st in s.dirty
