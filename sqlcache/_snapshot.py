@@ -34,6 +34,7 @@ __all__ = [
     "fingerprint",
     "hierarchy_for",
     "materialize",
+    "materialize_objects",
 ]
 
 Conv = Callable[[Any], Any]
@@ -316,43 +317,6 @@ def decode_entry(h: Hierarchy, payload: bytes) -> tuple[Shape, int, list[Any]] |
     return shape, mask, out
 
 
-def materialize_many(
-    session: Session, items: list[tuple[Shape, tuple[Any, ...], int, list[Any]]]
-) -> list[Any]:
-    """:func:`materialize` for many rows at once (the per-session lookups done once)."""
-    identity_map = session.identity_map
-    get = identity_map.get
-    add = identity_map._add_unpresent
-    hash_key = session.hash_key
-    persistent_evt = bool(session.dispatch.loaded_as_persistent)
-    load_evt: dict[Shape, bool] = {}
-    out = []
-    for shape, identity_key, mask, values in items:
-        existing = get(identity_key)
-        if existing is not None:
-            refresh_unloaded(shape, existing, mask, values)
-            out.append((existing, False))
-            continue
-        instance = shape.mapper.class_manager.new_instance()
-        state = instance_state(instance)
-        state.key = identity_key
-        state.session_id = hash_key
-        add(state, identity_key)
-        if mask == shape.full_mask:
-            state.dict.update(zip(shape.keys, values, strict=True))
-        else:
-            _fill_partial(shape, state, state.dict, mask, values)
-        fire = load_evt.get(shape)
-        if fire is None:
-            fire = load_evt[shape] = bool(shape.mapper.class_manager.dispatch.load)
-        if fire:
-            state.manager.dispatch.load(state, None)
-        if persistent_evt:
-            session.dispatch.loaded_as_persistent(session, state)
-        out.append((instance, True))
-    return out
-
-
 def materialize_objects(
     session: Session,
     shapes: Sequence[Shape | None],
@@ -569,8 +533,8 @@ def _fill_partial(
             expired.add(key)
 
 
-def materialize(
-    session: Session, shape: Shape, identity_key: tuple[Any, ...], mask: int, values: list[Any]
-) -> Any:
-    """Build one persistent instance exactly as a database load would, in the identity map."""
-    return materialize_many(session, [(shape, identity_key, mask, values)])[0][0]
+def materialize(session: Session, shape: Shape, mask: int, values: list[Any]) -> Any:
+    """Build one persistent instance exactly as a database load would, in the identity map (an
+    identity-cache hit: the query path's builder, for one object of the entry's values)."""
+    instances, _ = materialize_objects(session, [shape], [[*values, 0, mask]])
+    return instances[0]

@@ -961,10 +961,7 @@ class SQLCache:
                 needed = {k for k in asked if k in shape.keys}
                 if obj is None or type(obj) is not shape.mapper.class_ or not needed <= cached:
                     raise _Unservable  # the database answers
-            identity_key = h.mapper.identity_key_from_primary_key(pk)
-            return self._wiring.one_row_result(
-                mapper, _materialize(session, shape, identity_key, mask, values)
-            )
+            return self._wiring.one_row_result(mapper, _materialize(session, shape, mask, values))
 
         def encode(frozen: FrozenResult[Any]) -> bytes | None:
             if refresh is not None:
