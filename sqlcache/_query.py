@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
 
+import msgpack
 from sqlalchemy import Table
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Row
@@ -231,6 +232,9 @@ class Decoded:
     # Decoded hands out fresh copies of those, never the objects it keeps
     mutable_at: list[tuple[int, tuple[int, ...]]] | None = None
     rows_mutable: bool = False
+    # the mutable values, in mutable_at order, packed once by share() when msgpack gives them back
+    # exactly (dicts, lists and atomic values only): one C-speed unpack per hit copies them all
+    mutable_blob: bytes | None = None
 
     def share(self) -> Decoded:
         """Mark this result as kept for reuse; returns it. Afterwards use :meth:`fresh` per caller."""
@@ -241,6 +245,8 @@ class Decoded:
                 found.append((n, at))
         self.mutable_at = found
         self.rows_mutable = not self.flat and any(_is_mutable(cell) for row in self.rows for cell in row)
+        if found:
+            self.mutable_blob = _pack_exactly([self.objects[n][i] for n, at in found for i in at])
         return self
 
     def fresh(self) -> Decoded:
@@ -249,14 +255,54 @@ class Decoded:
         objects = self.objects
         if self.mutable_at:
             objects = list(objects)
-            for n, at in self.mutable_at:
-                obj = objects[n] = list(objects[n])
-                for i in at:
-                    obj[i] = _copy_mutable(obj[i])
+            if self.mutable_blob is not None:
+                copies = iter(_unpack_copy(self.mutable_blob))
+                for n, at in self.mutable_at:
+                    obj = objects[n] = list(objects[n])
+                    for i in at:
+                        obj[i] = next(copies)
+            else:
+                for n, at in self.mutable_at:
+                    obj = objects[n] = list(objects[n])
+                    for i in at:
+                        obj[i] = _copy_mutable(obj[i])
         rows = self.rows
         if not self.flat:
             rows = [_copy_mutable(row) if self.rows_mutable else list(row) for row in rows]
         return Decoded(self.keys, self.single, self.flat, rows, self.shapes, objects, self.rels, self.marks)
+
+
+def _pack_exactly(values: list[Any]) -> bytes | None:
+    """``values`` packed so that :func:`_unpack_copy` gives back equal values of exactly the same types,
+    or None if msgpack cannot (tuples, sets, ints past 64 bits, any other type)."""
+    try:
+        blob: bytes = msgpack.packb(values, strict_types=True, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    back = _unpack_copy(blob)
+    return blob if _same(back, values) else None
+
+
+def _unpack_copy(blob: bytes) -> list[Any]:
+    out: list[Any] = msgpack.unpackb(blob, raw=False, use_list=True, strict_map_key=False)
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of the same types all the way down (1 == 1.0 == True would pass ``==`` alone)."""
+    if type(a) is not type(b):
+        return False
+    if type(a) is dict:
+        return (
+            a.keys() == b.keys()
+            and all(_same(k, k2) for k, k2 in zip(a, b, strict=True))
+            and all(_same(a[k], b[k]) for k in a)
+        )
+    if type(a) is list:
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if type(a) is float and a != a:
+        return bool(b != b)  # NaN
+    return bool(a == b)
 
 
 def _is_mutable(v: Any) -> bool:

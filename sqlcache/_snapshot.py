@@ -331,13 +331,10 @@ def materialize_objects(
     The hot loop of a query hit: per object one identity-key tuple, one instance and its state,
     nothing else that outlives the call.
     """
-    # per shape index: (class, state constructor, state setter, manager, load event or None, pk offset
-    # when the key is a single column); ClassManager.new_instance() spelled out, to keep the state
-    per_shape: dict[int, tuple[Any, Any, Any, Any, Any, int]] = {}
     instances: list[Any] = []
     new = bytearray(len(objects))
     try:
-        _build(session, shapes, objects, load_options, load_path, per_shape, instances, new)
+        _build(session, shapes, objects, load_options, load_path, instances, new)
     except BaseException:
         discard_built(session, instances, new)  # nothing half-built stays in the session
         raise
@@ -385,65 +382,81 @@ def _build(
     objects: list[list[Any]],
     load_options: tuple[Any, ...],
     load_path: Any,
-    per_shape: dict[int, tuple[Any, Any, Any, Any, Any, int]],
     instances: list[Any],
     new: bytearray,
 ) -> None:
+    # What loading.py does per row, without the row: the identity map's own dict and weak reference
+    # are used directly (WeakInstanceDict.get / _add_unpresent inlined; both are what loading.py calls)
+    # and ClassManager.new_instance() is spelled out, to keep the state.
     identity_map = session.identity_map
-    get = identity_map.get
-    add = identity_map._add_unpresent
+    states: dict[Any, Any] = identity_map._dict
+    lookup = states.get
+    wr = identity_map._wr
     hash_key = session.hash_key
     persistent_evt = session.dispatch.loaded_as_persistent if session.dispatch.loaded_as_persistent else None
+    append = instances.append
+    last_si = -1
+    shape: Shape | None = None
+    cls: Any = None
+    ctor: Any = None
+    setter: Any = None
+    manager: Any = None
+    load: Any = None
+    keys: tuple[str, ...] = ()
+    full_mask = -1
+    pos = -1
+    ic: Any = None
     for n, obj in enumerate(objects):
         si = obj[-2]
-        made = per_shape.get(si)
-        if made is None:
-            shape_ = shapes[si]
-            assert shape_ is not None
-            manager = shape_.mapper.class_manager
+        if si != last_si:
+            shape = shapes[si]
+            assert shape is not None
+            manager = shape.mapper.class_manager
+            cls = manager.class_
+            ctor = manager._state_constructor
+            setter = manager._state_setter
             load = manager.dispatch.load if manager.dispatch.load else None
-            single = shape_.pk_positions[0] if len(shape_.pk_positions) == 1 else -1
-            made = per_shape[si] = (
-                manager.class_,
-                manager._state_constructor,
-                manager._state_setter,
-                manager,
-                load,
-                single,
-            )
-        shape = shapes[si]
+            keys = shape.keys
+            full_mask = shape.full_mask
+            pos = shape.pk_positions[0] if len(shape.pk_positions) == 1 else -1
+            ic = shape.identity_class
+            last_si = si
         assert shape is not None
         mask = obj[-1]
-        full = mask == shape.full_mask
-        if full:
-            pos = made[5]
-            pk = (obj[pos],) if pos >= 0 else tuple([obj[k] for k in shape.pk_positions])
-            identity_key = (shape.identity_class, pk, None)
+        full = mask == full_mask
+        if full and pos >= 0:
+            identity_key: tuple[Any, ...] = (ic, (obj[pos],), None)
+        elif full:
+            identity_key = (ic, tuple([obj[k] for k in shape.pk_positions]), None)
         else:
             identity_key = shape.identity_key(mask, obj)
-        existing = get(identity_key)
-        if existing is not None:
-            instances.append(existing)
-            refresh_unloaded(shape, existing, mask, obj)
-            continue
-        cls = made[0]
+        found = lookup(identity_key)
+        if found is not None:
+            existing = found.obj()
+            if existing is not None:
+                append(existing)
+                refresh_unloaded(shape, existing, mask, obj)
+                continue
         instance = cls.__new__(cls)
-        state = made[1](instance, made[3])
-        made[2](instance, state)
+        state = ctor(instance, manager)
+        setter(instance, state)
         state.key = identity_key
         state.session_id = hash_key
-        state.load_options = load_options
+        if load_options:
+            state.load_options = load_options
         if load_path is not None:
             state.load_path = load_path
-        add(state, identity_key)
-        instances.append(instance)
+        states[identity_key] = state
+        state._instance_dict = wr
+        append(instance)
         new[n] = 1  # from here on, a failure takes it back out (discard_built)
         if full:
-            instance.__dict__.update(zip(shape.keys, obj, strict=False))  # stops before the two trailers
+            # stops before the two trailers; no strict= (a keyword argument makes zip() much slower here)
+            instance.__dict__.update(zip(keys, obj))  # noqa: B905
         else:
             _fill_partial(shape, state, state.dict, mask, obj)
-        if made[4] is not None:
-            made[4](state, None)
+        if load is not None:
+            load(state, None)
         if persistent_evt is not None:
             persistent_evt(session, state)
 

@@ -101,6 +101,41 @@ def test_copies_of_decoded_values_share_no_mutable_container(value: object) -> N
     assert not any(id(c) in mine for c in _containers(copied))
 
 
+def _typed(v: object) -> object:
+    """``v`` with the type of every value spelled out (1, 1.0 and True compare equal)."""
+    if isinstance(v, dict):
+        return ("dict", [(_typed(k), _typed(x)) for k, x in v.items()])
+    if isinstance(v, (list, tuple)):
+        return (type(v).__name__, [_typed(x) for x in v])
+    if isinstance(v, set):
+        return ("set", sorted(repr(_typed(x)) for x in v))
+    return (type(v).__name__, v)
+
+
+@given(st.lists(st.lists(json_like | st.integers(min_value=2**64), min_size=1, max_size=3), max_size=5))
+def test_fresh_copies_of_a_shared_result_are_exact_and_unshared(values: list[list[object]]) -> None:
+    """What every hit of a reused decoded result gets (the packed fast copy, or the slow one where
+    msgpack could not give the values back exactly): equal values of the very same types, sharing no
+    list, dict or set with the kept result or with another hit's copy."""
+    from sqlcache._query import Decoded
+
+    objects = [[*row, 0, 0] for row in values]
+    before = [_typed(o) for o in objects]
+    kept = Decoded([], True, True, [], [], objects, [], []).share()
+    first, second = kept.fresh(), kept.fresh()
+    for got in (first, second):
+        assert [_typed(o) for o in got.objects] == before
+    mine = {id(c) for o in kept.objects for x in o for c in _containers(x)}
+    for a, b in zip(first.objects, second.objects, strict=True):
+        theirs = [c for x in a for c in _containers(x)]
+        assert not any(id(c) in mine for c in theirs)
+        assert not {id(c) for c in theirs} & {id(c) for x in b for c in _containers(x)}
+    for o in first.objects:  # a caller's changes to its values never reach the kept result
+        for c in [c for x in o for c in _containers(x)]:
+            c.clear()  # type: ignore[attr-defined]
+    assert [_typed(o) for o in kept.objects] == before
+
+
 def test_lambdas_on_one_line_have_their_own_keys() -> None:
     """Two lambdas written on the same line (with_loader_criteria) never share a key."""
     from sqlalchemy.orm import with_loader_criteria
