@@ -114,7 +114,7 @@ _RESULT_META_PARAMS = pyinspect.signature(SimpleResultMetaData.__init__).paramet
 
 
 def result_metadata(
-    keys: Sequence[str | None], entities: list[bool], extra: list[tuple[Any, ...]] | None = None
+    keys: Sequence[str | None], entities: Sequence[bool], extra: list[tuple[Any, ...]] | None = None
 ) -> SimpleResultMetaData:
     """Result metadata whose entity columns are uniqued by identity, as the ORM's are; ``extra`` holds,
     per column, the objects ``row._mapping[...]`` accepts besides the name (entity, attribute, column).

@@ -10,16 +10,16 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis
 from sqlalchemy import MetaData, Table
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
-from sqlalchemy.engine.result import IteratorResult
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.exc import NoInspectionAvailable, SQLAlchemyError
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.attributes import set_committed_value
@@ -92,7 +92,7 @@ class _Unservable(Exception):
     """A valid entry that cannot answer this particular load (it lacks an attribute asked for)."""
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class _QuerySpec:
     """What a statement shape reads and returns, computed once per shape."""
 
@@ -101,6 +101,27 @@ class _QuerySpec:
     columns: tuple[Hierarchy | None, ...]
     aliased: bool = False  # an entity is an aliased() class: load paths come from the statement itself
     extras: list[tuple[Any, ...]] | None = None  # per column, row._mapping keys besides the name
+    # derived once: which columns are entities, their load paths (not for aliased entities, whose paths
+    # are the alias's own), and result metadata per column-name list (hits share it, as SQLAlchemy's
+    # cached statements share theirs)
+    entities: list[bool] = field(init=False)
+    paths: list[Any] = field(init=False)
+    metas: dict[tuple[str | None, ...], SimpleResultMetaData] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.entities = [h is not None for h in self.columns]
+        self.paths = [h.mapper._path_registry if h is not None else None for h in self.columns]
+
+    def metadata(self, keys: Sequence[str | None], stmt: Any) -> SimpleResultMetaData:
+        if self.aliased:
+            return result_metadata(keys, self.entities, column_extras(stmt))
+        k = tuple(keys)
+        meta = self.metas.get(k)
+        if meta is None:
+            meta = result_metadata(keys, self.entities, self.extras)
+            if len(self.metas) < 8:  # an entry's names are the statement's: one in practice
+                self.metas[k] = meta
+        return meta
 
 
 def _resolve(instances: list[Any], ref: Any) -> Any:
@@ -111,20 +132,21 @@ def _resolve(instances: list[Any], ref: Any) -> Any:
     return instances[ref]
 
 
-def _load_context(
-    stmt: Any, columns: tuple[Hierarchy | None, ...], aliased: bool
-) -> tuple[tuple[Any, ...], list[Any]]:
+def _load_context(stmt: Any, spec: _QuerySpec) -> tuple[tuple[Any, ...], list[Any]]:
     """(the statement's propagating loader options, the load path of each entity column): what a
     database load leaves on the objects of each column (``state.load_options`` / ``load_path``)."""
-    options = tuple(o for o in stmt._with_options if o.propagate_to_loaders)
+    with_options = stmt._with_options
+    options = tuple(o for o in with_options if o.propagate_to_loaders) if with_options else ()
     current = getattr(stmt._compile_options, "_current_path", None)  # set on lazy loads' statements
-    if aliased:  # the path of an aliased() entity is the alias's own, taken from this very statement
+    if spec.aliased:  # the path of an aliased() entity is the alias's own, taken from this very statement
         entities: list[Any] = [
             sa_inspect(d["entity"])._path_registry if h is not None else None
-            for h, d in zip(columns, stmt.column_descriptions, strict=True)
+            for h, d in zip(spec.columns, stmt.column_descriptions, strict=True)
         ]
+    elif current is None or not current.path:
+        return options, spec.paths
     else:
-        entities = [h.mapper._path_registry if h is not None else None for h in columns]
+        entities = spec.paths
     tops = [
         (current + e if current is not None and current.path else e) if e is not None else None
         for e in entities
@@ -718,10 +740,10 @@ class SQLCache:
         txns = self._wiring.session_txns(session)
         if not self._replay():
             return None
-        r: ReadResult | None = None
-        with self._degrade("read"):
+        try:  # _degrade("read") spelled out: this is the hit path
             r = self.store.read(self._clock_key, entry_key, deps)
-        if r is None:
+        except (CacheUnavailable, CodecError) as exc:
+            self._report(exc, "read")
             return None
         token = ""
         if r.hit and r.stale and protect:
@@ -791,11 +813,12 @@ class SQLCache:
         assert r.payload is not None
         result: Result[Any] | None = None
         try:
-            with self._degrade("decode"):
-                result = on_hit(self._unseal(entry_key, r.payload))
+            result = on_hit(self._unseal(entry_key, r.payload))
         except _Unservable:
             self._stats.incr("bypassed")
             return None
+        except (CacheUnavailable, CodecError) as exc:  # _degrade("decode") spelled out
+            self._report(exc, "decode")
         if result is None:
             with self._degrade("decode"):
                 self.store.delete(entry_key)
@@ -1047,7 +1070,7 @@ class SQLCache:
 
         def on_hit(payload: bytes) -> Result[Any]:
             d = self._decoded(key, payload, columns)
-            options, tops = _load_context(stmt, columns, spec.aliased)
+            options, tops = _load_context(stmt, spec)
             first_path = next((t for t in tops if t is not None), None)
             try:
                 instances, new = materialize_objects(session, d.shapes, d.objects, options, first_path)
@@ -1082,9 +1105,7 @@ class SQLCache:
                         if row[i] is not None:
                             row[i] = instances[row[i]]
                     out.append(tuple(row))
-            extras = column_extras(stmt) if spec.aliased else spec.extras
-            meta = result_metadata(d.keys, [h is not None for h in columns], extras)
-            return with_attributes(IteratorResult(meta, iter(out)), d.single)
+            return with_attributes(IteratorResult(spec.metadata(d.keys, stmt), iter(out)), d.single)
 
         def encode(frozen: FrozenResult[Any]) -> bytes | None:
             single = bool((getattr(frozen, "_attributes", None) or {}).get("is_single_entity"))
