@@ -35,9 +35,18 @@ from sqlalchemy import (
 )
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Result
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    ORMExecuteState,
+    Session,
+    mapped_column,
+    relationship,
+)
+from sqlalchemy.orm.attributes import instance_state
 
 from .cache import SQLCache
 from .options import cached as cached_option
@@ -61,6 +70,10 @@ class BenchUser(_Base):
     bio: Mapped[str] = mapped_column(Text)
     meta: Mapped[Any] = mapped_column(JSON().with_variant(JSONB(), "postgresql"))
     rank: Mapped[int] = mapped_column(Integer)
+
+
+class _FloorSession(Session):
+    """The ORM floor's sessions (the answering hook listens on this class only)."""
 
 
 class BenchOrder(_Base):
@@ -217,14 +230,54 @@ def _run(
             floor_keys[n] = f"{cache.config.prefix}:floor{n}"
             floor_client.set(floor_keys[n], msgpack.packb([plain_values(u) for u in users]))
 
+    def floor_objects(key: str) -> list[Any]:
+        out = []
+        for values in msgpack.unpackb(floor_client.get(key), timestamp=3):
+            values[decimal_at] = decimal.Decimal(values[decimal_at])
+            obj = manager.new_instance()
+            obj.__dict__.update(zip(COLUMNS, values, strict=True))
+            out.append(obj)  # kept, as a result keeps them: an object dropped at once is cheaper to make
+        return out
+
     def floor_of(n: int) -> Callable[[], None]:
         key = floor_keys[n]
 
         def op() -> None:
-            for values in msgpack.unpackb(floor_client.get(key), timestamp=3):
-                values[decimal_at] = decimal.Decimal(values[decimal_at])
-                obj = manager.new_instance()
-                obj.__dict__.update(zip(COLUMNS, values, strict=True))
+            floor_objects(key)
+
+        return op
+
+    # The ORM floor: the floor's GET, decode and objects, handed out through a real Session as a
+    # do_orm_execute answer, each object in the session's identity map as a load puts it. What any cache
+    # at the ORM level must do at least, without keys, dependencies, validation or loader state.
+    floor_meta = SimpleResultMetaData(["BenchUser"])
+
+    def orm_floor_answer(orm_state: ORMExecuteState) -> Result[Any]:
+        session = orm_state.session
+        identity_map = session.identity_map
+        rows = []
+        for obj in floor_objects(orm_state.execution_options["sqlcache_bench_floor"]):
+            state = instance_state(obj)
+            state.key = (BenchUser, (obj.id,), None)
+            state.session_id = session.hash_key
+            identity_map._add_unpresent(state, state.key)
+            rows.append((obj,))
+        return IteratorResult(floor_meta, iter(rows))
+
+    event.listen(_FloorSession, "do_orm_execute", orm_floor_answer)
+
+    def orm_floor_of(n: int) -> Callable[[], None]:
+        stmt = (
+            select(BenchUser)
+            .where(BenchUser.id <= n)
+            .order_by(BenchUser.id)
+            .execution_options(sqlcache_bench_floor=floor_keys[n])
+        )
+
+        def op() -> None:
+            with _FloorSession(plain) as s:
+                rows = s.scalars(stmt).all()
+                assert len(rows) == n
 
         return op
 
@@ -282,6 +335,8 @@ def _run(
         "q200 plain": lambda: _ns(query_on(plain, 200, False)),
         "q200 sqlcache hit": lambda: _ns(query_on(cached, 200, True)),
         "q200 floor": lambda: _ns(floor_of(200)),
+        "q20 ORM floor": lambda: _ns(orm_floor_of(20)),
+        "q200 ORM floor": lambda: _ns(orm_floor_of(200)),
         "q20 hit, no reuse": lambda: _ns(query_on(decoding, 20, True)),
         "q200 hit, no reuse": lambda: _ns(query_on(decoding, 200, True)),
         "update plain": lambda: _ns(update_on(plain)),
@@ -322,6 +377,8 @@ def _run(
         ("q200 hit / q200 floor", med["q200 sqlcache hit"] / med["q200 floor"], 1.5),
         ("q20 hit / q20 plain", med["q20 sqlcache hit"] / med["q20 plain"], None),
         ("q200 hit / q200 plain", med["q200 sqlcache hit"] / med["q200 plain"], 0.5),
+        ("q20 hit / q20 ORM floor", med["q20 sqlcache hit"] / med["q20 ORM floor"], None),
+        ("q200 hit / q200 ORM floor", med["q200 sqlcache hit"] / med["q200 ORM floor"], None),
         ("q20 no-reuse hit / q20 floor", med["q20 hit, no reuse"] / med["q20 floor"], None),
         ("q200 no-reuse hit / q200 floor", med["q200 hit, no reuse"] / med["q200 floor"], None),
         ("q200 no-reuse hit / q200 plain", med["q200 hit, no reuse"] / med["q200 plain"], None),
@@ -334,6 +391,7 @@ def _run(
         trips = _round_trips(cache, cached, n)
         print(f"redis round trips, update transaction of {n:>2} registered rows: {trips}")
     print(f"redis round trips, read-only transaction: {_round_trips(cache, cached, 0)}")
+    event.remove(_FloorSession, "do_orm_execute", orm_floor_answer)
     floor_client.delete(*floor_keys.values())
     return 0
 
