@@ -266,6 +266,10 @@ def _run(
 
     event.listen(_FloorSession, "do_orm_execute", orm_floor_answer)
 
+    def orm_floor_get() -> None:
+        with _FloorSession(plain) as s:
+            s.get(BenchUser, 1, execution_options={"sqlcache_bench_floor": floor_keys[1]})
+
     def orm_floor_of(n: int) -> Callable[[], None]:
         stmt = (
             select(BenchUser)
@@ -335,6 +339,7 @@ def _run(
         "q200 plain": lambda: _ns(query_on(plain, 200, False)),
         "q200 sqlcache hit": lambda: _ns(query_on(cached, 200, True)),
         "q200 floor": lambda: _ns(floor_of(200)),
+        "get ORM floor": lambda: _ns(orm_floor_get),
         "q20 ORM floor": lambda: _ns(orm_floor_of(20)),
         "q200 ORM floor": lambda: _ns(orm_floor_of(200)),
         "q20 hit, no reuse": lambda: _ns(query_on(decoding, 20, True)),
@@ -377,6 +382,7 @@ def _run(
         ("q200 hit / q200 floor", med["q200 sqlcache hit"] / med["q200 floor"], 1.5),
         ("q20 hit / q20 plain", med["q20 sqlcache hit"] / med["q20 plain"], None),
         ("q200 hit / q200 plain", med["q200 sqlcache hit"] / med["q200 plain"], 0.5),
+        ("get hit / get ORM floor", med["get sqlcache hit"] / med["get ORM floor"], None),
         ("q20 hit / q20 ORM floor", med["q20 sqlcache hit"] / med["q20 ORM floor"], None),
         ("q200 hit / q200 ORM floor", med["q200 sqlcache hit"] / med["q200 ORM floor"], None),
         ("q20 no-reuse hit / q20 floor", med["q20 hit, no reuse"] / med["q20 floor"], None),
