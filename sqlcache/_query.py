@@ -109,7 +109,7 @@ HierarchyOf = Callable[[Mapper[Any]], Hierarchy]
 
 
 # Version of the row layout below; part of every query key, so entries of another layout are never read.
-LAYOUT = 3
+LAYOUT = 4
 
 
 class _Encoder:
@@ -177,10 +177,12 @@ def encode_rows(
     single: bool,
     rows: Sequence[Any],
     hier: HierarchyOf,
+    unique_required: bool = False,
 ) -> tuple[bytes, set[str]]:
     """(payload, tables read through loaded relationships).
 
-    payload = [fingerprints, keys, single-entity flag, flat, rows, shapes, objects, rels]:
+    payload = [fingerprints, keys, single-entity flag, flat, rows, shapes, objects, rels, marks,
+    unique_required]:
 
     - rows: one list of cells per row, an entity cell being an index into objects; ``flat`` when the
       statement returns one entity and no row holds None: then rows is just the list of indexes;
@@ -189,7 +191,9 @@ def encode_rows(
       trailing items let ``zip(keys, object)`` take the values without a slice);
     - rels: a flat list of (object index, relationship key, ref) triples, ref None, an index, or a list;
     - marks: a flat list of (object index, attribute, kind) triples: the per-instance loader strategies
-      the load left (``raiseload``, ``lazyload``, ``defer(raiseload=True)``), rebuilt on a hit.
+      the load left (``raiseload``, ``lazyload``, ``defer(raiseload=True)``), rebuilt on a hit;
+    - unique_required: the database's result insisted on ``unique()`` (a joined eager load of a
+      collection): a hit's result does too.
 
     Raises Unreproducible if an object carries a strategy a hit could not rebuild.
     """
@@ -211,7 +215,9 @@ def encode_rows(
     else:
         flat = False
     fps = [h.fingerprint if h is not None else None for h in columns]
-    payload = encode([fps, list(keys), single, flat, out, enc.shapes, enc.objects, enc.rels, enc.marks])
+    payload = encode(
+        [fps, list(keys), single, flat, out, enc.shapes, enc.objects, enc.rels, enc.marks, unique_required]
+    )
     return payload, enc.tables
 
 
@@ -228,6 +234,7 @@ class Decoded:
     objects: list[list[Any]]
     rels: list[tuple[int, str, Any]]
     marks: list[tuple[int, str, str]]
+    unique_required: bool = False  # the database's result refused rows until unique() was called
     # where mutable values sit (JSON dicts and lists, ARRAY lists, sets), filled by share(): a shared
     # Decoded hands out fresh copies of those, never the objects it keeps
     mutable_at: list[tuple[int, tuple[int, ...]]] | None = None
@@ -269,7 +276,17 @@ class Decoded:
         rows = self.rows
         if not self.flat:
             rows = [_copy_mutable(row) if self.rows_mutable else list(row) for row in rows]
-        return Decoded(self.keys, self.single, self.flat, rows, self.shapes, objects, self.rels, self.marks)
+        return Decoded(
+            self.keys,
+            self.single,
+            self.flat,
+            rows,
+            self.shapes,
+            objects,
+            self.rels,
+            self.marks,
+            self.unique_required,
+        )
 
 
 def _pack_exactly(values: list[Any]) -> bytes | None:
@@ -277,10 +294,9 @@ def _pack_exactly(values: list[Any]) -> bytes | None:
     or None if msgpack cannot (tuples, sets, ints past 64 bits, any other type)."""
     try:
         blob: bytes = msgpack.packb(values, strict_types=True, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    back = _unpack_copy(blob)
-    return blob if _same(back, values) else None
+        return blob if _same(_unpack_copy(blob), values) else None
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        return None  # deeply nested values (the codec allows more than _same recurses): the slow copy
 
 
 def _unpack_copy(blob: bytes) -> list[Any]:
@@ -341,9 +357,9 @@ def _check_key_value(v: Any) -> None:
 def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: HierarchyOf) -> Decoded:
     """Decode and validate a query entry completely (nothing is built from a payload that fails)."""
     data = decode(payload)
-    if type(data) is not list or len(data) != 9:
-        raise CodecError("query entry is not a 9-item list")
-    fps, keys, single, flat, rows, shape_refs, objects, rels, marks = data
+    if type(data) is not list or len(data) != 10:
+        raise CodecError("query entry is not a 10-item list")
+    fps, keys, single, flat, rows, shape_refs, objects, rels, marks, unique_required = data
     if fps != [h.fingerprint if h is not None else None for h in columns]:
         raise CodecError("query entry was written by another model definition")
     if (
@@ -353,6 +369,7 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
         or type(rows) is not list
         or type(single) is not bool
         or type(flat) is not bool
+        or type(unique_required) is not bool
         or type(shape_refs) is not list
         or type(objects) is not list
         or type(rels) is not list
@@ -478,4 +495,4 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
         ):
             raise CodecError(f"unknown loader mark {kind!r} on {key!r}")
         out_marks.append((i, key, kind))
-    return Decoded(keys, single, flat, rows, shapes, objects, out_rels, out_marks)
+    return Decoded(keys, single, flat, rows, shapes, objects, out_rels, out_marks, unique_required)

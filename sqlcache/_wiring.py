@@ -114,19 +114,20 @@ _RESULT_META_PARAMS = pyinspect.signature(SimpleResultMetaData.__init__).paramet
 
 
 def result_metadata(
-    keys: Sequence[str | None], entities: Sequence[bool], extra: list[tuple[Any, ...]] | None = None
+    keys: Sequence[str | None],
+    filters: Callable[[], list[Any]],
+    extra: list[tuple[Any, ...]] | None = None,
 ) -> SimpleResultMetaData:
-    """Result metadata whose entity columns are uniqued by identity, as the ORM's are; ``extra`` holds,
-    per column, the objects ``row._mapping[...]`` accepts besides the name (entity, attribute, column).
+    """Result metadata whose ``unique()`` keys come from ``filters`` (per column: a key function or
+    None), as the ORM's do; ``extra`` holds, per column, the objects ``row._mapping[...]`` accepts
+    besides the name (entity, attribute, column).
 
-    SQLAlchemy 2.0 takes ``_unique_filters``, 2.1 ``_create_unique_filters``; by identity so that
-    classes with ``__eq__`` but no ``__hash__`` work.
+    SQLAlchemy 2.1 takes ``_create_unique_filters`` (asked per result), 2.0 ``_unique_filters``.
     """
-    filters = [id if e else None for e in entities]
     names: Any = keys  # None for an unnamed column, as SQLAlchemy's own ORM results have
     if "_create_unique_filters" in _RESULT_META_PARAMS:
-        return SimpleResultMetaData(names, extra=extra, _create_unique_filters=lambda _r: filters)
-    return SimpleResultMetaData(names, extra=extra, _unique_filters=filters)  # type: ignore[call-arg]
+        return SimpleResultMetaData(names, extra=extra, _create_unique_filters=lambda _r: filters())
+    return SimpleResultMetaData(names, extra=extra, _unique_filters=filters())  # type: ignore[call-arg]
 
 
 def column_extras(stmt: Any) -> list[tuple[Any, ...]]:
@@ -469,7 +470,7 @@ class Wiring:
     def one_row_result(self, mapper: Mapper[Any], obj: Any) -> Result[Any]:
         meta = self._metas.get(mapper)
         if meta is None:
-            meta = self._metas[mapper] = result_metadata([mapper.class_.__name__], [True])
+            meta = self._metas[mapper] = result_metadata([mapper.class_.__name__], lambda: [id])
         return IteratorResult(meta, iter(() if obj is None else ((obj,),)))
 
     def _on_orm_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:

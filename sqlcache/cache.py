@@ -20,7 +20,7 @@ from sqlalchemy import MetaData, Table
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
-from sqlalchemy.exc import NoInspectionAvailable, SQLAlchemyError
+from sqlalchemy.exc import InvalidRequestError, NoInspectionAvailable, SQLAlchemyError
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -101,27 +101,87 @@ class _QuerySpec:
     columns: tuple[Hierarchy | None, ...]
     aliased: bool = False  # an entity is an aliased() class: load paths come from the statement itself
     extras: list[tuple[Any, ...]] | None = None  # per column, row._mapping keys besides the name
+    types: tuple[Any, ...] = ()  # per column, the SQL type of a non-entity column (None for entities)
     # derived once: which columns are entities, their load paths (not for aliased entities, whose paths
-    # are the alias's own), and result metadata per column-name list (hits share it, as SQLAlchemy's
-    # cached statements share theirs)
+    # are the alias's own), and result metadata per (column names, legacy Query) (hits share it, as
+    # SQLAlchemy's cached statements share theirs)
     entities: list[bool] = field(init=False)
     paths: list[Any] = field(init=False)
-    metas: dict[tuple[str | None, ...], SimpleResultMetaData] = field(init=False, default_factory=dict)
+    metas: dict[tuple[tuple[str | None, ...], bool], SimpleResultMetaData] = field(
+        init=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         self.entities = [h is not None for h in self.columns]
         self.paths = [h.mapper._path_registry if h is not None else None for h in self.columns]
 
-    def metadata(self, keys: Sequence[str | None], stmt: Any) -> SimpleResultMetaData:
-        if self.aliased:
-            return result_metadata(keys, self.entities, column_extras(stmt))
-        k = tuple(keys)
+    def unique_filters(self, legacy: bool) -> list[Any]:
+        """Per column, how ``unique()`` tells rows apart, as the ORM decides it: entities by identity,
+        columns of a type producing unhashable values (JSON, ARRAY) refused (by identity for a legacy
+        Query), columns of an unknown type by hash where they can be hashed."""
+        out: list[Any] = []
+        for i, entity in enumerate(self.entities):
+            type_ = self.types[i] if i < len(self.types) else None
+            if entity:
+                out.append(id)
+            elif type_ is not None and (type_._isnull or not type_.hashable):
+                out.append(_unhashable_filter(type_, legacy, type_._isnull))
+            else:
+                out.append(None)
+        return out
+
+    def metadata(self, keys: Sequence[str | None], stmt: Any, legacy: bool) -> SimpleResultMetaData:
+        extras = column_extras(stmt) if self.aliased else self.extras
+        k = (tuple(keys), legacy)
         meta = self.metas.get(k)
         if meta is None:
-            meta = result_metadata(keys, self.entities, self.extras)
-            if len(self.metas) < 8:  # an entry's names are the statement's: one in practice
-                self.metas[k] = meta
+            meta = result_metadata(keys, lambda: self.unique_filters(legacy), extras)
+            # an aliased statement's extras are its own objects; a legacy filter for values of unknown
+            # type remembers what it met: neither is shared
+            stateful = legacy and any(t is not None and t._isnull for t in self.types)
+            if not self.aliased and not stateful and len(self.metas) < 8:
+                self.metas[k] = meta  # an entry's names are the statement's: one or two in practice
         return meta
+
+
+def _require_unique(_row: Any) -> Any:
+    raise InvalidRequestError(
+        "The unique() method must be invoked on this Result, as it contains results that include "
+        "joined eager loads against collections"
+    )
+
+
+def _unhashable_filter(type_: Any, legacy: bool, uncertain: bool) -> Callable[[Any], Any]:
+    """unique()'s key for a column whose values may not hash (SQLAlchemy's rule for ORM results)."""
+    if legacy and not uncertain:
+        return id
+    if legacy:
+        use_id = False
+
+        def hash_or_id(value: Any) -> Any:
+            nonlocal use_id
+            if not use_id:
+                try:
+                    return hash(value)
+                except TypeError:
+                    use_id = True
+            return id(value)
+
+        return hash_or_id
+
+    def refuse(value: Any) -> Any:
+        if uncertain:
+            try:
+                return hash(value)
+            except TypeError:
+                pass
+        produce = "the values returned appear to be" if uncertain else "this datatype produces"
+        raise InvalidRequestError(
+            f"Can't apply uniqueness to row tuple containing value of type {type_!r}; {produce} "
+            "non-hashable values"
+        )
+
+    return refuse
 
 
 def _resolve(instances: list[Any], ref: Any) -> Any:
@@ -724,7 +784,7 @@ class SQLCache:
         deps: list[str],
         ttl_ms: int,
         on_hit: Callable[[bytes], Result[Any]],
-        encode: Callable[[FrozenResult[Any]], bytes | None],
+        encode: Callable[[FrozenResult[Any], bool], bytes | None],
         protect: bool = False,
         swr_ms: int = 0,
     ) -> Result[Any] | None:
@@ -782,19 +842,39 @@ class SQLCache:
                 r = snap if snap is not None else r
             if r.clock:
                 self._wiring.note_clock(session, r.clock, txns)
-            frozen = orm_state.invoke_statement().freeze()
+            result = orm_state.invoke_statement()
+            # set before anyone called unique(): the ORM's "unique() must be invoked" guard (a joined
+            # eager load of a collection), which freezing drops: put back on what we return, and stored
+            unique_guard = result._unique_filter_state
+            frozen = result.freeze()
+
+            def answer() -> Result[Any]:
+                out = frozen()
+                if unique_guard is not None:
+                    out._unique_filter_state = (set(), unique_guard[1])
+                return out
+
             if r.locked or r.generations is None:
                 # a writer holds a dependency between its lock and its release: whatever we just read
                 # may already be outdated; do not store it
                 self._stats.incr("fills_skipped")
-                return frozen()
+                return answer()
             fresh_until = int(time.time() * 1000) + ttl_ms if swr_ms and ttl_ms else None
             entry_ttl = ttl_ms + swr_ms if ttl_ms else 0
             if self._fill(
-                session, entry_key, deps, entry_ttl, r.generations, frozen, encode, fresh_until, token
+                session,
+                entry_key,
+                deps,
+                entry_ttl,
+                r.generations,
+                frozen,
+                encode,
+                fresh_until,
+                token,
+                unique_guard is not None,
             ):
                 token = ""  # fill.lua dropped the lock
-            return frozen()
+            return answer()
         finally:
             if token:
                 with self._degrade("unlock"):
@@ -819,6 +899,10 @@ class SQLCache:
             return None
         except (CacheUnavailable, CodecError) as exc:  # _degrade("decode") spelled out
             self._report(exc, "decode")
+        except Exception as exc:
+            # anything else while rebuilding (a value nested past the interpreter's recursion limit, a
+            # defect of ours): the entry is not served and goes; the database answers
+            self._report(CodecError(f"cannot serve the entry: {exc!r}"), "decode")
         if result is None:
             with self._degrade("decode"):
                 self.store.delete(entry_key)
@@ -879,9 +963,10 @@ class SQLCache:
         ttl_ms: int,
         generations: bytes,
         frozen: FrozenResult[Any],
-        encode: Callable[[FrozenResult[Any]], bytes | None],
+        encode: Callable[[FrozenResult[Any], bool], bytes | None],
         fresh_until: int | None = None,
         token: str = "",
+        unique_required: bool = False,
     ) -> bool:
         """Store a fill if it may be stored; True once Redis ran fill.lua (which drops our lock)."""
         bound: int | None = None
@@ -895,7 +980,7 @@ class SQLCache:
                 bound = st.clock0 if bound is None else min(bound, st.clock0)
         payload: bytes | None = None
         with self._degrade("encode"):
-            payload = encode(frozen)
+            payload = encode(frozen, unique_required)
         if payload is None:
             return False
         if len(payload) > self.config.max_entry_bytes:
@@ -986,7 +1071,7 @@ class SQLCache:
                     raise _Unservable  # the database answers
             return self._wiring.one_row_result(mapper, _materialize(session, shape, mask, values))
 
-        def encode(frozen: FrozenResult[Any]) -> bytes | None:
+        def encode(frozen: FrozenResult[Any], _unique_required: bool) -> bytes | None:
             if refresh is not None:
                 # a reload's object may hold columns loaded earlier, from an older row: never stored
                 return None
@@ -1105,9 +1190,13 @@ class SQLCache:
                         if row[i] is not None:
                             row[i] = instances[row[i]]
                     out.append(tuple(row))
-            return with_attributes(IteratorResult(spec.metadata(d.keys, stmt), iter(out)), d.single)
+            legacy = bool(orm_state.load_options._legacy_uniquing)
+            result: IteratorResult[Any] = IteratorResult(spec.metadata(d.keys, stmt, legacy), iter(out))
+            if d.unique_required:
+                result._unique_filter_state = (set(), _require_unique)
+            return with_attributes(result, d.single)
 
-        def encode(frozen: FrozenResult[Any]) -> bytes | None:
+        def encode(frozen: FrozenResult[Any], unique_required: bool) -> bytes | None:
             single = bool((getattr(frozen, "_attributes", None) or {}).get("is_single_entity"))
             # _keys keeps the None of unnamed columns (an anonymous aliased(), with_polymorphic), which
             # .keys drops: the names must line up with the columns
@@ -1116,7 +1205,9 @@ class SQLCache:
                 self._stats.incr("fills_skipped")
                 return None
             try:
-                payload, through = encode_rows(columns, keys, single, frozen.data, self._hierarchy)
+                payload, through = encode_rows(
+                    columns, keys, single, frozen.data, self._hierarchy, unique_required
+                )
             except Unreproducible:
                 # e.g. lazyload(User.orders.and_(...)): a hit could not give its objects that loader
                 self._stats.incr("fills_skipped")
@@ -1126,7 +1217,7 @@ class SQLCache:
                 # before this SELECT did not cover them. Learn them for the next miss, store nothing now.
                 tables = tuple(sorted(through | set(spec.tables)))
                 self._query_memo[spec_key] = _QuerySpec(
-                    spec.digest, tables, spec.columns, spec.aliased, spec.extras
+                    spec.digest, tables, spec.columns, spec.aliased, spec.extras, spec.types
                 )
                 self._stats.incr("fills_skipped")
                 return None
@@ -1221,7 +1312,11 @@ class SQLCache:
         extras = column_extras(stmt)
         if len(extras) != len(columns):
             raise Uncacheable("result columns do not match the column descriptions")
-        return _QuerySpec(shape_digest, tables_read(compiled, stmt), tuple(columns), aliased, extras)
+        types = tuple(
+            None if h is not None else d.get("type")
+            for h, d in zip(columns, stmt.column_descriptions, strict=True)
+        )
+        return _QuerySpec(shape_digest, tables_read(compiled, stmt), tuple(columns), aliased, extras, types)
 
     def invalidate_tags(self, *tags: str) -> None:
         """Invalidate every cached query tagged with any of ``tags``: one O(1) step per tag."""

@@ -312,7 +312,7 @@ def test_odd_tags_and_large_results(engine: Engine, redis_url: str) -> None:
         cache.clear()
 
 
-LAYOUT_FIELDS = ("fps", "keys", "single", "flat", "rows", "shapes", "objects", "rels", "marks")
+LAYOUT_FIELDS = ("fps", "keys", "single", "flat", "rows", "shapes", "objects", "rels", "marks", "unique")
 
 
 def test_damaged_query_entries_are_misses(
@@ -340,7 +340,7 @@ def test_damaged_query_entries_are_misses(
     raw = client.get(key)
     head, payload = raw.split(b"|", 1)
     good = decode(payload)
-    fps, keys, single, flat, rows, shapes, objects, rels, marks = good
+    fps, keys, single, flat, rows, shapes, objects, rels, marks, unique = good
     n_user = len(objects[rows[0]]) - 2
 
     fields = dict(zip(LAYOUT_FIELDS, good, strict=True))
@@ -352,8 +352,9 @@ def test_damaged_query_entries_are_misses(
         d = decode(payload)
         return [
             ["not", "a", "list"],
-            d[:8],
+            d[:9],
             variant(flat="yes"),
+            variant(unique=1),
             variant(rows=[*rows, len(objects)]),
             variant(rows=[*rows, -1]),
             variant(shapes=[["0" * 16, shapes[0][1]], *shapes[1:]]),
@@ -388,7 +389,9 @@ def test_damaged_query_entries_are_misses(
     order_at = next(i for i, o in enumerate(objects) if len(o) != n_user + 2)
     altered = [list(o) for o in objects]
     altered[order_at][2] = decimal.Decimal("999.00")  # an order's total
-    client.set(key, head + b"|" + encode([fps, keys, single, flat, rows, shapes, altered, rels, marks]))
+    client.set(
+        key, head + b"|" + encode([fps, keys, single, flat, rows, shapes, altered, rels, marks, unique])
+    )
 
     def broken(*args: Any) -> None:
         raise RuntimeError("late failure")
@@ -815,3 +818,58 @@ def test_reloads_keep_objects_whole_and_refresh_reads_the_database(engine: Engin
         s.commit()  # everything expired
         s.scalars(stmt).all()  # a hit on the expired object
         assert u.email == "e2"  # still loads, as after the same query against the database
+
+
+def test_unique_rules_of_a_hit_are_the_databases(engine: Engine, cache: SQLCache) -> None:
+    """unique() behaves on a miss and a hit as on the database's own result: a joined eager load of a
+    collection refuses rows until unique() is called; a JSON column cannot be uniqued (a legacy Query
+    uniques it by identity); a column of unknown type is uniqued by value."""
+    from sqlalchemy import literal_column
+
+    from ..models import Typed
+
+    ids = seed(engine)
+    with Session(engine) as s:
+        s.add_all([Typed(id=1, doc={"n": 1}), Typed(id=2, doc={"n": 1})])
+        s.commit()
+
+    def outcome(run: Callable[[Session], Any]) -> Any:
+        try:
+            with Session(engine) as s:
+                return run(s)
+        except InvalidRequestError as exc:
+            return ("InvalidRequestError", str(exc))
+
+    joined = select(User).order_by(User.id).options(joinedload(User.orders))
+    cases: list[tuple[str, Callable[[Any], Any]]] = [
+        ("joined, no unique()", lambda st: lambda s: len(s.scalars(st(joined)).all())),
+        ("joined, unique()", lambda st: lambda s: [u.id for u in s.scalars(st(joined)).unique().all()]),
+        (
+            "joined, rows",
+            lambda st: lambda s: len(s.execute(st(joined)).all()),
+        ),
+        (
+            "json column, unique()",
+            lambda st: lambda s: s.execute(st(select(Typed.id, Typed.doc).order_by(Typed.id))).unique().all(),
+        ),
+        (
+            "json column, legacy Query",
+            lambda st: lambda s: [r.id for r in st(s.query(Typed.id, Typed.doc).order_by(Typed.id)).all()],
+        ),
+        (
+            "unknown type, unique()",
+            lambda st: (
+                lambda s: (
+                    s.execute(st(select(literal_column("1").label("one"), User.id).order_by(User.id)))
+                    .unique()
+                    .all()
+                )
+            ),
+        ),
+    ]
+    for label, case in cases:
+        expected = outcome(case(lambda q: q))
+        for attempt in ("miss", "hit"):
+            got = outcome(case(lambda q: q.options(cached())))
+            assert got == expected, (label, attempt)
+    assert ids and cache.stats()["hits"] >= len(cases)

@@ -147,3 +147,17 @@ def test_lambdas_on_one_line_have_their_own_keys() -> None:
 
     assert of(big) != of(small)
     assert of(big) == of(big)
+
+
+def test_values_nested_deeper_than_the_exact_check_recurses_are_still_copied() -> None:
+    """A JSON value nested past what the packed copy's type check can recurse into takes the slow copy
+    (the codec accepts up to 511 levels): every hit still gets its own equal value."""
+    from sqlcache._query import Decoded
+
+    deep: object = 1
+    for _ in range(450):
+        deep = [deep]
+    kept = Decoded([], True, True, [], [], [[deep, 0, 0]], [], []).share()
+    assert kept.mutable_blob is None
+    copy = kept.fresh().objects[0][0]
+    assert copy == deep and copy is not deep
