@@ -26,6 +26,7 @@ from ._snapshot import (
     Hierarchy,
     Shape,
     Unreproducible,
+    built_since,
     class_id,
     loader_marks,
     plain_values,
@@ -115,8 +116,9 @@ LAYOUT = 4
 class _Encoder:
     """Objects of a result and the relationships loaded on them, flattened into indexed lists."""
 
-    def __init__(self, hier: HierarchyOf) -> None:
+    def __init__(self, hier: HierarchyOf, runid: int | None = None) -> None:
         self.hier = hier
+        self.runid = runid
         self.index: dict[int, int] = {}
         self.shape_index: dict[tuple[str, str], int] = {}
         self.shapes: list[list[str]] = []
@@ -135,6 +137,10 @@ class _Encoder:
         shape = h.shapes.get(cid)
         if shape is None or state.modified:
             raise CodecError("object of an unexpected class or with pending changes")
+        if self.runid is not None and not built_since(state, self.runid):
+            # the session held it before the statement ran: the ORM kept its values (and its loaded
+            # relationships), which may be older than the rows the statement read
+            raise Unreproducible("an object the session already held")
         sk = (h.fingerprint, cid)
         si = self.shape_index.get(sk)
         if si is None:
@@ -178,6 +184,7 @@ def encode_rows(
     rows: Sequence[Any],
     hier: HierarchyOf,
     unique_required: bool = False,
+    runid: int | None = None,
 ) -> tuple[bytes, set[str]]:
     """(payload, tables read through loaded relationships).
 
@@ -195,9 +202,10 @@ def encode_rows(
     - unique_required: the database's result insisted on ``unique()`` (a joined eager load of a
       collection): a hit's result does too.
 
-    Raises Unreproducible if an object carries a strategy a hit could not rebuild.
+    Raises Unreproducible if an object carries a strategy a hit could not rebuild, or (given the
+    ``runid`` taken before the statement ran) if the session already held one of the objects.
     """
-    enc = _Encoder(hier)
+    enc = _Encoder(hier, runid)
     out: list[Any] = []
     flat = len(columns) == 1 and columns[0] is not None
     for row in rows:

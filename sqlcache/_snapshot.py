@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import ColumnProperty, Mapper
+from sqlalchemy.orm import loading as _loading
 from sqlalchemy.orm import strategies as _strategies
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 
@@ -334,11 +335,24 @@ def materialize_objects(
     instances: list[Any] = []
     new = bytearray(len(objects))
     try:
-        _build(session, shapes, objects, load_options, load_path, instances, new)
+        _build(session, shapes, objects, load_options, load_path, instances, new, new_runid())
     except BaseException:
         discard_built(session, instances, new)  # nothing half-built stays in the session
         raise
     return instances, new
+
+
+# The ORM numbers each load ("runid", a process-wide counter) and stamps it on the objects a load builds
+# from its rows. Taking a number before a statement runs tells, afterwards, the objects it built (a larger
+# number: its own load, its eager loads, and our hits) from those the session already held, whose values
+# may be older than the statement. Hits stamp theirs the same way.
+new_runid: Callable[[], int] = _loading._new_runid
+
+
+def built_since(state: Any, runid: int) -> bool:
+    """Whether ``state``'s object was built from a row (or an entry) after ``runid`` was taken."""
+    r = state.runid
+    return r is not None and r > runid
 
 
 def refresh_unloaded(shape: Shape, obj: Any, mask: int, values: Sequence[Any]) -> bool:
@@ -384,6 +398,7 @@ def _build(
     load_path: Any,
     instances: list[Any],
     new: bytearray,
+    runid: int,
 ) -> None:
     # What loading.py does per row, without the row: the identity map's own dict and weak reference
     # are used directly (WeakInstanceDict.get / _add_unpresent inlined; both are what loading.py calls)
@@ -442,6 +457,7 @@ def _build(
         setter(instance, state)
         state.key = identity_key
         state.session_id = hash_key
+        state.runid = runid
         if load_options:
             state.load_options = load_options
         if load_path is not None:

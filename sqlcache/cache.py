@@ -43,6 +43,7 @@ from ._query import (
 from ._snapshot import (
     Hierarchy,
     apply_marks,
+    built_since,
     check_supported,
     class_id,
     decode_entry,
@@ -51,6 +52,7 @@ from ._snapshot import (
     encode_instance,
     hierarchy_for,
     materialize_objects,
+    new_runid,
 )
 from ._snapshot import materialize as _materialize
 from ._stats import Stats
@@ -784,7 +786,7 @@ class SQLCache:
         deps: list[str],
         ttl_ms: int,
         on_hit: Callable[[bytes], Result[Any]],
-        encode: Callable[[FrozenResult[Any], bool], bytes | None],
+        encode: Callable[[FrozenResult[Any], bool, int], bytes | None],
         protect: bool = False,
         swr_ms: int = 0,
     ) -> Result[Any] | None:
@@ -842,10 +844,13 @@ class SQLCache:
                 r = snap if snap is not None else r
             if r.clock:
                 self._wiring.note_clock(session, r.clock, txns)
+            runid = new_runid()  # objects the statement builds get larger numbers (built_since)
             result = orm_state.invoke_statement()
             # set before anyone called unique(): the ORM's "unique() must be invoked" guard (a joined
-            # eager load of a collection), which freezing drops: put back on what we return, and stored
+            # eager load of a collection). Freezing would trip it on rows of several columns, and drops
+            # it: lifted for the freeze, put back on what we return, and stored with the entry
             unique_guard = result._unique_filter_state
+            result._unique_filter_state = None
             frozen = result.freeze()
 
             def answer() -> Result[Any]:
@@ -872,6 +877,7 @@ class SQLCache:
                 fresh_until,
                 token,
                 unique_guard is not None,
+                runid,
             ):
                 token = ""  # fill.lua dropped the lock
             return answer()
@@ -963,10 +969,11 @@ class SQLCache:
         ttl_ms: int,
         generations: bytes,
         frozen: FrozenResult[Any],
-        encode: Callable[[FrozenResult[Any], bool], bytes | None],
+        encode: Callable[[FrozenResult[Any], bool, int], bytes | None],
         fresh_until: int | None = None,
         token: str = "",
         unique_required: bool = False,
+        runid: int = 0,
     ) -> bool:
         """Store a fill if it may be stored; True once Redis ran fill.lua (which drops our lock)."""
         bound: int | None = None
@@ -980,7 +987,7 @@ class SQLCache:
                 bound = st.clock0 if bound is None else min(bound, st.clock0)
         payload: bytes | None = None
         with self._degrade("encode"):
-            payload = encode(frozen, unique_required)
+            payload = encode(frozen, unique_required, runid)
         if payload is None:
             return False
         if len(payload) > self.config.max_entry_bytes:
@@ -1071,7 +1078,7 @@ class SQLCache:
                     raise _Unservable  # the database answers
             return self._wiring.one_row_result(mapper, _materialize(session, shape, mask, values))
 
-        def encode(frozen: FrozenResult[Any], _unique_required: bool) -> bytes | None:
+        def encode(frozen: FrozenResult[Any], _unique_required: bool, runid: int) -> bytes | None:
             if refresh is not None:
                 # a reload's object may hold columns loaded earlier, from an older row: never stored
                 return None
@@ -1089,6 +1096,8 @@ class SQLCache:
             # Decimal('1.00')): writes invalidate the row's own key, so only that key may be filled
             if state.key is None or _keys.pk_token(state.key[1]) != _keys.pk_token(pk):
                 return None
+            if not built_since(state, runid):
+                return None  # held by the session before: its values may be older than the row read
             return encode_instance(h, state)
 
         return self._read_through(
@@ -1196,7 +1205,7 @@ class SQLCache:
                 result._unique_filter_state = (set(), _require_unique)
             return with_attributes(result, d.single)
 
-        def encode(frozen: FrozenResult[Any], unique_required: bool) -> bytes | None:
+        def encode(frozen: FrozenResult[Any], unique_required: bool, runid: int) -> bytes | None:
             single = bool((getattr(frozen, "_attributes", None) or {}).get("is_single_entity"))
             # _keys keeps the None of unnamed columns (an anonymous aliased(), with_polymorphic), which
             # .keys drops: the names must line up with the columns
@@ -1206,7 +1215,7 @@ class SQLCache:
                 return None
             try:
                 payload, through = encode_rows(
-                    columns, keys, single, frozen.data, self._hierarchy, unique_required
+                    columns, keys, single, frozen.data, self._hierarchy, unique_required, runid
                 )
             except Unreproducible:
                 # e.g. lazyload(User.orders.and_(...)): a hit could not give its objects that loader

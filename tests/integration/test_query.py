@@ -873,3 +873,62 @@ def test_unique_rules_of_a_hit_are_the_databases(engine: Engine, cache: SQLCache
             got = outcome(case(lambda q: q.options(cached())))
             assert got == expected, (label, attempt)
     assert ids and cache.stats()["hits"] >= len(cases)
+
+
+def test_objects_the_session_already_held_are_never_stored(engine: Engine, cache: SQLCache) -> None:
+    """A miss whose result holds objects the session loaded earlier returns them as the ORM does (their
+    loaded values kept), but stores nothing: those values, and the relationships an earlier query
+    loaded on them (with criteria), may be older or narrower than the rows the statement read. A fresh
+    session then reads what the database holds."""
+    from sqlalchemy.orm import immediateload
+
+    ids = seed(engine)
+    held = Session(engine)
+    u0 = held.get(User, ids[0])
+    assert u0 is not None and u0.name == "u0"
+    # an earlier query loads u1's orders through criteria that match none
+    narrow = select(User).where(User.id == ids[1]).options(selectinload(User.orders.and_(Order.total > 100)))
+    assert held.scalars(narrow).one().orders == []
+    with Session(engine) as writer:
+        writer.execute(update(User).where(User.id == ids[0]).values(name="renamed"))
+        writer.commit()
+
+    stmt = select(User).order_by(User.id).options(cached())
+    skipped = cache.stats()["fills_skipped"]
+    assert [u.name for u in held.scalars(stmt)] == ["u0", "u1", "u2"]  # the ORM keeps what it holds
+    if engine.dialect.name == "postgresql":  # read committed: the fill was attempted, and refused
+        assert cache.stats()["fills_skipped"] == skipped + 1
+    held.close()
+
+    def fresh() -> list[tuple[str, list[str]]]:
+        with Session(engine) as s:
+            return [(u.name, [str(o.total) for o in u.orders]) for u in s.scalars(stmt)]
+
+    expected = [("renamed", ["1.50"]), ("u1", ["1.00"]), ("u2", [])]
+    assert fresh() == expected  # a miss: nothing was stored
+    assert fresh() == expected  # a hit of what the fresh session stored
+
+    # objects a hit builds during a statement (immediateload through the identity cache) count as
+    # built by it: such statements still fill
+    cache.register(User)
+    with Session(engine) as s:
+        s.get(User, ids[0])
+    orders = select(Order).order_by(Order.id).options(immediateload(Order.user), cached())
+    for _ in range(3):
+        with Session(engine) as s:
+            assert [o.user.name for o in s.scalars(orders) if o.user is not None] == ["renamed", "u1"]
+    assert cache.stats()["hits"] >= 2
+
+
+def test_entity_and_columns_with_a_joined_collection(engine: Engine, cache: SQLCache) -> None:
+    """select(User, User.name) with a joined eager load of a collection: execute() returns a result (it
+    does not raise while storing it), unique() gives the database's rows on a miss and a hit."""
+    seed(engine)
+    stmt = select(User, User.name).order_by(User.id).options(joinedload(User.orders))
+    with Session(engine) as s:
+        expected = [(u.id, name, len(u.orders)) for u, name in s.execute(stmt).unique().all()]
+    for _ in range(2):
+        with Session(engine) as s:
+            rows = s.execute(stmt.options(cached())).unique().all()
+            assert [(u.id, name, len(u.orders)) for u, name in rows] == expected
+    assert cache.stats()["hits"] >= 1
