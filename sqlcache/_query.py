@@ -23,6 +23,7 @@ from ._codec import decode, encode, encode_body
 from ._snapshot import (
     DEFERRED_KINDS,
     LAZY_KINDS,
+    Conv,
     Hierarchy,
     Shape,
     Unreproducible,
@@ -94,8 +95,21 @@ def stable(o: Any) -> Any:
 def digest(parts: Any) -> str:
     try:
         return blake2b(encode_body(parts), digest_size=16).hexdigest()
+    except CodecError:
+        pass
+    try:  # bound values the codec does not store (Python enum members) are keyed by name
+        return blake2b(encode_body(_keyable(parts)), digest_size=16).hexdigest()
     except CodecError as exc:
         raise Uncacheable(str(exc)) from exc
+
+
+def _keyable(o: Any) -> Any:
+    if isinstance(o, enum.Enum):
+        cls = type(o)
+        return ("\x00enum", f"{cls.__module__}.{cls.__qualname__}", o.name)
+    if type(o) is list or type(o) is tuple:
+        return type(o)(_keyable(x) for x in o)
+    return o
 
 
 def tables_read(compiled: Any, statement: Any) -> tuple[str, ...]:
@@ -185,6 +199,7 @@ def encode_rows(
     hier: HierarchyOf,
     unique_required: bool = False,
     runid: int | None = None,
+    cell_to_plain: Sequence[Conv | None] = (),
 ) -> tuple[bytes, set[str]]:
     """(payload, tables read through loaded relationships).
 
@@ -212,12 +227,14 @@ def encode_rows(
         cells = tuple(row) if isinstance(row, Row) else (row,)
         if len(cells) != len(columns):
             raise CodecError("row shape does not match the statement")
-        out.append(
-            [
-                enc.add(h, c) if h is not None and c is not None else c
-                for h, c in zip(columns, cells, strict=True)
-            ]
-        )
+        row_out = [
+            enc.add(h, c) if h is not None and c is not None else c
+            for h, c in zip(columns, cells, strict=True)
+        ]
+        for i, conv in enumerate(cell_to_plain):
+            if conv is not None and columns[i] is None:
+                row_out[i] = conv(row_out[i])
+        out.append(row_out)
     if flat and all(r[0] is not None for r in out):
         out = [r[0] for r in out]
     else:
@@ -362,7 +379,12 @@ def _check_key_value(v: Any) -> None:
         raise CodecError("unhashable primary key value") from exc
 
 
-def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: HierarchyOf) -> Decoded:
+def decode_rows(
+    columns: Sequence[Hierarchy | None],
+    payload: bytes,
+    hier: HierarchyOf,
+    cell_from_plain: Sequence[Conv | None] = (),
+) -> Decoded:
     """Decode and validate a query entry completely (nothing is built from a payload that fails)."""
     data = decode(payload)
     if type(data) is not list or len(data) != 10:
@@ -468,6 +490,9 @@ def decode_rows(columns: Sequence[Hierarchy | None], payload: bytes, hier: Hiera
             for h, cell in zip(columns, row, strict=True):
                 if h is not None and cell is not None:
                     check(h, cell)
+            for i, conv in enumerate(cell_from_plain):
+                if conv is not None and columns[i] is None:
+                    row[i] = conv(row[i])
     out_rels: list[tuple[int, str, Any]] = []
     while todo:
         i = todo.pop()

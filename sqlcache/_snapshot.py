@@ -116,7 +116,12 @@ def table_name(table: Any) -> str:
 
 def _converters(col: Any) -> tuple[Conv | None, Conv | None]:
     """ORM value <-> codec value for one column, where they differ (Python enums, MySQL SET)."""
-    type_ = col.type
+    return type_converters(col.type, col)
+
+
+def type_converters(type_: Any, col: Any) -> tuple[Conv | None, Conv | None]:
+    """Python value <-> codec value for values of the SQL type ``type_`` (``col`` names it in errors):
+    a Python enum member is stored as its name."""
     if isinstance(type_, sqltypes.TypeDecorator):
         return None, None
     if isinstance(type_, sqltypes.Enum) and type_.enum_class is not None:

@@ -41,6 +41,7 @@ from ._query import (
     tables_read,
 )
 from ._snapshot import (
+    Conv,
     Hierarchy,
     apply_marks,
     built_since,
@@ -53,6 +54,7 @@ from ._snapshot import (
     hierarchy_for,
     materialize_objects,
     new_runid,
+    type_converters,
 )
 from ._snapshot import materialize as _materialize
 from ._stats import Stats
@@ -104,6 +106,9 @@ class _QuerySpec:
     aliased: bool = False  # an entity is an aliased() class: load paths come from the statement itself
     extras: list[tuple[Any, ...]] | None = None  # per column, row._mapping keys besides the name
     types: tuple[Any, ...] = ()  # per column, the SQL type of a non-entity column (None for entities)
+    # per column, value <-> codec converters of a non-entity column whose values need one (enums)
+    to_plain: tuple[Conv | None, ...] = field(init=False)
+    from_plain: tuple[Conv | None, ...] = field(init=False)
     # derived once: which columns are entities, their load paths (not for aliased entities, whose paths
     # are the alias's own), and result metadata per (column names, legacy Query) (hits share it, as
     # SQLAlchemy's cached statements share theirs)
@@ -116,6 +121,9 @@ class _QuerySpec:
     def __post_init__(self) -> None:
         self.entities = [h is not None for h in self.columns]
         self.paths = [h.mapper._path_registry if h is not None else None for h in self.columns]
+        convs = [type_converters(t, t) if t is not None else (None, None) for t in self.types]
+        self.to_plain = tuple(c[0] for c in convs) if any(c[0] for c in convs) else ()
+        self.from_plain = tuple(c[1] for c in convs) if any(c[1] for c in convs) else ()
 
     def unique_filters(self, legacy: bool) -> list[Any]:
         """Per column, how ``unique()`` tells rows apart, as the ORM decides it: entities by identity,
@@ -1163,7 +1171,7 @@ class SQLCache:
         columns = spec.columns
 
         def on_hit(payload: bytes) -> Result[Any]:
-            d = self._decoded(key, payload, columns)
+            d = self._decoded(key, payload, columns, spec.from_plain)
             options, tops = _load_context(stmt, spec)
             first_path = next((t for t in tops if t is not None), None)
             try:
@@ -1215,7 +1223,7 @@ class SQLCache:
                 return None
             try:
                 payload, through = encode_rows(
-                    columns, keys, single, frozen.data, self._hierarchy, unique_required, runid
+                    columns, keys, single, frozen.data, self._hierarchy, unique_required, runid, spec.to_plain
                 )
             except Unreproducible:
                 # e.g. lazyload(User.orders.and_(...)): a hit could not give its objects that loader
@@ -1245,13 +1253,19 @@ class SQLCache:
             swr_ms=(qp.swr or 0) * 1000,
         )
 
-    def _decoded(self, entry_key: str, payload: bytes, columns: tuple[Hierarchy | None, ...]) -> Decoded:
+    def _decoded(
+        self,
+        entry_key: str,
+        payload: bytes,
+        columns: tuple[Hierarchy | None, ...],
+        from_plain: Sequence[Conv | None] = (),
+    ) -> Decoded:
         """The decoded, validated result of a query entry: reused while Redis returns the very same bytes
         for the key (decoding is most of a large hit), decoded afresh otherwise. Never a source of data
         of its own: Redis answered with these bytes just now."""
         kept = self._decoded_lru
         if kept is None:
-            return decode_rows(columns, payload, self._hierarchy)
+            return decode_rows(columns, payload, self._hierarchy, from_plain)
         with self._mutex:
             found = kept.get(entry_key)
             if found is not None and found[0] == payload and found[1] is columns:
@@ -1262,7 +1276,7 @@ class SQLCache:
         if shared is not None:
             self._stats.incr("decodes_reused")
             return shared.fresh()
-        d = decode_rows(columns, payload, self._hierarchy).share()
+        d = decode_rows(columns, payload, self._hierarchy, from_plain).share()
         size = len(payload)
         if size * 8 <= self._decoded_max:  # one result may take at most an eighth of the budget
             with self._mutex:

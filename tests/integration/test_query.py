@@ -932,3 +932,38 @@ def test_entity_and_columns_with_a_joined_collection(engine: Engine, cache: SQLC
             rows = s.execute(stmt.options(cached())).unique().all()
             assert [(u.id, name, len(u.orders)) for u, name in rows] == expected
     assert cache.stats()["hits"] >= 1
+
+
+def test_enum_columns_and_enum_bound_values(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
+    """A column select of a Python enum column, and a statement comparing with an enum member, are cached
+    like any other: the members come back as members, and each member has its own key."""
+    from ..models import Color, Typed
+
+    with Session(engine) as s:
+        s.add_all([Typed(id=i, color=c, doc={}) for i, c in ((1, Color.red), (2, Color.green), (3, None))])
+        s.commit()
+    colors = select(Typed.id, Typed.color).order_by(Typed.id)
+    by_color = select(Typed.id).where(Typed.color == Color.green).order_by(Typed.id)
+    grouped = select(Typed.color, func.count()).group_by(Typed.color).order_by(Typed.color)
+    with Session(engine) as s:
+        expected = [
+            s.execute(colors).all(),
+            s.scalars(by_color).all(),
+            s.scalars(select(Typed.id).where(Typed.color == Color.red)).all(),
+            s.execute(grouped).all(),
+        ]
+    errors = cache.stats()["errors"]
+    for attempt in ("miss", "hit"):
+        sql_count.reset()
+        with Session(engine) as s:
+            got = [
+                s.execute(colors.options(cached())).all(),
+                s.scalars(by_color.options(cached())).all(),
+                s.scalars(select(Typed.id).where(Typed.color == Color.red).options(cached())).all(),
+                s.execute(grouped.options(cached())).all(),
+            ]
+        assert got == expected, attempt
+        assert [type(r.color) for r in got[0]] == [Color, Color, type(None)]
+        if attempt == "hit":
+            assert len(sql_count) == 0
+    assert cache.stats()["errors"] == errors
