@@ -22,7 +22,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.exc import InvalidRequestError, NoInspectionAvailable, SQLAlchemyError
 from sqlalchemy.orm import Mapper
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import InstrumentedAttribute, set_committed_value
+from sqlalchemy.sql.schema import Column
 
 from . import _keys, signals
 from ._codec import encode_body
@@ -109,6 +110,9 @@ class _QuerySpec:
     # per column, value <-> codec converters of a non-entity column whose values need one (enums)
     to_plain: tuple[Conv | None, ...] = field(init=False)
     from_plain: tuple[Conv | None, ...] = field(init=False)
+    # every extra is an object any statement of this shape names the same way (a mapped class, its
+    # attributes, a table's columns); labels and functions are built anew with each statement
+    stable_extras: bool = field(init=False)
     # derived once: which columns are entities, their load paths (not for aliased entities, whose paths
     # are the alias's own), and result metadata per (column names, legacy Query) (hits share it, as
     # SQLAlchemy's cached statements share theirs)
@@ -121,6 +125,7 @@ class _QuerySpec:
     def __post_init__(self) -> None:
         self.entities = [h is not None for h in self.columns]
         self.paths = [h.mapper._path_registry if h is not None else None for h in self.columns]
+        self.stable_extras = all(_shared_object(x) for ex in self.extras or () for x in ex)
         convs = [type_converters(t, t) if t is not None else (None, None) for t in self.types]
         self.to_plain = tuple(c[0] for c in convs) if any(c[0] for c in convs) else ()
         self.from_plain = tuple(c[1] for c in convs) if any(c[1] for c in convs) else ()
@@ -141,17 +146,32 @@ class _QuerySpec:
         return out
 
     def metadata(self, keys: Sequence[str | None], stmt: Any, legacy: bool) -> SimpleResultMetaData:
-        extras = column_extras(stmt) if self.aliased else self.extras
+        if self.aliased or not self.stable_extras:
+            # the row mapping's keys are this statement's own objects (an alias's attributes, labels,
+            # functions): a statement built again has new ones
+            return result_metadata(keys, lambda: self.unique_filters(legacy), column_extras(stmt))
         k = (tuple(keys), legacy)
         meta = self.metas.get(k)
         if meta is None:
-            meta = result_metadata(keys, lambda: self.unique_filters(legacy), extras)
-            # an aliased statement's extras are its own objects; a legacy filter for values of unknown
-            # type remembers what it met: neither is shared
+            meta = result_metadata(keys, lambda: self.unique_filters(legacy), self.extras)
+            # a legacy filter for values of unknown type remembers what it met: not shared
             stateful = legacy and any(t is not None and t._isnull for t in self.types)
-            if not self.aliased and not stateful and len(self.metas) < 8:
+            if not stateful and len(self.metas) < 8:
                 self.metas[k] = meta  # an entry's names are the statement's: one or two in practice
         return meta
+
+
+def _shared_object(o: Any) -> bool:
+    """Whether ``o`` is one object for every statement naming it: a mapped class, a class's own
+    attribute, a column of a Table (not of an alias or a subquery)."""
+    if isinstance(o, type):
+        return True
+    if isinstance(o, InstrumentedAttribute):
+        return getattr(o, "class_", None) is not None and getattr(o.class_, o.key, None) is o
+    if isinstance(o, Column):
+        # a table's column, or an annotated copy of it (hashed and matched as the column itself)
+        return isinstance(o.table, Table)
+    return False
 
 
 def _require_unique(_row: Any) -> Any:

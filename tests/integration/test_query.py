@@ -967,3 +967,31 @@ def test_enum_columns_and_enum_bound_values(engine: Engine, cache: SQLCache, sql
         if attempt == "hit":
             assert len(sql_count) == 0
     assert cache.stats()["errors"] == errors
+
+
+def test_row_mapping_of_a_statement_built_again(engine: Engine, cache: SQLCache) -> None:
+    """Request code builds its statement anew each time: a hit's rows answer row._mapping[...] with that
+    statement's own labels and functions, as the database's rows do, not only with the first one's."""
+    seed(engine)
+    users_t = User.__table__
+
+    def run() -> list[Any]:
+        upper = func.upper(User.name).label("upper_name")
+        count = func.count(Order.id)
+        stmt = (
+            select(User.id, users_t.c.name, upper, count)
+            .outerjoin(Order, Order.user_id == User.id)
+            .group_by(User.id, users_t.c.name)
+            .order_by(User.id)
+            .options(cached())
+        )
+        with Session(engine) as s:
+            return [
+                (m[User.id], m[users_t.c.name], m[upper], m[count], m["upper_name"])
+                for m in (row._mapping for row in s.execute(stmt))
+            ]
+
+    first = run()
+    assert first == run() == run()
+    assert first[0][2] == "U0"
+    assert cache.stats()["hits"] >= 2
