@@ -144,9 +144,12 @@ def column_extras(stmt: Any) -> list[tuple[Any, ...]]:
     return out
 
 
-def with_attributes(result: Result[Any], single_entity: bool) -> Result[Any]:
-    """Mark a result as the ORM does, so that legacy ``Query`` returns entities, not one-item rows."""
-    result._attributes = immutabledict({"is_single_entity": single_entity, "filtered": single_entity})
+def with_attributes(result: Result[Any], single_entity: bool, filtered: bool | None = None) -> Result[Any]:
+    """Mark a result as the ORM does, so that legacy ``Query`` returns entities, not one-item rows, and
+    uniques the rows of any statement returning an entity (``filtered``: an entity among the columns)."""
+    result._attributes = immutabledict(
+        {"is_single_entity": single_entity, "filtered": single_entity if filtered is None else filtered}
+    )
     return result
 
 

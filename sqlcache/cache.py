@@ -113,6 +113,7 @@ class _QuerySpec:
     # every extra is an object any statement of this shape names the same way (a mapped class, its
     # attributes, a table's columns); labels and functions are built anew with each statement
     stable_extras: bool = field(init=False)
+    any_entity: bool = field(init=False)  # the ORM marks such results "filtered": legacy Query uniques
     # derived once: which columns are entities, their load paths (not for aliased entities, whose paths
     # are the alias's own), and result metadata per (column names, legacy Query) (hits share it, as
     # SQLAlchemy's cached statements share theirs)
@@ -125,6 +126,7 @@ class _QuerySpec:
     def __post_init__(self) -> None:
         self.entities = [h is not None for h in self.columns]
         self.paths = [h.mapper._path_registry if h is not None else None for h in self.columns]
+        self.any_entity = any(self.entities)
         self.stable_extras = all(_shared_object(x) for ex in self.extras or () for x in ex)
         convs = [type_converters(t, t) if t is not None else (None, None) for t in self.types]
         self.to_plain = tuple(c[0] for c in convs) if any(c[0] for c in convs) else ()
@@ -1231,7 +1233,7 @@ class SQLCache:
             result: IteratorResult[Any] = IteratorResult(spec.metadata(d.keys, stmt, legacy), iter(out))
             if d.unique_required:
                 result._unique_filter_state = (set(), _require_unique)
-            return with_attributes(result, d.single)
+            return with_attributes(result, d.single, spec.any_entity)
 
         def encode(frozen: FrozenResult[Any], unique_required: bool, runid: int) -> bytes | None:
             single = bool((getattr(frozen, "_attributes", None) or {}).get("is_single_entity"))

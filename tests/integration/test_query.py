@@ -995,3 +995,23 @@ def test_row_mapping_of_a_statement_built_again(engine: Engine, cache: SQLCache)
     assert first == run() == run()
     assert first[0][2] == "U0"
     assert cache.stats()["hits"] >= 2
+
+
+def test_legacy_query_of_an_entity_and_columns_drops_duplicates(engine: Engine, cache: SQLCache) -> None:
+    """A legacy Query returning an entity beside other columns uniques its rows (the ORM marks such a
+    result "filtered"): a hit does too."""
+    ids = seed(engine)
+    with Session(engine) as s:
+        s.add(Order(user_id=ids[0], total=decimal.Decimal("3")))
+        s.commit()
+
+    def run(*options: Any) -> list[tuple[int, str]]:
+        with Session(engine) as s:
+            q = s.query(User, User.name).join(Order, Order.user_id == User.id).order_by(User.id)
+            return [(u.id, name) for u, name in q.options(*options).all()]
+
+    expected = run()
+    assert len(expected) == 2  # u0 has two orders: one row
+    assert run(cached()) == expected
+    assert run(cached()) == expected
+    assert cache.stats()["hits"] >= 1
