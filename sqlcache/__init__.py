@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from . import signals
-from ._outbox import Relay, outbox_table
+from ._outbox import outbox_table
+from ._relay import Relay
 from .cache import SQLCache
 from .config import CacheConfig, ModelPolicy
 from .errors import CacheUnavailable, CodecError, ConfigurationError, SQLCacheError

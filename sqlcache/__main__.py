@@ -1,59 +1,10 @@
-"""Command line: ``python -m sqlcache demo | bench | relay | outbox`` (also ``sqlcache ...``)."""
+"""``python -m sqlcache``: the command line of ``sqlcache.cli``."""
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="sqlcache", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="watch misses turn into hits, commits invalidate, stale fills refused")
-    demo.add_argument(
-        "--database-url", default=None, help="SQLAlchemy URL (default: a temporary SQLite file)"
-    )
-    demo.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    demo.add_argument(
-        "--rows", type=int, default=200, help="customers and products in the demo shop (at least 10)"
-    )
-    demo.add_argument("--plain", action="store_true", help="plain text output, no live table")
-    bench = sub.add_parser("bench", help="compare uncached reads, sqlcache hits and the floor, side by side")
-    bench.add_argument("--database-url", default="postgresql+psycopg://root@127.0.0.1:5432/test")
-    bench.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    bench.add_argument("--rounds", type=int, default=30, help="rounds; each runs every system once")
-    bench.add_argument("--batch", type=int, default=50, help="operations per system per round")
-    bench.add_argument("--quick", action="store_true", help="a few rounds, to check that it runs")
-    relay = sub.add_parser(
-        "relay", help="apply and delete outbox rows that crashed or cut-off writers left (durable=True)"
-    )
-    relay.add_argument("--database-url", required=True, help="SQLAlchemy URL of the database")
-    relay.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
-    relay.add_argument("--prefix", default="sqlcache", help="the writers' cache prefix")
-    relay.add_argument("--table", default="sqlcache_outbox", help="the outbox table")
-    relay.add_argument("--interval", type=float, default=1.0, help="seconds between passes")
-    relay.add_argument(
-        "--grace", type=float, default=10.0, help="age in seconds at which a row is applied (default 10)"
-    )
-    relay.add_argument("--once", action="store_true", help="one pass, then exit (for cron jobs and scripts)")
-    outbox = sub.add_parser("outbox", help="print the outbox table's DDL for a database, or create it")
-    outbox.add_argument("--database-url", required=True, help="SQLAlchemy URL of the database")
-    outbox.add_argument("--table", default="sqlcache_outbox", help="the outbox table")
-    outbox.add_argument("--create", action="store_true", help="create the table (if missing) instead")
-    args = parser.parse_args(argv)
-    if args.command in ("relay", "outbox"):
-        from ._relay_cli import run_outbox, run_relay
-
-        return run_relay(args) if args.command == "relay" else run_outbox(args)
-    if args.command == "demo":
-        from ._demo import run_demo
-
-        return int(run_demo(args))
-    from ._bench import run_bench
-
-    return int(run_bench(args))
-
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,11 +16,9 @@ own), so none of it goes through the engine events that record writes.
 from __future__ import annotations
 
 import json
-import logging
-import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -40,14 +38,16 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from .errors import CacheUnavailable, ConfigurationError
+from . import _keys
+from .errors import ConfigurationError, SQLCacheError
 
 if TYPE_CHECKING:
-    from .cache import SQLCache
+    from sqlalchemy.engine import Connection
 
-__all__ = ["DEFAULT_TABLE", "OutboxSQL", "Relay", "outbox_table"]
+    from ._relay import Relay
+    from ._txn import TxnState
 
-log = logging.getLogger("sqlcache")
+__all__ = ["DEFAULT_TABLE", "OutboxRow", "OutboxSQL", "OutboxWriter", "check_table", "outbox_table"]
 
 DEFAULT_TABLE = "sqlcache_outbox"
 
@@ -57,10 +57,6 @@ MAX_BODY_CHARS = 32_000
 
 # most keys one relay call to Redis carries (a release of 2,000 keys runs in ~15 ms)
 APPLY_CHUNK = 2_000
-
-# ids of rows this process already applied, waiting for the relay to delete them; past this many the
-# oldest are forgotten (their rows are then applied once more after the grace period: misses only)
-_MAX_DONE = 100_000
 
 
 def outbox_table(metadata: MetaData, name: str = DEFAULT_TABLE) -> Table:
@@ -172,155 +168,97 @@ def check_table(engine: Engine, name: str) -> None:
         )
 
 
-class Relay:
-    """Applies and deletes the outbox rows of one engine's database, for one cache.
+class OutboxRow:
+    """A row a committing transaction wrote; :meth:`done` once its invalidation was applied."""
 
-    Each pass deletes the rows this process already applied, then applies the rows that are at least
-    ``grace`` seconds old (the writer crashed or could not reach Redis) in one Redis call per batch and
-    deletes them. A pass that fails (Redis or the database away) is retried after a back-off that
-    doubles up to the cache's ``max_backoff``; the failure is reported as ``cache_error`` with
-    ``operation="relay"``.
+    __slots__ = ("relay", "row_id")
+
+    def __init__(self, relay: Relay, row_id: str) -> None:
+        self.relay = relay
+        self.row_id = row_id
+
+    def done(self) -> None:
+        self.relay.mark_done(self.row_id)
+
+
+class OutboxWriter:
+    """Writes each committing transaction's outbox row, and keeps one relay per attached pool.
+
+    :param new_relay: builds (without starting) the relay of an engine.
     """
 
-    def __init__(
-        self, cache: SQLCache, engine: Engine, sql: OutboxSQL, interval: float, grace: float
-    ) -> None:
-        self.cache = cache
-        self.engine = engine
-        self.sql = sql
-        self.interval = interval
-        self.grace = grace
-        self._done: dict[str, None] = {}  # insertion-ordered set
-        self._done_lock = threading.Lock()
-        self._stopping = threading.Event()
-        self._wake = threading.Event()
-        #: passes completed without error (tests wait on it)
-        self.passes = 0
-        self._thread = threading.Thread(
-            target=self._run, name=f"sqlcache-relay-{cache.config.prefix}", daemon=True
-        )
+    def __init__(self, prefix: str, table: str, new_relay: Callable[[Engine], Relay]) -> None:
+        self._prefix = prefix
+        self._table = table
+        self._new_relay = new_relay
+        self.relays: dict[Any, Relay] = {}  # engine.pool -> its relay
 
-    # -- called by the writer ---------------------------------------------------------------------
-
-    def mark_done(self, row_id: str) -> None:
-        with self._done_lock:
-            self._done[row_id] = None
-            if len(self._done) > _MAX_DONE:
-                del self._done[next(iter(self._done))]
-
-    def pending_done(self) -> int:
-        with self._done_lock:
-            return len(self._done)
-
-    # -- the thread ---------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Run passes in a daemon thread, every ``interval`` seconds."""
-        self._thread.start()
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """End the thread after a last attempt to delete the rows already applied."""
-        self._stopping.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def wake(self) -> None:
-        """Run a pass now instead of at the next interval."""
-        self._wake.set()
-
-    def _run(self) -> None:
-        delay = self.interval
-        while not self._stopping.is_set():
-            self._wake.wait(delay)
-            self._wake.clear()
-            try:
-                self.run_once()
-                delay = self.interval
-            except (CacheUnavailable, SQLAlchemyError, self.sql.dbapi_error) as exc:
-                self.cache._report(exc if isinstance(exc, Exception) else RuntimeError(exc), "relay")
-                delay = min(max(delay * 2, self.cache.config.backoff), self.cache.config.max_backoff)
-        try:
-            self._delete_done()
-        except (SQLAlchemyError, self.sql.dbapi_error) as exc:
-            log.debug("sqlcache relay: final delete failed: %s", exc)
-
-    def run_once(self) -> int:
-        """One pass; returns how many rows it applied. Raises what failed (the thread backs off)."""
-        self._delete_done()
-        applied = 0
-        while True:
-            n, full = self._apply_due()
-            applied += n
-            if not full:
-                break
-        self.passes += 1
-        return applied
-
-    # -- the work -----------------------------------------------------------------------------------
-
-    def _delete_done(self) -> None:
-        with self._done_lock:
-            ids = list(self._done)
-        if not ids:
+    def start(self, engine: Engine) -> None:
+        """Start ``engine``'s relay (once per pool). :raises ConfigurationError: no outbox table."""
+        if engine.pool in self.relays:
             return
-        self._delete(ids)
-        with self._done_lock:
-            for i in ids:
-                self._done.pop(i, None)
+        check_table(engine, self._table)
+        relay = self._new_relay(engine)
+        self.relays[engine.pool] = relay
+        relay.start()
 
-    def _delete(self, ids: Iterable[str]) -> None:
-        rows = [self.sql.delete.params({"id": i}) for i in ids]
-        raw = self.engine.raw_connection()
-        try:
-            cursor = raw.cursor()
+    def stop(self, engine: Engine) -> None:
+        relay = self.relays.pop(engine.pool, None)
+        if relay is not None:
+            relay.stop()
+
+    def stop_all(self) -> None:
+        relays, self.relays = list(self.relays.values()), {}
+        for relay in relays:
+            relay.stop()
+
+    def wake_all(self) -> None:
+        for relay in list(self.relays.values()):
+            relay.wake()
+
+    def write(self, st: TxnState, conn: Connection, keys: list[str], tags: list[str]) -> OutboxRow:
+        """Insert the transaction's outbox row on its own connection, before its COMMIT.
+
+        :raises SQLCacheError: the row could not be written; the transaction was rolled back.
+        """
+        dbapi_connection = conn.connection.dbapi_connection
+        relay = self.relays.get(conn.engine.pool)
+        problem: BaseException | None = None
+        if relay is None:  # detached or closed while this transaction ran
+            problem = ConfigurationError("durable=True but this engine is not attached (or the cache closed)")
+        else:
+            body = encode_body(keys, tags)
+            if len(body) > MAX_BODY_CHARS:
+                body = encode_body(self.coarse_keys(st), tags)
             try:
-                cursor.executemany(self.sql.delete.sql, rows)
-            finally:
-                cursor.close()
-            raw.commit()
-        finally:
-            raw.close()
-
-    def _due(self, batch_before_ms: int) -> list[tuple[str, object]]:
-        params = self.sql.due.params({"prefix": self.cache.config.prefix, "before": batch_before_ms})
-        raw = self.engine.raw_connection()
+                return OutboxRow(relay, relay.sql.write(dbapi_connection, self._prefix, body))
+            except relay.sql.dbapi_error as exc:
+                problem = exc
+        # SQLAlchemy neither commits nor resets a connection whose commit event raised: roll the
+        # transaction back here, or its locks would outlive it in the pool
         try:
-            cursor = raw.cursor()
-            try:
-                cursor.execute(self.sql.due.sql, params)
-                rows = [(str(r[0]), r[1]) for r in cursor.fetchall()]
-            finally:
-                cursor.close()
-            raw.commit()  # ends the read transaction (a long one would pin old row versions)
-        finally:
-            raw.close()
-        return rows
+            dbapi_connection.rollback()  # type: ignore[union-attr]
+        except Exception:  # the driver's own error: the connection is unusable, drop it
+            conn.invalidate()
+        raise SQLCacheError(
+            f"durable invalidation: writing the outbox row failed ({problem}); the transaction was "
+            "rolled back"
+        ) from problem
 
-    def _apply_due(self) -> tuple[int, bool]:
-        before = int((time.time() - self.grace) * 1000)
-        rows = self._due(before)
-        if not rows:
-            return 0, False
-        keys: dict[str, None] = {}
-        tags: dict[str, None] = {}
-        for _row_id, body in rows:
-            parsed = decode_body(body, self.cache.config.prefix)
-            if parsed is None:
-                # not a row we can read: fence the whole prefix rather than lose what it held
-                log.warning("sqlcache relay: unreadable outbox row; invalidating every entry instead")
-                keys[self.cache._global_key] = None
-                tags["*"] = None
-                continue
-            keys.update(dict.fromkeys(parsed[0]))
-            tags.update(dict.fromkeys(parsed[1]))
-        ordered = list(keys)
-        for start in range(0, len(ordered), APPLY_CHUNK):
-            # bounded calls: one huge script would outlast the Redis timeout and be retried forever
-            self.cache.apply_relayed(ordered[start : start + APPLY_CHUNK], list(tags) if start == 0 else [])
-        self._delete(row_id for row_id, _ in rows)
-        self.cache._stats.incr("outbox_relayed", len(rows))
-        return len(rows), len(rows) >= self.sql.batch
+    def write_early(self, st: TxnState, conn: Connection) -> None:
+        """AUTOCOMMIT: a write is about to be committed by the statement itself, with no COMMIT to
+        write the outbox row before; write a row with the statement's table-wide keys first."""
+        st.outbox = self.write(st, conn, self.coarse_keys(st), [])
+
+    def coarse_keys(self, st: TxnState) -> list[str]:
+        """Table-wide keys covering everything ``st`` wrote (an outbox row of bounded size)."""
+        p = self._prefix
+        if st.everything:
+            return [_keys.global_dep_key(p)]
+        tables = set(st.tables) | set(st.bulk)
+        for w in st.identities.values():
+            tables.update(w.hierarchy.tables)
+        out = []
+        for name in sorted(tables):
+            out += [_keys.bulk_dep_key(p, name), _keys.table_dep_key(p, name)]
+        return out

@@ -31,6 +31,7 @@ COUNTERS = (
     "backoffs",  # times Redis was skipped for a back-off period after repeated failures
     "skipped_backoff",  # calls not made because of a back-off period
     "signal_errors",  # exceptions raised by signal receivers
+    "plugin_errors",  # exceptions raised by plugins (receivers, operation hooks, close)
 )
 
 

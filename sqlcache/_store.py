@@ -1,69 +1,27 @@
-"""The only module that talks to Redis: runs the Lua scripts and translates redis-py exceptions."""
+"""The only module that talks to Redis: carries the calls ``_protocol`` builds to a redis-py client,
+hands the replies back to ``_protocol`` to judge, and translates redis-py exceptions."""
 
 from __future__ import annotations
 
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
 import redis
 
+from . import _protocol as proto
+from ._protocol import ReadResult, RepopEntry, SentLock
 from .errors import CacheUnavailable, ConfigurationError
 
-__all__ = ["ReadResult", "RepopEntry", "SentLock", "Store", "client_for"]
+__all__ = ["RedisStore", "Subscription", "client_for"]
 
 T = TypeVar("T")
 
 # Errors that mean "Redis cannot serve us right now". A ResponseError from a script (OOM, READONLY
 # replica, BUSY) is an outage too as far as callers are concerned: the database answers instead.
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-
-
-@dataclass(eq=False, slots=True)  # not frozen: a frozen dataclass is slow to build, and this is per read
-class ReadResult:
-    """What a read found: a payload on a hit; otherwise the snapshot a later fill must present.
-
-    ``generations`` is None when the read could not vouch for them (a dependency missing, locked or
-    unreadable); ``snapshot()`` then asks Redis to create or repair them.
-    """
-
-    hit: bool
-    payload: bytes | None
-    generations: bytes | None
-    clock: int
-    locked: bool
-    stale: bool = False  # a valid entry past its TTL, served only under stale-while-revalidate
-
-
-def fill_lock_key(entry_key: str) -> str:
-    """The stampede lock of an entry (under the same prefix)."""
-    return entry_key + ":lock"
-
-
-def _is_generation(v: bytes | None) -> bool:
-    return v is not None and v.isdigit()
-
-
-@dataclass(eq=False, slots=True)
-class SentLock:
-    """A lock.lua call written to a connection whose reply is read after the database COMMIT."""
-
-    conn: Any
-
-
-@dataclass(frozen=True, slots=True)
-class RepopEntry:
-    """An entry a committing writer wants to write after releasing its locks (repopulate mode)."""
-
-    key: str
-    dep_keys: tuple[str, ...]
-    ttl_ms: int
-    payload: bytes
-    # per dependency: "=" if this writer locked it, else the generation lock.lua reported for it
-    seen: tuple[str, ...]
 
 
 def client_for(target: redis.Redis | str, timeout: float) -> redis.Redis:
@@ -118,13 +76,38 @@ _KEPT_CONNECTION_KWARGS = frozenset(
 )
 
 
+class Subscription:
+    """A pub/sub subscription whose failures arrive as CacheUnavailable (from the redis-py error)."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        try:
+            self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            self._pubsub.subscribe(channel)
+        except _REDIS_ERRORS as exc:
+            raise CacheUnavailable("listen") from exc
+
+    def get_message(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            message: dict[str, Any] | None = self._pubsub.get_message(timeout=timeout)
+        except _REDIS_ERRORS as exc:
+            raise CacheUnavailable("listen") from exc
+        return message
+
+    def close(self) -> None:
+        try:
+            self._pubsub.close()
+        except _REDIS_ERRORS:
+            pass
+
+
 def _script_source(name: str) -> str:
     lua = resources.files("sqlcache").joinpath("lua")
     return lua.joinpath("_lib.lua").read_text("utf-8") + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
 
 
-class Store:
-    """Runs one Lua script per operation; turns every Redis failure into CacheUnavailable.
+class RedisStore:
+    """The :class:`~sqlcache._protocol.Store` over a sync redis-py client: one Lua script per
+    operation; turns every Redis failure into CacheUnavailable.
 
     After ``failure_threshold`` consecutive failures it stops calling Redis for a back-off period
     (doubling up to ``max_backoff``) so that a dead Redis does not add a timeout to every request.
@@ -140,11 +123,12 @@ class Store:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
-        self._snapshot = client.register_script(_script_source("snapshot"))
-        self._fill = client.register_script(_script_source("fill"))
-        self._lock = client.register_script(_script_source("lock"))
-        self._release = client.register_script(_script_source("release"))
-        self._unlock = client.register_script(_script_source("unlock"))
+        self._scripts = {name: client.register_script(_script_source(name)) for name in proto.SCRIPTS}
+        self._generations = self._scripts["generations"]
+        self._fill = self._scripts["fill"]
+        self._lock = self._scripts["lock"]
+        self._release = self._scripts["release"]
+        self._unlock = self._scripts["unlock"]
         self._failure_threshold = failure_threshold
         self._base_backoff = backoff
         self._max_backoff = max_backoff
@@ -218,7 +202,7 @@ class Store:
     def _load_scripts(self) -> None:
         """Load every script in one round trip, so that a pipelined EVALSHA never meets NOSCRIPT."""
         pipe = self.client.pipeline(transaction=False)
-        for script in (self._snapshot, self._fill, self._lock, self._release, self._unlock):
+        for script in self._scripts.values():
             pipe.script_load(script.script)
         pipe.execute()
         self._scripts_loaded = True
@@ -235,29 +219,9 @@ class Store:
     # -- operations --------------------------------------------------------------------------------
 
     def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
-        """One MGET of the entry, the clock and the dependencies: the whole hit path.
-
-        MGET is atomic, so the entry and the generations it is checked against are one instant's.
-        An entry is ``g1,g2,...|payload``, valid only if each dependency holds exactly that generation
-        (a locked dependency holds more than digits, so it never matches).
-        """
-        values = self._call("read", lambda: self._mget([entry_key, clock_key, *dep_keys]))
-        entry, clock_raw = values[0], values[1]
-        deps = values[2:]
-        clock = int(clock_raw) if clock_raw is not None and clock_raw.isdigit() else 0
-        if all(_is_generation(d) for d in deps):
-            joined = b",".join(deps)  # type: ignore[arg-type]
-            if entry is not None:
-                sep = entry.find(b"|")
-                header = entry[:sep] if sep >= 0 else b""
-                if sep >= 0 and header == joined:
-                    return ReadResult(True, entry[sep + 1 :], joined, clock, False)
-                if sep >= 0 and header.startswith(joined + b";F") and header[len(joined) + 2 :].isdigit():
-                    # valid (nothing invalidated it) but maybe past its TTL: stale-while-revalidate
-                    stale = int(header[len(joined) + 2 :]) < time.time() * 1000
-                    return ReadResult(True, entry[sep + 1 :], joined, clock, False, stale)
-            return ReadResult(False, None, joined, clock, False)
-        return ReadResult(False, None, None, clock, False)
+        """One MGET of the entry, the clock and the dependencies: the whole hit path."""
+        values = self._call("read", lambda: self._mget(proto.read_keys(clock_key, entry_key, dep_keys)))
+        return proto.judge_read(values, time.time() * 1000)
 
     def _mget(self, keys: list[str]) -> list[bytes | None]:
         """MGET straight on a pooled connection: the command and its reply, without the client's
@@ -273,11 +237,11 @@ class Store:
         self.client.connection_pool.release(conn)
         return reply
 
-    def snapshot(self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int) -> ReadResult:
+    def generations(self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int) -> ReadResult:
         """Create missing generations, repair garbage, expire dead locks; the miss path's slow case."""
-        keys = [clock_key, *dep_keys]
-        r: list[Any] = self._call("read", lambda: self._snapshot(keys=keys, args=[gen_ttl_ms]))
-        return ReadResult(False, None, r[0], int(r[1]), r[2] == 1)
+        keys, args = proto.generations_call(clock_key, dep_keys, gen_ttl_ms)
+        r: list[Any] = self._call("read", lambda: self._generations(keys=keys, args=args))
+        return proto.judge_generations(r)
 
     def fill(
         self,
@@ -292,21 +256,29 @@ class Store:
         fresh_until_ms: int | None = None,
         lock_token: str = "",
     ) -> int:
-        keys = [clock_key, entry_key, fill_lock_key(entry_key), *dep_keys]
-        bound = "" if snapshot_clock is None else str(snapshot_clock)
-        suffix = "" if fresh_until_ms is None else f";F{fresh_until_ms}"
-        args: list[Any] = [payload, ttl_ms, generations, bound, gen_ttl_ms, suffix, lock_token]
+        keys, args = proto.fill_call(
+            clock_key,
+            entry_key,
+            dep_keys,
+            payload,
+            ttl_ms,
+            generations,
+            snapshot_clock,
+            gen_ttl_ms,
+            fresh_until_ms,
+            lock_token,
+        )
         return int(self._call("fill", lambda: self._fill(keys=keys, args=args)))
 
     def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
         """Take the entry's stampede lock (SET NX PX): True if this caller is the one to query."""
-        key = fill_lock_key(entry_key)
+        key = proto.fill_lock_key(entry_key)
         return bool(self._call("lock", lambda: self.client.set(key, token, nx=True, px=ttl_ms)))
 
     def unlock_fill(self, clock_key: str, entry_key: str, token: str) -> None:
         """Drop the stampede lock if it is still ours (it may have expired and been taken by another)."""
-        keys = [clock_key, fill_lock_key(entry_key)]
-        self._call("unlock", lambda: self._unlock(keys=keys, args=[token]))
+        keys, args = proto.unlock_call(clock_key, entry_key, token)
+        self._call("unlock", lambda: self._unlock(keys=keys, args=args))
 
     def lock(
         self,
@@ -317,10 +289,9 @@ class Store:
         lock_ttl_ms: int,
         gen_ttl_ms: int,
     ) -> list[str]:
-        keys = [clock_key, *lock_keys, *watch_keys]
-        args: list[Any] = [token, len(lock_keys), lock_ttl_ms, gen_ttl_ms]
+        keys, args = proto.lock_call(clock_key, lock_keys, watch_keys, token, lock_ttl_ms, gen_ttl_ms)
         r: list[bytes] = self._call("lock", lambda: self._lock(keys=keys, args=args))
-        return [g.decode() for g in r]
+        return proto.judge_lock(r)
 
     def send_lock(
         self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
@@ -334,8 +305,7 @@ class Store:
         wait for the reply instead: their "newest lock" rule needs Redis to order locks as the database
         ordered the commits.
         """
-        keys = [clock_key, *lock_keys]
-        args: list[Any] = [token, len(lock_keys), lock_ttl_ms, gen_ttl_ms]
+        keys, args = proto.lock_call(clock_key, lock_keys, (), token, lock_ttl_ms, gen_ttl_ms)
 
         def run() -> SentLock:
             conn = self._connection()
@@ -358,9 +328,7 @@ class Store:
         announce: tuple[str, bytes] | None = None,
     ) -> bool:
         """Release behind a pipelined lock; returns whether the lock itself had succeeded."""
-        keys = [clock_key, *dep_keys]
-        channel, message = announce or ("", b"")
-        args: list[Any] = [token, len(dep_keys), gen_ttl_ms, 0, channel, message]
+        keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, (), announce)
         conn = sent.conn
 
         def run() -> list[Any]:
@@ -405,14 +373,12 @@ class Store:
         entries: Sequence[RepopEntry] = (),
         announce: tuple[str, bytes] | None = None,
     ) -> int:
-        keys: list[str] = [clock_key, *dep_keys]
-        channel, message = announce or ("", b"")
-        args: list[Any] = [token, len(dep_keys), gen_ttl_ms, len(entries), channel, message]
-        for e in entries:
-            keys.append(e.key)
-            keys.extend(e.dep_keys)
-            args.extend([len(e.dep_keys), e.ttl_ms, e.payload, *e.seen])
+        keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, entries, announce)
         return int(self._call("release", lambda: self._release(keys=keys, args=args)))
+
+    def subscribe(self, channel: str) -> Subscription:
+        """Subscribe to ``channel`` on a connection of its own (not through the circuit breaker)."""
+        return Subscription(self.client, channel)
 
     def delete(self, *keys: str) -> None:
         self._call("delete", lambda: self.client.delete(*keys))

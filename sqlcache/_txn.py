@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine.default import DefaultExecutionContext
     from sqlalchemy.orm import InstanceState
 
-    from ._snapshot import Hierarchy
+    from ._hierarchy import Hierarchy
 
 __all__ = ["IdentityWrite", "TxnState", "cascade_targets", "dml_tables", "is_write_sql"]
 

@@ -19,20 +19,19 @@ Hooks and why each was chosen:
 
 from __future__ import annotations
 
-import inspect as pyinspect
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from hashlib import blake2b
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import event
-from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.sql import Select
-from sqlalchemy.util import immutabledict
 
+from . import _sa
+from ._transactions import Transactions
 from ._txn import TxnState, dml_tables, is_write_sql
+from .config import ModelPolicy
 from .options import CacheOption, QueryPolicy
 
 if TYPE_CHECKING:
@@ -42,115 +41,21 @@ if TYPE_CHECKING:
     from sqlalchemy.engine.result import Result
     from sqlalchemy.orm import ORMExecuteState, SessionTransaction
 
-    from .cache import SQLCache
+    from ._commit import Commits
+    from ._identity import IdentityReader
+    from ._outbox import OutboxWriter
+    from ._queryread import QueryReader
+    from ._readthrough import ReadThrough
 
-__all__ = ["Wiring", "result_metadata", "with_attributes"]
-
-_PER_STATEMENT = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
-
-# -- the few private SQLAlchemy attributes we rely on, one function each ---------------------------
-
-
-def pk_load(orm_state: ORMExecuteState) -> tuple[Mapper[Any], tuple[Any, ...]] | None:
-    """(mapper, pk) if this execution is a plain load by primary key (Session.get, many-to-one lazy load,
-    the load of an expired object's attributes).
-
-    SQLAlchemy marks neither publicly: both build ``select(mapper).where(mapper._get_clause[0])`` and
-    pass the key as parameters, which is what we recognise here.
-    """
-    stmt = orm_state.statement
-    if type(stmt) is not Select:
-        return None
-    mapper = orm_state.bind_mapper
-    if mapper is None:
-        return None
-    get_clause, get_params = mapper._get_clause
-    where = stmt._where_criteria
-    if len(where) != 1:
-        return None
-    # 2.1 passes the clause itself, 2.0 an annotated copy of it
-    if where[0] is not get_clause and getattr(where[0], "_Annotated__element", None) is not get_clause:
-        return None
-    if (
-        stmt._for_update_arg is not None
-        or stmt._with_options
-        or stmt._limit_clause is not None
-        or stmt._order_by_clauses
-        or stmt._setup_joins
-    ):
-        return None
-    opts = orm_state.load_options
-    if (
-        opts._populate_existing
-        or getattr(opts, "_is_user_refresh", False)  # session.refresh(): the database, explicitly
-        or opts._identity_token is not None
-        or opts._yield_per
-        or orm_state.execution_options.get("populate_existing")
-    ):
-        return None
-    params = orm_state.parameters
-    if not isinstance(params, dict):
-        return None
-    try:
-        pk = tuple(params[get_params[col].key] for col in mapper.primary_key)
-    except KeyError:
-        return None
-    if any(v is None for v in pk):
-        return None
-    return mapper, pk
+__all__ = ["Wiring"]
 
 
-def is_flushing(session: Session) -> bool:
-    """True while the session's unit of work runs (no public flag exists; ``_flushing`` since 0.x)."""
-    return bool(session._flushing)
+class Policies(Protocol):
+    """What the listeners ask of the registry."""
 
+    def policy_for(self, mapper: Mapper[Any]) -> ModelPolicy | None: ...
 
-def is_autocommit(conn: Connection) -> bool:
-    """True if each statement commits on its own (no ``commit`` event will follow)."""
-    return bool(conn._is_autocommit_isolation())
-
-
-_RESULT_META_PARAMS = pyinspect.signature(SimpleResultMetaData.__init__).parameters
-
-
-def result_metadata(
-    keys: Sequence[str | None],
-    filters: Callable[[], list[Any]],
-    extra: list[tuple[Any, ...]] | None = None,
-) -> SimpleResultMetaData:
-    """Result metadata whose ``unique()`` keys come from ``filters`` (per column: a key function or
-    None), as the ORM's do; ``extra`` holds, per column, the objects ``row._mapping[...]`` accepts
-    besides the name (entity, attribute, column).
-
-    SQLAlchemy 2.1 takes ``_create_unique_filters`` (asked per result), 2.0 ``_unique_filters``.
-    """
-    names: Any = keys  # None for an unnamed column, as SQLAlchemy's own ORM results have
-    if "_create_unique_filters" in _RESULT_META_PARAMS:
-        return SimpleResultMetaData(names, extra=extra, _create_unique_filters=lambda _r: filters())
-    return SimpleResultMetaData(names, extra=extra, _unique_filters=filters())  # type: ignore[call-arg]
-
-
-def column_extras(stmt: Any) -> list[tuple[Any, ...]]:
-    """Per result column, what a database result's row mapping accepts as a key besides the name: the
-    entity, the ORM attribute and its column, or the Core column."""
-    out: list[tuple[Any, ...]] = []
-    for desc in stmt.column_descriptions:
-        expr = desc.get("expr")
-        if expr is None:
-            out.append(())
-            continue
-        column = getattr(expr, "expression", None) if expr is not desc.get("entity") else None
-        out.append((expr,) if column is None or column is expr else (expr, column))
-    return out
-
-
-def with_attributes(result: Result[Any], single_entity: bool, filtered: bool | None = None) -> Result[Any]:
-    """Mark a result as the ORM does, so that legacy ``Query`` returns entities, not one-item rows, and
-    uniques the rows of any statement returning an entity (``filtered``: an entity among the columns)."""
-    result._attributes = immutabledict(
-        {"is_single_entity": single_entity, "filtered": single_entity if filtered is None else filtered}
-    )
-    return result
+    def cascades(self, table: Any, deleted: bool, updated: bool) -> set[Any]: ...
 
 
 # -- the dialect's commit, wrapped once per dialect --------------------------------------------------
@@ -193,21 +98,32 @@ def _remove_commit_hook(dialect: Dialect, hook: CommitHook) -> None:
 
 
 class Wiring:
-    """The listeners of one SQLCache."""
+    """The listeners of one cache: they record writes for the commit protocol and hand reads to the
+    identity and query readers; nothing flows back up."""
 
-    def __init__(self, cache: SQLCache) -> None:
-        self.cache = cache
+    def __init__(
+        self,
+        txns: Transactions,
+        policies: Policies,
+        commits: Commits,
+        identities: IdentityReader,
+        queries: QueryReader,
+        reads: ReadThrough,
+        outbox: OutboxWriter | None,
+    ) -> None:
+        self._txns = txns
+        self._policies = policies
+        self._commits = commits
+        self._identities = identities
+        self._queries = queries
+        self._reads = reads
+        self._outbox = outbox
         self._engines: weakref.WeakSet[Engine] = weakref.WeakSet()
         # engine.execution_options() makes proxy engines that share the pool: attached by pool
         self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
         self._mappers: set[Mapper[Any]] = set()
         self._mappers_listening: set[Mapper[Any]] = set()
         self._session_listening = False
-        self._metas: dict[Mapper[Any], SimpleResultMetaData] = {}
-        # per-cache keys in Connection.info / Session.info, so that two caches never share state
-        self._txn_key = ("sqlcache.txn", id(cache))
-        self._conns_key = ("sqlcache.conns", id(cache))
-        self._clock_key = ("sqlcache.clock", id(cache))
 
     # -- install / remove -------------------------------------------------------------------------
 
@@ -286,30 +202,22 @@ class Wiring:
 
     # -- write records ------------------------------------------------------------------------------
 
-    def txn(self, conn: Connection) -> TxnState:
-        info = conn.info
-        st: TxnState | None = info.get(self._txn_key)
-        if st is None:
-            st = TxnState()
-            info[self._txn_key] = st
-        return st
-
     def _attached(self, conn: Connection) -> bool:
         return conn.engine.pool in self._pools
 
     def _on_begin(self, conn: Connection) -> None:
-        conn.info[self._txn_key] = TxnState()
+        self._txns.begin(conn)
 
     def _on_rollback(self, conn: Connection) -> None:
-        conn.info.pop(self._txn_key, None)
+        self._txns.end(conn)
 
     def _on_commit(self, conn: Connection) -> None:
-        st: TxnState | None = conn.info.pop(self._txn_key, None)
+        st = self._txns.end(conn)
         if st is not None and st.wrote_anything():
-            self.cache.precommit(st, id(conn.connection), conn)
+            self._commits.before(st, id(conn.connection), conn)
 
     def _on_after_commit(self, dbapi_connection: Any, committed: bool) -> None:
-        self.cache.postcommit(id(dbapi_connection), committed)
+        self._commits.after(id(dbapi_connection), committed)
 
     def _on_before_cursor_execute(
         self,
@@ -320,22 +228,22 @@ class Wiring:
         context: DefaultExecutionContext | None,
         executemany: bool,
     ) -> None:
-        st = self.txn(conn)
+        st = self._txns.of(conn)
         st.began_sql = True
         if context is None:
             return
         if context.isinsert or context.isupdate or context.isdelete:
-            flushing = self._session_flushing(conn)
-            cache = self.cache
+            flushing = self._txns.flushing(conn)
+            cascades = self._policies.cascades
             for table in dml_tables(context):
                 st.tables[table.fullname] = table
                 if not flushing:
                     st.bulk[table.fullname] = table
                 cascaded: set[Any] = set()
                 if context.isdelete:
-                    cascaded |= cache.cascades(table, True, False)
+                    cascaded |= cascades(table, True, False)
                 if context.isupdate:
-                    cascaded |= cache.cascades(table, False, True)
+                    cascaded |= cascades(table, False, True)
                 for other in cascaded:
                     st.tables[other.fullname] = other
                     st.bulk[other.fullname] = other
@@ -345,9 +253,9 @@ class Wiring:
             return
         if context.execution_options.get("schema_translate_map"):
             st.translated = True  # the rows live in another schema: never repopulate default-schema keys
-        if self.cache.config.durable and is_autocommit(conn):
+        if self._outbox is not None and _sa.is_autocommit(conn):
             # a row per statement (one that failed before may have left its own: it stays, harmless)
-            self.cache.outbox_early(st, conn)
+            self._outbox.write_early(st, conn)
 
     def _on_after_cursor_execute(
         self,
@@ -359,24 +267,17 @@ class Wiring:
         executemany: bool,
     ) -> None:
         # AUTOCOMMIT: the statement is already committed and no commit event will come
-        st: TxnState | None = conn.info.get(self._txn_key)
-        if st is not None and st.wrote_anything() and is_autocommit(conn):
-            conn.info[self._txn_key] = TxnState(began_sql=True)
+        st = self._txns.peek(conn)
+        if st is not None and st.wrote_anything() and _sa.is_autocommit(conn):
+            self._txns.begin(conn, TxnState(began_sql=True))
             key = id(conn.connection)
-            self.cache.precommit(st, key, conn)
-            self.cache.postcommit(key, True)
-
-    def _session_flushing(self, conn: Connection) -> bool:
-        for ref in conn.info.get(self._conns_key, ()):
-            s = ref()
-            if s is not None and is_flushing(s):
-                return True
-        return False
+            self._commits.before(st, key, conn)
+            self._commits.after(key, True)
 
     def _record(self, mapper: Mapper[Any], conn: Connection, target: Any, deleted: bool) -> None:
-        if not self._attached(conn) or self.cache.policy_for(mapper) is None:
+        if not self._attached(conn) or self._policies.policy_for(mapper) is None:
             return
-        self.cache.record_identity(self.txn(conn), mapper, instance_state(target), deleted)
+        self._commits.record(self._txns.of(conn), mapper, instance_state(target), deleted)
 
     def _on_after_insert(self, mapper: Mapper[Any], conn: Connection, target: Any) -> None:
         self._record(mapper, conn, target, False)
@@ -390,49 +291,11 @@ class Wiring:
     # -- sessions -------------------------------------------------------------------------------------
 
     def _on_session_begin(self, session: Session, transaction: SessionTransaction, conn: Connection) -> None:
-        if not self._attached(conn):
-            return
-        conns: list[Connection] = session.info.setdefault(self._conns_key, [])
-        if conn not in conns:
-            conns.append(conn)
-        refs: list[weakref.ref[Session]] = conn.info.setdefault(self._conns_key, [])
-        refs[:] = [r for r in refs if r() is not None and r() is not session]
-        refs.append(weakref.ref(session))
-        clock = session.info.get(self._clock_key)
-        st = self.txn(conn)
-        if clock is not None and not st.began_sql:
-            st.clock0 = clock
+        if self._attached(conn):
+            self._txns.session_began(session, conn)
 
     def _on_session_txn_end(self, session: Session, transaction: SessionTransaction) -> None:
-        if transaction.parent is None:
-            session.info.pop(self._conns_key, None)
-            session.info.pop(self._clock_key, None)
-
-    def note_clock(self, session: Session, clock: int, txns: list[TxnState]) -> None:
-        """Remember a clock reading taken before the transaction's first statement, if it is one."""
-        if not txns:
-            session.info.setdefault(self._clock_key, clock)  # handed to the connection by after_begin
-        for st in txns:
-            if not st.began_sql and st.clock0 is None:
-                st.clock0 = clock
-
-    def session_txns(self, session: Session) -> list[TxnState]:
-        out = []
-        for conn in session.info.get(self._conns_key, ()):
-            st = conn.info.get(self._txn_key) if not conn.closed else None
-            if st is not None:
-                out.append(st)
-        return out
-
-    def session_txns_isolation(self, session: Session) -> Iterator[tuple[TxnState, bool]]:
-        """Each write record of the session's transaction, with whether its snapshot is fixed."""
-        for conn in session.info.get(self._conns_key, ()):
-            if conn.closed:
-                continue
-            st = conn.info.get(self._txn_key)
-            if st is None:
-                continue
-            yield st, _snapshot_fixed(conn)
+        self._txns.session_ended(session, transaction)
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -453,14 +316,14 @@ class Wiring:
         write under any map or on any shard invalidates them all."""
         stm = orm_state.execution_options.get("schema_translate_map")
         if stm is None:
-            for conn in orm_state.session.info.get(self._conns_key, ()):
-                if not conn.closed and conn.engine.pool is bind.engine.pool:
+            for conn in self._txns.connections(orm_state.session):
+                if conn.engine.pool is bind.engine.pool:
                     stm = conn.get_execution_options().get("schema_translate_map")
                     break
             else:
                 stm = bind.get_execution_options().get("schema_translate_map")
         shard = (
-            orm_state.load_options._identity_token
+            _sa.shard_token(orm_state)
             or orm_state.execution_options.get("identity_token")
             or orm_state.execution_options.get("_sa_shard_id")
             or orm_state.bind_arguments.get("shard_id")
@@ -470,22 +333,15 @@ class Wiring:
         text = repr((sorted((repr(k), repr(v)) for k, v in (stm or {}).items()), repr(shard)))
         return blake2b(text.encode(), digest_size=8).hexdigest()
 
-    def one_row_result(self, mapper: Mapper[Any], obj: Any) -> Result[Any]:
-        meta = self._metas.get(mapper)
-        if meta is None:
-            meta = self._metas[mapper] = result_metadata([mapper.class_.__name__], lambda: [id])
-        return IteratorResult(meta, iter(() if obj is None else ((obj,),)))
-
     def _on_orm_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         if not orm_state.is_select:
             return None
-        session = orm_state.session
-        if session.autoflush and orm_state.load_options._autoflush and not session._is_clean():
+        if _sa.pending_autoflush(orm_state):
             # SQLAlchemy autoflushes after this event, then runs the statement against the flushed
             # rows (a pending insert found by a get, a changed column matched by a WHERE): only the
             # database can answer that
-            if orm_state.user_defined_options or pk_load(orm_state) is not None:
-                self.cache.note_bypass()
+            if orm_state.user_defined_options or _sa.pk_load(orm_state) is not None:
+                self._reads.bypass("query" if orm_state.user_defined_options else "identity")
             return None
         for opt in orm_state.user_defined_options:
             if isinstance(opt, CacheOption):
@@ -493,41 +349,31 @@ class Wiring:
                 if bind.engine.pool not in self._pools:
                     return None
                 tr = self.translation(orm_state, bind)
-                return self.cache.read_query(orm_state, opt.payload, bind.engine, tr)
-        found = pk_load(orm_state)
+                return self._queries.read(orm_state, opt.payload, bind.engine, tr)
+        found = _sa.pk_load(orm_state)
         if found is None:
             if orm_state.is_relationship_load:
                 return self._relationship_load(orm_state)
             return None
         mapper, pk = found
-        policy = self.cache.policy_for(mapper)
+        policy = self._policies.policy_for(mapper)
         if policy is None:
             return None
         bind = self._bind(orm_state, mapper, None)
         if bind.engine.pool not in self._pools:
             return None
-        return self.cache.read_identity(orm_state, mapper, pk, policy, self.translation(orm_state, bind))
+        return self._identities.read(orm_state, mapper, pk, policy, self.translation(orm_state, bind))
 
     def _relationship_load(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         """A lazy load of a collection of registered objects: cached like a query on its tables."""
         mapper = orm_state.bind_mapper
         if mapper is None:
             return None
-        policy = self.cache.policy_for(mapper)
+        policy = self._policies.policy_for(mapper)
         if policy is None:
             return None
         bind = self._bind(orm_state, mapper, orm_state.statement)
         if bind.engine.pool not in self._pools:
             return None
         tr = self.translation(orm_state, bind)
-        return self.cache.read_query(
-            orm_state, QueryPolicy(ttl=policy.ttl), bind.engine, tr, relationship=True
-        )
-
-
-def _snapshot_fixed(conn: Connection) -> bool:
-    """Whether the transaction keeps the snapshot of its first statement (repeatable read and up)."""
-    if conn.dialect.name == "sqlite":
-        return True
-    level = conn.get_execution_options().get("isolation_level") or conn.default_isolation_level
-    return str(level).upper() not in _PER_STATEMENT
+        return self._queries.read(orm_state, QueryPolicy(ttl=policy.ttl), bind.engine, tr, relationship=True)

@@ -134,7 +134,7 @@ def test_commit_writes_its_row_and_the_relay_only_deletes_it(
     cache = make_cache(redis_url, pfx, durable=True, relay_interval=3600)
     cache.attach(outbox)
     uid = make_user(outbox, "v1")
-    relay = cache._relays[outbox.pool]
+    relay = cache._outbox.relays[outbox.pool]
     relay.run_once()
     assert rows(outbox, pfx) == []
     assert user_name(outbox, uid) == "v1"  # filled
@@ -342,7 +342,7 @@ def test_unreadable_rows_fence_the_prefix(
     finally:
         raw.close()
     assert user_name(outbox, uid) == "v1"
-    relay = cache._relays[outbox.pool]
+    relay = cache._outbox.relays[outbox.pool]
     assert relay.run_once() >= 1
     assert [r["id"] for r in rows(outbox, pfx)] == []
     assert [r["id"] for r in rows(outbox, "other")] == ["g2"]
@@ -354,7 +354,7 @@ def test_close_stops_the_relay_and_refuses_attach(
 ) -> None:
     cache = make_cache(redis_url, prefix(), durable=True, relay_interval=0.05)
     cache.attach(outbox)
-    relay = cache._relays[outbox.pool]
+    relay = cache._outbox.relays[outbox.pool]
     deadline = time.monotonic() + 5
     while relay.passes == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -462,8 +462,8 @@ def test_detaching_a_proxy_engine_keeps_the_base_engine_durable(
     assert user_name(outbox, uid) == "v1"
     assert cache.stats()["hits"] == hits + 1  # still attached
     assert len(rows(outbox, pfx)) == 1  # the insert's row, marked done
-    assert cache._relays[outbox.pool].is_alive()
-    cache._relays[outbox.pool].run_once()
+    assert cache._outbox.relays[outbox.pool].is_alive()
+    cache._outbox.relays[outbox.pool].run_once()
     assert rows(outbox, pfx) == []
 
 

@@ -384,7 +384,7 @@ def test_damaged_query_entries_are_misses(
     assert n_user > 2
     # a failure after objects were built (a bug; validation leaves none to find): none of them stays
     # in the session, so the database's rows, not the entry's altered names, are what it holds
-    import sqlcache.cache as cache_module
+    import sqlcache._queryread as cache_module
 
     order_at = next(i for i, o in enumerate(objects) if len(o) != n_user + 2)
     altered = [list(o) for o in objects]

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from sqlcache._query import digest, stable
+from sqlcache._querykey import digest, stable
 
 from ..models import Order, User
 
@@ -93,7 +93,7 @@ json_like = st.recursive(
 @given(json_like)
 def test_copies_of_decoded_values_share_no_mutable_container(value: object) -> None:
     """A reused decoded result hands out equal values that share no list, dict or set with it."""
-    from sqlcache._query import _copy_mutable
+    from sqlcache._rows import _copy_mutable
 
     copied = _copy_mutable(value)
     assert copied == value
@@ -117,7 +117,7 @@ def test_fresh_copies_of_a_shared_result_are_exact_and_unshared(values: list[lis
     """What every hit of a reused decoded result gets (the packed fast copy, or the slow one where
     msgpack could not give the values back exactly): equal values of the very same types, sharing no
     list, dict or set with the kept result or with another hit's copy."""
-    from sqlcache._query import Decoded
+    from sqlcache._rows import Decoded
 
     objects = [[*row, 0, 0] for row in values]
     before = [_typed(o) for o in objects]
@@ -152,7 +152,7 @@ def test_lambdas_on_one_line_have_their_own_keys() -> None:
 def test_values_nested_deeper_than_the_exact_check_recurses_are_still_copied() -> None:
     """A JSON value nested past what the packed copy's type check can recurse into takes the slow copy
     (the codec accepts up to 511 levels): every hit still gets its own equal value."""
-    from sqlcache._query import Decoded
+    from sqlcache._rows import Decoded
 
     deep: object = 1
     for _ in range(450):

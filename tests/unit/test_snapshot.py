@@ -10,7 +10,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.orm import Mapper as SAMapper
 
 from sqlcache import _codec
-from sqlcache._snapshot import decode_entry, fingerprint, hierarchy_for
+from sqlcache._hierarchy import fingerprint, hierarchy_for
+from sqlcache._objects import decode_entry
 from sqlcache.errors import CodecError
 
 

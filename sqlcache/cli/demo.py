@@ -24,8 +24,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
-from . import signals
-from .cache import SQLCache
+from sqlcache import SQLCache, signals
 
 
 class _Base(DeclarativeBase):

@@ -1,4 +1,4 @@
--- snapshot: the generations a fill must present, creating or repairing dependencies as needed
+-- generations: the generations a fill must present, creating or repairing dependencies as needed
 -- (called on a miss when the MGET of the read showed a dependency missing, locked or unparsable)
 -- KEYS[1] clock; KEYS[2..n] dependency keys
 -- ARGV[1] ttl ms for generations created here (0 = none)

@@ -12,10 +12,8 @@ from typing import Any
 from sqlalchemy import create_engine
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from . import signals
-from ._outbox import outbox_table
-from .cache import SQLCache
-from .errors import CacheUnavailable, ConfigurationError
+from sqlcache import SQLCache, outbox_table, signals
+from sqlcache.errors import CacheUnavailable, ConfigurationError
 
 __all__ = ["run_outbox", "run_relay"]
 

@@ -48,8 +48,8 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.attributes import instance_state
 
-from .cache import SQLCache
-from .options import cached as cached_option
+from sqlcache import SQLCache
+from sqlcache import cached as cached_option
 
 SCHEMA = "sqlcache_bench"
 

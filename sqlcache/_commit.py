@@ -1,0 +1,251 @@
+"""The commit protocol: what a transaction wrote is locked before its database COMMIT and released
+with fresh generations after it (repopulated entries written where this writer's lock is the newest).
+
+The listeners call :meth:`Commits.record` as rows are flushed, :meth:`Commits.before` from the
+engine's ``commit`` event and :meth:`Commits.after` right after the DBAPI COMMIT, success or not.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import _keys, signals
+from ._journal import Journal, Keys
+from ._objects import encode_instance
+from ._protocol import RepopEntry, SentLock, StoreSlot
+from ._registry import Registry
+from ._report import Reporter
+from ._seal import Sealer
+from ._txn import IdentityWrite, TxnState
+from .errors import CacheUnavailable
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.orm import Mapper
+
+    from ._outbox import OutboxRow, OutboxWriter
+
+__all__ = ["Commits"]
+
+Identity = tuple[type[Any], tuple[Any, ...]]
+
+# Python types a database stores and returns exactly as assigned; a repopulated entry may only carry
+# written values of these types (anything else is invalidated and read back from the database)
+_STORED_AS_ASSIGNED = frozenset({int, bool, str, bytes, type(None), uuid.UUID})
+
+
+@dataclass(eq=False)
+class _Pending:
+    """What a pre-commit lock promised to release once the database COMMIT returned."""
+
+    keys: list[str]
+    token: str
+    entries: list[RepopEntry]
+    identities: list[Identity]
+    tags: list[str]
+    sent: SentLock | None = None  # a pipelined lock whose reply is read with the release
+    outbox: OutboxRow | None = None  # durable: the row to mark done once the invalidation is applied
+
+
+class Commits:
+    """The commit protocol of one cache.
+
+    :param announce: the broadcast message of a release (None when broadcast is off).
+    :param outbox: the durable outbox writer, or None without ``durable=True``.
+    """
+
+    def __init__(
+        self,
+        slot: StoreSlot,
+        reporter: Reporter,
+        registry: Registry,
+        sealer: Sealer,
+        journal: Journal,
+        keys: Keys,
+        announce: Callable[[list[Identity], list[str]], tuple[str, bytes] | None],
+        lock_ttl_ms: int,
+        outbox: OutboxWriter | None,
+    ) -> None:
+        self._slot = slot
+        self._rep = reporter
+        self._registry = registry
+        self._sealer = sealer
+        self._journal = journal
+        self._keys = keys
+        self._announce = announce
+        self._lock_ttl_ms = lock_ttl_ms
+        self._outbox = outbox
+        self._pending: dict[int, _Pending] = {}
+
+    def record(self, st: TxnState, mapper: Mapper[Any], state: Any, deleted: bool) -> None:
+        """A row the unit of work wrote (``after_insert/update/delete`` of a registered class)."""
+        p = self._keys.prefix
+        h = self._registry.hierarchy(mapper.base_mapper)
+        obj = state.obj()
+        pk = tuple(mapper.primary_key_from_instance(obj))
+        key = _keys.identity_dep_key(p, h.base_table, pk)
+        written = set(state.dict) if state.key is None else set(state.committed_state)
+        previous = st.identities.get(key)
+        if previous is not None:
+            written |= previous.written
+        st.identities[key] = IdentityWrite(h, pk, None if deleted else state, mapper.class_, obj, written)
+        old = state.key
+        if old is not None and tuple(old[1]) != pk:
+            # the primary key itself changed: the row is gone from its old key too
+            old_pk = tuple(old[1])
+            st.identities[_keys.identity_dep_key(p, h.base_table, old_pk)] = IdentityWrite(
+                h, old_pk, None, mapper.class_
+            )
+
+    def before(self, st: TxnState, dbapi_key: int, conn: Connection | None = None) -> None:
+        """Before the database COMMIT: lock every dependency the transaction wrote (one round trip);
+        with ``durable``, write its outbox row on ``conn`` first."""
+        keys, tags = self._dependencies(st)
+        identities = [(w.cls, w.pk) for w in st.identities.values()]
+        row: OutboxRow | None = None
+        if self._outbox is not None and conn is not None:
+            # before the lock: if the row cannot be written, the commit fails and nothing is locked
+            row = st.outbox or self._outbox.write(st, conn, keys, tags)
+        token = uuid.uuid4().hex
+        # repopulate: entries whose new state we know; their other dependencies are watched, not locked
+        repop, watch = self._repopulations(st)
+        k = self._keys
+        run = self._rep.begin("lock", keys=len(keys), tags=tuple(tags)) if self._rep.hooks else None
+        seen: list[str] = []
+        sent: SentLock | None = None
+        try:
+            if repop:
+                seen = self._slot.current.lock(k.clock, keys, watch, token, self._lock_ttl_ms, k.gen_ttl_ms)
+            else:
+                sent = self._slot.current.send_lock(k.clock, keys, token, self._lock_ttl_ms, k.gen_ttl_ms)
+            if run is not None:
+                run.end("ok")
+        except CacheUnavailable as exc:
+            # the commit goes ahead; the release after it (or the journal) still invalidates
+            if run is not None:
+                run.end("error", exc)
+            self._rep.report(exc, "lock")
+            repop = []
+        watched = dict(zip(watch, seen, strict=False))
+        entries: list[RepopEntry] = []
+        for entry_key, deps, ttl_ms, payload in repop:
+            marks = tuple("=" if i == 0 else watched.get(d, "") for i, d in enumerate(deps))
+            if all(marks):
+                entries.append(RepopEntry(entry_key, tuple(deps), ttl_ms, payload, marks))
+        self._pending[dbapi_key] = _Pending(keys, token, entries, identities, tags, sent, row)
+
+    def _dependencies(self, st: TxnState) -> tuple[list[str], list[str]]:
+        """(dependency keys, tags) of everything ``st`` wrote."""
+        p = self._keys.prefix
+        keys: list[str] = list(st.identities)
+        tags: list[str] = []
+        for name in st.tables:
+            keys.append(_keys.table_dep_key(p, name))
+            tags.append(f"table:{name}")
+        for name in st.bulk:
+            keys.append(_keys.bulk_dep_key(p, name))
+        if st.everything:
+            keys.append(self._keys.everything)
+            tags.append("*")
+        return keys, tags
+
+    def _repopulations(self, st: TxnState) -> tuple[list[tuple[str, list[str], int, bytes]], list[str]]:
+        """(entry key, dependencies, ttl ms, sealed payload) of every row this commit may write as the
+        new state (``mode="repopulate"``), and the dependencies to watch besides the locked ones."""
+        repop: list[tuple[str, list[str], int, bytes]] = []
+        watch: list[str] = []
+        if st.everything or st.translated:
+            return repop, watch
+        p = self._keys.prefix
+        for dep_key, w in st.identities.items():
+            payload = self._new_state(st, w)
+            if payload is None:
+                continue
+            h = self._registry.hierarchy(w.state.mapper)  # type: ignore[union-attr]
+            others = [_keys.bulk_dep_key(p, t) for t in h.tables] + [self._keys.everything]
+            entry_key = _keys.identity_entry_key(p, h.fingerprint, h.entity, w.pk)
+            policy = self._registry.policy_for(h.mapper)
+            ttl_ms = self._registry.ttl_ms(policy.ttl if policy is not None else None)
+            repop.append((entry_key, [dep_key, *others], ttl_ms, self._sealer.seal(entry_key, payload)))
+            watch.extend(o for o in others if o not in watch)
+        return repop, watch
+
+    def _new_state(self, st: TxnState, w: IdentityWrite) -> bytes | None:
+        """The entry of a written row's new state, if it may be repopulated; None otherwise."""
+        if w.state is None:
+            return None
+        policy = self._registry.policy_for(w.state.mapper)
+        if policy is None or policy.mode != "repopulate":
+            return None
+        if any(t in st.bulk for t in w.hierarchy.tables):
+            return None  # a statement changed rows of this table behind the unit of work's back
+        dict_ = w.state.dict
+        if any(type(dict_.get(k)) not in _STORED_AS_ASSIGNED for k in w.written if k in dict_):
+            # e.g. Decimal("3") comes back as Decimal("3.00"), a +05:00 datetime in UTC or without
+            # microseconds: only the database knows the stored value, so invalidate instead
+            return None
+        payload: bytes | None = None
+        with self._rep.degrade("encode"):
+            payload = encode_instance(self._registry.hierarchy(w.state.mapper), w.state)
+        return payload
+
+    def after(self, dbapi_key: int, committed: bool) -> None:
+        """After the database COMMIT: fresh generations, locks dropped, repopulated entries written."""
+        pending = self._pending.pop(dbapi_key, None)
+        if pending is None:
+            return
+        run = (
+            self._rep.begin("release", keys=len(pending.keys), tags=tuple(pending.tags))
+            if self._rep.hooks
+            else None
+        )
+        released = self._release(pending, committed)
+        if run is not None:
+            run.end("ok" if released else "deferred")
+        if pending.outbox is not None and released:
+            # applied: the row only needs deleting. Otherwise a relay applies it, even when the COMMIT
+            # raised: a COMMIT that reached the server before the connection broke may have committed
+            # (and a transaction that truly rolled back left no row to apply).
+            pending.outbox.done()
+        if signals.invalidated.receivers:
+            self._rep.send(
+                signals.invalidated, identities=pending.identities, tags=pending.tags, remote=False
+            )
+
+    def _release(self, pending: _Pending, committed: bool) -> bool:
+        """The one release path; True if Redis took it, False if it went to the journal."""
+        k = self._keys
+        store = self._slot.current
+        announce = self._announce(pending.identities, pending.tags)
+        if pending.sent is not None:
+            try:
+                if not store.release_after(
+                    pending.sent, k.clock, pending.keys, pending.token, k.gen_ttl_ms, announce
+                ):
+                    self._rep.incr("errors")
+                self._rep.incr("invalidations", len(pending.keys))
+                released = True
+            except CacheUnavailable as exc:
+                self._rep.report(exc, "release")
+                self._journal.defer(pending.keys)
+                released = False
+            self._journal.replay()
+            return released
+        if not self._journal.replay():
+            self._journal.defer(pending.keys)
+            return False
+        try:
+            written = store.release(
+                k.clock, pending.keys, pending.token, k.gen_ttl_ms,
+                pending.entries if committed else (), announce=announce,
+            )  # fmt: skip
+        except CacheUnavailable as exc:
+            self._rep.report(exc, "release")
+            self._journal.defer(pending.keys)
+            return False
+        self._rep.incr("invalidations", len(pending.keys))
+        self._rep.incr("repopulated", written)
+        return True

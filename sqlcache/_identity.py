@@ -1,0 +1,134 @@
+"""Identity reads: ``Session.get``, many-to-one lazy loads and reloads of expired objects, served from
+one entry per (class, primary key)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
+
+from . import _keys, _sa
+from ._hierarchy import Hierarchy
+from ._objects import built_since, decode_entry, encode_absent, encode_instance, materialize
+from ._readthrough import Read, ReadThrough, Unservable
+from ._registry import Registry
+from ._transactions import Transactions
+from .config import ModelPolicy
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.result import FrozenResult, Result
+    from sqlalchemy.orm import Mapper, ORMExecuteState
+
+__all__ = ["IdentityReader"]
+
+_EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
+
+
+class IdentityReader:
+    """Builds the :class:`~sqlcache._readthrough.Read` of a primary-key load and answers it."""
+
+    def __init__(self, reads: ReadThrough, registry: Registry, txns: Transactions, prefix: str) -> None:
+        self._reads = reads
+        self._registry = registry
+        self._txns = txns
+        self._prefix = prefix
+        self._everything = _keys.global_dep_key(prefix)
+        self._metas: dict[Mapper[Any], SimpleResultMetaData] = {}
+
+    def read(
+        self,
+        orm_state: ORMExecuteState,
+        mapper: Mapper[Any],
+        pk: tuple[Any, ...],
+        policy: ModelPolicy,
+        translation: str = "",
+    ) -> Result[Any] | None:
+        """Serve a primary-key load from Redis, or run it and fill; None lets SQLAlchemy run it as usual."""
+        session = orm_state.session
+        h = self._registry.hierarchy(mapper)
+        p = self._prefix
+        dep_identity = _keys.identity_dep_key(p, h.base_table, pk)
+        if self._txns.wrote(session, dep_identity, h.tables, ()):
+            # this transaction wrote the row (or its table); the cache holds the committed state, which
+            # is not what this transaction must see: read the database
+            self._reads.bypass("identity")
+            return None
+        refresh = _sa.refresh_state(orm_state)  # loading an expired object's attributes
+        if refresh is not None:
+            obj = refresh.obj()
+            if obj is None or any(p.key in obj.__dict__ for p in refresh.mapper.column_attrs):
+                # only a whole reload (every column expired, as after a commit) may come from Redis: an
+                # object holding some columns must not take others from a newer version of its row.
+                # Decided before any Redis call: a deferred column's load costs no round trip here.
+                self._reads.bypass("identity")
+                return None
+        entry_key = _keys.identity_entry_key(p, h.fingerprint + translation, h.entity, pk)
+        deps = [dep_identity, *(_keys.bulk_dep_key(p, t) for t in h.tables), self._everything]
+        wanted = _sa.only_load_props(orm_state.statement)
+        rd = Read(
+            "identity",
+            entry_key,
+            deps,
+            self._registry.ttl_ms(policy.ttl),
+            lambda payload: self._on_hit(orm_state, mapper, h, refresh, wanted, payload),
+            lambda frozen, _unique, runid: _encode(h, pk, refresh, frozen, runid),
+            model=mapper.class_.__name__,
+        )
+        return self._reads.read(orm_state, rd)
+
+    def _on_hit(
+        self,
+        orm_state: ORMExecuteState,
+        mapper: Mapper[Any],
+        h: Hierarchy,
+        refresh: Any,
+        wanted: Any,
+        payload: bytes,
+    ) -> Result[Any]:
+        decoded = decode_entry(h, payload)
+        if decoded is None:
+            return self._one_row(mapper, None)
+        shape, mask, values = decoded
+        if refresh is not None:
+            obj = refresh.obj()
+            cached = {k for i, k in enumerate(shape.keys) if mask >> i & 1}
+            # the columns asked for (relationships among them stay unloaded, lazy, as after a load)
+            asked = wanted if wanted else refresh.expired_attributes
+            needed = {k for k in asked if k in shape.keys}
+            if obj is None or type(obj) is not shape.mapper.class_ or not needed <= cached:
+                raise Unservable  # the database answers
+        return self._one_row(mapper, materialize(orm_state.session, shape, mask, values))
+
+    def _one_row(self, mapper: Mapper[Any], obj: Any) -> Result[Any]:
+        meta = self._metas.get(mapper)
+        if meta is None:
+            meta = self._metas[mapper] = _sa.result_metadata([mapper.class_.__name__], lambda: [id])
+        return IteratorResult(meta, iter(() if obj is None else ((obj,),)))
+
+
+def _encode(
+    h: Hierarchy, pk: tuple[Any, ...], refresh: Any, frozen: FrozenResult[Any], runid: int
+) -> bytes | None:
+    """The entry of what a primary-key load returned; None when it must not be stored."""
+    if refresh is not None:
+        # a reload's object may hold columns loaded earlier, from an older row: never stored
+        return None
+    rows = frozen.data
+    if not rows:
+        # Absence is cached only for keys the database compares exactly: with a string key a
+        # case-insensitive or PAD SPACE collation could match a row inserted under another spelling,
+        # whose insert would invalidate that spelling's key, not this one.
+        return encode_absent(h) if all(type(v) in _EXACT_KEY_TYPES for v in pk) else None
+    obj = rows[0]
+    if not _sa.is_instance(obj):  # a Row, not a scalar-mode ORM result
+        obj = obj[0]
+    state = sa_inspect(obj)
+    # the row found must carry exactly the key asked for (collations, Decimal('1.0') vs Decimal('1.00')):
+    # writes invalidate the row's own key, so only that key may be filled
+    if state.key is None or _keys.pk_token(state.key[1]) != _keys.pk_token(pk):
+        return None
+    if not built_since(state, runid):
+        return None  # held by the session before: its values may be older than the row read
+    return encode_instance(h, state)

@@ -1,0 +1,186 @@
+"""Invalidations Redis did not take: kept in process, replayed before this process reads Redis again,
+and replaced by one fence (every entry under the prefix) when they are too many or Redis restarted.
+
+Also the one path that gives dependencies fresh generations outside a commit (``invalidate()``, a
+relay's batch, a replay): :meth:`Journal.invalidate_now`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import signals
+from ._protocol import StoreSlot
+from ._report import Reporter
+from .errors import CacheUnavailable
+
+__all__ = ["Journal", "Keys"]
+
+# Most dependency keys a process keeps while Redis is away before it gives up on them one by one and
+# fences the whole prefix instead (a burst of misses, never a stale read).
+JOURNAL_LIMIT = 10_000
+
+Identity = tuple[type[Any], tuple[Any, ...]]
+Announce = Callable[[list[Identity], list[str]], tuple[str, bytes] | None]
+
+
+class Keys:
+    """The keys and generation lifetime every Redis operation of one cache names."""
+
+    __slots__ = ("clock", "everything", "gen_ttl_ms", "prefix")
+
+    def __init__(self, prefix: str, clock: str, everything: str, gen_ttl_ms: int) -> None:
+        self.prefix = prefix
+        self.clock = clock  # the invalidation clock
+        self.everything = everything  # the dependency of every entry (a fence moves it)
+        self.gen_ttl_ms = gen_ttl_ms
+
+
+class Journal:
+    """The pending journal of one cache and its background replay.
+
+    :param backing_off: whether the store is skipping Redis for a back-off period (no replay then).
+    :param retry_after: seconds between background replay attempts.
+    """
+
+    def __init__(
+        self,
+        slot: StoreSlot,
+        reporter: Reporter,
+        keys: Keys,
+        announce: Announce,
+        backing_off: Callable[[], bool],
+        retry_after: float,
+    ) -> None:
+        self._slot = slot
+        self._rep = reporter
+        self._keys = keys
+        self._announce = announce
+        self._backing_off = backing_off
+        self._retry_after = retry_after
+        self._mutex = threading.Lock()
+        self._journal: set[str] = set()
+        self._fence = False
+        self._timer: threading.Timer | None = None
+        self._closed = False
+        #: called after every successful replay (relays wake up: Redis is back)
+        self.on_replayed: list[Callable[[], None]] = []
+
+    def __len__(self) -> int:
+        return len(self._journal)
+
+    def defer(self, keys: list[str]) -> None:
+        """Keep ``keys`` until Redis takes them."""
+        self._schedule()
+        with self._mutex:
+            if self._fence:
+                self._rep.incr("invalidations_lost", len(keys))
+                return
+            self._journal.update(keys)
+            self._rep.incr("invalidations_deferred", len(keys))
+            if len(self._journal) > JOURNAL_LIMIT:
+                self._rep.incr("invalidations_lost", len(self._journal))
+                self._journal.clear()
+                self._fence = True
+
+    def fence(self) -> None:
+        """Move every entry under the prefix before this process reads Redis again (a Redis restart:
+        its snapshot may be older than invalidations it acknowledged)."""
+        with self._mutex:
+            self._fence = True
+        self._rep.incr("restarts")
+
+    def replay(self) -> bool:
+        """Apply the journal before anything is read from Redis again; False if Redis is still away."""
+        if not self._journal and not self._fence:
+            return True
+        with self._mutex:
+            keys = sorted(self._journal)
+            fence = self._fence
+        if fence:
+            keys = [self._keys.everything]
+        run = self._rep.begin("replay", keys=len(keys)) if self._rep.hooks else None
+        try:
+            self._release(keys, [], ["*"])
+        except CacheUnavailable as exc:
+            if run is not None:
+                run.end("error", exc)
+            self._rep.report(exc, "replay")
+            return False
+        with self._mutex:
+            if fence:  # the fence supersedes every journalled key
+                self._journal.clear()
+                self._fence = False
+                self._rep.incr("fences")
+            else:
+                self._journal.difference_update(keys)
+        self._rep.incr("invalidations_replayed", len(keys))
+        if run is not None:
+            run.end("ok")
+        for wake in list(self.on_replayed):
+            wake()  # Redis is back: the outbox rows left meanwhile need not wait for a back-off
+        return True
+
+    def invalidate_now(self, keys: list[str], identities: list[Identity], tags: list[str]) -> None:
+        """Fresh generations for ``keys`` now (outside any transaction); journalled if Redis is away."""
+        run = self._rep.begin("invalidate", keys=len(keys), tags=tuple(tags)) if self._rep.hooks else None
+        try:
+            self._release(keys, identities, tags)
+            self._rep.incr("invalidations", len(keys))
+            if run is not None:
+                run.end("ok")
+        except CacheUnavailable as exc:
+            if run is not None:
+                run.end("deferred", exc)
+            self._rep.report(exc, "invalidate")
+            self.defer(keys)
+        if signals.invalidated.receivers:
+            self._rep.send(signals.invalidated, identities=identities, tags=tags, remote=False)
+
+    def apply(self, keys: list[str], tags: list[str]) -> None:
+        """Fresh generations for ``keys`` (a relay's batch); raises CacheUnavailable if Redis is away."""
+        run = self._rep.begin("relay", keys=len(keys)) if self._rep.hooks else None
+        try:
+            self._release(keys, [], tags)
+        except CacheUnavailable as exc:
+            if run is not None:
+                run.end("error", exc)
+            raise
+        self._rep.incr("invalidations", len(keys))
+        if run is not None:
+            run.end("ok")
+
+    def _release(self, keys: list[str], identities: list[Identity], tags: list[str]) -> None:
+        k = self._keys
+        self._slot.current.release(k.clock, keys, "", k.gen_ttl_ms, announce=self._announce(identities, tags))
+
+    # -- background replay ------------------------------------------------------------------------------
+
+    def _schedule(self) -> None:
+        """Retry the journal in the background too, so an idle process does not leave other processes
+        reading entries it could not invalidate once Redis is back."""
+        with self._mutex:
+            if self._timer is not None or self._closed:
+                return
+            timer = threading.Timer(self._retry_after, self._replay_in_background)
+            timer.daemon = True
+            self._timer = timer
+        timer.start()
+
+    def _replay_in_background(self) -> None:
+        with self._mutex:
+            self._timer = None
+        if (self._journal or self._fence) and not self._backing_off():
+            self.replay()
+        if self._journal or self._fence:
+            self._schedule()
+
+    def close(self) -> None:
+        """Cancel the background replay (what is journalled stays; a later replay() still applies it)."""
+        with self._mutex:
+            self._closed = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()

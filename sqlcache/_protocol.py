@@ -1,0 +1,266 @@
+"""The deciding half of the I/O seam: what each Redis operation sends, and how its reply is judged.
+
+Pure: no client, no socket, no clock of its own. A store (``_store.Store`` for redis-py today; an
+asyncio or cluster store beside it) only carries these calls to Redis and hands the replies back
+here. The Lua scripts themselves live in ``lua/`` and are named after the operation that runs them.
+
+The :class:`Store` protocol is the seam: every part of the core that needs Redis talks to one object
+of this shape, and plugins may wrap it (``PluginHost.wrap_store``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+__all__ = [
+    "SCRIPTS",
+    "ReadResult",
+    "RepopEntry",
+    "SentLock",
+    "Store",
+    "StoreSlot",
+    "fill_call",
+    "fill_lock_key",
+    "generations_call",
+    "judge_generations",
+    "judge_lock",
+    "judge_read",
+    "lock_call",
+    "read_keys",
+    "release_call",
+    "unlock_call",
+]
+
+#: Every script a store loads, by the operation that runs it (``lua/<name>.lua``).
+SCRIPTS = ("generations", "fill", "lock", "release", "unlock")
+
+# (keys, args) of one script call
+Call = tuple[list[str], list[Any]]
+
+
+@dataclass(eq=False, slots=True)  # not frozen: a frozen dataclass is slow to build, and this is per read
+class ReadResult:
+    """What a read found: a payload on a hit; otherwise the generations a later fill must present.
+
+    ``generations`` is None when the read could not vouch for them (a dependency missing, locked or
+    unreadable); :meth:`Store.generations` then asks Redis to create or repair them.
+    """
+
+    hit: bool
+    payload: bytes | None
+    generations: bytes | None
+    clock: int
+    locked: bool
+    stale: bool = False  # a valid entry past its TTL, served only under stale-while-revalidate
+
+
+@dataclass(eq=False, slots=True)
+class SentLock:
+    """A lock call written to a connection whose reply is read after the database COMMIT."""
+
+    conn: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RepopEntry:
+    """An entry a committing writer wants to write after releasing its locks (repopulate mode)."""
+
+    key: str
+    dep_keys: tuple[str, ...]
+    ttl_ms: int
+    payload: bytes
+    # per dependency: "=" if this writer locked it, else the generation lock.lua reported for it
+    seen: tuple[str, ...]
+
+
+class Store(Protocol):
+    """One way of carrying the protocol to Redis. Every method raises ``CacheUnavailable`` when Redis
+    cannot answer; none raises anything else for an outage."""
+
+    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
+        """The whole hit path: the entry, the clock and the dependencies at one instant."""
+
+    def generations(self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int) -> ReadResult:
+        """Create missing generations, repair garbage, expire dead locks (a miss's slow case)."""
+
+    def fill(
+        self,
+        clock_key: str,
+        entry_key: str,
+        dep_keys: Sequence[str],
+        payload: bytes,
+        ttl_ms: int,
+        generations: bytes,
+        snapshot_clock: int | None,
+        gen_ttl_ms: int,
+        fresh_until_ms: int | None = None,
+        lock_token: str = "",
+    ) -> int:
+        """Store an entry if its generations are unchanged: 1 stored, 0 refused, 2 after the snapshot."""
+
+    def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
+        """Take the entry's stampede lock: True if this caller is the one to query."""
+
+    def unlock_fill(self, clock_key: str, entry_key: str, token: str) -> None:
+        """Drop the stampede lock if it is still this token's."""
+
+    def lock(
+        self,
+        clock_key: str,
+        lock_keys: Sequence[str],
+        watch_keys: Sequence[str],
+        token: str,
+        lock_ttl_ms: int,
+        gen_ttl_ms: int,
+    ) -> list[str]:
+        """Lock before a COMMIT and wait for the reply: the generations of ``watch_keys``."""
+
+    def send_lock(
+        self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
+    ) -> SentLock:
+        """Lock before a COMMIT without waiting; the reply is read by :meth:`release_after`."""
+
+    def release_after(
+        self,
+        sent: SentLock,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        announce: tuple[str, bytes] | None = None,
+    ) -> bool:
+        """Release behind a sent lock; returns whether the lock itself had succeeded."""
+
+    def release(
+        self,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        entries: Sequence[RepopEntry] = (),
+        announce: tuple[str, bytes] | None = None,
+    ) -> int:
+        """Fresh generations for ``dep_keys``, this token's locks dropped; returns entries written."""
+
+    def delete(self, *keys: str) -> None:
+        """Delete entries (an undecodable one, say)."""
+
+    def delete_matching(self, pattern: str, batch: int = 500) -> int:
+        """Delete every key matching ``pattern`` (SCAN, never KEYS); returns how many."""
+
+
+class StoreSlot:
+    """The store the core uses now: one object the parts share, so that a plugin's wrapper (added or
+    removed at any time) reaches them all at once."""
+
+    __slots__ = ("base", "current")
+
+    def __init__(self, base: Store) -> None:
+        self.base = base
+        self.current: Store = base
+
+
+def fill_lock_key(entry_key: str) -> str:
+    """The stampede lock of an entry (under the same prefix)."""
+    return entry_key + ":lock"
+
+
+def _is_generation(v: bytes | None) -> bool:
+    return v is not None and v.isdigit()
+
+
+def read_keys(clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> list[str]:
+    """The keys of a read's MGET, in the order :func:`judge_read` expects."""
+    return [entry_key, clock_key, *dep_keys]
+
+
+def judge_read(values: Sequence[bytes | None], now_ms: float) -> ReadResult:
+    """Judge a read's MGET reply (entry, clock, dependencies).
+
+    MGET is atomic, so the entry and the generations it is checked against are one instant's. An entry
+    is ``g1,g2,...|payload``, valid only if each dependency holds exactly that generation (a locked
+    dependency holds more than digits, so it never matches). ``now_ms`` (wall clock) only decides
+    whether a stale-while-revalidate entry is past its fresh-until.
+    """
+    entry, clock_raw = values[0], values[1]
+    deps = values[2:]
+    clock = int(clock_raw) if clock_raw is not None and clock_raw.isdigit() else 0
+    if all(_is_generation(d) for d in deps):
+        joined = b",".join(deps)  # type: ignore[arg-type]
+        if entry is not None:
+            sep = entry.find(b"|")
+            header = entry[:sep] if sep >= 0 else b""
+            if sep >= 0 and header == joined:
+                return ReadResult(True, entry[sep + 1 :], joined, clock, False)
+            if sep >= 0 and header.startswith(joined + b";F") and header[len(joined) + 2 :].isdigit():
+                # valid (nothing invalidated it) but maybe past its TTL: stale-while-revalidate
+                stale = int(header[len(joined) + 2 :]) < now_ms
+                return ReadResult(True, entry[sep + 1 :], joined, clock, False, stale)
+        return ReadResult(False, None, joined, clock, False)
+    return ReadResult(False, None, None, clock, False)
+
+
+def generations_call(clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int) -> Call:
+    return [clock_key, *dep_keys], [gen_ttl_ms]
+
+
+def judge_generations(reply: Sequence[Any]) -> ReadResult:
+    return ReadResult(False, None, reply[0], int(reply[1]), reply[2] == 1)
+
+
+def fill_call(
+    clock_key: str,
+    entry_key: str,
+    dep_keys: Sequence[str],
+    payload: bytes,
+    ttl_ms: int,
+    generations: bytes,
+    snapshot_clock: int | None,
+    gen_ttl_ms: int,
+    fresh_until_ms: int | None,
+    lock_token: str,
+) -> Call:
+    keys = [clock_key, entry_key, fill_lock_key(entry_key), *dep_keys]
+    bound = "" if snapshot_clock is None else str(snapshot_clock)
+    suffix = "" if fresh_until_ms is None else f";F{fresh_until_ms}"
+    return keys, [payload, ttl_ms, generations, bound, gen_ttl_ms, suffix, lock_token]
+
+
+def unlock_call(clock_key: str, entry_key: str, token: str) -> Call:
+    return [clock_key, fill_lock_key(entry_key)], [token]
+
+
+def lock_call(
+    clock_key: str,
+    lock_keys: Sequence[str],
+    watch_keys: Sequence[str],
+    token: str,
+    lock_ttl_ms: int,
+    gen_ttl_ms: int,
+) -> Call:
+    return [clock_key, *lock_keys, *watch_keys], [token, len(lock_keys), lock_ttl_ms, gen_ttl_ms]
+
+
+def judge_lock(reply: Sequence[bytes]) -> list[str]:
+    """The generations lock.lua reported for the watched keys."""
+    return [g.decode() for g in reply]
+
+
+def release_call(
+    clock_key: str,
+    dep_keys: Sequence[str],
+    token: str,
+    gen_ttl_ms: int,
+    entries: Sequence[RepopEntry] = (),
+    announce: tuple[str, bytes] | None = None,
+) -> Call:
+    keys: list[str] = [clock_key, *dep_keys]
+    channel, message = announce or ("", b"")
+    args: list[Any] = [token, len(dep_keys), gen_ttl_ms, len(entries), channel, message]
+    for e in entries:
+        keys.append(e.key)
+        keys.extend(e.dep_keys)
+        args.extend([len(e.dep_keys), e.ttl_ms, e.payload, *e.seen])
+    return keys, args

@@ -1,0 +1,314 @@
+"""One read through the cache, shared by identity and query reads: a hit; or the database and a
+guarded fill; with stampede protection and stale-while-revalidate for queries.
+
+The identity and query readers say what to read (a :class:`Read`); this module decides what happens,
+using the store, the session's transaction state and the reporter, and never climbs back up.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import _sa, signals
+from ._journal import Keys
+from ._protocol import ReadResult, StoreSlot
+from ._report import Reporter, Running
+from ._seal import Sealer
+from ._transactions import Transactions
+from ._txn import TxnState
+from .errors import CacheUnavailable, CodecError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.result import FrozenResult, Result
+    from sqlalchemy.orm import ORMExecuteState, Session
+
+__all__ = ["Read", "ReadThrough", "Unservable"]
+
+OnHit = Callable[[bytes], "Result[Any]"]
+Encode = Callable[["FrozenResult[Any]", bool, int], "bytes | None"]
+
+
+class Unservable(Exception):
+    """A valid entry that cannot answer this particular load (it lacks an attribute asked for)."""
+
+
+class Read:
+    """What one read asks for. ``on_hit`` rebuilds the result from a payload (raising CodecError if it
+    cannot, Unservable if it may not); ``encode`` turns the database's result into a payload, or None
+    when it must not be stored. ``protect``: callers that miss together elect one to query while the
+    others wait a bounded time for its fill. ``swr_ms``: an entry past its TTL but not invalidated may
+    be served that much longer while one caller refreshes it."""
+
+    __slots__ = ("deps", "encode", "key", "kind", "model", "on_hit", "protect", "swr_ms", "tags", "ttl_ms")
+
+    def __init__(
+        self,
+        kind: str,
+        key: str,
+        deps: list[str],
+        ttl_ms: int,
+        on_hit: OnHit,
+        encode: Encode,
+        *,
+        protect: bool = False,
+        swr_ms: int = 0,
+        model: str | None = None,
+        tags: tuple[str, ...] = (),
+    ) -> None:
+        self.kind = kind
+        self.key = key
+        self.deps = deps
+        self.ttl_ms = ttl_ms
+        self.on_hit = on_hit
+        self.encode = encode
+        self.protect = protect
+        self.swr_ms = swr_ms
+        self.model = model
+        self.tags = tags
+
+
+class ReadThrough:
+    """The read protocol of one cache.
+
+    :param replay: applies the journal of invalidations Redis has not taken yet; False if it could not
+        (then Redis must not be read: it may hold entries those invalidations would have killed).
+    """
+
+    def __init__(
+        self,
+        slot: StoreSlot,
+        reporter: Reporter,
+        txns: Transactions,
+        sealer: Sealer,
+        keys: Keys,
+        replay: Callable[[], bool],
+        *,
+        stampede_wait: float,
+        max_entry_bytes: int,
+    ) -> None:
+        self._slot = slot
+        self._rep = reporter
+        self._txns = txns
+        self._sealer = sealer
+        self._keys = keys
+        self._replay = replay
+        self._stampede_wait = stampede_wait
+        self._max_entry_bytes = max_entry_bytes
+        # a query's stampede lock outlives the wait of the callers behind it, then expires on its own
+        self._fill_lock_ms = int(max(2 * stampede_wait, 5.0) * 1000)
+
+    def bypass(self, kind: str) -> None:
+        """A read that could not use the cache (own writes, FOR UPDATE, ...)."""
+        self._rep.incr("bypassed")
+        if self._rep.hooks:
+            self._rep.instant("read", "bypass", kind)
+
+    def read(self, orm_state: ORMExecuteState, rd: Read) -> Result[Any] | None:
+        """A hit, or the database and a guarded fill. None: not handled (SQLAlchemy runs it as usual)."""
+        session = orm_state.session
+        txns = self._txns.of_session(session)
+        if not self._replay():
+            return None
+        rep = self._rep
+        run = rep.begin("read", rd.kind, rd.key, rd.model, rd.tags, len(rd.deps)) if rep.hooks else None
+        try:  # degrade("read") spelled out: this is the hit path
+            r = self._slot.current.read(self._keys.clock, rd.key, rd.deps)
+        except (CacheUnavailable, CodecError) as exc:
+            if run is not None:
+                run.end("error", exc)
+            rep.report(exc, "read")
+            return None
+        token = ""
+        if r.hit and r.stale and rd.protect:
+            # expired but valid: one caller refreshes; the others keep getting the old entry meanwhile
+            with rep.degrade("lock"):
+                candidate = uuid.uuid4().hex
+                if self._slot.current.try_fill_lock(rd.key, candidate, self._fill_lock_ms):
+                    token = candidate
+            if not token:
+                served = self._serve(session, rd, r, txns, run, "stale")
+                if served is not None:
+                    rep.incr("stale_served")
+                    return served
+        elif r.hit:
+            served = self._serve(session, rd, r, txns, run, "hit")
+            if served is not None:
+                return served
+        if run is not None:
+            run.end("miss")
+        if not r.hit:
+            rep.incr("misses")
+            if signals.cache_miss.receivers:
+                rep.send(signals.cache_miss, key=rd.key, kind=rd.kind)
+        if rd.protect and not token and not r.hit:
+            waited = self._await_fill(session, rd, txns)
+            if isinstance(waited, str):
+                token = waited
+            elif waited is not None:
+                return waited
+        unlocked = False
+        try:
+            result, unlocked = self._load_and_fill(orm_state, rd, r, txns, token)
+            return result
+        finally:
+            if token and not unlocked:
+                with rep.degrade("unlock"):
+                    self._slot.current.unlock_fill(self._keys.clock, rd.key, token)
+
+    def _load_and_fill(
+        self, orm_state: ORMExecuteState, rd: Read, r: ReadResult, txns: list[TxnState], token: str
+    ) -> tuple[Result[Any], bool]:
+        """The database answers; what it returned is stored if nothing changed since ``r`` was read.
+        Also returns whether fill.lua ran (it drops the stampede lock ``token`` itself)."""
+        session = orm_state.session
+        if r.generations is None:
+            # a dependency was missing, locked or unreadable: one more round trip, before the SELECT,
+            # creates or repairs it
+            # t0 generations read here; t1 the SELECT; a commit between the two moves a generation
+            fresh: ReadResult | None = None
+            with self._rep.degrade("read"):
+                fresh = self._slot.current.generations(self._keys.clock, rd.deps, self._keys.gen_ttl_ms)
+            r = fresh if fresh is not None else r
+        if r.clock:
+            self._txns.note_clock(session, r.clock, txns)
+        runid = _sa.new_runid()  # objects the statement builds get larger numbers (built_since)
+        result = orm_state.invoke_statement()
+        # set before anyone called unique(): lifted for the freeze, put back on what we return, and
+        # stored with the entry
+        unique_guard = _sa.take_unique_guard(result)
+        frozen = result.freeze()
+        out = frozen()
+        if unique_guard is not None:
+            _sa.require_unique(out, unique_guard[1])
+        if r.locked or r.generations is None:
+            # a writer holds a dependency between its lock and its release: whatever we just read may
+            # already be outdated; do not store it
+            self._rep.incr("fills_skipped")
+            return out, False
+        ran = self._fill(session, rd, r.generations, frozen, token, unique_guard is not None, runid)
+        return out, ran
+
+    def _serve(
+        self,
+        session: Session,
+        rd: Read,
+        r: ReadResult,
+        txns: list[TxnState],
+        run: Running | None,
+        outcome: str,
+    ) -> Result[Any] | None:
+        """Rebuild a hit; None (and the entry deleted) if its payload cannot be decoded."""
+        assert r.payload is not None
+        rep = self._rep
+        result: Result[Any] | None = None
+        try:
+            result = rd.on_hit(self._sealer.unseal(rd.key, r.payload))
+        except Unservable:
+            rep.incr("bypassed")
+            if run is not None:
+                run.end("bypass")
+            return None
+        except (CacheUnavailable, CodecError) as exc:  # degrade("decode") spelled out
+            rep.report(exc, "decode")
+        except Exception as exc:
+            # anything else while rebuilding (a value nested past the interpreter's recursion limit, a
+            # defect of ours): the entry is not served and goes; the database answers
+            rep.report(CodecError(f"cannot serve the entry: {exc!r}"), "decode")
+        if result is None:
+            if run is not None:
+                run.end("error")
+            with rep.degrade("decode"):
+                self._slot.current.delete(rd.key)
+            return None
+        rep.incr("hits")
+        if r.clock:
+            # if no statement has run in this transaction yet, this clock reading precedes the snapshot
+            # a repeatable-read transaction will take
+            self._txns.note_clock(session, r.clock, txns)
+        if run is not None:
+            run.end(outcome)
+        if signals.cache_hit.receivers:
+            rep.send(signals.cache_hit, key=rd.key, kind=rd.kind)
+        return result
+
+    def _await_fill(self, session: Session, rd: Read, txns: list[TxnState]) -> Result[Any] | str | None:
+        """Stampede protection: the lock's token if we are the one to query, the other's fill if it
+        arrived in time, or None to query the database ourselves after the wait."""
+        token = uuid.uuid4().hex
+        store = self._slot.current
+        acquired = False
+        with self._rep.degrade("lock"):
+            acquired = store.try_fill_lock(rd.key, token, self._fill_lock_ms)
+        if acquired:
+            return token
+        deadline = time.monotonic() + self._stampede_wait
+        pause = 0.005
+        while time.monotonic() < deadline:
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 0.05)
+            r: ReadResult | None = None
+            with self._rep.degrade("read"):
+                r = store.read(self._keys.clock, rd.key, rd.deps)
+            if r is None:
+                return None
+            if r.hit:
+                served = self._serve(session, rd, r, txns, None, "hit")
+                if served is not None:
+                    self._rep.incr("stampede_waits")
+                    return served
+            # the holder may have died: its lock expires, and the next caller takes over at once
+            with self._rep.degrade("lock"):
+                if store.try_fill_lock(rd.key, token, self._fill_lock_ms):
+                    return token
+        self._rep.incr("stampede_timeouts")
+        return None
+
+    def _fill(
+        self,
+        session: Session,
+        rd: Read,
+        generations: bytes,
+        frozen: FrozenResult[Any],
+        token: str,
+        unique_required: bool,
+        runid: int,
+    ) -> bool:
+        """Store what the database returned if it may be stored (fill.lua decides, atomically); True
+        once Redis ran fill.lua."""
+        rep = self._rep
+        bound = self._txns.fill_bound(session)
+        if not bound.ok:
+            rep.incr("fills_skipped")
+            return False
+        payload: bytes | None = None
+        with rep.degrade("encode"):
+            payload = rd.encode(frozen, unique_required, runid)
+        if payload is None:
+            return False
+        if len(payload) > self._max_entry_bytes:
+            rep.incr("too_large")  # a huge result is not worth a Redis value: stays uncached
+            return False
+        payload = self._sealer.seal(rd.key, payload)
+        ttl_ms, swr_ms = rd.ttl_ms, rd.swr_ms
+        fresh_until = int(time.time() * 1000) + ttl_ms if swr_ms and ttl_ms else None
+        entry_ttl = ttl_ms + swr_ms if ttl_ms else 0
+        run = rep.begin("fill", rd.kind, rd.key, rd.model, rd.tags, len(rd.deps)) if rep.hooks else None
+        k = self._keys
+        try:
+            stored = self._slot.current.fill(
+                k.clock, rd.key, rd.deps, payload, entry_ttl, generations, bound.clock, k.gen_ttl_ms,
+                fresh_until, token,
+            )  # fmt: skip
+        except CacheUnavailable as exc:
+            if run is not None:
+                run.end("error", exc)
+            rep.report(exc, "fill")
+            return False
+        outcome = "stored" if stored == 1 else "refused" if stored == 0 else "skipped"
+        rep.incr({"stored": "fills", "refused": "fills_refused", "skipped": "fills_skipped"}[outcome])
+        if run is not None:
+            run.end(outcome)
+        return True

@@ -1,0 +1,96 @@
+"""Which mapped classes are cached, how, and what sqlcache knows of their hierarchies. No I/O."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.exc import NoInspectionAvailable
+from sqlalchemy.orm import Mapper
+
+from ._hierarchy import Hierarchy, check_supported, class_id, hierarchy_for
+from ._txn import cascade_targets
+from .config import ModelPolicy
+
+__all__ = ["Registry", "mapper_of"]
+
+
+def mapper_of(cls: type[Any]) -> Mapper[Any]:
+    """The mapper of a mapped class; ConfigurationError for anything else."""
+    from .errors import ConfigurationError
+
+    try:
+        mapper = sa_inspect(cls)
+    except NoInspectionAvailable:
+        mapper = None
+    if not isinstance(mapper, Mapper):
+        raise ConfigurationError(f"{cls!r} is not a mapped class")
+    return mapper
+
+
+class Registry:
+    """Policies of the registered classes (inherited by subclasses), hierarchies and cascade targets,
+    each worked out once.
+
+    :param default_ttl: seconds of an entry whose policy gives none (``None``: no expiry).
+    """
+
+    def __init__(self, default_ttl: int | None) -> None:
+        self._default_ttl = default_ttl
+        self._mutex = threading.Lock()
+        self._policies: dict[Mapper[Any], ModelPolicy] = {}
+        self._policy_memo: dict[Mapper[Any], ModelPolicy | None] = {}
+        self._hierarchies: dict[Mapper[Any], Hierarchy] = {}
+        self._cascades: dict[tuple[Any, bool, bool], set[Any]] = {}
+
+    def register(self, mapper: Mapper[Any], policy: ModelPolicy) -> None:
+        """:raises ConfigurationError: if a column type cannot round-trip."""
+        check_supported(mapper)
+        with self._mutex:
+            self._policies[mapper] = policy
+            self._policy_memo.clear()
+            self._hierarchies.clear()
+
+    def policy_for(self, mapper: Mapper[Any]) -> ModelPolicy | None:
+        """The policy of ``mapper`` or of its nearest registered ancestor; None if not cached."""
+        try:
+            return self._policy_memo[mapper]
+        except KeyError:
+            pass
+        found = None
+        for m in mapper.iterate_to_root():
+            found = self._policies.get(m)
+            if found is not None:
+                break
+        self._policy_memo[mapper] = found
+        return found
+
+    def hierarchy(self, mapper: Mapper[Any]) -> Hierarchy:
+        h = self._hierarchies.get(mapper)
+        if h is None:
+            h = hierarchy_for(mapper)
+            self._hierarchies[mapper] = h
+        return h
+
+    def ttl_ms(self, ttl: int | None) -> int:
+        """Milliseconds of an entry whose own ttl is ``ttl`` (None: the default); 0 means no expiry."""
+        chosen = ttl if ttl is not None else self._default_ttl
+        return (chosen or 0) * 1000
+
+    def cascades(self, table: Any, deleted: bool, updated: bool) -> set[Any]:
+        """Tables the database changes itself when rows of ``table`` are deleted or updated."""
+        k = (table, deleted, updated)
+        out = self._cascades.get(k)
+        if out is None:
+            out = cascade_targets(table, deleted, updated)
+            self._cascades[k] = out
+        return out
+
+    def class_for(self, cid: str) -> type[Any] | None:
+        """The registered class (or subclass) whose class id is ``cid`` (a broadcast names it so)."""
+        for mapper in list(self._policies):
+            for m in mapper.self_and_descendants:
+                if class_id(m) == cid:
+                    return m.class_
+        return None

@@ -1,0 +1,196 @@
+"""The relay: a thread per attached engine that deletes the outbox rows its writers applied, and
+applies (then deletes) the rows nobody applied once they are ``grace`` seconds old.
+
+All SQL here runs on raw DBAPI connections (``engine.raw_connection()``), so none of it goes through
+the engine events that record writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from ._outbox import APPLY_CHUNK, OutboxSQL, decode_body
+from ._report import Reporter
+from .errors import CacheUnavailable
+
+__all__ = ["Relay"]
+
+log = logging.getLogger("sqlcache")
+
+# ids of rows this process already applied, waiting for the relay to delete them; past this many the
+# oldest are forgotten (their rows are then applied once more after the grace period: misses only)
+_MAX_DONE = 100_000
+
+
+class Relay:
+    """Applies and deletes the outbox rows of one engine's database, for one cache.
+
+    Each pass deletes the rows this process already applied, then applies the rows that are at least
+    ``grace`` seconds old (the writer crashed or could not reach Redis) in one Redis call per batch and
+    deletes them. A pass that fails (Redis or the database away) is retried after a back-off that
+    doubles up to the cache's ``max_backoff``; the failure is reported as ``cache_error`` with
+    ``operation="relay"``.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        sql: OutboxSQL,
+        interval: float,
+        grace: float,
+        *,
+        prefix: str,
+        apply: Callable[[list[str], list[str]], None],
+        reporter: Reporter,
+        fence_key: str,
+        backoff: float,
+        max_backoff: float,
+    ) -> None:
+        self.engine = engine
+        self._prefix = prefix
+        self._apply = apply
+        self._rep = reporter
+        self._fence_key = fence_key
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self.sql = sql
+        self.interval = interval
+        self.grace = grace
+        self._done: dict[str, None] = {}  # insertion-ordered set
+        self._done_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        #: passes completed without error (tests wait on it)
+        self.passes = 0
+        self._thread = threading.Thread(target=self._run, name=f"sqlcache-relay-{prefix}", daemon=True)
+
+    # -- called by the writer ---------------------------------------------------------------------
+
+    def mark_done(self, row_id: str) -> None:
+        with self._done_lock:
+            self._done[row_id] = None
+            if len(self._done) > _MAX_DONE:
+                del self._done[next(iter(self._done))]
+
+    def pending_done(self) -> int:
+        with self._done_lock:
+            return len(self._done)
+
+    # -- the thread ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run passes in a daemon thread, every ``interval`` seconds."""
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the thread after a last attempt to delete the rows already applied."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """Run a pass now instead of at the next interval."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        delay = self.interval
+        while not self._stopping.is_set():
+            self._wake.wait(delay)
+            self._wake.clear()
+            try:
+                self.run_once()
+                delay = self.interval
+            except (CacheUnavailable, SQLAlchemyError, self.sql.dbapi_error) as exc:
+                self._rep.report(exc if isinstance(exc, Exception) else RuntimeError(exc), "relay")
+                delay = min(max(delay * 2, self._backoff), self._max_backoff)
+        try:
+            self._delete_done()
+        except (SQLAlchemyError, self.sql.dbapi_error) as exc:
+            log.debug("sqlcache relay: final delete failed: %s", exc)
+
+    def run_once(self) -> int:
+        """One pass; returns how many rows it applied. Raises what failed (the thread backs off)."""
+        self._delete_done()
+        applied = 0
+        while True:
+            n, full = self._apply_due()
+            applied += n
+            if not full:
+                break
+        self.passes += 1
+        return applied
+
+    # -- the work -----------------------------------------------------------------------------------
+
+    def _delete_done(self) -> None:
+        with self._done_lock:
+            ids = list(self._done)
+        if not ids:
+            return
+        self._delete(ids)
+        with self._done_lock:
+            for i in ids:
+                self._done.pop(i, None)
+
+    def _delete(self, ids: Iterable[str]) -> None:
+        rows = [self.sql.delete.params({"id": i}) for i in ids]
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            try:
+                cursor.executemany(self.sql.delete.sql, rows)
+            finally:
+                cursor.close()
+            raw.commit()
+        finally:
+            raw.close()
+
+    def _due(self, batch_before_ms: int) -> list[tuple[str, object]]:
+        params = self.sql.due.params({"prefix": self._prefix, "before": batch_before_ms})
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            try:
+                cursor.execute(self.sql.due.sql, params)
+                rows = [(str(r[0]), r[1]) for r in cursor.fetchall()]
+            finally:
+                cursor.close()
+            raw.commit()  # ends the read transaction (a long one would pin old row versions)
+        finally:
+            raw.close()
+        return rows
+
+    def _apply_due(self) -> tuple[int, bool]:
+        before = int((time.time() - self.grace) * 1000)
+        rows = self._due(before)
+        if not rows:
+            return 0, False
+        keys: dict[str, None] = {}
+        tags: dict[str, None] = {}
+        for _row_id, body in rows:
+            parsed = decode_body(body, self._prefix)
+            if parsed is None:
+                # not a row we can read: fence the whole prefix rather than lose what it held
+                log.warning("sqlcache relay: unreadable outbox row; invalidating every entry instead")
+                keys[self._fence_key] = None
+                tags["*"] = None
+                continue
+            keys.update(dict.fromkeys(parsed[0]))
+            tags.update(dict.fromkeys(parsed[1]))
+        ordered = list(keys)
+        for start in range(0, len(ordered), APPLY_CHUNK):
+            # bounded calls: one huge script would outlast the Redis timeout and be retried forever
+            self._apply(ordered[start : start + APPLY_CHUNK], list(tags) if start == 0 else [])
+        self._delete(row_id for row_id, _ in rows)
+        self._rep.incr("outbox_relayed", len(rows))
+        return len(rows), len(rows) >= self.sql.batch

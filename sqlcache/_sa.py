@@ -1,0 +1,298 @@
+"""Every use of private SQLAlchemy API, one small function (or name) each, with the reason beside it.
+
+Checked against SQLAlchemy 2.0.x and 2.1.x (CI runs the suite on both);
+tests/unit/test_sa_internals.py fails loudly if an upgrade moves any of them. Nothing else in the
+package touches an underscored SQLAlchemy attribute.
+"""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import types as sqltypes
+from sqlalchemy.engine.result import SimpleResultMetaData
+from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import loading as _loading
+from sqlalchemy.orm import strategies as _strategies
+from sqlalchemy.sql import Select
+from sqlalchemy.util import immutabledict
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine.result import FrozenResult, Result
+    from sqlalchemy.orm import ORMExecuteState, Session
+
+__all__ = [
+    "BINARY",
+    "DeferredCallable",
+    "LazyCallable",
+    "bypasses_query_cache",
+    "cache_key",
+    "current_path",
+    "frozen_keys",
+    "frozen_single_entity",
+    "identity_map_parts",
+    "is_autocommit",
+    "is_flushing",
+    "is_instance",
+    "lazy_strategy",
+    "legacy_uniquing",
+    "loader_criteria",
+    "new_runid",
+    "only_load_props",
+    "path_registry",
+    "pending_autoflush",
+    "pk_load",
+    "refresh_state",
+    "require_unique",
+    "result_metadata",
+    "set_instance_dict",
+    "shard_token",
+    "state_factory",
+    "statement_options",
+    "take_unique_guard",
+    "type_is_unknown",
+    "with_attributes",
+]
+
+#: The binary types' common base (LargeBinary, BINARY, VARBINARY, BLOB): no public name covers them all.
+BINARY: type[sqltypes.TypeEngine[Any]] = sqltypes._Binary
+
+# The ORM numbers each load ("runid", a process-wide counter) and stamps it on the objects a load builds
+# from its rows. Taking a number before a statement runs tells, afterwards, the objects it built (a larger
+# number: its own load, its eager loads, and our hits) from those the session already held, whose values
+# may be older than the statement. Hits stamp theirs the same way.
+new_runid: Callable[[], int] = _loading._new_runid
+
+
+# -- statements and executions ------------------------------------------------------------------------
+
+
+def pk_load(orm_state: ORMExecuteState) -> tuple[Mapper[Any], tuple[Any, ...]] | None:
+    """(mapper, pk) if this execution is a plain load by primary key (Session.get, many-to-one lazy load,
+    the load of an expired object's attributes).
+
+    SQLAlchemy marks neither publicly: both build ``select(mapper).where(mapper._get_clause[0])`` and
+    pass the key as parameters, which is what we recognise here.
+    """
+    stmt = orm_state.statement
+    if type(stmt) is not Select:
+        return None
+    mapper = orm_state.bind_mapper
+    if mapper is None:
+        return None
+    get_clause, get_params = mapper._get_clause
+    where = stmt._where_criteria
+    if len(where) != 1:
+        return None
+    # 2.1 passes the clause itself, 2.0 an annotated copy of it
+    if where[0] is not get_clause and getattr(where[0], "_Annotated__element", None) is not get_clause:
+        return None
+    if (
+        stmt._for_update_arg is not None
+        or stmt._with_options
+        or stmt._limit_clause is not None
+        or stmt._order_by_clauses
+        or stmt._setup_joins
+    ):
+        return None
+    opts = orm_state.load_options
+    if (
+        opts._populate_existing
+        or getattr(opts, "_is_user_refresh", False)  # session.refresh(): the database, explicitly
+        or opts._identity_token is not None
+        or opts._yield_per
+        or orm_state.execution_options.get("populate_existing")
+    ):
+        return None
+    params = orm_state.parameters
+    if not isinstance(params, dict):
+        return None
+    try:
+        pk = tuple(params[get_params[col].key] for col in mapper.primary_key)
+    except KeyError:
+        return None
+    if any(v is None for v in pk):
+        return None
+    return mapper, pk
+
+
+def bypasses_query_cache(orm_state: ORMExecuteState) -> bool:
+    """FOR UPDATE, populate_existing, yield_per: the caller wants the database itself, row by row."""
+    stmt: Any = orm_state.statement
+    opts = orm_state.load_options
+    return bool(
+        getattr(stmt, "_for_update_arg", None) is not None or opts._populate_existing or opts._yield_per
+    )
+
+
+def pending_autoflush(orm_state: ORMExecuteState) -> bool:
+    """Whether SQLAlchemy will autoflush pending changes before running this statement (no public flag:
+    ``Session._is_clean()`` and the load option ``_autoflush``)."""
+    session = orm_state.session
+    return bool(session.autoflush and orm_state.load_options._autoflush and not session._is_clean())
+
+
+def refresh_state(orm_state: ORMExecuteState) -> Any:
+    """The state of the object whose expired attributes this load refreshes, or None."""
+    return orm_state.load_options._refresh_state
+
+
+def only_load_props(stmt: Any) -> Any:
+    """The attributes a refresh load asks for (None: all of them)."""
+    return getattr(stmt._compile_options, "_only_load_props", None)
+
+
+def legacy_uniquing(orm_state: ORMExecuteState) -> bool:
+    """A legacy ``Query``: its results unique entity rows by identity."""
+    return bool(orm_state.load_options._legacy_uniquing)
+
+
+def shard_token(orm_state: ORMExecuteState) -> Any:
+    """The identity token of a horizontally sharded load (part of every key when present)."""
+    return orm_state.load_options._identity_token
+
+
+def cache_key(stmt: Any) -> Any:
+    """SQLAlchemy's own cache key of a statement (its shape plus bound parameters), or None."""
+    return stmt._generate_cache_key()
+
+
+def statement_options(stmt: Any) -> Sequence[Any]:
+    """The loader and user options of a statement (``Select._with_options``)."""
+    return stmt._with_options or ()
+
+
+def current_path(stmt: Any) -> Any:
+    """The load path a lazy load's statement runs under (None for a top-level statement)."""
+    return getattr(stmt._compile_options, "_current_path", None)
+
+
+def path_registry(entity: Any) -> Any:
+    """The root load path of a mapper or of an aliased entity."""
+    return entity._path_registry
+
+
+def type_is_unknown(type_: Any) -> bool:
+    """NullType: SQLAlchemy does not know what the column's values are (``TypeEngine._isnull``)."""
+    return bool(type_._isnull)
+
+
+def loader_criteria(loadopt: Any) -> Any:
+    """Extra criteria a loader option carries (``lazyload(A.b.and_(...))``), or None."""
+    return getattr(loadopt, "_extra_criteria", None) if loadopt is not None else None
+
+
+# -- connections and sessions -------------------------------------------------------------------------
+
+
+def is_flushing(session: Session) -> bool:
+    """True while the session's unit of work runs (no public flag exists; ``_flushing`` since 0.x)."""
+    return bool(session._flushing)
+
+
+def is_autocommit(conn: Connection) -> bool:
+    """True if each statement commits on its own (no ``commit`` event will follow)."""
+    return bool(conn._is_autocommit_isolation())
+
+
+# -- results ----------------------------------------------------------------------------------------
+
+_RESULT_META_PARAMS = pyinspect.signature(SimpleResultMetaData.__init__).parameters
+
+
+def result_metadata(
+    keys: Sequence[str | None],
+    filters: Callable[[], list[Any]],
+    extra: list[tuple[Any, ...]] | None = None,
+) -> SimpleResultMetaData:
+    """Result metadata whose ``unique()`` keys come from ``filters`` (per column: a key function or
+    None), as the ORM's do; ``extra`` holds, per column, the objects ``row._mapping[...]`` accepts
+    besides the name (entity, attribute, column).
+
+    SQLAlchemy 2.1 takes ``_create_unique_filters`` (asked per result), 2.0 ``_unique_filters``.
+    """
+    names: Any = keys  # None for an unnamed column, as SQLAlchemy's own ORM results have
+    if "_create_unique_filters" in _RESULT_META_PARAMS:
+        return SimpleResultMetaData(names, extra=extra, _create_unique_filters=lambda _r: filters())
+    return SimpleResultMetaData(names, extra=extra, _unique_filters=filters())  # type: ignore[call-arg]
+
+
+def with_attributes(result: Result[Any], single_entity: bool, filtered: bool | None = None) -> Result[Any]:
+    """Mark a result as the ORM does, so that legacy ``Query`` returns entities, not one-item rows, and
+    uniques the rows of any statement returning an entity (``filtered``: an entity among the columns)."""
+    result._attributes = immutabledict(
+        {"is_single_entity": single_entity, "filtered": single_entity if filtered is None else filtered}
+    )
+    return result
+
+
+def take_unique_guard(result: Result[Any]) -> Any:
+    """Lift the ORM's "unique() must be invoked" guard (a joined eager load of a collection) off a
+    result before freezing it (freezing would trip it on rows of several columns, and drops it)."""
+    guard = result._unique_filter_state
+    result._unique_filter_state = None
+    return guard
+
+
+def require_unique(result: Result[Any], check: Callable[[Any], Any]) -> None:
+    """Put the "unique() must be invoked" guard (``check``) on a result, as the ORM does."""
+    result._unique_filter_state = (set(), check)
+
+
+def is_instance(obj: Any) -> bool:
+    """Whether ``obj`` is an instance of a mapped class (not a Row)."""
+    return hasattr(obj, "_sa_instance_state")
+
+
+def frozen_single_entity(frozen: FrozenResult[Any]) -> bool:
+    return bool((getattr(frozen, "_attributes", None) or {}).get("is_single_entity"))
+
+
+def frozen_keys(frozen: FrozenResult[Any]) -> list[str]:
+    """Column names of a frozen result, None for unnamed columns (``.keys`` drops those; typed as str
+    as the rows layout stores them)."""
+    return list(getattr(frozen.metadata, "_keys", None) or frozen.metadata.keys)
+
+
+# -- building objects as a load does ------------------------------------------------------------------
+
+
+def identity_map_parts(session: Session) -> tuple[dict[Any, Any], Any]:
+    """The identity map's own dict and weak reference: what ``loading.py`` uses per row
+    (``WeakInstanceDict.get`` / ``_add_unpresent`` inlined by the object builder)."""
+    identity_map: Any = session.identity_map
+    return identity_map._dict, identity_map._wr
+
+
+def state_factory(manager: Any) -> tuple[Any, Any]:
+    """``ClassManager.new_instance()`` spelled out: the state constructor and the setter that puts the
+    state on a new instance."""
+    return manager._state_constructor, manager._state_setter
+
+
+def set_instance_dict(state: Any, wr: Any) -> None:
+    """Tie a state to the identity map it was put in (what ``_add_unpresent`` does)."""
+    state._instance_dict = wr
+
+
+def _strategy_class(name: str) -> Any:
+    for candidate in ("_" + name, name):  # 2.1 name first, then 2.0's
+        found = getattr(_strategies, candidate, None)
+        if found is not None:
+            return found
+    raise ImportError(f"sqlalchemy.orm.strategies has no {name}: unsupported SQLAlchemy version")
+
+
+# A load leaves a callable in ``state.callables`` for each attribute whose loader strategy differs from
+# the mapper's default: raiseload(), lazyload() of an eagerly configured relationship, defer(...,
+# raiseload=True). The callable classes are private (renamed with a leading underscore in 2.1).
+LazyCallable: Any = _strategy_class("LoadLazyAttribute")
+DeferredCallable: Any = _strategy_class("LoadDeferredColumns")
+
+
+def lazy_strategy(prop: Any, kind: str) -> Any:
+    """The relationship's loader strategy object for ``lazy=kind``."""
+    return prop._get_strategy((("lazy", kind),))
