@@ -11,7 +11,7 @@ from .errors import ConfigurationError
 from .plugin import OperationHook, Plugin, PluginHost, StoreWrapper
 
 if TYPE_CHECKING:
-    from .cache import SQLCache
+    from blinker import NamedSignal
 
 __all__ = ["Plugins"]
 
@@ -23,10 +23,13 @@ class Plugins:
     def __init__(self, reporter: Reporter, slot: StoreSlot) -> None:
         self._rep = reporter
         self._slot = slot
-        self._plugins: dict[str, tuple[Plugin, PluginHost]] = {}
+        self._plugins: dict[str, Plugin] = {}
         self._wrappers: list[tuple[str, StoreWrapper]] = []
+        self._receivers: list[tuple[str, NamedSignal, Callable[..., Any]]] = []
+        self._sender: object = None
 
-    def add(self, cache: SQLCache, plugin: Plugin) -> None:
+    def add(self, cache: Any, plugin: Plugin) -> None:
+        """Set ``plugin`` up on ``cache`` (the facade, sender of its signals)."""
         if not isinstance(plugin, Plugin):
             raise ConfigurationError(f"plugins must have a name, setup(host) and close(), got {plugin!r}")
         name = plugin.name
@@ -34,46 +37,51 @@ class Plugins:
             raise ConfigurationError(f"a plugin's name must be a non-empty string, got {name!r}")
         if name in self._plugins:
             raise ConfigurationError(f"a plugin named {name!r} was added to this cache already")
-        host = PluginHost(cache, name, core=self)
-        self._plugins[name] = (plugin, host)
+        self._sender = cache
+        self._plugins[name] = plugin
         try:
-            plugin.setup(host)
+            plugin.setup(PluginHost(cache, name, core=self))
         except Exception as exc:
             del self._plugins[name]
-            host._undo()
+            self._remove(name)
             raise ConfigurationError(f"plugin {name!r} failed to set up: {exc!r}") from exc
 
     def all(self) -> list[Plugin]:
-        return [p for p, _h in self._plugins.values()]
+        return list(self._plugins.values())
 
     def close(self) -> None:
-        """Undo every host and close every plugin, last added first; what a close raises is counted."""
+        """Undo what each plugin added and close it, last added first; what a close raises is counted."""
         plugins, self._plugins = list(self._plugins.items()), {}
-        for name, (plugin, host) in reversed(plugins):
-            host._undo()
+        for name, plugin in reversed(plugins):
+            self._remove(name)
             try:
                 plugin.close()
             except Exception:
                 self._rep.plugin_failed(name, "close()")
 
+    def _remove(self, plugin: str) -> None:
+        for name, signal, receiver in self._receivers:
+            if name == plugin:
+                signal.disconnect(receiver, sender=self._sender)
+        self._receivers = [r for r in self._receivers if r[0] != plugin]
+        self._rep.hooks = [(p, h) for p, h in self._rep.hooks if p != plugin]
+        if any(p == plugin for p, _w in self._wrappers):
+            self._wrappers = [(p, w) for p, w in self._wrappers if p != plugin]
+            self._rewrap()
+
     # -- the host core -----------------------------------------------------------------------------------
 
-    def guard(self, plugin: str, receiver: Callable[..., Any]) -> Callable[..., Any]:
-        return self._rep.guard(plugin, receiver)
+    def connect(self, plugin: str, signal: NamedSignal, receiver: Callable[..., Any]) -> None:
+        guarded = self._rep.guard(plugin, receiver)
+        signal.connect(guarded, sender=self._sender, weak=False)
+        self._receivers.append((plugin, signal, guarded))
 
     def add_hook(self, plugin: str, hook: OperationHook) -> None:
         # a new list each time: the hot paths read the attribute once, without a lock
         self._rep.hooks = [*self._rep.hooks, (plugin, hook)]
 
-    def remove_hook(self, hook: OperationHook) -> None:
-        self._rep.hooks = [(p, h) for p, h in self._rep.hooks if h is not hook]
-
     def wrap_store(self, plugin: str, wrapper: StoreWrapper) -> None:
         self._wrappers.append((plugin, wrapper))
-        self._rewrap()
-
-    def unwrap_store(self, wrapper: StoreWrapper) -> None:
-        self._wrappers = [(p, w) for p, w in self._wrappers if w is not wrapper]
         self._rewrap()
 
     def _rewrap(self) -> None:

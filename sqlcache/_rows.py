@@ -308,47 +308,61 @@ def decode_rows(
         or len(marks) % 3
     ):
         raise CodecError("malformed query entry")
-    n_objects = len(objects)
-    shapes: list[Shape | None] = [None] * len(shape_refs)
-    owner: list[Hierarchy | None] = [None] * len(shape_refs)
-    seen = bytearray(n_objects)
-    todo: list[int] = []  # objects validated whose relationships are not yet
-    by_owner: dict[int, list[tuple[str, Any]]] = {}
-    for k in range(0, len(rels), 3):
-        i, key = rels[k], rels[k + 1]
-        if type(i) is not int or not 0 <= i < n_objects or type(key) is not str:
-            raise CodecError("malformed relationship")
-        by_owner.setdefault(i, []).append((key, rels[k + 2]))
+    v = _Validator(shape_refs, objects, rels)
+    if flat:
+        if len(columns) != 1 or columns[0] is None:
+            raise CodecError("flat rows for a statement that does not return one entity")
+        h0 = columns[0]
+        for cell in rows:
+            v.check(h0, cell)
+    else:
+        for row in rows:
+            if type(row) is not list or len(row) != len(columns):
+                raise CodecError("malformed query row")
+            for h, cell in zip(columns, row, strict=True):
+                if h is not None and cell is not None:
+                    v.check(h, cell)
+            for i, conv in enumerate(cell_from_plain):
+                if conv is not None and columns[i] is None:
+                    row[i] = conv(row[i])
+    out_rels = v.relationships(hier)
+    if not all(v.seen):
+        raise CodecError("unreferenced object in query entry")
+    out_marks = v.marks(marks)
+    return Decoded(keys, single, flat, rows, v.shapes, objects, out_rels, out_marks, unique_required)
 
-    def check(h: Hierarchy, i: Any) -> None:
+
+class _Validator:
+    """Validates the objects of one query entry as rows and relationships reach them, each once."""
+
+    def __init__(self, shape_refs: list[Any], objects: list[Any], rels: list[Any]) -> None:
+        self.shape_refs = shape_refs
+        self.objects = objects
+        self.n_objects = n_objects = len(objects)
+        self.shapes: list[Shape | None] = [None] * len(shape_refs)
+        self.owner: list[Hierarchy | None] = [None] * len(shape_refs)
+        self.seen = bytearray(n_objects)
+        self.todo: list[int] = []  # objects validated whose relationships are not yet
+        self.by_owner: dict[int, list[tuple[str, Any]]] = {}
+        for k in range(0, len(rels), 3):
+            i, key = rels[k], rels[k + 1]
+            if type(i) is not int or not 0 <= i < n_objects or type(key) is not str:
+                raise CodecError("malformed relationship")
+            self.by_owner.setdefault(i, []).append((key, rels[k + 2]))
+
+    def check(self, h: Hierarchy, i: Any) -> None:
         """Object i, referenced where an instance of ``h`` is expected: validate it once."""
-        if type(i) is not int or not 0 <= i < n_objects:
+        if type(i) is not int or not 0 <= i < self.n_objects:
             raise CodecError("dangling object reference")
-        obj = objects[i]
+        obj = self.objects[i]
         if type(obj) is not list or len(obj) < 2:
             raise CodecError("malformed object")
-        si = obj[-2]
-        if type(si) is not int or not 0 <= si < len(shape_refs):
-            raise CodecError("object names an unknown shape")
-        shape = shapes[si]
-        if shape is None:
-            ref = shape_refs[si]
-            if type(ref) is not list or len(ref) != 2 or ref[0] != h.fingerprint or type(ref[1]) is not str:
-                raise CodecError("object written by another model definition")
-            shape = h.shapes.get(ref[1])
-            if shape is None:
-                raise CodecError("object names an unknown class")
-            shapes[si] = shape
-            owner[si] = h
-        elif owner[si] is not h and (shape_refs[si][0] != h.fingerprint or not shape.mapper.isa(h.mapper)):
-            # the same hierarchy requested as another class: a base-class object where a subclass
-            # is expected is not one
-            raise CodecError("object of another class than the one expected here")
-        if seen[i]:
+        shape = self._shape(h, obj[-2])
+        if self.seen[i]:
             return
-        seen[i] = 1
-        if by_owner:
-            todo.append(i)
+        self.seen[i] = 1
+        if self.by_owner:
+            self.todo.append(i)
         mask = obj[-1]
         if type(mask) is int and mask == shape.full_mask:
             if len(obj) != len(shape.keys) + 2:
@@ -377,55 +391,72 @@ def decode_rows(
                     obj[j] = conv(obj[j])
                 j += 1
 
-    if flat:
-        if len(columns) != 1 or columns[0] is None:
-            raise CodecError("flat rows for a statement that does not return one entity")
-        h0 = columns[0]
-        for cell in rows:
-            check(h0, cell)
-    else:
-        for row in rows:
-            if type(row) is not list or len(row) != len(columns):
-                raise CodecError("malformed query row")
-            for h, cell in zip(columns, row, strict=True):
-                if h is not None and cell is not None:
-                    check(h, cell)
-            for i, conv in enumerate(cell_from_plain):
-                if conv is not None and columns[i] is None:
-                    row[i] = conv(row[i])
-    out_rels: list[tuple[int, str, Any]] = []
-    while todo:
-        i = todo.pop()
-        for key, value in by_owner.pop(i, ()):
-            shape = shapes[objects[i][-2]]
-            assert shape is not None
-            prop = shape.mapper.relationships.get(key)
-            if prop is None:
-                raise CodecError(f"unknown relationship {key!r}")
-            target = hier(prop.mapper)
-            if type(value) is list:
-                if not prop.uselist:
-                    raise CodecError(f"a collection for the scalar relationship {key!r}")
-                for v in value:
-                    check(target, v)
-            elif value is not None:
-                if prop.uselist:
-                    raise CodecError(f"a single object for the collection {key!r}")
-                check(target, value)
-            out_rels.append((i, key, value))
-    if not all(seen):
-        raise CodecError("unreferenced object in query entry")
-    out_marks: list[tuple[int, str, str]] = []
-    for k in range(0, len(marks), 3):
-        i, key, kind = marks[k], marks[k + 1], marks[k + 2]
-        if type(i) is not int or not 0 <= i < n_objects or type(key) is not str or type(kind) is not str:
-            raise CodecError("malformed loader mark")
-        shape = shapes[objects[i][-2]]
-        assert shape is not None
-        if not (
-            (kind in LAZY_KINDS and key in shape.mapper.relationships)
-            or (kind in DEFERRED_KINDS and key in shape.keys)
+    def _shape(self, h: Hierarchy, si: Any) -> Shape:
+        """The shape an object names, which must be ``h``'s class or one of its subclasses."""
+        shape_refs = self.shape_refs
+        if type(si) is not int or not 0 <= si < len(shape_refs):
+            raise CodecError("object names an unknown shape")
+        shape = self.shapes[si]
+        if shape is None:
+            ref = shape_refs[si]
+            if type(ref) is not list or len(ref) != 2 or ref[0] != h.fingerprint or type(ref[1]) is not str:
+                raise CodecError("object written by another model definition")
+            shape = h.shapes.get(ref[1])
+            if shape is None:
+                raise CodecError("object names an unknown class")
+            self.shapes[si] = shape
+            self.owner[si] = h
+        elif self.owner[si] is not h and (
+            shape_refs[si][0] != h.fingerprint or not shape.mapper.isa(h.mapper)
         ):
-            raise CodecError(f"unknown loader mark {kind!r} on {key!r}")
-        out_marks.append((i, key, kind))
-    return Decoded(keys, single, flat, rows, shapes, objects, out_rels, out_marks, unique_required)
+            # the same hierarchy requested as another class: a base-class object where a subclass
+            # is expected is not one
+            raise CodecError("object of another class than the one expected here")
+        return shape
+
+    def relationships(self, hier: HierarchyOf) -> list[tuple[int, str, Any]]:
+        """The relationships of every object reached, their targets validated (reaching more)."""
+        out: list[tuple[int, str, Any]] = []
+        todo, by_owner, objects = self.todo, self.by_owner, self.objects
+        while todo:
+            i = todo.pop()
+            for key, value in by_owner.pop(i, ()):
+                shape = self.shapes[objects[i][-2]]
+                assert shape is not None
+                prop = shape.mapper.relationships.get(key)
+                if prop is None:
+                    raise CodecError(f"unknown relationship {key!r}")
+                target = hier(prop.mapper)
+                if type(value) is list:
+                    if not prop.uselist:
+                        raise CodecError(f"a collection for the scalar relationship {key!r}")
+                    for v in value:
+                        self.check(target, v)
+                elif value is not None:
+                    if prop.uselist:
+                        raise CodecError(f"a single object for the collection {key!r}")
+                    self.check(target, value)
+                out.append((i, key, value))
+        return out
+
+    def marks(self, marks: list[Any]) -> list[tuple[int, str, str]]:
+        """The per-instance loader marks, each naming a known attribute of its object's class."""
+        out: list[tuple[int, str, str]] = []
+        for k in range(0, len(marks), 3):
+            i, key, kind = marks[k], marks[k + 1], marks[k + 2]
+            if (
+                type(i) is not int
+                or not 0 <= i < self.n_objects
+                or type(key) is not str
+                or type(kind) is not str
+            ):
+                raise CodecError("malformed loader mark")
+            shape = self.shapes[self.objects[i][-2]]
+            assert shape is not None
+            if not (
+                (kind in LAZY_KINDS and key in shape.mapper.relationships)
+                or (kind in DEFERRED_KINDS and key in shape.keys)
+            ):
+                raise CodecError(f"unknown loader mark {kind!r} on {key!r}")
+            out.append((i, key, kind))
+        return out

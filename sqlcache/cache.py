@@ -4,9 +4,8 @@ verbs; the work itself happens in the parts (see docs/architecture.md)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
 from sqlalchemy import MetaData, Table
 from sqlalchemy.engine import Engine
 
@@ -30,6 +29,9 @@ from ._wiring import Wiring
 from .config import CacheConfig, Mode, ModelPolicy
 from .errors import ConfigurationError
 from .plugin import Plugin
+
+if TYPE_CHECKING:
+    import redis
 
 __all__ = ["SQLCache"]
 
@@ -94,7 +96,7 @@ class SQLCache:
         decoded_cache_bytes: int = 4 * 1024 * 1024,
         plugins: Sequence[Plugin] = (),
     ) -> None:
-        self.config = c = CacheConfig(
+        self.config = CacheConfig(
             prefix=prefix,
             default_ttl=default_ttl,
             timeout=timeout,
@@ -110,33 +112,35 @@ class SQLCache:
             outbox_table=outbox_table,
             relay_interval=relay_interval,
             relay_grace=relay_grace,
+            decoded_cache_bytes=decoded_cache_bytes,
         )
         sealer = Sealer(secret)
-        if (
-            isinstance(decoded_cache_bytes, bool)
-            or not isinstance(decoded_cache_bytes, int)
-            or decoded_cache_bytes < 0
-        ):
-            raise ConfigurationError(f"decoded_cache_bytes must be an int >= 0, got {decoded_cache_bytes!r}")
         client = client_for(redis_client, timeout)
         self._owns_client = client is not redis_client  # built from a URL, or derived: ours to close
         #: the redis-py store (connection health, restarts); plugins may wrap what the parts use
         self.store = RedisStore(
             client, failure_threshold=failure_threshold, backoff=backoff, max_backoff=max_backoff
         )
+        self._assemble(self.config, sealer)
+        self._closed = False
+        for plugin in plugins:
+            self.add_plugin(plugin)
+
+    def _assemble(self, c: CacheConfig, sealer: Sealer) -> None:
+        """Build the parts and hand each the narrow pieces it needs (docs/architecture.md)."""
         slot = StoreSlot(self.store)
         self._rep = rep = Reporter(self, lambda: self.store.ok_seq)
         self._plugins = Plugins(rep, slot)
-        keys = Keys(prefix, _keys.clock_key(prefix), _keys.global_dep_key(prefix), generation_ttl * 1000)
-        self._keys = keys
-        self._announcer = Announcer(prefix, broadcast)
+        p = c.prefix
+        self._keys = keys = Keys(p, _keys.clock_key(p), _keys.global_dep_key(p), c.generation_ttl * 1000)
+        self._announcer = announcer = Announcer(p, c.broadcast)
         self._journal = journal = Journal(
-            slot, rep, keys, self._announcer.announce, lambda: self.store.backing_off, backoff
+            slot, rep, keys, announcer.announce, lambda: self.store.backing_off, c.backoff
         )
         self.store.on_restart = journal.fence
-        self._registry = registry = Registry(default_ttl)
+        self._registry = registry = Registry(c.default_ttl)
         self._txns = txns = Transactions(id(self))
-        self._outbox = OutboxWriter(prefix, outbox_table, self._new_relay) if durable else None
+        self._outbox = OutboxWriter(p, c.outbox_table, self._new_relay) if c.durable else None
         if self._outbox is not None:
             journal.on_replayed.append(self._outbox.wake_all)
         reads = ReadThrough(
@@ -146,33 +150,22 @@ class SQLCache:
             sealer,
             keys,
             journal.replay,
-            stampede_wait=stampede_wait,
-            max_entry_bytes=max_entry_bytes,
+            stampede_wait=c.stampede_wait,
+            max_entry_bytes=c.max_entry_bytes,
         )
-        decoded = DecodedCache(decoded_cache_bytes, registry.hierarchy, rep)
         commits = Commits(
-            slot,
-            rep,
-            registry,
-            sealer,
-            journal,
-            keys,
-            self._announcer.announce,
-            lock_ttl * 1000,
-            self._outbox,
+            slot, rep, registry, sealer, journal, keys, announcer.announce, c.lock_ttl * 1000, self._outbox
         )
+        decoded = DecodedCache(c.decoded_cache_bytes, registry.hierarchy, rep)
         self._wiring = Wiring(
             txns,
             registry,
             commits,
-            IdentityReader(reads, registry, txns, prefix),
-            QueryReader(reads, registry, txns, rep, prefix, c.default_ttl, decoded),
+            IdentityReader(reads, registry, txns, p),
+            QueryReader(reads, registry, txns, rep, p, c.default_ttl, decoded),
             reads,
             self._outbox,
         )
-        self._closed = False
-        for plugin in plugins:
-            self.add_plugin(plugin)
 
     def __repr__(self) -> str:
         return f"<SQLCache prefix={self.config.prefix!r}>"

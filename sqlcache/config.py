@@ -53,6 +53,7 @@ class CacheConfig:
     outbox_table: str = "sqlcache_outbox"
     relay_interval: float = 1.0
     relay_grace: float = 10.0
+    decoded_cache_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not self.prefix or not _PREFIX.match(self.prefix):
@@ -83,6 +84,14 @@ class CacheConfig:
             )
         if not isinstance(self.relay_grace, (int, float)) or not 0 <= self.relay_grace <= 86400:
             raise ConfigurationError(f"relay_grace must be seconds in [0, 86400], got {self.relay_grace!r}")
+        if (
+            isinstance(self.decoded_cache_bytes, bool)
+            or not isinstance(self.decoded_cache_bytes, int)
+            or self.decoded_cache_bytes < 0
+        ):
+            raise ConfigurationError(
+                f"decoded_cache_bytes must be an int >= 0, got {self.decoded_cache_bytes!r}"
+            )
         if self.failure_threshold < 1:
             raise ConfigurationError(f"failure_threshold must be >= 1, got {self.failure_threshold!r}")
 

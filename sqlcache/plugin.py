@@ -102,16 +102,13 @@ class PluginHost:
     """What one cache hands one plugin: its signals, its counters, its operations and its store.
 
     Everything a plugin adds through the host is removed when the plugin is closed (by
-    :meth:`~sqlcache.SQLCache.close` or when :meth:`Plugin.setup` raised).
+    :meth:`~sqlcache.SQLCache.close`) or when its :meth:`Plugin.setup` raised.
     """
 
     def __init__(self, cache: SQLCache, plugin_name: str, *, core: _HostCore) -> None:
         self._cache = cache
         self._core = core
         self.plugin_name = plugin_name
-        self._receivers: list[tuple[NamedSignal, Callable[..., Any]]] = []
-        self._hooks: list[OperationHook] = []
-        self._wrappers: list[StoreWrapper] = []
 
     @property
     def cache(self) -> SQLCache:
@@ -128,9 +125,7 @@ class PluginHost:
 
         An exception the receiver raises is logged and counted (``plugin_errors``), never propagated.
         """
-        guarded = self._core.guard(self.plugin_name, receiver)
-        signal.connect(guarded, sender=self._cache, weak=False)
-        self._receivers.append((signal, guarded))
+        self._core.connect(self.plugin_name, signal, receiver)
 
     def stats(self) -> dict[str, int]:
         """The cache's counters now (``SQLCache.stats()``)."""
@@ -142,7 +137,6 @@ class PluginHost:
         Costs nothing while no plugin has added a hook. A hook that raises (on entry or on exit) is
         skipped for that operation and counted in ``plugin_errors``.
         """
-        self._hooks.append(hook)
         self._core.add_hook(self.plugin_name, hook)
 
     def wrap_store(self, wrapper: StoreWrapper) -> None:
@@ -152,30 +146,15 @@ class PluginHost:
         answers ``read`` itself only when it can vouch for the entry). Wrappers apply in the order the
         plugins were added; closing the plugin unwraps.
         """
-        self._wrappers.append(wrapper)
         self._core.wrap_store(self.plugin_name, wrapper)
-
-    def _undo(self) -> None:
-        for signal, receiver in self._receivers:
-            signal.disconnect(receiver, sender=self._cache)
-        self._receivers.clear()
-        for hook in self._hooks:
-            self._core.remove_hook(hook)
-        self._hooks.clear()
-        for wrapper in self._wrappers:
-            self._core.unwrap_store(wrapper)
-        self._wrappers.clear()
 
 
 class _HostCore(Protocol):
-    """What the cache gives the host (narrow; the host never reaches further)."""
+    """What the cache gives the host (narrow; the host never reaches further). The core remembers
+    what each plugin added, to remove it when that plugin goes."""
 
-    def guard(self, plugin: str, receiver: Callable[..., Any]) -> Callable[..., Any]: ...
+    def connect(self, plugin: str, signal: NamedSignal, receiver: Callable[..., Any]) -> None: ...
 
     def add_hook(self, plugin: str, hook: OperationHook) -> None: ...
 
-    def remove_hook(self, hook: OperationHook) -> None: ...
-
     def wrap_store(self, plugin: str, wrapper: StoreWrapper) -> None: ...
-
-    def unwrap_store(self, wrapper: StoreWrapper) -> None: ...

@@ -1,0 +1,109 @@
+"""Every private SQLAlchemy attribute sqlcache._sa relies on exists in the installed SQLAlchemy: an
+upgrade that moves one fails here, by name, instead of as a wrong answer somewhere else."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy import types as sqltypes
+from sqlalchemy.orm import Session, joinedload
+
+from sqlcache import _sa
+
+from ..models import Base, Order, User
+
+
+@pytest.fixture
+def session() -> Any:
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    with Session(engine) as s:
+        s.add(User(id=1, name="a", email="a@x"))
+        s.commit()
+        yield s
+    engine.dispose()
+
+
+def test_statement_and_mapper_internals() -> None:
+    """Select and Mapper attributes that pk_load, cache_key and the load paths read."""
+    mapper = User.__mapper__
+    assert len(mapper._get_clause) == 2
+    stmt: Any = select(User).where(User.id == 1).options(joinedload(User.orders))
+    for attr in (
+        "_where_criteria",
+        "_for_update_arg",
+        "_with_options",
+        "_limit_clause",
+        "_order_by_clauses",
+        "_setup_joins",
+        "_compile_options",
+    ):
+        assert hasattr(stmt, attr), attr
+    assert _sa.cache_key(stmt) is not None
+    assert len(_sa.statement_options(stmt)) == 1
+    assert _sa.current_path(stmt) is None or hasattr(_sa.current_path(stmt), "path")
+    assert _sa.path_registry(mapper) is not None
+    assert _sa.type_is_unknown(sqltypes.NullType()) and not _sa.type_is_unknown(sqltypes.Integer())
+    assert issubclass(sqltypes.LargeBinary, _sa.BINARY)
+
+
+def test_execution_internals(session: Session) -> None:
+    """What the do_orm_execute hook reads off an ORMExecuteState, on a real Session.get."""
+    seen: list[Any] = []
+
+    def hook(orm_state: Any) -> None:
+        seen.append(
+            (
+                _sa.pk_load(orm_state),
+                _sa.bypasses_query_cache(orm_state),
+                _sa.pending_autoflush(orm_state),
+                _sa.refresh_state(orm_state),
+                _sa.legacy_uniquing(orm_state),
+                _sa.shard_token(orm_state),
+                _sa.only_load_props(orm_state.statement),
+            )
+        )
+
+    from sqlalchemy import event
+
+    event.listen(session, "do_orm_execute", hook)
+    session.expunge_all()
+    session.get(User, 1)
+    event.remove(session, "do_orm_execute", hook)
+    (found, bypass, pending, refresh, legacy, shard, only) = seen[0]
+    assert found is not None and found[1] == (1,)
+    assert (bypass, pending, refresh, legacy, shard, only) == (False, False, None, False, None, None)
+    assert not _sa.is_flushing(session)
+    assert not _sa.is_autocommit(session.connection())
+
+
+def test_result_internals(session: Session) -> None:
+    """The unique() guard, result attributes and frozen keys the hit path sets and reads."""
+    result = session.execute(select(User, Order).outerjoin(Order))
+    guard = _sa.take_unique_guard(result)
+    frozen = result.freeze()
+    assert _sa.frozen_keys(frozen) == ["User", "Order"]
+    assert _sa.frozen_single_entity(frozen) is False
+    out = frozen()
+    _sa.require_unique(out, lambda row: row)
+    assert guard is None or len(guard) == 2
+    meta = _sa.result_metadata(["a"], lambda: [None])
+    assert _sa.with_attributes(out, True)._attributes["is_single_entity"] is True
+    assert list(meta.keys) == ["a"]
+
+
+def test_object_building_internals(session: Session) -> None:
+    """Identity map internals, state factory, load numbers and loader strategy classes."""
+    states, wr = _sa.identity_map_parts(session)
+    assert isinstance(states, dict) and wr is not None
+    ctor, setter = _sa.state_factory(User.__mapper__.class_manager)
+    assert callable(ctor) and callable(setter)
+    assert _sa.new_runid() < _sa.new_runid()
+    user = session.get(User, 1)
+    assert _sa.is_instance(user)
+    prop = User.__mapper__.relationships["orders"]
+    assert _sa.lazy_strategy(prop, "raise") is not None
+    assert _sa.LazyCallable is not None and _sa.DeferredCallable is not None
+    assert _sa.loader_criteria(None) is None
