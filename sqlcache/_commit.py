@@ -116,7 +116,7 @@ class Commits:
         run = self._rep.begin("lock", keys=len(keys), tags=tuple(tags)) if self._rep.hooks else None
         seen: list[str] = []
         sent: SentLock | None = None
-        try:
+        try:  # run.end() below in each branch; an unexpected exception still ends the operation
             if repop:
                 seen = self._slot.current.lock(k.clock, keys, watch, token, self._lock_ttl_ms, k.gen_ttl_ms)
             else:
@@ -129,6 +129,9 @@ class Commits:
                 run.end("error", exc)
             self._rep.report(exc, "lock")
             repop = []
+        finally:
+            if run is not None:
+                run.end("error")  # only if something unexpected raised before it ended
         watched = dict(zip(watch, seen, strict=False))
         entries: list[RepopEntry] = []
         for entry_key, deps, ttl_ms, payload in repop:
@@ -197,29 +200,29 @@ class Commits:
         pending = self._pending.pop(dbapi_key, None)
         if pending is None:
             return
-        run = (
-            self._rep.begin("release", keys=len(pending.keys), tags=tuple(pending.tags))
-            if self._rep.hooks
-            else None
-        )
-        released = self._release(pending, committed)
-        if run is not None:
-            run.end("ok" if released else "deferred")
-        if pending.outbox is not None and released:
+        rep = self._rep
+        run = rep.begin("release", keys=len(pending.keys), tags=tuple(pending.tags)) if rep.hooks else None
+        try:
+            failure = self._release(pending, committed)
+            if run is not None:
+                run.end("ok" if failure is None else "deferred", failure)
+        finally:
+            if run is not None:
+                run.end("error")  # only if something unexpected raised before it ended
+        if pending.outbox is not None and failure is None:
             # applied: the row only needs deleting. Otherwise a relay applies it, even when the COMMIT
             # raised: a COMMIT that reached the server before the connection broke may have committed
             # (and a transaction that truly rolled back left no row to apply).
             pending.outbox.done()
         if signals.invalidated.receivers:
-            self._rep.send(
-                signals.invalidated, identities=pending.identities, tags=pending.tags, remote=False
-            )
+            rep.send(signals.invalidated, identities=pending.identities, tags=pending.tags, remote=False)
 
-    def _release(self, pending: _Pending, committed: bool) -> bool:
-        """The one release path; True if Redis took it, False if it went to the journal."""
+    def _release(self, pending: _Pending, committed: bool) -> CacheUnavailable | None:
+        """The one release path: None if Redis took it, else why it went to the journal."""
         k = self._keys
         store = self._slot.current
         announce = self._announce(pending.identities, pending.tags)
+        failure: CacheUnavailable | None = None
         if pending.sent is not None:
             try:
                 if not store.release_after(
@@ -227,16 +230,15 @@ class Commits:
                 ):
                     self._rep.incr("errors")
                 self._rep.incr("invalidations", len(pending.keys))
-                released = True
             except CacheUnavailable as exc:
                 self._rep.report(exc, "release")
                 self._journal.defer(pending.keys)
-                released = False
+                failure = exc
             self._journal.replay()
-            return released
+            return failure
         if not self._journal.replay():
             self._journal.defer(pending.keys)
-            return False
+            return CacheUnavailable("release (journal not replayed yet)")
         try:
             written = store.release(
                 k.clock, pending.keys, pending.token, k.gen_ttl_ms,
@@ -245,7 +247,7 @@ class Commits:
         except CacheUnavailable as exc:
             self._rep.report(exc, "release")
             self._journal.defer(pending.keys)
-            return False
+            return exc
         self._rep.incr("invalidations", len(pending.keys))
         self._rep.incr("repopulated", written)
-        return True
+        return None

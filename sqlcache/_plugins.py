@@ -20,9 +20,12 @@ class Plugins:
     """What ``SQLCache(plugins=...)``, ``add_plugin()`` and ``close()`` do with plugins; also the
     host core (``sqlcache.plugin._HostCore``) every :class:`~sqlcache.plugin.PluginHost` talks to."""
 
-    def __init__(self, reporter: Reporter, slot: StoreSlot) -> None:
+    def __init__(
+        self, reporter: Reporter, slot: StoreSlot, server: Callable[[], dict[str, str | int]]
+    ) -> None:
         self._rep = reporter
         self._slot = slot
+        self.server = server
         self._plugins: dict[str, Plugin] = {}
         self._wrappers: list[tuple[str, StoreWrapper]] = []
         self._receivers: list[tuple[str, NamedSignal, Callable[..., Any]]] = []

@@ -113,7 +113,19 @@ class ReadThrough:
         if not self._replay():
             return None
         rep = self._rep
-        run = rep.begin("read", rd.kind, rd.key, rd.model, rd.tags, len(rd.deps)) if rep.hooks else None
+        if not rep.hooks:
+            return self._read(orm_state, rd, txns, None)
+        run = rep.begin("read", rd.kind, rd.key, rd.model, rd.tags, len(rd.deps))
+        try:
+            return self._read(orm_state, rd, txns, run)
+        finally:
+            run.end("error")  # only if something unexpected raised before it ended
+
+    def _read(
+        self, orm_state: ORMExecuteState, rd: Read, txns: list[TxnState], run: Running | None
+    ) -> Result[Any] | None:
+        session = orm_state.session
+        rep = self._rep
         try:  # degrade("read") spelled out: this is the hit path
             r = self._slot.current.read(self._keys.clock, rd.key, rd.deps)
         except (CacheUnavailable, CodecError) as exc:

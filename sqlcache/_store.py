@@ -376,6 +376,20 @@ class RedisStore:
         keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, entries, announce)
         return int(self._call("release", lambda: self._release(keys=keys, args=args)))
 
+    def server(self) -> dict[str, str | int]:
+        """Where this store's Redis is: ``address`` (host or socket path), ``port``, ``db`` where known.
+        Never credentials."""
+        kwargs = self.client.connection_pool.connection_kwargs
+        out: dict[str, str | int] = {}
+        address = kwargs.get("host", kwargs.get("path"))
+        if isinstance(address, str) and address:
+            out["address"] = address
+        for name in ("port", "db"):
+            value = kwargs.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[name] = value
+        return out
+
     def subscribe(self, channel: str) -> Subscription:
         """Subscribe to ``channel`` on a connection of its own (not through the circuit breaker)."""
         return Subscription(self.client, channel)

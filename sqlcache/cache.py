@@ -130,7 +130,7 @@ class SQLCache:
         """Build the parts and hand each the narrow pieces it needs (docs/architecture.md)."""
         slot = StoreSlot(self.store)
         self._rep = rep = Reporter(self, lambda: self.store.ok_seq)
-        self._plugins = Plugins(rep, slot)
+        self._plugins = Plugins(rep, slot, self.store.server)
         p = c.prefix
         self._keys = keys = Keys(p, _keys.clock_key(p), _keys.global_dep_key(p), c.generation_ttl * 1000)
         self._announcer = announcer = Announcer(p, c.broadcast)

@@ -131,6 +131,11 @@ class PluginHost:
         """The cache's counters now (``SQLCache.stats()``)."""
         return self._cache.stats()
 
+    def server(self) -> dict[str, str | int]:
+        """Where the cache's Redis is, for span and metric attributes: ``address`` (host name or socket
+        path), ``port`` and ``db`` when known (never credentials)."""
+        return self._core.server()
+
     def add_operation_hook(self, hook: OperationHook) -> None:
         """Wrap every timed operation of this cache (see :data:`OPERATIONS`) in ``hook(operation)``.
 
@@ -158,3 +163,5 @@ class _HostCore(Protocol):
     def add_hook(self, plugin: str, hook: OperationHook) -> None: ...
 
     def wrap_store(self, plugin: str, wrapper: StoreWrapper) -> None: ...
+
+    def server(self) -> dict[str, str | int]: ...

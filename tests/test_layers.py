@@ -89,7 +89,7 @@ def test_no_import_cycles() -> None:
             if nxt not in graph:
                 continue
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt) :] + [nxt]
+                cycle = [*path[path.index(nxt) :], nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 walk(nxt)
@@ -177,7 +177,9 @@ def _assigned_attributes(path: Path) -> set[str]:
             isinstance(t, ast.Name) and t.id == "__slots__" for t in node.targets
         ):
             out.update(
-                e.value for e in ast.walk(node.value) if isinstance(e, ast.Constant) and isinstance(e.value, str)
+                e.value
+                for e in ast.walk(node.value)
+                if isinstance(e, ast.Constant) and isinstance(e.value, str)
             )
     return out
 

@@ -1,4 +1,5 @@
-"""The wheel ships the Lua scripts and py.typed; .ci/run runs the README's test command verbatim."""
+"""The wheel ships the Lua scripts, py.typed and every plugin as a top-level package; .ci/run runs the
+README's test command verbatim."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ def test_wheel_contents(tmp_path: Path) -> None:
     for lua in (ROOT / "sqlcache" / "lua").glob("*.lua"):
         assert f"sqlcache/lua/{lua.name}" in names
     assert "sqlcache/py.typed" in names
+    for plugin in (ROOT / "plugins").iterdir():
+        if (plugin / "__init__.py").exists():
+            # each plugin is a top-level package of the wheel, typed
+            assert f"{plugin.name}/__init__.py" in names
+            assert f"{plugin.name}/py.typed" in names
+    assert not any(n.startswith("plugins/") for n in names)
 
 
 def test_ci_runs_readme_test_command() -> None:
