@@ -53,7 +53,7 @@ class IdentityReader:
         if self._txns.wrote(session, dep_identity, h.tables, ()):
             # this transaction wrote the row (or its table); the cache holds the committed state, which
             # is not what this transaction must see: read the database
-            self._reads.bypass("identity")
+            self._reads.bypass("identity", mapper.class_.__name__)
             return None
         refresh = _sa.refresh_state(orm_state)  # loading an expired object's attributes
         if refresh is not None:
@@ -62,7 +62,7 @@ class IdentityReader:
                 # only a whole reload (every column expired, as after a commit) may come from Redis: an
                 # object holding some columns must not take others from a newer version of its row.
                 # Decided before any Redis call: a deferred column's load costs no round trip here.
-                self._reads.bypass("identity")
+                self._reads.bypass("identity", mapper.class_.__name__)
                 return None
         entry_key = _keys.identity_entry_key(p, h.fingerprint + translation, h.entity, pk)
         deps = [dep_identity, *(_keys.bulk_dep_key(p, t) for t in h.tables), self._everything]

@@ -52,6 +52,18 @@ class Plugins:
     def all(self) -> list[Plugin]:
         return list(self._plugins.values())
 
+    def remove(self, name: str) -> Plugin:
+        """Undo what the plugin ``name`` added and close it; returns it."""
+        plugin = self._plugins.pop(name, None)
+        if plugin is None:
+            raise ConfigurationError(f"no plugin named {name!r} on this cache")
+        self._remove(name)
+        try:
+            plugin.close()
+        except Exception:
+            self._rep.plugin_failed(name, "close()")
+        return plugin
+
     def close(self) -> None:
         """Undo what each plugin added and close it, last added first; what a close raises is counted."""
         plugins, self._plugins = list(self._plugins.items()), {}

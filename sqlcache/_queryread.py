@@ -79,20 +79,20 @@ class QueryReader:
             or (orm_state.is_relationship_load and not relationship)
             or orm_state.is_column_load
         ):
-            self._reads.bypass("query")
+            self._reads.bypass("query", None, qp.tags)
             return None
         try:
             spec_key, spec, key = self._key(orm_state, stmt, qp, engine, translation)
         except Uncacheable:
-            self._reads.bypass("query")
+            self._reads.bypass("query", None, qp.tags)
             return None
         if spec.aliased and any(o.propagate_to_loaders for o in _sa.statement_options(stmt)):
             # loader options bound to an alias are matched against the statement SQLAlchemy compiled
             # first; a hit cannot line them up with this one's alias: the database answers
-            self._reads.bypass("query")
+            self._reads.bypass("query", spec.model, qp.tags)
             return None
         if self._txns.wrote(orm_state.session, None, (), spec.tables):
-            self._reads.bypass("query")
+            self._reads.bypass("query", spec.model, qp.tags)
             return None
         p = self._prefix
         deps = [
@@ -112,6 +112,7 @@ class QueryReader:
             ),
             protect=True,
             swr_ms=(qp.swr or 0) * 1000,
+            model=spec.model,
             tags=qp.tags,
         )
         return self._reads.read(orm_state, rd)

@@ -42,6 +42,7 @@ class QuerySpec:
     # every extra is an object any statement of this shape names the same way (a mapped class, its
     # attributes, a table's columns); labels and functions are built anew with each statement
     stable_extras: bool = field(init=False)
+    model: str | None = field(init=False)  # the first entity column's class name (for plugins)
     any_entity: bool = field(init=False)  # the ORM marks such results "filtered": legacy Query uniques
     # derived once: which columns are entities, their load paths (not for aliased entities, whose paths
     # are the alias's own), and result metadata per (column names, legacy Query) (hits share it, as
@@ -56,6 +57,7 @@ class QuerySpec:
         self.entities = [h is not None for h in self.columns]
         self.paths = [_sa.path_registry(h.mapper) if h is not None else None for h in self.columns]
         self.any_entity = any(self.entities)
+        self.model = next((h.mapper.class_.__name__ for h in self.columns if h is not None), None)
         self.stable_extras = all(_shared_object(x) for ex in self.extras or () for x in ex)
         convs = [type_converters(t, t) if t is not None else (None, None) for t in self.types]
         self.to_plain = tuple(c[0] for c in convs) if any(c[0] for c in convs) else ()

@@ -100,17 +100,27 @@ class ReadThrough:
         # a query's stampede lock outlives the wait of the callers behind it, then expires on its own
         self._fill_lock_ms = int(max(2 * stampede_wait, 5.0) * 1000)
 
-    def bypass(self, kind: str) -> None:
+    def bypass(self, kind: str, model: str | None = None, tags: tuple[str, ...] = ()) -> None:
         """A read that could not use the cache (own writes, FOR UPDATE, ...)."""
         self._rep.incr("bypassed")
         if self._rep.hooks:
-            self._rep.instant("read", "bypass", kind)
+            self._rep.instant("read", "bypass", kind, None, model, tags)
+
+    def _skipped_fill(self, rd: Read) -> None:
+        """A fill not attempted (a dependency locked, the snapshot may predate a commit, ...)."""
+        self._rep.incr("fills_skipped")
+        if self._rep.hooks:
+            self._rep.instant("fill", "skipped", rd.kind, rd.key, rd.model, rd.tags)
 
     def read(self, orm_state: ORMExecuteState, rd: Read) -> Result[Any] | None:
         """A hit, or the database and a guarded fill. None: not handled (SQLAlchemy runs it as usual)."""
         session = orm_state.session
         txns = self._txns.of_session(session)
         if not self._replay():
+            # invalidations this process could not deliver are pending: Redis may still hold entries
+            # they would have killed, so the database answers until they are applied
+            if self._rep.hooks:
+                self._rep.instant("read", "error", rd.kind, rd.key, rd.model, rd.tags)
             return None
         rep = self._rep
         if not rep.hooks:
@@ -198,7 +208,7 @@ class ReadThrough:
         if r.locked or r.generations is None:
             # a writer holds a dependency between its lock and its release: whatever we just read may
             # already be outdated; do not store it
-            self._rep.incr("fills_skipped")
+            self._skipped_fill(rd)
             return out, False
         ran = self._fill(session, rd, r.generations, frozen, token, unique_guard is not None, runid)
         return out, ran
@@ -293,7 +303,7 @@ class ReadThrough:
         rep = self._rep
         bound = self._txns.fill_bound(session)
         if not bound.ok:
-            rep.incr("fills_skipped")
+            self._skipped_fill(rd)
             return False
         payload: bytes | None = None
         with rep.degrade("encode"):
@@ -302,6 +312,8 @@ class ReadThrough:
             return False
         if len(payload) > self._max_entry_bytes:
             rep.incr("too_large")  # a huge result is not worth a Redis value: stays uncached
+            if rep.hooks:
+                rep.instant("fill", "skipped", rd.kind, rd.key, rd.model, rd.tags)
             return False
         payload = self._sealer.seal(rd.key, payload)
         ttl_ms, swr_ms = rd.ttl_ms, rd.swr_ms

@@ -139,7 +139,15 @@ class Reporter:
             running._exits.append((plugin, cm))
         return running
 
-    def instant(self, name: str, result: str, kind: str | None = None, key: str | None = None) -> None:
-        """An operation that ended as it began (a read that bypassed the cache)."""
+    def instant(
+        self,
+        name: str,
+        result: str,
+        kind: str | None = None,
+        key: str | None = None,
+        model: str | None = None,
+        tags: tuple[str, ...] = (),
+    ) -> None:
+        """An operation that ended as it began (a read that bypassed the cache, a fill not attempted)."""
         if self.hooks:
-            self.begin(name, kind, key).end(result)
+            self.begin(name, kind, key, model, tags).end(result)

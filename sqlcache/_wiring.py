@@ -340,8 +340,12 @@ class Wiring:
             # SQLAlchemy autoflushes after this event, then runs the statement against the flushed
             # rows (a pending insert found by a get, a changed column matched by a WHERE): only the
             # database can answer that
-            if orm_state.user_defined_options or _sa.pk_load(orm_state) is not None:
-                self._reads.bypass("query" if orm_state.user_defined_options else "identity")
+            if any(isinstance(o, CacheOption) for o in orm_state.user_defined_options):
+                self._reads.bypass("query")
+            else:
+                found = _sa.pk_load(orm_state)
+                if found is not None and self._policies.policy_for(found[0]) is not None:
+                    self._reads.bypass("identity", found[0].class_.__name__)
             return None
         for opt in orm_state.user_defined_options:
             if isinstance(opt, CacheOption):

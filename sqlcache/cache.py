@@ -237,6 +237,16 @@ class SQLCache:
             raise ConfigurationError("this SQLCache was closed")
         self._plugins.add(self, plugin)
 
+    def remove_plugin(self, name: str) -> Plugin:
+        """Remove the plugin called ``name``: its receivers, hooks and store wrapper go, then its
+        ``close()`` runs (an exception it raises is counted in ``plugin_errors``). Returns the plugin.
+
+        :raises ConfigurationError: if no plugin of that name was added.
+
+        .. versionadded:: 0.2
+        """
+        return self._plugins.remove(name)
+
     def plugins(self) -> list[Plugin]:
         """The plugins of this cache, in the order they were added.
 

@@ -96,8 +96,8 @@ class PrometheusPlugin:
     :param registry: where the metrics are registered; the global ``prometheus_client.REGISTRY`` when
         None.
     :param namespace: the first part of every metric's name.
-    :param label_models: add a ``model`` label (the mapped class's name, "" for queries and bypasses) to
-        requests and fills. One series per model and result: mind the cardinality.
+    :param label_models: add a ``model`` label (the mapped class's name; for a query, its first entity's;
+        "" when there is none) to requests and fills. One series per model and result: mind the cardinality.
     :param label_tags: add a ``tags`` label (the cached query's tags, sorted and comma-joined) to
         requests and fills. One series per distinct tag set: only for a small, fixed set of tags.
     :param buckets: upper bounds in seconds of the duration histogram's buckets.

@@ -228,3 +228,36 @@ def test_operations_report_redis_errors(engine: Engine) -> None:
     assert by_name["read"].result == "error" and by_name["read"].error is not None
     assert by_name["lock"].result == "error" and by_name["lock"].error is not None
     assert by_name["release"].result == "deferred" and by_name["release"].error is not None
+
+
+def test_remove_plugin_undoes_it(engine: Engine, cache: SQLCache) -> None:
+    """remove_plugin() takes the plugin's hooks, receivers and store wrapper away and closes it; the
+    name is free again; an unknown name is a ConfigurationError."""
+    cache.register(User)
+    rec = Recorder()
+    cache.add_plugin(rec)
+    assert cache.remove_plugin("recorder") is rec and rec.closed == 1
+    uid = make_user(engine)
+    with Session(engine) as s:
+        s.get(User, uid)
+    cache.invalidate_tags("x")
+    assert rec.ops == [] and rec.signals == [] and rec.reads == 0
+    with pytest.raises(ConfigurationError, match="'recorder'"):
+        cache.remove_plugin("recorder")
+    cache.add_plugin(Recorder())
+
+
+def test_bypasses_and_skipped_fills_reach_hooks(engine: Engine, cache: SQLCache) -> None:
+    """A read that bypasses the cache names its model; a fill skipped because a writer holds a lock is
+    an operation with result "skipped"; a get of an unregistered model during autoflush is no bypass."""
+    cache.register(User)
+    rec = Recorder()
+    cache.add_plugin(rec)
+    uid = make_user(engine)
+    with Session(engine) as s:
+        user = s.get(User, uid)
+        assert user is not None
+        user.name = "pending"
+        s.get(User, uid + 1000)  # autoflush pending: the database answers
+    bypasses = [o for o in rec.ops if o.name == "read" and o.result == "bypass"]
+    assert [(o.kind, o.model) for o in bypasses] == [("identity", "User")]

@@ -321,9 +321,10 @@ def test_model_and_tag_labels(engine: Engine, cache: SQLCache, registry: Collect
 
     assert (requests("identity", "miss", "User", ""), requests("identity", "hit", "User", "")) == (1, 1)
     assert requests("identity", "miss", "Product", "") == 1
-    assert (requests("query", "miss", "", "a,b"), requests("query", "hit", "", "a,b")) == (1, 1)
+    # a query's model is its first entity's class
+    assert (requests("query", "miss", "User", "a,b"), requests("query", "hit", "User", "a,b")) == (1, 1)
     assert m("fills_total", kind="identity", result="stored", model="Product", tags="") == 1
-    assert m("fills_total", kind="query", result="stored", model="", tags="a,b") == 1
+    assert m("fills_total", kind="query", result="stored", model="User", tags="a,b") == 1
     assert requests("identity", "stale", "User", "") is None  # no series before its first event
     assert m.requests("identity", "miss") is None  # no series without the model and tags labels
     assert cache.stats()["plugin_errors"] == 0
