@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.orm.attributes import instance_state, set_committed_value
+from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa
 from ._codec import decode, encode
@@ -126,7 +126,7 @@ def materialize_objects(
     instances: list[Any] = []
     new = bytearray(len(objects))
     try:
-        _build(session, shapes, objects, load_options, load_path, instances, new, _sa.new_runid())
+        _sa.build_objects(session, shapes, objects, load_options, load_path, instances, new, _sa.new_runid())
     except BaseException:
         discard_built(session, instances, new)  # nothing half-built stays in the session
         raise
@@ -139,30 +139,6 @@ def built_since(state: Any, runid: int) -> bool:
     return r is not None and r > runid
 
 
-def refresh_unloaded(shape: Shape, obj: Any, mask: int, values: Sequence[Any]) -> bool:
-    """An object already in the identity map, found again by a hit: if none of its columns is loaded
-    (all expired by a commit), it takes the entry's values, as from a database load; True if so.
-
-    An object holding some columns keeps them and loads the others from the database on access: the
-    entry may hold a newer version of the row than the loaded columns came from (another commit, or a
-    repeatable-read snapshot), and one object must never mix two versions of its row.
-    """
-    dict_ = obj.__dict__
-    state = instance_state(obj)
-    if any(key in dict_ or key in state.committed_state for key in shape.keys):
-        return False
-    j = 0
-    keys = []
-    for i, key in enumerate(shape.keys):
-        if mask >> i & 1:
-            set_committed_value(obj, key, values[j])
-            keys.append(key)
-            j += 1
-    if state.manager.dispatch.refresh:  # as after a reload from the database (ext.mutable listens)
-        state.manager.dispatch.refresh(state, None, keys)
-    return True
-
-
 def discard_built(session: Session, instances: list[Any], new: bytearray) -> None:
     """Take the objects a failed hit built back out of the session's identity map."""
     identity_map = session.identity_map
@@ -172,91 +148,6 @@ def discard_built(session: Session, instances: list[Any], new: bytearray) -> Non
             identity_map.safe_discard(state)
             state.session_id = None
             state.key = None
-
-
-def _build(
-    session: Session,
-    shapes: Sequence[Shape | None],
-    objects: list[list[Any]],
-    load_options: tuple[Any, ...],
-    load_path: Any,
-    instances: list[Any],
-    new: bytearray,
-    runid: int,
-) -> None:
-    # What loading.py does per row, without the row: the identity map's own dict and weak reference
-    # are used directly (WeakInstanceDict.get / _add_unpresent inlined; both are what loading.py calls)
-    # and ClassManager.new_instance() is spelled out, to keep the state.
-    states, wr = _sa.identity_map_parts(session)
-    lookup = states.get
-    set_instance_dict = _sa.set_instance_dict
-    hash_key = session.hash_key
-    persistent_evt = session.dispatch.loaded_as_persistent if session.dispatch.loaded_as_persistent else None
-    append = instances.append
-    last_si = -1
-    shape: Shape | None = None
-    cls: Any = None
-    ctor: Any = None
-    setter: Any = None
-    manager: Any = None
-    load: Any = None
-    keys: tuple[str, ...] = ()
-    full_mask = -1
-    pos = -1
-    ic: Any = None
-    for n, obj in enumerate(objects):
-        si = obj[-2]
-        if si != last_si:
-            shape = shapes[si]
-            assert shape is not None
-            manager = shape.mapper.class_manager
-            cls = manager.class_
-            ctor, setter = _sa.state_factory(manager)
-            load = manager.dispatch.load if manager.dispatch.load else None
-            keys = shape.keys
-            full_mask = shape.full_mask
-            pos = shape.pk_positions[0] if len(shape.pk_positions) == 1 else -1
-            ic = shape.identity_class
-            last_si = si
-        assert shape is not None
-        mask = obj[-1]
-        full = mask == full_mask
-        if full and pos >= 0:
-            identity_key: tuple[Any, ...] = (ic, (obj[pos],), None)
-        elif full:
-            identity_key = (ic, tuple([obj[k] for k in shape.pk_positions]), None)
-        else:
-            identity_key = shape.identity_key(mask, obj)
-        found = lookup(identity_key)
-        if found is not None:
-            existing = found.obj()
-            if existing is not None:
-                append(existing)
-                refresh_unloaded(shape, existing, mask, obj)
-                continue
-        instance = cls.__new__(cls)
-        state = ctor(instance, manager)
-        setter(instance, state)
-        state.key = identity_key
-        state.session_id = hash_key
-        state.runid = runid
-        if load_options:
-            state.load_options = load_options
-        if load_path is not None:
-            state.load_path = load_path
-        states[identity_key] = state
-        set_instance_dict(state, wr)
-        append(instance)
-        new[n] = 1  # from here on, a failure takes it back out (discard_built)
-        if full:
-            # stops before the two trailers; no strict= (a keyword argument makes zip() much slower here)
-            instance.__dict__.update(zip(keys, obj))  # noqa: B905
-        else:
-            _fill_partial(shape, state, state.dict, mask, obj)
-        if load is not None:
-            load(state, None)
-        if persistent_evt is not None:
-            persistent_evt(session, state)
 
 
 # -- per-instance loader strategies ---------------------------------------------------------------
@@ -314,21 +205,6 @@ def apply_marks(instances: list[Any], new: bytearray, marks: list[tuple[int, str
         if "callables" not in state.__dict__:  # the class-level default is a shared empty dict
             state.callables = {}
         state.callables[key] = fn
-
-
-def _fill_partial(
-    shape: Shape, state: InstanceState[Any], dict_: dict[str, Any], mask: int, values: list[Any]
-) -> None:
-    j = 0
-    expired = state.expired_attributes
-    for i, key in enumerate(shape.keys):
-        if mask >> i & 1:
-            dict_[key] = values[j]
-            j += 1
-        elif not shape.deferred[i]:
-            # a column the original load did not fetch (a subclass table): loads on access, as after
-            # a polymorphic load of the base class
-            expired.add(key)
 
 
 def materialize(session: Session, shape: Shape, mask: int, values: list[Any]) -> Any:

@@ -10,7 +10,7 @@ of this shape, and plugins may wrap it (``PluginHost.wrap_store``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -176,12 +176,12 @@ def read_keys(clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> list[s
     return [entry_key, clock_key, *dep_keys]
 
 
-def judge_read(values: Sequence[bytes | None], now_ms: float) -> ReadResult:
+def judge_read(values: Sequence[bytes | None], now: Callable[[], float]) -> ReadResult:
     """Judge a read's MGET reply (entry, clock, dependencies).
 
     MGET is atomic, so the entry and the generations it is checked against are one instant's. An entry
     is ``g1,g2,...|payload``, valid only if each dependency holds exactly that generation (a locked
-    dependency holds more than digits, so it never matches). ``now_ms`` (wall clock) only decides
+    dependency holds more than digits, so it never matches). ``now`` (wall clock, seconds) is asked only
     whether a stale-while-revalidate entry is past its fresh-until.
     """
     entry, clock_raw = values[0], values[1]
@@ -196,7 +196,7 @@ def judge_read(values: Sequence[bytes | None], now_ms: float) -> ReadResult:
                 return ReadResult(True, entry[sep + 1 :], joined, clock, False)
             if sep >= 0 and header.startswith(joined + b";F") and header[len(joined) + 2 :].isdigit():
                 # valid (nothing invalidated it) but maybe past its TTL: stale-while-revalidate
-                stale = int(header[len(joined) + 2 :]) < now_ms
+                stale = int(header[len(joined) + 2 :]) < now() * 1000
                 return ReadResult(True, entry[sep + 1 :], joined, clock, False, stale)
         return ReadResult(False, None, joined, clock, False)
     return ReadResult(False, None, None, clock, False)

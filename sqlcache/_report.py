@@ -65,9 +65,8 @@ class Reporter:
         self.strict_signals = False
         #: (plugin name, hook); empty (falsy) while no plugin timed anything: the hot paths test it
         self.hooks: list[tuple[str, OperationHook]] = []
-
-    def incr(self, name: str, n: int = 1) -> None:
-        self.stats.incr(name, n)
+        #: count an event (the counters' own method: one call less on the hot paths)
+        self.incr: Callable[..., None] = self.stats.incr
 
     # -- failures -------------------------------------------------------------------------------------
 

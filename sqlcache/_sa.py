@@ -16,24 +16,27 @@ from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import loading as _loading
 from sqlalchemy.orm import strategies as _strategies
+from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql import Select
 from sqlalchemy.util import immutabledict
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.engine.result import FrozenResult, Result
-    from sqlalchemy.orm import ORMExecuteState, Session
+    from sqlalchemy.orm import InstanceState, ORMExecuteState, Session
+
+    from ._hierarchy import Shape
 
 __all__ = [
     "BINARY",
     "DeferredCallable",
     "LazyCallable",
+    "build_objects",
     "bypasses_query_cache",
     "cache_key",
     "current_path",
     "frozen_keys",
     "frozen_single_entity",
-    "identity_map_parts",
     "is_autocommit",
     "is_flushing",
     "is_instance",
@@ -46,11 +49,10 @@ __all__ = [
     "pending_autoflush",
     "pk_load",
     "refresh_state",
+    "refresh_unloaded",
     "require_unique",
     "result_metadata",
-    "set_instance_dict",
     "shard_token",
-    "state_factory",
     "statement_options",
     "take_unique_guard",
     "type_is_unknown",
@@ -260,22 +262,136 @@ def frozen_keys(frozen: FrozenResult[Any]) -> list[str]:
 # -- building objects as a load does ------------------------------------------------------------------
 
 
-def identity_map_parts(session: Session) -> tuple[dict[Any, Any], Any]:
-    """The identity map's own dict and weak reference: what ``loading.py`` uses per row
-    (``WeakInstanceDict.get`` / ``_add_unpresent`` inlined by the object builder)."""
+def refresh_unloaded(shape: Shape, obj: Any, mask: int, values: Sequence[Any]) -> bool:
+    """An object already in the identity map, found again by a hit: if none of its columns is loaded
+    (all expired by a commit), it takes the entry's values, as from a database load; True if so.
+
+    An object holding some columns keeps them and loads the others from the database on access: the
+    entry may hold a newer version of the row than the loaded columns came from (another commit, or a
+    repeatable-read snapshot), and one object must never mix two versions of its row.
+    """
+    dict_ = obj.__dict__
+    state = instance_state(obj)
+    if any(key in dict_ or key in state.committed_state for key in shape.keys):
+        return False
+    j = 0
+    keys = []
+    for i, key in enumerate(shape.keys):
+        if mask >> i & 1:
+            set_committed_value(obj, key, values[j])
+            keys.append(key)
+            j += 1
+    if state.manager.dispatch.refresh:  # as after a reload from the database (ext.mutable listens)
+        state.manager.dispatch.refresh(state, None, keys)
+    return True
+
+
+def build_objects(
+    session: Session,
+    shapes: Sequence[Shape | None],
+    objects: list[list[Any]],
+    load_options: tuple[Any, ...],
+    load_path: Any,
+    instances: list[Any],
+    new: bytearray,
+    runid: int,
+) -> None:
+    """Objects for validated ``[*values, shape index, mask]`` entries, appended to ``instances``, with
+    ``new[n] = 1`` for each one built here (0: the identity map held it already).
+
+    The hot loop of a hit, inlined on purpose (83 lines): per object one identity-key tuple, one
+    instance and its state, nothing else that outlives the call; a helper call per object costs more
+    than the loop's own work for small objects."""
+    # What loading.py does per row, without the row: the identity map's own dict and weak reference
+    # are used directly (WeakInstanceDict.get / _add_unpresent inlined; both are what loading.py calls)
+    # and ClassManager.new_instance() is spelled out, to keep the state.
     identity_map: Any = session.identity_map
-    return identity_map._dict, identity_map._wr
+    states: dict[Any, Any] = identity_map._dict
+    lookup = states.get
+    wr = identity_map._wr
+    hash_key = session.hash_key
+    persistent_evt = session.dispatch.loaded_as_persistent if session.dispatch.loaded_as_persistent else None
+    append = instances.append
+    last_si = -1
+    shape: Shape | None = None
+    cls: Any = None
+    ctor: Any = None
+    setter: Any = None
+    manager: Any = None
+    load: Any = None
+    keys: tuple[str, ...] = ()
+    full_mask = -1
+    pos = -1
+    ic: Any = None
+    for n, obj in enumerate(objects):
+        si = obj[-2]
+        if si != last_si:
+            shape = shapes[si]
+            assert shape is not None
+            manager = shape.mapper.class_manager
+            cls = manager.class_
+            ctor = manager._state_constructor
+            setter = manager._state_setter
+            load = manager.dispatch.load if manager.dispatch.load else None
+            keys = shape.keys
+            full_mask = shape.full_mask
+            pos = shape.pk_positions[0] if len(shape.pk_positions) == 1 else -1
+            ic = shape.identity_class
+            last_si = si
+        assert shape is not None
+        mask = obj[-1]
+        full = mask == full_mask
+        if full and pos >= 0:
+            identity_key: tuple[Any, ...] = (ic, (obj[pos],), None)
+        elif full:
+            identity_key = (ic, tuple([obj[k] for k in shape.pk_positions]), None)
+        else:
+            identity_key = shape.identity_key(mask, obj)
+        found = lookup(identity_key)
+        if found is not None:
+            existing = found.obj()
+            if existing is not None:
+                append(existing)
+                refresh_unloaded(shape, existing, mask, obj)
+                continue
+        instance = cls.__new__(cls)
+        state = ctor(instance, manager)
+        setter(instance, state)
+        state.key = identity_key
+        state.session_id = hash_key
+        state.runid = runid
+        if load_options:
+            state.load_options = load_options
+        if load_path is not None:
+            state.load_path = load_path
+        states[identity_key] = state
+        state._instance_dict = wr
+        append(instance)
+        new[n] = 1  # from here on, a failure takes it back out (discard_built)
+        if full:
+            # stops before the two trailers; no strict= (a keyword argument makes zip() much slower here)
+            instance.__dict__.update(zip(keys, obj))  # noqa: B905
+        else:
+            _fill_partial(shape, state, state.dict, mask, obj)
+        if load is not None:
+            load(state, None)
+        if persistent_evt is not None:
+            persistent_evt(session, state)
 
 
-def state_factory(manager: Any) -> tuple[Any, Any]:
-    """``ClassManager.new_instance()`` spelled out: the state constructor and the setter that puts the
-    state on a new instance."""
-    return manager._state_constructor, manager._state_setter
-
-
-def set_instance_dict(state: Any, wr: Any) -> None:
-    """Tie a state to the identity map it was put in (what ``_add_unpresent`` does)."""
-    state._instance_dict = wr
+def _fill_partial(
+    shape: Shape, state: InstanceState[Any], dict_: dict[str, Any], mask: int, values: list[Any]
+) -> None:
+    j = 0
+    expired = state.expired_attributes
+    for i, key in enumerate(shape.keys):
+        if mask >> i & 1:
+            dict_[key] = values[j]
+            j += 1
+        elif not shape.deferred[i]:
+            # a column the original load did not fetch (a subclass table): loads on access, as after
+            # a polymorphic load of the base class
+            expired.add(key)
 
 
 def _strategy_class(name: str) -> Any:

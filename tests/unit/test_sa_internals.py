@@ -96,10 +96,10 @@ def test_result_internals(session: Session) -> None:
 
 def test_object_building_internals(session: Session) -> None:
     """Identity map internals, state factory, load numbers and loader strategy classes."""
-    states, wr = _sa.identity_map_parts(session)
-    assert isinstance(states, dict) and wr is not None
-    ctor, setter = _sa.state_factory(User.__mapper__.class_manager)
-    assert callable(ctor) and callable(setter)
+    identity_map: Any = session.identity_map
+    assert isinstance(identity_map._dict, dict) and identity_map._wr is not None
+    manager: Any = User.__mapper__.class_manager
+    assert callable(manager._state_constructor) and callable(manager._state_setter)
     assert _sa.new_runid() < _sa.new_runid()
     user = session.get(User, 1)
     assert _sa.is_instance(user)
