@@ -190,7 +190,38 @@ def _run(
     decoding: Engine,
 ) -> int:
     ids = list(range(1, rows + 1))
-    for i in ids:  # warm every entry
+    if not _warm(cache, cached, ids):
+        print("sqlcache bench: warm-up failed: gets are not served from Redis", file=sys.stderr)
+        return 1
+    floor = _Floor(plain, cache.config.prefix, floor_client)
+    try:
+        systems = _systems(plain, cached, decoding, floor, rnd, ids)
+
+        def rewarm() -> None:
+            # updates invalidate entries: warm them again outside the timed part
+            for i in ids:
+                with Session(cached) as s:
+                    s.get(BenchUser, i)
+            for n in (20, 200):
+                _query_on(cached, n, True)()
+
+        samples = _measure(systems, rounds, batch, rnd, rewarm)
+        db = plain.dialect.name
+        print(f"sqlcache bench: {db}, {rounds} rounds x {batch} ops per system, {rows} rows, interleaved")
+        _report(samples)
+        print()
+        for n in (1, 50):
+            trips = _round_trips(cache, cached, n)
+            print(f"redis round trips, update transaction of {n:>2} registered rows: {trips}")
+        print(f"redis round trips, read-only transaction: {_round_trips(cache, cached, 0)}")
+    finally:
+        floor.close()
+    return 0
+
+
+def _warm(cache: SQLCache, cached: Engine, ids: list[int]) -> bool:
+    """Fill every entry, then check that a get is a hit with no SQL."""
+    for i in ids:
         with Session(cached) as s:
             s.get(BenchUser, i)
     statements = _Counter()
@@ -199,154 +230,181 @@ def _run(
     with Session(cached) as s:
         s.get(BenchUser, 1)
     event.remove(cached, "before_cursor_execute", statements)
-    if statements.n or cache.stats()["hits"] != hits0 + 1:
-        print("sqlcache bench: warm-up failed: gets are not served from Redis", file=sys.stderr)
-        return 1
+    return not statements.n and cache.stats()["hits"] == hits0 + 1
 
-    # the floor: one GET of an entry the same size + msgpack decode + building the same ORM objects
-    manager = BenchUser.__mapper__.class_manager
 
-    # The floor builds objects equal to the database's, by the cheapest means msgpack offers: datetimes as
-    # msgpack timestamps (decoded in C to aware UTC datetimes, equal to the database's), the Decimal as
-    # text turned back into a Decimal; every other column is a native msgpack type.
-    decimal_at = COLUMNS.index("balance")
+class _Floor:
+    """The floor: one GET of an entry the same size + msgpack decode + building the same ORM objects;
+    and the ORM floor: the same objects handed out through a real Session as a do_orm_execute answer,
+    each in the identity map as a load puts it. What any cache at the ORM level must do at least,
+    without keys, dependencies, validation or loader state.
 
-    def plain_values(u: BenchUser) -> list[Any]:
-        out: list[Any] = []
-        for c in COLUMNS:
-            v = getattr(u, c)
-            if isinstance(v, dt.datetime):
-                out.append(msgpack.Timestamp.from_datetime(v))
-            elif isinstance(v, decimal.Decimal):
-                out.append(str(v))
-            else:
-                out.append(v)
-        return out
+    The floor builds objects equal to the database's, by the cheapest means msgpack offers: datetimes
+    as msgpack timestamps (decoded in C to aware UTC datetimes, equal to the database's), the Decimal
+    as text turned back into a Decimal; every other column is a native msgpack type.
+    """
 
-    floor_keys = {}
-    with Session(plain) as s:
-        for n in (1, 20, 200):
-            users = s.scalars(select(BenchUser).order_by(BenchUser.id).limit(n)).all()
-            floor_keys[n] = f"{cache.config.prefix}:floor{n}"
-            floor_client.set(floor_keys[n], msgpack.packb([plain_values(u) for u in users]))
+    def __init__(self, plain: Engine, prefix: str, client: redis.Redis) -> None:
+        self.plain = plain
+        self.client = client
+        self.manager = BenchUser.__mapper__.class_manager
+        self.decimal_at = COLUMNS.index("balance")
+        self.meta = SimpleResultMetaData(["BenchUser"])
+        self.keys: dict[int, str] = {}
+        with Session(plain) as s:
+            for n in (1, 20, 200):
+                users = s.scalars(select(BenchUser).order_by(BenchUser.id).limit(n)).all()
+                self.keys[n] = f"{prefix}:floor{n}"
+                client.set(self.keys[n], msgpack.packb([_plain_values(u) for u in users]))
+        event.listen(_FloorSession, "do_orm_execute", self._answer)
 
-    def floor_objects(key: str) -> list[Any]:
+    def close(self) -> None:
+        event.remove(_FloorSession, "do_orm_execute", self._answer)
+        self.client.delete(*self.keys.values())
+
+    def objects(self, key: str) -> list[Any]:
         out = []
-        for values in msgpack.unpackb(floor_client.get(key), timestamp=3):
+        decimal_at, manager = self.decimal_at, self.manager
+        raw: Any = self.client.get(key)
+        for values in msgpack.unpackb(raw, timestamp=3):
             values[decimal_at] = decimal.Decimal(values[decimal_at])
             obj = manager.new_instance()
             obj.__dict__.update(zip(COLUMNS, values, strict=True))
             out.append(obj)  # kept, as a result keeps them: an object dropped at once is cheaper to make
         return out
 
-    def floor_of(n: int) -> Callable[[], None]:
-        key = floor_keys[n]
+    def of(self, n: int) -> Callable[[], None]:
+        key = self.keys[n]
 
         def op() -> None:
-            floor_objects(key)
+            self.objects(key)
 
         return op
 
-    # The ORM floor: the floor's GET, decode and objects, handed out through a real Session as a
-    # do_orm_execute answer, each object in the session's identity map as a load puts it. What any cache
-    # at the ORM level must do at least, without keys, dependencies, validation or loader state.
-    floor_meta = SimpleResultMetaData(["BenchUser"])
-
-    def orm_floor_answer(orm_state: ORMExecuteState) -> Result[Any]:
+    def _answer(self, orm_state: ORMExecuteState) -> Result[Any]:
         session = orm_state.session
         identity_map = session.identity_map
         rows = []
-        for obj in floor_objects(orm_state.execution_options["sqlcache_bench_floor"]):
+        for obj in self.objects(orm_state.execution_options["sqlcache_bench_floor"]):
             state = instance_state(obj)
             state.key = (BenchUser, (obj.id,), None)
             state.session_id = session.hash_key
             identity_map._add_unpresent(state, state.key)
             rows.append((obj,))
-        return IteratorResult(floor_meta, iter(rows))
+        return IteratorResult(self.meta, iter(rows))
 
-    event.listen(_FloorSession, "do_orm_execute", orm_floor_answer)
+    def orm_get(self) -> None:
+        with _FloorSession(self.plain) as s:
+            s.get(BenchUser, 1, execution_options={"sqlcache_bench_floor": self.keys[1]})
 
-    def orm_floor_get() -> None:
-        with _FloorSession(plain) as s:
-            s.get(BenchUser, 1, execution_options={"sqlcache_bench_floor": floor_keys[1]})
-
-    def orm_floor_of(n: int) -> Callable[[], None]:
+    def orm_of(self, n: int) -> Callable[[], None]:
         stmt = (
             select(BenchUser)
             .where(BenchUser.id <= n)
             .order_by(BenchUser.id)
-            .execution_options(sqlcache_bench_floor=floor_keys[n])
+            .execution_options(sqlcache_bench_floor=self.keys[n])
         )
 
         def op() -> None:
-            with _FloorSession(plain) as s:
+            with _FloorSession(self.plain) as s:
                 rows = s.scalars(stmt).all()
                 assert len(rows) == n
 
         return op
 
-    floor = floor_of(1)
 
-    def query_on(engine: Engine, n: int, use_cache: bool) -> Callable[[], None]:
-        stmt = select(BenchUser).where(BenchUser.id <= n).order_by(BenchUser.id)
-        if use_cache:
-            stmt = stmt.options(cached_option())
+def _plain_values(u: BenchUser) -> list[Any]:
+    out: list[Any] = []
+    for c in COLUMNS:
+        v = getattr(u, c)
+        if isinstance(v, dt.datetime):
+            out.append(msgpack.Timestamp.from_datetime(v))
+        elif isinstance(v, decimal.Decimal):
+            out.append(str(v))
+        else:
+            out.append(v)
+    return out
 
-        def op() -> None:
-            with Session(engine) as s:
-                rows = s.scalars(stmt).all()
-                assert len(rows) == n
 
-        return op
+def _query_on(engine: Engine, n: int, use_cache: bool) -> Callable[[], None]:
+    stmt = select(BenchUser).where(BenchUser.id <= n).order_by(BenchUser.id)
+    if use_cache:
+        stmt = stmt.options(cached_option())
 
-    def get_on(engine: Engine) -> Callable[[], None]:
-        def op() -> None:
-            with Session(engine) as s:
-                s.get(BenchUser, rnd.choice(ids))
+    def op() -> None:
+        with Session(engine) as s:
+            rows = s.scalars(stmt).all()
+            assert len(rows) == n
 
-        return op
+    return op
 
-    def lazy_on(engine: Engine) -> Callable[[], int]:
-        def op() -> int:
-            with Session(engine) as s:
-                order = s.get(BenchOrder, rnd.choice(ids))
-                assert order is not None
-                t0 = time.perf_counter_ns()
-                _ = order.user
-                return time.perf_counter_ns() - t0
 
-        return op
+def _get_on(engine: Engine, rnd: random.Random, ids: list[int]) -> Callable[[], None]:
+    def op() -> None:
+        with Session(engine) as s:
+            s.get(BenchUser, rnd.choice(ids))
 
-    def update_on(engine: Engine) -> Callable[[], None]:
-        def op() -> None:
-            with Session(engine) as s:
-                u = s.get(BenchUser, rnd.choice(ids))
-                assert u is not None
-                u.score += 1
-                s.commit()
+    return op
 
-        return op
 
-    systems: dict[str, Callable[[], int]] = {
-        "get plain": lambda: _ns(get_on(plain)),
-        "get sqlcache hit": lambda: _ns(get_on(cached)),
-        "lazy plain": lazy_on(plain),
-        "lazy sqlcache hit": lazy_on(cached),
-        "floor": lambda: _ns(floor),
-        "q20 plain": lambda: _ns(query_on(plain, 20, False)),
-        "q20 sqlcache hit": lambda: _ns(query_on(cached, 20, True)),
-        "q20 floor": lambda: _ns(floor_of(20)),
-        "q200 plain": lambda: _ns(query_on(plain, 200, False)),
-        "q200 sqlcache hit": lambda: _ns(query_on(cached, 200, True)),
-        "q200 floor": lambda: _ns(floor_of(200)),
-        "get ORM floor": lambda: _ns(orm_floor_get),
-        "q20 ORM floor": lambda: _ns(orm_floor_of(20)),
-        "q200 ORM floor": lambda: _ns(orm_floor_of(200)),
-        "q20 hit, no reuse": lambda: _ns(query_on(decoding, 20, True)),
-        "q200 hit, no reuse": lambda: _ns(query_on(decoding, 200, True)),
-        "update plain": lambda: _ns(update_on(plain)),
-        "update sqlcache": lambda: _ns(update_on(cached)),
+def _lazy_on(engine: Engine, rnd: random.Random, ids: list[int]) -> Callable[[], int]:
+    def op() -> int:
+        with Session(engine) as s:
+            order = s.get(BenchOrder, rnd.choice(ids))
+            assert order is not None
+            t0 = time.perf_counter_ns()
+            _ = order.user
+            return time.perf_counter_ns() - t0
+
+    return op
+
+
+def _update_on(engine: Engine, rnd: random.Random, ids: list[int]) -> Callable[[], None]:
+    def op() -> None:
+        with Session(engine) as s:
+            u = s.get(BenchUser, rnd.choice(ids))
+            assert u is not None
+            u.score += 1
+            s.commit()
+
+    return op
+
+
+def _systems(
+    plain: Engine, cached: Engine, decoding: Engine, floor: _Floor, rnd: random.Random, ids: list[int]
+) -> dict[str, Callable[[], int]]:
+    """Each system measured: one call runs one operation and returns its nanoseconds."""
+    timed = _ns
+    return {
+        "get plain": lambda: timed(_get_on(plain, rnd, ids)),
+        "get sqlcache hit": lambda: timed(_get_on(cached, rnd, ids)),
+        "lazy plain": _lazy_on(plain, rnd, ids),
+        "lazy sqlcache hit": _lazy_on(cached, rnd, ids),
+        "floor": lambda: timed(floor.of(1)),
+        "q20 plain": lambda: timed(_query_on(plain, 20, False)),
+        "q20 sqlcache hit": lambda: timed(_query_on(cached, 20, True)),
+        "q20 floor": lambda: timed(floor.of(20)),
+        "q200 plain": lambda: timed(_query_on(plain, 200, False)),
+        "q200 sqlcache hit": lambda: timed(_query_on(cached, 200, True)),
+        "q200 floor": lambda: timed(floor.of(200)),
+        "get ORM floor": lambda: timed(floor.orm_get),
+        "q20 ORM floor": lambda: timed(floor.orm_of(20)),
+        "q200 ORM floor": lambda: timed(floor.orm_of(200)),
+        "q20 hit, no reuse": lambda: timed(_query_on(decoding, 20, True)),
+        "q200 hit, no reuse": lambda: timed(_query_on(decoding, 200, True)),
+        "update plain": lambda: timed(_update_on(plain, rnd, ids)),
+        "update sqlcache": lambda: timed(_update_on(cached, rnd, ids)),
     }
+
+
+def _measure(
+    systems: dict[str, Callable[[], int]],
+    rounds: int,
+    batch: int,
+    rnd: random.Random,
+    rewarm: Callable[[], None],
+) -> dict[str, list[int]]:
+    """Rounds of short batches, systems in a new shuffled order each round (round 0 warms up)."""
     samples: dict[str, list[int]] = {name: [] for name in systems}
     names = list(systems)
     for r in range(rounds + 1):
@@ -354,52 +412,43 @@ def _run(
         for name in names:
             fn = systems[name]
             times = [fn() for _ in range(batch)]
-            if r:  # round 0 warms up
+            if r:
                 samples[name].extend(times)
-        # updates invalidate entries: warm them again outside the timed part
-        for i in ids:
-            with Session(cached) as s:
-                s.get(BenchUser, i)
-        for n in (20, 200):
-            query_on(cached, n, True)()
+        rewarm()
+    return samples
 
-    db = plain.dialect.name
-    print(f"sqlcache bench: {db}, {rounds} rounds x {batch} ops per system, {rows} rows, interleaved")
+
+_RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
+    ("get hit / floor", "get sqlcache hit", "floor", 1.5),
+    ("lazy hit / floor", "lazy sqlcache hit", "floor", 1.5),
+    ("get hit / get plain", "get sqlcache hit", "get plain", None),
+    ("lazy hit / lazy plain", "lazy sqlcache hit", "lazy plain", None),
+    ("update sqlcache / update plain", "update sqlcache", "update plain", 1.25),
+    ("q20 hit / q20 floor", "q20 sqlcache hit", "q20 floor", 1.5),
+    ("q200 hit / q200 floor", "q200 sqlcache hit", "q200 floor", 1.5),
+    ("q20 hit / q20 plain", "q20 sqlcache hit", "q20 plain", None),
+    ("q200 hit / q200 plain", "q200 sqlcache hit", "q200 plain", 0.5),
+    ("get hit / get ORM floor", "get sqlcache hit", "get ORM floor", None),
+    ("q20 hit / q20 ORM floor", "q20 sqlcache hit", "q20 ORM floor", None),
+    ("q200 hit / q200 ORM floor", "q200 sqlcache hit", "q200 ORM floor", None),
+    ("q20 no-reuse hit / q20 floor", "q20 hit, no reuse", "q20 floor", None),
+    ("q200 no-reuse hit / q200 floor", "q200 hit, no reuse", "q200 floor", None),
+    ("q200 no-reuse hit / q200 plain", "q200 hit, no reuse", "q200 plain", None),
+)
+
+
+def _report(samples: dict[str, list[int]]) -> None:
+    """Medians and p95 per system, then the ratios against their targets."""
     print(f"{'system':<20} {'n':>6} {'median µs':>10} {'p95 µs':>10}")
     med = {}
-    for name in systems:
-        xs = samples[name]
+    for name, xs in samples.items():
         med[name] = statistics.median(xs) / 1000
         print(f"{name:<20} {len(xs):>6} {med[name]:>10.1f} {_pct(xs, 0.95):>10.1f}")
     print()
-    ratios = [
-        ("get hit / floor", med["get sqlcache hit"] / med["floor"], 1.5),
-        ("lazy hit / floor", med["lazy sqlcache hit"] / med["floor"], 1.5),
-        ("get hit / get plain", med["get sqlcache hit"] / med["get plain"], None),
-        ("lazy hit / lazy plain", med["lazy sqlcache hit"] / med["lazy plain"], None),
-        ("update sqlcache / update plain", med["update sqlcache"] / med["update plain"], 1.25),
-        ("q20 hit / q20 floor", med["q20 sqlcache hit"] / med["q20 floor"], 1.5),
-        ("q200 hit / q200 floor", med["q200 sqlcache hit"] / med["q200 floor"], 1.5),
-        ("q20 hit / q20 plain", med["q20 sqlcache hit"] / med["q20 plain"], None),
-        ("q200 hit / q200 plain", med["q200 sqlcache hit"] / med["q200 plain"], 0.5),
-        ("get hit / get ORM floor", med["get sqlcache hit"] / med["get ORM floor"], None),
-        ("q20 hit / q20 ORM floor", med["q20 sqlcache hit"] / med["q20 ORM floor"], None),
-        ("q200 hit / q200 ORM floor", med["q200 sqlcache hit"] / med["q200 ORM floor"], None),
-        ("q20 no-reuse hit / q20 floor", med["q20 hit, no reuse"] / med["q20 floor"], None),
-        ("q200 no-reuse hit / q200 floor", med["q200 hit, no reuse"] / med["q200 floor"], None),
-        ("q200 no-reuse hit / q200 plain", med["q200 hit, no reuse"] / med["q200 plain"], None),
-    ]
-    for label, ratio, target in ratios:
+    for label, system, base, target in _RATIOS:
+        ratio = med[system] / med[base]
         verdict = "" if target is None else f"  target <= {target}: {'PASS' if ratio <= target else 'MISS'}"
         print(f"{label:<32} {ratio:6.2f}x{verdict}")
-    print()
-    for n in (1, 50):
-        trips = _round_trips(cache, cached, n)
-        print(f"redis round trips, update transaction of {n:>2} registered rows: {trips}")
-    print(f"redis round trips, read-only transaction: {_round_trips(cache, cached, 0)}")
-    event.remove(_FloorSession, "do_orm_execute", orm_floor_answer)
-    floor_client.delete(*floor_keys.values())
-    return 0
 
 
 def _round_trips(cache: SQLCache, engine: Engine, n: int) -> int:

@@ -192,29 +192,7 @@ def _run(args: argparse.Namespace, engine: Engine, plain: Engine, cache: SQLCach
         f"1. A shop of {rows} customers and products "
         f"({engine.dialect.name}, Redis prefix {cache.config.prefix})"
     )
-    rnd = random.Random(1)
-    with Session(engine) as s:
-        now = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
-        s.add_all(
-            Customer(
-                id=i,
-                name=f"customer {i}",
-                email=f"c{i}@shop.test",
-                created_at=now,
-                balance=decimal.Decimal(i),
-            )
-            for i in range(1, rows + 1)
-        )
-        s.add_all(
-            Product(id=i, name=f"product {i}", price=decimal.Decimal(i) / 4, stock=10)
-            for i in range(1, rows + 1)
-        )
-        s.flush()
-        s.add_all(
-            Order(id=i, customer_id=rnd.randint(1, rows), product_id=rnd.randint(1, rows), qty=1)
-            for i in range(1, 2 * rows + 1)
-        )
-        s.commit()
+    _seed(engine, rows)
     out.line(f"seeded {rows} customers, {rows} products, {2 * rows} orders")
 
     for n, label in (
@@ -240,6 +218,51 @@ def _run(args: argparse.Namespace, engine: Engine, plain: Engine, cache: SQLCach
     )
 
     out.title("5. A commit invalidates, and the signal fires")
+    _commit_and_signal(engine, cache, out)
+
+    out.title("6. mode='repopulate': the commit writes the new state")
+    _repopulate(engine, cache, sql, out)
+
+    out.title("7. A stale fill is refused (reader paused between its SELECT and its fill)")
+    out.line(_stale_fill(engine, cache))
+
+    out.title("8. Speed-up: cached get vs database get, interleaved")
+    out.line(_speedup(engine, plain, rows))
+
+    out.title("9. stats()")
+    stats = cache.stats()
+    out.line("  ".join(f"{k}={v}" for k, v in stats.items() if v))
+    event.remove(engine, "before_cursor_execute", sql)
+    return 0
+
+
+def _seed(engine: Engine, rows: int) -> None:
+    rnd = random.Random(1)
+    with Session(engine) as s:
+        now = dt.datetime(2026, 11, 22, tzinfo=dt.timezone.utc)
+        s.add_all(
+            Customer(
+                id=i,
+                name=f"customer {i}",
+                email=f"c{i}@shop.test",
+                created_at=now,
+                balance=decimal.Decimal(i),
+            )
+            for i in range(1, rows + 1)
+        )
+        s.add_all(
+            Product(id=i, name=f"product {i}", price=decimal.Decimal(i) / 4, stock=10)
+            for i in range(1, rows + 1)
+        )
+        s.flush()
+        s.add_all(
+            Order(id=i, customer_id=rnd.randint(1, rows), product_id=rnd.randint(1, rows), qty=1)
+            for i in range(1, 2 * rows + 1)
+        )
+        s.commit()
+
+
+def _commit_and_signal(engine: Engine, cache: SQLCache, out: _Out) -> None:
     received: list[str] = []
 
     def on_invalidated(sender: SQLCache, identities: list[Any], tags: list[str], remote: bool) -> None:
@@ -261,7 +284,8 @@ def _run(args: argparse.Namespace, engine: Engine, plain: Engine, cache: SQLCach
         out.line(f"next read: {c.name!r} ({cache.stats()['misses'] - misses0} miss, then filled again)")
     signals.invalidated.disconnect(on_invalidated)
 
-    out.title("6. mode='repopulate': the commit writes the new state")
+
+def _repopulate(engine: Engine, cache: SQLCache, sql: _SQLCounter, out: _Out) -> None:
     with Session(engine) as s:
         p = s.get(Product, 1)
         assert p is not None
@@ -276,18 +300,6 @@ def _run(args: argparse.Namespace, engine: Engine, plain: Engine, cache: SQLCach
             f"{sql.n - sql0} SQL statements "
             f"(repopulated entries so far: {cache.stats()['repopulated']})"
         )
-
-    out.title("7. A stale fill is refused (reader paused between its SELECT and its fill)")
-    out.line(_stale_fill(engine, cache))
-
-    out.title("8. Speed-up: cached get vs database get, interleaved")
-    out.line(_speedup(engine, plain, rows))
-
-    out.title("9. stats()")
-    stats = cache.stats()
-    out.line("  ".join(f"{k}={v}" for k, v in stats.items() if v))
-    event.remove(engine, "before_cursor_execute", sql)
-    return 0
 
 
 def _stale_fill(engine: Engine, cache: SQLCache) -> str:

@@ -1,0 +1,82 @@
+"""The deciding half of the I/O seam, without Redis: what each operation sends, how replies are judged."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sqlcache import _protocol as proto
+from sqlcache._protocol import RepopEntry
+
+
+def _now() -> float:
+    return 1_000.0  # seconds: 1,000,000 ms
+
+
+def test_read_keys_order() -> None:
+    """A read's MGET names the entry, the clock, then the dependencies, in that order."""
+    assert proto.read_keys("p:clock", "p:e:x", ["p:d:1", "p:d:2"]) == ["p:e:x", "p:clock", "p:d:1", "p:d:2"]
+
+
+def test_hit_only_when_every_generation_matches() -> None:
+    """An entry is a hit only if its header equals the dependencies' generations, in order."""
+    r = proto.judge_read([b"5,7|payload", b"9", b"5", b"7"], _now)
+    assert (r.hit, r.payload, r.generations, r.clock, r.stale) == (True, b"payload", b"5,7", 9, False)
+    r = proto.judge_read([b"5,6|payload", b"9", b"5", b"7"], _now)
+    assert (r.hit, r.payload, r.generations) == (False, None, b"5,7")
+    r = proto.judge_read([None, b"9", b"5", b"7"], _now)
+    assert (r.hit, r.generations) == (False, b"5,7")
+
+
+def test_locked_missing_or_garbage_dependency_gives_no_generations() -> None:
+    """A locked, missing or unparsable dependency is a miss that cannot vouch for a fill."""
+    for dep in (b"5;123;tok;tok:123", None, b"x1", b""):
+        r = proto.judge_read([b"5|payload", b"9", dep], _now)
+        assert (r.hit, r.generations) == (False, None), dep
+
+
+def test_garbage_clock_reads_as_zero() -> None:
+    """A clock that is not digits is read as 0 (no snapshot bound from it), never raised."""
+    r = proto.judge_read([None, b"not-a-number", b"5"], _now)
+    assert r.clock == 0
+
+
+def test_stale_while_revalidate_header() -> None:
+    """A ';F<ms>' header is a hit, stale once the wall clock passed it; the clock is read only then."""
+    asked: list[int] = []
+
+    def now() -> float:
+        asked.append(1)
+        return 1_000.0
+
+    fresh = proto.judge_read([b"5;F2000000|p", b"1", b"5"], now)
+    stale = proto.judge_read([b"5;F999999|p", b"1", b"5"], now)
+    assert (fresh.hit, fresh.stale, stale.hit, stale.stale) == (True, False, True, True)
+    plain = proto.judge_read([b"5|p", b"1", b"5"], now)
+    assert plain.hit and len(asked) == 2
+
+
+def test_fill_lock_and_release_calls() -> None:
+    """Every key goes through KEYS (cluster-safe), values through ARGV, in the scripts' documented order."""
+    keys, args = proto.fill_call("c", "e", ["d1"], b"pl", 10, b"5", None, 7, 99, "tok")
+    assert keys == ["c", "e", "e:lock", "d1"] and args == [b"pl", 10, b"5", "", 7, ";F99", "tok"]
+    keys, args = proto.lock_call("c", ["d1", "d2"], ["w1"], "tok", 60_000, 7)
+    assert keys == ["c", "d1", "d2", "w1"] and args == ["tok", 2, 60_000, 7]
+    entry = RepopEntry("e", ("d1", "w1"), 10, b"pl", ("=", "5"))
+    keys, args = proto.release_call("c", ["d1"], "tok", 7, [entry], ("chan", b"msg"))
+    assert keys == ["c", "d1", "e", "d1", "w1"]
+    assert args == ["tok", 1, 7, 1, "chan", b"msg", 2, 10, b"pl", "=", "5"]
+    assert proto.unlock_call("c", "e", "t") == (["c", "e:lock"], ["t"])
+    assert proto.judge_lock([b"5", b"6"]) == ["5", "6"]
+
+
+@given(st.lists(st.integers(min_value=0, max_value=2**53), min_size=1, max_size=6), st.binary(max_size=64))
+def test_filled_entry_is_a_hit_under_its_generations(gens: list[int], payload: bytes) -> None:
+    """An entry stored under the generations a read returned is a hit for exactly those generations,
+    and a miss as soon as any one of them moves."""
+    deps = [str(g).encode() for g in gens]
+    header = b",".join(deps)
+    r = proto.judge_read([header + b"|" + payload, b"1", *deps], _now)
+    assert r.hit and r.payload == payload
+    moved = [*deps[:-1], str(gens[-1] + 1).encode()]
+    assert not proto.judge_read([header + b"|" + payload, b"1", *moved], _now).hit
