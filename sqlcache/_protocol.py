@@ -168,7 +168,22 @@ def fill_lock_key(entry_key: str) -> str:
 
 
 def _is_generation(v: bytes | None) -> bool:
-    return v is not None and v.isdigit()
+    return v is not None and len(v) <= 16 and v.isdigit()
+
+
+# Clock readings and fresh-until stamps are plain decimals below 2^53 (what Lua's doubles count exactly);
+# anything longer or larger was not written by sqlcache and is never trusted (nor parsed: int() of a
+# 5,000-digit string raises).
+_MAX_CLOCK = 2**53 - 1
+_MAX_DIGITS = 16
+
+
+def _number(raw: bytes | None) -> int | None:
+    """A clock or stamp read from Redis, or None if it is not one sqlcache could have written."""
+    if raw is None or len(raw) > _MAX_DIGITS or not raw.isdigit():
+        return None
+    value = int(raw)
+    return value if value <= _MAX_CLOCK else None
 
 
 def read_keys(clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> list[str]:
@@ -186,7 +201,13 @@ def judge_read(values: Sequence[bytes | None], now: Callable[[], float]) -> Read
     """
     entry, clock_raw = values[0], values[1]
     deps = values[2:]
-    clock = int(clock_raw) if clock_raw is not None and clock_raw.isdigit() else 0
+    clock = _number(clock_raw)
+    if clock is None:
+        # missing (0: no reading) or not a clock sqlcache wrote: unknown, so it bounds nothing, and a miss
+        # goes through generations.lua, which repairs it before the SELECT
+        if clock_raw is not None:
+            return ReadResult(False, None, None, 0, False)
+        clock = 0
     if all(_is_generation(d) for d in deps):
         joined = b",".join(deps)  # type: ignore[arg-type]
         if entry is not None:
@@ -194,10 +215,12 @@ def judge_read(values: Sequence[bytes | None], now: Callable[[], float]) -> Read
             header = entry[:sep] if sep >= 0 else b""
             if sep >= 0 and header == joined:
                 return ReadResult(True, entry[sep + 1 :], joined, clock, False)
-            if sep >= 0 and header.startswith(joined + b";F") and header[len(joined) + 2 :].isdigit():
-                # valid (nothing invalidated it) but maybe past its TTL: stale-while-revalidate
-                stale = int(header[len(joined) + 2 :]) < now() * 1000
-                return ReadResult(True, entry[sep + 1 :], joined, clock, False, stale)
+            if sep >= 0 and header.startswith(joined + b";F"):
+                fresh_until = _number(header[len(joined) + 2 :])
+                if fresh_until is not None:
+                    # valid (nothing invalidated it) but maybe past its TTL: stale-while-revalidate
+                    stale = fresh_until < now() * 1000
+                    return ReadResult(True, entry[sep + 1 :], joined, clock, False, stale)
         return ReadResult(False, None, joined, clock, False)
     return ReadResult(False, None, None, clock, False)
 

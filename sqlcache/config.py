@@ -8,7 +8,7 @@ from typing import Literal
 
 from .errors import ConfigurationError
 
-__all__ = ["CacheConfig", "Mode", "ModelPolicy", "validate_ttl"]
+__all__ = ["MAX_LOCK_TTL", "MAX_TTL", "CacheConfig", "Mode", "ModelPolicy", "validate_ttl"]
 
 Mode = Literal["invalidate", "repopulate"]
 
@@ -16,12 +16,23 @@ _PREFIX = re.compile(r"^[^\s*?\[\]\\]+$")
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
-def validate_ttl(ttl: object, what: str) -> int | None:
-    """Return ``ttl`` if it is ``None`` or a positive int of seconds; raise ConfigurationError otherwise."""
+#: The longest TTL accepted, in seconds (ten years): Redis refuses expiries in milliseconds far beyond
+#: it, and every refusal would count as an outage.
+MAX_TTL = 10 * 365 * 86400
+#: The longest pre-commit lock, in seconds: longer than any transaction's COMMIT; the Lua scripts treat
+#: a lock expiring further ahead as garbage (a hostile or damaged value).
+MAX_LOCK_TTL = 86400
+
+
+def validate_ttl(ttl: object, what: str, maximum: int = MAX_TTL) -> int | None:
+    """Return ``ttl`` if it is ``None`` or a positive int of seconds up to ``maximum``; raise
+    ConfigurationError otherwise."""
     if ttl is None:
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
-        raise ConfigurationError(f"{what} must be a positive int of seconds or None, got {ttl!r}")
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= maximum:
+        raise ConfigurationError(
+            f"{what} must be a positive int of seconds (at most {maximum}) or None, got {ttl!r}"
+        )
     return ttl
 
 
@@ -62,7 +73,9 @@ class CacheConfig:
                 f"got {self.prefix!r}"
             )
         validate_ttl(self.default_ttl, "default_ttl")
-        validate_ttl(self.lock_ttl, "lock_ttl")
+        if self.lock_ttl is None:
+            raise ConfigurationError("lock_ttl must be a positive int of seconds, got None")
+        validate_ttl(self.lock_ttl, "lock_ttl", MAX_LOCK_TTL)
         validate_ttl(self.generation_ttl, "generation_ttl")
         if not isinstance(self.timeout, (int, float)) or not 0 < self.timeout <= 60:
             raise ConfigurationError(f"timeout must be seconds in (0, 60], got {self.timeout!r}")

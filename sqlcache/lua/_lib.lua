@@ -19,13 +19,23 @@ local function fmt(n)
   return string.format('%.0f', n)
 end
 
+-- A clock is a plain decimal below 2^53: past it a double no longer counts by one, clock + 1 == clock,
+-- and every generation drawn from it would be the same. Anything else (garbage, a huge or hostile value)
+-- is replaced by a value one second ahead of Redis TIME, ahead of every generation drawn before (the
+-- clock never runs that far ahead of TIME), so no generation ever repeats; it is written at once so
+-- that the value reported to a reader is the one later generations are drawn above.
+local MAX_CLOCK = 9007199254740991
 local function clock_value(clock_key)
   local v = redis.pcall('GET', clock_key)
-  if type(v) == 'table' and v.err then
-    redis.call('DEL', clock_key)
-    return 0
+  if not v then return 0 end
+  if type(v) == 'string' and #v <= 16 and string.match(v, '^%d+$') then
+    local n = tonumber(v)
+    if n <= MAX_CLOCK then return n end
   end
-  return tonumber(v) or 0
+  local fresh = now_us() + 1000000
+  redis.call('DEL', clock_key)
+  redis.call('SET', clock_key, fmt(fresh))
+  return fresh
 end
 
 local function tick(clock_key)
@@ -35,7 +45,13 @@ local function tick(clock_key)
 end
 
 -- read one dependency: generation ('' if none), latest expiry or nil, newest token, {token = expiry}.
--- Returns nil for garbage (wrong type or unparsable): callers treat it as missing.
+-- Returns nil for garbage (wrong type, unparsable, or a lock expiring further ahead than any lock
+-- sqlcache takes): callers treat it as missing, which gives it a fresh generation (a miss, never stale).
+local MAX_LOCK_US = 2 * 86400 * 1000000
+local function valid_expiry(s)
+  return #s <= 16 and tonumber(s) <= now_us() + MAX_LOCK_US
+end
+
 local function read_dep(key)
   local v = redis.pcall('GET', key)
   if type(v) ~= 'string' then
@@ -44,14 +60,17 @@ local function read_dep(key)
   end
   local s = string.find(v, ';', 1, true)
   if not s then
-    if string.match(v, '^%d+$') then return v, nil, '', {} end
+    if #v <= 16 and string.match(v, '^%d+$') then return v, nil, '', {} end
     return nil
   end
   local g = string.sub(v, 1, s - 1)
   local x, n, rest = string.match(string.sub(v, s + 1), '^(%d+);([^;]*);(.*)$')
-  if not x or not string.match(g, '^%d*$') then return nil end
+  if not x or #g > 16 or not string.match(g, '^%d*$') or not valid_expiry(x) then return nil end
   local locks = {}
-  for tok, exp in string.gmatch(rest, '([^,:]+):(%d+)') do locks[tok] = tonumber(exp) end
+  for tok, exp in string.gmatch(rest, '([^,:]+):(%d+)') do
+    if not valid_expiry(exp) then return nil end
+    locks[tok] = tonumber(exp)
+  end
   return g, tonumber(x), n, locks
 end
 

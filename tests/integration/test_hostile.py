@@ -1,0 +1,126 @@
+"""Hostile or damaged values under the cache's own keys (clock, generations, locks, fresh-until stamps):
+a miss or a repair, never an exception in the caller and never a stale read."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlcache import SQLCache, _keys, cached
+from sqlcache.config import MAX_LOCK_TTL, MAX_TTL, CacheConfig, ModelPolicy
+from sqlcache.errors import ConfigurationError
+
+from ..helpers import make_user
+from ..models import User
+
+
+def _name(engine: Engine, uid: int) -> str:
+    with Session(engine) as s:
+        user = s.get(User, uid)
+        assert user is not None
+        return user.name
+
+
+def _rename(engine: Engine, uid: int, name: str) -> None:
+    with Session(engine) as s:
+        user = s.get(User, uid)
+        assert user is not None
+        user.name = name
+        s.commit()
+
+
+@pytest.mark.parametrize("clock", [b"9" * 5000, b"x", b"-5", b"1.5"], ids=["5000-digits", "x", "-5", "1.5"])
+def test_unreadable_clock_never_raises(
+    engine: Engine, cache: SQLCache, redis_client: redis.Redis, clock: bytes
+) -> None:
+    """A clock that is not a number sqlcache wrote (5,000 digits made int() raise out of get()) is a
+    miss answered by the database; the clock is repaired and hits resume."""
+    cache.register(User)
+    uid = make_user(engine)
+    _name(engine, uid)
+    redis_client.set(_keys.clock_key(cache.config.prefix), clock)
+    assert _name(engine, uid) == "ann"
+    assert _name(engine, uid) == "ann"
+    raw = redis_client.get(_keys.clock_key(cache.config.prefix))
+    assert raw is not None and raw.isdigit() and len(raw) <= 16
+    hits = cache.stats()["hits"]
+    assert _name(engine, uid) == "ann"
+    assert cache.stats()["hits"] == hits + 1
+
+
+def test_clock_beyond_two_to_the_53_still_invalidates(
+    engine: Engine, cache: SQLCache, redis_client: redis.Redis
+) -> None:
+    """Past 2^53 a double no longer counts by one: every release drew the same generation and commits
+    stopped invalidating (v2 was served after v3 committed). Such a clock is replaced, not used."""
+    cache.register(User)
+    uid = make_user(engine)
+    _name(engine, uid)
+    redis_client.set(_keys.clock_key(cache.config.prefix), str(2**60))
+    _rename(engine, uid, "v2")
+    assert _name(engine, uid) == "v2"  # filled under the generation of the v2 commit
+    _rename(engine, uid, "v3")
+    assert _name(engine, uid) == "v3"
+    assert _name(engine, uid) == "v3"
+
+
+def test_hostile_generation_and_lock_values(
+    engine: Engine, cache: SQLCache, redis_client: redis.Redis
+) -> None:
+    """A generation of 5,000 digits, or a lock said to expire in a thousand years, is garbage: read as
+    missing (a fresh generation), so reads answer from the database and the cache fills again."""
+    cache.register(User)
+    uid = make_user(engine)
+    dep = _keys.identity_dep_key(cache.config.prefix, "users", (uid,))
+    for value in (
+        b"7" * 5000,
+        b"5;99999999999999999999;tok;tok:99999999999999999999",
+        b"5;1;t;t:" + b"9" * 40,
+    ):
+        _name(engine, uid)
+        redis_client.set(dep, value)
+        assert _name(engine, uid) == "ann"
+        assert _name(engine, uid) == "ann"
+        hits = cache.stats()["hits"]
+        assert _name(engine, uid) == "ann"
+        assert cache.stats()["hits"] == hits + 1, value[:40]
+        _rename(engine, uid, "bob")
+        assert _name(engine, uid) == "bob"
+        _rename(engine, uid, "ann")
+
+
+def test_huge_fresh_until_stamp_never_raises(
+    engine: Engine, cache: SQLCache, redis_client: redis.Redis
+) -> None:
+    """A stale-while-revalidate stamp of 5,000 digits is not a stamp: the entry is a miss, no exception."""
+    make_user(engine)
+    stmt = select(User).options(cached(ttl=60, swr=60))
+    with Session(engine) as s:
+        assert [u.name for u in s.scalars(stmt)] == ["ann"]
+    (key,) = [k for k in redis_client.scan_iter(f"{cache.config.prefix}:q:*") if not k.endswith(b":lock")]
+    entry = redis_client.get(key)
+    assert entry is not None
+    header, _, payload = entry.partition(b"|")
+    gens = header.split(b";F")[0]
+    redis_client.set(key, gens + b";F" + b"9" * 5000 + b"|" + payload)
+    with Session(engine) as s:
+        assert [u.name for u in s.scalars(stmt)] == ["ann"]
+
+
+def test_ttl_bounds() -> None:
+    """TTLs past ten years and locks past a day are refused at configuration (Redis would refuse the
+    expiry at every call, each refusal an outage)."""
+    with pytest.raises(ConfigurationError, match="at most"):
+        ModelPolicy(ttl=MAX_TTL + 1)
+    with pytest.raises(ConfigurationError, match="lock_ttl"):
+        CacheConfig(prefix="p", lock_ttl=MAX_LOCK_TTL + 1)
+    with pytest.raises(ConfigurationError, match="lock_ttl"):
+        CacheConfig(prefix="p", lock_ttl=None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="generation_ttl"):
+        CacheConfig(prefix="p", generation_ttl=10**12)
+    with pytest.raises(ConfigurationError, match="ttl"):
+        cached(ttl=10**12)
+    assert ModelPolicy(ttl=MAX_TTL).ttl == MAX_TTL
