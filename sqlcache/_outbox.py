@@ -202,13 +202,17 @@ class OutboxWriter:
         self.relays[engine.pool] = relay
         relay.start()
 
+    def repool(self) -> None:
+        """Key every relay by its engine's pool now (``engine.dispose()`` replaced a pool)."""
+        self.relays = {relay.engine.pool: relay for relay in set(self.relays.values())}
+
     def stop(self, engine: Engine) -> None:
         relay = self.relays.pop(engine.pool, None)
         if relay is not None:
             relay.stop()
 
     def stop_all(self) -> None:
-        relays, self.relays = list(self.relays.values()), {}
+        relays, self.relays = set(self.relays.values()), {}
         for relay in relays:
             relay.stop()
 

@@ -3,6 +3,7 @@ hands the replies back to ``_protocol`` to judge, and translates redis-py except
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -10,12 +11,13 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import redis
+import redis.sentinel
 
 from . import _protocol as proto
 from ._protocol import ReadResult, RepopEntry, SentLock
 from .errors import CacheUnavailable, ConfigurationError
 
-__all__ = ["RedisStore", "Subscription", "client_for"]
+__all__ = ["RedisStore", "Subscription", "client_for", "hide_password"]
 
 T = TypeVar("T")
 
@@ -25,37 +27,63 @@ _REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
 
 def client_for(target: redis.Redis | str, timeout: float) -> redis.Redis:
-    """A client with bounded timeouts, no retries and bytes responses, built from a URL or a client."""
+    """A client of sqlcache's own (bounded timeouts, no retries, bytes responses, its own pool) that
+    reaches the server of ``target``: a URL, or a client of the caller's, which is never changed.
+
+    Options a URL or the caller's client carries that the protocol cannot live with (long timeouts,
+    retries, ``decode_responses``) are overridden; the server, credentials and TLS settings are kept.
+
+    :raises ConfigurationError: a URL redis-py cannot read (the password is not echoed), or a client
+        whose pool sqlcache cannot rebuild.
+    """
     if isinstance(target, str):
         try:
-            return redis.Redis.from_url(
-                target,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry_on_timeout=False,
-                retry=None,
-                decode_responses=False,
-            )
+            source = redis.ConnectionPool.from_url(target)
         except ValueError as exc:
-            raise ConfigurationError(f"invalid Redis URL {target!r}: {exc}") from exc
-    if not isinstance(target, redis.Redis):
+            message = hide_password(str(exc))
+            raise ConfigurationError(f"invalid Redis URL {hide_password(target)!r}: {message}") from None
+    elif isinstance(target, redis.Redis):
+        source = target.connection_pool
+    else:
         raise ConfigurationError(f"expected a redis.Redis client or a URL, got {target!r}")
-    pool = target.connection_pool
-    kwargs = pool.connection_kwargs
-    retry = kwargs.get("retry")
-    if (
-        kwargs.get("socket_timeout") is not None
-        and kwargs["socket_timeout"] <= timeout
-        and not kwargs.get("decode_responses")
-        and (retry is None or getattr(retry, "_retries", 1) == 0)
-    ):
-        return target
-    # The caller's client may wait long, retry, or decode bytes: derive one over a pool of our own that
-    # reaches the same server with our guarantees, rather than change the caller's client.
-    kept = {k: v for k, v in kwargs.items() if k in _KEPT_CONNECTION_KWARGS or k.startswith("ssl_")}
+    return redis.Redis(connection_pool=_own_pool(source, timeout))
+
+
+def _own_pool(pool: redis.ConnectionPool, timeout: float) -> redis.ConnectionPool:
+    """A new pool to ``pool``'s server: its identity and credentials, our timeouts and decoding.
+
+    Never the caller's pool itself: sqlcache sets a connect hook on its pool (restart detection), and
+    two caches on one client would otherwise overwrite each other's, and change the caller's client."""
+    kept = {
+        k: v
+        for k, v in pool.connection_kwargs.items()
+        if k in _KEPT_CONNECTION_KWARGS or k.startswith("ssl_")
+    }
     kept.update(socket_timeout=timeout, socket_connect_timeout=timeout, retry=None)
-    new_pool = redis.ConnectionPool(connection_class=pool.connection_class, **kept)
-    return redis.Redis(connection_pool=new_pool)
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        kept.pop("connection_pool", None)
+        return redis.sentinel.SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            pool.service_name,
+            pool.sentinel_manager,
+            is_master=pool.is_master,
+            check_connection=pool.check_connection,
+            connection_class=pool.connection_class,
+            **kept,
+        )
+    if type(pool) not in (redis.ConnectionPool, redis.BlockingConnectionPool):
+        raise ConfigurationError(
+            f"cannot build a pool of sqlcache's own like {type(pool).__name__}: pass a URL, or a "
+            "redis.Redis over a ConnectionPool, a BlockingConnectionPool or a Sentinel pool"
+        )
+    return redis.ConnectionPool(connection_class=pool.connection_class, **kept)
+
+
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@", re.I)
+
+
+def hide_password(text: str) -> str:
+    """``text`` with the password of any URL in it replaced by ``***``."""
+    return _PASSWORD_IN_URL.sub(lambda m: m.group("head") + "***@", text)
 
 
 # What identifies the server and the credentials; everything else (retries, decoding, timeouts) is ours.

@@ -61,7 +61,10 @@ class Transactions:
         conn.info[self._txn_key] = st if st is not None else TxnState()
 
     def end(self, conn: Connection) -> TxnState | None:
-        """Take the record away (commit or rollback); None if there was none."""
+        """Take the record away (commit or rollback); None if there was none, or if the connection was
+        invalidated (its info is gone with it, and a rollback must succeed as it does without us)."""
+        if conn.invalidated:
+            return None
         st: TxnState | None = conn.info.pop(self._txn_key, None)
         return st
 
@@ -94,13 +97,13 @@ class Transactions:
             session.info.pop(self._clock_key, None)
 
     def connections(self, session: Session) -> list[Connection]:
-        """The open connections of ``session``'s transaction."""
-        return [c for c in session.info.get(self._conns_key, ()) if not c.closed]
+        """The usable connections of ``session``'s transaction (not closed, not invalidated)."""
+        return [c for c in session.info.get(self._conns_key, ()) if not (c.closed or c.invalidated)]
 
     def of_session(self, session: Session) -> list[TxnState]:
         out = []
         for conn in session.info.get(self._conns_key, ()):
-            st = conn.info.get(self._txn_key) if not conn.closed else None
+            st = conn.info.get(self._txn_key) if not (conn.closed or conn.invalidated) else None
             if st is not None:
                 out.append(st)
         return out
@@ -143,7 +146,7 @@ class Transactions:
 
     def _with_isolation(self, session: Session) -> Iterator[tuple[TxnState, bool]]:
         for conn in session.info.get(self._conns_key, ()):
-            if conn.closed:
+            if conn.closed or conn.invalidated:
                 continue
             st = conn.info.get(self._txn_key)
             if st is None:

@@ -134,6 +134,7 @@ class Wiring:
             ("after_cursor_execute", self._on_after_cursor_execute),
             ("commit", self._on_commit),
             ("rollback", self._on_rollback),
+            ("engine_disposed", self._on_disposed),
         ]
 
     def _session_events(self) -> list[tuple[str, Callable[..., Any]]]:
@@ -210,6 +211,13 @@ class Wiring:
 
     def _on_rollback(self, conn: Connection) -> None:
         self._txns.end(conn)
+
+    def _on_disposed(self, engine: Engine) -> None:
+        # dispose() (also dispose(close=False) in a forked child) replaces the pool: the new one is the
+        # same attached engine's, and its relay moves with it
+        self._pools.add(engine.pool)
+        if self._outbox is not None:
+            self._outbox.repool()
 
     def _on_commit(self, conn: Connection) -> None:
         st = self._txns.end(conn)

@@ -115,8 +115,7 @@ class SQLCache:
             decoded_cache_bytes=decoded_cache_bytes,
         )
         sealer = Sealer(secret)
-        client = client_for(redis_client, timeout)
-        self._owns_client = client is not redis_client  # built from a URL, or derived: ours to close
+        client = client_for(redis_client, timeout)  # always a pool of our own: the caller's is untouched
         #: the redis-py store (connection health, restarts); plugins may wrap what the parts use
         self.store = RedisStore(
             client, failure_threshold=failure_threshold, backoff=backoff, max_backoff=max_backoff
@@ -218,8 +217,7 @@ class SQLCache:
         if self._outbox is not None:
             self._outbox.stop_all()
         self._journal.close()
-        if self._owns_client:
-            self.store.client.connection_pool.disconnect()
+        self.store.client.connection_pool.disconnect()
 
     # -- plugins ------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -11,6 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache, signals
+from sqlcache.errors import ConfigurationError
 
 from ..conftest import RedisServer, SQLCounter, free_port
 from ..helpers import make_user, user_name
@@ -205,3 +207,56 @@ def test_restart_from_old_snapshot_is_fenced(engine: Engine, private_redis: Redi
         assert st["restarts"] == 1 and st["fences"] == 1
     finally:
         cache.detach(engine)
+
+
+def test_two_caches_on_one_client_both_detect_restarts(engine: Engine, private_redis: RedisServer) -> None:
+    """Two caches given one client of the caller's each detect a Redis restart, and the caller's client
+    is never changed (no connect hook, no new timeouts on its pool)."""
+    client = redis.Redis(port=private_redis.port, socket_timeout=0.2, retry=None)
+    before = dict(client.connection_pool.connection_kwargs)
+    caches = [
+        SQLCache(client, prefix=f"two{i}", timeout=0.3, backoff=0.05, max_backoff=0.05) for i in range(2)
+    ]
+    try:
+        assert client.connection_pool.connection_kwargs == before
+        assert all(c.store.client.connection_pool is not client.connection_pool for c in caches)
+        for c in caches:
+            c.strict_signals = True
+            c.register(User)
+            c.attach(engine)
+        uid = make_user(engine, "v1")
+        assert user_name(engine, uid) == "v1"
+        private_redis.save()
+        with Session(engine) as s:
+            s.get(User, uid).name = "v2"
+            s.commit()
+        private_redis.stop()
+        private_redis.start()
+        deadline = time.monotonic() + 10
+        while any(c.stats()["restarts"] == 0 for c in caches) and time.monotonic() < deadline:
+            assert user_name(engine, uid) == "v2"
+        assert [c.stats()["restarts"] for c in caches] == [1, 1]
+        assert user_name(engine, uid) == "v2"
+        assert client.connection_pool.connection_kwargs == before
+    finally:
+        for c in caches:
+            c.detach(engine)
+            c.close()
+        client.connection_pool.disconnect()
+
+
+def test_url_options_cannot_loosen_the_protocol() -> None:
+    """Query options of a URL (long timeouts, retries, decoded responses) give way to sqlcache's own;
+    the server and credentials are kept; a bad URL's message hides its password."""
+    cache = SQLCache(
+        "redis://:s3cret-pw@127.0.0.1:6379/3?socket_timeout=30&decode_responses=yes&retry_on_timeout=true",
+        prefix="urlopts",
+        timeout=0.3,
+    )
+    kwargs = cache.store.client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == 0.3 and not kwargs.get("decode_responses")
+    assert not kwargs.get("retry_on_timeout") and kwargs["db"] == 3 and kwargs["password"] == "s3cret-pw"
+    cache.close()
+    with pytest.raises(ConfigurationError) as info:
+        SQLCache("http://user:s3cret-pw@127.0.0.1:6379/0", prefix="badurl")
+    assert "s3cret-pw" not in str(info.value) and "***" in str(info.value)

@@ -35,12 +35,14 @@ def counted(engine: Engine, private_redis: RedisServer) -> Iterator[tuple[SQLCac
         connection_class=CountingConnection, port=private_redis.port, socket_timeout=0.25, retry=None
     )
     cache = SQLCache(redis.Redis(connection_pool=pool), prefix="count")
-    assert cache.store.client.connection_pool is pool
+    # a pool of its own to the same server, with the caller's connection class (which counts here)
+    assert cache.store.client.connection_pool.connection_class is CountingConnection
     cache.strict_signals = True
     cache.attach(engine)
     CountingConnection.sent = []
     yield cache, CountingConnection.sent
     cache.detach(engine)
+    cache.close()
     pool.disconnect()
 
 
