@@ -177,6 +177,14 @@ class Journal:
         if self._journal or self._fence:
             self._schedule()
 
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock, and the background replay (its timer thread did not survive
+        the fork) scheduled again if anything is pending."""
+        self._mutex = threading.Lock()
+        self._timer = None
+        if self._journal or self._fence:
+            self._schedule()
+
     def close(self) -> None:
         """Cancel the background replay (what is journalled stays; a later replay() still applies it)."""
         with self._mutex:

@@ -216,6 +216,10 @@ class OutboxWriter:
         for relay in relays:
             relay.stop()
 
+    def after_fork(self) -> None:
+        for relay in set(self.relays.values()):
+            relay.after_fork()
+
     def wake_all(self) -> None:
         for relay in list(self.relays.values()):
             relay.wake()

@@ -252,6 +252,9 @@ class DecodedCache:
             OrderedDict() if max_bytes > 0 else None
         )
 
+    def after_fork(self) -> None:
+        self._mutex = threading.Lock()
+
     def get(
         self,
         entry_key: str,

@@ -44,6 +44,9 @@ class Registry:
         self._hierarchies: dict[Mapper[Any], Hierarchy] = {}
         self._cascades: dict[tuple[Any, bool, bool], set[Any]] = {}
 
+    def after_fork(self) -> None:
+        self._mutex = threading.Lock()
+
     def register(self, mapper: Mapper[Any], policy: ModelPolicy) -> None:
         """:raises ConfigurationError: if a column type cannot round-trip."""
         check_supported(mapper)

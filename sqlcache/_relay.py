@@ -70,6 +70,18 @@ class Relay:
         self.passes = 0
         self._thread = threading.Thread(target=self._run, name=f"sqlcache-relay-{prefix}", daemon=True)
 
+    def after_fork(self) -> None:
+        """In a forked child: fresh locks and events, and the thread (which did not survive the fork)
+        started again if it ran in the parent. Rows the parent applied are the parent's to delete."""
+        running = self._thread.ident is not None and not self._stopping.is_set()
+        self._done = {}
+        self._done_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
+        if running:
+            self._thread.start()
+
     # -- called by the writer ---------------------------------------------------------------------
 
     def mark_done(self, row_id: str) -> None:

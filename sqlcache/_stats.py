@@ -42,6 +42,10 @@ class Stats:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
 
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock (another thread may have held this one at the fork)."""
+        self._lock = threading.Lock()
+
     def incr(self, name: str, n: int = 1) -> None:
         with self._lock:
             self._counts[name] += n

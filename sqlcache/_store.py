@@ -176,6 +176,10 @@ class RedisStore:
         # restarted Redis is noticed even when redis-py reconnects silently
         client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
 
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock (redis-py's pool resets its own connections on a new pid)."""
+        self._mutex = threading.Lock()
+
     # -- circuit breaker ---------------------------------------------------------------------------
 
     @property

@@ -3,6 +3,8 @@ verbs; the work itself happens in the parts (see docs/architecture.md)."""
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -122,8 +124,25 @@ class SQLCache:
         )
         self._assemble(self.config, sealer)
         self._closed = False
+        # Gunicorn, uWSGI, Celery prefork: a forked child must not inherit locks held by other threads
+        # at the fork, nor count on threads that did not survive it (a weak reference: the hook cannot be
+        # unregistered, and must not keep the cache alive)
+        me = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _after_fork(me))
         for plugin in plugins:
             self.add_plugin(plugin)
+
+    def _after_fork(self) -> None:
+        """In a forked child: fresh locks everywhere, the journal's replay and the relays running again."""
+        if self._closed:
+            return
+        self._rep.stats.after_fork()
+        self.store.after_fork()
+        self._registry.after_fork()
+        self._decoded.after_fork()
+        self._journal.after_fork()
+        if self._outbox is not None:
+            self._outbox.after_fork()
 
     def _assemble(self, c: CacheConfig, sealer: Sealer) -> None:
         """Build the parts and hand each the narrow pieces it needs (docs/architecture.md)."""
@@ -155,7 +174,7 @@ class SQLCache:
         commits = Commits(
             slot, rep, registry, sealer, journal, keys, announcer.announce, c.lock_ttl * 1000, self._outbox
         )
-        decoded = DecodedCache(c.decoded_cache_bytes, registry.hierarchy, rep)
+        self._decoded = decoded = DecodedCache(c.decoded_cache_bytes, registry.hierarchy, rep)
         self._wiring = Wiring(
             txns,
             registry,
@@ -363,3 +382,9 @@ class SQLCache:
             backoff=c.backoff,
             max_backoff=c.max_backoff,
         )
+
+
+def _after_fork(ref: weakref.ref[SQLCache]) -> None:
+    cache = ref()
+    if cache is not None:
+        cache._after_fork()

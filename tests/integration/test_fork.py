@@ -1,0 +1,133 @@
+"""Prefork servers (Gunicorn, uWSGI, Celery): a child forked after attach() and after traffic starts
+clean and correct, with a real os.fork() and a multiprocessing "fork" start."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import MetaData
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlcache import SQLCache, outbox_table
+
+from ..helpers import make_user, user_name
+from ..models import User
+
+# a thread-holding parent forks on purpose here; Python 3.12+ warns about exactly that
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+
+
+def _rename(engine: Engine, uid: int, name: str) -> None:
+    with Session(engine) as s:
+        user = s.get(User, uid)
+        assert user is not None
+        user.name = name
+        s.commit()
+
+
+def _in_child(work: Callable[[], bool]) -> None:
+    """Run ``work`` in the forked child and leave with its verdict, never through pytest."""
+    code = 2
+    try:
+        code = 0 if work() else 1
+    finally:
+        os._exit(code)
+
+
+def _wait(pid: int, seconds: float) -> int:
+    """The child's exit code, or -1 if it had to be killed after ``seconds`` (stuck)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)  # polling a child process's exit, with a deadline
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return -1
+
+
+def test_child_forked_while_a_lock_was_held_is_not_stuck(engine: Engine, cache: SQLCache) -> None:
+    """A lock another thread held at the fork (here the counters', taken by every read) is fresh in the
+    child: it reads from the cache and commits, and the parent sees its commit."""
+    cache.register(User)
+    uid = make_user(engine)
+    assert user_name(engine, uid) == "ann"
+    held, release = threading.Event(), threading.Event()
+    lock: Any = cache._rep.stats._lock
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    pid = os.fork()
+    if pid == 0:
+
+        def work() -> bool:
+            engine.dispose(close=False)  # SQLAlchemy's advice for a forked child
+            hits = cache.stats()["hits"]
+            ok = user_name(engine, uid) == "ann" and cache.stats()["hits"] == hits + 1
+            _rename(engine, uid, "child")
+            return ok and user_name(engine, uid) == "child"
+
+        _in_child(work)
+    release.set()
+    holder.join()
+    assert _wait(pid, 20) == 0
+    assert user_name(engine, uid) == "child"
+
+
+@pytest.fixture
+def durable(engine: Engine, redis_url: str) -> Iterator[SQLCache]:
+    table = outbox_table(MetaData())
+    table.create(engine, checkfirst=True)
+    with engine.begin() as c:
+        c.execute(table.delete())
+    cache = SQLCache(redis_url, prefix=f"f{uuid.uuid4().hex[:10]}", durable=True, relay_interval=0.05)
+    cache.strict_signals = True
+    cache.register(User)
+    cache.attach(engine)
+    yield cache
+    cache.clear()
+    cache.close()
+
+
+def _relay_child(engine: Engine, cache: SQLCache, uid: int, out: Any) -> None:
+    engine.dispose(close=False)
+    relays = set(cache._outbox.relays.values()) if cache._outbox is not None else set()
+    alive = [r.is_alive() for r in relays]
+    _rename(engine, uid, "from child")
+    passes = [r.passes for r in relays]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and [r.passes for r in relays] == passes:
+        time.sleep(0.02)  # the child's relay thread runs a pass (its interval is 50 ms)
+    out.put((alive, [r.passes > p for r, p in zip(relays, passes, strict=True)], user_name(engine, uid)))
+
+
+def test_multiprocessing_fork_child_runs_its_relay(engine: Engine, durable: SQLCache) -> None:
+    """A multiprocessing "fork" child after traffic has its relay running (its thread died with the
+    fork), commits durably, and reads its own commit."""
+    uid = make_user(engine)
+    assert user_name(engine, uid) == "ann"
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_relay_child, args=(engine, durable, uid, out))
+    child.start()
+    alive, ran, seen = out.get(timeout=30)
+    child.join(30)
+    assert child.exitcode == 0
+    assert alive == [True] and ran == [True] and seen == "from child"
+    assert user_name(engine, uid) == "from child"
