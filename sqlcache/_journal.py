@@ -103,22 +103,26 @@ class Journal:
             keys = [self._keys.everything]
         run = self._rep.begin("replay", keys=len(keys)) if self._rep.hooks else None
         try:
-            self._release(keys, [], ["*"])
-        except CacheUnavailable as exc:
+            try:
+                self._release(keys, [], ["*"])
+            except CacheUnavailable as exc:
+                if run is not None:
+                    run.end("error", exc)
+                self._rep.report(exc, "replay")
+                return False
+            with self._mutex:
+                if fence:  # the fence supersedes every journalled key
+                    self._journal.clear()
+                    self._fence = False
+                    self._rep.incr("fences")
+                else:
+                    self._journal.difference_update(keys)
+            self._rep.incr("invalidations_replayed", len(keys))
             if run is not None:
-                run.end("error", exc)
-            self._rep.report(exc, "replay")
-            return False
-        with self._mutex:
-            if fence:  # the fence supersedes every journalled key
-                self._journal.clear()
-                self._fence = False
-                self._rep.incr("fences")
-            else:
-                self._journal.difference_update(keys)
-        self._rep.incr("invalidations_replayed", len(keys))
-        if run is not None:
-            run.end("ok")
+                run.end("ok")
+        finally:
+            if run is not None:
+                run.end("error")  # only if something unexpected raised before it ended
         for wake in list(self.on_replayed):
             wake()  # Redis is back: the outbox rows left meanwhile need not wait for a back-off
         return True
@@ -136,6 +140,9 @@ class Journal:
                 run.end("deferred", exc)
             self._rep.report(exc, "invalidate")
             self.defer(keys)
+        finally:
+            if run is not None:
+                run.end("error")  # only if something unexpected raised before it ended
         if signals.invalidated.receivers:
             self._rep.send(signals.invalidated, identities=identities, tags=tags, remote=False)
 
@@ -144,13 +151,16 @@ class Journal:
         run = self._rep.begin("relay", keys=len(keys)) if self._rep.hooks else None
         try:
             self._release(keys, [], tags)
+            if run is not None:
+                run.end("ok")
         except CacheUnavailable as exc:
             if run is not None:
                 run.end("error", exc)
             raise
+        finally:
+            if run is not None:
+                run.end("error")  # only if something unexpected raised before it ended
         self._rep.incr("invalidations", len(keys))
-        if run is not None:
-            run.end("ok")
 
     def _release(self, keys: list[str], identities: list[Identity], tags: list[str]) -> None:
         k = self._keys

@@ -309,6 +309,8 @@ class ReadThrough:
         with rep.degrade("encode"):
             payload = rd.encode(frozen, unique_required, runid)
         if payload is None:
+            if rep.hooks:  # the result may not be stored (or could not be encoded): no fill
+                rep.instant("fill", "skipped", rd.kind, rd.key, rd.model, rd.tags)
             return False
         if len(payload) > self._max_entry_bytes:
             rep.incr("too_large")  # a huge result is not worth a Redis value: stays uncached
@@ -326,13 +328,16 @@ class ReadThrough:
                 k.clock, rd.key, rd.deps, payload, entry_ttl, generations, bound.clock, k.gen_ttl_ms,
                 fresh_until, token,
             )  # fmt: skip
+            outcome = "stored" if stored == 1 else "refused" if stored == 0 else "skipped"
+            if run is not None:
+                run.end(outcome)
         except CacheUnavailable as exc:
             if run is not None:
                 run.end("error", exc)
             rep.report(exc, "fill")
             return False
-        outcome = "stored" if stored == 1 else "refused" if stored == 0 else "skipped"
+        finally:
+            if run is not None:
+                run.end("error")  # only if something unexpected raised before it ended
         rep.incr({"stored": "fills", "refused": "fills_refused", "skipped": "fills_skipped"}[outcome])
-        if run is not None:
-            run.end(outcome)
         return True

@@ -28,17 +28,19 @@ log = logging.getLogger("sqlcache")
 class Running:
     """An operation whose hooks have been entered; :meth:`end` exits them (once)."""
 
-    __slots__ = ("_exits", "_reporter", "op")
+    __slots__ = ("_ended", "_exits", "_reporter", "op")
 
     def __init__(self, reporter: Reporter, op: Operation) -> None:
         self._reporter = reporter
         self.op = op
         self._exits: list[tuple[str, AbstractContextManager[object]]] = []
+        self._ended = False  # our own flag: hooks may write op.result as they like
 
     def end(self, result: str, error: BaseException | None = None) -> None:
-        op = self.op
-        if op.result is not None:
+        if self._ended:
             return  # ended already (a hit that turned out unservable, then a miss)
+        self._ended = True
+        op = self.op
         op.result = result
         op.error = error
         exits, self._exits = self._exits, []

@@ -35,6 +35,7 @@ __all__ = [
     "bypasses_query_cache",
     "cache_key",
     "current_path",
+    "from_objects",
     "frozen_keys",
     "frozen_single_entity",
     "is_autocommit",
@@ -180,6 +181,11 @@ def path_registry(entity: Any) -> Any:
 def type_is_unknown(type_: Any) -> bool:
     """NullType: SQLAlchemy does not know what the column's values are (``TypeEngine._isnull``)."""
     return bool(type_._isnull)
+
+
+def from_objects(clause: Any, default: Any) -> Any:
+    """The FROM objects a clause (an alias, a join used as a DML target) is made of."""
+    return getattr(clause, "_from_objects", default)
 
 
 def loader_criteria(loadopt: Any) -> Any:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
 
+from . import _sa
+
 if TYPE_CHECKING:
     from sqlalchemy.engine.default import DefaultExecutionContext
     from sqlalchemy.orm import InstanceState
@@ -81,8 +83,8 @@ def dml_tables(context: DefaultExecutionContext) -> list[Table]:
         out.append(table)
     elif table is not None:
         # an alias or join as DML target: every table it names
-        for t in getattr(table, "_from_objects", ()):
-            out.extend(x for x in getattr(t, "_from_objects", (t,)) if isinstance(x, Table))
+        for t in _sa.from_objects(table, ()):
+            out.extend(x for x in _sa.from_objects(t, (t,)) if isinstance(x, Table))
     return out
 
 

@@ -129,8 +129,12 @@ class SQLCache:
         # unregistered, and must not keep the cache alive)
         me = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _after_fork(me))
-        for plugin in plugins:
-            self.add_plugin(plugin)
+        try:
+            for plugin in plugins:
+                self.add_plugin(plugin)
+        except BaseException:
+            self.close()  # the plugins set up so far, and the pool built for this cache
+            raise
 
     def _after_fork(self) -> None:
         """In a forked child: fresh locks everywhere, the journal's replay and the relays running again."""
@@ -146,7 +150,7 @@ class SQLCache:
 
     def _assemble(self, c: CacheConfig, sealer: Sealer) -> None:
         """Build the parts and hand each the narrow pieces it needs (docs/architecture.md)."""
-        slot = StoreSlot(self.store)
+        self._slot = slot = StoreSlot(self.store)
         self._rep = rep = Reporter(self, lambda: self.store.ok_seq)
         self._plugins = Plugins(rep, slot, self.store.server)
         p = c.prefix
@@ -230,7 +234,12 @@ class SQLCache:
         outbox rows already applied) and the journal's replay timer, and close the connections this
         cache opened to Redis. Idempotent."""
         self._closed = True
-        self._plugins.close()
+        try:
+            self._plugins.close()
+        finally:
+            self._close_parts()
+
+    def _close_parts(self) -> None:
         for engine in self._wiring.engines():
             self._wiring.detach(engine)
         if self._outbox is not None:
@@ -313,7 +322,7 @@ class SQLCache:
         A fill in flight when this runs is refused, since the generations it saw are gone.
         """
         with self._rep.degrade("clear"):
-            return self.store.delete_matching(_keys.scan_pattern(self.config.prefix))
+            return self._slot.current.delete_matching(_keys.scan_pattern(self.config.prefix))
         return 0
 
     def stats(self) -> dict[str, int]:

@@ -130,12 +130,37 @@ def test_no_module_imports_another_modules_private_names() -> None:
                 assert f"{target}.{imported}" in _modules(), f"{name} imports {target}.{imported}"
 
 
+def _imported_modules(tree: ast.Module) -> set[str]:
+    """Names a module binds to sqlcache modules (``from . import _keys``, ``import sqlcache._x as y``)."""
+    ours = {m.rpartition(".")[2] for m in _modules()}
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("sqlcache")):
+            out.update(a.asname or a.name for a in node.names if a.name in ours)
+        elif isinstance(node, ast.Import):
+            out.update(a.asname for a in node.names if a.asname and a.name.startswith("sqlcache"))
+    return out
+
+
 def _private_attributes(path: Path) -> list[tuple[int, str]]:
-    """``x._name`` (not ``self._name``, not a dunder, not one of our own modules) in one file."""
+    """``x._name`` and ``getattr(x, "_name")`` (not on ``self``, not a dunder, not on one of our own
+    modules imported here) in one file."""
     tree = ast.parse(path.read_text())
-    modules = {m.rpartition(".")[2] for m in _modules()}
+    modules = _imported_modules(tree)
     out = []
     for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr", "setattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and node.args[1].value.startswith("_")
+            and not node.args[1].value.startswith("__")
+        ):
+            out.append((node.lineno, node.args[1].value))
+            continue
         if not isinstance(node, ast.Attribute):
             continue
         attr = node.attr
@@ -182,6 +207,21 @@ def _assigned_attributes(path: Path) -> set[str]:
                 if isinstance(e, ast.Constant) and isinstance(e.value, str)
             )
     return out
+
+
+def test_plugins_use_public_names_only() -> None:
+    """First-party plugins import sqlcache's public modules only, never ``sqlcache._anything``."""
+    plugins = PACKAGE.parent / "plugins"
+    for path in sorted(plugins.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for n in names:
+                parts = n.split(".")
+                assert not (parts[0] == "sqlcache" and any(p.startswith("_") for p in parts[1:])), (path, n)
 
 
 def test_cli_is_not_loaded_by_import() -> None:
