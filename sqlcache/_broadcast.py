@@ -18,6 +18,7 @@ from .errors import CacheUnavailable, CodecError
 
 if TYPE_CHECKING:
     from ._report import Reporter
+    from ._seal import Sealer
 
 __all__ = ["Announcer", "Listener"]
 
@@ -30,10 +31,13 @@ class Announcer:
     """Builds the pub/sub message a release publishes (inside the same script) when ``broadcast`` is
     on, and reads other processes' messages back."""
 
-    def __init__(self, prefix: str, enabled: bool) -> None:
+    def __init__(self, prefix: str, enabled: bool, sealer: Sealer) -> None:
         self.enabled = enabled
         self.channel = _keys.channel(prefix)
         self.node = uuid.uuid4().hex  # tells this cache's own broadcasts from other processes'
+        # with a secret, every message carries a MAC over the channel and the body: anyone allowed to
+        # PUBLISH could otherwise forge invalidated(remote=True)
+        self._sealer = sealer
 
     def announce(self, identities: list[Identity], tags: list[str]) -> tuple[str, bytes] | None:
         if not self.enabled:
@@ -43,15 +47,18 @@ class Announcer:
             message = encode_body([self.node, body, tags])
         except CodecError:
             message = encode_body([self.node, [], [*tags, "*"]])
-        return self.channel, message
+        return self.channel, self._sealer.seal(self.channel, message)
 
     def parse(self, data: bytes) -> tuple[list[tuple[str, list[Any]]], list[str]] | None:
-        """(class ids and pks, tags) of another process's message; None for ours or for garbage."""
+        """(class ids and pks, tags) of another process's message; None for ours, for garbage and (with
+        a secret) for a message not signed with it.
+
+        :raises CodecError: the message is unsigned, badly signed or undecodable (the caller counts it).
+        """
         try:
-            node, body, tags = decode(bytes([FORMAT_VERSION]) + data)
-        except (CodecError, ValueError, TypeError):
-            log.warning("sqlcache: ignored an undecodable broadcast on %s", self.channel)
-            return None
+            node, body, tags = decode(bytes([FORMAT_VERSION]) + self._sealer.unseal(self.channel, data))
+        except (ValueError, TypeError) as exc:
+            raise CodecError(f"undecodable broadcast: {exc!r}") from exc
         if node == self.node or type(body) is not list or type(tags) is not list:
             return None
         found = [
@@ -82,6 +89,7 @@ class Listener(threading.Thread):
         super().__init__(name=f"sqlcache-listen-{announcer.channel}", daemon=True)
         self._subscribe = subscribe
         self._announcer = announcer
+        self._channel = announcer.channel
         self._rep = reporter
         self._class_for = class_for
         self._backoff = backoff
@@ -112,12 +120,26 @@ class Listener(threading.Thread):
                 self._rep.send(signals.cache_error, exc=exc, operation="listen")
                 self._stopping.wait(pause)
                 pause = min(pause * 2, self._max_backoff)
+            except Exception as exc:
+                # a defect or a message nobody foresaw: reported, and the listener subscribes again
+                # rather than die (messages may have been missed meanwhile, as after a lost connection)
+                self.subscribed.clear()
+                log.exception("sqlcache listener: unexpected failure")
+                self._rep.incr("errors")
+                self._rep.send(signals.cache_error, exc=exc, operation="listen")
+                self._stopping.wait(pause)
+                pause = min(pause * 2, self._max_backoff)
             finally:
                 if pubsub is not None:
                     pubsub.close()
 
     def _deliver(self, data: bytes) -> None:
-        parsed = self._announcer.parse(data)
+        try:
+            parsed = self._announcer.parse(data)
+        except CodecError:
+            self._rep.incr("broadcasts_dropped")
+            log.warning("sqlcache: dropped an unsigned, forged or undecodable broadcast on %s", self._channel)
+            return
         if parsed is None:
             return
         body, tags = parsed

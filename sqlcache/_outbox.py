@@ -87,7 +87,7 @@ def decode_body(body: object, prefix: str) -> tuple[list[str], list[str]] | None
         data = json.loads(body if isinstance(body, (str, bytes)) else "")
         keys = data["keys"]
         tags = data["tags"]
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):  # RecursionError: JSON nested too deep
         return None
     if not isinstance(keys, list) or not isinstance(tags, list):
         return None
@@ -221,7 +221,8 @@ class OutboxWriter:
             relay.after_fork()
 
     def wake_all(self) -> None:
-        for relay in list(self.relays.values()):
+        for relay in set(self.relays.values()):
+            relay.ensure_running()
             relay.wake()
 
     def write(self, st: TxnState, conn: Connection, keys: list[str], tags: list[str]) -> OutboxRow:
@@ -238,6 +239,7 @@ class OutboxWriter:
             body = encode_body(keys, tags)
             if len(body) > MAX_BODY_CHARS:
                 body = encode_body(self.coarse_keys(st), tags)
+            relay.ensure_running()  # a relay thread that died is noticed by the next commit
             try:
                 return OutboxRow(relay, relay.sql.write(dbapi_connection, self._prefix, body))
             except relay.sql.dbapi_error as exc:

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ._outbox import APPLY_CHUNK, OutboxSQL, decode_body
 from ._report import Reporter
-from .errors import CacheUnavailable
+from .errors import CacheUnavailable, CodecError
 
 __all__ = ["Relay"]
 
@@ -66,8 +66,9 @@ class Relay:
         self._done_lock = threading.Lock()
         self._stopping = threading.Event()
         self._wake = threading.Event()
-        #: passes completed without error (tests wait on it)
+        #: passes completed without error (tests wait on it), and passes that failed unexpectedly
         self.passes = 0
+        self.failures = 0
         self._thread = threading.Thread(target=self._run, name=f"sqlcache-relay-{prefix}", daemon=True)
 
     def after_fork(self) -> None:
@@ -103,6 +104,14 @@ class Relay:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
+    def ensure_running(self) -> None:
+        """Start a new thread if this relay's thread was started and has died without being stopped."""
+        if self._thread.ident is not None and not self._thread.is_alive() and not self._stopping.is_set():
+            self._rep.incr("relay_restarts")
+            log.warning("sqlcache relay: its thread had died; started again")
+            self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
+            self._thread.start()
+
     def stop(self, timeout: float = 5.0) -> None:
         """End the thread after a last attempt to delete the rows already applied."""
         self._stopping.set()
@@ -124,6 +133,13 @@ class Relay:
                 delay = self.interval
             except (CacheUnavailable, SQLAlchemyError, self.sql.dbapi_error) as exc:
                 self._rep.report(exc if isinstance(exc, Exception) else RuntimeError(exc), "relay")
+                delay = min(max(delay * 2, self._backoff), self._max_backoff)
+            except Exception as exc:
+                # a defect or a row nobody foresaw: reported, and the thread lives on (a dead relay
+                # would leave every later crashed writer's rows unapplied)
+                self.failures += 1
+                log.exception("sqlcache relay: a pass failed unexpectedly")
+                self._rep.report(CodecError(f"relay pass failed: {exc!r}"), "relay")
                 delay = min(max(delay * 2, self._backoff), self._max_backoff)
         try:
             self._delete_done()

@@ -25,12 +25,14 @@ COUNTERS = (
     "invalidations_replayed",  # dependencies from the journal applied once Redis answered
     "invalidations_lost",  # dependencies dropped when the journal overflowed (a fence replaced them)
     "fences",  # cache-wide invalidations (after a journal overflow or a Redis restart)
+    "relay_restarts",  # relay threads found dead (not stopped) and started again
     "outbox_relayed",  # outbox rows applied by this process's relay (their writer never marked them done)
     "restarts",  # Redis restarts noticed (a new run id); each fences the prefix
     "errors",  # Redis failures and undecodable entries
     "backoffs",  # times Redis was skipped for a back-off period after repeated failures
     "skipped_backoff",  # calls not made because of a back-off period
     "signal_errors",  # exceptions raised by signal receivers
+    "broadcasts_dropped",  # pub/sub messages dropped: undecodable, or (with a secret) unsigned or forged
     "plugin_errors",  # exceptions raised by plugins (receivers, operation hooks, close)
 )
 

@@ -155,7 +155,7 @@ class SQLCache:
         self._plugins = Plugins(rep, slot, self.store.server)
         p = c.prefix
         self._keys = keys = Keys(p, _keys.clock_key(p), _keys.global_dep_key(p), c.generation_ttl * 1000)
-        self._announcer = announcer = Announcer(p, c.broadcast)
+        self._announcer = announcer = Announcer(p, c.broadcast, sealer)
         self._journal = journal = Journal(
             slot, rep, keys, announcer.announce, lambda: self.store.backing_off, c.backoff
         )

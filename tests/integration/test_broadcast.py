@@ -116,3 +116,34 @@ def test_listener_reconnects_and_says_so(engine: Engine, private_redis: RedisSer
         listener.stop()
         heard.close()
         a.detach(engine)
+
+
+def test_signed_broadcasts_drop_forgeries(engine: Engine, redis_url: str, redis_client: Any) -> None:
+    """With secret=, broadcasts are signed: a message PUBLISHed by someone without the secret (unsigned,
+    or signed for another channel) is dropped and counted; genuine ones are heard, in order."""
+    from sqlcache import _keys
+    from sqlcache._codec import encode_body
+
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    secret = "correct horse battery staple"
+    a, b = (SQLCache(redis_url, prefix=prefix, broadcast=True, secret=secret) for _ in range(2))
+    for c in (a, b):
+        c.register(User)
+    heard = Heard(b)
+    listener = b.listen()
+    try:
+        assert listener.subscribed.wait(10)
+        channel = _keys.channel(prefix)
+        forged = encode_body(["someone", [], ["org:forged"]])
+        redis_client.publish(channel, forged)  # unsigned
+        redis_client.publish(channel, b"\x00" * 16 + forged)  # a wrong MAC
+        a.invalidate_tags("org:genuine")  # published after the forgeries: heard after them
+        assert heard.wait()["tags"] == ["org:genuine"]
+        assert [c["tags"] for c in heard.calls] == [["org:genuine"]]
+        assert b.stats()["broadcasts_dropped"] == 2
+    finally:
+        listener.stop()
+        heard.close()
+        for c in (a, b):
+            c.clear()
+            c.close()

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from sqlcache import ConfigurationError, SQLCache, SQLCacheError, outbox_table, signals
+from sqlcache import ConfigurationError, Relay, SQLCache, SQLCacheError, outbox_table, signals
 from sqlcache._outbox import MAX_BODY_CHARS
 
 from ..conftest import RedisServer, free_port, shareable_url
@@ -492,3 +492,59 @@ def test_relay_applies_huge_backlogs_in_bounded_calls(
     assert relay.run_once() == 60
     assert rows(outbox, pfx) == []
     assert cache.stats()["errors"] == 0
+
+
+def _wait_passes(relay: Relay, n: int, seconds: float = 15) -> None:
+    start = relay.passes + relay.failures
+    deadline = time.monotonic() + seconds
+    while relay.passes + relay.failures < start + n and time.monotonic() < deadline:
+        time.sleep(0.02)  # polling the relay thread's pass counter, with a deadline
+    assert relay.passes + relay.failures >= start + n, "the relay made no progress"
+
+
+def test_relay_survives_a_row_nested_too_deep(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache]
+) -> None:
+    """A row whose JSON body nests too deep (RecursionError killed the relay thread for good) is
+    unreadable: the relay fences the prefix instead, deletes the row and keeps running."""
+    pfx = prefix()
+    cache = make_cache(redis_url, pfx, durable=True, relay_interval=0.05, relay_grace=0)
+    cache.attach(outbox)
+    uid = make_user(outbox, "v1")
+    assert user_name(outbox, uid) == "v1"  # cached
+    deep = "[" * 30_000 + "]" * 30_000
+    with outbox.begin() as c:
+        c.execute(OUTBOX.insert().values(id="deep", prefix=pfx, created_ms=0, body=deep))
+    relay = cache._outbox.relays[outbox.pool] if cache._outbox is not None else None
+    assert relay is not None
+    _wait_passes(relay, 2)
+    assert relay.is_alive() and rows(outbox, pfx) == []
+    misses = cache.stats()["misses"]
+    assert user_name(outbox, uid) == "v1"
+    assert cache.stats()["misses"] == misses + 1  # fenced: every entry under the prefix moved
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # killed on purpose
+def test_a_dead_relay_thread_is_started_again(
+    outbox: Engine, redis_url: str, make_cache: Callable[..., SQLCache], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay thread that died anyway is noticed by the next commit and started again."""
+    pfx = prefix()
+    cache = make_cache(redis_url, pfx, durable=True, relay_interval=0.05)
+    cache.attach(outbox)
+    relay = cache._outbox.relays[outbox.pool] if cache._outbox is not None else None
+    assert relay is not None
+
+    def die() -> int:
+        raise SystemExit("the thread ends here")
+
+    monkeypatch.setattr(relay, "run_once", die)
+    deadline = time.monotonic() + 10
+    while relay.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)  # waiting for the thread to end, with a deadline
+    assert not relay.is_alive()
+    monkeypatch.undo()
+    make_user(outbox, "v1")  # a commit: writes its row, notices the dead thread
+    assert relay.is_alive() and cache.stats()["relay_restarts"] == 1
+    _wait_passes(relay, 1)
+    assert rows(outbox, pfx) == []
