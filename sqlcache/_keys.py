@@ -1,13 +1,17 @@
 """Pure: every Redis key shape. No client, no clock, no globals.
 
-{prefix}:clock                      the invalidation clock (generations are drawn from it)
-{prefix}:e:{fp}:{entity}:{pk}       identity entry of one mapped class (fp = schema fingerprint)
-{prefix}:d:i:{table}:{pk}           dependency: one row identity (table = base table of the hierarchy)
-{prefix}:d:b:{table}                dependency: rows of a table changed by statements we cannot
+Every key starts with the cache's namespace: its prefix with ``%`` and ``:`` escaped (``%25``, ``%3A``),
+then ``:``. Prefixes ``a`` and ``a:b`` therefore never share a key, and ``clear()`` of one never
+reaches the other's keys (a plain ``a:*`` would match every key of ``a:b``).
+
+{ns}:clock                      the invalidation clock (generations are drawn from it)
+{ns}:e:{fp}:{entity}:{pk}       identity entry of one mapped class (fp = schema fingerprint)
+{ns}:d:i:{table}:{pk}           dependency: one row identity (table = base table of the hierarchy)
+{ns}:d:b:{table}                dependency: rows of a table changed by statements we cannot
                                     attribute to rows (Core DML, ORM bulk statements)
-{prefix}:d:t:{table}                dependency: anything in a table changed (queries read it)
-{prefix}:d:u:{tag}                  dependency: a user tag
-{prefix}:d:*                        dependency of every entry: moved by writes we cannot attribute
+{ns}:d:t:{table}                dependency: anything in a table changed (queries read it)
+{ns}:d:u:{tag}                  dependency: a user tag
+{ns}:d:*                        dependency of every entry: moved by writes we cannot attribute
                                     to a table (text SQL) and by a fence after lost invalidations
 """
 
@@ -23,6 +27,7 @@ from ._codec import encode_body
 
 __all__ = [
     "bulk_dep_key",
+    "namespace",
     "channel",
     "clock_key",
     "global_dep_key",
@@ -38,8 +43,15 @@ __all__ = [
 _GLOB = re.compile(r"([*?\[\]\\])")
 
 
+def namespace(prefix: str) -> str:
+    """The prefix as it starts every key: ``%`` and ``:`` escaped, so that no prefix is another's start."""
+    if "%" not in prefix and ":" not in prefix:
+        return prefix
+    return prefix.replace("%", "%25").replace(":", "%3A")
+
+
 def clock_key(prefix: str) -> str:
-    return f"{prefix}:clock"
+    return f"{namespace(prefix)}:clock"
 
 
 def pk_token(pk: Sequence[object]) -> str:
@@ -58,38 +70,38 @@ def pk_token(pk: Sequence[object]) -> str:
 
 
 def identity_entry_key(prefix: str, fingerprint: str, entity: str, pk: Sequence[object]) -> str:
-    return f"{prefix}:e:{fingerprint}:{entity}:{pk_token(pk)}"
+    return f"{namespace(prefix)}:e:{fingerprint}:{entity}:{pk_token(pk)}"
 
 
 def identity_dep_key(prefix: str, table: str, pk: Sequence[object]) -> str:
-    return f"{prefix}:d:i:{table}:{pk_token(pk)}"
+    return f"{namespace(prefix)}:d:i:{table}:{pk_token(pk)}"
 
 
 def bulk_dep_key(prefix: str, table: str) -> str:
-    return f"{prefix}:d:b:{table}"
+    return f"{namespace(prefix)}:d:b:{table}"
 
 
 def table_dep_key(prefix: str, table: str) -> str:
-    return f"{prefix}:d:t:{table}"
+    return f"{namespace(prefix)}:d:t:{table}"
 
 
 def tag_dep_key(prefix: str, tag: str) -> str:
-    return f"{prefix}:d:u:{tag}"
+    return f"{namespace(prefix)}:d:u:{tag}"
 
 
 def query_key(prefix: str, digest: str) -> str:
-    return f"{prefix}:q:{digest}"
+    return f"{namespace(prefix)}:q:{digest}"
 
 
 def channel(prefix: str) -> str:
     """The pub/sub channel invalidations are broadcast on."""
-    return f"{prefix}:invalidated"
+    return f"{namespace(prefix)}:invalidated"
 
 
 def global_dep_key(prefix: str) -> str:
-    return f"{prefix}:d:*"
+    return f"{namespace(prefix)}:d:*"
 
 
 def scan_pattern(prefix: str) -> str:
     """A SCAN MATCH pattern for every key under ``prefix`` and nothing else."""
-    return _GLOB.sub(r"\\\1", prefix) + ":*"
+    return _GLOB.sub(r"\\\1", namespace(prefix)) + ":*"

@@ -93,7 +93,7 @@ def decode_body(body: object, prefix: str) -> tuple[list[str], list[str]] | None
         return None
     if not all(isinstance(k, str) for k in keys) or not all(isinstance(t, str) for t in tags):
         return None
-    mine = prefix + ":"
+    mine = _keys.namespace(prefix) + ":"
     return [k for k in keys if k.startswith(mine)], tags
 
 

@@ -3,6 +3,8 @@ a miss or a repair, never an exception in the caller and never a stale read."""
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import redis
 from sqlalchemy import select
@@ -124,3 +126,31 @@ def test_ttl_bounds() -> None:
     with pytest.raises(ConfigurationError, match="ttl"):
         cached(ttl=10**12)
     assert ModelPolicy(ttl=MAX_TTL).ttl == MAX_TTL
+
+
+def test_prefix_that_extends_another_is_its_own(
+    engine: Engine, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Caches "t…" and "t…:b" share nothing: clear() of the first leaves every key of the second, and
+    neither ever reads the other's entries."""
+    base = f"t{uuid.uuid4().hex[:10]}"
+    outer, inner = SQLCache(redis_url, prefix=base), SQLCache(redis_url, prefix=f"{base}:b")
+    try:
+        for c in (outer, inner):
+            c.strict_signals = True
+            c.register(User)
+        inner.attach(engine)
+        uid = make_user(engine)
+        assert _name(engine, uid) == "ann"  # inner filled its entry
+        inner_keys = set(redis_client.scan_iter(_keys.scan_pattern(inner.config.prefix)))
+        assert inner_keys
+        outer.clear()
+        assert set(redis_client.scan_iter(_keys.scan_pattern(inner.config.prefix))) == inner_keys
+        hits = inner.stats()["hits"]
+        assert _name(engine, uid) == "ann"
+        assert inner.stats()["hits"] == hits + 1
+    finally:
+        inner.detach(engine)
+        for c in (outer, inner):
+            c.clear()
+            c.close()

@@ -37,7 +37,7 @@ def test_pk_token_injective(a: tuple[object, ...], b: tuple[object, ...]) -> Non
 
 @given(st.text(min_size=1).filter(lambda s: not any(c.isspace() or c in "*?[]\\" for c in s)), pks)
 def test_every_key_under_prefix(prefix: str, pk: tuple[object, ...]) -> None:
-    """Every key shape starts with the prefix and a colon."""
+    """Every key shape starts with the prefix's namespace and a colon."""
     keys = [
         _keys.clock_key(prefix),
         _keys.identity_entry_key(prefix, "fp", "mod.Cls", pk),
@@ -47,8 +47,24 @@ def test_every_key_under_prefix(prefix: str, pk: tuple[object, ...]) -> None:
         _keys.tag_dep_key(prefix, "org:3 {x}"),
         _keys.global_dep_key(prefix),
     ]
-    assert all(k.startswith(prefix + ":") for k in keys)
+    assert all(k.startswith(_keys.namespace(prefix) + ":") for k in keys)
     assert len(set(keys)) == len(keys)
+    assert ":" not in _keys.namespace(prefix)
+
+
+prefixes = st.text(min_size=1).filter(lambda s: not any(c.isspace() or c in "*?[]\\" for c in s))
+
+
+@given(prefixes, prefixes)
+def test_no_prefix_owns_another_prefixs_keys(a: str, b: str) -> None:
+    """Two different prefixes never share a key, and one's SCAN pattern never matches the other's keys
+    ("a" and "a:b" were ambiguous: clear() of "a" deleted every key of "a:b")."""
+    if a == b:
+        return
+    assert _keys.namespace(a) != _keys.namespace(b)
+    key_b = _keys.table_dep_key(b, "users")
+    assert not key_b.startswith(_keys.namespace(a) + ":")
+    assert _keys.clock_key(a) != _keys.clock_key(b)
 
 
 def test_token_types_distinct() -> None:
