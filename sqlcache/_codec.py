@@ -103,6 +103,12 @@ _MAX_DEPTH: Final = 16
 
 _INT_MIN: Final = -(2**63)
 _INT_MAX: Final = 2**64 - 1
+# Bounds no database value reaches, so that a crafted payload cannot hand out numbers that are costly to
+# hash, compare or print: integers of at most 2 KiB (Python's own int() refuses text past 4,300 digits,
+# about 1.8 KiB) and decimals whose exponent stays within a million (PostgreSQL's numeric reaches 131,072
+# digits before the point).
+_BIGINT_MAX_BYTES: Final = 2048
+_DECIMAL_MAX_EXPONENT: Final = 1_000_000
 _MICROSECOND: Final = dt.timedelta(microseconds=1)
 
 # A plain zone name: no '.', so no '..'; no leading '/'; no empty component. Checked before ZoneInfo() sees
@@ -174,7 +180,10 @@ def _tz_tail(tz: dt.tzinfo | None) -> bytes:
 def _enc_bigint(o: int, depth: int) -> bytes:
     # Reached only for ints msgpack cannot hold. Bytes, not decimal digits: linear time and not subject to
     # sys.int_max_str_digits.
-    return o.to_bytes((o.bit_length() + 8) // 8, "big", signed=True)
+    size = (o.bit_length() + 8) // 8
+    if size > _BIGINT_MAX_BYTES:
+        raise CodecError(f"integer of {size} bytes: more than {_BIGINT_MAX_BYTES}")
+    return o.to_bytes(size, "big", signed=True)
 
 
 def _enc_datetime(o: dt.datetime, depth: int) -> bytes:
@@ -200,6 +209,8 @@ _DECIMAL_CONTEXT: Final = decimal.Context(capitals=1)
 
 
 def _enc_decimal(o: decimal.Decimal, depth: int) -> bytes:
+    if o.is_finite() and abs(o.adjusted()) > _DECIMAL_MAX_EXPONENT:
+        raise CodecError(f"decimal exponent beyond {_DECIMAL_MAX_EXPONENT}")
     return _DECIMAL_CONTEXT.to_sci_string(o).encode("ascii")
 
 
@@ -328,6 +339,8 @@ def _dec_tuple(data: bytes, depth: int) -> tuple[Any, ...]:
 
 
 def _dec_bigint(data: bytes, depth: int) -> int:
+    if len(data) > _BIGINT_MAX_BYTES:
+        raise CodecError("integer too large")
     value = int.from_bytes(data, "big", signed=True)
     if _INT_MIN <= value <= _INT_MAX:  # msgpack holds these natively; also refuses an empty payload
         raise CodecError("malformed big integer")
@@ -386,6 +399,8 @@ def _dec_decimal(data: bytes, depth: int) -> decimal.Decimal:
     # context made of garbage) is not our payload. Cheaper than a regular expression on the hot path.
     if _DECIMAL_CONTEXT.to_sci_string(value) != text:
         raise CodecError("malformed decimal")
+    if value.is_finite() and abs(value.adjusted()) > _DECIMAL_MAX_EXPONENT:
+        raise CodecError("decimal exponent too large")
     return value
 
 

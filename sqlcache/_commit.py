@@ -19,7 +19,7 @@ from ._protocol import RepopEntry, SentLock, StoreSlot
 from ._registry import Registry
 from ._report import Reporter
 from ._seal import Sealer
-from ._txn import IdentityWrite, TxnState
+from ._txn import IdentityWrite, TxnState, coarse_keys
 from .errors import CacheUnavailable
 
 if TYPE_CHECKING:
@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 __all__ = ["Commits"]
 
 Identity = tuple[type[Any], tuple[Any, ...]]
+
+# Most dependency keys one commit sends to Redis. A transaction that wrote more rows than this locks and
+# releases its tables instead (two keys each): one script over 100,000 keys would block Redis for every
+# client, outlast the timeout and end in a fence of the whole cache.
+MAX_COMMIT_KEYS = 1000
 
 # Python types a database stores and returns exactly as assigned; a repopulated entry may only carry
 # written values of these types (anything else is invalidated and read back from the database)
@@ -104,6 +109,10 @@ class Commits:
         """Before the database COMMIT: lock every dependency the transaction wrote (one round trip);
         with ``durable``, write its outbox row on ``conn`` first."""
         keys, tags = self._dependencies(st)
+        coarse = len(keys) > MAX_COMMIT_KEYS
+        if coarse:
+            keys = coarse_keys(self._keys.prefix, st)
+            self._rep.incr("commits_coarsened")
         identities = [(w.cls, w.pk) for w in st.identities.values()]
         row: OutboxRow | None = None
         if self._outbox is not None and conn is not None:
@@ -111,7 +120,7 @@ class Commits:
             row = st.outbox or self._outbox.write(st, conn, keys, tags)
         token = uuid.uuid4().hex
         # repopulate: entries whose new state we know; their other dependencies are watched, not locked
-        repop, watch = self._repopulations(st)
+        repop, watch = self._repopulations(st) if not coarse else ([], [])
         k = self._keys
         run = self._rep.begin("lock", keys=len(keys), tags=tuple(tags)) if self._rep.hooks else None
         seen: list[str] = []

@@ -62,7 +62,10 @@ class Journal:
         self._retry_after = retry_after
         self._mutex = threading.Lock()
         self._journal: set[str] = set()
-        self._fence = False
+        # fences asked for and fences applied: counters, not a flag, so that a fence asked for while
+        # another is being applied (a second restart noticed meanwhile) is never cleared with it
+        self._fences_asked = 0
+        self._fences_done = 0
         self._timer: threading.Timer | None = None
         self._closed = False
         #: called after every successful replay (relays wake up: Redis is back)
@@ -75,7 +78,7 @@ class Journal:
         """Keep ``keys`` until Redis takes them."""
         self._schedule()
         with self._mutex:
-            if self._fence:
+            if self._fence_pending:
                 self._rep.incr("invalidations_lost", len(keys))
                 return
             self._journal.update(keys)
@@ -83,22 +86,27 @@ class Journal:
             if len(self._journal) > JOURNAL_LIMIT:
                 self._rep.incr("invalidations_lost", len(self._journal))
                 self._journal.clear()
-                self._fence = True
+                self._fences_asked += 1
 
     def fence(self) -> None:
         """Move every entry under the prefix before this process reads Redis again (a Redis restart:
         its snapshot may be older than invalidations it acknowledged)."""
         with self._mutex:
-            self._fence = True
+            self._fences_asked += 1
         self._rep.incr("restarts")
+
+    @property
+    def _fence_pending(self) -> bool:
+        return self._fences_asked != self._fences_done
 
     def replay(self) -> bool:
         """Apply the journal before anything is read from Redis again; False if Redis is still away."""
-        if not self._journal and not self._fence:
+        if not self._journal and not self._fence_pending:
             return True
         with self._mutex:
             keys = sorted(self._journal)
-            fence = self._fence
+            asked = self._fences_asked
+            fence = asked != self._fences_done
         if fence:
             keys = [self._keys.everything]
         run = self._rep.begin("replay", keys=len(keys)) if self._rep.hooks else None
@@ -111,9 +119,9 @@ class Journal:
                 self._rep.report(exc, "replay")
                 return False
             with self._mutex:
-                if fence:  # the fence supersedes every journalled key
+                if fence:  # the fence supersedes every key journalled before it was asked for
                     self._journal.clear()
-                    self._fence = False
+                    self._fences_done = asked  # a fence asked for since stays pending
                     self._rep.incr("fences")
                 else:
                     self._journal.difference_update(keys)
@@ -182,9 +190,9 @@ class Journal:
     def _replay_in_background(self) -> None:
         with self._mutex:
             self._timer = None
-        if (self._journal or self._fence) and not self._backing_off():
+        if (self._journal or self._fence_pending) and not self._backing_off():
             self.replay()
-        if self._journal or self._fence:
+        if self._journal or self._fence_pending:
             self._schedule()
 
     def after_fork(self) -> None:
@@ -192,7 +200,7 @@ class Journal:
         the fork) scheduled again if anything is pending."""
         self._mutex = threading.Lock()
         self._timer = None
-        if self._journal or self._fence:
+        if self._journal or self._fence_pending:
             self._schedule()
 
     def close(self) -> None:

@@ -27,12 +27,12 @@ from ._codec import encode_body
 
 __all__ = [
     "bulk_dep_key",
-    "namespace",
     "channel",
     "clock_key",
     "global_dep_key",
     "identity_dep_key",
     "identity_entry_key",
+    "namespace",
     "pk_token",
     "query_key",
     "scan_pattern",

@@ -39,6 +39,7 @@ from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import _keys
+from ._txn import coarse_keys
 from .errors import ConfigurationError, SQLCacheError
 
 if TYPE_CHECKING:
@@ -238,7 +239,7 @@ class OutboxWriter:
         else:
             body = encode_body(keys, tags)
             if len(body) > MAX_BODY_CHARS:
-                body = encode_body(self.coarse_keys(st), tags)
+                body = encode_body(coarse_keys(self._prefix, st), tags)
             relay.ensure_running()  # a relay thread that died is noticed by the next commit
             try:
                 return OutboxRow(relay, relay.sql.write(dbapi_connection, self._prefix, body))
@@ -258,17 +259,4 @@ class OutboxWriter:
     def write_early(self, st: TxnState, conn: Connection) -> None:
         """AUTOCOMMIT: a write is about to be committed by the statement itself, with no COMMIT to
         write the outbox row before; write a row with the statement's table-wide keys first."""
-        st.outbox = self.write(st, conn, self.coarse_keys(st), [])
-
-    def coarse_keys(self, st: TxnState) -> list[str]:
-        """Table-wide keys covering everything ``st`` wrote (an outbox row of bounded size)."""
-        p = self._prefix
-        if st.everything:
-            return [_keys.global_dep_key(p)]
-        tables = set(st.tables) | set(st.bulk)
-        for w in st.identities.values():
-            tables.update(w.hierarchy.tables)
-        out = []
-        for name in sorted(tables):
-            out += [_keys.bulk_dep_key(p, name), _keys.table_dep_key(p, name)]
-        return out
+        st.outbox = self.write(st, conn, coarse_keys(self._prefix, st), [])

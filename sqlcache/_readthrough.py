@@ -97,6 +97,7 @@ class ReadThrough:
         self._replay = replay
         self._stampede_wait = stampede_wait
         self._max_entry_bytes = max_entry_bytes
+        self._max_read_bytes = max_entry_bytes + sealer.overhead
         # a query's stampede lock outlives the wait of the callers behind it, then expires on its own
         self._fill_lock_ms = int(max(2 * stampede_wait, 5.0) * 1000)
 
@@ -227,6 +228,9 @@ class ReadThrough:
         rep = self._rep
         result: Result[Any] | None = None
         try:
+            if len(r.payload) > self._max_read_bytes:
+                # no fill writes more: this one is not ours, and is not worth decoding (a payload bomb)
+                raise CodecError(f"entry of {len(r.payload)} bytes, more than max_entry_bytes")
             result = rd.on_hit(self._sealer.unseal(rd.key, r.payload))
         except Unservable:
             rep.incr("bypassed")

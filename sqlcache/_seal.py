@@ -22,6 +22,8 @@ class Sealer:
         if secret is not None and (not isinstance(secret, (bytes, str)) or len(secret) < 16):
             raise ConfigurationError("secret must be bytes or str of at least 16 characters")
         self._secret = secret.encode() if isinstance(secret, str) else secret
+        #: bytes a sealed payload has beyond the payload itself
+        self.overhead = _MAC_SIZE if self._secret is not None else 0
 
     def seal(self, entry_key: str, payload: bytes) -> bytes:
         if self._secret is None:

@@ -21,6 +21,7 @@ COUNTERS = (
     "stampede_timeouts",  # callers that waited past stampede_wait and queried the database themselves
     "invalidations",  # dependencies given a fresh generation
     "repopulated",  # entries written by a committing writer (mode="repopulate")
+    "commits_coarsened",  # commits of so many rows that their tables were invalidated instead
     "invalidations_deferred",  # dependencies kept in the pending journal while Redis was away
     "invalidations_replayed",  # dependencies from the journal applied once Redis answered
     "invalidations_lost",  # dependencies dropped when the journal overflowed (a fence replaced them)

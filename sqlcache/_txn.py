@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Table
 
-from . import _sa
+from . import _keys, _sa
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.default import DefaultExecutionContext
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from ._hierarchy import Hierarchy
 
-__all__ = ["IdentityWrite", "TxnState", "cascade_targets", "dml_tables", "is_write_sql"]
+__all__ = ["IdentityWrite", "TxnState", "cascade_targets", "coarse_keys", "dml_tables", "is_write_sql"]
 
 # Text SQL is parsed only far enough to tell a read from a write; a write we cannot attribute to a
 # table invalidates everything (the d:* dependency), which is always safe.
@@ -144,3 +144,18 @@ class TxnState:
 
     def wrote_anything(self) -> bool:
         return bool(self.identities or self.tables or self.everything)
+
+
+def coarse_keys(prefix: str, st: TxnState) -> list[str]:
+    """Table-wide dependency keys covering everything ``st`` wrote: a few keys however many rows (a
+    huge transaction's release, a bounded outbox row). Coarser, never weaker: every identity entry
+    depends on its tables' bulk keys, every query on its tables' keys."""
+    if st.everything:
+        return [_keys.global_dep_key(prefix)]
+    tables = set(st.tables) | set(st.bulk)
+    for w in st.identities.values():
+        tables.update(w.hierarchy.tables)
+    out = []
+    for name in sorted(tables):
+        out += [_keys.bulk_dep_key(prefix, name), _keys.table_dep_key(prefix, name)]
+    return out

@@ -260,3 +260,32 @@ def test_url_options_cannot_loosen_the_protocol() -> None:
     with pytest.raises(ConfigurationError) as info:
         SQLCache("http://user:s3cret-pw@127.0.0.1:6379/0", prefix="badurl")
     assert "s3cret-pw" not in str(info.value) and "***" in str(info.value)
+
+
+def test_fence_asked_for_while_another_is_applied_is_not_lost(engine: Engine, cache: SQLCache) -> None:
+    """A second fence (a restart noticed again) asked for while the first is being released stays
+    pending and is applied too: the fence is a counter, not a flag cleared after the release."""
+    cache.register(User)
+    uid = make_user(engine)
+    assert user_name(engine, uid) == "ann"
+    journal: Any = cache._journal
+    store: Any = cache.store
+    original = store.release
+    asked_again = []
+
+    def release(*args: Any, **kwargs: Any) -> Any:
+        if not asked_again:
+            asked_again.append(True)
+            journal.fence()  # noticed while the first fence is on its way
+        return original(*args, **kwargs)
+
+    store.release = release
+    try:
+        journal.fence()
+        assert journal.replay()
+    finally:
+        store.release = original
+    assert cache.stats()["fences"] == 1
+    assert journal.replay()  # the second fence was still pending, and is applied now
+    assert cache.stats()["fences"] == 2
+    assert user_name(engine, uid) == "ann"

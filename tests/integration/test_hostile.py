@@ -154,3 +154,24 @@ def test_prefix_that_extends_another_is_its_own(
         for c in (outer, inner):
             c.clear()
             c.close()
+
+
+def test_entry_larger_than_any_fill_is_not_decoded(engine: Engine, cache: SQLCache, redis_url: str) -> None:
+    """An entry larger than max_entry_bytes (no fill writes one) is refused before decoding: a miss,
+    the entry deleted, cache_error("decode")."""
+    cache.register(User)
+    uid = make_user(engine, "x" * 40)
+    assert _name(engine, uid) == "x" * 40  # filled by the suite's cache
+    small = SQLCache(redis_url, prefix=cache.config.prefix, max_entry_bytes=10)
+    small.register(User)
+    cache.detach(engine)
+    small.attach(engine)
+    try:
+        assert _name(engine, uid) == "x" * 40
+        st = small.stats()
+        # refused as an error (not a hit), answered by the database, and not stored again by this cache
+        assert (st["hits"], st["errors"], st["too_large"]) == (0, 1, 1)
+    finally:
+        small.detach(engine)
+        small.close()
+        cache.attach(engine)

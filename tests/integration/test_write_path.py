@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from sqlcache import SQLCache
 
 from ..conftest import SQLCounter
+from ..helpers import make_user
 from ..models import Order, Tag, User, user_tags
 
 
@@ -230,3 +231,44 @@ def test_primary_key_change(engine: Engine, cache: SQLCache) -> None:
         s.commit()
     assert name_of(engine, uid) is None
     assert name_of(engine, uid + 1000) == "u0"
+
+
+def test_huge_transaction_invalidates_its_tables_in_a_few_keys(engine: Engine, cache: SQLCache) -> None:
+    """A commit of more rows than MAX_COMMIT_KEYS locks and releases its tables (two keys each), not one
+    key per row: bounded scripts; every entry of those tables is still invalidated."""
+    from typing import Any
+
+    from sqlalchemy import select
+
+    from sqlcache import cached
+    from sqlcache._commit import MAX_COMMIT_KEYS
+
+    cache.register(User)
+    uid = make_user(engine)
+    with Session(engine) as s:
+        assert s.get(User, uid) is not None
+        assert [u.name for u in s.scalars(select(User).options(cached()))] == ["ann"]
+    sent: list[int] = []
+    store: Any = cache.store
+    original = store.send_lock
+
+    def send_lock(clock: str, keys: Any, *args: Any) -> Any:
+        sent.append(len(keys))
+        return original(clock, keys, *args)
+
+    store.send_lock = send_lock
+    try:
+        with Session(engine) as s:
+            s.add_all(User(name=f"u{i}") for i in range(MAX_COMMIT_KEYS + 200))
+            user = s.get(User, uid)
+            assert user is not None
+            user.name = "bob"
+            s.commit()
+    finally:
+        store.send_lock = original
+    assert sent and max(sent) <= 10 and cache.stats()["commits_coarsened"] == 1
+    with Session(engine) as s:
+        user = s.get(User, uid)
+        assert user is not None and user.name == "bob"
+        names = [u.name for u in s.scalars(select(User).where(User.id == uid).options(cached()))]
+        assert names == ["bob"]

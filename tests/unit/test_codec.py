@@ -359,11 +359,16 @@ def test_deep_lists_refused() -> None:
 
 
 def test_int_range_and_huge_ints() -> None:
-    """Ints at and beyond the 64-bit edges round-trip, including ones too long for int(str) parsing."""
-    for n in [*BOUNDARY_INTS, 10**5000, -(10**5000) - 1]:
+    """Ints at and beyond the 64-bit edges round-trip up to 2 KiB (past what int() parses from text);
+    larger ones are refused both ways (a crafted entry cannot hand out numbers costly to hash)."""
+    for n in [*BOUNDARY_INTS, 10**4000, -(10**4000) - 1]:
         out = decode(encode(n))
         assert type(out) is int and out == n
     assert type(decode(encode(True))) is bool
+    with pytest.raises(CodecError):
+        encode(10**6000)
+    with pytest.raises(CodecError):
+        decode(ext(2, b"\x01" * 3000))
 
 
 def test_timezone_utc_identity() -> None:
@@ -399,8 +404,13 @@ def test_zoneinfo_round_trip() -> None:
 
 def test_decimal_exact() -> None:
     """Decimals keep sign, exponent, NaN payloads and infinities, whatever the caller's context."""
-    for text in [*SPECIAL_DECIMALS, "1E+5", "-1.23E-300", "12345678901234567890.123456789", "1E+999999999"]:
+    for text in [*SPECIAL_DECIMALS, "1E+5", "-1.23E-300", "12345678901234567890.123456789", "1E+999999"]:
         assert str(decode(encode(decimal.Decimal(text)))) == text
+    for text in ["1E+999999999", "1E-1000002"]:  # exponents no database holds: refused both ways
+        with pytest.raises(CodecError):
+            encode(decimal.Decimal(text))
+        with pytest.raises(CodecError):
+            decode(ext(7, text.encode()))
     with decimal.localcontext() as ctx:
         ctx.capitals = 0
         ctx.prec = 3
