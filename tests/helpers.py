@@ -93,3 +93,35 @@ def user_name(engine: Engine, uid: int) -> str | None:
     with Session(engine) as s:
         u = s.get(User, uid)
         return None if u is None else u.name
+
+
+def rename_user(engine: Engine, uid: int, name: str) -> None:
+    """Change the user's name in a committed transaction (through the cache's write path)."""
+    with Session(engine) as s:
+        u = s.get(User, uid)
+        assert u is not None
+        u.name = name
+        s.commit()
+
+
+@contextmanager
+def durable_cache(engine: Engine, redis_url: str, prefix: str, **kw: Any) -> Iterator[Any]:
+    """A cache with durable=True attached to ``engine`` (outbox table created and emptied), User
+    registered, strict signals; cleared and closed at the end."""
+    from sqlalchemy import MetaData
+
+    from sqlcache import SQLCache, outbox_table
+
+    table = outbox_table(MetaData())
+    table.create(engine, checkfirst=True)
+    with engine.begin() as c:
+        c.execute(table.delete())
+    cache = SQLCache(redis_url, prefix=prefix, durable=True, **kw)
+    cache.strict_signals = True
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        yield cache
+    finally:
+        cache.clear()
+        cache.close()

@@ -13,25 +13,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
 
-from sqlcache import SQLCache, outbox_table
+from sqlcache import SQLCache
 
-from ..helpers import make_user, user_name
+from ..helpers import durable_cache, make_user, rename_user, user_name
 from ..models import User
 
 # a thread-holding parent forks on purpose here; Python 3.12+ warns about exactly that
 pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-
-
-def _rename(engine: Engine, uid: int, name: str) -> None:
-    with Session(engine) as s:
-        user = s.get(User, uid)
-        assert user is not None
-        user.name = name
-        s.commit()
 
 
 def _in_child(work: Callable[[], bool]) -> None:
@@ -80,7 +70,7 @@ def test_child_forked_while_a_lock_was_held_is_not_stuck(engine: Engine, cache: 
             engine.dispose(close=False)  # SQLAlchemy's advice for a forked child
             hits = cache.stats()["hits"]
             ok = user_name(engine, uid) == "ann" and cache.stats()["hits"] == hits + 1
-            _rename(engine, uid, "child")
+            rename_user(engine, uid, "child")
             return ok and user_name(engine, uid) == "child"
 
         _in_child(work)
@@ -92,24 +82,15 @@ def test_child_forked_while_a_lock_was_held_is_not_stuck(engine: Engine, cache: 
 
 @pytest.fixture
 def durable(engine: Engine, redis_url: str) -> Iterator[SQLCache]:
-    table = outbox_table(MetaData())
-    table.create(engine, checkfirst=True)
-    with engine.begin() as c:
-        c.execute(table.delete())
-    cache = SQLCache(redis_url, prefix=f"f{uuid.uuid4().hex[:10]}", durable=True, relay_interval=0.05)
-    cache.strict_signals = True
-    cache.register(User)
-    cache.attach(engine)
-    yield cache
-    cache.clear()
-    cache.close()
+    with durable_cache(engine, redis_url, f"f{uuid.uuid4().hex[:10]}", relay_interval=0.05) as cache:
+        yield cache
 
 
 def _relay_child(engine: Engine, cache: SQLCache, uid: int, out: Any) -> None:
     engine.dispose(close=False)
     relays = set(cache._outbox.relays.values()) if cache._outbox is not None else set()
     alive = [r.is_alive() for r in relays]
-    _rename(engine, uid, "from child")
+    rename_user(engine, uid, "from child")
     passes = [r.passes for r in relays]
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and [r.passes for r in relays] == passes:

@@ -15,7 +15,7 @@ from sqlcache import SQLCache, _keys, cached
 from sqlcache.config import MAX_LOCK_TTL, MAX_TTL, CacheConfig, ModelPolicy
 from sqlcache.errors import ConfigurationError
 
-from ..helpers import make_user
+from ..helpers import make_user, rename_user
 from ..models import User
 
 
@@ -24,14 +24,6 @@ def _name(engine: Engine, uid: int) -> str:
         user = s.get(User, uid)
         assert user is not None
         return user.name
-
-
-def _rename(engine: Engine, uid: int, name: str) -> None:
-    with Session(engine) as s:
-        user = s.get(User, uid)
-        assert user is not None
-        user.name = name
-        s.commit()
 
 
 @pytest.mark.parametrize("clock", [b"9" * 5000, b"x", b"-5", b"1.5"], ids=["5000-digits", "x", "-5", "1.5"])
@@ -62,9 +54,9 @@ def test_clock_beyond_two_to_the_53_still_invalidates(
     uid = make_user(engine)
     _name(engine, uid)
     redis_client.set(_keys.clock_key(cache.config.prefix), str(2**60))
-    _rename(engine, uid, "v2")
+    rename_user(engine, uid, "v2")
     assert _name(engine, uid) == "v2"  # filled under the generation of the v2 commit
-    _rename(engine, uid, "v3")
+    rename_user(engine, uid, "v3")
     assert _name(engine, uid) == "v3"
     assert _name(engine, uid) == "v3"
 
@@ -89,9 +81,9 @@ def test_hostile_generation_and_lock_values(
         hits = cache.stats()["hits"]
         assert _name(engine, uid) == "ann"
         assert cache.stats()["hits"] == hits + 1, value[:40]
-        _rename(engine, uid, "bob")
+        rename_user(engine, uid, "bob")
         assert _name(engine, uid) == "bob"
-        _rename(engine, uid, "ann")
+        rename_user(engine, uid, "ann")
 
 
 def test_huge_fresh_until_stamp_never_raises(

@@ -14,16 +14,8 @@ from sqlalchemy.orm import Session
 from sqlcache import SQLCache, outbox_table
 
 from ..conftest import SQLCounter
-from ..helpers import make_user, user_name
+from ..helpers import durable_cache, make_user, rename_user, user_name
 from ..models import User
-
-
-def _rename(engine: Engine, uid: int, name: str) -> None:
-    with Session(engine) as s:
-        user = s.get(User, uid)
-        assert user is not None
-        user.name = name
-        s.commit()
 
 
 def test_rollback_after_the_connection_was_invalidated(engine: Engine, cache: SQLCache) -> None:
@@ -54,7 +46,7 @@ def test_dispose_keeps_the_cache_working(
     sql_count.reset()
     assert user_name(engine, uid) == "ann"
     assert sql_count.selects() == 0  # a hit
-    _rename(engine, uid, "bob")
+    rename_user(engine, uid, "bob")
     assert user_name(engine, uid) == "bob"
     sql_count.reset()
     assert user_name(engine, uid) == "bob"
@@ -63,17 +55,8 @@ def test_dispose_keeps_the_cache_working(
 
 @pytest.fixture
 def durable(engine: Engine, redis_url: str) -> Iterator[SQLCache]:
-    table = outbox_table(MetaData())
-    table.create(engine, checkfirst=True)
-    with engine.begin() as c:
-        c.execute(table.delete())
-    cache = SQLCache(redis_url, prefix=f"l{uuid.uuid4().hex[:10]}", durable=True, relay_interval=3600)
-    cache.strict_signals = True
-    cache.register(User)
-    cache.attach(engine)
-    yield cache
-    cache.clear()
-    cache.close()
+    with durable_cache(engine, redis_url, f"l{uuid.uuid4().hex[:10]}", relay_interval=3600) as cache:
+        yield cache
 
 
 def test_dispose_keeps_durable_commits_working(engine: Engine, durable: SQLCache) -> None:
@@ -81,7 +64,7 @@ def test_dispose_keeps_durable_commits_working(engine: Engine, durable: SQLCache
     commit raised and was rolled back), and the relay deletes the row."""
     uid = make_user(engine)
     engine.dispose()
-    _rename(engine, uid, "bob")
+    rename_user(engine, uid, "bob")
     assert user_name(engine, uid) == "bob"
     relays = set(durable._outbox.relays.values()) if durable._outbox is not None else set()
     assert len(relays) == 1
