@@ -36,6 +36,9 @@ class IdentityReader:
         self._prefix = prefix
         self._everything = _keys.global_dep_key(prefix)
         self._metas: dict[Mapper[Any], SimpleResultMetaData] = {}
+        # per hierarchy, the dependencies every entry of it has besides its row (its tables' bulk keys and
+        # the global key): the same for every read
+        self._shared_deps: dict[Hierarchy, tuple[str, ...]] = {}
 
     def read(
         self,
@@ -55,7 +58,7 @@ class IdentityReader:
             # is not what this transaction must see: read the database
             self._reads.bypass("identity", mapper.class_.__name__)
             return None
-        refresh = _sa.refresh_state(orm_state)  # loading an expired object's attributes
+        refresh, wanted = _sa.refresh_of(orm_state)  # loading an expired object's attributes
         if refresh is not None:
             obj = refresh.obj()
             if obj is None or any(p.key in obj.__dict__ for p in refresh.mapper.column_attrs):
@@ -65,8 +68,13 @@ class IdentityReader:
                 self._reads.bypass("identity", mapper.class_.__name__)
                 return None
         entry_key = _keys.identity_entry_key(p, h.fingerprint + translation, h.entity, pk)
-        deps = [dep_identity, *(_keys.bulk_dep_key(p, t) for t in h.tables), self._everything]
-        wanted = _sa.only_load_props(orm_state.statement)
+        shared = self._shared_deps.get(h)
+        if shared is None:
+            shared = (*(_keys.bulk_dep_key(p, t) for t in h.tables), self._everything)
+            if len(self._shared_deps) > 4096:
+                self._shared_deps.clear()
+            self._shared_deps[h] = shared
+        deps = [dep_identity, *shared]
         rd = Read(
             "identity",
             entry_key,

@@ -200,29 +200,32 @@ def judge_read(values: Sequence[bytes | None], now: Callable[[], float]) -> Read
     whether a stale-while-revalidate entry is past its fresh-until.
     """
     entry, clock_raw = values[0], values[1]
-    deps = values[2:]
-    clock = _number(clock_raw)
-    if clock is None:
-        # missing (0: no reading) or not a clock sqlcache wrote: unknown, so it bounds nothing, and a miss
-        # goes through generations.lua, which repairs it before the SELECT
-        if clock_raw is not None:
-            return ReadResult(False, None, None, 0, False)
+    # the hit path: plain loops and inline checks (a helper call per value costs more than the check)
+    if clock_raw is None:
         clock = 0
-    if all(_is_generation(d) for d in deps):
-        joined = b",".join(deps)  # type: ignore[arg-type]
-        if entry is not None:
-            sep = entry.find(b"|")
-            header = entry[:sep] if sep >= 0 else b""
-            if sep >= 0 and header == joined:
-                return ReadResult(True, entry[sep + 1 :], joined, clock, False)
-            if sep >= 0 and header.startswith(joined + b";F"):
-                fresh_until = _number(header[len(joined) + 2 :])
-                if fresh_until is not None:
-                    # valid (nothing invalidated it) but maybe past its TTL: stale-while-revalidate
-                    stale = fresh_until < now() * 1000
-                    return ReadResult(True, entry[sep + 1 :], joined, clock, False, stale)
-        return ReadResult(False, None, joined, clock, False)
-    return ReadResult(False, None, None, clock, False)
+    elif len(clock_raw) <= _MAX_DIGITS and clock_raw.isdigit() and int(clock_raw) <= _MAX_CLOCK:
+        clock = int(clock_raw)
+    else:
+        # not a clock sqlcache wrote: unknown, so it bounds nothing, and a miss goes through
+        # generations.lua, which repairs it before the SELECT
+        return ReadResult(False, None, None, 0, False)
+    deps = values[2:]
+    for d in deps:
+        if d is None or len(d) > _MAX_DIGITS or not d.isdigit():
+            return ReadResult(False, None, None, clock, False)
+    joined = b",".join(deps)  # type: ignore[arg-type]
+    if entry is not None:
+        sep = entry.find(b"|")
+        header = entry[:sep] if sep >= 0 else b""
+        if sep >= 0 and header == joined:
+            return ReadResult(True, entry[sep + 1 :], joined, clock, False)
+        if sep >= 0 and header.startswith(joined + b";F"):
+            fresh_until = _number(header[len(joined) + 2 :])
+            if fresh_until is not None:
+                # valid (nothing invalidated it) but maybe past its TTL: stale-while-revalidate
+                stale = fresh_until < now() * 1000
+                return ReadResult(True, entry[sep + 1 :], joined, clock, False, stale)
+    return ReadResult(False, None, joined, clock, False)
 
 
 def generations_call(clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int) -> Call:

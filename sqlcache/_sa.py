@@ -49,6 +49,7 @@ __all__ = [
     "path_registry",
     "pending_autoflush",
     "pk_load",
+    "refresh_of",
     "refresh_state",
     "refresh_unloaded",
     "require_unique",
@@ -141,6 +142,15 @@ def pending_autoflush(orm_state: ORMExecuteState) -> bool:
 def refresh_state(orm_state: ORMExecuteState) -> Any:
     """The state of the object whose expired attributes this load refreshes, or None."""
     return orm_state.load_options._refresh_state
+
+
+def refresh_of(orm_state: ORMExecuteState) -> tuple[Any, Any]:
+    """(the state this load refreshes or None, the attributes it asks for or None): one call on the
+    identity hit path."""
+    state = orm_state.load_options._refresh_state
+    if state is None:
+        return None, None
+    return state, getattr(orm_state.statement._compile_options, "_only_load_props", None)
 
 
 def only_load_props(stmt: Any) -> Any:

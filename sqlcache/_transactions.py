@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import _sa
 from ._txn import TxnState
@@ -96,9 +96,12 @@ class Transactions:
             session.info.pop(self._conns_key, None)
             session.info.pop(self._clock_key, None)
 
-    def connections(self, session: Session) -> list[Connection]:
-        """The usable connections of ``session``'s transaction (not closed, not invalidated)."""
-        return [c for c in session.info.get(self._conns_key, ()) if not (c.closed or c.invalidated)]
+    def connection_for(self, session: Session, pool: Any) -> Connection | None:
+        """The usable connection (not closed, not invalidated) of ``session``'s transaction on ``pool``."""
+        for c in session.info.get(self._conns_key, ()):
+            if c.engine.pool is pool and not (c.closed or c.invalidated):
+                return c  # type: ignore[no-any-return]
+        return None
 
     def of_session(self, session: Session) -> list[TxnState]:
         out = []

@@ -324,12 +324,8 @@ class Wiring:
         write under any map or on any shard invalidates them all."""
         stm = orm_state.execution_options.get("schema_translate_map")
         if stm is None:
-            for conn in self._txns.connections(orm_state.session):
-                if conn.engine.pool is bind.engine.pool:
-                    stm = conn.get_execution_options().get("schema_translate_map")
-                    break
-            else:
-                stm = bind.get_execution_options().get("schema_translate_map")
+            conn = self._txns.connection_for(orm_state.session, bind.engine.pool)
+            stm = (conn if conn is not None else bind).get_execution_options().get("schema_translate_map")
         shard = (
             _sa.shard_token(orm_state)
             or orm_state.execution_options.get("identity_token")
