@@ -50,3 +50,34 @@ def test_bench_quick(redis_url: str, pg_url: str) -> None:
         "read-only transaction: 0",
     ):
         assert needle in p.stdout, needle
+
+
+def test_relay_and_outbox_take_urls_from_the_environment(redis_url: str, tmp_path: object) -> None:
+    """With SQLCACHE_DATABASE_URL and SQLCACHE_REDIS_URL set, `sqlcache outbox --create` and `sqlcache
+    relay --once` need no URL on the command line (where other users of the machine could read it)."""
+    import pathlib
+
+    db = pathlib.Path(str(tmp_path)) / "outbox.db"
+    env = {**os.environ, "SQLCACHE_DATABASE_URL": f"sqlite:///{db}", "SQLCACHE_REDIS_URL": redis_url}
+    for args in (["outbox", "--create"], ["relay", "--once", "--prefix", "envtest"]):
+        p = subprocess.run(
+            [sys.executable, "-m", "sqlcache", *args], capture_output=True, text=True, timeout=60, env=env
+        )
+        assert p.returncode == 0, p.stderr
+    assert "applied 0 outbox rows" in p.stdout
+    bare = {k: v for k, v in os.environ.items() if k != "SQLCACHE_DATABASE_URL"}
+    p = subprocess.run(
+        [sys.executable, "-m", "sqlcache", "relay", "--once"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=bare,
+    )
+    assert p.returncode == 2 and "SQLCACHE_DATABASE_URL" in p.stderr
+
+
+def test_bad_database_url_hides_its_password() -> None:
+    """An unusable database URL is reported without its password and without a traceback."""
+    p = run("outbox", "--database-url", "nosuchdialect://user:s3cret-pw@db.example/x", timeout=60)
+    assert p.returncode == 2
+    assert "s3cret-pw" not in p.stderr and "Traceback" not in p.stderr and "***" in p.stderr

@@ -10,6 +10,9 @@ import threading
 from typing import Any
 
 from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+from sqlalchemy.engine.url import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from sqlcache import SQLCache, outbox_table, signals
@@ -20,10 +23,25 @@ __all__ = ["run_outbox", "run_relay"]
 log = logging.getLogger("sqlcache")
 
 
+def _engine(url: str, command: str) -> Engine | None:
+    """The engine of ``url``; None (and a message with the password hidden) if the URL is not one."""
+    try:
+        return create_engine(url)
+    except (ArgumentError, ValueError) as exc:
+        try:
+            shown = make_url(url).render_as_string(hide_password=True)
+        except (ArgumentError, ValueError):
+            shown = "(unreadable)"
+        print(f"sqlcache {command}: invalid database URL {shown}: {type(exc).__name__}", file=sys.stderr)
+        return None
+
+
 def run_relay(args: argparse.Namespace) -> int:
     """Run a relay in the foreground until SIGINT/SIGTERM (or one pass with ``--once``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s sqlcache relay: %(message)s")
-    engine = create_engine(args.database_url)
+    engine = _engine(args.database_url, "relay")
+    if engine is None:
+        return 2
     try:
         cache = SQLCache(
             args.redis_url,
@@ -69,7 +87,9 @@ def run_outbox(args: argparse.Namespace) -> int:
     """Print the outbox DDL for the database's dialect, or create the table with ``--create``."""
     from sqlalchemy import MetaData
 
-    engine = create_engine(args.database_url)
+    engine = _engine(args.database_url, "outbox")
+    if engine is None:
+        return 2
     try:
         table = outbox_table(MetaData(), args.table)
         if args.create:
