@@ -35,6 +35,7 @@ __all__ = [
     "bypasses_query_cache",
     "cache_key",
     "current_path",
+    "driver_autocommit",
     "from_objects",
     "frozen_keys",
     "frozen_single_entity",
@@ -212,8 +213,32 @@ def is_flushing(session: Session) -> bool:
 
 
 def is_autocommit(conn: Connection) -> bool:
-    """True if each statement commits on its own (no ``commit`` event will follow)."""
-    return bool(conn._is_autocommit_isolation())
+    """True if each statement commits on its own: SQLAlchemy's ``isolation_level="AUTOCOMMIT"``, or
+    autocommit switched on in the driver itself (``connect_args={"autocommit": True}``), which
+    SQLAlchemy does not know about: its COMMIT then commits nothing, and a connection closed without
+    one "rolls back" statements the database already committed."""
+    if conn._is_autocommit_isolation():
+        return True
+    return driver_autocommit(conn.connection.dbapi_connection)
+
+
+def driver_autocommit(dbapi_connection: Any) -> bool:
+    """Whether a DBAPI connection is in the driver's own autocommit mode (psycopg and psycopg2:
+    ``autocommit``; PyMySQL: ``autocommit_mode``; mysqlclient: ``get_autocommit()``; sqlite3 from
+    Python 3.12: ``autocommit``)."""
+    if dbapi_connection is None:
+        return False
+    if getattr(dbapi_connection, "autocommit", None) is True:
+        return True
+    if getattr(dbapi_connection, "autocommit_mode", None) is True:
+        return True
+    get = getattr(dbapi_connection, "get_autocommit", None)
+    if callable(get):
+        try:
+            return bool(get())
+        except Exception:  # a closed connection's driver error: not ours to raise
+            return False
+    return False
 
 
 # -- results ----------------------------------------------------------------------------------------

@@ -272,3 +272,42 @@ def test_huge_transaction_invalidates_its_tables_in_a_few_keys(engine: Engine, c
         assert user is not None and user.name == "bob"
         names = [u.name for u in s.scalars(select(User).where(User.id == uid).options(cached()))]
         assert names == ["bob"]
+
+
+def test_driver_autocommit_invalidates_each_statement(engine: Engine, redis_url: str) -> None:
+    """Autocommit switched on in the driver (connect_args), unknown to SQLAlchemy: a statement on a
+    connection closed without commit() was committed by the database, and must be invalidated (the
+    cache served the old row: SQLAlchemy's "rollback" had dropped the write record)."""
+    import uuid
+
+    import pytest
+    from sqlalchemy import create_engine
+
+    from ..conftest import shareable_url
+
+    if engine.dialect.name == "sqlite":
+        pytest.skip("sqlite3's own autocommit attribute exists from Python 3.12")
+    auto = create_engine(shareable_url(engine), connect_args={"autocommit": True})
+    cache = SQLCache(redis_url, prefix=f"ac{uuid.uuid4().hex[:10]}")
+    cache.strict_signals = True
+    cache.register(User)
+    cache.attach(auto)
+    try:
+        uid = make_user(auto, "v1")
+        with Session(auto) as s:
+            assert s.get(User, uid).name == "v1"  # cached
+        with auto.connect() as c:
+            c.execute(update(User).where(User.id == uid).values(name="v2"))  # no commit(): the driver did
+        with Session(auto) as s:
+            assert s.get(User, uid).name == "v2"
+        with Session(auto) as s:
+            user = s.get(User, uid)
+            user.name = "v3"
+            s.commit()
+        with Session(auto) as s:
+            assert s.get(User, uid).name == "v3"
+    finally:
+        cache.detach(auto)
+        cache.clear()
+        cache.close()
+        auto.dispose()
