@@ -307,15 +307,20 @@ class Wiring:
 
     # -- reads ----------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _bind(orm_state: ORMExecuteState, mapper: Any, clause: Any) -> Any:
-        """The engine or connection this execution goes to (its bind arguments included: an explicit
-        bind, a shard id)."""
-        args = dict(orm_state.bind_arguments)
-        args.setdefault("mapper", mapper)
-        if clause is not None:
-            args.setdefault("clause", clause)
-        return orm_state.session.get_bind(**args)
+    def _attached_bind(self, orm_state: ORMExecuteState) -> Any | None:
+        """The engine or connection this execution goes to, if it is attached; else None.
+
+        Asked exactly as the ORM asks right after this event (``get_bind(**bind_arguments)``, nothing
+        added: a ``get_bind()`` override may accept nothing more). A horizontally sharded session with
+        no shard chosen yet picks shards in its own execute hook, through user code that expects an
+        instance: not called here, and such a read is not cached.
+        """
+        args = orm_state.bind_arguments
+        session = orm_state.session
+        if hasattr(session, "shard_chooser") and "shard_id" not in args:
+            return None
+        bind = session.get_bind(**args)
+        return bind if bind.engine.pool in self._pools else None
 
     def translation(self, orm_state: ORMExecuteState, bind: Any) -> str:
         """ "" or a digest of what makes the same statement read other rows: the ``schema_translate_map``
@@ -353,8 +358,8 @@ class Wiring:
             return None
         for opt in orm_state.user_defined_options:
             if isinstance(opt, CacheOption):
-                bind = self._bind(orm_state, orm_state.bind_mapper, orm_state.statement)
-                if bind.engine.pool not in self._pools:
+                bind = self._attached_bind(orm_state)
+                if bind is None:
                     return None
                 tr = self.translation(orm_state, bind)
                 return self._queries.read(orm_state, opt.payload, bind.engine, tr)
@@ -367,8 +372,8 @@ class Wiring:
         policy = self._policies.policy_for(mapper)
         if policy is None:
             return None
-        bind = self._bind(orm_state, mapper, None)
-        if bind.engine.pool not in self._pools:
+        bind = self._attached_bind(orm_state)
+        if bind is None:
             return None
         return self._identities.read(orm_state, mapper, pk, policy, self.translation(orm_state, bind))
 
@@ -380,8 +385,8 @@ class Wiring:
         policy = self._policies.policy_for(mapper)
         if policy is None:
             return None
-        bind = self._bind(orm_state, mapper, orm_state.statement)
-        if bind.engine.pool not in self._pools:
+        bind = self._attached_bind(orm_state)
+        if bind is None:
             return None
         tr = self.translation(orm_state, bind)
         return self._queries.read(orm_state, QueryPolicy(ttl=policy.ttl), bind.engine, tr, relationship=True)
