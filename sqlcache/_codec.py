@@ -30,10 +30,7 @@ code  type                  ext payload
 16    IPv6Interface         UTF-8 ``str(value)``
 ====  ====================  =================================================================================
 
-A tz tail is empty for a naive value; ``b"U"`` for ``timezone.utc`` (decoded back to that very object);
-``b"O"`` + ``>q`` offset in microseconds for another ``datetime.timezone`` with its default name, ``b"N"`` +
-the same + its UTF-8 name otherwise; ``b"Z"`` + the ASCII key of a ``zoneinfo.ZoneInfo``. Any other tzinfo
-class is an encode error.
+Time values and their tz tails (the zone after a datetime or time) are encoded in ``_codec_time``.
 
 One more: a ``datetime.datetime`` whose tzinfo is ``timezone.utc`` itself and whose fold is 0 is written as
 msgpack's own timestamp ext (-1: seconds and nanoseconds since the epoch), which msgpack decodes in C, before
@@ -57,16 +54,23 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import ipaddress
-import re
-import struct
 import uuid
-import zoneinfo
 from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any, Final
 
 import msgpack
 
+from ._codec_time import (
+    dec_date,
+    dec_datetime,
+    dec_time,
+    dec_timedelta,
+    enc_date,
+    enc_datetime,
+    enc_time,
+    enc_timedelta,
+)
 from .errors import CodecError
 
 __all__ = ["FORMAT_VERSION", "decode", "encode", "encode_body"]
@@ -91,11 +95,6 @@ _IPV6NETWORK: Final = 14
 _IPV4INTERFACE: Final = 15
 _IPV6INTERFACE: Final = 16
 
-_DT: Final = struct.Struct(">HBBBBBIB")  # year, month, day, hour, minute, second, microsecond, fold
-_DATE_S: Final = struct.Struct(">HBB")  # year, month, day
-_TIME_S: Final = struct.Struct(">BBBIB")  # hour, minute, second, microsecond, fold
-_TD: Final = struct.Struct(">iII")  # days, seconds, microseconds (as normalised by timedelta)
-_OFFSET: Final = struct.Struct(">q")  # a timezone's utcoffset in microseconds
 
 # Measured with msgpack 1.2 on x86-64: about 44 KiB of C stack per level; 16 levels decode in a thread with a
 # 768 KiB stack, 24 crash one with 1 MiB. Real values nest tuples/sets two or three deep.
@@ -109,11 +108,7 @@ _INT_MAX: Final = 2**64 - 1
 # digits before the point).
 _BIGINT_MAX_BYTES: Final = 2048
 _DECIMAL_MAX_EXPONENT: Final = 1_000_000
-_MICROSECOND: Final = dt.timedelta(microseconds=1)
 
-# A plain zone name: no '.', so no '..'; no leading '/'; no empty component. Checked before ZoneInfo() sees
-# a key read from Redis, and on encode, so that whatever we write we can read back.
-_ZONE_KEY: Final = re.compile(r"[A-Za-z0-9_+\-]{1,64}(?:/[A-Za-z0-9_+\-]{1,64}){0,4}")
 # Exactly what str(Decimal) produces (either capitalisation of the exponent marker, see Context.capitals).
 
 
@@ -154,29 +149,6 @@ def _enc_set(o: set[Any] | frozenset[Any], depth: int) -> bytes:
     return _array_of_packed(sorted(msgpack.packb(item, default=default, strict_types=True) for item in o))
 
 
-def _tz_tail(tz: dt.tzinfo | None) -> bytes:
-    if tz is None:
-        return b""
-    if tz is dt.timezone.utc:
-        return b"U"
-    kind = type(tz)
-    if kind is dt.timezone:
-        offset = tz.utcoffset(None)
-        assert offset is not None  # a datetime.timezone always has one
-        fields = _OFFSET.pack(offset // _MICROSECOND)
-        name = tz.tzname(None)
-        if name is None or name == dt.timezone(offset).tzname(None):
-            return b"O" + fields
-        return b"N" + fields + name.encode("utf-8")
-    if kind is zoneinfo.ZoneInfo:
-        assert isinstance(tz, zoneinfo.ZoneInfo)  # narrows for mypy; the exact type was checked above
-        key = tz.key
-        if type(key) is not str or not _ZONE_KEY.fullmatch(key):  # ZoneInfo.from_file() has no key
-            raise CodecError(f"cannot encode a ZoneInfo without a plain zone key: {key!r}")
-        return b"Z" + key.encode("ascii")
-    raise CodecError(f"cannot encode tzinfo of type {kind.__module__}.{kind.__qualname__}")
-
-
 def _enc_bigint(o: int, depth: int) -> bytes:
     # Reached only for ints msgpack cannot hold. Bytes, not decimal digits: linear time and not subject to
     # sys.int_max_str_digits.
@@ -184,23 +156,6 @@ def _enc_bigint(o: int, depth: int) -> bytes:
     if size > _BIGINT_MAX_BYTES:
         raise CodecError(f"integer of {size} bytes: more than {_BIGINT_MAX_BYTES}")
     return o.to_bytes(size, "big", signed=True)
-
-
-def _enc_datetime(o: dt.datetime, depth: int) -> bytes:
-    fields = _DT.pack(o.year, o.month, o.day, o.hour, o.minute, o.second, o.microsecond, o.fold)
-    return fields + _tz_tail(o.tzinfo)
-
-
-def _enc_date(o: dt.date, depth: int) -> bytes:
-    return _DATE_S.pack(o.year, o.month, o.day)
-
-
-def _enc_time(o: dt.time, depth: int) -> bytes:
-    return _TIME_S.pack(o.hour, o.minute, o.second, o.microsecond, o.fold) + _tz_tail(o.tzinfo)
-
-
-def _enc_timedelta(o: dt.timedelta, depth: int) -> bytes:
-    return _TD.pack(o.days, o.seconds, o.microseconds)
 
 
 # str(Decimal) follows the caller's context (capitals=0 writes "1e+5"); this one is fixed, so every process
@@ -227,10 +182,10 @@ _ENCODERS: Final[MappingProxyType[type[Any], tuple[int, Callable[[Any, int], byt
     {
         tuple: (_TUPLE, _enc_tuple),
         int: (_BIGINT, _enc_bigint),
-        dt.datetime: (_DATETIME, _enc_datetime),
-        dt.date: (_DATE, _enc_date),
-        dt.time: (_TIME, _enc_time),
-        dt.timedelta: (_TIMEDELTA, _enc_timedelta),
+        dt.datetime: (_DATETIME, enc_datetime),
+        dt.date: (_DATE, enc_date),
+        dt.time: (_TIME, enc_time),
+        dt.timedelta: (_TIMEDELTA, enc_timedelta),
         decimal.Decimal: (_DECIMAL, _enc_decimal),
         uuid.UUID: (_UUID, _enc_uuid),
         set: (_SET, _enc_set),
@@ -307,30 +262,6 @@ def _unpack_inner(data: bytes, depth: int) -> Any:
     return msgpack.unpackb(data, ext_hook=_HOOKS[depth + 1], raw=False, strict_map_key=False, timestamp=3)
 
 
-def _tz_from(data: bytes, at: int) -> dt.tzinfo | None:
-    size = len(data)
-    if size == at:
-        return None
-    tag = data[at]
-    if tag == 0x55 and size == at + 1:  # b"U"
-        return dt.timezone.utc
-    if tag == 0x4F and size == at + 1 + _OFFSET.size:  # b"O"
-        (micros,) = _OFFSET.unpack_from(data, at + 1)
-        return dt.timezone(dt.timedelta(microseconds=micros))
-    if tag == 0x4E and size >= at + 1 + _OFFSET.size:  # b"N"
-        (micros,) = _OFFSET.unpack_from(data, at + 1)
-        return dt.timezone(dt.timedelta(microseconds=micros), data[at + 1 + _OFFSET.size :].decode("utf-8"))
-    if tag == 0x5A:  # b"Z"
-        key = data[at + 1 :].decode("ascii")
-        if not _ZONE_KEY.fullmatch(key):
-            raise CodecError(f"not a plain time zone key: {key!r}")
-        try:
-            return zoneinfo.ZoneInfo(key)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError) as exc:
-            raise CodecError(f"unknown time zone {key!r}") from exc
-    raise CodecError("malformed tzinfo")
-
-
 def _dec_tuple(data: bytes, depth: int) -> tuple[Any, ...]:
     items = _unpack_inner(data, depth)
     if type(items) is not list:
@@ -345,48 +276,6 @@ def _dec_bigint(data: bytes, depth: int) -> int:
     if _INT_MIN <= value <= _INT_MAX:  # msgpack holds these natively; also refuses an empty payload
         raise CodecError("malformed big integer")
     return value
-
-
-# tz tail bytes -> tzinfo, for tails already decoded once: every tzinfo we build is immutable (timezone)
-# or a shared singleton (ZoneInfo), so reusing one is what decoding it again would give. Bounded: only the
-# first _TAILS_MAX distinct tails are kept; the rest are decoded each time.
-_TAILS: dict[bytes, dt.tzinfo | None] = {}
-_TAILS_MAX: Final = 256
-
-
-def _dec_datetime(data: bytes, depth: int) -> dt.datetime:
-    if len(data) < _DT.size:
-        raise CodecError("malformed datetime")
-    y, mo, d, h, mi, s, us, fold = _DT.unpack_from(data)
-    tail = data[_DT.size :]
-    tz = _TAILS.get(tail, _TAILS)
-    if tz is _TAILS:
-        tz = _tz_from(data, _DT.size)
-        if len(_TAILS) < _TAILS_MAX:
-            _TAILS[tail] = tz
-    if fold:
-        return dt.datetime(y, mo, d, h, mi, s, us, tz, fold=fold)  # type: ignore[arg-type]
-    return dt.datetime(y, mo, d, h, mi, s, us, tz)  # type: ignore[arg-type]
-
-
-def _dec_date(data: bytes, depth: int) -> dt.date:
-    if len(data) != _DATE_S.size:
-        raise CodecError("malformed date")
-    return dt.date(*_DATE_S.unpack(data))
-
-
-def _dec_time(data: bytes, depth: int) -> dt.time:
-    if len(data) < _TIME_S.size:
-        raise CodecError("malformed time")
-    h, mi, s, us, fold = _TIME_S.unpack_from(data)
-    return dt.time(h, mi, s, us, _tz_from(data, _TIME_S.size), fold=fold)
-
-
-def _dec_timedelta(data: bytes, depth: int) -> dt.timedelta:
-    if len(data) != _TD.size:
-        raise CodecError("malformed timedelta")
-    days, seconds, micros = _TD.unpack(data)
-    return dt.timedelta(days=days, seconds=seconds, microseconds=micros)
 
 
 def _dec_decimal(data: bytes, depth: int) -> decimal.Decimal:
@@ -453,10 +342,10 @@ _DECODERS: Final[tuple[Callable[[bytes, int], Any] | None, ...]] = (
     None,
     _dec_tuple,
     _dec_bigint,
-    _dec_datetime,
-    _dec_date,
-    _dec_time,
-    _dec_timedelta,
+    dec_datetime,
+    dec_date,
+    dec_time,
+    dec_timedelta,
     _dec_decimal,
     _dec_uuid,
     _dec_set,
@@ -473,7 +362,7 @@ _DECODERS: Final[tuple[Callable[[bytes, int], Any] | None, ...]] = (
 def _hook_at(depth: int) -> Callable[[int, bytes], Any]:
     def ext_hook(code: int, data: bytes) -> Any:
         if code == _DATETIME:  # by far the most frequent in query results: one call less
-            return _dec_datetime(data, depth)
+            return dec_datetime(data, depth)
         decoder = _DECODERS[code] if 0 <= code < len(_DECODERS) else None
         if decoder is None:
             raise CodecError(f"unknown extension type {code}")
