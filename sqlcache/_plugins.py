@@ -64,11 +64,12 @@ class _Guard:
 
 
 class _Layer:
-    __slots__ = ("link", "plugin", "store", "wrapper")
+    """One plugin's wrapper in the chain: its inner link and the store it returned."""
 
-    def __init__(self, plugin: str, wrapper: StoreWrapper, link: _Link, store: Store) -> None:
+    __slots__ = ("link", "plugin", "store")
+
+    def __init__(self, plugin: str, link: _Link, store: Store) -> None:
         self.plugin = plugin
-        self.wrapper = wrapper
         self.link = link
         self.store = store
 
@@ -170,7 +171,7 @@ class Plugins:
             below = self._layers[-1].store if self._layers else self._slot.base
             link = _Link(below)
             store = wrapper(cast(Store, link))  # called once, now, never again
-            self._layers.append(_Layer(plugin, wrapper, link, store))
+            self._layers.append(_Layer(plugin, link, store))
             self._publish()
 
     def _publish(self) -> None:

@@ -167,10 +167,6 @@ def fill_lock_key(entry_key: str) -> str:
     return entry_key + ":lock"
 
 
-def _is_generation(v: bytes | None) -> bool:
-    return v is not None and len(v) <= 16 and v.isdigit()
-
-
 # Clock readings and fresh-until stamps are plain decimals below 2^53 (what Lua's doubles count exactly);
 # anything longer or larger was not written by sqlcache and is never trusted (nor parsed: int() of a
 # 5,000-digit string raises).

@@ -18,7 +18,7 @@ from . import _keys, _sa
 from ._hierarchy import Conv, Hierarchy
 from ._objects import apply_marks, discard_built, materialize_objects
 from ._querykey import Uncacheable, digest
-from ._queryspec import QuerySpec, describe, require_unique
+from ._queryspec import QuerySpec, describe, refuse_rows_before_unique
 from ._readthrough import Read, ReadThrough
 from ._registry import Registry
 from ._report import Reporter
@@ -195,7 +195,7 @@ class QueryReader:
         legacy = _sa.legacy_uniquing(orm_state)
         result: IteratorResult[Any] = IteratorResult(spec.metadata(d.keys, stmt, legacy), iter(out))
         if d.unique_required:
-            _sa.require_unique(result, require_unique)
+            _sa.require_unique(result, refuse_rows_before_unique)
         return _sa.with_attributes(result, d.single, spec.any_entity)
 
     def _encode(

@@ -21,7 +21,7 @@ from ._hierarchy import Conv, Hierarchy, check_supported, type_converters
 from ._querykey import Uncacheable, digest, stable, tables_read
 from ._rows import LAYOUT as ROWS_LAYOUT
 
-__all__ = ["QuerySpec", "column_extras", "describe", "require_unique"]
+__all__ = ["QuerySpec", "column_extras", "describe", "refuse_rows_before_unique"]
 
 HierarchyOf = Callable[[Mapper[Any]], Hierarchy]
 
@@ -107,7 +107,7 @@ def _shared_object(o: Any) -> bool:
     return False
 
 
-def require_unique(_row: Any) -> Any:
+def refuse_rows_before_unique(_row: Any) -> Any:
     raise InvalidRequestError(
         "The unique() method must be invoked on this Result, as it contains results that include "
         "joined eager loads against collections"

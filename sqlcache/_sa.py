@@ -46,12 +46,10 @@ __all__ = [
     "legacy_uniquing",
     "loader_criteria",
     "new_runid",
-    "only_load_props",
     "path_registry",
     "pending_autoflush",
     "pk_load",
     "refresh_of",
-    "refresh_state",
     "refresh_unloaded",
     "require_unique",
     "result_metadata",
@@ -140,11 +138,6 @@ def pending_autoflush(orm_state: ORMExecuteState) -> bool:
     return bool(session.autoflush and orm_state.load_options._autoflush and not session._is_clean())
 
 
-def refresh_state(orm_state: ORMExecuteState) -> Any:
-    """The state of the object whose expired attributes this load refreshes, or None."""
-    return orm_state.load_options._refresh_state
-
-
 def refresh_of(orm_state: ORMExecuteState) -> tuple[Any, Any]:
     """(the state this load refreshes or None, the attributes it asks for or None): one call on the
     identity hit path."""
@@ -152,11 +145,6 @@ def refresh_of(orm_state: ORMExecuteState) -> tuple[Any, Any]:
     if state is None:
         return None, None
     return state, getattr(orm_state.statement._compile_options, "_only_load_props", None)
-
-
-def only_load_props(stmt: Any) -> Any:
-    """The attributes a refresh load asks for (None: all of them)."""
-    return getattr(stmt._compile_options, "_only_load_props", None)
 
 
 def legacy_uniquing(orm_state: ORMExecuteState) -> bool:

@@ -252,7 +252,7 @@ class RedisStore:
 
     def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
         """One MGET of the entry, the clock and the dependencies: the whole hit path."""
-        keys = [entry_key, clock_key, *dep_keys]  # proto.read_keys, spelled out: this is the hit path
+        keys = proto.read_keys(clock_key, entry_key, dep_keys)
         values = self._call("read", lambda: self._mget(keys))
         return proto.judge_read(values, time.time)
 

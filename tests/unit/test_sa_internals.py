@@ -59,10 +59,9 @@ def test_execution_internals(session: Session) -> None:
                 _sa.pk_load(orm_state),
                 _sa.bypasses_query_cache(orm_state),
                 _sa.pending_autoflush(orm_state),
-                _sa.refresh_state(orm_state),
+                _sa.refresh_of(orm_state),
                 _sa.legacy_uniquing(orm_state),
                 _sa.shard_token(orm_state),
-                _sa.only_load_props(orm_state.statement),
             )
         )
 
@@ -72,9 +71,9 @@ def test_execution_internals(session: Session) -> None:
     session.expunge_all()
     session.get(User, 1)
     event.remove(session, "do_orm_execute", hook)
-    (found, bypass, pending, refresh, legacy, shard, only) = seen[0]
+    (found, bypass, pending, refresh, legacy, shard) = seen[0]
     assert found is not None and found[1] == (1,)
-    assert (bypass, pending, refresh, legacy, shard, only) == (False, False, None, False, None, None)
+    assert (bypass, pending, refresh, legacy, shard) == (False, False, (None, None), False, None)
     assert not _sa.is_flushing(session)
     assert not _sa.is_autocommit(session.connection())
 
