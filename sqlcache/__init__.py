@@ -10,7 +10,7 @@ from .config import CacheConfig, ModelPolicy
 from .errors import CacheUnavailable, CodecError, ConfigurationError, SQLCacheError
 from .options import CacheOption, cached
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "CacheConfig",

@@ -153,6 +153,8 @@ class Commits:
         """(dependency keys, tags) of everything ``st`` wrote."""
         p = self._keys.prefix
         keys: list[str] = list(st.identities)
+        # every row dependency moves with its table's row-writes key (the warm-up rule depends on it)
+        keys += {_keys.row_writes_key(p, w.hierarchy.base_table): None for w in st.identities.values()}
         tags: list[str] = []
         for name in st.tables:
             keys.append(_keys.table_dep_key(p, name))

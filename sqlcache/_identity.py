@@ -37,8 +37,8 @@ class IdentityReader:
         self._everything = _keys.global_dep_key(prefix)
         self._metas: dict[Mapper[Any], SimpleResultMetaData] = {}
         # per hierarchy, the dependencies every entry of it has besides its row (its tables' bulk keys and
-        # the global key): the same for every read
-        self._shared_deps: dict[Hierarchy, tuple[str, ...]] = {}
+        # the global key), and its base table's row-writes key: the same for every read
+        self._shared_deps: dict[Hierarchy, tuple[tuple[str, ...], str]] = {}
 
     def read(
         self,
@@ -70,11 +70,12 @@ class IdentityReader:
         entry_key = _keys.identity_entry_key(p, h.fingerprint + translation, h.entity, pk)
         shared = self._shared_deps.get(h)
         if shared is None:
-            shared = (*(_keys.bulk_dep_key(p, t) for t in h.tables), self._everything)
+            deps_of_all = (*(_keys.bulk_dep_key(p, t) for t in h.tables), self._everything)
+            shared = (deps_of_all, _keys.row_writes_key(p, h.base_table))
             if len(self._shared_deps) > 4096:
                 self._shared_deps.clear()
             self._shared_deps[h] = shared
-        deps = [dep_identity, *shared]
+        deps = [dep_identity, *shared[0]]
         rd = Read(
             "identity",
             entry_key,
@@ -83,6 +84,7 @@ class IdentityReader:
             lambda payload: self._on_hit(orm_state, mapper, h, refresh, wanted, payload),
             lambda frozen, _unique, runid: _encode(h, pk, refresh, frozen, runid),
             model=mapper.class_.__name__,
+            row_writes=shared[1],
         )
         return self._reads.read(orm_state, rd)
 

@@ -10,6 +10,8 @@ reaches the other's keys (a plain ``a:*`` would match every key of ``a:b``).
 {ns}:d:b:{table}                dependency: rows of a table changed by statements we cannot
                                     attribute to rows (Core DML, ORM bulk statements)
 {ns}:d:t:{table}                dependency: anything in a table changed (queries read it)
+{ns}:d:r:{table}                not a dependency of any entry: moved with every row dependency of the
+                                    table (a missing row dependency borrows its generation)
 {ns}:d:u:{tag}                  dependency: a user tag
 {ns}:d:*                        dependency of every entry: moved by writes we cannot attribute
                                     to a table (text SQL) and by a fence after lost invalidations
@@ -35,6 +37,7 @@ __all__ = [
     "namespace",
     "pk_token",
     "query_key",
+    "row_writes_key",
     "scan_pattern",
     "table_dep_key",
     "tag_dep_key",
@@ -83,6 +86,10 @@ def bulk_dep_key(prefix: str, table: str) -> str:
 
 def table_dep_key(prefix: str, table: str) -> str:
     return f"{namespace(prefix)}:d:t:{table}"
+
+
+def row_writes_key(prefix: str, table: str) -> str:
+    return f"{namespace(prefix)}:d:r:{table}"
 
 
 def tag_dep_key(prefix: str, tag: str) -> str:

@@ -82,8 +82,14 @@ class Store(Protocol):
     def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
         """The whole hit path: the entry, the clock and the dependencies at one instant."""
 
-    def generations(self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int) -> ReadResult:
-        """Create missing generations, repair garbage, expire dead locks (a miss's slow case)."""
+    def generations(
+        self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int, row_writes: str | None = None
+    ) -> ReadResult:
+        """Create missing generations, repair garbage, expire dead locks (a miss's slow case).
+
+        ``row_writes``: when ``dep_keys[0]`` is a row's identity dependency, its table's row-writes key;
+        a missing row dependency then borrows that key's generation (the warm-up rule, consistency.md).
+        """
 
     def fill(
         self,
@@ -224,8 +230,12 @@ def judge_read(values: Sequence[bytes | None], now: Callable[[], float]) -> Read
     return ReadResult(False, None, joined, clock, False)
 
 
-def generations_call(clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int) -> Call:
-    return [clock_key, *dep_keys], [gen_ttl_ms]
+def generations_call(
+    clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int, row_writes: str | None = None
+) -> Call:
+    if row_writes is None:
+        return [clock_key, *dep_keys], [gen_ttl_ms, 0]
+    return [clock_key, *dep_keys, row_writes], [gen_ttl_ms, 1]
 
 
 def judge_generations(reply: Sequence[Any]) -> ReadResult:

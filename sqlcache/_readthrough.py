@@ -40,9 +40,22 @@ class Read:
     cannot, Unservable if it may not); ``encode`` turns the database's result into a payload, or None
     when it must not be stored. ``protect``: callers that miss together elect one to query while the
     others wait a bounded time for its fill. ``swr_ms``: an entry past its TTL but not invalidated may
-    be served that much longer while one caller refreshes it."""
+    be served that much longer while one caller refreshes it. ``row_writes``: for a read whose first
+    dependency is a row's identity, its table's row-writes key (see ``Store.generations``)."""
 
-    __slots__ = ("deps", "encode", "key", "kind", "model", "on_hit", "protect", "swr_ms", "tags", "ttl_ms")
+    __slots__ = (
+        "deps",
+        "encode",
+        "key",
+        "kind",
+        "model",
+        "on_hit",
+        "protect",
+        "row_writes",
+        "swr_ms",
+        "tags",
+        "ttl_ms",
+    )
 
     def __init__(
         self,
@@ -57,6 +70,7 @@ class Read:
         swr_ms: int = 0,
         model: str | None = None,
         tags: tuple[str, ...] = (),
+        row_writes: str | None = None,
     ) -> None:
         self.kind = kind
         self.key = key
@@ -68,6 +82,7 @@ class Read:
         self.swr_ms = swr_ms
         self.model = model
         self.tags = tags
+        self.row_writes = row_writes
 
 
 class ReadThrough:
@@ -193,7 +208,9 @@ class ReadThrough:
             # t0 generations read here; t1 the SELECT; a commit between the two moves a generation
             fresh: ReadResult | None = None
             with self._rep.degrade("read"):
-                fresh = self._slot.current.generations(self._keys.clock, rd.deps, self._keys.gen_ttl_ms)
+                fresh = self._slot.current.generations(
+                    self._keys.clock, rd.deps, self._keys.gen_ttl_ms, rd.row_writes
+                )
             r = fresh if fresh is not None else r
         if r.clock:
             self._txns.note_clock(session, r.clock, txns)

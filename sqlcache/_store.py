@@ -270,9 +270,11 @@ class RedisStore:
         self.client.connection_pool.release(conn)
         return reply
 
-    def generations(self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int) -> ReadResult:
+    def generations(
+        self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int, row_writes: str | None = None
+    ) -> ReadResult:
         """Create missing generations, repair garbage, expire dead locks; the miss path's slow case."""
-        keys, args = proto.generations_call(clock_key, dep_keys, gen_ttl_ms)
+        keys, args = proto.generations_call(clock_key, dep_keys, gen_ttl_ms, row_writes)
         r: list[Any] = self._call("read", lambda: self._generations(keys=keys, args=args))
         return proto.judge_generations(r)
 

@@ -298,8 +298,9 @@ class SQLCache:
         """Invalidate the entry of one row now (outside any transaction)."""
         h = self._registry.hierarchy(mapper_of(cls))
         pk_t = pk if isinstance(pk, tuple) else (pk,)
-        key = _keys.identity_dep_key(self.config.prefix, h.base_table, pk_t)
-        self._journal.invalidate_now([key], [(h.mapper.class_, pk_t)], [])
+        p = self.config.prefix
+        keys = [_keys.identity_dep_key(p, h.base_table, pk_t), _keys.row_writes_key(p, h.base_table)]
+        self._journal.invalidate_now(keys, [(h.mapper.class_, pk_t)], [])
 
     def invalidate_model(self, cls: type[Any]) -> None:
         """Invalidate every entry of ``cls`` and of the tables of its inheritance hierarchy."""
