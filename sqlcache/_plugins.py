@@ -174,6 +174,13 @@ class Plugins:
             self._layers.append(_Layer(plugin, link, store))
             self._publish()
 
+    def rebase(self) -> None:
+        """``slot.base`` changed (the asyncio world was added): the lowest wrapper now wraps the new base."""
+        with self._mutex:
+            if self._layers:
+                self._layers[0].link.target = self._slot.base
+            self._publish()
+
     def _publish(self) -> None:
         if not self._layers:
             self._slot.current = self._slot.base

@@ -58,9 +58,11 @@ class ReadResult:
 
 @dataclass(eq=False, slots=True)
 class SentLock:
-    """A lock call written to a connection whose reply is read after the database COMMIT."""
+    """A lock call written to a connection whose reply is read after the database COMMIT; ``store``:
+    the store that wrote it, which must read the reply (a connection belongs to one I/O world)."""
 
     conn: Any
+    store: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,9 @@ class Store(Protocol):
 
     def delete_matching(self, pattern: str, batch: int = 500) -> int:
         """Delete every key matching ``pattern`` (SCAN, never KEYS); returns how many."""
+
+    def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` without holding up others of this world (a thread sleeps; a task yields)."""
 
 
 class StoreSlot:

@@ -290,7 +290,7 @@ class ReadThrough:
         deadline = time.monotonic() + self._stampede_wait
         pause = 0.005
         while time.monotonic() < deadline:
-            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            store.pause(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, 0.05)
             r: ReadResult | None = None
             with self._rep.degrade("read"):

@@ -18,6 +18,7 @@ from sqlalchemy.orm import loading as _loading
 from sqlalchemy.orm import strategies as _strategies
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql import Select
+from sqlalchemy.util import concurrency as _concurrency
 from sqlalchemy.util import immutabledict
 
 if TYPE_CHECKING:
@@ -31,14 +32,17 @@ __all__ = [
     "BINARY",
     "DeferredCallable",
     "LazyCallable",
+    "await_",
     "build_objects",
     "bypasses_query_cache",
     "cache_key",
     "current_path",
     "driver_autocommit",
+    "engine_of",
     "from_objects",
     "frozen_keys",
     "frozen_single_entity",
+    "in_async_greenlet",
     "is_autocommit",
     "is_flushing",
     "is_instance",
@@ -441,3 +445,37 @@ DeferredCallable: Any = _strategy_class("LoadDeferredColumns")
 def lazy_strategy(prop: Any, kind: str) -> Any:
     """The relationship's loader strategy object for ``lazy=kind``."""
     return prop._get_strategy((("lazy", kind),))
+
+
+# -- asyncio ----------------------------------------------------------------------------------------
+
+# SQLAlchemy runs the sync core of AsyncSession/AsyncConnection inside greenlets it spawns
+# (greenlet_spawn) and marks them; an awaitable passed to its await_ from there is awaited by the event
+# loop's task that spawned the greenlet, which then switches back with the result. 2.0 calls it
+# await_only, 2.1 await_.
+_await: Callable[[Any], Any] = getattr(_concurrency, "await_", None) or _concurrency.await_only
+_in_greenlet: Callable[[], bool] = _concurrency.in_greenlet
+
+
+def in_async_greenlet() -> bool:
+    """Whether this code runs inside SQLAlchemy's asyncio greenlet (an AsyncSession's sync core)."""
+    return _in_greenlet()
+
+
+def await_(awaitable: Any) -> Any:
+    """Await ``awaitable`` from the sync code SQLAlchemy runs for asyncio (see ``in_async_greenlet``)."""
+    return _await(awaitable)
+
+
+def engine_of(engine: Any) -> Any:
+    """The sync :class:`~sqlalchemy.engine.Engine` of ``engine`` (itself, or an AsyncEngine's
+    ``sync_engine``); None for anything else."""
+    from sqlalchemy.engine import Engine
+
+    if isinstance(engine, Engine):
+        return engine
+    try:
+        from sqlalchemy.ext.asyncio import AsyncEngine
+    except ImportError:  # pragma: no cover - SQLAlchemy without its asyncio extension
+        return None
+    return engine.sync_engine if isinstance(engine, AsyncEngine) else None

@@ -4,20 +4,29 @@ hands the replies back to ``_protocol`` to judge, and translates redis-py except
 from __future__ import annotations
 
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 
 import redis
+import redis.asyncio
+import redis.asyncio.connection
 import redis.sentinel
 
 from . import _protocol as proto
+from ._health import Health
 from ._protocol import ReadResult, RepopEntry, SentLock
 from .errors import CacheUnavailable, ConfigurationError
 
-__all__ = ["RedisStore", "Subscription", "client_for", "hide_password"]
+__all__ = [
+    "KEPT_CONNECTION_KWARGS",
+    "RedisStore",
+    "Subscription",
+    "client_for",
+    "hide_password",
+    "script_source",
+]
 
 T = TypeVar("T")
 
@@ -26,9 +35,10 @@ T = TypeVar("T")
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
 
-def client_for(target: redis.Redis | str, timeout: float) -> redis.Redis:
+def client_for(target: redis.Redis | redis.asyncio.Redis | str, timeout: float) -> redis.Redis:
     """A client of sqlcache's own (bounded timeouts, no retries, bytes responses, its own pool) that
-    reaches the server of ``target``: a URL, or a client of the caller's, which is never changed.
+    reaches the server of ``target``: a URL, or a client of the caller's (sync or asyncio), which is
+    never changed. The asyncio world's clients are made from this one (``_astore``).
 
     Options a URL or the caller's client carries that the protocol cannot live with (long timeouts,
     retries, ``decode_responses``) are overridden; the server, credentials and TLS settings are kept.
@@ -44,8 +54,12 @@ def client_for(target: redis.Redis | str, timeout: float) -> redis.Redis:
             raise ConfigurationError(f"invalid Redis URL {hide_password(target)!r}: {message}") from None
     elif isinstance(target, redis.Redis):
         source = target.connection_pool
+    elif isinstance(target, redis.asyncio.Redis):
+        source = _sync_pool_like(target.connection_pool)
     else:
-        raise ConfigurationError(f"expected a redis.Redis client or a URL, got {target!r}")
+        raise ConfigurationError(
+            f"expected a redis.Redis or redis.asyncio.Redis client or a URL, got {target!r}"
+        )
     return redis.Redis(connection_pool=_own_pool(source, timeout))
 
 
@@ -55,9 +69,7 @@ def _own_pool(pool: redis.ConnectionPool, timeout: float) -> redis.ConnectionPoo
     Never the caller's pool itself: sqlcache sets a connect hook on its pool (restart detection), and
     two caches on one client would otherwise overwrite each other's, and change the caller's client."""
     kept = {
-        k: v
-        for k, v in pool.connection_kwargs.items()
-        if k in _KEPT_CONNECTION_KWARGS or k.startswith("ssl_")
+        k: v for k, v in pool.connection_kwargs.items() if k in KEPT_CONNECTION_KWARGS or k.startswith("ssl_")
     }
     kept.update(socket_timeout=timeout, socket_connect_timeout=timeout, retry=None)
     if isinstance(pool, redis.sentinel.SentinelConnectionPool):
@@ -78,6 +90,26 @@ def _own_pool(pool: redis.ConnectionPool, timeout: float) -> redis.ConnectionPoo
     return redis.ConnectionPool(connection_class=pool.connection_class, **kept)
 
 
+# the sync twin of each asyncio connection class redis-py builds from a URL
+_SYNC_TWINS: dict[type[Any], type[Any]] = {
+    redis.asyncio.connection.Connection: redis.Connection,
+    redis.asyncio.connection.SSLConnection: redis.SSLConnection,
+    redis.asyncio.connection.UnixDomainSocketConnection: redis.UnixDomainSocketConnection,
+}
+
+
+def _sync_pool_like(pool: redis.asyncio.ConnectionPool) -> redis.ConnectionPool:
+    """A sync pool to the server of a caller's asyncio pool (its kwargs; nothing is connected)."""
+    twin = _SYNC_TWINS.get(pool.connection_class)
+    if twin is None:
+        raise ConfigurationError(
+            f"cannot build a sync connection like {pool.connection_class.__name__}: pass a URL, or a "
+            "redis.asyncio.Redis over a plain, TLS or Unix-socket connection pool"
+        )
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "redis_connect_func"}
+    return redis.ConnectionPool(connection_class=twin, **kwargs)
+
+
 _PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@", re.I)
 
 
@@ -87,7 +119,7 @@ def hide_password(text: str) -> str:
 
 
 # What identifies the server and the credentials; everything else (retries, decoding, timeouts) is ours.
-_KEPT_CONNECTION_KWARGS = frozenset(
+KEPT_CONNECTION_KWARGS = frozenset(
     {
         "host",
         "port",
@@ -128,125 +160,63 @@ class Subscription:
             pass
 
 
-def _script_source(name: str) -> str:
+def script_source(name: str) -> str:
     lua = resources.files("sqlcache").joinpath("lua")
     return lua.joinpath("_lib.lua").read_text("utf-8") + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
 
 
 class RedisStore:
     """The :class:`~sqlcache._protocol.Store` over a sync redis-py client: one Lua script per
-    operation; turns every Redis failure into CacheUnavailable.
+    operation; turns every Redis failure into CacheUnavailable, and skips Redis while ``health`` backs
+    off (shared with the cache's other stores)."""
 
-    After ``failure_threshold`` consecutive failures it stops calling Redis for a back-off period
-    (doubling up to ``max_backoff``) so that a dead Redis does not add a timeout to every request.
-    """
-
-    def __init__(
-        self,
-        client: redis.Redis,
-        *,
-        failure_threshold: int = 3,
-        backoff: float = 1.0,
-        max_backoff: float = 30.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, client: redis.Redis, health: Health) -> None:
         self.client = client
-        self._scripts = {name: client.register_script(_script_source(name)) for name in proto.SCRIPTS}
+        self.health = health
+        self._scripts = {name: client.register_script(script_source(name)) for name in proto.SCRIPTS}
         self._generations = self._scripts["generations"]
         self._fill = self._scripts["fill"]
         self._lock = self._scripts["lock"]
         self._release = self._scripts["release"]
         self._unlock = self._scripts["unlock"]
-        self._failure_threshold = failure_threshold
-        self._base_backoff = backoff
-        self._max_backoff = max_backoff
-        self._now = clock
-        self._mutex = threading.Lock()
-        self._failures = 0
-        self._next_backoff = backoff
-        self._open_until = 0.0
-        self.backoffs = 0
-        self.skipped = 0
-        self._scripts_loaded = False
-        self.ok_seq = 0  # successful calls so far: tells one failure burst from the next
-        self.run_id: str | None = None
-        self.on_restart: Callable[[], None] | None = None
-        self._restart_pending = False
+        self._loaded_epoch = -1  # health.epoch when the scripts were last loaded; -1: not loaded
         # every new connection asks the server for its run id before anything else is sent on it, so a
         # restarted Redis is noticed even when redis-py reconnects silently
         client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
-
-    def after_fork(self) -> None:
-        """In a forked child: a fresh lock (redis-py's pool resets its own connections on a new pid)."""
-        self._mutex = threading.Lock()
 
     # -- circuit breaker ---------------------------------------------------------------------------
 
     @property
     def backing_off(self) -> bool:
-        return self._open_until > self._now()
+        return self.health.backing_off
 
     def _call(self, operation: str, fn: Callable[[], T]) -> T:
-        if self._open_until and self._open_until > self._now():
-            self.skipped += 1
-            raise CacheUnavailable(operation)
+        health = self.health
+        health.check(operation)
         try:
-            if not self._scripts_loaded:
+            if self._loaded_epoch != health.epoch:
                 self._load_scripts()
             result = fn()
         except _REDIS_ERRORS as exc:
-            self._scripts_loaded = False  # load the scripts again once it answers (it may have restarted)
-            self._failed()
+            self._loaded_epoch = -1  # load the scripts again once it answers (it may have restarted)
+            health.failed()
             raise CacheUnavailable(operation) from exc
-        if self._restart_pending:
-            # t0 entry e filled under generation g1; Redis snapshots to disk
-            # t1 a commit moves g1 to g2, acknowledged; Redis dies before its next snapshot
-            # t2 Redis restarts from the snapshot: e and g1 are back and e looks valid. This answer came
-            #    from the restarted server: drop it, and let the owner fence before the next read
-            with self._mutex:
-                self._restart_pending = False
-            self._scripts_loaded = False
-            if self.on_restart is not None:
-                self.on_restart()
-            raise CacheUnavailable(f"{operation} (redis restarted)")
-        self.ok_seq += 1
-        if self._failures:
-            with self._mutex:
-                self._failures = 0
-                self._next_backoff = self._base_backoff
-                self._open_until = 0.0
+        health.answered(operation)
         return result
 
     def _on_connect(self, conn: Any) -> None:
         conn.on_connect()
         conn.send_command("INFO", "server")
-        info = conn.read_response()
-        text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
-        run_id = ""
-        for line in text.splitlines():
-            if line.startswith("run_id:"):
-                run_id = line[len("run_id:") :].strip()
-        with self._mutex:
-            if self.run_id is not None and run_id != self.run_id:
-                self._restart_pending = True
-            self.run_id = run_id
+        self.health.connected(conn.read_response())
 
     def _load_scripts(self) -> None:
         """Load every script in one round trip, so that a pipelined EVALSHA never meets NOSCRIPT."""
+        epoch = self.health.epoch
         pipe = self.client.pipeline(transaction=False)
         for script in self._scripts.values():
             pipe.script_load(script.script)
         pipe.execute()
-        self._scripts_loaded = True
-
-    def _failed(self) -> None:
-        with self._mutex:
-            self._failures += 1
-            if self._failures >= self._failure_threshold:
-                self._open_until = self._now() + self._next_backoff
-                self._next_backoff = min(self._next_backoff * 2, self._max_backoff)
-                self._failures = 0
-                self.backoffs += 1
+        self._loaded_epoch = epoch
 
     # -- operations --------------------------------------------------------------------------------
 
@@ -384,7 +354,7 @@ class RedisStore:
         lock_reply, release_reply = self._call("release", run)
         if isinstance(release_reply, redis.ResponseError):
             # NOSCRIPT: Redis restarted or was flushed since we loaded the scripts; load and release
-            self._scripts_loaded = False
+            self._loaded_epoch = -1
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
         return not isinstance(lock_reply, redis.ResponseError)
 
@@ -431,6 +401,9 @@ class RedisStore:
 
     def delete(self, *keys: str) -> None:
         self._call("delete", lambda: self.client.delete(*keys))
+
+    def pause(self, seconds: float) -> None:
+        time.sleep(seconds)
 
     def delete_matching(self, pattern: str, batch: int = 500) -> int:
         def run() -> int:

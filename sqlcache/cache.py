@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import MetaData, Table
 from sqlalchemy.engine import Engine
 
-from . import _keys
+from . import _keys, _sa
+from ._astore import AsyncStores, Worlds, async_client_like
 from ._broadcast import Announcer, Listener
 from ._commit import Commits
+from ._health import Health
 from ._identity import IdentityReader
 from ._journal import Journal, Keys
 from ._outbox import DEFAULT_TABLE, OutboxSQL, OutboxWriter, check_table, outbox_table
@@ -34,6 +36,8 @@ from .plugin import Plugin
 
 if TYPE_CHECKING:
     import redis
+    import redis.asyncio
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["SQLCache"]
 
@@ -41,7 +45,8 @@ __all__ = ["SQLCache"]
 class SQLCache:
     """Redis as a second-level cache for the SQLAlchemy engines it is attached to.
 
-    :param redis_client: a ``redis.Redis`` client or a ``redis://`` URL. A client without a bounded
+    :param redis_client: a ``redis.Redis`` or ``redis.asyncio.Redis`` client, or a ``redis://`` URL:
+        from any of them sqlcache makes both a sync and an asyncio client. A client without a bounded
         socket timeout, with retries or with ``decode_responses=True`` is not changed: sqlcache talks to
         the same server through a pool of its own with ``timeout`` and no retries.
     :param prefix: every key lives under ``prefix + ":"``; use one prefix per database.
@@ -77,7 +82,7 @@ class SQLCache:
 
     def __init__(
         self,
-        redis_client: redis.Redis | str,
+        redis_client: redis.Redis | redis.asyncio.Redis | str,
         prefix: str = "sqlcache",
         default_ttl: int | None = 3600,
         *,
@@ -119,9 +124,9 @@ class SQLCache:
         sealer = Sealer(secret)
         client = client_for(redis_client, timeout)  # always a pool of our own: the caller's is untouched
         #: the redis-py store (connection health, restarts); plugins may wrap what the parts use
-        self.store = RedisStore(
-            client, failure_threshold=failure_threshold, backoff=backoff, max_backoff=max_backoff
-        )
+        self._health = Health(failure_threshold=failure_threshold, backoff=backoff, max_backoff=max_backoff)
+        self.store = RedisStore(client, self._health)
+        self._async_stores: AsyncStores | None = None  # the asyncio world, once an AsyncEngine is attached
         self._assemble(self.config, sealer)
         self._closed = False
         # Gunicorn, uWSGI, Celery prefork: a forked child must not inherit locks held by other threads
@@ -141,7 +146,9 @@ class SQLCache:
         if self._closed:
             return
         self._rep.stats.after_fork()
-        self.store.after_fork()
+        self._health.after_fork()
+        if self._async_stores is not None:
+            self._async_stores.after_fork()
         self._registry.after_fork()
         self._decoded.after_fork()
         self._journal.after_fork()
@@ -151,15 +158,15 @@ class SQLCache:
     def _assemble(self, c: CacheConfig, sealer: Sealer) -> None:
         """Build the parts and hand each the narrow pieces it needs (docs/architecture.md)."""
         self._slot = slot = StoreSlot(self.store)
-        self._rep = rep = Reporter(self, lambda: self.store.ok_seq)
+        self._rep = rep = Reporter(self, lambda: self._health.ok_seq)
         self._plugins = Plugins(rep, slot, self.store.server)
         p = c.prefix
         self._keys = keys = Keys(p, _keys.clock_key(p), _keys.global_dep_key(p), c.generation_ttl * 1000)
         self._announcer = announcer = Announcer(p, c.broadcast, sealer)
         self._journal = journal = Journal(
-            slot, rep, keys, announcer.announce, lambda: self.store.backing_off, c.backoff
+            slot, rep, keys, announcer.announce, lambda: self._health.backing_off, c.backoff
         )
-        self.store.on_restart = journal.fence
+        self._health.on_restart = journal.fence
         self._registry = registry = Registry(c.default_ttl)
         self._txns = txns = Transactions(id(self))
         self._outbox = OutboxWriter(p, c.outbox_table, self._new_relay) if c.durable else None
@@ -203,26 +210,48 @@ class SQLCache:
 
     # -- engines ------------------------------------------------------------------------------------
 
-    def attach(self, engine: Engine) -> None:
+    def attach(self, engine: Engine | AsyncEngine) -> None:
         """Collect writes through ``engine`` and serve its reads of registered models from Redis.
 
-        Idempotent. Several engines per cache and several caches per engine are allowed (use different
-        prefixes for different databases).
+        ``engine`` may be an :class:`~sqlalchemy.ext.asyncio.AsyncEngine` (or its ``sync_engine``): its
+        sessions and connections then reach Redis through redis.asyncio, on their own event loop
+        (docs/asyncio.md). Idempotent. Several engines per cache, sync and async mixed, and several
+        caches per engine are allowed (use different prefixes for different databases).
 
-        :raises ConfigurationError: if ``engine`` is not a SQLAlchemy :class:`~sqlalchemy.engine.Engine`.
+        :raises ConfigurationError: if ``engine`` is not a SQLAlchemy Engine or AsyncEngine, or is an
+            asyncio engine and ``durable=True`` (not supported yet with asyncio drivers).
         """
-        if not isinstance(engine, Engine):
-            raise ConfigurationError(f"attach() takes a sqlalchemy Engine, got {engine!r}")
+        sync_engine: Engine | None = _sa.engine_of(engine)
+        if sync_engine is None:
+            raise ConfigurationError(f"attach() takes a sqlalchemy Engine or AsyncEngine, got {engine!r}")
         if self._closed:
             raise ConfigurationError("this SQLCache was closed")
+        if sync_engine.dialect.is_async:
+            if self._outbox is not None:
+                raise ConfigurationError(
+                    "durable=True is not supported yet with an asyncio driver "
+                    f"({sync_engine.dialect.driver}): the relay would need an event loop of its own"
+                )
+            self._enable_asyncio()
         if self._outbox is not None:
-            self._outbox.start(engine)
-        self._wiring.attach(engine)
+            self._outbox.start(sync_engine)
+        self._wiring.attach(sync_engine)
 
-    def detach(self, engine: Engine) -> None:
+    def _enable_asyncio(self) -> None:
+        """From now on, code SQLAlchemy runs for asyncio reaches Redis through redis.asyncio."""
+        if self._async_stores is not None:
+            return
+        client, timeout = self.store.client, self.config.timeout
+        self._async_stores = AsyncStores(lambda: async_client_like(client, timeout), self._health)
+        self._slot.base = Worlds(self.store, self._async_stores)
+        self._plugins.rebase()
+
+    def detach(self, engine: Engine | AsyncEngine) -> None:
         """Undo :meth:`attach`; idempotent. Transactions in flight on ``engine`` still release their locks."""
-        if not isinstance(engine, Engine):
-            raise ConfigurationError(f"detach() takes a sqlalchemy Engine, got {engine!r}")
+        sync_engine: Engine | None = _sa.engine_of(engine)
+        if sync_engine is None:
+            raise ConfigurationError(f"detach() takes a sqlalchemy Engine or AsyncEngine, got {engine!r}")
+        engine = sync_engine
         self._wiring.detach(engine)
         if any(e.pool is engine.pool for e in self._wiring.engines()):
             return  # engine.execution_options() proxies share the pool, its relay and its writes
@@ -238,6 +267,14 @@ class SQLCache:
             self._plugins.close()
         finally:
             self._close_parts()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, and then close this event loop's asyncio connections to Redis. Call it from
+        the loop that used the cache (an app's shutdown); connections of loops that were closed before
+        go with their loop."""
+        self.close()
+        if self._async_stores is not None:
+            await self._async_stores.aclose_current()
 
     def _close_parts(self) -> None:
         for engine in self._wiring.engines():
@@ -329,8 +366,8 @@ class SQLCache:
     def stats(self) -> dict[str, int]:
         """Counters since this cache was created (see ``sqlcache._stats.COUNTERS`` for each meaning)."""
         out = self._rep.stats.snapshot()
-        out["backoffs"] = self.store.backoffs
-        out["skipped_backoff"] = self.store.skipped
+        out["backoffs"] = self._health.backoffs
+        out["skipped_backoff"] = self._health.skipped
         out["journal"] = len(self._journal)
         return out
 

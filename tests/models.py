@@ -29,6 +29,7 @@ from sqlalchemy import (
     Time,
     Uuid,
 )
+from sqlalchemy.ext.asyncio import AsyncAttrs
 from sqlalchemy.ext.mutable import MutableDict
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -40,7 +41,7 @@ from sqlalchemy.orm import (
 )
 
 
-class Base(DeclarativeBase):
+class Base(AsyncAttrs, DeclarativeBase):  # AsyncAttrs: the asyncio suite's awaitable_attrs
     metadata = MetaData()
 
 

@@ -113,10 +113,11 @@ def test_parts_never_import_the_facade() -> None:
             assert "sqlcache.cache" not in annotations, name
 
 
-def test_only_the_store_imports_redis() -> None:
-    """The one I/O seam: redis-py is imported at run time by sqlcache._store only."""
+def test_only_the_stores_import_redis() -> None:
+    """The one I/O seam: redis-py is imported at run time by the stores only, one per I/O world
+    (sqlcache._store for sync code, sqlcache._astore for asyncio)."""
     for name, path in _modules().items():
-        if name == "sqlcache._store" or name.startswith(CLI):
+        if name in ("sqlcache._store", "sqlcache._astore") or name.startswith(CLI):
             continue
         runtime, _, _ = _imports(name, path)
         assert not any(m == "redis" or m.startswith("redis.") for m in runtime), name

@@ -1,0 +1,456 @@
+"""The store of the asyncio world: the protocol ``_protocol`` builds, carried over redis.asyncio.
+
+The core is sync code, and under AsyncSession SQLAlchemy runs it inside a greenlet of its own: each
+call here hands a coroutine to SQLAlchemy's ``await_`` (``_sa.await_``), which the event loop's task
+that spawned the greenlet awaits before switching back with the result. So the event loop is never
+blocked, no thread is involved, and every Redis step a promise depends on (the lock before COMMIT, the
+release after it) is finished before the awaited ORM call returns, exactly as in the sync world.
+
+redis.asyncio connections belong to the event loop that opened them: :class:`AsyncStores` keeps one
+client (one pool) per loop. :class:`Worlds` is the store the core sees: per call, the asyncio store of
+the running loop inside SQLAlchemy's greenlet, the sync store anywhere else (threads of the journal,
+relays and listener; plain sync code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio as aredis
+import redis.asyncio.connection as aconnection
+
+from . import _protocol as proto
+from . import _sa
+from ._health import Health
+from ._protocol import ReadResult, RepopEntry, SentLock, Store
+from ._store import KEPT_CONNECTION_KWARGS, script_source
+from .errors import CacheUnavailable, ConfigurationError
+
+__all__ = ["AsyncRedisStore", "AsyncStores", "Worlds", "async_client_like"]
+
+T = TypeVar("T")
+
+_REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError, asyncio.TimeoutError)
+
+# the asyncio twin of each sync connection class redis-py builds from a URL or a client
+_TWINS: dict[type[Any], type[Any]] = {
+    redis.Connection: aconnection.Connection,
+    redis.SSLConnection: aconnection.SSLConnection,
+    redis.UnixDomainSocketConnection: aconnection.UnixDomainSocketConnection,
+}
+
+
+def async_client_like(sync_client: redis.Redis, timeout: float) -> aredis.Redis:
+    """A redis.asyncio client of sqlcache's own to the server ``sync_client`` (sqlcache's own) reaches:
+    the same server, credentials and TLS settings; bounded timeouts, no retries, bytes responses.
+
+    :raises ConfigurationError: a connection class with no asyncio twin (Sentinel, a custom class).
+    """
+    pool = sync_client.connection_pool
+    twin = _TWINS.get(pool.connection_class)
+    if twin is None:
+        raise ConfigurationError(
+            f"an AsyncEngine needs a redis.asyncio connection like {pool.connection_class.__name__}, "
+            "which sqlcache cannot build: pass a redis:// or rediss:// URL, or a plain redis.Redis"
+        )
+    accepted = set(inspect.signature(twin.__init__).parameters) | set(
+        inspect.signature(aconnection.AbstractConnection.__init__).parameters
+    )
+    kept = {
+        k: v
+        for k, v in pool.connection_kwargs.items()
+        if (k in KEPT_CONNECTION_KWARGS or k.startswith("ssl_")) and k in accepted
+    }
+    kept.update(socket_timeout=timeout, socket_connect_timeout=timeout, retry=None)
+    return aredis.Redis(connection_pool=aredis.ConnectionPool(connection_class=twin, **kept))
+
+
+class AsyncRedisStore:
+    """The :class:`~sqlcache._protocol.Store` over a redis.asyncio client, for code running in
+    SQLAlchemy's asyncio greenlet of one event loop. Shares ``health`` (breaker, restarts) with the
+    cache's other stores."""
+
+    def __init__(self, client: aredis.Redis, health: Health) -> None:
+        self.client = client
+        self.health = health
+        self._sources = {name: script_source(name) for name in proto.SCRIPTS}
+        self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
+        self._loaded_epoch = -1
+        client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
+
+    @property
+    def backing_off(self) -> bool:
+        return self.health.backing_off
+
+    def _call(self, operation: str, make: Callable[[], Awaitable[T]]) -> T:
+        """Run ``make()``'s coroutine on the event loop (the scripts loaded first if needed), through the
+        breaker. The coroutine is made only once the breaker let the call through."""
+        health = self.health
+        health.check(operation)
+        if not _sa.in_async_greenlet():
+            # e.g. a release reached from a garbage-collected AsyncConnection: nothing can be awaited
+            # here; the caller treats it as an outage (the journal keeps the invalidation)
+            raise CacheUnavailable(f"{operation} (outside the event loop)")
+        try:
+            result: T = _sa.await_(self._run(make))
+        except _REDIS_ERRORS as exc:
+            self._loaded_epoch = -1
+            health.failed()
+            raise CacheUnavailable(operation) from exc
+        health.answered(operation)
+        return result
+
+    async def _run(self, make: Callable[[], Awaitable[T]]) -> T:
+        if self._loaded_epoch != self.health.epoch:
+            epoch = self.health.epoch
+            async with self.client.pipeline(transaction=False) as pipe:
+                for src in self._sources.values():
+                    pipe.script_load(src)
+                await pipe.execute()
+            self._loaded_epoch = epoch
+        return await make()
+
+    async def _on_connect(self, conn: Any) -> None:
+        await conn.on_connect()
+        await conn.send_command("INFO", "server")
+        self.health.connected(await conn.read_response())
+
+    async def _connection(self) -> Any:
+        return await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+
+    async def _give_back(self, conn: Any) -> None:
+        released = self.client.connection_pool.release(conn)
+        if inspect.isawaitable(released):  # a coroutine from redis-py 5.1 on
+            await released
+
+    async def _discard(self, conn: Any) -> None:
+        await conn.disconnect()
+        await self._give_back(conn)
+
+    async def _command(self, *args: Any) -> Any:
+        """One command on a pooled connection, without the client's per-call machinery (as the sync
+        store's MGET): errors leave the connection disconnected, as the client would."""
+        conn = await self._connection()
+        try:
+            await conn.send_command(*args)
+            reply = await conn.read_response()
+        except BaseException:
+            await self._discard(conn)
+            raise
+        await self._give_back(conn)
+        return reply
+
+    async def _script(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        try:
+            return await self._command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            # flushed or restarted since the scripts were loaded: EVAL sends and loads it at once
+            return await self._command("EVAL", self._sources[name], len(keys), *keys, *args)
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
+        keys = proto.read_keys(clock_key, entry_key, dep_keys)
+        values: list[bytes | None] = self._call("read", lambda: self._command("MGET", *keys))
+        return proto.judge_read(values, time.time)
+
+    def generations(
+        self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int, row_writes: str | None = None
+    ) -> ReadResult:
+        keys, args = proto.generations_call(clock_key, dep_keys, gen_ttl_ms, row_writes)
+        r: list[Any] = self._call("read", lambda: self._script("generations", keys, args))
+        return proto.judge_generations(r)
+
+    def fill(
+        self,
+        clock_key: str,
+        entry_key: str,
+        dep_keys: Sequence[str],
+        payload: bytes,
+        ttl_ms: int,
+        generations: bytes,
+        snapshot_clock: int | None,
+        gen_ttl_ms: int,
+        fresh_until_ms: int | None = None,
+        lock_token: str = "",
+    ) -> int:
+        keys, args = proto.fill_call(
+            clock_key,
+            entry_key,
+            dep_keys,
+            payload,
+            ttl_ms,
+            generations,
+            snapshot_clock,
+            gen_ttl_ms,
+            fresh_until_ms,
+            lock_token,
+        )
+        return int(self._call("fill", lambda: self._script("fill", keys, args)))
+
+    def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
+        key = proto.fill_lock_key(entry_key)
+        reply = self._call("lock", lambda: self._command("SET", key, token, "NX", "PX", ttl_ms))
+        return reply is not None
+
+    def unlock_fill(self, clock_key: str, entry_key: str, token: str) -> None:
+        keys, args = proto.unlock_call(clock_key, entry_key, token)
+        self._call("unlock", lambda: self._script("unlock", keys, args))
+
+    def lock(
+        self,
+        clock_key: str,
+        lock_keys: Sequence[str],
+        watch_keys: Sequence[str],
+        token: str,
+        lock_ttl_ms: int,
+        gen_ttl_ms: int,
+    ) -> list[str]:
+        keys, args = proto.lock_call(clock_key, lock_keys, watch_keys, token, lock_ttl_ms, gen_ttl_ms)
+        r: list[bytes] = self._call("lock", lambda: self._script("lock", keys, args))
+        return proto.judge_lock(r)
+
+    def send_lock(
+        self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
+    ) -> SentLock:
+        """As the sync store's: the lock's bytes are written (and drained) before the COMMIT, its reply
+        read with the release's after it, on the same connection."""
+        keys, args = proto.lock_call(clock_key, lock_keys, (), token, lock_ttl_ms, gen_ttl_ms)
+
+        async def run() -> SentLock:
+            conn = await self._connection()
+            try:
+                await conn.send_command("EVALSHA", self._shas["lock"], len(keys), *keys, *args)
+            except BaseException:
+                await self._discard(conn)
+                raise
+            return SentLock(conn)
+
+        return self._call("lock", run)
+
+    def release_after(
+        self,
+        sent: SentLock,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        announce: tuple[str, bytes] | None = None,
+    ) -> bool:
+        keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, (), announce)
+        conn = sent.conn
+
+        async def run() -> list[Any]:
+            try:
+                await conn.send_command("EVALSHA", self._shas["release"], len(keys), *keys, *args)
+                replies: list[Any] = []
+                for _ in range(2):
+                    try:
+                        replies.append(await conn.read_response())
+                    except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart
+                        replies.append(exc)
+            except BaseException:
+                await self._discard(conn)
+                raise
+            await self._give_back(conn)
+            return replies
+
+        lock_reply, release_reply = self._call("release", run)
+        if isinstance(release_reply, redis.ResponseError):
+            self._loaded_epoch = -1
+            self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
+        return not isinstance(lock_reply, redis.ResponseError)
+
+    def release(
+        self,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        entries: Sequence[RepopEntry] = (),
+        announce: tuple[str, bytes] | None = None,
+    ) -> int:
+        keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, entries, announce)
+        return int(self._call("release", lambda: self._script("release", keys, args)))
+
+    def delete(self, *keys: str) -> None:
+        self._call("delete", lambda: self._command("DEL", *keys))
+
+    def delete_matching(self, pattern: str, batch: int = 500) -> int:
+        async def run() -> int:
+            removed = 0
+            chunk: list[bytes] = []
+            async for key in self.client.scan_iter(match=pattern, count=batch):
+                chunk.append(key)
+                if len(chunk) >= batch:
+                    removed += int(await self.client.unlink(*chunk))
+                    chunk = []
+            if chunk:
+                removed += int(await self.client.unlink(*chunk))
+            return removed
+
+        return self._call("clear", run)
+
+    def pause(self, seconds: float) -> None:
+        """Wait without blocking the event loop (the stampede wait)."""
+        _sa.await_(asyncio.sleep(seconds))
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.client.connection_pool.disconnect()
+
+
+class AsyncStores:
+    """One :class:`AsyncRedisStore` per event loop, made on first use from ``make_client``."""
+
+    def __init__(self, make_client: Callable[[], aredis.Redis], health: Health) -> None:
+        self._make_client = make_client
+        self._health = health
+        self._mutex = threading.Lock()
+        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRedisStore]
+        self._by_loop = weakref.WeakKeyDictionary()
+        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncRedisStore] | None = None
+
+    def current(self) -> AsyncRedisStore:
+        loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last[0]() is loop:
+            return last[1]
+        with self._mutex:
+            store = self._by_loop.get(loop)
+            if store is None:
+                store = AsyncRedisStore(self._make_client(), self._health)
+                self._by_loop[loop] = store
+            self._last = (weakref.ref(loop), store)
+        return store
+
+    async def aclose_current(self) -> None:
+        """Close the connections of the running loop's store (the next use opens new ones)."""
+        loop = asyncio.get_running_loop()
+        with self._mutex:
+            store = self._by_loop.pop(loop, None)
+            last = self._last
+            if last is not None and last[0]() is loop:
+                self._last = None
+        if store is not None:
+            await store.aclose()
+
+    def open_loops(self) -> int:
+        """How many event loops hold a store (and so possibly connections)."""
+        return len(self._by_loop)
+
+    def after_fork(self) -> None:
+        """In a forked child: no loop of the parent runs here; forget their stores."""
+        self._mutex = threading.Lock()
+        self._by_loop = weakref.WeakKeyDictionary()
+        self._last = None
+
+
+class Worlds:
+    """The store of the world the caller is in: asyncio inside SQLAlchemy's greenlet, sync elsewhere."""
+
+    def __init__(self, sync: Store, stores: AsyncStores) -> None:
+        self.sync = sync
+        self.stores = stores
+
+    def _here(self) -> Store:
+        return self.stores.current() if _sa.in_async_greenlet() else self.sync
+
+    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
+        return self._here().read(clock_key, entry_key, dep_keys)
+
+    def generations(
+        self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int, row_writes: str | None = None
+    ) -> ReadResult:
+        return self._here().generations(clock_key, dep_keys, gen_ttl_ms, row_writes)
+
+    def fill(
+        self,
+        clock_key: str,
+        entry_key: str,
+        dep_keys: Sequence[str],
+        payload: bytes,
+        ttl_ms: int,
+        generations: bytes,
+        snapshot_clock: int | None,
+        gen_ttl_ms: int,
+        fresh_until_ms: int | None = None,
+        lock_token: str = "",
+    ) -> int:
+        return self._here().fill(
+            clock_key,
+            entry_key,
+            dep_keys,
+            payload,
+            ttl_ms,
+            generations,
+            snapshot_clock,
+            gen_ttl_ms,
+            fresh_until_ms,
+            lock_token,
+        )
+
+    def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
+        return self._here().try_fill_lock(entry_key, token, ttl_ms)
+
+    def unlock_fill(self, clock_key: str, entry_key: str, token: str) -> None:
+        self._here().unlock_fill(clock_key, entry_key, token)
+
+    def lock(
+        self,
+        clock_key: str,
+        lock_keys: Sequence[str],
+        watch_keys: Sequence[str],
+        token: str,
+        lock_ttl_ms: int,
+        gen_ttl_ms: int,
+    ) -> list[str]:
+        return self._here().lock(clock_key, lock_keys, watch_keys, token, lock_ttl_ms, gen_ttl_ms)
+
+    def send_lock(
+        self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
+    ) -> SentLock:
+        here = self._here()
+        sent = here.send_lock(clock_key, lock_keys, token, lock_ttl_ms, gen_ttl_ms)
+        return SentLock(sent.conn, here)
+
+    def release_after(
+        self,
+        sent: SentLock,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        announce: tuple[str, bytes] | None = None,
+    ) -> bool:
+        # the release goes on the lock's own connection, whichever world the caller is in now
+        store: Store = sent.store if sent.store is not None else self._here()
+        return store.release_after(sent, clock_key, dep_keys, token, gen_ttl_ms, announce)
+
+    def release(
+        self,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        entries: Sequence[RepopEntry] = (),
+        announce: tuple[str, bytes] | None = None,
+    ) -> int:
+        return self._here().release(clock_key, dep_keys, token, gen_ttl_ms, entries, announce)
+
+    def delete(self, *keys: str) -> None:
+        self._here().delete(*keys)
+
+    def delete_matching(self, pattern: str, batch: int = 500) -> int:
+        return self._here().delete_matching(pattern, batch)
+
+    def pause(self, seconds: float) -> None:
+        self._here().pause(seconds)

@@ -1,0 +1,101 @@
+"""What every store of one cache knows about its Redis server: the circuit breaker and the server's run
+id. Shared by the stores of each I/O world (sync, asyncio), which reach the same server: an outage seen
+from one world skips Redis in the other too, and a restart is noticed once and fenced once. No I/O."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from .errors import CacheUnavailable
+
+__all__ = ["Health"]
+
+
+class Health:
+    """After ``failure_threshold`` consecutive failures, Redis is skipped for a back-off period
+    (doubling up to ``max_backoff``) so that a dead Redis does not add a timeout to every request.
+
+    ``epoch`` grows at every restart of the server, so that each store knows to load its scripts again.
+    """
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int = 3,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._failure_threshold = failure_threshold
+        self._base_backoff = backoff
+        self._max_backoff = max_backoff
+        self._now = clock
+        self._mutex = threading.Lock()
+        self._failures = 0
+        self._next_backoff = backoff
+        self.open_until = 0.0
+        self.backoffs = 0
+        self.skipped = 0
+        self.ok_seq = 0  # successful calls so far: tells one failure burst from the next
+        self.run_id: str | None = None
+        self.on_restart: Callable[[], None] | None = None
+        self.restart_pending = False
+        self.epoch = 0
+
+    def after_fork(self) -> None:
+        """In a forked child: a fresh lock (one held by another thread at the fork would never be freed)."""
+        self._mutex = threading.Lock()
+
+    @property
+    def backing_off(self) -> bool:
+        return self.open_until > self._now()
+
+    def check(self, operation: str) -> None:
+        """Raise CacheUnavailable while backing off (and count the call skipped)."""
+        if self.open_until and self.open_until > self._now():
+            self.skipped += 1
+            raise CacheUnavailable(operation)
+
+    def failed(self) -> None:
+        with self._mutex:
+            self._failures += 1
+            if self._failures >= self._failure_threshold:
+                self.open_until = self._now() + self._next_backoff
+                self._next_backoff = min(self._next_backoff * 2, self._max_backoff)
+                self._failures = 0
+                self.backoffs += 1
+
+    def answered(self, operation: str) -> None:
+        """A call succeeded. If a new connection found the server restarted, its answer must not be
+        used: the owner is told (it fences before the next read) and CacheUnavailable is raised."""
+        if self.restart_pending:
+            # t0 entry e filled under generation g1; Redis snapshots to disk
+            # t1 a commit moves g1 to g2, acknowledged; Redis dies before its next snapshot
+            # t2 Redis restarts from the snapshot: e and g1 are back and e looks valid. This answer came
+            #    from the restarted server: drop it, and let the owner fence before the next read
+            with self._mutex:
+                self.restart_pending = False
+            if self.on_restart is not None:
+                self.on_restart()
+            raise CacheUnavailable(f"{operation} (redis restarted)")
+        self.ok_seq += 1
+        if self._failures:
+            with self._mutex:
+                self._failures = 0
+                self._next_backoff = self._base_backoff
+                self.open_until = 0.0
+
+    def connected(self, info: object) -> None:
+        """A new connection's ``INFO server`` reply: a run id other than the last one seen is a restart."""
+        text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
+        run_id = ""
+        for line in text.splitlines():
+            if line.startswith("run_id:"):
+                run_id = line[len("run_id:") :].strip()
+        with self._mutex:
+            if self.run_id is not None and run_id != self.run_id:
+                self.restart_pending = True
+                self.epoch += 1
+            self.run_id = run_id
