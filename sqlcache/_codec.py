@@ -7,7 +7,7 @@ stored as its base type. Decoding never imports or calls anything named by the d
 makes is ``ZoneInfo(key)``, for a key that looks like a plain zone name.
 
 Native msgpack types: None, bool, int in [-2**63, 2**64), float (64-bit, so nan/inf/-0.0 are exact), str,
-bytes, list, dict (keys of any supported hashable type). Everything else is an extension:
+bytes, list, dict (str or bytes keys only). Everything else is an extension:
 
 ====  ====================  =================================================================================
 code  type                  ext payload
@@ -40,9 +40,21 @@ datetime). Any -1 payload is therefore read as such a datetime, a supported type
 A new type is a new code plus a round-trip test; a code's meaning never changes. Any other code is a decode
 error.
 
+Map keys are str or bytes and set/frozenset members str, bytes, None, bool or an int within 64 bits: the
+only types whose hashes a forger cannot make collide in bulk (str and bytes hashes are randomised per
+process; at most nine such ints share a hash). Any other key or member (a big int, a Decimal, a UUID, a
+tuple, ...) could be one of thousands of distinct values with one hash, and building the dict or set would
+take quadratic time (tens of seconds for a 1 MB entry). JSON, HSTORE and MySQL SET values never hold
+others; a TypeDecorator's (PickleType's) value that does is not cached.
+
 Tuples, sets and frozensets nest at most ``_MAX_DEPTH`` deep inside one another (lists and dicts do not
-count): each level is one more ``unpackb`` call on the C stack, tens of kilobytes each, so a crafted payload
-nesting thousands of them would crash the interpreter rather than raise. Encode refuses what decode would.
+count; keys built by ``encode_body`` may nest ``_PACK_DEPTH`` deep, they are never decoded): each level is
+one more unpack on the C stack. Every unpack, top level included, runs in an
+``Unpacker`` whose parse stack lives on the heap (``unpackb`` puts 40 KiB on the C stack, more than a
+thread started with ``threading.stack_size(32768)`` has), so a level costs about 1.5 KiB of C stack.
+
+``encode`` decodes what it wrote before handing it out: a value decode would refuse (keys, members, depth)
+is refused when it is stored, never found unreadable later.
 
 Known gap: msgpack packs ``bytearray`` and ``memoryview`` (as bin, so they come back as ``bytes``) and its own
 ``ExtType``/``Timestamp`` objects itself, without consulting ``default``. Refusing them would need a Python
@@ -96,9 +108,12 @@ _IPV4INTERFACE: Final = 15
 _IPV6INTERFACE: Final = 16
 
 
-# Measured with msgpack 1.2 on x86-64: about 44 KiB of C stack per level; 16 levels decode in a thread with a
-# 768 KiB stack, 24 crash one with 1 MiB. Real values nest tuples/sets two or three deep.
-_MAX_DEPTH: Final = 16
+# Measured with msgpack 1.2, Python 3.11 on x86-64: about 1.5 KiB of C stack per level, so 8 levels take
+# 12 KiB (a thread with a 32 KiB stack decodes 20). Real values nest tuples/sets two or three deep.
+_MAX_DEPTH: Final = 8
+# Packing may nest deeper: encode_body also builds keys from SQLAlchemy's statement cache keys (nested tuples,
+# never decoded); encode() refuses values deeper than _MAX_DEPTH when it decodes what it wrote.
+_PACK_DEPTH: Final = 16
 
 _INT_MIN: Final = -(2**63)
 _INT_MAX: Final = 2**64 - 1
@@ -132,8 +147,8 @@ def _array_of_packed(items: list[bytes]) -> bytes:
 
 
 def _inner_default(depth: int) -> Callable[[Any], msgpack.ExtType | msgpack.Timestamp]:
-    if depth >= _MAX_DEPTH:
-        raise CodecError(f"tuples/sets nested more than {_MAX_DEPTH} deep")
+    if depth >= _PACK_DEPTH:
+        raise CodecError(f"tuples/sets nested more than {_PACK_DEPTH} deep")
     return _DEFAULTS[depth + 1]
 
 
@@ -218,7 +233,7 @@ def _default_at(depth: int) -> Callable[[Any], msgpack.ExtType | msgpack.Timesta
 
 
 _EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
-_DEFAULTS: Final = tuple(_default_at(depth) for depth in range(_MAX_DEPTH + 1))
+_DEFAULTS: Final = tuple(_default_at(depth) for depth in range(_PACK_DEPTH + 1))
 _DEFAULT: Final = _DEFAULTS[0]
 
 # What packb raises besides our own CodecError: ValueError covers UnicodeEncodeError (a lone surrogate) and
@@ -236,30 +251,57 @@ def encode_body(value: Any) -> bytes:
 
 
 def encode(value: Any) -> bytes:
-    """Version byte + msgpack body. Raises CodecError for a value of an unsupported type."""
+    """Version byte + msgpack body. Raises CodecError for a value of an unsupported type, or one that
+    decode would refuse (a dict key or set member of another type than those above)."""
     try:  # encode_body inlined: one Python call less on every fill
         out: bytes = msgpack.packb(value, default=_DEFAULT, strict_types=True)
     except _PACK_ERRORS as exc:
         raise CodecError(f"cannot encode value: {exc}") from exc
+    # msgpack packs dict keys itself, without a hook that could refuse them: decoding the result is the
+    # one check that is exactly decode's. Only fills pay it (about 60% of the encoding time).
+    _decode_body(out)
     return _VERSION_BYTE + out
 
 
 # ---------------------------------------------------------------------------------------------- decoding
 
 
-# Every unpackb call leaves max_*_len unset on purpose: unpackb then bounds each length header by len(data)
-# (a map's by half of it), so a bogus header can never make it allocate more than a small multiple of the
-# bytes it was handed; any fixed limit would be looser. timestamp=3: msgpack's own ext -1, which never reaches
+# Every unpack sets max_buffer_size to len(data) and leaves max_*_len unset on purpose: each length header is
+# then bounded by len(data) (a map's by half of it), so a bogus header can never make it allocate more than a
+# small multiple of the bytes it was handed; any fixed limit would be looser. strict_map_key: msgpack itself
+# refuses, in C, a map key that is not str or bytes. timestamp=3: msgpack's own ext -1, which never reaches
 # ext_hook, comes out as a datetime in timezone.utc rather than as a msgpack.Timestamp, so decode() only ever
 # returns supported types. (Refusing -1 instead would mean scanning the bytes for its header and walking
 # the value on a match: measured at +60% on a 20-value row, worse on large results.) The ext hook for a
 # payload nested inside `depth` tuples/sets is _HOOKS[depth].
 
 
+def _unpack(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    # An Unpacker, not unpackb: unpackb keeps its 40 KiB parse stack on the C stack (two levels of it crashed
+    # a thread with a 64 KiB stack), an Unpacker in the object, on the heap. Costs about 0.5 us more.
+    size = len(data)
+    if not size:  # max_buffer_size=0 would mean "no limit"
+        raise CodecError("empty msgpack body")
+    unpacker = msgpack.Unpacker(
+        None,
+        read_size=size,
+        max_buffer_size=size,
+        ext_hook=ext_hook,
+        raw=False,
+        strict_map_key=True,
+        timestamp=3,
+    )
+    unpacker.feed(data)
+    value = unpacker.unpack()  # OutOfData (a ValueError) if truncated
+    if unpacker.tell() != size:
+        raise CodecError("trailing bytes after the value")
+    return value
+
+
 def _unpack_inner(data: bytes, depth: int) -> Any:
     if depth >= _MAX_DEPTH:
         raise CodecError(f"tuples/sets nested more than {_MAX_DEPTH} deep")
-    return msgpack.unpackb(data, ext_hook=_HOOKS[depth + 1], raw=False, strict_map_key=False, timestamp=3)
+    return _unpack(data, _HOOKS[depth + 1])
 
 
 def _dec_tuple(data: bytes, depth: int) -> tuple[Any, ...]:
@@ -299,18 +341,28 @@ def _dec_uuid(data: bytes, depth: int) -> uuid.UUID:
     return uuid.UUID(bytes=data)
 
 
-def _dec_set(data: bytes, depth: int) -> set[Any]:
+# Set members whose hashes a forger cannot make collide in bulk (see the module docstring); ints are
+# checked for the 64-bit range as well (a big int decodes to an int too).
+_MEMBER_TYPES: Final = frozenset({str, bytes, int, bool, type(None)})
+
+
+def _members(data: bytes, depth: int) -> list[Any]:
     items = _unpack_inner(data, depth)
     if type(items) is not list:
         raise CodecError("malformed set")
-    return set(items)
+    for x in items:  # before set() hashes any of them
+        kind = type(x)
+        if kind not in _MEMBER_TYPES or (kind is int and not _INT_MIN <= x <= _INT_MAX):
+            raise CodecError(f"set member of type {kind.__name__}: only str, bytes, None, bool or 64-bit int")
+    return items
+
+
+def _dec_set(data: bytes, depth: int) -> set[Any]:
+    return set(_members(data, depth))
 
 
 def _dec_frozenset(data: bytes, depth: int) -> frozenset[Any]:
-    items = _unpack_inner(data, depth)
-    if type(items) is not list:
-        raise CodecError("malformed frozenset")
-    return frozenset(items)
+    return frozenset(_members(data, depth))
 
 
 def _dec_ipv4address(data: bytes, depth: int) -> ipaddress.IPv4Address:
@@ -379,14 +431,17 @@ def decode(data: bytes) -> Any:
     """Inverse of :func:`encode`. Raises CodecError, and nothing else, for any bad input."""
     if not data or data[0] != FORMAT_VERSION:
         raise CodecError("empty payload or unknown format version")
+    return _decode_body(data[1:])  # the hot path of every hit
+
+
+def _decode_body(body: bytes) -> Any:
     try:
-        # The hot path of every hit: one C call. unpackb itself refuses trailing bytes.
-        return msgpack.unpackb(data[1:], ext_hook=_HOOK, raw=False, strict_map_key=False, timestamp=3)
+        return _unpack(body, _HOOK)
     except CodecError:
         raise
     except Exception as exc:
         # Deliberately broad: bytes from Redis may be anything, and msgpack and the constructors above then
-        # raise ValueError (ExtraData, truncation, bad utf-8, out-of-range fields), TypeError (unhashable
-        # key or set item), OverflowError, StackError (lists nested too deep), ... All mean "not a payload
-        # of ours", which callers treat as a miss.
+        # raise ValueError (ExtraData, truncation, bad utf-8, out-of-range fields, a map key that is not str
+        # or bytes), TypeError (unhashable set item), OverflowError, StackError (lists nested too deep),
+        # OutOfData, ... All mean "not a payload of ours", which callers treat as a miss.
         raise CodecError(f"undecodable payload: {type(exc).__name__}: {exc}") from exc

@@ -8,8 +8,10 @@ import decimal
 import enum
 import ipaddress
 import math
+import os
 import struct
-import threading
+import subprocess
+import sys
 import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
@@ -83,13 +85,15 @@ scalars = st.one_of(
     interfaces(4),
     interfaces(6),
 )
+# what a dict key or a set member may be (types whose hashes cannot be made to collide in bulk)
+map_keys = st.one_of(st.text(max_size=5), st.binary(max_size=5))
+members = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.text(max_size=5), st.binary(max_size=5)
+)
+# hashable values that are neither: refused as keys and members, both ways
 hashable_leaves = st.one_of(
-    st.none(),
-    st.booleans(),
     st.integers(),
     st.floats(allow_nan=False),
-    st.text(max_size=5),
-    st.binary(max_size=5),
     st.datetimes(),
     st.dates(),
     st.decimals(allow_nan=False),
@@ -106,9 +110,9 @@ values = st.recursive(
     lambda inner: st.one_of(
         st.lists(inner, max_size=4),
         st.lists(inner, max_size=4).map(tuple),
-        st.dictionaries(hashables, inner, max_size=4),
-        st.sets(hashables, max_size=4),
-        st.frozensets(hashables, max_size=4),
+        st.dictionaries(map_keys, inner, max_size=4),
+        st.sets(members, max_size=4),
+        st.frozensets(members, max_size=4),
     ),
     max_leaves=12,
 )
@@ -340,13 +344,79 @@ def test_lone_surrogate_refused() -> None:
 
 def test_nesting_limit_is_symmetric() -> None:
     """Tuples/sets nested _MAX_DEPTH deep round-trip; one level more is refused on encode."""
-    v: Any = ()
-    for level in range(_MAX_DEPTH - 1):
-        v = frozenset([v]) if level % 2 else (v,)
+    v: Any = frozenset(["x"])
+    for _ in range(_MAX_DEPTH - 1):
+        v = (v,)
     assert depth(v) == _MAX_DEPTH
     assert same(decode(encode(v)), v)
     with pytest.raises(CodecError, match="nested"):
         encode((v,))
+
+
+@given(
+    st.one_of(
+        st.dictionaries(hashables, st.none(), min_size=1, max_size=3),
+        st.sets(hashables.filter(lambda x: not (type(x) is int and -(2**63) <= x < 2**64)), min_size=1),
+    )
+)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_keys_and_members_of_other_types_refused_both_ways(v: Any) -> None:
+    """A dict key or set member that is not str/bytes (nor, in a set, None/bool/64-bit int) is refused on
+    encode, and its bytes (as encode_body, which builds keys, still writes them) are refused on decode."""
+    with pytest.raises(CodecError):
+        encode(v)
+    with pytest.raises(CodecError):
+        decode(bytes([FORMAT_VERSION]) + encode_body(v))
+    with pytest.raises(CodecError):
+        encode(["row", (1, v)])  # nested in a tuple too
+
+
+def test_allowed_keys_and_members_round_trip() -> None:
+    """str and bytes keys, and str/bytes/None/bool/64-bit int members, are what JSON, HSTORE and MySQL SET
+    values hold: they round-trip."""
+    for v in [
+        {"a": 1, b"b": [{"c": None}]},
+        {"x", "y"},
+        frozenset({b"x", None, True, -(2**63), 2**64 - 1}),
+        ({"k": {1, 2}},),
+    ]:
+        assert same(decode(encode(v)), v)
+
+
+def colliding_ints(n: int) -> list[int]:
+    """n distinct ints beyond 64 bits with one and the same hash (congruent modulo the hash modulus)."""
+    return [2**64 + 12345 + k * sys.hash_info.modulus for k in range(n)]
+
+
+def bigint_ext(n: int) -> msgpack.ExtType:
+    """n as the codec writes an int beyond 64 bits (extension 2)."""
+    return msgpack.ExtType(2, n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(
+            lambda n: msgpack.ExtType(9, msgpack.packb([bigint_ext(x) for x in n])), id="set-bigint"
+        ),
+        pytest.param(
+            lambda n: msgpack.ExtType(10, msgpack.packb([bigint_ext(x) for x in n])), id="frozenset"
+        ),
+        pytest.param(lambda n: {msgpack.ExtType(7, str(x).encode()): 0 for x in n}, id="map-decimal"),
+        pytest.param(lambda n: {bigint_ext(x): 0 for x in n}, id="map-bigint"),
+        pytest.param(lambda n: {x & (2**64 - 1): 0 for x in n}, id="map-int"),
+        pytest.param(
+            lambda n: [{msgpack.ExtType(1, msgpack.packb([bigint_ext(x)])): 0} for x in n], id="tuple-key"
+        ),
+    ],
+)
+def test_hash_collision_payloads_refused(body: Any) -> None:
+    """A crafted entry of many distinct keys or members with one hash (decoding it took quadratic time:
+    about 30 s for 1 MB of such big ints) raises CodecError; nothing hashes them first."""
+    data = bytes([FORMAT_VERSION]) + msgpack.packb(body(colliding_ints(5000)))
+    assert len({hash(x) for x in colliding_ints(5000)}) == 1
+    with pytest.raises(CodecError):
+        decode(data)
 
 
 def test_deep_lists_refused() -> None:
@@ -596,21 +666,57 @@ def test_deeply_nested_tuple_payload_refused() -> None:
         decode(bytes([FORMAT_VERSION]) + inner)
 
 
-def test_max_depth_decodes_on_a_small_thread_stack() -> None:
-    """A value at the nesting limit decodes in a thread with a 1 MiB stack (headroom for the C stack use)."""
-    v: Any = ()
+SMALL_STACK_SCRIPT = """
+import sys, threading
+import msgpack
+from sqlcache._codec import _MAX_DEPTH, decode, encode
+from sqlcache.errors import CodecError
+
+def nested(levels):
+    inner = msgpack.packb([])
+    for _ in range(levels - 1):
+        inner = msgpack.packb([msgpack.ExtType(1, inner)])
+    return bytes([1]) + msgpack.packb(msgpack.ExtType(1, inner))
+
+def run():
+    v = frozenset(["a"])
     for _ in range(_MAX_DEPTH - 1):
         v = (v,)
-    data = encode(v)
-    out: list[Any] = []
-    previous = threading.stack_size(1 << 20)
-    try:
-        worker = threading.Thread(target=lambda: out.append(decode(data)))
-        worker.start()
-        worker.join()
-    finally:
-        threading.stack_size(previous)
-    assert out == [v]
+    assert decode(encode(v)) == v
+    assert decode(encode([{"s": {"x", "y"}}])) == [{"s": {"x", "y"}}]
+    for levels in (_MAX_DEPTH + 1, 3000):
+        try:
+            decode(nested(levels))
+        except CodecError as exc:
+            assert "nested" in str(exc), exc
+        else:
+            raise AssertionError("decoded")
+    print("ok")
+
+threading.stack_size(int(sys.argv[1]))
+worker = threading.Thread(target=run)
+worker.start()
+worker.join()
+"""
+
+
+@pytest.mark.parametrize("stack", [32 * 1024, 64 * 1024])
+def test_decoding_is_safe_on_a_small_thread_stack(stack: int) -> None:
+    """In a thread with a 32 or 64 KiB stack, a value at the nesting limit and a set decode, and payloads
+    nested one level or thousands of levels too deep raise CodecError. (Each level used to be an unpackb
+    with 40 KiB of C stack: one tuple crashed such a thread.) Run in a subprocess: a crash is a failure
+    here, not the end of pytest."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [sys.executable, "-c", SMALL_STACK_SCRIPT, str(stack)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_utc_datetimes_use_msgpack_timestamps() -> None:
