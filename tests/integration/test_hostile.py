@@ -3,8 +3,10 @@ a miss or a repair, never an exception in the caller and never a stale read."""
 
 from __future__ import annotations
 
+import sys
 import uuid
 
+import msgpack
 import pytest
 import redis
 from sqlalchemy import select
@@ -167,3 +169,28 @@ def test_entry_larger_than_any_fill_is_not_decoded(engine: Engine, cache: SQLCac
         small.detach(engine)
         small.close()
         cache.attach(engine)
+
+
+def test_entry_with_colliding_set_members_is_a_quick_miss(
+    engine: Engine, cache: SQLCache, redis_client: redis.Redis
+) -> None:
+    """A forged identity entry of the right shape whose value is a set of thousands of distinct big ints
+    with one hash (building that set took quadratic time) is a miss: refused before hashing any of them,
+    deleted, cache_error("decode"); the database answers."""
+    cache.register(User)
+    uid = make_user(engine)
+    assert _name(engine, uid) == "ann"
+    (key,) = list(redis_client.scan_iter(f"{cache.config.prefix}:e:*"))
+    entry = redis_client.get(key)
+    assert entry is not None
+    header, _, payload = entry.partition(b"|")
+    fp, cid, mask, values = msgpack.unpackb(payload[1:], strict_map_key=False, ext_hook=msgpack.ExtType)
+    members = []
+    for k in range(20000):
+        n = 2**64 + k * sys.hash_info.modulus
+        members.append(msgpack.ExtType(2, n.to_bytes((n.bit_length() + 8) // 8, "big", signed=True)))
+    values[1] = msgpack.ExtType(9, msgpack.packb(members))
+    redis_client.set(key, header + b"|" + payload[:1] + msgpack.packb([fp, cid, mask, values]))
+    errors = cache.stats()["errors"]
+    assert _name(engine, uid) == "ann"
+    assert cache.stats()["errors"] == errors + 1
