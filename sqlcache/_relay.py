@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from . import _keys
 from ._outbox import APPLY_CHUNK, OutboxSQL, decode_body
 from ._report import Reporter
 from .errors import CacheUnavailable, CodecError
@@ -215,7 +216,11 @@ class Relay:
                 continue
             keys.update(dict.fromkeys(parsed[0]))
             tags.update(dict.fromkeys(parsed[1]))
-        ordered = list(keys)
+        # every table's row-writes key (d:r:T) before any row key (d:i:T:pk): a chunk boundary may split
+        # them, and a row key moved while d:r:T still holds its old generation could, once evicted, borrow
+        # that old generation back (the warm-up rule, consistency.md)
+        row_writes = _keys.namespace(self._prefix) + ":d:r:"
+        ordered = sorted(keys, key=lambda k: not k.startswith(row_writes))
         for start in range(0, len(ordered), APPLY_CHUNK):
             # bounded calls: one huge script would outlast the Redis timeout and be retried forever
             self._apply(ordered[start : start + APPLY_CHUNK], list(tags) if start == 0 else [])
