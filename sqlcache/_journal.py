@@ -61,7 +61,10 @@ class Journal:
         self._backing_off = backing_off
         self._retry_after = retry_after
         self._mutex = threading.Lock()
-        self._journal: set[str] = set()
+        # key -> number of the defer that last added it: a replay forgets a key only if no defer added it
+        # again while the replay was in flight (that defer's commit may have come after the replay's call)
+        self._journal: dict[str, int] = {}
+        self._defers = 0
         # fences asked for and fences applied: counters, not a flag, so that a fence asked for while
         # another is being applied (a second restart noticed meanwhile) is never cleared with it
         self._fences_asked = 0
@@ -81,7 +84,8 @@ class Journal:
             if self._fence_pending:
                 self._rep.incr("invalidations_lost", len(keys))
                 return
-            self._journal.update(keys)
+            self._defers += 1
+            self._journal.update(dict.fromkeys(keys, self._defers))
             self._rep.incr("invalidations_deferred", len(keys))
             if len(self._journal) > JOURNAL_LIMIT:
                 self._rep.incr("invalidations_lost", len(self._journal))
@@ -104,7 +108,9 @@ class Journal:
         if not self._journal and self._fences_asked == self._fences_done:  # the hit path: no call
             return True
         with self._mutex:
-            keys = sorted(self._journal)
+            taken = dict(self._journal)
+            keys = sorted(taken)
+            defers = self._defers
             asked = self._fences_asked
             fence = asked != self._fences_done
         if fence:
@@ -119,12 +125,14 @@ class Journal:
                 self._rep.report(exc, "replay")
                 return False
             with self._mutex:
-                if fence:  # the fence supersedes every key journalled before it was asked for
-                    self._journal.clear()
+                if fence:  # the fence supersedes every key journalled before this replay began
+                    self._journal = {k: seq for k, seq in self._journal.items() if seq > defers}
                     self._fences_done = asked  # a fence asked for since stays pending
                     self._rep.incr("fences")
                 else:
-                    self._journal.difference_update(keys)
+                    for key, seq in taken.items():
+                        if self._journal.get(key) == seq:
+                            del self._journal[key]
             self._rep.incr("invalidations_replayed", len(keys))
             if run is not None:
                 run.end("ok")

@@ -219,7 +219,7 @@ class Relay:
         # every table's row-writes key (d:r:T) before any row key (d:i:T:pk): a chunk boundary may split
         # them, and a row key moved while d:r:T still holds its old generation could, once evicted, borrow
         # that old generation back (the warm-up rule, consistency.md)
-        row_writes = _keys.namespace(self._prefix) + ":d:r:"
+        row_writes = _keys.row_writes_key(self._prefix, "")
         ordered = sorted(keys, key=lambda k: not k.startswith(row_writes))
         for start in range(0, len(ordered), APPLY_CHUNK):
             # bounded calls: one huge script would outlast the Redis timeout and be retried forever

@@ -1,8 +1,7 @@
-"""Review of the warm-up rule (14b1b55): a relay pass applies an outbox batch in chunks of APPLY_CHUNK
-keys, so a row's ``d:i:T:pk`` and its ``d:r:T`` can land in different Redis calls. Between the two, an
-evicted row key borrows the *old* ``d:r:T`` generation and an entry older than the relayed write
-matches again; the later chunk moves ``d:r:T`` but never the row key, so the old entry outlives the
-relay pass for good."""
+"""The warm-up rule meets the relay: a relay pass applies an outbox batch in chunks of APPLY_CHUNK keys,
+so a row's ``d:i:T:pk`` and its ``d:r:T`` can land in different Redis calls. Were the row key moved
+first, an evicted row key could borrow the *old* ``d:r:T`` generation between the two, and an entry
+older than the relayed write would match again for good. The relay moves every ``d:r:`` key first."""
 
 from __future__ import annotations
 
