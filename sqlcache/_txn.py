@@ -16,7 +16,16 @@ if TYPE_CHECKING:
 
     from ._hierarchy import Hierarchy
 
-__all__ = ["IdentityWrite", "TxnState", "cascade_targets", "coarse_keys", "dml_tables", "is_write_sql"]
+__all__ = [
+    "IdentityWrite",
+    "ScopeChange",
+    "TxnState",
+    "cascade_targets",
+    "coarse_keys",
+    "dml_tables",
+    "is_write_sql",
+    "scope_changes",
+]
 
 # Text SQL is parsed only far enough to tell a read from a write; a write we cannot attribute to a
 # table invalidates everything (the d:* dependency), which is always safe.
@@ -71,6 +80,104 @@ def is_write_sql(sql: str) -> bool:
     if verb == "pragma":  # SQLite: "PRAGMA x = y" changes state, "PRAGMA x" / "PRAGMA x(y)" reads
         return "=" in rest
     return verb not in _READ_VERBS
+
+
+# -- statements that change what an unqualified name (or a row-security policy) resolves to -------
+#
+# A statement's text is the same for every tenant; what it reads is not, once a connection has run
+# one of these. Recognised: PostgreSQL SET [SESSION | LOCAL] search_path / SCHEMA / ROLE / SESSION
+# AUTHORIZATION / a custom setting (a dotted name: ``app.tenant``, what row-level security policies
+# read), set_config() in any statement, RESET of those, RESET ALL, DISCARD ALL; MySQL / MariaDB USE.
+# Other settings (timeouts, work_mem, NAMES, isolation) do not change which rows a statement returns.
+
+_SCOPE_VERB = re.compile(r"(set|reset|discard|use)\b", re.I)
+_NAME = r'"?[A-Za-z_][\w$]*"?(?:\."?[A-Za-z_][\w$]*"?)?'
+_SET = re.compile(
+    rf"set\s+(?:(session|local)\s+(?!authorization\b))?(session\s+authorization|{_NAME})\s*(?:(?:to|=)\s*)?(\S*)",
+    re.I,
+)
+_RESET = re.compile(rf"reset\s+(session\s+authorization|{_NAME})\s*;?\s*$", re.I)
+_DISCARD_ALL = re.compile(r"discard\s+all\s*;?\s*$", re.I)
+_USE = re.compile(r"use\s+(`[^`]+`|[\w$]+)\s*;?\s*$", re.I)
+_SET_CONFIG = re.compile(r"set_config\s*\(", re.I)
+_CONFIG_GATE = re.compile(r"_[cC][oO][nN][fF][iI][gG]")  # a literal first character: a fast scan
+_SET_CONFIG_CALL = re.compile(
+    r"set_config\s*\(\s*(?:'([^']*)'\s*,\s*(?:'[^']*'|%\(\w+\)s|%s|\?|:\w+|\$\d+)\s*,\s*(true)\s*\)|'([^']*)')?",
+    re.I,
+)
+_TRACKED = frozenset({"search_path", "role", "session_authorization"})
+_RESET_ALL = "all"  # RESET ALL: every setting but role and session authorization (PostgreSQL's rule)
+_EVERYTHING = "*"  # DISCARD ALL resets it; set_config() of a name we cannot read sets it
+
+
+@dataclass(frozen=True)
+class ScopeChange:
+    """One statement's effect on name resolution: ``setting`` (``search_path``, ``role``,
+    ``session_authorization``, ``database``, a custom ``a.b``, ``all`` for RESET ALL, ``*``) is set
+    (``reset`` False; ``local``: until the transaction ends) or back at the connection's default
+    (``reset`` True). ``value``: USE's database."""
+
+    setting: str
+    local: bool = False
+    reset: bool = False
+    value: str | None = None
+
+
+def _setting(name: str) -> str:
+    name = re.sub(r"\s+", "_", name.replace('"', "").lower())
+    return "search_path" if name == "schema" else name
+
+
+def _tracked(setting: str) -> bool:
+    return setting in _TRACKED or "." in setting
+
+
+def _one(part: str, alone: bool) -> list[ScopeChange]:
+    m = _LEADING_COMMENTS.match(part)
+    rest = part[m.end() if m else 0 :]
+    out: list[ScopeChange] = []
+    verb = _SCOPE_VERB.match(rest)
+    if verb is not None:
+        word = verb.group(1).lower()
+        if word == "set":
+            s = _SET.match(rest)
+            if s is not None:
+                setting = _setting(s.group(2))
+                if _tracked(setting):
+                    value = s.group(3).strip("'\";").lower()
+                    default = value == "default" or (setting == "role" and value == "none")
+                    local = (s.group(1) or "").lower() == "local"
+                    # a reset only counts when it is the whole statement (a SET in a batch marks)
+                    out.append(ScopeChange(setting, local, default and alone and not local))
+        elif word == "reset" and alone:
+            r = _RESET.match(rest)
+            if r is not None:
+                out.append(ScopeChange(_setting(r.group(1)), reset=True))
+        elif word == "discard" and alone:
+            if _DISCARD_ALL.match(rest):
+                out.append(ScopeChange(_EVERYTHING, reset=True))
+        elif word == "use":
+            # USE of the engine's own database puts it back: the caller knows which one that is
+            u = _USE.match(rest)
+            out.append(ScopeChange("database", value=u.group(1).strip("`") if u and alone else None))
+    for c in _SET_CONFIG.finditer(rest) if _CONFIG_GATE.search(rest) else ():
+        call = _SET_CONFIG_CALL.match(rest, c.start())
+        name = call.group(1) or call.group(3) if call is not None else None
+        local = call is not None and call.group(2) is not None
+        # a name we cannot read (a bound parameter, an expression) may be any setting
+        out.append(ScopeChange(_setting(name) if name else _EVERYTHING, local))
+    return [x for x in out if _tracked(x.setting) or x.setting in ("database", _RESET_ALL, _EVERYTHING)]
+
+
+def scope_changes(sql: str) -> list[ScopeChange]:
+    """What ``sql`` does to name resolution on its connection; [] for nearly every statement."""
+    if ";" not in sql.rstrip().rstrip(";"):
+        return _one(sql, True)
+    # several statements in one string (psycopg2 allows it): each one's marks count, resets do not
+    out: list[ScopeChange] = []
+    for part in sql.split(";"):
+        out += [c for c in _one(part, False) if not c.reset]
+    return out
 
 
 def dml_tables(context: DefaultExecutionContext) -> list[Table]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table
 
-from sqlcache._txn import cascade_targets, is_write_sql
+from sqlcache._txn import cascade_targets, is_write_sql, scope_changes
 
 
 @pytest.mark.parametrize(
@@ -80,3 +80,50 @@ def test_cascade_targets() -> None:
     assert cascade_targets(parent, deleted=True, updated=False) == {child, grandchild}
     assert {t.name for t in cascade_targets(parent, deleted=False, updated=True)} == {"upd"}
     assert cascade_targets(grandchild, deleted=True, updated=True) == set()
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SET search_path TO tenant_a", [("search_path", False, False)]),
+        ("set session search_path = 'a', public", [("search_path", False, False)]),
+        ("SET LOCAL search_path TO a", [("search_path", True, False)]),
+        ("SET SCHEMA 'a'", [("search_path", False, False)]),
+        ("/* c */ SET search_path TO a; SELECT 1", [("search_path", False, False)]),
+        ("SET ROLE bob", [("role", False, False)]),
+        ("SET ROLE NONE", [("role", False, True)]),
+        ("SET SESSION AUTHORIZATION bob", [("session_authorization", False, False)]),
+        ("SET LOCAL app.tenant = 42", [("app.tenant", True, False)]),
+        ('SET "app.tenant" = 1', [("app.tenant", False, False)]),
+        ("SET search_path TO DEFAULT", [("search_path", False, True)]),
+        ("RESET search_path", [("search_path", False, True)]),
+        ("RESET ALL", [("all", False, True)]),
+        ("DISCARD ALL", [("*", False, True)]),
+        ("USE tenant_b", [("database", False, False)]),
+        ("SELECT set_config('search_path', 'a', false)", [("search_path", False, False)]),
+        ("SELECT SET_CONFIG('app.t', %(p)s, true)", [("app.t", True, False)]),
+        ("SELECT set_config(%(name)s, %(v)s, false)", [("*", False, False)]),
+        # a nested call's boolean is not taken for set_config's is_local: the longer-lived mark
+        (
+            "SELECT set_config('search_path', current_setting('x', true) || ',a', true)",
+            [("search_path", False, False)],
+        ),
+        ("SELECT * FROM users", []),
+        ("SET statement_timeout = 5000", []),
+        ("SET NAMES utf8mb4", []),
+        ("SET @tenant = 1", []),
+        ("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED", []),
+        ("RESET statement_timeout", []),
+        ("SELECT set_config('statement_timeout', '1', false)", []),
+        ("SELECT 1; RESET search_path", []),  # a reset counts only as a statement of its own
+    ],
+)
+def test_scope_changes(sql: str, expected: list[tuple[str, bool, bool]]) -> None:
+    """Statements that change what names (or row-security settings) resolve to, and their resets."""
+    assert [(c.setting, c.local, c.reset) for c in scope_changes(sql)] == expected
+
+
+def test_use_names_its_database() -> None:
+    """USE carries its database, so that USE of the engine's own one counts as a reset."""
+    assert [c.value for c in scope_changes("USE `tenant_b`;")] == ["tenant_b"]
+    assert [c.value for c in scope_changes("USE a; SELECT 1")] == [None]
