@@ -12,13 +12,13 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _sa
-from ._txn import TxnState
+from ._txn import ScopeChange, TxnState
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session, SessionTransaction
 
-__all__ = ["FillBound", "Transactions"]
+__all__ = ["FillBound", "Scoped", "Transactions"]
 
 _PER_STATEMENT = frozenset({"READ COMMITTED", "READ UNCOMMITTED", "AUTOCOMMIT"})
 
@@ -34,6 +34,36 @@ class FillBound:
         self.clock = clock
 
 
+# dialects whose USE / SET ROLE take effect whatever the transaction does
+_NOT_TRANSACTIONAL = frozenset({"mysql", "mariadb"})
+# RESET ALL leaves these alone (PostgreSQL); DISCARD ALL resets them too
+_NOT_RESET_BY_ALL = frozenset({"role", "session_authorization", "database", "*"})
+
+
+class Scoped:
+    """The settings that changed name resolution on one DBAPI connection (see ``_txn.scope_changes``).
+
+    Kept in the pool record's ``info``, which follows the DBAPI connection through check-ins and is
+    emptied when the pool opens a new one: a session-level SET outlives the checkout that ran it."""
+
+    __slots__ = ("local", "pending", "session", "trying")
+
+    def __init__(self) -> None:
+        self.session: set[str] = set()  # until reset
+        self.local: set[str] = set()  # until the transaction ends (SET LOCAL)
+        self.pending: set[str] = set()  # resets that take effect if the transaction commits
+        self.trying: tuple[str, list[ScopeChange]] | None = None  # resets of a statement still running
+
+    def reset(self, settings: Iterable[str]) -> None:
+        for s in settings:
+            if s == "*":
+                self.session.clear()
+            elif s == "all":
+                self.session &= _NOT_RESET_BY_ALL
+            else:
+                self.session.discard(s)
+
+
 class Transactions:
     """The write records of one cache's transactions, per connection and per session."""
 
@@ -41,6 +71,9 @@ class Transactions:
         self._txn_key = ("sqlcache.txn", owner)
         self._conns_key = ("sqlcache.conns", owner)
         self._clock_key = ("sqlcache.clock", owner)
+        self._scope_key = ("sqlcache.scope", owner)
+        # pools on which a statement changing name resolution was ever seen
+        self._switching: weakref.WeakSet[Any] = weakref.WeakSet()
 
     # -- per connection (engine events) ---------------------------------------------------------------
 
@@ -67,6 +100,74 @@ class Transactions:
             return None
         st: TxnState | None = conn.info.pop(self._txn_key, None)
         return st
+
+    # -- name resolution (SET search_path, USE, ...) --------------------------------------------------
+
+    def scoped(self, conn: Connection) -> bool:
+        """Whether ``conn``'s DBAPI connection may resolve names (or rows) unlike the engine's default."""
+        return self._scope_key in conn.info
+
+    def switching(self, pool: Any) -> bool:
+        """Whether name resolution was ever changed on a connection of ``pool`` (then a read learns which
+        connection it runs on, and what that connection's hooks run, before it uses the cache)."""
+        return bool(self._switching) and pool in self._switching
+
+    def scope_statement(self, conn: Connection, statement: str, changes: list[ScopeChange]) -> None:
+        """A statement about to run changes name resolution: what it sets counts at once (also if it
+        fails: a needless bypass at worst); what it resets waits for its success."""
+        info = conn.info
+        self._switching.add(conn.engine.pool)
+        mark: Scoped | None = info.get(self._scope_key)
+        default_db = conn.engine.url.database
+        resets = []
+        for c in changes:
+            if c.reset or (c.setting == "database" and c.value is not None and c.value == default_db):
+                resets.append(c)
+                continue
+            if mark is None:
+                mark = info[self._scope_key] = Scoped()
+            (mark.local if c.local else mark.session).add(c.setting)
+        if mark is not None:
+            mark.trying = (statement, resets) if resets else None
+
+    def scope_ran(self, conn: Connection, statement: str) -> None:
+        """The statement succeeded: its resets apply now (MySQL's USE, autocommit) or at COMMIT (a
+        PostgreSQL SET, RESET or set_config() inside a transaction is undone by its rollback)."""
+        mark: Scoped | None = conn.info.get(self._scope_key)
+        if mark is None or mark.trying is None or mark.trying[0] is not statement:
+            return
+        settings = [c.setting for c in mark.trying[1]]
+        mark.trying = None
+        if conn.dialect.name in _NOT_TRANSACTIONAL or _sa.is_autocommit(conn):
+            mark.reset(settings)
+            self._drop_if_clear(conn.info, mark)
+        else:
+            mark.pending.update(settings)
+
+    def scope_abort(self, conn: Connection) -> None:
+        """A savepoint rolled back, or a statement failed (PostgreSQL then rolls back at COMMIT):
+        pending resets may be undone, so none of them is believed."""
+        mark: Scoped | None = conn.info.get(self._scope_key)
+        if mark is not None:
+            mark.pending.clear()
+            mark.trying = None
+
+    def scope_txn_end(self, info: dict[Any, Any] | None, committed: bool) -> None:
+        """The transaction ended: SET LOCAL is over; its resets apply if it committed."""
+        if info is None:
+            return
+        mark: Scoped | None = info.get(self._scope_key)
+        if mark is None:
+            return
+        if committed:
+            mark.reset(mark.pending)
+        mark.pending.clear()
+        mark.local.clear()
+        self._drop_if_clear(info, mark)
+
+    def _drop_if_clear(self, info: dict[Any, Any], mark: Scoped) -> None:
+        if not (mark.session or mark.local or mark.pending or mark.trying):
+            info.pop(self._scope_key, None)
 
     def flushing(self, conn: Connection) -> bool:
         """Whether a session using ``conn`` is running its unit of work (rows known by the mapper events)."""
@@ -137,6 +238,11 @@ class Transactions:
         Under repeatable read (and SQLite) the database snapshot is fixed by the transaction's first
         statement: a fill is safe only against generations no newer than a clock read before it.
         """
+        for conn in session.info.get(self._conns_key, ()):
+            if not (conn.closed or conn.invalidated) and self._scope_key in conn.info:
+                # the statement ran on a connection whose names resolve elsewhere (a SET search_path
+                # left on it by an earlier checkout, say): its rows are not the shared key's
+                return FillBound(False, None)
         bound: int | None = None
         for st, fixed in self._with_isolation(session):
             if fixed:

@@ -4,13 +4,18 @@ Hooks and why each was chosen:
 
 - engine ``begin``: a new database transaction starts; its write record (TxnState) starts empty.
 - engine ``before_cursor_execute``: sees every statement, ORM or Core or text, with its execution
-  context; records written tables (and that SQL ran, which may fix a snapshot). It does not see rows.
+  context; records written tables (and that SQL ran, which may fix a snapshot), and statements that
+  change name resolution on the connection (SET search_path, USE, ...; ``after_cursor_execute``
+  confirms their resets). It does not see rows, nor SQL run on the DBAPI connection directly (pool
+  ``connect`` / ``checkout`` listeners, ``select_db()``).
 - mapper ``after_insert/after_update/after_delete`` (registered classes): the unit of work's rows,
   with their primary keys. They do not see Core or bulk statements, hence the hook above.
 - engine ``commit``: fires just before the DBAPI COMMIT; the lock goes here.
 - ``dialect.do_commit`` (wrapped): the only point that runs right after the DBAPI COMMIT for Core and
   ORM alike (there is no engine event after commit); the release goes here, success or not.
 - engine ``rollback``: nothing was committed; the write record is dropped, no Redis call.
+- engine ``rollback_savepoint`` / ``handle_error``: a reset of the connection's name resolution
+  (RESET search_path, ...) run before them may be undone by the database; it is no longer believed.
 - session ``do_orm_execute``: the one entry point of ``Session.get`` and many-to-one lazy loads
   (both end in a SELECT by primary key), before any SQL; lets us answer from Redis.
 - session ``after_begin`` / ``after_transaction_end``: which connections (and so which write records)
@@ -25,17 +30,18 @@ from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import event
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa
 from ._transactions import Transactions
-from ._txn import TxnState, dml_tables, is_write_sql
+from ._txn import TxnState, dml_tables, is_write_sql, scope_changes
 from .config import ModelPolicy
 from .options import CacheOption, QueryPolicy
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.engine import Engine
     from sqlalchemy.engine.default import DefaultExecutionContext
     from sqlalchemy.engine.interfaces import Dialect
     from sqlalchemy.engine.result import Result
@@ -134,6 +140,8 @@ class Wiring:
             ("after_cursor_execute", self._on_after_cursor_execute),
             ("commit", self._on_commit),
             ("rollback", self._on_rollback),
+            ("rollback_savepoint", self._on_rollback_savepoint),
+            ("handle_error", self._on_error),
             ("engine_disposed", self._on_disposed),
         ]
 
@@ -211,6 +219,17 @@ class Wiring:
 
     def _on_rollback(self, conn: Connection) -> None:
         self._txns.end(conn)
+        if not conn.invalidated:
+            self._txns.scope_txn_end(conn.info, False)
+
+    def _on_rollback_savepoint(self, conn: Connection, name: str, context: Any) -> None:
+        if not conn.invalidated:
+            self._txns.scope_abort(conn)
+
+    def _on_error(self, ctx: Any) -> None:
+        conn = ctx.connection
+        if conn is not None and not (conn.closed or conn.invalidated):
+            self._txns.scope_abort(conn)
 
     def _on_disposed(self, engine: Engine) -> None:
         # dispose() (also dispose(close=False) in a forked child) replaces the pool: the new one is the
@@ -226,6 +245,9 @@ class Wiring:
 
     def _on_after_commit(self, dbapi_connection: Any, committed: bool) -> None:
         self._commits.after(id(dbapi_connection), committed)
+        # the pool's proxy of the DBAPI connection (what Connection hands do_commit): its info is the
+        # record's, where the connection's name-resolution state lives
+        self._txns.scope_txn_end(getattr(dbapi_connection, "info", None), committed)
 
     def _on_before_cursor_execute(
         self,
@@ -258,9 +280,13 @@ class Wiring:
         elif context.isddl or is_write_sql(statement):
             st.everything = True
         else:
+            changes = scope_changes(statement)
+            if changes:
+                self._txns.scope_statement(conn, statement, changes)
             return
-        if context.execution_options.get("schema_translate_map"):
-            st.translated = True  # the rows live in another schema: never repopulate default-schema keys
+        if context.execution_options.get("schema_translate_map") or self._txns.scoped(conn):
+            # the rows live in another schema (or tenant): never repopulate default-schema keys
+            st.translated = True
         if self._outbox is not None and _sa.is_autocommit(conn):
             # a row per statement (one that failed before may have left its own: it stays, harmless)
             self._outbox.write_early(st, conn)
@@ -274,6 +300,7 @@ class Wiring:
         context: DefaultExecutionContext | None,
         executemany: bool,
     ) -> None:
+        self._txns.scope_ran(conn, statement)
         # AUTOCOMMIT: the statement is already committed and no commit event will come
         st = self._txns.peek(conn)
         if st is not None and st.wrote_anything() and _sa.is_autocommit(conn):
@@ -322,14 +349,29 @@ class Wiring:
         bind = session.get_bind(**args)
         return bind if bind.engine.pool in self._pools else None
 
-    def translation(self, orm_state: ORMExecuteState, bind: Any) -> str:
+    def translation(self, orm_state: ORMExecuteState, bind: Any) -> str | None:
         """ "" or a digest of what makes the same statement read other rows: the ``schema_translate_map``
         in effect (execution options over those of the session's connection, of the bind) and a shard
         (identity token, shard id). Part of every entry key; dependencies stay per table name, so a
-        write under any map or on any shard invalidates them all."""
+        write under any map or on any shard invalidates them all.
+
+        None: the read must not use the cache, because the connection it runs on resolves names its own
+        way (a SET search_path, USE, SET ROLE, ... ran on it, perhaps in an earlier checkout). Once
+        that was ever seen on the pool, a session with no connection yet takes it first, as the ORM
+        would right after this event: the connection it gets, and what its ``after_begin`` /
+        ``engine_connect`` hooks run, decide."""
+        pool = bind.engine.pool
+        txns = self._txns
+        conn = txns.connection_for(orm_state.session, pool)
+        if conn is None:
+            if isinstance(bind, Connection) and not (bind.closed or bind.invalidated):
+                conn = bind
+            elif txns.switching(pool):
+                conn = orm_state.session.connection(bind_arguments=orm_state.bind_arguments)
+        if conn is not None and txns.scoped(conn):
+            return None
         stm = orm_state.execution_options.get("schema_translate_map")
         if stm is None:
-            conn = self._txns.connection_for(orm_state.session, bind.engine.pool)
             stm = (conn if conn is not None else bind).get_execution_options().get("schema_translate_map")
         shard = (
             _sa.shard_token(orm_state)
@@ -362,6 +404,9 @@ class Wiring:
                 if bind is None:
                     return None
                 tr = self.translation(orm_state, bind)
+                if tr is None:
+                    self._reads.bypass("query", None, opt.payload.tags)
+                    return None
                 return self._queries.read(orm_state, opt.payload, bind.engine, tr)
         found = _sa.pk_load(orm_state)
         if found is None:
@@ -375,7 +420,11 @@ class Wiring:
         bind = self._attached_bind(orm_state)
         if bind is None:
             return None
-        return self._identities.read(orm_state, mapper, pk, policy, self.translation(orm_state, bind))
+        tr = self.translation(orm_state, bind)
+        if tr is None:
+            self._reads.bypass("identity", mapper.class_.__name__)
+            return None
+        return self._identities.read(orm_state, mapper, pk, policy, tr)
 
     def _relationship_load(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         """A lazy load of a collection of registered objects: cached like a query on its tables."""
@@ -389,4 +438,7 @@ class Wiring:
         if bind is None:
             return None
         tr = self.translation(orm_state, bind)
+        if tr is None:
+            self._reads.bypass("query", mapper.class_.__name__)
+            return None
         return self._queries.read(orm_state, QueryPolicy(ttl=policy.ttl), bind.engine, tr, relationship=True)
