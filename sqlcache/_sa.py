@@ -77,6 +77,14 @@ new_runid: Callable[[], int] = _loading._new_runid
 # -- statements and executions ------------------------------------------------------------------------
 
 
+def translate_map_items(stm: Any) -> list[tuple[str, str]]:
+    """A ``schema_translate_map``'s entries, in a stable order, without the ``"_none"`` alias of the
+    ``None`` key that SQLAlchemy's compiler adds to the caller's own dict the first time it renders a
+    statement with it (sql/compiler.py, ``_render_schema_translates``): without this, a key computed
+    before the first execution differs from one computed after it."""
+    return sorted((repr(k), repr(v)) for k, v in stm.items() if not (k == "_none" and None in stm))
+
+
 def pk_load(orm_state: ORMExecuteState) -> tuple[Mapper[Any], tuple[Any, ...]] | None:
     """(mapper, pk) if this execution is a plain load by primary key (Session.get, many-to-one lazy load,
     the load of an expired object's attributes).

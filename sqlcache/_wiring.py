@@ -381,7 +381,7 @@ class Wiring:
         )
         if not stm and shard is None:
             return ""
-        text = repr((sorted((repr(k), repr(v)) for k, v in (stm or {}).items()), repr(shard)))
+        text = repr((_sa.translate_map_items(stm or {}), repr(shard)))
         return blake2b(text.encode(), digest_size=8).hexdigest()
 
     def _on_orm_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:

@@ -340,3 +340,18 @@ def test_a_statement_that_sets_the_path_is_not_filled(
         assert _read(s) == ("alice-a", ["alice-a"])
     assert cache.stats()["fills"] == 0
     engine.pool.dispose()
+
+
+def test_schema_translate_map_is_the_cacheable_way(
+    pg_tenants: tuple[Engine, dict[str, str]], cache_for: Any
+) -> None:
+    """A tenant chosen with ``schema_translate_map`` (what docs/consistency.md recommends) is part of
+    every key: each tenant hits its own entries, none sees another's."""
+    engine, spaces = pg_tenants
+    cache = cache_for(engine)
+    for _ in range(2):
+        for key in ("a", "b"):
+            with Session(engine.execution_options(schema_translate_map={None: spaces[key]})) as s:
+                assert _read(s) == (NAMES[key], [NAMES[key]])
+    assert cache.stats()["hits"] == 4
+    assert cache.stats()["bypassed"] == 0

@@ -106,3 +106,20 @@ def test_object_building_internals(session: Session) -> None:
     assert _sa.lazy_strategy(prop, "raise") is not None
     assert _sa.LazyCallable is not None and _sa.DeferredCallable is not None
     assert _sa.loader_criteria(None) is None
+
+
+def test_translate_map_items_ignore_the_compilers_alias() -> None:
+    """SQLAlchemy adds ``"_none"`` beside a ``None`` key of a schema_translate_map it rendered (in the
+    caller's own dict): the map reads the same before and after."""
+    from sqlalchemy import Column, Integer, MetaData, Table
+
+    stm: dict[Any, Any] = {None: "tenant_a"}
+    before = _sa.translate_map_items(stm)
+    t = Table("t", MetaData(), Column("id", Integer, primary_key=True))
+    engine = create_engine("sqlite://").execution_options(schema_translate_map=stm)
+    with engine.connect() as c:
+        c.exec_driver_sql("ATTACH ':memory:' AS tenant_a")
+        t.create(c)
+        c.execute(select(t)).all()
+    assert _sa.translate_map_items(stm) == before
+    assert _sa.translate_map_items({"_none": "x"}) == [("'_none'", "'x'")]
