@@ -15,7 +15,7 @@ COUNTERS = (
     "fills_skipped",  # fills not attempted: a dependency was locked, or the snapshot may predate a commit
     "decodes_reused",  # query hits whose Redis bytes equalled a result decoded before (decoding skipped)
     "too_large",  # results not cached because their entry would exceed max_entry_bytes
-    "bypassed",  # reads that could not use the cache (own writes, populate_existing, FOR UPDATE, ...)
+    "bypassed",  # reads that could not use the cache (own writes, FOR UPDATE, a SET search_path, ...)
     "stale_served",  # expired-but-valid query entries served while another caller refreshed them
     "stampede_waits",  # callers that waited for another caller's fill of the same query, and got it
     "stampede_timeouts",  # callers that waited past stampede_wait and queried the database themselves
