@@ -67,8 +67,22 @@ _READ_VERBS = frozenset(
 _DML_WORD = re.compile(r"\b(insert|update|delete|merge|replace|truncate)\b", re.I)
 
 
+# literals, quoted names and comments, which may hold a ";" that ends nothing
+_QUOTED_OR_COMMENT = re.compile(r"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|`[^`]*`|--[^\n]*|/\*.*?\*/", re.S)
+
+
 def is_write_sql(sql: str) -> bool:
-    """True unless ``sql`` is recognisably a read (or transaction control) statement."""
+    """True unless ``sql`` is recognisably a read (or transaction control) statement. A string of
+    several statements (``SELECT 1; DELETE FROM users``, which some drivers run) counts as a write
+    unless every statement in it is a read."""
+    if ";" in sql:
+        statements = [s for s in _QUOTED_OR_COMMENT.sub(" ", sql).split(";") if s.strip()]
+        if len(statements) > 1:
+            return any(_is_write_statement(s) for s in statements)
+    return _is_write_statement(sql)
+
+
+def _is_write_statement(sql: str) -> bool:
     m = _LEADING_COMMENTS.match(sql)
     rest = sql[m.end() if m else 0 :]
     word = re.match(r"[A-Za-z]+", rest)

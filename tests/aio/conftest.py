@@ -47,22 +47,24 @@ def async_engine_like(engine: Engine) -> AsyncEngine:
 Body = Callable[[AsyncEngine], Awaitable[Any]]
 
 
+def run_loop(engine: Engine, cache: SQLCache, body: Body) -> Any:
+    """A new event loop runs ``await body(async_engine)``, with ``cache`` attached to an AsyncEngine on
+    ``engine``'s database; then ``await cache.aclose()`` (this loop's connections to Redis) and the
+    engine's disposal, before the loop ends."""
+
+    async def main() -> Any:
+        aengine = async_engine_like(engine)
+        cache.attach(aengine)
+        try:
+            return await body(aengine)
+        finally:
+            await cache.aclose()
+            await aengine.dispose()
+
+    return asyncio.run(main())
+
+
 @pytest.fixture
 def run(engine: Engine, cache: SQLCache) -> Iterator[Callable[[Body], Any]]:
-    """``run(body)``: a new event loop runs ``await body(async_engine)``, with ``cache`` attached to the
-    AsyncEngine; then ``await cache.aclose()`` (this loop's connections to Redis) and the engine's
-    disposal, before the loop ends."""
-
-    def runner(body: Body) -> Any:
-        async def main() -> Any:
-            aengine = async_engine_like(engine)
-            cache.attach(aengine)
-            try:
-                return await body(aengine)
-            finally:
-                await cache.aclose()
-                await aengine.dispose()
-
-        return asyncio.run(main())
-
-    yield runner
+    """``run(body)``: :func:`run_loop` with the ``cache`` fixture."""
+    yield lambda body: run_loop(engine, cache, body)

@@ -127,3 +127,22 @@ def test_use_names_its_database() -> None:
     """USE carries its database, so that USE of the engine's own one counts as a reset."""
     assert [c.value for c in scope_changes("USE `tenant_b`;")] == ["tenant_b"]
     assert [c.value for c in scope_changes("USE a; SELECT 1")] == [None]
+
+
+@pytest.mark.parametrize(
+    ("sql", "write"),
+    [
+        ("SELECT 1; DELETE FROM users", True),
+        ("select 1 ;\n  update users set name = 'x'", True),
+        ("SELECT 1; SELECT 2", False),
+        ("SELECT 1;", False),
+        ("SELECT ';' AS a", False),
+        ("SELECT 1 -- ; DELETE FROM users", False),
+        ("SELECT 1 /* ; DELETE FROM users */", False),
+        ('SELECT 1 AS ";delete"', False),
+        ("SELECT 'it''s; fine'; INSERT INTO t VALUES (1)", True),
+    ],
+)
+def test_several_statements_in_one_string_count_as_a_write_if_any_is(sql: str, write: bool) -> None:
+    """Issue 12 (found with point 9): only the first statement of ``SELECT 1; DELETE ...`` was read."""
+    assert is_write_sql(sql) is write

@@ -1,0 +1,106 @@
+"""Redis down, killed and restarted, under AsyncSession: the database answers, commits succeed, the
+journal is replayed and a restarted Redis is fenced before anything is read from it again; closing
+leaves no connection behind."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import redis
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from sqlcache import SQLCache, signals
+
+from ..conftest import RedisServer, free_port
+from ..models import User
+from .conftest import run_loop
+from .test_async_scenarios import cached_name, make_user, rename
+
+
+async def _until(predicate: object, what: str, seconds: float = 10) -> None:
+    """Poll ``predicate()`` (a coroutine function) until true, or fail after ``seconds``."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not await predicate():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+def test_redis_unreachable(engine: Engine) -> None:
+    """Reads use the database, commits succeed, ``cache_error`` fires once, then the breaker backs off."""
+    cache = SQLCache(f"redis://127.0.0.1:{free_port()}/0", prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.2)
+    cache.strict_signals = True
+    cache.register(User)
+    errors: list[str] = []
+
+    @signals.cache_error.connect_via(cache)
+    def on_error(sender: SQLCache, exc: BaseException, operation: str) -> None:
+        errors.append(operation)
+
+    async def body(ae: AsyncEngine) -> None:
+        uid = await make_user(ae, "v1")
+        for i in range(5):
+            await rename(ae, uid, f"x{i}")
+        assert await cached_name(ae, uid) == "x4"
+
+    try:
+        run_loop(engine, cache, body)
+    finally:
+        signals.cache_error.disconnect(on_error)
+    st = cache.stats()
+    assert len(errors) == 1, errors
+    assert st["errors"] >= 5 and st["backoffs"] >= 1 and st["skipped_backoff"] >= 1
+    assert st["invalidations_deferred"] >= 1
+
+
+def test_killed_restarted_redis_replays_the_journal_and_is_fenced(
+    engine: Engine, private_redis: RedisServer
+) -> None:
+    """An entry filled, Redis saved; a commit acknowledged by Redis; Redis killed (the commit's release
+    is lost with it); a commit during the outage (journalled); Redis restarted from the old snapshot.
+    Reads see the last commit, never the restored entry."""
+    cache = SQLCache(private_redis.url, prefix="arestart", timeout=0.3, backoff=0.05, max_backoff=0.05)
+    cache.strict_signals = True
+    cache.register(User)
+
+    async def body(ae: AsyncEngine) -> None:
+        uid = await make_user(ae, "v1")
+        assert await cached_name(ae, uid) == "v1"
+        assert await cached_name(ae, uid) == "v1"  # a hit
+        private_redis.save()  # the snapshot holds the v1 entry and its generations
+        await rename(ae, uid, "v2")  # invalidated in Redis, acknowledged, then lost with the process
+        private_redis.stop()
+        await rename(ae, uid, "v3")  # Redis away: the invalidation is journalled
+        assert cache.stats()["journal"] >= 1
+        private_redis.start()  # restores the v1 entry and its old generations
+
+        async def replayed() -> bool:
+            return await cached_name(ae, uid) == "v3" and cache.stats()["journal"] == 0
+
+        await _until(replayed, "the journal was never replayed")
+        for _ in range(3):
+            assert await cached_name(ae, uid) == "v3"
+        st = cache.stats()
+        assert st["restarts"] == 1 and st["fences"] >= 1 and st["invalidations_replayed"] >= 1
+
+    run_loop(engine, cache, body)
+
+
+def test_aclose_leaves_no_connection_behind(engine: Engine, private_redis: RedisServer) -> None:
+    """After ``await cache.aclose()`` the private server has only the test's own connection."""
+    admin = redis.Redis(port=private_redis.port, socket_timeout=5)
+    cache = SQLCache(private_redis.url, prefix="aclose")
+    cache.register(User)
+
+    async def body(ae: AsyncEngine) -> int:
+        uid = await make_user(ae, "v1")
+        await asyncio.gather(*(cached_name(ae, uid) for _ in range(20)))  # several pooled connections
+        async with AsyncSession(ae) as s:
+            await s.get(User, uid)
+        return int(admin.info("clients")["connected_clients"])
+
+    during = run_loop(engine, cache, body)  # run_loop ends with aclose()
+    assert during > 2
+    assert int(admin.info("clients")["connected_clients"]) == 1
+    admin.close()
