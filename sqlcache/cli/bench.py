@@ -51,6 +51,8 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlcache import SQLCache
 from sqlcache import cached as cached_option
 
+from .bench_async import AsyncRows, async_url
+
 SCHEMA = "sqlcache_bench"
 
 
@@ -166,15 +168,34 @@ def run_bench(args: argparse.Namespace) -> int:
     decoding_cache.attach(decoding)
     decoding_cache.register(BenchUser)
     rnd = random.Random(7)
+    arows = _async_rows(args.database_url, cache)
     try:
-        return _run(args, plain, cached, cache, probe, rnd, rounds, batch, rows, decoding)
+        return _run(args, plain, cached, cache, probe, rnd, rounds, batch, rows, decoding, arows)
     finally:
         cache.clear()
+        if arows is not None:
+            arows.close()
         cache.close()
         decoding_cache.close()
         _Base.metadata.drop_all(plain)
         for engine in (plain, cached, decoding):
             engine.dispose()
+
+
+def _async_rows(url: str, cache: SQLCache) -> AsyncRows | None:
+    """The asyncio rows' engines, or None (said why) if the database has no asyncio driver here."""
+    aurl = async_url(url)
+    if aurl is None:
+        print("sqlcache bench: no asyncio rows (no asyncio driver known for this database)")
+        return None
+    connect_args: dict[str, Any] = {}
+    if aurl.startswith("postgresql"):
+        connect_args = {"server_settings": {"search_path": SCHEMA}}
+    try:
+        return AsyncRows(aurl, connect_args, cache, BenchUser)
+    except ImportError as exc:
+        print(f"sqlcache bench: no asyncio rows ({exc}; the dev extra installs the asyncio drivers)")
+        return None
 
 
 def _run(
@@ -188,14 +209,18 @@ def _run(
     batch: int,
     rows: int,
     decoding: Engine,
+    arows: AsyncRows | None,
 ) -> int:
     ids = list(range(1, rows + 1))
-    if not _warm(cache, cached, ids):
+    if not _warm(cache, cached, ids) or (arows is not None and not arows.served_from_redis(1)):
         print("sqlcache bench: warm-up failed: gets are not served from Redis", file=sys.stderr)
         return 1
     floor = _Floor(plain, cache.config.prefix, floor_client)
     try:
         systems = _systems(plain, cached, decoding, floor, rnd, ids)
+        if arows is not None:
+            systems["async get plain"] = arows.get(arows.plain, rnd, ids)
+            systems["async get hit"] = arows.get(arows.cached, rnd, ids)
 
         def rewarm() -> None:
             # updates invalidate entries: warm them again outside the timed part
@@ -434,6 +459,9 @@ _RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("q20 no-reuse hit / q20 floor", "q20 hit, no reuse", "q20 floor", None),
     ("q200 no-reuse hit / q200 floor", "q200 hit, no reuse", "q200 floor", None),
     ("q200 no-reuse hit / q200 plain", "q200 hit, no reuse", "q200 plain", None),
+    ("async get hit / async get plain", "async get hit", "async get plain", 0.5),
+    ("async get hit / get hit", "async get hit", "get sqlcache hit", None),
+    ("async get plain / get plain", "async get plain", "get plain", None),
 )
 
 
@@ -446,6 +474,8 @@ def _report(samples: dict[str, list[int]]) -> None:
         print(f"{name:<20} {len(xs):>6} {med[name]:>10.1f} {_pct(xs, 0.95):>10.1f}")
     print()
     for label, system, base, target in _RATIOS:
+        if system not in med or base not in med:
+            continue  # rows this run has not got (no asyncio driver)
         ratio = med[system] / med[base]
         verdict = "" if target is None else f"  target <= {target}: {'PASS' if ratio <= target else 'MISS'}"
         print(f"{label:<32} {ratio:6.2f}x{verdict}")

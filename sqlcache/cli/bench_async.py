@@ -1,0 +1,83 @@
+"""The benchmark's asyncio rows: ``AsyncSession.get`` uncached and as a sqlcache hit, on the same
+database and entries as the sync rows, measured in the same interleaved run.
+
+Each operation is timed inside its coroutine (from before ``AsyncSession`` opens to after it closes),
+so the event loop's own start and stop per sample are not counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+
+from sqlcache import SQLCache
+
+__all__ = ["AsyncRows", "async_url"]
+
+_DRIVERS = {"postgresql": "postgresql+asyncpg", "mysql": "mysql+aiomysql", "sqlite": "sqlite+aiosqlite"}
+
+
+def async_url(url: str) -> str | None:
+    """The asyncio driver's URL for the benchmark's database, or None if there is none we know."""
+    u = make_url(url)
+    name = _DRIVERS.get(u.get_backend_name())
+    return None if name is None else u.set(drivername=name).render_as_string(hide_password=False)
+
+
+class AsyncRows:
+    """An event loop of its own, an uncached AsyncEngine and one with ``cache`` attached."""
+
+    def __init__(self, url: str, connect_args: dict[str, Any], cache: SQLCache, model: type[Any]) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._cache = cache
+        self._model = model
+        self.plain = create_async_engine(url, connect_args=connect_args)
+        self.cached = create_async_engine(url, connect_args=connect_args)
+        cache.attach(self.cached)
+
+    def get(self, engine: AsyncEngine, rnd: random.Random, ids: list[int]) -> Callable[[], int]:
+        model = self._model
+
+        async def op() -> int:
+            key = rnd.choice(ids)
+            t0 = time.perf_counter_ns()
+            async with AsyncSession(engine) as s:
+                await s.get(model, key)
+            return time.perf_counter_ns() - t0
+
+        return lambda: self._loop.run_until_complete(op())
+
+    def served_from_redis(self, key: int) -> bool:
+        """One async get of ``key``: a hit with no SQL."""
+        statements: list[str] = []
+
+        def count(*args: Any) -> None:
+            statements.append(args[2])
+
+        event.listen(self.cached.sync_engine, "before_cursor_execute", count)
+        hits = self._cache.stats()["hits"]
+        try:
+            self.get(self.cached, random.Random(0), [key])()
+        finally:
+            event.remove(self.cached.sync_engine, "before_cursor_execute", count)
+        return not statements and self._cache.stats()["hits"] == hits + 1
+
+    def close(self) -> None:
+        """This loop's connections to Redis and the databases closed, then the loop."""
+
+        async def closing() -> None:
+            await self._cache.aclose()
+            await self.plain.dispose()
+            await self.cached.dispose()
+
+        try:
+            self._loop.run_until_complete(closing())
+        finally:
+            self._loop.close()
