@@ -10,13 +10,15 @@ their fill to widen the race windows. Violations:
 
 ``--mode naive`` runs the usual cache-aside recipe instead (delete after commit, fill on miss), which
 the checker must catch; ``--mode durable`` runs sqlcache with ``durable=True`` (outbox rows written by
-every commit, relays deleting them; at the end no row may be left). Soak:
-``python -m tests.concurrency.checker --seconds 300``.
+every commit, relays deleting them; at the end no row may be left); ``--mode async`` mixes sync worker
+processes with asyncio ones (AsyncSession on asyncpg, many tasks per process, each process one event
+loop; readers' pauses awaited, not slept). Soak: ``python -m tests.concurrency.checker --seconds 300``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import multiprocessing
 import os
@@ -30,8 +32,10 @@ from typing import Any
 import msgpack
 import redis
 from sqlalchemy import Integer, MetaData, create_engine, event, select, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.util import concurrency
 
 from sqlcache import SQLCache, cached, outbox_table
 
@@ -103,7 +107,75 @@ def _setup(
     return engine, None, cache
 
 
+# SQLAlchemy 2.0 calls it await_only, 2.1 await_
+_await = getattr(concurrency, "await_", None) or concurrency.await_only
+ASYNC_TASKS = {"w": 4, "r": 10}  # tasks per asyncio worker process
+
+
+def _async_engine(args: dict[str, Any]) -> AsyncEngine:
+    url = make_url(args["pg_url"]).set(drivername="postgresql+asyncpg", query={})
+    return create_async_engine(url, connect_args={"server_settings": {"search_path": args["schema"]}})
+
+
+def _async_worker(args: dict[str, Any], role: str, n: int) -> None:
+    asyncio.run(_async_main(args, role, n))
+
+
+async def _async_main(args: dict[str, Any], role: str, n: int) -> None:
+    """One asyncio process: ASYNC_TASKS[role] tasks writing (``w``) or reading (``r``) on one loop."""
+    rnd = random.Random(n + (0 if role == "w" else 1000))
+    engine = _async_engine(args)
+    cache = SQLCache(args["redis_url"], prefix=args["prefix"])
+    cache.register(Row)
+    cache.attach(engine)
+    if role == "r":
+
+        def after(conn: Any, cursor: Any, statement: str, *a: Any) -> None:
+            # between a reader's SELECT and its fill: the other tasks run meanwhile
+            if statement.lstrip().upper().startswith("SELECT") and rnd.random() < 0.3:
+                _await(asyncio.sleep(rnd.uniform(0, 0.02)))
+
+        event.listen(engine.sync_engine, "after_cursor_execute", after)
+    out = Path(args["dir"], f"{role}{n}.jsonl").open("w")
+    stop = args["stop"]
+
+    async def write() -> None:
+        while time.time() < stop:
+            rid = rnd.randint(1, ROWS)
+            async with AsyncSession(engine) as s:
+                row = await s.get(Row, rid, with_for_update=True)
+                assert row is not None
+                row.version += 1
+                v = row.version
+                await s.commit()
+            out.write(json.dumps(["w", rid, v, time.time()]) + "\n")
+
+    async def read() -> None:
+        while time.time() < stop:
+            rid = rnd.randint(1, ROWS)
+            started = time.time()
+            async with AsyncSession(engine) as s:
+                if rnd.random() < 0.5:
+                    row = await s.get(Row, rid)
+                    assert row is not None
+                    v, kind = row.version, "async get"
+                else:
+                    stmt = select(Row.version).where(Row.id == rid).options(cached())
+                    v, kind = (await s.scalars(stmt)).one(), "async query"
+            out.write(json.dumps(["r", rid, v, started, kind]) + "\n")
+
+    try:
+        await asyncio.gather(*((write if role == "w" else read)() for _ in range(ASYNC_TASKS[role])))
+    finally:
+        out.close()
+        await cache.aclose()
+        await engine.dispose()
+
+
 def _writer(args: dict[str, Any], n: int) -> None:
+    if args["mode"] == "async" and n % 2:
+        _async_worker(args, "w", n)
+        return
     rnd = random.Random(n)
     engine, naive, cache = _setup(args, None)
     out = Path(args["dir"], f"w{n}.jsonl").open("w")
@@ -125,6 +197,9 @@ def _writer(args: dict[str, Any], n: int) -> None:
 
 
 def _reader(args: dict[str, Any], n: int) -> None:
+    if args["mode"] == "async" and n % 2:
+        _async_worker(args, "r", n)
+        return
     rnd = random.Random(1000 + n)
     engine, naive, cache = _setup(args, rnd)
     out = Path(args["dir"], f"r{n}.jsonl").open("w")
@@ -217,6 +292,7 @@ def run_checker(
             "seconds": seconds,
             "writes": sum(len(v) for v in commits.values()),
             "reads": len(reads),
+            "reads_by_kind": {k: sum(1 for r in reads if r[4] == k) for k in sorted({r[4] for r in reads})},
             "operations": len(reads) + sum(len(v) for v in commits.values()),
             "violations": len(violations),
             "examples": violations[:5],
@@ -270,7 +346,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--mode", choices=["sqlcache", "durable", "naive"], default="sqlcache")
+    parser.add_argument("--mode", choices=["sqlcache", "durable", "naive", "async"], default="sqlcache")
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--readers", type=int, default=3)

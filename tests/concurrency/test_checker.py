@@ -39,3 +39,14 @@ def test_durable_mode_has_no_violations_and_leaves_no_rows(pg_url: str, redis_ur
     assert result["violations"] == 0, result["examples"]
     assert result["final_mismatches"] == []
     assert result["outbox_left"] == 0
+
+
+def test_async_mode_has_no_violations(pg_url: str, redis_url: str) -> None:
+    """Sync processes and asyncio processes (many tasks each, one loop) on the same rows: no stale read
+    after a commit from either world, cache == DB at the end."""
+    result = run_checker("async", min(SECONDS, 10), writers=2, readers=3, pg_url=pg_url, redis_url=redis_url)
+    print(result)
+    assert result["failed_processes"] == []
+    assert result["reads"] > 100 and result["writes"] > 20, result
+    assert result["violations"] == 0, result["examples"]
+    assert result["final_mismatches"] == []
