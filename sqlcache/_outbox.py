@@ -194,18 +194,23 @@ class OutboxWriter:
         self._new_relay = new_relay
         self.relays: dict[Any, Relay] = {}  # engine.pool -> its relay
 
-    def start(self, engine: Engine) -> None:
-        """Start ``engine``'s relay (once per pool). :raises ConfigurationError: no outbox table."""
+    def start(self, engine: Engine, check: Callable[[], None] | None = None) -> None:
+        """Start ``engine``'s relay (once per pool). :raises ConfigurationError: no outbox table.
+
+        ``check``: how to check for the table, when ``engine`` cannot be used from here (asyncio)."""
         if engine.pool in self.relays:
             return
-        check_table(engine, self._table)
+        if check is None:
+            check_table(engine, self._table)
+        else:
+            check()
         relay = self._new_relay(engine)
         self.relays[engine.pool] = relay
         relay.start()
 
     def repool(self) -> None:
         """Key every relay by its engine's pool now (``engine.dispose()`` replaced a pool)."""
-        self.relays = {relay.engine.pool: relay for relay in set(self.relays.values())}
+        self.relays = {relay.source.pool: relay for relay in set(self.relays.values())}
 
     def stop(self, engine: Engine) -> None:
         relay = self.relays.pop(engine.pool, None)

@@ -52,8 +52,14 @@ class Relay:
         fence_key: str,
         backoff: float,
         max_backoff: float,
+        source: Engine | None = None,
+        runner: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
+        #: the engine the relay queries, and the attached engine it serves (whose pool keys it): the
+        #: same, except for an asyncio engine, whose relay has an engine and an event loop of its own
         self.engine = engine
+        self.source = source if source is not None else engine
+        self._runner = runner
         self._prefix = prefix
         self._apply = apply
         self._rep = reporter
@@ -70,7 +76,7 @@ class Relay:
         #: passes completed without error (tests wait on it), and passes that failed unexpectedly
         self.passes = 0
         self.failures = 0
-        self._thread = threading.Thread(target=self._run, name=f"sqlcache-relay-{prefix}", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"sqlcache-relay-{prefix}", daemon=True)
 
     def after_fork(self) -> None:
         """In a forked child: fresh locks and events, and the thread (which did not survive the fork)
@@ -80,7 +86,7 @@ class Relay:
         self._done_lock = threading.Lock()
         self._stopping = threading.Event()
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
+        self._thread = threading.Thread(target=self._main, name=self._thread.name, daemon=True)
         if running:
             self._thread.start()
 
@@ -110,7 +116,7 @@ class Relay:
         if self._thread.ident is not None and not self._thread.is_alive() and not self._stopping.is_set():
             self._rep.incr("relay_restarts")
             log.warning("sqlcache relay: its thread had died; started again")
-            self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
+            self._thread = threading.Thread(target=self._main, name=self._thread.name, daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -123,6 +129,12 @@ class Relay:
     def wake(self) -> None:
         """Run a pass now instead of at the next interval."""
         self._wake.set()
+
+    def _main(self) -> None:
+        if self._runner is None:
+            self._run()
+        else:  # an asyncio driver: the passes run in SQLAlchemy's greenlet on this thread's own loop
+            self._runner(self._run)
 
     def _run(self) -> None:
         delay = self.interval

@@ -38,6 +38,7 @@ __all__ = [
     "cache_key",
     "current_path",
     "driver_autocommit",
+    "engine_like",
     "engine_of",
     "from_objects",
     "frozen_keys",
@@ -57,7 +58,9 @@ __all__ = [
     "refresh_unloaded",
     "require_unique",
     "result_metadata",
+    "run_in_own_loop",
     "shard_token",
+    "spawn",
     "statement_options",
     "take_unique_guard",
     "type_is_unknown",
@@ -487,3 +490,33 @@ def engine_of(engine: Any) -> Any:
     except ImportError:  # pragma: no cover - SQLAlchemy without its asyncio extension
         return None
     return engine.sync_engine if isinstance(engine, AsyncEngine) else None
+
+
+def engine_like(engine: Any) -> Any:
+    """A new Engine on ``engine``'s database (its dialect, URL and connection settings) over a pool of
+    its own: for a thread with an event loop of its own, which cannot use connections of another loop."""
+    from sqlalchemy.engine import Engine
+
+    return Engine(engine.pool.recreate(), engine.dialect, engine.url)
+
+
+def spawn(fn: Callable[[], Any]) -> Any:
+    """An awaitable running sync ``fn`` in SQLAlchemy's greenlet (``greenlet_spawn``)."""
+    return _concurrency.greenlet_spawn(fn)
+
+
+def run_in_own_loop(fn: Callable[[], Any], after: Callable[[], Any] | None = None) -> Any:
+    """Run ``fn`` (sync code that may use an asyncio driver or store) in SQLAlchemy's greenlet on a new
+    event loop of the calling thread (which must not be running one); then await ``after()``, if given,
+    on the same loop, and close it."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(_concurrency.greenlet_spawn(fn))
+    finally:
+        try:
+            if after is not None:
+                loop.run_until_complete(after())
+        finally:
+            loop.close()

@@ -4,9 +4,10 @@ verbs; the work itself happens in the parts (see docs/architecture.md)."""
 from __future__ import annotations
 
 import os
+import threading
 import weakref
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import MetaData, Table
 from sqlalchemy.engine import Engine
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["SQLCache"]
+
+T = TypeVar("T")
 
 
 class SQLCache:
@@ -218,8 +221,8 @@ class SQLCache:
         (docs/asyncio.md). Idempotent. Several engines per cache, sync and async mixed, and several
         caches per engine are allowed (use different prefixes for different databases).
 
-        :raises ConfigurationError: if ``engine`` is not a SQLAlchemy Engine or AsyncEngine, or is an
-            asyncio engine and ``durable=True`` (not supported yet with asyncio drivers).
+        :raises ConfigurationError: if ``engine`` is not a SQLAlchemy Engine or AsyncEngine, or
+            ``durable=True`` and its database has no outbox table.
         """
         sync_engine: Engine | None = _sa.engine_of(engine)
         if sync_engine is None:
@@ -227,14 +230,10 @@ class SQLCache:
         if self._closed:
             raise ConfigurationError("this SQLCache was closed")
         if sync_engine.dialect.is_async:
-            if self._outbox is not None:
-                raise ConfigurationError(
-                    "durable=True is not supported yet with an asyncio driver "
-                    f"({sync_engine.dialect.driver}): the relay would need an event loop of its own"
-                )
             self._enable_asyncio()
         if self._outbox is not None:
-            self._outbox.start(sync_engine)
+            table = self.config.outbox_table
+            self._outbox.start(sync_engine, lambda: _blocking(sync_engine, lambda e: check_table(e, table)))
         self._wiring.attach(sync_engine)
 
     def _enable_asyncio(self) -> None:
@@ -398,9 +397,14 @@ class SQLCache:
         models' metadata to have Alembic autogenerate create it in a migration."""
         return outbox_table(metadata if metadata is not None else MetaData(), self.config.outbox_table)
 
-    def create_outbox(self, engine: Engine) -> None:
-        """Create the outbox table in ``engine``'s database if it is not there (``CREATE TABLE``)."""
-        self.outbox_table().create(engine, checkfirst=True)
+    def create_outbox(self, engine: Engine | AsyncEngine) -> None:
+        """Create the outbox table in ``engine``'s database if it is not there (``CREATE TABLE``).
+        An AsyncEngine is used through a connection of its own, on an event loop of its own."""
+        sync_engine: Engine | None = _sa.engine_of(engine)
+        if sync_engine is None:
+            raise ConfigurationError(f"create_outbox() takes an Engine or AsyncEngine, got {engine!r}")
+        table = self.outbox_table()
+        _blocking(sync_engine, lambda e: table.create(e, checkfirst=True))
 
     def relay(self, engine: Engine, *, start: bool = True) -> Relay:
         """A relay for ``engine``'s outbox without attaching the engine: for a process whose only job is
@@ -417,6 +421,21 @@ class SQLCache:
 
     def _new_relay(self, engine: Engine) -> Relay:
         c = self.config
+        source, runner = engine, None
+        if engine.dialect.is_async:
+            # the relay's thread runs its passes on an event loop of its own, with an engine (a pool) of
+            # its own: asyncio connections belong to the loop that opened them
+            engine = _sa.engine_like(source)
+            stores, private = self._async_stores, engine
+
+            async def closing() -> None:
+                if stores is not None:
+                    await stores.aclose_current()
+                await _sa.spawn(private.dispose)
+
+            def runner(body: Callable[[], None]) -> None:
+                _sa.run_in_own_loop(body, after=closing)
+
         return Relay(
             engine,
             OutboxSQL(self.outbox_table(), engine.dialect, batch=500),
@@ -428,6 +447,8 @@ class SQLCache:
             fence_key=self._keys.everything,
             backoff=c.backoff,
             max_backoff=c.max_backoff,
+            source=source,
+            runner=runner,
         )
 
 
@@ -435,3 +456,31 @@ def _after_fork(ref: weakref.ref[SQLCache]) -> None:
     cache = ref()
     if cache is not None:
         cache._after_fork()
+
+
+def _blocking(engine: Engine, fn: Callable[[Engine], T]) -> T:
+    """``fn(engine)`` from plain sync code. An asyncio engine cannot be used from here (there may be no
+    loop, or one already running in this thread): ``fn`` then gets an engine of its own on a pool of its
+    own, in SQLAlchemy's greenlet on a new event loop, in a short-lived thread; its result or exception
+    is handed back."""
+    if not engine.dialect.is_async:
+        return fn(engine)
+    private = _sa.engine_like(engine)
+    out: list[Any] = []
+
+    def work() -> None:
+        try:
+            out.append(
+                (True, _sa.run_in_own_loop(lambda: fn(private), after=lambda: _sa.spawn(private.dispose)))
+            )
+        except BaseException as exc:  # handed to the caller below
+            out.append((False, exc))
+
+    thread = threading.Thread(target=work, name="sqlcache-blocking", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    result: T = value
+    return result
