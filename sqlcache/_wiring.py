@@ -185,6 +185,18 @@ class Wiring:
     def engines(self) -> list[Engine]:
         return list(self._engines)
 
+    def close(self) -> None:
+        """Detach every engine, and remove the session and mapper listeners even when no engine is
+        left to detach (engines garbage-collected without detach(): the listeners are on the Session
+        class and the mappers, and would otherwise run for every session of the process)."""
+        for engine in list(self._engines):
+            self.detach(engine)
+        if self._session_listening:
+            for name, fn in self._session_events():
+                event.remove(Session, name, fn)
+            self._session_listening = False
+        self._unlisten_mappers()
+
     def watch_mapper(self, mapper: Mapper[Any]) -> None:
         self._mappers.add(mapper)
         if self._session_listening:

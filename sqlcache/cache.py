@@ -276,8 +276,7 @@ class SQLCache:
             await self._async_stores.aclose_current()
 
     def _close_parts(self) -> None:
-        for engine in self._wiring.engines():
-            self._wiring.detach(engine)
+        self._wiring.close()
         if self._outbox is not None:
             self._outbox.stop_all()
         self._journal.close()

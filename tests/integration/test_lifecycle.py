@@ -3,11 +3,12 @@ without the cache, and the cache keeps working through them."""
 
 from __future__ import annotations
 
+import gc
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import MetaData, select, text
+from sqlalchemy import MetaData, create_engine, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -74,3 +75,22 @@ def test_dispose_keeps_durable_commits_working(engine: Engine, durable: SQLCache
     with engine.connect() as c:
         left = c.execute(select(table).where(table.c.prefix == durable.config.prefix)).all()
     assert left == []
+
+
+def test_close_after_the_engine_was_collected_removes_the_listeners(redis_url: str, _tmpdir: str) -> None:
+    """close() removes the cache's Session and mapper listeners also when its engine was garbage-collected
+    without detach(): they stayed on the Session class and ran for every session of the process."""
+
+    def listeners() -> tuple[int, int]:
+        return len(Session().dispatch.do_orm_execute), len(inspect(User).dispatch.after_insert)
+
+    before = listeners()
+    cache = SQLCache(redis_url, prefix=f"l{uuid.uuid4().hex[:10]}")
+    cache.register(User)
+    eng = create_engine(f"sqlite:///{_tmpdir}/collected.db")
+    cache.attach(eng)
+    assert listeners() == (before[0] + 1, before[1] + 1)
+    del eng
+    gc.collect()
+    cache.close()
+    assert listeners() == before
