@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect as pyinspect
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import types as sqltypes
 from sqlalchemy.engine.result import SimpleResultMetaData
@@ -283,9 +283,23 @@ def take_unique_guard(result: Result[Any]) -> Any:
     return guard
 
 
+class _Uniquing:
+    """Stands in for the ORM's QueryContext on a result sqlcache built or froze: SQLAlchemy 2.1's
+    selectin loader reads ``result.context.requires_uniquing`` to choose between ``unique()`` and a raw
+    read of the rows, and the raw read asserts that no unique() guard is set."""
+
+    requires_uniquing = True
+
+
+_UNIQUING = _Uniquing()
+
+
 def require_unique(result: Result[Any], check: Callable[[Any], Any]) -> None:
-    """Put the "unique() must be invoked" guard (``check``) on a result, as the ORM does."""
+    """Put the "unique() must be invoked" guard (``check``) on a result, as the ORM does, and say so
+    where SQLAlchemy looks for it (``result.context``)."""
     result._unique_filter_state = (set(), check)
+    if getattr(result, "context", None) is None:
+        cast(Any, result).context = _UNIQUING
 
 
 def is_instance(obj: Any) -> bool:

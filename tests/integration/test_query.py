@@ -165,6 +165,20 @@ def test_own_writes_bypass(engine: Engine, cache: SQLCache) -> None:
     assert names(engine) == ["u0", "u1", "u2"]
 
 
+def test_selectin_load_with_a_joined_collection_inside(engine: Engine, cache: SQLCache) -> None:
+    """A selectin load whose own query joins a collection, read through sqlcache: SQLAlchemy 2.1 reads
+    such a result with unique() only if ``result.context.requires_uniquing`` says so; sqlcache's
+    results had no context, and the raw read tripped the unique() guard (AssertionError)."""
+    cache.register(User)
+    cache.register(Order)
+    seed(engine)
+    stmt = select(Order).order_by(Order.id).options(selectinload(Order.user).joinedload(User.orders))
+    for _ in range(3):
+        with Session(engine) as s:
+            orders = s.scalars(stmt).all()
+            assert [(o.user.name, len(o.user.orders)) for o in orders if o.user] == [("u0", 1), ("u1", 1)]
+
+
 def test_eager_loads(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
     """joinedload and selectinload (many-to-one, one-to-many, many-to-many) come back loaded, no SQL."""
     ids = seed(engine)
