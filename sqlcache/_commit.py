@@ -12,7 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import Table
+
 from . import _keys, signals
+from ._hierarchy import table_name
 from ._journal import Journal, Keys
 from ._objects import encode_instance
 from ._protocol import RepopEntry, SentLock, StoreSlot
@@ -20,7 +23,7 @@ from ._registry import Registry
 from ._report import Reporter
 from ._seal import Sealer
 from ._txn import IdentityWrite, TxnState, coarse_keys
-from .errors import CacheUnavailable
+from .errors import CacheUnavailable, CodecError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -91,13 +94,27 @@ class Commits:
         h = self._registry.hierarchy(mapper.base_mapper)
         obj = state.obj()
         pk = tuple(mapper.primary_key_from_instance(obj))
-        key = _keys.identity_dep_key(p, h.base_table, pk)
+        old = state.key
+        try:
+            key = _keys.identity_dep_key(p, h.base_table, pk)
+            if old is not None and tuple(old[1]) != pk:
+                _keys.identity_dep_key(p, h.base_table, tuple(old[1]))
+        except CodecError:
+            # a key value the codec cannot encode (a TypeDecorator's own Python type): reads of it are
+            # not cached either (they cannot be keyed), but queries and other rows' entries read its
+            # tables: they are invalidated whole, as for a bulk statement
+            for m in mapper.base_mapper.self_and_descendants:
+                for t in m.tables:
+                    if isinstance(t, Table):
+                        st.bulk[table_name(t)] = t
+                    else:
+                        st.everything = True  # mapped to a selectable: its tables are not known here
+            return
         written = set(state.dict) if state.key is None else set(state.committed_state)
         previous = st.identities.get(key)
         if previous is not None:
             written |= previous.written
         st.identities[key] = IdentityWrite(h, pk, None if deleted else state, mapper.class_, obj, written)
-        old = state.key
         if old is not None and tuple(old[1]) != pk:
             # the primary key itself changed: the row is gone from its old key too
             old_pk = tuple(old[1])

@@ -16,6 +16,7 @@ from ._readthrough import Read, ReadThrough, Unservable
 from ._registry import Registry
 from ._transactions import Transactions
 from .config import ModelPolicy
+from .errors import CodecError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.result import FrozenResult, Result
@@ -52,7 +53,12 @@ class IdentityReader:
         session = orm_state.session
         h = self._registry.hierarchy(mapper)
         p = self._prefix
-        dep_identity = _keys.identity_dep_key(p, h.base_table, pk)
+        try:
+            dep_identity = _keys.identity_dep_key(p, h.base_table, pk)
+        except CodecError:
+            # a key value the codec cannot encode (a TypeDecorator's own Python type): not cached
+            self._reads.bypass("identity", mapper.class_.__name__)
+            return None
         if self._txns.wrote(session, dep_identity, h.tables, ()):
             # this transaction wrote the row (or its table); the cache holds the committed state, which
             # is not what this transaction must see: read the database

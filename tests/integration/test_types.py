@@ -8,12 +8,12 @@ import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, inspect
+from sqlalchemy import Column, Integer, MetaData, String, Table, TypeDecorator, inspect, select
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from sqlcache import ConfigurationError, SQLCache
+from sqlcache import ConfigurationError, SQLCache, cached
 
 from ..conftest import SQLCounter
 from ..models import Color, Typed
@@ -128,3 +128,59 @@ def test_unsupported_type_rejected_at_register(redis_url: str) -> None:
     cache = SQLCache(redis_url, prefix="reject")
     with pytest.raises(ConfigurationError, match=r"Weird\.r"):
         cache.register(Weird)
+
+
+class Label(dict[str, str]):
+    """A dict that can be a primary key (hashable), as in SQLAlchemy's own UnsortablePKTest."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+
+class LabelType(TypeDecorator[Label]):
+    """Stores a Label as "k=v;..." text: a Python value sqlcache's codec does not know."""
+
+    impl = String(40)
+    cache_ok = True
+
+    def process_bind_param(self, value: Label | None, dialect: Any) -> str | None:
+        return None if value is None else ";".join(f"{k}={v}" for k, v in sorted(value.items()))
+
+    def process_result_value(self, value: str | None, dialect: Any) -> Label | None:
+        return None if value is None else Label(p.split("=", 1) for p in value.split(";"))  # type: ignore[misc]
+
+
+class LabelBase(DeclarativeBase):
+    metadata = MetaData()
+
+
+class Labelled(LabelBase):
+    __tablename__ = "labelled"
+    key: Mapped[Label] = mapped_column(LabelType, primary_key=True)
+    note: Mapped[str] = mapped_column(String(20))
+
+
+def test_primary_key_the_codec_cannot_encode(engine: Engine, cache: SQLCache) -> None:
+    """A registered class whose primary key is a TypeDecorator's own Python type: commits succeed (they
+    raised CodecError out of flush()), get() reads the database, and a change is seen at once."""
+    LabelBase.metadata.create_all(engine)
+    try:
+        cache.register(Labelled)
+        k = Label(x="a")
+        with Session(engine) as s:
+            s.add(Labelled(key=k, note="one"))
+            s.commit()
+        with Session(engine) as s:
+            row = s.get(Labelled, (k,))
+            assert row is not None and row.note == "one"
+            row.note = "two"
+            s.commit()
+        with Session(engine) as s:
+            assert [r.note for r in s.scalars(select(Labelled).options(cached()))] == ["two"]
+            s.get_one(Labelled, (k,)).note = "three"
+            s.commit()
+        with Session(engine) as s:
+            assert s.get_one(Labelled, (k,)).note == "three"
+            assert [r.note for r in s.scalars(select(Labelled).options(cached()))] == ["three"]
+    finally:
+        LabelBase.metadata.drop_all(engine)
