@@ -128,8 +128,8 @@ def type_converters(type_: Any, col: Any) -> tuple[Conv | None, Conv | None]:
             if v is None:
                 return None
             try:
-                return cls[v]
-            except (KeyError, TypeError) as exc:
+                return cls.__members__[v]  # PEP 435, as SQLAlchemy reads it (not only enum.Enum)
+            except (KeyError, TypeError, AttributeError) as exc:
                 raise CodecError(f"{v!r} is not a member of {cls.__name__}") from exc
 
         return to_plain, from_plain
@@ -139,7 +139,9 @@ def type_converters(type_: Any, col: Any) -> tuple[Conv | None, Conv | None]:
 def _describe_type(type_: sqltypes.TypeEngine[Any]) -> str:
     text = repr(type_)
     if isinstance(type_, sqltypes.Enum) and type_.enum_class is not None:
-        text += repr([m.name for m in type_.enum_class])
+        # the names SQLAlchemy read from the class's __members__ (PEP 435): iterating the class itself
+        # needs enum.Enum, and SQLAlchemy accepts any class with __members__
+        text += repr(list(type_.enums))
     return f"{type(type_).__module__}.{type(type_).__qualname__}:{text}"
 
 

@@ -184,3 +184,47 @@ def test_primary_key_the_codec_cannot_encode(engine: Engine, cache: SQLCache) ->
             assert [r.note for r in s.scalars(select(Labelled).options(cached()))] == ["three"]
     finally:
         LabelBase.metadata.drop_all(engine)
+
+
+class _Pep435:
+    """An enum class in PEP 435's minimal form (``__members__``), which SQLAlchemy's Enum accepts."""
+
+    __members__: dict[str, _Pep435] = {}
+
+    def __init__(self, name: str, value: int) -> None:
+        self.name, self.value = name, value
+        self.__members__[name] = self
+
+    def __lt__(self, other: _Pep435) -> bool:
+        return self.value < other.value
+
+
+_LOW, _HIGH = _Pep435("low", 1), _Pep435("high", 2)
+
+
+def test_an_enum_class_that_is_not_enum_enum_is_cached(engine: Engine, cache: SQLCache) -> None:
+    """SQLAlchemy's EnsurePKSortableTest found it: registering a class whose Enum column names a PEP 435
+    class that is not an enum.Enum raised TypeError (the fingerprint iterated the class)."""
+    from sqlalchemy import Enum
+
+    class Base(DeclarativeBase):
+        metadata = MetaData()
+
+    class Level(Base):
+        __tablename__ = "pep435_levels"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True)
+        level: Mapped[_Pep435] = mapped_column(Enum(_Pep435, create_constraint=False))
+
+    Base.metadata.create_all(engine)
+    try:
+        cache.register(Level)
+        with Session(engine) as s:
+            s.add_all([Level(id=1, level=_LOW), Level(id=2, level=_HIGH)])
+            s.commit()
+        for _ in range(2):
+            with Session(engine) as s:
+                got = s.get(Level, 2)
+                assert got is not None and got.level is _HIGH
+        assert cache.stats()["hits"] == 1
+    finally:
+        Base.metadata.drop_all(engine)
