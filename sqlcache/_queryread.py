@@ -130,7 +130,13 @@ class QueryReader:
             raise Uncacheable("executemany")
         given: dict[str, Any] = dict(extra) if isinstance(extra, dict) else {}
         # by position, not by name: anonymous parameter names embed process-specific ids
-        params: list[Any] = [given.pop(bp.key, bp.effective_value) for bp in ck.bindparams]
+        try:
+            params: list[Any] = [given.pop(bp.key, bp.effective_value) for bp in ck.bindparams]
+        except Exception as exc:
+            # a parameter computed from an object's state (a relationship compared to a detached or
+            # transient object) that cannot be computed now: SQLAlchemy runs the statement and raises
+            # its own error the way it would without the cache
+            raise Uncacheable(f"a parameter's value: {exc!r}") from exc
         params.append(sorted(given.items()))
         key = _keys.query_key(self._prefix, digest([spec.digest, params, list(qp.tags), translation]))
         return spec_key, spec, key

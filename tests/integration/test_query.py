@@ -1029,3 +1029,25 @@ def test_legacy_query_of_an_entity_and_columns_drops_duplicates(engine: Engine, 
     assert run(cached()) == expected
     assert run(cached()) == expected
     assert cache.stats()["hits"] >= 1
+
+
+def test_a_parameter_that_cannot_be_computed_raises_as_without_the_cache(
+    engine: Engine, cache: SQLCache
+) -> None:
+    """A relationship compared to a transient object with no primary key: SQLAlchemy raises a
+    StatementError when it executes; sqlcache computing the parameter for the key must not raise its own
+    (InvalidRequestError) first (found by the transparency suite, WithTransientOnNone)."""
+    import warnings
+
+    from sqlalchemy.exc import StatementError
+
+    cache.register(Order)
+    stmt = select(Order).where(Order.user == User(name="transient"))
+    outcomes = []
+    for s_stmt in (stmt, stmt.options(cached())):
+        with Session(engine) as s, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SQLAlchemy warns about the None it would compare with
+            with pytest.raises(StatementError) as info:
+                s.scalars(s_stmt).all()
+            outcomes.append(type(info.value.orig))
+    assert outcomes[0] is outcomes[1]
