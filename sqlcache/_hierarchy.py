@@ -151,14 +151,63 @@ def class_id(mapper: Mapper[Any]) -> str:
 
 
 def fingerprint(mapper: Mapper[Any]) -> str:
-    """Hash of every mapped column, type and class of the hierarchy: an older definition never matches."""
+    """Hash of every mapped column, type, class and relationship of the hierarchy and of every class its
+    relationships reach: an older definition never matches.
+
+    Relationships count because entries hold what loading built: a query's eager-loaded collections (in
+    their ``order_by``, filtered by their ``primaryjoin``), and the related classes' columns. Two
+    processes (a deploy in progress) or two test runs with one class name but other relationships must
+    not share entries."""
     h = blake2b(digest_size=8)
-    for m in sorted(mapper.base_mapper.self_and_descendants, key=class_id):
-        h.update(f"class {class_id(m)} {m.polymorphic_identity!r}\n".encode())
-        for prop in sorted(m.column_attrs, key=lambda p: p.key):
-            cols = ",".join(f"{table_name(getattr(c, 'table', None))}.{c.name}" for c in prop.columns)
-            h.update(f"  {prop.key} {cols} {_describe_type(prop.columns[0].type)} {prop.deferred}\n".encode())
+    seen: set[Mapper[Any]] = set()
+    todo = [mapper.base_mapper]
+    while todo:
+        for m in todo:
+            seen.update(m.self_and_descendants)
+        reached = []
+        for base in sorted(todo, key=class_id):
+            for m in sorted(base.self_and_descendants, key=class_id):
+                h.update(f"class {class_id(m)} {m.polymorphic_identity!r}\n".encode())
+                for prop in sorted(m.column_attrs, key=lambda p: p.key):
+                    cols = ",".join(f"{table_name(getattr(c, 'table', None))}.{c.name}" for c in prop.columns)
+                    described = _describe_type(prop.columns[0].type)
+                    h.update(f"  {prop.key} {cols} {described} {prop.deferred}\n".encode())
+                for rel in sorted(m.relationships, key=lambda r: r.key):
+                    if rel.parent is not m:
+                        continue  # inherited: described with the class that declares it
+                    h.update(f"  {_describe_relationship(rel)}\n".encode())
+                    target = rel.mapper.base_mapper
+                    if target not in seen and target not in reached:
+                        reached.append(target)
+        todo = reached
     return h.hexdigest()
+
+
+def _describe_relationship(rel: Any) -> str:
+    """A relationship's configuration as text: what it loads and in which order. Bound values (a
+    ``primaryjoin`` comparing to a literal) are spelled out: the SQL text alone names only ``:param``."""
+    from sqlalchemy.sql import visitors
+    from sqlalchemy.sql.elements import BindParameter
+
+    def expr(e: Any) -> str:
+        if e is None or e is False:
+            return "-"
+        parts = e if isinstance(e, (list, tuple)) else [e]
+        out = []
+        for p in parts:
+            binds = [repr(b.value) for b in visitors.iterate(p) if isinstance(b, BindParameter)]
+            out.append(f"{p}{binds if binds else ''}")
+        return ";".join(out)
+
+    collection = rel.collection_class
+    collection_name = getattr(collection, "__qualname__", repr(collection)) if collection is not None else "-"
+    return (
+        f"rel {rel.key} -> {class_id(rel.mapper)} {rel.direction.name} uselist={rel.uselist} lazy={rel.lazy}"
+        f" viewonly={rel.viewonly} innerjoin={rel.innerjoin} order_by={expr(rel.order_by)}"
+        f" primaryjoin={expr(rel.primaryjoin)} secondaryjoin={expr(rel.secondaryjoin)}"
+        f" secondary={table_name(rel.secondary) if rel.secondary is not None else '-'}"
+        f" collection={collection_name}"
+    )
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import MetaData, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, defer, joinedload, lazyload, raiseload, selectinload
@@ -1051,3 +1051,59 @@ def test_a_parameter_that_cannot_be_computed_raises_as_without_the_cache(
                 s.scalars(s_stmt).all()
             outcomes.append(type(info.value.orig))
     assert outcomes[0] is outcomes[1]
+
+
+def _models_ordered(descending: bool) -> tuple[Any, Any, MetaData]:
+    """Parent/Child with one class name and table whatever the call, the collection's order_by differing:
+    what two processes see during a deploy that changes a relationship."""
+    from sqlalchemy import ForeignKey, Integer, String
+    from sqlalchemy.orm import DeclarativeBase, mapped_column, relationship
+
+    class Base(DeclarativeBase):
+        metadata = MetaData()
+
+    class Child(Base):
+        __tablename__ = "fp_children"
+        id = mapped_column(Integer, primary_key=True)
+        parent_id = mapped_column(ForeignKey("fp_parents.id"))
+        name = mapped_column(String(20))
+
+    order = Child.name.desc() if descending else Child.name.asc()
+
+    class Parent(Base):
+        __tablename__ = "fp_parents"
+        id = mapped_column(Integer, primary_key=True)
+        children = relationship(Child, order_by=order)
+
+    return Parent, Child, Base.metadata
+
+
+def test_a_relationship_changed_by_a_deploy_never_shares_entries(engine: Engine, redis_url: str) -> None:
+    """Two definitions of one class whose collection is ordered differently: a cached query with an eager
+    load filled under one must not answer the other (the order came back wrong; found by the
+    transparency suite, test_orderby_desc)."""
+    from sqlalchemy.orm import selectinload
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    seen = []
+    for descending in (False, True):
+        Parent, Child, md = _models_ordered(descending)
+        md.create_all(engine)
+        cache = SQLCache(redis_url, prefix=prefix, default_ttl=60)
+        cache.attach(engine)
+        try:
+            if not descending:
+                with Session(engine) as s:
+                    s.add(Parent(id=1, children=[Child(id=i, name=n) for i, n in enumerate("abc", 1)]))
+                    s.commit()
+            stmt = select(Parent).options(selectinload(Parent.children), cached())
+            for _ in range(2):
+                with Session(engine) as s:
+                    seen.append([c.name for c in s.scalars(stmt).one().children])
+        finally:
+            cache.detach(engine)
+            if descending:
+                cache.clear()
+                md.drop_all(engine)
+            cache.close()
+    assert seen == [list("abc"), list("abc"), list("cba"), list("cba")]
