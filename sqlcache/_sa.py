@@ -138,11 +138,15 @@ def pk_load(orm_state: ORMExecuteState) -> tuple[Mapper[Any], tuple[Any, ...]] |
 
 
 def bypasses_query_cache(orm_state: ORMExecuteState) -> bool:
-    """FOR UPDATE, populate_existing, yield_per: the caller wants the database itself, row by row."""
+    """FOR UPDATE, populate_existing, yield_per: the caller wants the database itself, row by row; and
+    the legacy ``Query.only_return_tuples()``, whose rows a rebuilt result would not shape alike."""
     stmt: Any = orm_state.statement
     opts = orm_state.load_options
     return bool(
-        getattr(stmt, "_for_update_arg", None) is not None or opts._populate_existing or opts._yield_per
+        getattr(stmt, "_for_update_arg", None) is not None
+        or opts._populate_existing
+        or opts._yield_per
+        or getattr(opts, "_only_return_tuples", False)
     )
 
 

@@ -1107,3 +1107,16 @@ def test_a_relationship_changed_by_a_deploy_never_shares_entries(engine: Engine,
                 md.drop_all(engine)
             cache.close()
     assert seen == [list("abc"), list("abc"), list("cba"), list("cba")]
+
+
+def test_only_return_tuples_is_honoured(engine: Engine, cache: SQLCache) -> None:
+    """The legacy ``Query.only_return_tuples(True)``: rows, not entities, hit or not (a hit returned the
+    entity; found by the transparency suite, OnlyReturnTuplesTest)."""
+    cache.register(User)
+    make_user(engine, "ann")
+    for _ in range(2):
+        with Session(engine) as s:
+            assert s.query(User).options(cached()).first() is not None  # fills the same statement's entry
+        with Session(engine) as s:
+            row = s.query(User).options(cached()).only_return_tuples(True).first()
+            assert row is not None and row[0].name == "ann" and row._mapping["User"] is row[0]
