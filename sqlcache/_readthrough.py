@@ -131,6 +131,9 @@ class ReadThrough:
     def read(self, orm_state: ORMExecuteState, rd: Read) -> Result[Any] | None:
         """A hit, or the database and a guarded fill. None: not handled (SQLAlchemy runs it as usual)."""
         session = orm_state.session
+        # the session's transaction begins as executing the statement would begin it (a hit executes
+        # none): in_transaction() then says what it says without the cache, and autobegin=False raises
+        _sa.autobegin(session)
         txns = self._txns.of_session(session)
         if not self._replay():
             # invalidations this process could not deliver are pending: Redis may still hold entries

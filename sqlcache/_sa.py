@@ -32,6 +32,7 @@ __all__ = [
     "BINARY",
     "DeferredCallable",
     "LazyCallable",
+    "autobegin",
     "await_",
     "build_objects",
     "bypasses_query_cache",
@@ -135,6 +136,14 @@ def pk_load(orm_state: ORMExecuteState) -> tuple[Mapper[Any], tuple[Any, ...]] |
     if any(v is None for v in pk):
         return None
     return mapper, pk
+
+
+def autobegin(session: Session) -> None:
+    """Begin the session's transaction as executing a statement would have (a hit runs none): after a
+    hit, ``in_transaction()`` says what it says without the cache, and a session with
+    ``autobegin=False`` raises as it would."""
+    if session._transaction is None:
+        session._autobegin_t()
 
 
 def bypasses_query_cache(orm_state: ORMExecuteState) -> bool:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from sqlcache import SQLCache, signals
 
 from ..conftest import SQLCounter
-from ..helpers import make_user
+from ..helpers import make_user, user_name
 from ..models import Car, Employee, Engineer, Manager, Membership, Order, Product, Truck, User, Vehicle
 
 
@@ -342,3 +342,21 @@ def test_mutable_json_is_cached_and_still_tracked(engine: Engine, cache: SQLCach
         assert cache.stats()["hits"] == hits + 1
         st.prefs["theme"] = "blue"
         assert st in s.dirty
+
+
+def test_a_hit_begins_the_sessions_transaction_as_a_statement_would(engine: Engine, cache: SQLCache) -> None:
+    """After a hit, in_transaction() is what it is without the cache, and a session with autobegin=False
+    refuses the read as SQLAlchemy does (found by the transparency suite, test_autobegin_execute)."""
+    from sqlalchemy.exc import InvalidRequestError
+
+    cache.register(User)
+    uid = make_user(engine, "ann")
+    assert user_name(engine, uid) == "ann"  # filled
+    hits = cache.stats()["hits"]
+    with Session(engine) as s:
+        assert not s.in_transaction()
+        assert s.get(User, uid) is not None
+        assert s.in_transaction()
+    assert cache.stats()["hits"] == hits + 1
+    with Session(engine, autobegin=False) as s, pytest.raises(InvalidRequestError, match="[Aa]utobegin"):
+        s.get(User, uid)

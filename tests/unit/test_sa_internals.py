@@ -123,3 +123,14 @@ def test_translate_map_items_ignore_the_compilers_alias() -> None:
         c.execute(select(t)).all()
     assert _sa.translate_map_items(stm) == before
     assert _sa.translate_map_items({"_none": "x"}) == [("'_none'", "'x'")]
+
+
+def test_autobegin_internals() -> None:
+    """Session._transaction and Session._autobegin_t(), which a hit uses to begin as a statement would."""
+    engine = create_engine("sqlite://")
+    with Session(engine) as s:
+        assert s._transaction is None
+        _sa.autobegin(s)
+        assert s._transaction is not None and s.in_transaction()
+        _sa.autobegin(s)  # idempotent
+    engine.dispose()
