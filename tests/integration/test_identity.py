@@ -358,5 +358,5 @@ def test_a_hit_begins_the_sessions_transaction_as_a_statement_would(engine: Engi
         assert s.get(User, uid) is not None
         assert s.in_transaction()
     assert cache.stats()["hits"] == hits + 1
-    with Session(engine, autobegin=False) as s, pytest.raises(InvalidRequestError, match="[Aa]utobegin"):
+    with Session(engine, autobegin=False) as s, pytest.raises(InvalidRequestError, match=r"[Aa]utobegin"):
         s.get(User, uid)
