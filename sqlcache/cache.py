@@ -272,6 +272,12 @@ class SQLCache:
         the loop that used the cache (an app's shutdown); connections of loops that were closed before
         go with their loop."""
         self.close()
+        await self.release_loop()
+
+    async def release_loop(self) -> None:
+        """Close this event loop's asyncio connections to Redis; the cache stays usable (the next
+        asyncio read or commit in a loop opens new ones). For a loop that ends while the cache lives on:
+        ``asyncio.run()`` per job, a test's loop."""
         if self._async_stores is not None:
             await self._async_stores.aclose_current()
 

@@ -28,6 +28,8 @@ def test_demo_plain(redis_url: str) -> None:
     assert "invalidated: identities [Customer(1,)]" in out
     assert "fills refused as stale: 1" in out and "a fresh read returns 'customer 2, v2'" in out
     assert "cached get:" in out and "database get:" in out
+    assert "await session.get(): 'customer 3', a hit: True" in out
+    assert "the sync engine now reads 'customer 3 (async)'" in out
 
 
 def test_demo_without_redis() -> None:

@@ -73,7 +73,7 @@ class AsyncRows:
         """This loop's connections to Redis and the databases closed, then the loop."""
 
         async def closing() -> None:
-            await self._cache.aclose()
+            await self._cache.release_loop()
             await self.plain.dispose()
             await self.cached.dispose()
 

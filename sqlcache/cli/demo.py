@@ -26,6 +26,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from sqlcache import SQLCache, signals
 
+from .demo_async import async_step
+
 
 class _Base(DeclarativeBase):
     metadata = MetaData()
@@ -229,7 +231,11 @@ def _run(args: argparse.Namespace, engine: Engine, plain: Engine, cache: SQLCach
     out.title("8. Speed-up: cached get vs database get, interleaved")
     out.line(_speedup(engine, plain, rows))
 
-    out.title("9. stats()")
+    out.title("9. asyncio: the same cache through an AsyncEngine and AsyncSession")
+    for line in async_step(engine, cache, Customer, 3):
+        out.line(line)
+
+    out.title("10. stats()")
     stats = cache.stats()
     out.line("  ".join(f"{k}={v}" for k, v in stats.items() if v))
     event.remove(engine, "before_cursor_execute", sql)
