@@ -65,13 +65,34 @@ SUITES: list[tuple[list[str], str]] = [
     (["test/ext/asyncio/test_session.py"], "aiosqlite"),
 ]
 
+# The attach pass (every class registered, no cached()) runs on the modules where registration alone
+# changes most (sessions, transactions, the unit of work, expiry, keys, sharding, asyncio): the cached
+# pass runs everything with the cache attached as well, and the two together stay within CI's ~10 min.
+ATTACH_MODULES = {
+    "test/orm/test_session.py",
+    "test/orm/test_transaction.py",
+    "test/orm/test_expire.py",
+    "test/orm/test_merge.py",
+    "test/orm/test_versioning.py",
+    "test/orm/test_unitofwork.py",
+    "test/orm/test_naturalpks.py",
+    "test/orm/test_lazy_relations.py",
+    "test/orm/inheritance/test_basic.py",
+    "test/orm/dml/test_bulk.py",
+    "test/ext/test_horizontal_shard.py",
+    "test/ext/asyncio/test_session.py",
+}
+
 # An assertion about how many statements ran, or which: the one kind of failure hits may cause.
 SQL_ASSERTION = re.compile(
     r"Count of statements|statements? (didn't|did not) match|Testing for compiled statement"
     r"|Additional SQL statements remain|Expected .* statement|received .* statements?"
-    r"|assert_sql_count|CountStatements|AllOf|No more statements|Testing for (exact )?statement",
+    r"|assert_sql_count|CountStatements|AllOf|No more statements|Testing for (exact )?statement"
+    r"|desired statement count \d+ does not match \d+|pending assertion rules remain",
     re.I,
 )
+
+_COUNT = re.compile(r"desired statement count (\d+) does not match (\d+)")
 
 # Differences allowed by hand: (mode, test id or its prefix, why). Only for what SQL_ASSERTION and the
 # no-hit rerun cannot recognise mechanically; each entry says why the run legitimately differs.
@@ -80,6 +101,18 @@ ALLOWED: list[tuple[str, str, str]] = [
         "cached",
         "test/orm/test_query.py::SessionBindTest::",
         "a mock asserts the exact statement handed to get_bind(); the cached pass added cached() to it",
+    ),
+    (
+        "cached",
+        "test/orm/dml/test_orm_upd_del_basic.py::UpdateDeleteTest_sqlite+pysqlite_3_40_1::test_routing_session[fetch-",
+        "a get_bind() override records every call: on a miss sqlcache asks get_bind() for the SELECT's engine"
+        " (with the ORM's own arguments) before the ORM asks again to run it; known, docs/transparency.md",
+    ),
+    (
+        "cached",
+        "test/orm/test_session.py::NewStyleExecutionTest::test_unbuffered_result_session_is_closed[",
+        "a hit's result is in memory: read after the session closed, it returns its rows where a database"
+        " cursor would have been closed and raised; known, docs/transparency.md",
     ),
 ]
 
@@ -105,6 +138,27 @@ def sdist_tree(ver: str) -> Path:
     return tree
 
 
+def selectors(tests: list[str]) -> list[str]:
+    """Arguments that select ``tests`` again. SQLAlchemy's plugin generates a class per backend
+    (``FooTest_sqlite+pysqlite_3_40_1``) whose node ids cannot be named on the command line: their
+    modules are selected with ``-k`` on the class and test names instead (a little wider; the results
+    are looked up by id)."""
+    plain: list[str] = []
+    by_module: dict[str, list[str]] = {}
+    for t in tests:
+        parts = t.split("::")
+        if len(parts) == 3 and "_" in parts[1] and "+" in parts[1]:
+            cls = parts[1].split("_", 1)[0]
+            name = parts[2].split("[", 1)[0]
+            by_module.setdefault(parts[0], []).append(f"({cls} and {name})")
+        else:
+            plain.append(t)
+    out = list(plain)
+    for module, exprs in by_module.items():
+        out += [module, "-k", " or ".join(sorted(set(exprs)))]
+    return out
+
+
 def run_pass(tree: Path, mode: str, tests: list[str], db: str, out: Path, nohit: bool = False) -> dict:
     env = dict(os.environ)
     env.update(SQLCACHE_T_MODE=mode, SQLCACHE_T_OUT=str(out), SQLCACHE_T_NOHIT="1" if nohit else "0")
@@ -121,11 +175,23 @@ def run_pass(tree: Path, mode: str, tests: list[str], db: str, out: Path, nohit:
     return json.loads(out.read_text())
 
 
+def _batches(args: list[str]) -> list[list[str]]:
+    """One pytest run for the plain ids, one per ``module -k expr`` (a -k applies to a whole run)."""
+    plain = [a for a in args if "::" in a]
+    rest = [a for a in args if "::" not in a]
+    out = [plain] if plain else []
+    out += [rest[k : k + 3] for k in range(0, len(rest), 3)]
+    return out
+
+
 def classify(mode: str, test: str, rec: dict, nohit: dict | None) -> str | None:
     """Why a difference is allowed, or None."""
     for m, prefix, why in ALLOWED:
         if m == mode and test.startswith(prefix):
             return f"allowlisted: {why}"
+    count = _COUNT.search(rec.get("message", ""))
+    if count is not None and int(count.group(2)) >= int(count.group(1)):
+        return None  # as many statements as expected or more: hits never add any
     if (
         rec["outcome"] == "failed"
         and rec.get("hits", 0) > 0
@@ -157,10 +223,16 @@ def main() -> int:
         print(f"  [{db}] baseline: {len(base)} tests, {counts} in {time.monotonic() - t0:.0f}s")
         for mode in args.modes:
             t0 = time.monotonic()
-            got = run_pass(tree, mode, modules, db, out / f"{i}-{mode}.json")
+            chosen = modules
+            if mode == "attach" and not args.modules:
+                chosen = [m for m in modules if m in ATTACH_MODULES]
+            if not chosen:
+                continue
+            got = run_pass(tree, mode, chosen, db, out / f"{i}-{mode}.json")
             tests, totals = got["tests"], got["totals"]
+            ran = {t for t in base if t.split("::", 1)[0] in chosen}
             diff = sorted(
-                t for t in set(base) | set(tests)
+                t for t in ran | set(tests)
                 if base.get(t, {}).get("outcome") != tests.get(t, {}).get("outcome")
             )  # fmt: skip
             hits = totals.get("hits", 0)
@@ -171,7 +243,9 @@ def main() -> int:
             nohit: dict = {}
             failing = [t for t in diff if tests.get(t, {}).get("outcome") == "failed"]
             if failing:
-                nohit = run_pass(tree, mode, failing, db, out / f"{i}-{mode}-nohit.json", nohit=True)["tests"]
+                for j, sel in enumerate(_batches(selectors(failing))):
+                    rerun = out / f"{i}-{mode}-nohit{j}.json"
+                    nohit.update(run_pass(tree, mode, sel, db, rerun, nohit=True)["tests"])
             for t in diff:
                 rec = tests.get(t, {"outcome": "missing"})
                 why = classify(mode, t, rec, nohit.get(t))
