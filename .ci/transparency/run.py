@@ -20,11 +20,13 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import version
 from pathlib import Path
 
@@ -159,6 +161,15 @@ def selectors(tests: list[str]) -> list[str]:
     return out
 
 
+def tree_copy(tree: Path, mode: str) -> Path:
+    """A copy of the unpacked tree for one mode (made once, kept in CACHE_DIR)."""
+    copy = tree.with_name(f"{tree.name}-{mode}")
+    if not (copy / "test" / "conftest.py").exists():
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(tree, copy)
+    return copy
+
+
 def run_pass(tree: Path, mode: str, tests: list[str], db: str, out: Path, nohit: bool = False) -> dict:
     env = dict(os.environ)
     env.update(SQLCACHE_T_MODE=mode, SQLCACHE_T_OUT=str(out), SQLCACHE_T_NOHIT="1" if nohit else "0")
@@ -221,14 +232,22 @@ def main() -> int:
         base = run_pass(tree, "base", modules, db, out / f"{i}-base.json")["tests"]
         counts = {o: sum(1 for r in base.values() if r["outcome"] == o) for o in ("passed", "failed")}
         print(f"  [{db}] baseline: {len(base)} tests, {counts} in {time.monotonic() - t0:.0f}s")
-        for mode in args.modes:
-            t0 = time.monotonic()
-            chosen = modules
-            if mode == "attach" and not args.modules:
-                chosen = [m for m in modules if m in ATTACH_MODULES]
-            if not chosen:
-                continue
-            got = run_pass(tree, mode, chosen, db, out / f"{i}-{mode}.json")
+        # the modes run side by side (two cores), each in a copy of the tree of its own: some tests
+        # write SQLite files in the working directory
+        chosen_by_mode = {
+            mode: [m for m in modules if args.modules or mode != "attach" or m in ATTACH_MODULES]
+            for mode in args.modes
+        }
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(max_workers=len(args.modes)) as pool:
+            futures = {
+                mode: pool.submit(run_pass, tree_copy(tree, mode), mode, chosen, db, out / f"{i}-{mode}.json")
+                for mode, chosen in chosen_by_mode.items()
+                if chosen
+            }
+        for mode, future in futures.items():
+            chosen = chosen_by_mode[mode]
+            got = future.result()
             tests, totals = got["tests"], got["totals"]
             ran = {t for t in base if t.split("::", 1)[0] in chosen}
             diff = sorted(
@@ -238,7 +257,7 @@ def main() -> int:
             hits = totals.get("hits", 0)
             print(
                 f"  [{db}] {mode}: {len(diff)} differences, {hits} hits, "
-                f"{totals.get('misses', 0)} misses in {time.monotonic() - t0:.0f}s"
+                f"{totals.get('misses', 0)} misses (modes side by side: {time.monotonic() - t0:.0f}s)"
             )
             nohit: dict = {}
             failing = [t for t in diff if tests.get(t, {}).get("outcome") == "failed"]
