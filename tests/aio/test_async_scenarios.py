@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlcache import SQLCache, cached
 
 from ..models import Order, User
-from .helpers import pause_after_select
+from .helpers import await_, pause_after_select
 
 Run = Any
 
@@ -325,5 +325,88 @@ def test_many_tasks_never_read_older_than_a_returned_commit(run: Run, cache: SQL
                 break
             assert asyncio.get_running_loop().time() < deadline, cache.stats()
             await asyncio.sleep(0.05)
+
+    run(body)
+
+
+class _StallRelease:
+    """A plugin whose store wrapper holds one task's post-commit release (either path) until resumed:
+    the wrapper runs in SQLAlchemy's greenlet, so it awaits an asyncio.Event through the bridge."""
+
+    name = "stall-release"
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        self.stalled = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    def setup(self, host: Any) -> None:
+        plugin = self
+
+        class Wrapper:
+            def __init__(self, inner: Any) -> None:
+                self._inner = inner
+
+            def __getattr__(self, name: str) -> Any:
+                attr = getattr(self._inner, name)
+                if name not in ("release", "release_after"):
+                    return attr
+
+                def stalled(*args: Any, **kwargs: Any) -> Any:
+                    if plugin.task is not None and asyncio.current_task() is plugin.task:
+                        plugin.stalled.set()
+                        await_(asyncio.wait_for(plugin.resume.wait(), 30))
+                    return attr(*args, **kwargs)
+
+                return stalled
+
+        host.wrap_store(Wrapper)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("mode", ["invalidate", "repopulate"])
+def test_delayed_release_of_an_older_writer(run: Run, cache: SQLCache, mode: str) -> None:
+    """Scenario 2 with tasks: writer 1 commits v1 and its release is held; writer 2 commits v2 and
+    releases; writer 1's release then runs. Reads end at v2, never v1."""
+    from ..models import Product
+
+    cache.register(Product, mode=mode)  # type: ignore[arg-type]
+    plugin = _StallRelease()
+    cache.add_plugin(plugin)  # type: ignore[arg-type]
+
+    async def write(pid: int, name: str) -> None:
+        async with AsyncSession(run_engine[0]) as s:
+            p = await s.get(Product, pid)
+            assert p is not None
+            p.name = name
+            await s.commit()
+
+    async def read(pid: int) -> str:
+        async with AsyncSession(run_engine[0]) as s:
+            p = await s.get(Product, pid)
+            assert p is not None
+            return p.name
+
+    run_engine: list[AsyncEngine] = []
+
+    async def body(ae: AsyncEngine) -> None:
+        run_engine.append(ae)
+        async with AsyncSession(ae) as s:
+            p = Product(name="v0", price=1)
+            s.add(p)
+            await s.flush()
+            pid = p.id
+            await s.commit()
+        writer1 = asyncio.create_task(write(pid, "v1"))
+        plugin.task = writer1
+        await asyncio.wait_for(plugin.stalled.wait(), 20)
+        await write(pid, "v2")  # commits after v1, releases before v1's release
+        assert await read(pid) == "v2"
+        plugin.resume.set()
+        await writer1
+        for _ in range(2):
+            assert await read(pid) == "v2"
 
     run(body)
