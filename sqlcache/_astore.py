@@ -19,8 +19,7 @@ import hashlib
 import inspect
 import threading
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
@@ -84,6 +83,7 @@ class AsyncRedisStore:
         self._sources = {name: script_source(name) for name in proto.SCRIPTS}
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
         self._loaded_epoch = -1
+        self.closer: AsyncGenerator[None, None] | None = None  # see AsyncStores
         client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
 
     @property
@@ -132,8 +132,10 @@ class AsyncRedisStore:
             await released
 
     async def _discard(self, conn: Any) -> None:
-        await conn.disconnect()
-        await self._give_back(conn)
+        try:
+            await conn.disconnect()
+        finally:
+            await self._give_back(conn)
 
     async def _command(self, *args: Any) -> Any:
         """One command on a pooled connection, without the client's per-call machinery (as the sync
@@ -309,48 +311,82 @@ class AsyncRedisStore:
 
 
 class AsyncStores:
-    """One :class:`AsyncRedisStore` per event loop, made on first use from ``make_client``."""
+    """One :class:`AsyncRedisStore` per event loop, made on first use from ``make_client``.
+
+    A store's connections are closed when its loop shuts down its async generators, which
+    ``asyncio.run()`` and ``asyncio.Runner`` do before closing the loop: each store parks an async
+    generator in its loop whose ``finally`` closes them. A loop closed without that step is dropped (and
+    its connections left to the garbage collector) when the next loop's store is made.
+    """
 
     def __init__(self, make_client: Callable[[], aredis.Redis], health: Health) -> None:
         self._make_client = make_client
         self._health = health
         self._mutex = threading.Lock()
-        self._by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRedisStore]
-        self._by_loop = weakref.WeakKeyDictionary()
-        self._last: tuple[weakref.ref[asyncio.AbstractEventLoop], AsyncRedisStore] | None = None
+        self._by_loop: dict[asyncio.AbstractEventLoop, AsyncRedisStore] = {}
+        self._last: tuple[asyncio.AbstractEventLoop, AsyncRedisStore] | None = None
 
     def current(self) -> AsyncRedisStore:
+        """The running loop's store (called in SQLAlchemy's greenlet of that loop)."""
         loop = asyncio.get_running_loop()
         last = self._last
-        if last is not None and last[0]() is loop:
+        if last is not None and last[0] is loop:
             return last[1]
+        made = False
         with self._mutex:
             store = self._by_loop.get(loop)
             if store is None:
+                for gone in [other for other in self._by_loop if other.is_closed()]:
+                    del self._by_loop[gone]
                 store = AsyncRedisStore(self._make_client(), self._health)
                 self._by_loop[loop] = store
-            self._last = (weakref.ref(loop), store)
+                made = True
+            self._last = (loop, store)
+        if made:
+            closer = self._closer(loop, store)
+            store.closer = closer  # the loop only tracks async generators weakly
+            _sa.await_(closer.__anext__())  # parked: the loop's shutdown_asyncgens() resumes it
         return store
+
+    async def _closer(
+        self, loop: asyncio.AbstractEventLoop, store: AsyncRedisStore
+    ) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            self._forget(loop, store)
+            await store.aclose()
+
+    def _forget(self, loop: asyncio.AbstractEventLoop, store: AsyncRedisStore) -> None:
+        with self._mutex:
+            if self._by_loop.get(loop) is store:
+                del self._by_loop[loop]
+            last = self._last
+            if last is not None and last[1] is store:
+                self._last = None
 
     async def aclose_current(self) -> None:
         """Close the connections of the running loop's store (the next use opens new ones)."""
         loop = asyncio.get_running_loop()
         with self._mutex:
-            store = self._by_loop.pop(loop, None)
-            last = self._last
-            if last is not None and last[0]() is loop:
-                self._last = None
-        if store is not None:
+            store = self._by_loop.get(loop)
+        if store is None:
+            return
+        if store.closer is not None:
+            await store.closer.aclose()  # its finally forgets and closes the store
+        else:
+            self._forget(loop, store)
             await store.aclose()
 
     def open_loops(self) -> int:
         """How many event loops hold a store (and so possibly connections)."""
-        return len(self._by_loop)
+        with self._mutex:
+            return sum(1 for loop in self._by_loop if not loop.is_closed())
 
     def after_fork(self) -> None:
         """In a forked child: no loop of the parent runs here; forget their stores."""
         self._mutex = threading.Lock()
-        self._by_loop = weakref.WeakKeyDictionary()
+        self._by_loop = {}
         self._last = None
 
 

@@ -104,3 +104,30 @@ def test_aclose_leaves_no_connection_behind(engine: Engine, private_redis: Redis
     assert during > 2
     assert int(admin.info("clients")["connected_clients"]) == 1
     admin.close()
+
+
+def test_loops_that_end_without_aclose_leave_no_connection(
+    engine: Engine, private_redis: RedisServer
+) -> None:
+    """``asyncio.run()`` per job, the cache living on: each loop's connections close when the loop shuts
+    down (no aclose(), no release_loop())."""
+    admin = redis.Redis(port=private_redis.port, socket_timeout=5)
+    cache = SQLCache(private_redis.url, prefix="loops")
+    cache.register(User)
+    from .conftest import async_engine_like
+
+    async def job() -> None:
+        ae = async_engine_like(engine)
+        cache.attach(ae)
+        try:
+            uid = await make_user(ae, "v1")
+            await asyncio.gather(*(cached_name(ae, uid) for _ in range(5)))
+        finally:
+            cache.detach(ae)
+            await ae.dispose()
+
+    for _ in range(4):
+        asyncio.run(job())
+    assert int(admin.info("clients")["connected_clients"]) == 1 + 0  # the admin connection only
+    cache.close()
+    admin.close()
