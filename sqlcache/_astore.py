@@ -90,9 +90,10 @@ class AsyncRedisStore:
     def backing_off(self) -> bool:
         return self.health.backing_off
 
-    def _call(self, operation: str, make: Callable[[], Awaitable[T]]) -> T:
+    def _call(self, operation: str, make: Callable[[], Awaitable[T]], shield: bool = False) -> T:
         """Run ``make()``'s coroutine on the event loop (the scripts loaded first if needed), through the
-        breaker. The coroutine is made only once the breaker let the call through."""
+        breaker. The coroutine is made only once the breaker let the call through. ``shield``: a
+        cancellation of the awaiting task does not stop the call (a release, once begun, finishes)."""
         health = self.health
         health.check(operation)
         if not _sa.in_async_greenlet():
@@ -100,7 +101,10 @@ class AsyncRedisStore:
             # here; the caller treats it as an outage (the journal keeps the invalidation)
             raise CacheUnavailable(f"{operation} (outside the event loop)")
         try:
-            result: T = _sa.await_(self._run(make))
+            work: Awaitable[T] = self._run(make)
+            if shield:
+                work = asyncio.shield(work)
+            result: T = _sa.await_(work)
         except _REDIS_ERRORS as exc:
             self._loaded_epoch = -1
             health.failed()
@@ -265,7 +269,7 @@ class AsyncRedisStore:
             await self._give_back(conn)
             return replies
 
-        lock_reply, release_reply = self._call("release", run)
+        lock_reply, release_reply = self._call("release", run, shield=True)
         if isinstance(release_reply, redis.ResponseError):
             self._loaded_epoch = -1
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
@@ -281,7 +285,7 @@ class AsyncRedisStore:
         announce: tuple[str, bytes] | None = None,
     ) -> int:
         keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, entries, announce)
-        return int(self._call("release", lambda: self._script("release", keys, args)))
+        return int(self._call("release", lambda: self._script("release", keys, args), shield=True))
 
     def delete(self, *keys: str) -> None:
         self._call("delete", lambda: self._command("DEL", *keys))

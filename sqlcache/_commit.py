@@ -231,7 +231,13 @@ class Commits:
         rep = self._rep
         run = rep.begin("release", keys=len(pending.keys), tags=tuple(pending.tags)) if rep.hooks else None
         try:
-            failure = self._release(pending, committed)
+            try:
+                failure = self._release(pending, committed)
+            except BaseException:
+                # interrupted (an asyncio task cancelled while its release was awaited; a
+                # KeyboardInterrupt): the journal keeps the invalidation, whatever the release did
+                self._journal.defer(pending.keys)
+                raise
             if run is not None:
                 run.end("ok" if failure is None else "deferred", failure)
         finally:

@@ -410,3 +410,64 @@ def test_delayed_release_of_an_older_writer(run: Run, cache: SQLCache, mode: str
             assert await read(pid) == "v2"
 
     run(body)
+
+
+class _CancelAtRelease:
+    """A plugin whose store wrapper cancels one task just as its release begins: the cancellation
+    arrives while the release is awaited."""
+
+    name = "cancel-at-release"
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[Any] | None = None
+
+    def setup(self, host: Any) -> None:
+        plugin = self
+
+        class Wrapper:
+            def __init__(self, inner: Any) -> None:
+                self._inner = inner
+
+            def __getattr__(self, name: str) -> Any:
+                attr = getattr(self._inner, name)
+                if name not in ("release", "release_after"):
+                    return attr
+
+                def cancelling(*args: Any, **kwargs: Any) -> Any:
+                    if plugin.task is not None and asyncio.current_task() is plugin.task:
+                        plugin.task.cancel()
+                    return attr(*args, **kwargs)
+
+                return cancelling
+
+        host.wrap_store(Wrapper)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_commit_cancelled_during_its_release_still_releases(run: Run, cache: SQLCache) -> None:
+    """The task awaiting ``session.commit()`` is cancelled while the release is in flight: the release
+    still finishes (or the journal keeps it), so the row is served again at once, not after lock_ttl."""
+    cache.register(User)
+    plugin = _CancelAtRelease()
+    cache.add_plugin(plugin)  # type: ignore[arg-type]
+
+    async def body(ae: AsyncEngine) -> None:
+        uid = await make_user(ae, "v1")
+        assert await cached_name(ae, uid) == "v1"
+        writer = asyncio.create_task(rename(ae, uid, "v2"))
+        plugin.task = writer
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        plugin.task = None
+        deadline = asyncio.get_running_loop().time() + 10  # lock_ttl is 60 s
+        while True:
+            hits = cache.stats()["hits"]
+            assert await cached_name(ae, uid) == "v2"
+            if cache.stats()["hits"] == hits + 1:
+                break
+            assert asyncio.get_running_loop().time() < deadline, cache.stats()
+            await asyncio.sleep(0.05)
+
+    run(body)
