@@ -8,8 +8,9 @@ release after it) is finished before the awaited ORM call returns, exactly as in
 
 redis.asyncio connections belong to the event loop that opened them: :class:`AsyncStores` keeps one
 client (one pool) per loop. :class:`Worlds` is the store the core sees: per call, the asyncio store of
-the running loop inside SQLAlchemy's greenlet, the sync store anywhere else (threads of the journal,
-relays and listener; plain sync code).
+the running loop inside SQLAlchemy's greenlet, the sync store anywhere else (the journal's timer and
+the listener threads; plain sync code). A durable relay of an asyncio engine runs in SQLAlchemy's
+greenlet on a loop of its own, and so uses that loop's asyncio store.
 """
 
 from __future__ import annotations

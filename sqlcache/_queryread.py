@@ -132,7 +132,7 @@ class QueryReader:
         # by position, not by name: anonymous parameter names embed process-specific ids
         try:
             params: list[Any] = [given.pop(bp.key, bp.effective_value) for bp in ck.bindparams]
-        except Exception as exc:
+        except SQLAlchemyError as exc:
             # a parameter computed from an object's state (a relationship compared to a detached or
             # transient object) that cannot be computed now: SQLAlchemy runs the statement and raises
             # its own error the way it would without the cache

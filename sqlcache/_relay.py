@@ -82,6 +82,10 @@ class Relay:
         """In a forked child: fresh locks and events, and the thread (which did not survive the fork)
         started again if it ran in the parent. Rows the parent applied are the parent's to delete."""
         running = self._thread.ident is not None and not self._stopping.is_set()
+        if self._runner is not None:
+            # an asyncio relay's own engine: its connections are the parent's, bound to a loop that does
+            # not run here; drop them without closing them (the parent still uses the sockets)
+            self.engine.dispose(close=False)
         self._done = {}
         self._done_lock = threading.Lock()
         self._stopping = threading.Event()

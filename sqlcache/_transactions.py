@@ -134,7 +134,9 @@ class Transactions:
         """The statement succeeded: its resets apply now (MySQL's USE, autocommit) or at COMMIT (a
         PostgreSQL SET, RESET or set_config() inside a transaction is undone by its rollback)."""
         mark: Scoped | None = conn.info.get(self._scope_key)
-        if mark is None or mark.trying is None or mark.trying[0] is not statement:
+        # equal, not the same object: a later before_cursor_execute listener (retval=True) may have
+        # rebuilt the string without changing it
+        if mark is None or mark.trying is None or mark.trying[0] != statement:
             return
         settings = [c.setting for c in mark.trying[1]]
         mark.trying = None

@@ -113,7 +113,7 @@ _SET = re.compile(
 _RESET = re.compile(rf"reset\s+(session\s+authorization|{_NAME})\s*;?\s*$", re.I)
 _DISCARD_ALL = re.compile(r"discard\s+all\s*;?\s*$", re.I)
 _USE = re.compile(r"use\s+(`[^`]+`|[\w$]+)\s*;?\s*$", re.I)
-_SET_CONFIG = re.compile(r"set_config\s*\(", re.I)
+_SET_CONFIG = re.compile(r"\bset_config\s*\(", re.I)
 _CONFIG_GATE = re.compile(r"_[cC][oO][nN][fF][iI][gG]")  # a literal first character: a fast scan
 _SET_CONFIG_CALL = re.compile(
     r"set_config\s*\(\s*(?:'([^']*)'\s*,\s*(?:'[^']*'|%\(\w+\)s|%s|\?|:\w+|\$\d+)\s*,\s*(true)\s*\)|'([^']*)')?",

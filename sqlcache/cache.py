@@ -223,6 +223,8 @@ class SQLCache:
 
         :raises ConfigurationError: if ``engine`` is not a SQLAlchemy Engine or AsyncEngine, or
             ``durable=True`` and its database has no outbox table.
+
+        .. versionchanged:: 0.3 an AsyncEngine is accepted.
         """
         sync_engine: Engine | None = _sa.engine_of(engine)
         if sync_engine is None:
@@ -269,15 +271,21 @@ class SQLCache:
 
     async def aclose(self) -> None:
         """:meth:`close`, and then close this event loop's asyncio connections to Redis. Call it from
-        the loop that used the cache (an app's shutdown); connections of loops that were closed before
-        go with their loop."""
+        the loop that used the cache (an app's shutdown). A loop's connections also close when it shuts
+        down its async generators (``asyncio.run()`` and ``asyncio.Runner`` do).
+
+        .. versionadded:: 0.3
+        """
         self.close()
         await self.release_loop()
 
     async def release_loop(self) -> None:
         """Close this event loop's asyncio connections to Redis; the cache stays usable (the next
         asyncio read or commit in a loop opens new ones). For a loop that ends while the cache lives on:
-        ``asyncio.run()`` per job, a test's loop."""
+        ``asyncio.run()`` per job, a test's loop.
+
+        .. versionadded:: 0.3
+        """
         if self._async_stores is not None:
             await self._async_stores.aclose_current()
 
@@ -416,8 +424,15 @@ class SQLCache:
         to apply what crashed or cut-off writers left (``sqlcache relay`` runs one). ``relay.stop()``
         ends it; ``relay.run_once()`` runs one pass in the calling thread.
 
-        :raises ConfigurationError: if the outbox table does not exist.
+        :raises ConfigurationError: if the outbox table does not exist, or ``engine`` uses an asyncio
+            driver (give this command a sync driver's URL for the same database).
         """
+        sync_engine: Engine | None = _sa.engine_of(engine)
+        if sync_engine is not engine or sync_engine.dialect.is_async:
+            raise ConfigurationError(
+                "relay() takes an Engine with a sync driver (the relay runs in the calling thread); for an "
+                "AsyncEngine's database, create_engine() with a sync driver's URL"
+            )
         check_table(engine, self.config.outbox_table)
         relay = self._new_relay(engine)
         if start:

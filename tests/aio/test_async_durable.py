@@ -105,3 +105,13 @@ def test_a_cut_off_async_writer_leaves_its_row_and_an_async_relay_applies_it(
         assert await cached_name(ae, uid) == "v2"
 
     run_loop(outbox, after, sees_v2)
+
+
+def test_relay_without_attaching_refuses_an_asyncio_engine(engine: Engine, redis_url: str) -> None:
+    """``cache.relay()`` runs passes in the calling thread: it wants a sync driver, and says so."""
+    cache = SQLCache(redis_url, prefix="x", durable=True)
+    aengine = async_engine_like(engine)
+    for given in (aengine, aengine.sync_engine):
+        with pytest.raises(ConfigurationError, match="sync driver"):
+            cache.relay(given, start=False)  # type: ignore[arg-type]
+    cache.close()

@@ -146,3 +146,16 @@ def test_use_names_its_database() -> None:
 def test_several_statements_in_one_string_count_as_a_write_if_any_is(sql: str, write: bool) -> None:
     """Issue 12 (found with point 9): only the first statement of ``SELECT 1; DELETE ...`` was read."""
     assert is_write_sql(sql) is write
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT reset_config('x')",
+        "SELECT asset_config(1)",
+        "WITH user_set_config (k, v) AS (SELECT 1, 2) SELECT * FROM user_set_config",
+    ],
+)
+def test_names_that_merely_end_in_set_config_change_nothing(sql: str) -> None:
+    """Only the function set_config() itself changes a setting (found in review: no word boundary)."""
+    assert scope_changes(sql) == []
