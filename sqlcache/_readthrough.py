@@ -131,8 +131,7 @@ class ReadThrough:
     def read(self, orm_state: ORMExecuteState, rd: Read) -> Result[Any] | None:
         """A hit, or the database and a guarded fill. None: not handled (SQLAlchemy runs it as usual)."""
         session = orm_state.session
-        # the session's transaction begins as executing the statement would begin it (a hit executes
-        # none): in_transaction() then says what it says without the cache, and autobegin=False raises
+        # autobegin=False without a transaction: the ORM would refuse to execute the statement; so do we
         _sa.autobegin(session)
         txns = self._txns.of_session(session)
         if not self._replay():

@@ -126,11 +126,18 @@ def test_translate_map_items_ignore_the_compilers_alias() -> None:
 
 
 def test_autobegin_internals() -> None:
-    """Session._transaction and Session._autobegin_t(), which a hit uses to begin as a statement would."""
+    """Session._transaction, Session.autobegin and Session._autobegin_t(), with which a read refuses to
+    run in a session that may not autobegin, as executing the statement would."""
+    from sqlalchemy.exc import InvalidRequestError
+
     engine = create_engine("sqlite://")
     with Session(engine) as s:
+        assert s._transaction is None and s.autobegin
+        _sa.autobegin(s)  # may autobegin: left alone
         assert s._transaction is None
-        _sa.autobegin(s)
-        assert s._transaction is not None and s.in_transaction()
-        _sa.autobegin(s)  # idempotent
+    with Session(engine, autobegin=False) as s:
+        with pytest.raises(InvalidRequestError):
+            _sa.autobegin(s)
+        with s.begin():
+            _sa.autobegin(s)  # a transaction is there: nothing to do
     engine.dispose()
