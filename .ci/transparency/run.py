@@ -137,7 +137,7 @@ def sdist_tree(ver: str) -> Path:
         with tempfile.TemporaryDirectory(dir=CACHE_DIR) as tmp:
             subprocess.run(
                 [sys.executable, "-m", "pip", "download", "-q", f"sqlalchemy=={ver}",
-                 "--no-binary", ":all:", "--no-deps", "--no-build-isolation", "-d", tmp],
+                 "--no-binary", ":all:", "--no-deps", "-d", tmp],
                 check=True,
             )  # fmt: skip
             (found,) = Path(tmp).glob("*.tar.gz")
