@@ -329,16 +329,15 @@ def test_many_tasks_never_read_older_than_a_returned_commit(run: Run, cache: SQL
     run(body)
 
 
-class _StallRelease:
-    """A plugin whose store wrapper holds one task's post-commit release (either path) until resumed:
-    the wrapper runs in SQLAlchemy's greenlet, so it awaits an asyncio.Event through the bridge."""
+class _AtRelease:
+    """A plugin whose store wrapper runs ``action()`` when one task's post-commit release (either path)
+    begins, in SQLAlchemy's greenlet: it may await through the bridge, or cancel the task."""
 
-    name = "stall-release"
+    name = "at-release"
 
-    def __init__(self) -> None:
+    def __init__(self, action: Any) -> None:
         self.task: asyncio.Task[Any] | None = None
-        self.stalled = asyncio.Event()
-        self.resume = asyncio.Event()
+        self.action = action
 
     def setup(self, host: Any) -> None:
         plugin = self
@@ -352,13 +351,12 @@ class _StallRelease:
                 if name not in ("release", "release_after"):
                     return attr
 
-                def stalled(*args: Any, **kwargs: Any) -> Any:
+                def hooked(*args: Any, **kwargs: Any) -> Any:
                     if plugin.task is not None and asyncio.current_task() is plugin.task:
-                        plugin.stalled.set()
-                        await_(asyncio.wait_for(plugin.resume.wait(), 30))
+                        plugin.action()
                     return attr(*args, **kwargs)
 
-                return stalled
+                return hooked
 
         host.wrap_store(Wrapper)
 
@@ -373,7 +371,13 @@ def test_delayed_release_of_an_older_writer(run: Run, cache: SQLCache, mode: str
     from ..models import Product
 
     cache.register(Product, mode=mode)  # type: ignore[arg-type]
-    plugin = _StallRelease()
+    stalled, resume = asyncio.Event(), asyncio.Event()
+
+    def stall() -> None:
+        stalled.set()
+        await_(asyncio.wait_for(resume.wait(), 30))
+
+    plugin = _AtRelease(stall)
     cache.add_plugin(plugin)  # type: ignore[arg-type]
 
     async def write(pid: int, name: str) -> None:
@@ -401,10 +405,10 @@ def test_delayed_release_of_an_older_writer(run: Run, cache: SQLCache, mode: str
             await s.commit()
         writer1 = asyncio.create_task(write(pid, "v1"))
         plugin.task = writer1
-        await asyncio.wait_for(plugin.stalled.wait(), 20)
+        await asyncio.wait_for(stalled.wait(), 20)
         await write(pid, "v2")  # commits after v1, releases before v1's release
         assert await read(pid) == "v2"
-        plugin.resume.set()
+        resume.set()
         await writer1
         for _ in range(2):
             assert await read(pid) == "v2"
@@ -412,45 +416,16 @@ def test_delayed_release_of_an_older_writer(run: Run, cache: SQLCache, mode: str
     run(body)
 
 
-class _CancelAtRelease:
-    """A plugin whose store wrapper cancels one task just as its release begins: the cancellation
-    arrives while the release is awaited."""
-
-    name = "cancel-at-release"
-
-    def __init__(self) -> None:
-        self.task: asyncio.Task[Any] | None = None
-
-    def setup(self, host: Any) -> None:
-        plugin = self
-
-        class Wrapper:
-            def __init__(self, inner: Any) -> None:
-                self._inner = inner
-
-            def __getattr__(self, name: str) -> Any:
-                attr = getattr(self._inner, name)
-                if name not in ("release", "release_after"):
-                    return attr
-
-                def cancelling(*args: Any, **kwargs: Any) -> Any:
-                    if plugin.task is not None and asyncio.current_task() is plugin.task:
-                        plugin.task.cancel()
-                    return attr(*args, **kwargs)
-
-                return cancelling
-
-        host.wrap_store(Wrapper)
-
-    def close(self) -> None:
-        pass
-
-
 def test_a_commit_cancelled_during_its_release_still_releases(run: Run, cache: SQLCache) -> None:
     """The task awaiting ``session.commit()`` is cancelled while the release is in flight: the release
     still finishes (or the journal keeps it), so the row is served again at once, not after lock_ttl."""
     cache.register(User)
-    plugin = _CancelAtRelease()
+
+    def cancel() -> None:
+        assert plugin.task is not None
+        plugin.task.cancel()
+
+    plugin = _AtRelease(cancel)
     cache.add_plugin(plugin)  # type: ignore[arg-type]
 
     async def body(ae: AsyncEngine) -> None:
