@@ -1,7 +1,7 @@
 """The store of the asyncio world: the protocol ``_protocol`` builds, carried over redis.asyncio.
 
 The core is sync code, and under AsyncSession SQLAlchemy runs it inside a greenlet of its own: each
-call here hands a coroutine to SQLAlchemy's ``await_`` (``_sa.await_``), which the event loop's task
+call here hands a coroutine to SQLAlchemy's ``await_`` (``_aio.await_``), which the event loop's task
 that spawned the greenlet awaits before switching back with the result. So the event loop is never
 blocked, no thread is involved, and every Redis step a promise depends on (the lock before COMMIT, the
 release after it) is finished before the awaited ORM call returns, exactly as in the sync world.
@@ -27,8 +27,8 @@ import redis
 import redis.asyncio as aredis
 import redis.asyncio.connection as aconnection
 
+from . import _aio
 from . import _protocol as proto
-from . import _sa
 from ._health import Health
 from ._protocol import ReadResult, RepopEntry, SentLock, Store
 from ._store import KEPT_CONNECTION_KWARGS, script_source
@@ -97,7 +97,7 @@ class AsyncRedisStore:
         cancellation of the awaiting task does not stop the call (a release, once begun, finishes)."""
         health = self.health
         health.check(operation)
-        if not _sa.in_async_greenlet():
+        if not _aio.in_async_greenlet():
             # e.g. a release reached from a garbage-collected AsyncConnection: nothing can be awaited
             # here; the caller treats it as an outage (the journal keeps the invalidation)
             raise CacheUnavailable(f"{operation} (outside the event loop)")
@@ -105,7 +105,7 @@ class AsyncRedisStore:
             work: Awaitable[T] = self._run(make)
             if shield:
                 work = asyncio.shield(work)
-            result: T = _sa.await_(work)
+            result: T = _aio.await_(work)
         except _REDIS_ERRORS as exc:
             self._loaded_epoch = -1
             health.failed()
@@ -308,7 +308,7 @@ class AsyncRedisStore:
 
     def pause(self, seconds: float) -> None:
         """Wait without blocking the event loop (the stampede wait)."""
-        _sa.await_(asyncio.sleep(seconds))
+        _aio.await_(asyncio.sleep(seconds))
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -350,7 +350,7 @@ class AsyncStores:
         if made:
             closer = self._closer(loop, store)
             store.closer = closer  # the loop only tracks async generators weakly
-            _sa.await_(closer.__anext__())  # parked: the loop's shutdown_asyncgens() resumes it
+            _aio.await_(closer.__anext__())  # parked: the loop's shutdown_asyncgens() resumes it
         return store
 
     async def _closer(
@@ -403,7 +403,7 @@ class Worlds:
         self.stores = stores
 
     def _here(self) -> Store:
-        return self.stores.current() if _sa.in_async_greenlet() else self.sync
+        return self.stores.current() if _aio.in_async_greenlet() else self.sync
 
     def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
         return self._here().read(clock_key, entry_key, dep_keys)

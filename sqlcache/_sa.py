@@ -18,7 +18,6 @@ from sqlalchemy.orm import loading as _loading
 from sqlalchemy.orm import strategies as _strategies
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql import Select
-from sqlalchemy.util import concurrency as _concurrency
 from sqlalchemy.util import immutabledict
 
 if TYPE_CHECKING:
@@ -33,18 +32,14 @@ __all__ = [
     "DeferredCallable",
     "LazyCallable",
     "autobegin",
-    "await_",
     "build_objects",
     "bypasses_query_cache",
     "cache_key",
     "current_path",
     "driver_autocommit",
-    "engine_like",
-    "engine_of",
     "from_objects",
     "frozen_keys",
     "frozen_single_entity",
-    "in_async_greenlet",
     "is_autocommit",
     "is_flushing",
     "is_instance",
@@ -59,9 +54,7 @@ __all__ = [
     "refresh_unloaded",
     "require_unique",
     "result_metadata",
-    "run_in_own_loop",
     "shard_token",
-    "spawn",
     "statement_options",
     "take_unique_guard",
     "type_is_unknown",
@@ -484,67 +477,3 @@ DeferredCallable: Any = _strategy_class("LoadDeferredColumns")
 def lazy_strategy(prop: Any, kind: str) -> Any:
     """The relationship's loader strategy object for ``lazy=kind``."""
     return prop._get_strategy((("lazy", kind),))
-
-
-# -- asyncio ----------------------------------------------------------------------------------------
-
-# SQLAlchemy runs the sync core of AsyncSession/AsyncConnection inside greenlets it spawns
-# (greenlet_spawn) and marks them; an awaitable passed to its await_ from there is awaited by the event
-# loop's task that spawned the greenlet, which then switches back with the result. 2.0 calls it
-# await_only, 2.1 await_.
-_await: Callable[[Any], Any] = getattr(_concurrency, "await_", None) or _concurrency.await_only
-_in_greenlet: Callable[[], bool] = _concurrency.in_greenlet
-
-
-def in_async_greenlet() -> bool:
-    """Whether this code runs inside SQLAlchemy's asyncio greenlet (an AsyncSession's sync core)."""
-    return _in_greenlet()
-
-
-def await_(awaitable: Any) -> Any:
-    """Await ``awaitable`` from the sync code SQLAlchemy runs for asyncio (see ``in_async_greenlet``)."""
-    return _await(awaitable)
-
-
-def engine_of(engine: Any) -> Any:
-    """The sync :class:`~sqlalchemy.engine.Engine` of ``engine`` (itself, or an AsyncEngine's
-    ``sync_engine``); None for anything else."""
-    from sqlalchemy.engine import Engine
-
-    if isinstance(engine, Engine):
-        return engine
-    try:
-        from sqlalchemy.ext.asyncio import AsyncEngine
-    except ImportError:  # pragma: no cover - SQLAlchemy without its asyncio extension
-        return None
-    return engine.sync_engine if isinstance(engine, AsyncEngine) else None
-
-
-def engine_like(engine: Any) -> Any:
-    """A new Engine on ``engine``'s database (its dialect, URL and connection settings) over a pool of
-    its own: for a thread with an event loop of its own, which cannot use connections of another loop."""
-    from sqlalchemy.engine import Engine
-
-    return Engine(engine.pool.recreate(), engine.dialect, engine.url)
-
-
-def spawn(fn: Callable[[], Any]) -> Any:
-    """An awaitable running sync ``fn`` in SQLAlchemy's greenlet (``greenlet_spawn``)."""
-    return _concurrency.greenlet_spawn(fn)
-
-
-def run_in_own_loop(fn: Callable[[], Any], after: Callable[[], Any] | None = None) -> Any:
-    """Run ``fn`` (sync code that may use an asyncio driver or store) in SQLAlchemy's greenlet on a new
-    event loop of the calling thread (which must not be running one); then await ``after()``, if given,
-    on the same loop, and close it."""
-    import asyncio
-
-    loop = asyncio.new_event_loop()
-    try:
-        return loop.run_until_complete(_concurrency.greenlet_spawn(fn))
-    finally:
-        try:
-            if after is not None:
-                loop.run_until_complete(after())
-        finally:
-            loop.close()

@@ -4,7 +4,6 @@ verbs; the work itself happens in the parts (see docs/architecture.md)."""
 from __future__ import annotations
 
 import os
-import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy import MetaData, Table
 from sqlalchemy.engine import Engine
 
-from . import _keys, _sa
+from . import _aio, _keys
 from ._astore import AsyncStores, Worlds, async_client_like
 from ._broadcast import Announcer, Listener
 from ._commit import Commits
@@ -226,7 +225,7 @@ class SQLCache:
 
         .. versionchanged:: 0.3 an AsyncEngine is accepted.
         """
-        sync_engine: Engine | None = _sa.engine_of(engine)
+        sync_engine: Engine | None = _aio.engine_of(engine)
         if sync_engine is None:
             raise ConfigurationError(f"attach() takes a sqlalchemy Engine or AsyncEngine, got {engine!r}")
         if self._closed:
@@ -235,7 +234,9 @@ class SQLCache:
             self._enable_asyncio()
         if self._outbox is not None:
             table = self.config.outbox_table
-            self._outbox.start(sync_engine, lambda: _blocking(sync_engine, lambda e: check_table(e, table)))
+            self._outbox.start(
+                sync_engine, lambda: _aio.blocking(sync_engine, lambda e: check_table(e, table))
+            )
         self._wiring.attach(sync_engine)
 
     def _enable_asyncio(self) -> None:
@@ -249,7 +250,7 @@ class SQLCache:
 
     def detach(self, engine: Engine | AsyncEngine) -> None:
         """Undo :meth:`attach`; idempotent. Transactions in flight on ``engine`` still release their locks."""
-        sync_engine: Engine | None = _sa.engine_of(engine)
+        sync_engine: Engine | None = _aio.engine_of(engine)
         if sync_engine is None:
             raise ConfigurationError(f"detach() takes a sqlalchemy Engine or AsyncEngine, got {engine!r}")
         engine = sync_engine
@@ -413,11 +414,11 @@ class SQLCache:
     def create_outbox(self, engine: Engine | AsyncEngine) -> None:
         """Create the outbox table in ``engine``'s database if it is not there (``CREATE TABLE``).
         An AsyncEngine is used through a connection of its own, on an event loop of its own."""
-        sync_engine: Engine | None = _sa.engine_of(engine)
+        sync_engine: Engine | None = _aio.engine_of(engine)
         if sync_engine is None:
             raise ConfigurationError(f"create_outbox() takes an Engine or AsyncEngine, got {engine!r}")
         table = self.outbox_table()
-        _blocking(sync_engine, lambda e: table.create(e, checkfirst=True))
+        _aio.blocking(sync_engine, lambda e: table.create(e, checkfirst=True))
 
     def relay(self, engine: Engine, *, start: bool = True) -> Relay:
         """A relay for ``engine``'s outbox without attaching the engine: for a process whose only job is
@@ -427,7 +428,7 @@ class SQLCache:
         :raises ConfigurationError: if the outbox table does not exist, or ``engine`` uses an asyncio
             driver (give this command a sync driver's URL for the same database).
         """
-        sync_engine: Engine | None = _sa.engine_of(engine)
+        sync_engine: Engine | None = _aio.engine_of(engine)
         if sync_engine is not engine or sync_engine.dialect.is_async:
             raise ConfigurationError(
                 "relay() takes an Engine with a sync driver (the relay runs in the calling thread); for an "
@@ -445,16 +446,16 @@ class SQLCache:
         if engine.dialect.is_async:
             # the relay's thread runs its passes on an event loop of its own, with an engine (a pool) of
             # its own: asyncio connections belong to the loop that opened them
-            engine = _sa.engine_like(source)
+            engine = _aio.engine_like(source)
             stores, private = self._async_stores, engine
 
             async def closing() -> None:
                 if stores is not None:
                     await stores.aclose_current()
-                await _sa.spawn(private.dispose)
+                await _aio.spawn(private.dispose)
 
             def runner(body: Callable[[], None]) -> None:
-                _sa.run_in_own_loop(body, after=closing)
+                _aio.run_in_own_loop(body, after=closing)
 
         return Relay(
             engine,
@@ -476,31 +477,3 @@ def _after_fork(ref: weakref.ref[SQLCache]) -> None:
     cache = ref()
     if cache is not None:
         cache._after_fork()
-
-
-def _blocking(engine: Engine, fn: Callable[[Engine], T]) -> T:
-    """``fn(engine)`` from plain sync code. An asyncio engine cannot be used from here (there may be no
-    loop, or one already running in this thread): ``fn`` then gets an engine of its own on a pool of its
-    own, in SQLAlchemy's greenlet on a new event loop, in a short-lived thread; its result or exception
-    is handed back."""
-    if not engine.dialect.is_async:
-        return fn(engine)
-    private = _sa.engine_like(engine)
-    out: list[Any] = []
-
-    def work() -> None:
-        try:
-            out.append(
-                (True, _sa.run_in_own_loop(lambda: fn(private), after=lambda: _sa.spawn(private.dispose)))
-            )
-        except BaseException as exc:  # handed to the caller below
-            out.append((False, exc))
-
-    thread = threading.Thread(target=work, name="sqlcache-blocking", daemon=True)
-    thread.start()
-    thread.join()
-    ok, value = out[0]
-    if not ok:
-        raise value
-    result: T = value
-    return result

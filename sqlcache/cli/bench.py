@@ -51,7 +51,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlcache import SQLCache
 from sqlcache import cached as cached_option
 
-from .bench_async import AsyncRows, async_url
+from .bench_async import AsyncRows, async_rows
 
 SCHEMA = "sqlcache_bench"
 
@@ -168,7 +168,7 @@ def run_bench(args: argparse.Namespace) -> int:
     decoding_cache.attach(decoding)
     decoding_cache.register(BenchUser)
     rnd = random.Random(7)
-    arows = _async_rows(args.database_url, cache)
+    arows = async_rows(args.database_url, cache, BenchUser, SCHEMA)
     try:
         return _run(args, plain, cached, cache, probe, rnd, rounds, batch, rows, decoding, arows)
     finally:
@@ -180,22 +180,6 @@ def run_bench(args: argparse.Namespace) -> int:
         _Base.metadata.drop_all(plain)
         for engine in (plain, cached, decoding):
             engine.dispose()
-
-
-def _async_rows(url: str, cache: SQLCache) -> AsyncRows | None:
-    """The asyncio rows' engines, or None (said why) if the database has no asyncio driver here."""
-    aurl = async_url(url)
-    if aurl is None:
-        print("sqlcache bench: no asyncio rows (no asyncio driver known for this database)")
-        return None
-    connect_args: dict[str, Any] = {}
-    if aurl.startswith("postgresql"):
-        connect_args = {"server_settings": {"search_path": SCHEMA}}
-    try:
-        return AsyncRows(aurl, connect_args, cache, BenchUser)
-    except ImportError as exc:
-        print(f"sqlcache bench: no asyncio rows ({exc}; the dev extra installs the asyncio drivers)")
-        return None
 
 
 def _run(

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 
 from sqlcache import SQLCache
 
-__all__ = ["AsyncRows", "async_url"]
+__all__ = ["AsyncRows", "async_rows", "async_url"]
 
 _DRIVERS = {"postgresql": "postgresql+asyncpg", "mysql": "mysql+aiomysql", "sqlite": "sqlite+aiosqlite"}
 
@@ -81,3 +81,20 @@ class AsyncRows:
             self._loop.run_until_complete(closing())
         finally:
             self._loop.close()
+
+
+def async_rows(url: str, cache: SQLCache, model: type[Any], schema: str) -> AsyncRows | None:
+    """The asyncio rows' engines, or None (said why) if the database has no asyncio driver here.
+    ``schema``: PostgreSQL's search path, as the sync rows set it."""
+    aurl = async_url(url)
+    if aurl is None:
+        print("sqlcache bench: no asyncio rows (no asyncio driver known for this database)")
+        return None
+    connect_args: dict[str, Any] = {}
+    if aurl.startswith("postgresql"):
+        connect_args = {"server_settings": {"search_path": schema}}
+    try:
+        return AsyncRows(aurl, connect_args, cache, model)
+    except ImportError as exc:
+        print(f"sqlcache bench: no asyncio rows ({exc}; the dev extra installs the asyncio drivers)")
+        return None
