@@ -30,7 +30,7 @@ import redis.asyncio.connection as aconnection
 from . import _aio
 from . import _protocol as proto
 from ._health import Health
-from ._protocol import ReadResult, RepopEntry, SentLock, Store
+from ._protocol import ReadResult, SentLock, Store
 from ._store import KEPT_CONNECTION_KWARGS, script_source
 from .errors import CacheUnavailable, ConfigurationError
 
@@ -73,7 +73,7 @@ def async_client_like(sync_client: redis.Redis, timeout: float) -> aredis.Redis:
     return aredis.Redis(connection_pool=aredis.ConnectionPool(connection_class=twin, **kept))
 
 
-class AsyncRedisStore:
+class AsyncRedisStore(proto.ScriptCalls):
     """The :class:`~sqlcache._protocol.Store` over a redis.asyncio client, for code running in
     SQLAlchemy's asyncio greenlet of one event loop. Shares ``health`` (breaker, restarts) with the
     cache's other stores."""
@@ -123,6 +123,11 @@ class AsyncRedisStore:
             self._loaded_epoch = epoch
         return await make()
 
+    def _eval(
+        self, operation: str, script: str, keys: list[Any], args: list[Any], shield: bool = False
+    ) -> Any:
+        return self._call(operation, lambda: self._script(script, keys, args), shield=shield)
+
     async def _on_connect(self, conn: Any) -> None:
         await conn.on_connect()
         await conn.send_command("INFO", "server")
@@ -169,61 +174,10 @@ class AsyncRedisStore:
         values: list[bytes | None] = self._call("read", lambda: self._command("MGET", *keys))
         return proto.judge_read(values, time.time)
 
-    def generations(
-        self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int, row_writes: str | None = None
-    ) -> ReadResult:
-        keys, args = proto.generations_call(clock_key, dep_keys, gen_ttl_ms, row_writes)
-        r: list[Any] = self._call("read", lambda: self._script("generations", keys, args))
-        return proto.judge_generations(r)
-
-    def fill(
-        self,
-        clock_key: str,
-        entry_key: str,
-        dep_keys: Sequence[str],
-        payload: bytes,
-        ttl_ms: int,
-        generations: bytes,
-        snapshot_clock: int | None,
-        gen_ttl_ms: int,
-        fresh_until_ms: int | None = None,
-        lock_token: str = "",
-    ) -> int:
-        keys, args = proto.fill_call(
-            clock_key,
-            entry_key,
-            dep_keys,
-            payload,
-            ttl_ms,
-            generations,
-            snapshot_clock,
-            gen_ttl_ms,
-            fresh_until_ms,
-            lock_token,
-        )
-        return int(self._call("fill", lambda: self._script("fill", keys, args)))
-
     def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
         key = proto.fill_lock_key(entry_key)
         reply = self._call("lock", lambda: self._command("SET", key, token, "NX", "PX", ttl_ms))
         return reply is not None
-
-    def unlock_fill(self, clock_key: str, entry_key: str, token: str) -> None:
-        keys, args = proto.unlock_call(clock_key, entry_key, token)
-        self._call("unlock", lambda: self._script("unlock", keys, args))
-
-    def lock(
-        self,
-        clock_key: str,
-        lock_keys: Sequence[str],
-        watch_keys: Sequence[str],
-        token: str,
-        lock_ttl_ms: int,
-        gen_ttl_ms: int,
-    ) -> list[str]:
-        keys, args = proto.lock_call(clock_key, lock_keys, watch_keys, token, lock_ttl_ms, gen_ttl_ms)
-        r: list[bytes] = self._call("lock", lambda: self._script("lock", keys, args))
-        return proto.judge_lock(r)
 
     def send_lock(
         self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
@@ -275,18 +229,6 @@ class AsyncRedisStore:
             self._loaded_epoch = -1
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
         return not isinstance(lock_reply, redis.ResponseError)
-
-    def release(
-        self,
-        clock_key: str,
-        dep_keys: Sequence[str],
-        token: str,
-        gen_ttl_ms: int,
-        entries: Sequence[RepopEntry] = (),
-        announce: tuple[str, bytes] | None = None,
-    ) -> int:
-        keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, entries, announce)
-        return int(self._call("release", lambda: self._script("release", keys, args), shield=True))
 
     def delete(self, *keys: str) -> None:
         self._call("delete", lambda: self._command("DEL", *keys))
@@ -396,7 +338,9 @@ class AsyncStores:
 
 
 class Worlds:
-    """The store of the world the caller is in: asyncio inside SQLAlchemy's greenlet, sync elsewhere."""
+    """The store of the world the caller is in: asyncio inside SQLAlchemy's greenlet, sync elsewhere.
+    Every operation goes to that store; a pipelined lock's release goes to the store that sent it (a
+    connection belongs to one world)."""
 
     def __init__(self, sync: Store, stores: AsyncStores) -> None:
         self.sync = sync
@@ -405,56 +349,8 @@ class Worlds:
     def _here(self) -> Store:
         return self.stores.current() if _aio.in_async_greenlet() else self.sync
 
-    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
-        return self._here().read(clock_key, entry_key, dep_keys)
-
-    def generations(
-        self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int, row_writes: str | None = None
-    ) -> ReadResult:
-        return self._here().generations(clock_key, dep_keys, gen_ttl_ms, row_writes)
-
-    def fill(
-        self,
-        clock_key: str,
-        entry_key: str,
-        dep_keys: Sequence[str],
-        payload: bytes,
-        ttl_ms: int,
-        generations: bytes,
-        snapshot_clock: int | None,
-        gen_ttl_ms: int,
-        fresh_until_ms: int | None = None,
-        lock_token: str = "",
-    ) -> int:
-        return self._here().fill(
-            clock_key,
-            entry_key,
-            dep_keys,
-            payload,
-            ttl_ms,
-            generations,
-            snapshot_clock,
-            gen_ttl_ms,
-            fresh_until_ms,
-            lock_token,
-        )
-
-    def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
-        return self._here().try_fill_lock(entry_key, token, ttl_ms)
-
-    def unlock_fill(self, clock_key: str, entry_key: str, token: str) -> None:
-        self._here().unlock_fill(clock_key, entry_key, token)
-
-    def lock(
-        self,
-        clock_key: str,
-        lock_keys: Sequence[str],
-        watch_keys: Sequence[str],
-        token: str,
-        lock_ttl_ms: int,
-        gen_ttl_ms: int,
-    ) -> list[str]:
-        return self._here().lock(clock_key, lock_keys, watch_keys, token, lock_ttl_ms, gen_ttl_ms)
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._here(), name)
 
     def send_lock(
         self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
@@ -472,26 +368,5 @@ class Worlds:
         gen_ttl_ms: int,
         announce: tuple[str, bytes] | None = None,
     ) -> bool:
-        # the release goes on the lock's own connection, whichever world the caller is in now
         store: Store = sent.store if sent.store is not None else self._here()
         return store.release_after(sent, clock_key, dep_keys, token, gen_ttl_ms, announce)
-
-    def release(
-        self,
-        clock_key: str,
-        dep_keys: Sequence[str],
-        token: str,
-        gen_ttl_ms: int,
-        entries: Sequence[RepopEntry] = (),
-        announce: tuple[str, bytes] | None = None,
-    ) -> int:
-        return self._here().release(clock_key, dep_keys, token, gen_ttl_ms, entries, announce)
-
-    def delete(self, *keys: str) -> None:
-        self._here().delete(*keys)
-
-    def delete_matching(self, pattern: str, batch: int = 500) -> int:
-        return self._here().delete_matching(pattern, batch)
-
-    def pause(self, seconds: float) -> None:
-        self._here().pause(seconds)

@@ -18,6 +18,7 @@ __all__ = [
     "SCRIPTS",
     "ReadResult",
     "RepopEntry",
+    "ScriptCalls",
     "SentLock",
     "Store",
     "StoreSlot",
@@ -301,3 +302,70 @@ def release_call(
         keys.extend(e.dep_keys)
         args.extend([len(e.dep_keys), e.ttl_ms, e.payload, *e.seen])
     return keys, args
+
+
+class ScriptCalls:
+    """The script operations of a store, built once: each builds its call with the functions below,
+    hands it to the store's ``_eval`` and judges the reply. A store supplies ``_eval`` (how a script
+    reaches its Redis) and the operations that are not one script (``read``, ``send_lock``, ...).
+    ``shield``: a release, once begun, should finish even if its caller is interrupted (asyncio)."""
+
+    def _eval(
+        self, operation: str, script: str, keys: list[Any], args: list[Any], shield: bool = False
+    ) -> Any:
+        raise NotImplementedError
+
+    def generations(
+        self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int, row_writes: str | None = None
+    ) -> ReadResult:
+        """Create missing generations, repair garbage, expire dead locks; the miss path's slow case."""
+        keys, args = generations_call(clock_key, dep_keys, gen_ttl_ms, row_writes)
+        return judge_generations(self._eval("read", "generations", keys, args))
+
+    def fill(
+        self,
+        clock_key: str,
+        entry_key: str,
+        dep_keys: Sequence[str],
+        payload: bytes,
+        ttl_ms: int,
+        generations: bytes,
+        snapshot_clock: int | None,
+        gen_ttl_ms: int,
+        fresh_until_ms: int | None = None,
+        lock_token: str = "",
+    ) -> int:
+        keys, args = fill_call(
+            clock_key, entry_key, dep_keys, payload, ttl_ms, generations, snapshot_clock, gen_ttl_ms,
+            fresh_until_ms, lock_token,
+        )  # fmt: skip
+        return int(self._eval("fill", "fill", keys, args))
+
+    def unlock_fill(self, clock_key: str, entry_key: str, token: str) -> None:
+        """Drop the stampede lock if it is still ours (it may have expired and been taken by another)."""
+        keys, args = unlock_call(clock_key, entry_key, token)
+        self._eval("unlock", "unlock", keys, args)
+
+    def lock(
+        self,
+        clock_key: str,
+        lock_keys: Sequence[str],
+        watch_keys: Sequence[str],
+        token: str,
+        lock_ttl_ms: int,
+        gen_ttl_ms: int,
+    ) -> list[str]:
+        keys, args = lock_call(clock_key, lock_keys, watch_keys, token, lock_ttl_ms, gen_ttl_ms)
+        return judge_lock(self._eval("lock", "lock", keys, args))
+
+    def release(
+        self,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        entries: Sequence[RepopEntry] = (),
+        announce: tuple[str, bytes] | None = None,
+    ) -> int:
+        keys, args = release_call(clock_key, dep_keys, token, gen_ttl_ms, entries, announce)
+        return int(self._eval("release", "release", keys, args, shield=True))

@@ -16,7 +16,7 @@ import redis.sentinel
 
 from . import _protocol as proto
 from ._health import Health
-from ._protocol import ReadResult, RepopEntry, SentLock
+from ._protocol import ReadResult, SentLock
 from .errors import CacheUnavailable, ConfigurationError
 
 __all__ = [
@@ -165,7 +165,7 @@ def script_source(name: str) -> str:
     return lua.joinpath("_lib.lua").read_text("utf-8") + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
 
 
-class RedisStore:
+class RedisStore(proto.ScriptCalls):
     """The :class:`~sqlcache._protocol.Store` over a sync redis-py client: one Lua script per
     operation; turns every Redis failure into CacheUnavailable, and skips Redis while ``health`` backs
     off (shared with the cache's other stores)."""
@@ -174,11 +174,6 @@ class RedisStore:
         self.client = client
         self.health = health
         self._scripts = {name: client.register_script(script_source(name)) for name in proto.SCRIPTS}
-        self._generations = self._scripts["generations"]
-        self._fill = self._scripts["fill"]
-        self._lock = self._scripts["lock"]
-        self._release = self._scripts["release"]
-        self._unlock = self._scripts["unlock"]
         self._loaded_epoch = -1  # health.epoch when the scripts were last loaded; -1: not loaded
         # every new connection asks the server for its run id before anything else is sent on it, so a
         # restarted Redis is noticed even when redis-py reconnects silently
@@ -203,6 +198,12 @@ class RedisStore:
             raise CacheUnavailable(operation) from exc
         health.answered(operation)
         return result
+
+    def _eval(
+        self, operation: str, script: str, keys: list[Any], args: list[Any], shield: bool = False
+    ) -> Any:
+        run = self._scripts[script]
+        return self._call(operation, lambda: run(keys=keys, args=args))
 
     def _on_connect(self, conn: Any) -> None:
         conn.on_connect()
@@ -240,63 +241,10 @@ class RedisStore:
         self.client.connection_pool.release(conn)
         return reply
 
-    def generations(
-        self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int, row_writes: str | None = None
-    ) -> ReadResult:
-        """Create missing generations, repair garbage, expire dead locks; the miss path's slow case."""
-        keys, args = proto.generations_call(clock_key, dep_keys, gen_ttl_ms, row_writes)
-        r: list[Any] = self._call("read", lambda: self._generations(keys=keys, args=args))
-        return proto.judge_generations(r)
-
-    def fill(
-        self,
-        clock_key: str,
-        entry_key: str,
-        dep_keys: Sequence[str],
-        payload: bytes,
-        ttl_ms: int,
-        generations: bytes,
-        snapshot_clock: int | None,
-        gen_ttl_ms: int,
-        fresh_until_ms: int | None = None,
-        lock_token: str = "",
-    ) -> int:
-        keys, args = proto.fill_call(
-            clock_key,
-            entry_key,
-            dep_keys,
-            payload,
-            ttl_ms,
-            generations,
-            snapshot_clock,
-            gen_ttl_ms,
-            fresh_until_ms,
-            lock_token,
-        )
-        return int(self._call("fill", lambda: self._fill(keys=keys, args=args)))
-
     def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
         """Take the entry's stampede lock (SET NX PX): True if this caller is the one to query."""
         key = proto.fill_lock_key(entry_key)
         return bool(self._call("lock", lambda: self.client.set(key, token, nx=True, px=ttl_ms)))
-
-    def unlock_fill(self, clock_key: str, entry_key: str, token: str) -> None:
-        """Drop the stampede lock if it is still ours (it may have expired and been taken by another)."""
-        keys, args = proto.unlock_call(clock_key, entry_key, token)
-        self._call("unlock", lambda: self._unlock(keys=keys, args=args))
-
-    def lock(
-        self,
-        clock_key: str,
-        lock_keys: Sequence[str],
-        watch_keys: Sequence[str],
-        token: str,
-        lock_ttl_ms: int,
-        gen_ttl_ms: int,
-    ) -> list[str]:
-        keys, args = proto.lock_call(clock_key, lock_keys, watch_keys, token, lock_ttl_ms, gen_ttl_ms)
-        r: list[bytes] = self._call("lock", lambda: self._lock(keys=keys, args=args))
-        return proto.judge_lock(r)
 
     def send_lock(
         self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
@@ -315,7 +263,7 @@ class RedisStore:
         def run() -> SentLock:
             conn = self._connection()
             try:
-                conn.send_command("EVALSHA", self._lock.sha, len(keys), *keys, *args)
+                conn.send_command("EVALSHA", self._scripts["lock"].sha, len(keys), *keys, *args)
             except BaseException:
                 self._discard(conn)
                 raise
@@ -338,7 +286,7 @@ class RedisStore:
 
         def run() -> list[Any]:
             try:
-                conn.send_command("EVALSHA", self._release.sha, len(keys), *keys, *args)
+                conn.send_command("EVALSHA", self._scripts["release"].sha, len(keys), *keys, *args)
                 replies: list[Any] = []
                 for _ in range(2):
                     try:
@@ -368,18 +316,6 @@ class RedisStore:
     def _discard(self, conn: Any) -> None:
         conn.disconnect()
         self.client.connection_pool.release(conn)
-
-    def release(
-        self,
-        clock_key: str,
-        dep_keys: Sequence[str],
-        token: str,
-        gen_ttl_ms: int,
-        entries: Sequence[RepopEntry] = (),
-        announce: tuple[str, bytes] | None = None,
-    ) -> int:
-        keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, entries, announce)
-        return int(self._call("release", lambda: self._release(keys=keys, args=args)))
 
     def server(self) -> dict[str, str | int]:
         """Where this store's Redis is: ``address`` (host or socket path), ``port``, ``db`` where known.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import MetaData, Table
 from sqlalchemy.engine import Engine
@@ -20,7 +20,7 @@ from ._identity import IdentityReader
 from ._journal import Journal, Keys
 from ._outbox import DEFAULT_TABLE, OutboxSQL, OutboxWriter, check_table, outbox_table
 from ._plugins import Plugins
-from ._protocol import StoreSlot
+from ._protocol import Store, StoreSlot
 from ._queryread import DecodedCache, QueryReader
 from ._readthrough import ReadThrough
 from ._registry import Registry, mapper_of
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["SQLCache"]
-
-T = TypeVar("T")
 
 
 class SQLCache:
@@ -245,7 +243,7 @@ class SQLCache:
             return
         client, timeout = self.store.client, self.config.timeout
         self._async_stores = AsyncStores(lambda: async_client_like(client, timeout), self._health)
-        self._slot.base = Worlds(self.store, self._async_stores)
+        self._slot.base = cast(Store, Worlds(self.store, self._async_stores))
         self._plugins.rebase()
 
     def detach(self, engine: Engine | AsyncEngine) -> None:
