@@ -1,4 +1,4 @@
-"""Every SQLAlchemy listener sqlcache installs: attach() adds them, detach() removes them.
+"""Every SQLAlchemy listener sqlcache installs: attach() adds them, detach() switches them off (_slots).
 
 Hooks and why each was chosen:
 
@@ -29,12 +29,12 @@ from collections.abc import Callable
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa
+from ._slots import Slot, hook
 from ._transactions import Transactions
 from ._txn import TxnState, dml_tables, is_write_sql, scope_changes
 from .config import ModelPolicy
@@ -103,6 +103,12 @@ def _remove_commit_hook(dialect: Dialect, hook: CommitHook) -> None:
         del dialect.__dict__["do_commit"]
 
 
+def _release(slots: list[Slot]) -> None:
+    for slot in slots:
+        slot.release()
+    slots.clear()
+
+
 class Wiring:
     """The listeners of one cache: they record writes for the commit protocol and hand reads to the
     identity and query readers; nothing flows back up."""
@@ -129,6 +135,11 @@ class Wiring:
         self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
         self._mappers: set[Mapper[Any]] = set()
         self._mappers_listening: set[Mapper[Any]] = set()
+        # the installed listeners (_slots: released, never removed, so that no dispatch in progress
+        # anywhere sees SQLAlchemy's listener deques change)
+        self._engine_slots: weakref.WeakKeyDictionary[Engine, list[Slot]] = weakref.WeakKeyDictionary()
+        self._mapper_slots: list[Slot] = []
+        self._session_slots: list[Slot] = []
         self._session_listening = False
 
     # -- install / remove -------------------------------------------------------------------------
@@ -155,30 +166,26 @@ class Wiring:
     def attach(self, engine: Engine) -> None:
         if engine in self._engines:
             return
-        for name, fn in self._engine_events():
-            event.listen(engine, name, fn)
+        self._engine_slots[engine] = [hook(engine, name, fn) for name, fn in self._engine_events()]
         _add_commit_hook(engine.dialect, self._on_after_commit)
         self._engines.add(engine)
         self._pools.add(engine.pool)
         if not self._session_listening:
-            for name, fn in self._session_events():
-                event.listen(Session, name, fn)
+            self._session_slots = [hook(Session, name, fn) for name, fn in self._session_events()]
             self._session_listening = True
         self._listen_mappers()
 
     def detach(self, engine: Engine) -> None:
         if engine not in self._engines:
             return
-        for name, fn in self._engine_events():
-            event.remove(engine, name, fn)
+        _release(self._engine_slots.pop(engine, []))
         self._engines.discard(engine)
         if not any(e.pool is engine.pool for e in self._engines):
             self._pools.discard(engine.pool)  # proxies from execution_options() share their pool
         if not any(e.dialect is engine.dialect for e in self._engines):
             _remove_commit_hook(engine.dialect, self._on_after_commit)
         if not self._engines and self._session_listening:
-            for name, fn in self._session_events():
-                event.remove(Session, name, fn)
+            _release(self._session_slots)
             self._session_listening = False
             self._unlisten_mappers()
 
@@ -192,8 +199,7 @@ class Wiring:
         for engine in list(self._engines):
             self.detach(engine)
         if self._session_listening:
-            for name, fn in self._session_events():
-                event.remove(Session, name, fn)
+            _release(self._session_slots)
             self._session_listening = False
         self._unlisten_mappers()
 
@@ -212,13 +218,11 @@ class Wiring:
     def _listen_mappers(self) -> None:
         for mapper in self._mappers - self._mappers_listening:
             for name, fn in self._mapper_events():
-                event.listen(mapper, name, fn, propagate=True)
+                self._mapper_slots.append(hook(mapper, name, fn, propagate=True))
             self._mappers_listening.add(mapper)
 
     def _unlisten_mappers(self) -> None:
-        for mapper in self._mappers_listening:
-            for name, fn in self._mapper_events():
-                event.remove(mapper, name, fn)
+        _release(self._mapper_slots)
         self._mappers_listening.clear()
 
     # -- write records ------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ OUT = os.environ.get("SQLCACHE_T_OUT", "")
 REDIS_URL = os.environ.get("SQLCACHE_REDIS_URL", "redis://127.0.0.1:6379/0")
 RUN = f"sqlat:{uuid.uuid4().hex[:10]}"
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # _forget runs from a garbage-collector callback, maybe on a thread holding it
 _caches: dict[int, Any] = {}  # id(cache) -> cache, while its engine lives
 _registered: dict[int, set[int]] = {}  # id(cache) -> ids of the mappers registered in it
 _seq = 0

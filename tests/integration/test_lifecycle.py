@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import gc
 import uuid
+import weakref
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import MetaData, create_engine, inspect, select, text
+from sqlalchemy import MetaData, create_engine, event, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -77,20 +78,63 @@ def test_dispose_keeps_durable_commits_working(engine: Engine, durable: SQLCache
     assert left == []
 
 
-def test_close_after_the_engine_was_collected_removes_the_listeners(redis_url: str, _tmpdir: str) -> None:
-    """close() removes the cache's Session and mapper listeners also when its engine was garbage-collected
-    without detach(): they stayed on the Session class and ran for every session of the process."""
+def test_close_after_the_engine_was_collected_switches_the_listeners_off(
+    redis_url: str, _tmpdir: str
+) -> None:
+    """close() switches off the cache's Session and mapper listeners also when its engine was
+    garbage-collected without detach(): nothing keeps the cache alive, and the next cache takes the same
+    listeners instead of adding more (they stay installed: see test_close_inside_a_dispatch)."""
 
     def listeners() -> tuple[int, int]:
         return len(Session().dispatch.do_orm_execute), len(inspect(User).dispatch.after_insert)
 
-    before = listeners()
+    def cycle(name: str) -> weakref.ref[SQLCache]:
+        cache = SQLCache(redis_url, prefix=f"l{uuid.uuid4().hex[:10]}")
+        cache.register(User)
+        eng = create_engine(f"sqlite:///{_tmpdir}/{name}.db")
+        cache.attach(eng)
+        del eng
+        gc.collect()
+        cache.close()
+        return weakref.ref(cache)
+
+    first = cycle("collected")
+    installed = listeners()
+    second = cycle("collected2")
+    gc.collect()
+    assert first() is None and second() is None
+    assert listeners() == installed
+
+
+def test_close_inside_a_dispatch(engine: Engine, redis_url: str) -> None:
+    """close() and detach() from inside an event dispatch (as another thread, or a garbage-collector
+    callback, may run them at any moment) leave SQLAlchemy's dispatch alone: removing a listener there
+    raised "deque mutated during iteration" in the user's session."""
     cache = SQLCache(redis_url, prefix=f"l{uuid.uuid4().hex[:10]}")
     cache.register(User)
-    eng = create_engine(f"sqlite:///{_tmpdir}/collected.db")
-    cache.attach(eng)
-    assert listeners() == (before[0] + 1, before[1] + 1)
-    del eng
-    gc.collect()
-    cache.close()
-    assert listeners() == before
+    cache.attach(engine)
+    uid = make_user(engine, "ann")
+
+    def close_now(orm_state: object) -> None:
+        cache.close()
+
+    event.listen(Session, "do_orm_execute", close_now, insert=True)
+    try:
+        with Session(engine) as s:
+            assert s.get(User, uid) is not None
+    finally:
+        event.remove(Session, "do_orm_execute", close_now)
+
+    other = SQLCache(redis_url, prefix=f"l{uuid.uuid4().hex[:10]}")
+    other.attach(engine)
+
+    def detach_now(*args: object) -> None:
+        other.detach(engine)
+
+    event.listen(engine, "before_cursor_execute", detach_now, insert=True)
+    try:
+        with engine.connect() as c:
+            assert c.execute(select(User.name).where(User.id == uid)).scalar_one() == "ann"
+    finally:
+        event.remove(engine, "before_cursor_execute", detach_now)
+        other.close()
