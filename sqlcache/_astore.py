@@ -31,7 +31,7 @@ from . import _aio
 from . import _protocol as proto
 from ._health import Health
 from ._protocol import ReadResult, SentLock, Store
-from ._store import KEPT_CONNECTION_KWARGS, script_source
+from ._store import KEPT_CONNECTION_KWARGS, LINEAGE_SOURCE, script_source
 from .errors import CacheUnavailable, ConfigurationError
 
 __all__ = ["AsyncRedisStore", "AsyncStores", "Worlds", "async_client_like"]
@@ -131,7 +131,11 @@ class AsyncRedisStore(proto.ScriptCalls):
     async def _on_connect(self, conn: Any) -> None:
         await conn.on_connect()
         await conn.send_command("INFO", "server")
-        self.health.connected(await conn.read_response())
+        run_id = self.health.connected(await conn.read_response())
+        lineage = self.health.lineage_call(run_id)
+        if lineage is not None:  # before anything else on this connection: fence data not ours
+            await conn.send_command("EVAL", LINEAGE_SOURCE, 3, *lineage)
+            self.health.lineage_checked(await conn.read_response())
 
     async def _connection(self) -> Any:
         return await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]

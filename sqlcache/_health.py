@@ -39,10 +39,14 @@ class Health:
         self.backoffs = 0
         self.skipped = 0
         self.ok_seq = 0  # successful calls so far: tells one failure burst from the next
-        self.run_id: str | None = None
+        self.run_ids: dict[str, str] = {}  # per server (node name on a cluster; "" for one server)
         self.on_restart: Callable[[], None] | None = None
         self.restart_pending = False
         self.epoch = 0
+        # (clock, lineage key, dependency of every entry, generation ttl ms): what lineage.lua is
+        # called with on every new connection; None: not checked
+        self.lineage: tuple[str, str, str, int] | None = None
+        self.lineage_fences = 0  # servers found holding data another server process vouched for
 
     def after_fork(self) -> None:
         """In a forked child: a fresh lock (one held by another thread at the fork would never be freed)."""
@@ -87,15 +91,38 @@ class Health:
                 self._next_backoff = self._base_backoff
                 self.open_until = 0.0
 
-    def connected(self, info: object) -> None:
-        """A new connection's ``INFO server`` reply: a run id other than the last one seen is a restart."""
+    def connected(self, info: object, node: str = "") -> str:
+        """A new connection's ``INFO server`` reply from ``node``: a run id other than the last one seen
+        there is a restart. Returns the run id."""
         text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
         run_id = ""
         for line in text.splitlines():
             if line.startswith("run_id:"):
                 run_id = line[len("run_id:") :].strip()
         with self._mutex:
-            if self.run_id is not None and run_id != self.run_id:
+            last = self.run_ids.get(node)
+            if last is not None and run_id != last:
                 self.restart_pending = True
                 self.epoch += 1
-            self.run_id = run_id
+            self.run_ids[node] = run_id
+        return run_id
+
+    def lineage_call(self, run_id: str) -> list[str | int] | None:
+        """The arguments of lineage.lua for a new connection to the server ``run_id`` (after
+        ``numkeys``), or None when the cache does not check lineage."""
+        if self.lineage is None or not run_id:
+            return None
+        clock, key, everything, gen_ttl = self.lineage
+        return [clock, key, everything, run_id, gen_ttl]
+
+    def lineage_checked(self, reply: object) -> None:
+        if reply == 1:
+            with self._mutex:
+                self.lineage_fences += 1
+
+    def moved(self) -> None:
+        """Another server now holds what the last one held (a replica promoted after a failover, a slot
+        migrated): what it holds may be older than what was acknowledged, as after a restart."""
+        with self._mutex:
+            self.restart_pending = True
+            self.epoch += 1

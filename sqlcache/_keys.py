@@ -1,10 +1,13 @@
 """Pure: every Redis key shape. No client, no clock, no globals.
 
 Every key starts with the cache's namespace: its prefix with ``%`` and ``:`` escaped (``%25``, ``%3A``),
-then ``:``. Prefixes ``a`` and ``a:b`` therefore never share a key, and ``clear()`` of one never
-reaches the other's keys (a plain ``a:*`` would match every key of ``a:b``).
+then ``:``. On a Redis Cluster the prefix is first made a hash tag (``slot_prefix``), so that every key
+of the cache is in one slot and every script's keys are on one node. Prefixes ``a`` and ``a:b``
+never share a key, and ``clear()`` of one never reaches the other's keys (a plain ``a:*`` would match
+every key of ``a:b``).
 
 {ns}:clock                      the invalidation clock (generations are drawn from it)
+{ns}:lineage                    the run id of the server process whose data this is (lineage.lua)
 {ns}:e:{fp}:{entity}:{pk}       identity entry of one mapped class (fp = schema fingerprint)
 {ns}:d:i:{table}:{pk}           dependency: one row identity (table = base table of the hierarchy)
 {ns}:d:b:{table}                dependency: rows of a table changed by statements we cannot
@@ -34,11 +37,13 @@ __all__ = [
     "global_dep_key",
     "identity_dep_key",
     "identity_entry_key",
+    "lineage_key",
     "namespace",
     "pk_token",
     "query_key",
     "row_writes_key",
     "scan_pattern",
+    "slot_prefix",
     "table_dep_key",
     "tag_dep_key",
 ]
@@ -51,6 +56,17 @@ def namespace(prefix: str) -> str:
     if "%" not in prefix and ":" not in prefix:
         return prefix
     return prefix.replace("%", "%25").replace(":", "%3A")
+
+
+def lineage_key(prefix: str) -> str:
+    return f"{namespace(prefix)}:lineage"
+
+
+def slot_prefix(prefix: str) -> str:
+    """The key prefix of a cache on a Redis Cluster with every key in one slot: ``prefix`` as a hash tag
+    (``{prefix}``), with ``{`` and ``}`` escaped (``%7B``, ``%7D``) so that the tag is exactly it."""
+    inner = prefix.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    return "{" + inner + "}"
 
 
 def clock_key(prefix: str) -> str:

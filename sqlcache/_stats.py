@@ -30,6 +30,7 @@ COUNTERS = (
     "outbox_relayed",  # outbox rows applied by this process's relay (their writer never marked them done)
     "restarts",  # Redis restarts noticed (a new run id); each fences the prefix
     "errors",  # Redis failures and undecodable entries
+    "lineage_fences",  # servers found holding data another server process vouched for (failover, restart)
     "backoffs",  # times Redis was skipped for a back-off period after repeated failures
     "skipped_backoff",  # calls not made because of a back-off period
     "signal_errors",  # exceptions raised by signal receivers

@@ -21,6 +21,7 @@ from .errors import CacheUnavailable, ConfigurationError
 
 __all__ = [
     "KEPT_CONNECTION_KWARGS",
+    "LINEAGE_SOURCE",
     "RedisStore",
     "Subscription",
     "client_for",
@@ -165,14 +166,19 @@ def script_source(name: str) -> str:
     return lua.joinpath("_lib.lua").read_text("utf-8") + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
 
 
+#: lineage.lua, sent whole (EVAL) on every new connection: a restarted server has no scripts loaded
+LINEAGE_SOURCE = script_source("lineage")
+
+
 class RedisStore(proto.ScriptCalls):
     """The :class:`~sqlcache._protocol.Store` over a sync redis-py client: one Lua script per
     operation; turns every Redis failure into CacheUnavailable, and skips Redis while ``health`` backs
     off (shared with the cache's other stores)."""
 
-    def __init__(self, client: redis.Redis, health: Health) -> None:
+    def __init__(self, client: redis.Redis, health: Health, node: str = "") -> None:
         self.client = client
         self.health = health
+        self._node = node  # the cluster node it talks to ("" for a server of its own)
         self._scripts = {name: client.register_script(script_source(name)) for name in proto.SCRIPTS}
         self._loaded_epoch = -1  # health.epoch when the scripts were last loaded; -1: not loaded
         # every new connection asks the server for its run id before anything else is sent on it, so a
@@ -208,7 +214,11 @@ class RedisStore(proto.ScriptCalls):
     def _on_connect(self, conn: Any) -> None:
         conn.on_connect()
         conn.send_command("INFO", "server")
-        self.health.connected(conn.read_response())
+        run_id = self.health.connected(conn.read_response(), self._node)
+        lineage = self.health.lineage_call(run_id)
+        if lineage is not None:  # before anything else on this connection: fence data not ours
+            conn.send_command("EVAL", LINEAGE_SOURCE, 3, *lineage)
+            self.health.lineage_checked(conn.read_response())
 
     def _load_scripts(self) -> None:
         """Load every script in one round trip, so that a pipelined EVALSHA never meets NOSCRIPT."""
@@ -330,6 +340,14 @@ class RedisStore(proto.ScriptCalls):
             if isinstance(value, int) and not isinstance(value, bool):
                 out[name] = value
         return out
+
+    def key_prefix(self, prefix: str) -> str:
+        """What starts this store's keys for the user's ``prefix`` (``_keys.namespace`` escapes it)."""
+        return prefix
+
+    def disconnect(self) -> None:
+        """Close every connection this store opened (the client is sqlcache's own)."""
+        self.client.connection_pool.disconnect()
 
     def subscribe(self, channel: str) -> Subscription:
         """Subscribe to ``channel`` on a connection of its own (not through the circuit breaker)."""

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 from . import _aio, _keys
 from ._astore import AsyncStores, Worlds, async_client_like
 from ._broadcast import Announcer, Listener
+from ._cluster import ClusterStore, cluster_factory, is_cluster_target
 from ._commit import Commits
 from ._health import Health
 from ._identity import IdentityReader
@@ -37,6 +38,7 @@ from .plugin import Plugin
 if TYPE_CHECKING:
     import redis
     import redis.asyncio
+    import redis.cluster
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = ["SQLCache"]
@@ -46,9 +48,11 @@ class SQLCache:
     """Redis as a second-level cache for the SQLAlchemy engines it is attached to.
 
     :param redis_client: a ``redis.Redis`` or ``redis.asyncio.Redis`` client, or a ``redis://`` URL:
-        from any of them sqlcache makes both a sync and an asyncio client. A client without a bounded
-        socket timeout, with retries or with ``decode_responses=True`` is not changed: sqlcache talks to
-        the same server through a pool of its own with ``timeout`` and no retries.
+        from any of them sqlcache makes both a sync and an asyncio client. A ``RedisCluster`` client
+        or a ``redis+cluster://host:port`` URL puts the cache on a Redis Cluster (docs/deployment.md).
+        A client without a bounded socket timeout, with retries or with ``decode_responses=True`` is not
+        changed: sqlcache talks to the same server through a pool of its own with ``timeout`` and no
+        retries.
     :param prefix: every key lives under ``prefix + ":"``; use one prefix per database.
     :param default_ttl: seconds an entry lives unless its model or query says otherwise; ``None``: no
         expiry (entries still go when a dependency's generation expires, see ``generation_ttl``).
@@ -82,7 +86,7 @@ class SQLCache:
 
     def __init__(
         self,
-        redis_client: redis.Redis | redis.asyncio.Redis | str,
+        redis_client: redis.Redis | redis.asyncio.Redis | redis.cluster.RedisCluster | str,
         prefix: str = "sqlcache",
         default_ttl: int | None = 3600,
         *,
@@ -122,10 +126,13 @@ class SQLCache:
             decoded_cache_bytes=decoded_cache_bytes,
         )
         sealer = Sealer(secret)
-        client = client_for(redis_client, timeout)  # always a pool of our own: the caller's is untouched
         #: the redis-py store (connection health, restarts); plugins may wrap what the parts use
         self._health = Health(failure_threshold=failure_threshold, backoff=backoff, max_backoff=max_backoff)
-        self.store = RedisStore(client, self._health)
+        self.store: RedisStore | ClusterStore
+        if is_cluster_target(redis_client):
+            self.store = ClusterStore(cluster_factory(redis_client, timeout), self._health)  # type: ignore[arg-type]
+        else:  # always a pool of our own: the caller's is untouched
+            self.store = RedisStore(client_for(redis_client, timeout), self._health)  # type: ignore[arg-type]
         self._async_stores: AsyncStores | None = None  # the asyncio world, once an AsyncEngine is attached
         self._assemble(self.config, sealer)
         self._closed = False
@@ -160,13 +167,18 @@ class SQLCache:
         self._slot = slot = StoreSlot(self.store)
         self._rep = rep = Reporter(self, lambda: self._health.ok_seq)
         self._plugins = Plugins(rep, slot, self.store.server)
-        p = c.prefix
+        self._kp = p = self.store.key_prefix(c.prefix)  # what starts every key (a hash tag on a cluster)
+        if c.durable and len(p) > 255:
+            raise ConfigurationError(
+                "durable=True needs a prefix of at most 255 characters (the outbox column)"
+            )
         self._keys = keys = Keys(p, _keys.clock_key(p), _keys.global_dep_key(p), c.generation_ttl * 1000)
         self._announcer = announcer = Announcer(p, c.broadcast, sealer)
         self._journal = journal = Journal(
             slot, rep, keys, announcer.announce, lambda: self._health.backing_off, c.backoff
         )
         self._health.on_restart = journal.fence
+        self._health.lineage = (keys.clock, _keys.lineage_key(p), keys.everything, keys.gen_ttl_ms)
         self._registry = registry = Registry(c.default_ttl)
         self._txns = txns = Transactions(id(self))
         self._outbox = OutboxWriter(p, c.outbox_table, self._new_relay) if c.durable else None
@@ -241,6 +253,11 @@ class SQLCache:
         """From now on, code SQLAlchemy runs for asyncio reaches Redis through redis.asyncio."""
         if self._async_stores is not None:
             return
+        if not isinstance(self.store, RedisStore):
+            raise ConfigurationError(
+                "AsyncEngine on a Redis Cluster is not supported yet: attach its sync_engine from sync code, "
+                "or use a single server or Sentinel (docs/deployment.md)"
+            )
         client, timeout = self.store.client, self.config.timeout
         self._async_stores = AsyncStores(lambda: async_client_like(client, timeout), self._health)
         self._slot.base = cast(Store, Worlds(self.store, self._async_stores))
@@ -293,7 +310,7 @@ class SQLCache:
         if self._outbox is not None:
             self._outbox.stop_all()
         self._journal.close()
-        self.store.client.connection_pool.disconnect()
+        self.store.disconnect()
 
     # -- plugins ------------------------------------------------------------------------------------
 
@@ -346,14 +363,14 @@ class SQLCache:
         """Invalidate the entry of one row now (outside any transaction)."""
         h = self._registry.hierarchy(mapper_of(cls))
         pk_t = pk if isinstance(pk, tuple) else (pk,)
-        p = self.config.prefix
+        p = self._kp
         keys = [_keys.identity_dep_key(p, h.base_table, pk_t), _keys.row_writes_key(p, h.base_table)]
         self._journal.invalidate_now(keys, [(h.mapper.class_, pk_t)], [])
 
     def invalidate_model(self, cls: type[Any]) -> None:
         """Invalidate every entry of ``cls`` and of the tables of its inheritance hierarchy."""
         h = self._registry.hierarchy(mapper_of(cls))
-        p = self.config.prefix
+        p = self._kp
         keys = [k for t in h.tables for k in (_keys.bulk_dep_key(p, t), _keys.table_dep_key(p, t))]
         self._journal.invalidate_now(keys, [], [f"table:{t}" for t in h.tables])
 
@@ -362,7 +379,7 @@ class SQLCache:
         for t in tags:
             if not isinstance(t, str) or not t:
                 raise ConfigurationError(f"tags must be non-empty strings, got {t!r}")
-        keys = [_keys.tag_dep_key(self.config.prefix, t) for t in tags]
+        keys = [_keys.tag_dep_key(self._kp, t) for t in tags]
         self._journal.invalidate_now(keys, [], list(tags))
 
     def clear(self) -> int:
@@ -371,13 +388,14 @@ class SQLCache:
         A fill in flight when this runs is refused, since the generations it saw are gone.
         """
         with self._rep.degrade("clear"):
-            return self._slot.current.delete_matching(_keys.scan_pattern(self.config.prefix))
+            return self._slot.current.delete_matching(_keys.scan_pattern(self._kp))
         return 0
 
     def stats(self) -> dict[str, int]:
         """Counters since this cache was created (see ``sqlcache._stats.COUNTERS`` for each meaning)."""
         out = self._rep.stats.snapshot()
         out["backoffs"] = self._health.backoffs
+        out["lineage_fences"] = self._health.lineage_fences
         out["skipped_backoff"] = self._health.skipped
         out["journal"] = len(self._journal)
         return out
@@ -460,7 +478,7 @@ class SQLCache:
             OutboxSQL(self.outbox_table(), engine.dialect, batch=500),
             c.relay_interval,
             c.relay_grace,
-            prefix=c.prefix,
+            prefix=self._kp,
             apply=self._journal.apply,
             reporter=self._rep,
             fence_key=self._keys.everything,

@@ -468,7 +468,8 @@ def _report(samples: dict[str, list[int]]) -> None:
 def _round_trips(cache: SQLCache, engine: Engine, n: int) -> int:
     """Commands the cache writes to Redis for one committing update of ``n`` rows (pipelined ones too)."""
     calls = _Counter()
-    conn_class: Any = cache.store.client.connection_pool.connection_class
+    store: Any = cache.store
+    conn_class: Any = store.client.connection_pool.connection_class
     original: Callable[..., Any] = conn_class.send_command
 
     def counting(self: Any, *a: Any, **kw: Any) -> Any:

@@ -209,6 +209,39 @@ def test_restart_from_old_snapshot_is_fenced(engine: Engine, private_redis: Redi
         cache.detach(engine)
 
 
+def test_restart_from_old_snapshot_is_fenced_for_a_process_that_never_saw_it(
+    engine: Engine, private_redis: RedisServer
+) -> None:
+    """A process that first meets Redis after it was restored from an old snapshot has no run id to
+    compare: the lineage key (the run id that vouched for the data) fences for it, before its first
+    read. Without it, a process started after the restart served the entry an acknowledged commit had
+    invalidated."""
+    writer = SQLCache(private_redis.url, prefix="lineage", timeout=0.3, backoff=0.05, max_backoff=0.05)
+    writer.register(User)
+    writer.attach(engine)
+    try:
+        uid = make_user(engine, "v1")
+        assert user_name(engine, uid) == "v1"  # filled
+        private_redis.save()  # the snapshot holds the v1 entry, its generations and the lineage
+        with Session(engine) as s:
+            s.get(User, uid).name = "v2"  # invalidated in Redis, acknowledged...
+            s.commit()
+    finally:
+        writer.close()
+    private_redis.stop()  # ...then lost
+    private_redis.start()
+    fresh = SQLCache(private_redis.url, prefix="lineage", timeout=0.3, backoff=0.05, max_backoff=0.05)
+    fresh.strict_signals = True
+    fresh.register(User)
+    fresh.attach(engine)
+    try:
+        for _ in range(3):
+            assert user_name(engine, uid) == "v2"
+        assert fresh.stats()["lineage_fences"] == 1
+    finally:
+        fresh.close()
+
+
 def test_two_caches_on_one_client_both_detect_restarts(engine: Engine, private_redis: RedisServer) -> None:
     """Two caches given one client of the caller's each detect a Redis restart, and the caller's client
     is never changed (no connect hook, no new timeouts on its pool)."""

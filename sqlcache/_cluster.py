@@ -1,0 +1,208 @@
+"""The Store over a Redis Cluster, with every key of a cache in one hash slot.
+
+``_keys.slot_prefix`` makes the cache's prefix a hash tag, so every script and every read touches keys
+of one slot and runs, whole and atomic, on the one primary that serves it: the protocol is exactly the
+single server's. This module finds that primary, carries each call to a ``RedisStore`` of its own for
+that node, and treats a change of primary (a replica promoted by a failover, a slot migrated) like a
+restart of a single server: what the new primary holds may be older than what the old one acknowledged,
+so the cache fences its prefix before it trusts a read again (docs/deployment.md).
+
+No sharding yet: one cache lives on one node at a time (several caches, with their own prefixes, spread
+over the cluster's nodes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import redis
+import redis.cluster
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException
+
+from . import _keys
+from . import _protocol as proto
+from ._health import Health
+from ._protocol import ReadResult, SentLock
+from ._store import KEPT_CONNECTION_KWARGS, RedisStore, Subscription, hide_password
+from .errors import CacheUnavailable, ConfigurationError
+
+__all__ = ["CLUSTER_SCHEMES", "ClusterStore", "cluster_factory", "is_cluster_target"]
+
+T = TypeVar("T")
+
+#: URL schemes that name a Redis Cluster (any one node of it): ``redis+cluster://host:port``
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+
+_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, OSError)
+
+
+def is_cluster_target(target: object) -> bool:
+    if isinstance(target, redis.cluster.RedisCluster):
+        return True
+    return isinstance(target, str) and target.lower().startswith(CLUSTER_SCHEMES)
+
+
+def cluster_factory(
+    target: redis.cluster.RedisCluster | str, timeout: float
+) -> Callable[[], redis.cluster.RedisCluster]:
+    """How to build a cluster client of sqlcache's own (bounded timeouts, bytes replies) that reaches
+    the cluster of ``target``: a ``redis+cluster://`` URL or the caller's ``RedisCluster``, which is
+    never changed. Building it connects, so it is built on first use, where an outage is handled.
+
+    :raises ConfigurationError: a URL redis-py cannot read (the password is not echoed).
+    """
+    if isinstance(target, str):
+        url = target[: target.index("+")] + target[target.index("://") :]
+        try:
+            kwargs = dict(redis.ConnectionPool.from_url(url).connection_kwargs)
+        except ValueError as exc:
+            message = hide_password(str(exc))
+            raise ConfigurationError(f"invalid Redis URL {hide_password(target)!r}: {message}") from None
+        nodes = [(str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))]
+        ssl = url.lower().startswith("rediss://")
+    else:
+        kwargs = dict(target.nodes_manager.connection_kwargs)
+        nodes = [(n.host, int(n.port)) for n in target.nodes_manager.startup_nodes.values()]
+        ssl = bool(kwargs.get("ssl")) or kwargs.get("connection_class") is redis.SSLConnection
+    kept = {
+        k: v
+        for k, v in kwargs.items()
+        if (k in KEPT_CONNECTION_KWARGS or k.startswith("ssl_")) and k not in ("host", "port", "db", "path")
+    }
+    kept.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+    if ssl:
+        kept["ssl"] = True
+
+    def make() -> redis.cluster.RedisCluster:
+        return redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes],  # type: ignore[no-untyped-call]
+            require_full_coverage=False,
+            **kept,
+        )
+
+    return make
+
+
+class ClusterStore(proto.ScriptCalls):
+    """The :class:`~sqlcache._protocol.Store` over a Redis Cluster: each call goes to the primary of
+    the cache's slot, through a ``RedisStore`` of that node (its scripts, its run id)."""
+
+    def __init__(self, make: Callable[[], redis.cluster.RedisCluster], health: Health) -> None:
+        self._make = make
+        self.health = health
+        self._cluster: redis.cluster.RedisCluster | None = None
+        self._slot = -1  # set by key_prefix()
+        self._stores: dict[str, RedisStore] = {}
+        self._owner: str | None = None  # the node that served the slot last
+        self._refresh = False  # a call failed: ask the cluster again which node serves the slot
+
+    def key_prefix(self, prefix: str) -> str:
+        tagged = _keys.slot_prefix(prefix)
+        self._slot = key_slot(_keys.clock_key(tagged).encode())
+        return tagged
+
+    @property
+    def backing_off(self) -> bool:
+        return self.health.backing_off
+
+    # -- routing -----------------------------------------------------------------------------------
+
+    def _node(self, operation: str) -> RedisStore:
+        """The store of the primary serving the slot now; a new primary fences (Health.moved)."""
+        health = self.health
+        health.check(operation)
+        try:
+            cluster = self._cluster
+            if cluster is None:
+                cluster = self._cluster = self._make()
+            elif self._refresh:
+                self._refresh = False
+                cluster.nodes_manager.initialize()
+            node = cluster.nodes_manager.get_node_from_slot(self._slot)
+            store = self._stores.get(node.name)
+            if store is None:
+                store = RedisStore(cluster.get_redis_connection(node), health, node.name)
+                self._stores[node.name] = store
+        except _ERRORS as exc:
+            self._refresh = True
+            health.failed()
+            raise CacheUnavailable(operation) from exc
+        if node.name != self._owner:
+            if self._owner is not None:
+                health.moved()
+            self._owner = node.name
+        return store
+
+    def _routed(self, operation: str, fn: Callable[[RedisStore], T]) -> T:
+        store = self._node(operation)
+        try:
+            return fn(store)
+        except CacheUnavailable:
+            self._refresh = True  # MOVED, a dead node, a restart: the slot may be elsewhere now
+            raise
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def _eval(
+        self, operation: str, script: str, keys: list[Any], args: list[Any], shield: bool = False
+    ) -> Any:
+        return self._routed(operation, lambda s: s._eval(operation, script, keys, args, shield))
+
+    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
+        return self._routed("read", lambda s: s.read(clock_key, entry_key, dep_keys))
+
+    def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
+        return self._routed("lock", lambda s: s.try_fill_lock(entry_key, token, ttl_ms))
+
+    def send_lock(
+        self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
+    ) -> SentLock:
+        def send(s: RedisStore) -> SentLock:
+            sent = s.send_lock(clock_key, lock_keys, token, lock_ttl_ms, gen_ttl_ms)
+            return SentLock(sent.conn, s)
+
+        return self._routed("lock", send)
+
+    def release_after(
+        self,
+        sent: SentLock,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        announce: tuple[str, bytes] | None = None,
+    ) -> bool:
+        """Release on the node the lock went to (its reply waits on that connection)."""
+        node = sent.store
+        assert isinstance(node, RedisStore)
+        try:
+            return node.release_after(sent, clock_key, dep_keys, token, gen_ttl_ms, announce)
+        except CacheUnavailable:
+            self._refresh = True
+            raise
+
+    def delete(self, *keys: str) -> None:
+        self._routed("delete", lambda s: s.delete(*keys))
+
+    def delete_matching(self, pattern: str, batch: int = 500) -> int:
+        """Every key of the cache is in its slot, so on one node: SCAN that node."""
+        return self._routed("clear", lambda s: s.delete_matching(pattern, batch))
+
+    def pause(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def server(self) -> dict[str, str | int]:
+        """The node serving the cache's slot, as last seen (``{}`` before the first call)."""
+        store = self._stores.get(self._owner or "")
+        return {} if store is None else store.server()
+
+    def subscribe(self, channel: str) -> Subscription:
+        """Classic pub/sub reaches every node of a cluster: subscribe on the slot's primary."""
+        return self._node("listen").subscribe(channel)
+
+    def disconnect(self) -> None:
+        if self._cluster is not None:
+            self._cluster.close()

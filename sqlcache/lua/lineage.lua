@@ -1,0 +1,26 @@
+-- lineage: run on every new connection before anything else is sent on it. If the data this server
+-- holds was last vouched for by another server process (a replica promoted by a failover, a restart
+-- from an older snapshot, a flushed or new server), acknowledged invalidations may be missing from it:
+-- move the dependency of every entry (a fence), then vouch for the data as this process's.
+-- KEYS[1] clock; KEYS[2] lineage key; KEYS[3] the dependency of every entry
+-- ARGV[1] this server's run id; ARGV[2] ttl ms of generation keys (0 = none)
+-- returns 1 if it fenced, 0 if the data was already this server's
+if redis.pcall('GET', KEYS[2]) == ARGV[1] then return 0 end
+local g, x, n, locks = read_dep(KEYS[3])
+local fresh = fmt(tick(KEYS[1]))
+local live, newest_x = {}, nil
+if g then
+  for tok, exp in pairs(locks) do
+    if exp > now_us() then
+      live[tok] = exp
+      newest_x = math.max(newest_x or 0, exp)
+    end
+  end
+end
+if newest_x then
+  write_dep(KEYS[3], fresh, newest_x, n, live, tonumber(ARGV[2]))
+else
+  write_dep(KEYS[3], fresh, nil, '', {}, tonumber(ARGV[2]))
+end
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
