@@ -124,7 +124,7 @@ class ClusterStore(proto.ScriptCalls):
             node = cluster.nodes_manager.get_node_from_slot(self._slot)
             store = self._stores.get(node.name)
             if store is None:
-                store = RedisStore(cluster.get_redis_connection(node), health, node.name)
+                store = RedisStore(self._node_client(cluster, node), health, node.name)
                 self._stores[node.name] = store
         except _ERRORS as exc:
             self._refresh = True
@@ -135,6 +135,24 @@ class ClusterStore(proto.ScriptCalls):
                 health.moved()
             self._owner = node.name
         return store
+
+    @staticmethod
+    def _node_client(cluster: redis.cluster.RedisCluster, node: redis.cluster.ClusterNode) -> redis.Redis:
+        """A client of the node with a pool of its own: every connection in it is made by the store's
+        connect hook (run id, lineage check). The cluster client's own pool to the node holds
+        connections its topology queries opened without that hook, which must never carry a read."""
+        kwargs = {
+            k: v
+            for k, v in cluster.nodes_manager.connection_kwargs.items()
+            if k in KEPT_CONNECTION_KWARGS
+            or k.startswith("ssl_")
+            or k in ("socket_timeout", "socket_connect_timeout")
+        }
+        kwargs.update(host=node.host, port=int(node.port))
+        pool_kwargs: dict[str, Any] = dict(kwargs)
+        if cluster.nodes_manager.connection_kwargs.get("ssl"):
+            pool_kwargs["connection_class"] = redis.SSLConnection
+        return redis.Redis(connection_pool=redis.ConnectionPool(**pool_kwargs))
 
     def _routed(self, operation: str, fn: Callable[[RedisStore], T]) -> T:
         store = self._node(operation)
@@ -204,5 +222,7 @@ class ClusterStore(proto.ScriptCalls):
         return self._node("listen").subscribe(channel)
 
     def disconnect(self) -> None:
+        for store in list(self._stores.values()):
+            store.disconnect()
         if self._cluster is not None:
             self._cluster.close()
