@@ -126,14 +126,20 @@ class AsyncRedisStore(proto.ScriptCalls):
     def _eval(
         self, operation: str, script: str, keys: list[Any], args: list[Any], shield: bool = False
     ) -> Any:
-        return self._call(operation, lambda: self._script(script, keys, args), shield=shield)
+        wait = self.health.wait if script == "release" else None
+        if wait is None:
+            return self._call(operation, lambda: self._script(script, keys, args), shield=shield)
+        written, acked = self._call(operation, lambda: self._script(script, keys, args, wait), shield=shield)
+        self.health.acknowledged(operation, acked)
+        return written
 
     async def _on_connect(self, conn: Any) -> None:
         await conn.on_connect()
-        await conn.send_command("INFO", "server")
-        run_id = self.health.connected(await conn.read_response())
-        lineage = self.health.lineage_call(run_id)
-        if lineage is not None:  # before anything else on this connection: fence data not ours
+        lineage = self.health.lineage_call()
+        if lineage is None:
+            await conn.send_command("INFO", "server")
+            self.health.connected(await conn.read_response())
+        else:  # first on this connection: the run id, and a fence if the data is not this server's
             await conn.send_command("EVAL", LINEAGE_SOURCE, 3, *lineage)
             self.health.lineage_checked(await conn.read_response())
 
@@ -151,25 +157,33 @@ class AsyncRedisStore(proto.ScriptCalls):
         finally:
             await self._give_back(conn)
 
-    async def _command(self, *args: Any) -> Any:
+    async def _command(self, *args: Any, wait: tuple[int, int] | None = None) -> Any:
         """One command on a pooled connection, without the client's per-call machinery (as the sync
-        store's MGET): errors leave the connection disconnected, as the client would."""
+        store's MGET): errors leave the connection disconnected, as the client would. With ``wait``,
+        WAIT follows on the same connection (it counts that connection's writes), and the reply is
+        (the command's, WAIT's)."""
         conn = await self._connection()
         try:
             await conn.send_command(*args)
+            if wait is not None:
+                await conn.send_command("WAIT", *wait)
             reply = await conn.read_response()
+            if wait is not None:
+                reply = (reply, await conn.read_response())
         except BaseException:
             await self._discard(conn)
             raise
         await self._give_back(conn)
         return reply
 
-    async def _script(self, name: str, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def _script(
+        self, name: str, keys: Sequence[Any], args: Sequence[Any], wait: tuple[int, int] | None = None
+    ) -> Any:
         try:
-            return await self._command("EVALSHA", self._shas[name], len(keys), *keys, *args)
+            return await self._command("EVALSHA", self._shas[name], len(keys), *keys, *args, wait=wait)
         except redis.exceptions.NoScriptError:
             # flushed or restarted since the scripts were loaded: EVAL sends and loads it at once
-            return await self._command("EVAL", self._sources[name], len(keys), *keys, *args)
+            return await self._command("EVAL", self._sources[name], len(keys), *keys, *args, wait=wait)
 
     # -- operations --------------------------------------------------------------------------------
 
@@ -213,11 +227,18 @@ class AsyncRedisStore(proto.ScriptCalls):
         keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, (), announce)
         conn = sent.conn
 
+        wait = self.health.wait
+        ran = False
+
         async def run() -> list[Any]:
+            nonlocal ran
+            ran = True
             try:
                 await conn.send_command("EVALSHA", self._shas["release"], len(keys), *keys, *args)
+                if wait is not None:
+                    await conn.send_command("WAIT", *wait)
                 replies: list[Any] = []
-                for _ in range(2):
+                for _ in range(2 if wait is None else 3):
                     try:
                         replies.append(await conn.read_response())
                     except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart
@@ -228,10 +249,17 @@ class AsyncRedisStore(proto.ScriptCalls):
             await self._give_back(conn)
             return replies
 
-        lock_reply, release_reply = self._call("release", run, shield=True)
+        try:
+            lock_reply, release_reply, *acked = self._call("release", run, shield=True)
+        except CacheUnavailable:
+            if not ran and _aio.in_async_greenlet():  # refused before run(): the lock's connection
+                _aio.await_(self._discard(conn))  # still waits for its reply; not left checked out
+            raise
         if isinstance(release_reply, redis.ResponseError):
             self._loaded_epoch = -1
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
+        elif acked:
+            self.health.acknowledged("release", acked[0])
         return not isinstance(lock_reply, redis.ResponseError)
 
     def delete(self, *keys: str) -> None:

@@ -26,10 +26,10 @@ from . import _keys
 from . import _protocol as proto
 from ._health import Health
 from ._protocol import ReadResult, SentLock
-from ._store import KEPT_CONNECTION_KWARGS, RedisStore, Subscription, hide_password
+from ._store import KEPT_CONNECTION_KWARGS, RedisStore, Subscription, client_for, hide_password
 from .errors import CacheUnavailable, ConfigurationError
 
-__all__ = ["CLUSTER_SCHEMES", "ClusterStore", "cluster_factory", "is_cluster_target"]
+__all__ = ["CLUSTER_SCHEMES", "ClusterStore", "cluster_factory", "is_cluster_target", "store_for"]
 
 T = TypeVar("T")
 
@@ -37,6 +37,14 @@ T = TypeVar("T")
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 _ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, OSError)
+
+
+def store_for(target: Any, timeout: float, health: Health) -> RedisStore | ClusterStore:
+    """The store for what the user passed: a cluster's router, or a store over a pool of sqlcache's own
+    (the caller's client is never changed)."""
+    if is_cluster_target(target):
+        return ClusterStore(cluster_factory(target, timeout), health)
+    return RedisStore(client_for(target, timeout), health)
 
 
 def is_cluster_target(target: object) -> bool:

@@ -47,6 +47,8 @@ class Health:
         # called with on every new connection; None: not checked
         self.lineage: tuple[str, str, str, int] | None = None
         self.lineage_fences = 0  # servers found holding data another server process vouched for
+        # (replicas, timeout ms): every release is followed by WAIT on its connection; None: not
+        self.wait: tuple[int, int] | None = None
 
     def after_fork(self) -> None:
         """In a forked child: a fresh lock (one held by another thread at the fork would never be freed)."""
@@ -91,34 +93,48 @@ class Health:
                 self._next_backoff = self._base_backoff
                 self.open_until = 0.0
 
-    def connected(self, info: object, node: str = "") -> str:
+    def connected(self, info: object, node: str = "") -> None:
         """A new connection's ``INFO server`` reply from ``node``: a run id other than the last one seen
-        there is a restart. Returns the run id."""
+        there is a restart."""
         text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
         run_id = ""
         for line in text.splitlines():
             if line.startswith("run_id:"):
                 run_id = line[len("run_id:") :].strip()
+        self._seen(run_id, node)
+
+    def _seen(self, run_id: str, node: str) -> None:
         with self._mutex:
             last = self.run_ids.get(node)
             if last is not None and run_id != last:
                 self.restart_pending = True
                 self.epoch += 1
             self.run_ids[node] = run_id
-        return run_id
 
-    def lineage_call(self, run_id: str) -> list[str | int] | None:
-        """The arguments of lineage.lua for a new connection to the server ``run_id`` (after
-        ``numkeys``), or None when the cache does not check lineage."""
-        if self.lineage is None or not run_id:
+    def lineage_call(self) -> list[str | int] | None:
+        """What a new connection sends instead of INFO (lineage.lua's keys and arguments, after its
+        source and ``numkeys``), or None when the cache does not check lineage (INFO then)."""
+        if self.lineage is None:
             return None
         clock, key, everything, gen_ttl = self.lineage
-        return [clock, key, everything, run_id, gen_ttl]
+        return [clock, key, everything, gen_ttl]
 
-    def lineage_checked(self, reply: object) -> None:
-        if reply == 1:
+    def lineage_checked(self, reply: object, node: str = "") -> None:
+        """lineage.lua's reply on a new connection to ``node``: the server's run id (as INFO's, for
+        restart detection) and whether it fenced."""
+        run_id, fenced = reply if isinstance(reply, list) and len(reply) == 2 else (b"", 0)
+        self._seen(run_id.decode("ascii", "replace") if isinstance(run_id, bytes) else str(run_id), node)
+        if fenced == 1:
             with self._mutex:
                 self.lineage_fences += 1
+
+    def acknowledged(self, operation: str, acked: object) -> None:
+        """WAIT's reply after a release: fewer replicas than asked is an outage (the journal keeps the
+        invalidation and replays it, WAIT included, until enough replicas have it)."""
+        wait = self.wait
+        if wait is not None and not (isinstance(acked, int) and acked >= wait[0]):
+            self.failed()
+            raise CacheUnavailable(f"{operation} (acknowledged by {acked} of {wait[0]} replicas)")
 
     def moved(self) -> None:
         """Another server now holds what the last one held (a replica promoted after a failover, a slot

@@ -189,6 +189,10 @@ class OutboxWriter:
     """
 
     def __init__(self, prefix: str, table: str, new_relay: Callable[[Engine], Relay]) -> None:
+        if len(prefix) > 255:  # the key prefix: a cluster's hash tag adds to the user's
+            raise ConfigurationError(
+                "durable=True needs a prefix of at most 255 characters (the outbox column)"
+            )
         self._prefix = prefix
         self._table = table
         self._new_relay = new_relay

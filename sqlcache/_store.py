@@ -209,16 +209,30 @@ class RedisStore(proto.ScriptCalls):
         self, operation: str, script: str, keys: list[Any], args: list[Any], shield: bool = False
     ) -> Any:
         run = self._scripts[script]
-        return self._call(operation, lambda: run(keys=keys, args=args))
+        wait = self.health.wait if script == "release" else None
+        if wait is None:
+            return self._call(operation, lambda: run(keys=keys, args=args))
+
+        def waited() -> list[Any]:  # WAIT counts the writes of its own connection: one pipeline
+            pipe = self.client.pipeline(transaction=False)
+            run(keys=keys, args=args, client=pipe)
+            pipe.wait(*wait)
+            replies: list[Any] = pipe.execute()
+            return replies
+
+        written, acked = self._call(operation, waited)
+        self.health.acknowledged(operation, acked)
+        return written
 
     def _on_connect(self, conn: Any) -> None:
         conn.on_connect()
-        conn.send_command("INFO", "server")
-        run_id = self.health.connected(conn.read_response(), self._node)
-        lineage = self.health.lineage_call(run_id)
-        if lineage is not None:  # before anything else on this connection: fence data not ours
+        lineage = self.health.lineage_call()
+        if lineage is None:
+            conn.send_command("INFO", "server")
+            self.health.connected(conn.read_response(), self._node)
+        else:  # first on this connection: the run id, and a fence if the data is not this server's
             conn.send_command("EVAL", LINEAGE_SOURCE, 3, *lineage)
-            self.health.lineage_checked(conn.read_response())
+            self.health.lineage_checked(conn.read_response(), self._node)
 
     def _load_scripts(self) -> None:
         """Load every script in one round trip, so that a pipelined EVALSHA never meets NOSCRIPT."""
@@ -293,12 +307,19 @@ class RedisStore(proto.ScriptCalls):
         """Release behind a pipelined lock; returns whether the lock itself had succeeded."""
         keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, (), announce)
         conn = sent.conn
+        wait = self.health.wait
+
+        ran = False
 
         def run() -> list[Any]:
+            nonlocal ran
+            ran = True
             try:
                 conn.send_command("EVALSHA", self._scripts["release"].sha, len(keys), *keys, *args)
+                if wait is not None:
+                    conn.send_command("WAIT", *wait)
                 replies: list[Any] = []
-                for _ in range(2):
+                for _ in range(2 if wait is None else 3):
                     try:
                         replies.append(conn.read_response())
                     except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart
@@ -309,11 +330,18 @@ class RedisStore(proto.ScriptCalls):
             self.client.connection_pool.release(conn)
             return replies
 
-        lock_reply, release_reply = self._call("release", run)
+        try:
+            lock_reply, release_reply, *acked = self._call("release", run)
+        except CacheUnavailable:
+            if not ran:  # refused before run() (backing off, scripts not loaded): the lock's connection
+                self._discard(conn)  # still waits for its reply, and must not stay checked out
+            raise
         if isinstance(release_reply, redis.ResponseError):
             # NOSCRIPT: Redis restarted or was flushed since we loaded the scripts; load and release
             self._loaded_epoch = -1
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
+        elif acked:
+            self.health.acknowledged("release", acked[0])
         return not isinstance(lock_reply, redis.ResponseError)
 
     def _connection(self) -> Any:

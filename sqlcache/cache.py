@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from . import _aio, _keys
 from ._astore import AsyncStores, Worlds, async_client_like
 from ._broadcast import Announcer, Listener
-from ._cluster import ClusterStore, cluster_factory, is_cluster_target
+from ._cluster import store_for
 from ._commit import Commits
 from ._health import Health
 from ._identity import IdentityReader
@@ -28,7 +28,7 @@ from ._registry import Registry, mapper_of
 from ._relay import Relay
 from ._report import Reporter
 from ._seal import Sealer
-from ._store import RedisStore, client_for
+from ._store import RedisStore
 from ._transactions import Transactions
 from ._wiring import Wiring
 from .config import CacheConfig, Mode, ModelPolicy
@@ -74,6 +74,10 @@ class SQLCache:
     :param decoded_cache_bytes: budget (in bytes of Redis payload; about four times that in memory) for
         keeping decoded query results in process, reused while Redis keeps returning the very same bytes
         for a key; 0 turns it off.
+    :param wait_replicas: replicas of the Redis primary that must acknowledge each release (``WAIT``)
+        before ``commit()`` returns; fewer in ``wait_timeout`` seconds is treated as an outage (the
+        journal keeps the invalidation). 0 (the default) asks none; see docs/deployment.md.
+    :param wait_timeout: seconds the release's ``WAIT`` may take (below ``timeout``).
     :param plugins: plugins to set up now, in order (see :meth:`add_plugin`).
     :raises ConfigurationError: on a bad argument.
 
@@ -105,6 +109,8 @@ class SQLCache:
         relay_interval: float = 1.0,
         relay_grace: float = 10.0,
         decoded_cache_bytes: int = 4 * 1024 * 1024,
+        wait_replicas: int = 0,
+        wait_timeout: float = 0.1,
         plugins: Sequence[Plugin] = (),
     ) -> None:
         self.config = CacheConfig(
@@ -124,15 +130,13 @@ class SQLCache:
             relay_interval=relay_interval,
             relay_grace=relay_grace,
             decoded_cache_bytes=decoded_cache_bytes,
+            wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout,
         )
         sealer = Sealer(secret)
         #: the redis-py store (connection health, restarts); plugins may wrap what the parts use
         self._health = Health(failure_threshold=failure_threshold, backoff=backoff, max_backoff=max_backoff)
-        self.store: RedisStore | ClusterStore
-        if is_cluster_target(redis_client):
-            self.store = ClusterStore(cluster_factory(redis_client, timeout), self._health)  # type: ignore[arg-type]
-        else:  # always a pool of our own: the caller's is untouched
-            self.store = RedisStore(client_for(redis_client, timeout), self._health)  # type: ignore[arg-type]
+        self.store = store_for(redis_client, timeout, self._health)  # the caller's client is untouched
         self._async_stores: AsyncStores | None = None  # the asyncio world, once an AsyncEngine is attached
         self._assemble(self.config, sealer)
         self._closed = False
@@ -168,16 +172,14 @@ class SQLCache:
         self._rep = rep = Reporter(self, lambda: self._health.ok_seq)
         self._plugins = Plugins(rep, slot, self.store.server)
         self._kp = p = self.store.key_prefix(c.prefix)  # what starts every key (a hash tag on a cluster)
-        if c.durable and len(p) > 255:
-            raise ConfigurationError(
-                "durable=True needs a prefix of at most 255 characters (the outbox column)"
-            )
         self._keys = keys = Keys(p, _keys.clock_key(p), _keys.global_dep_key(p), c.generation_ttl * 1000)
         self._announcer = announcer = Announcer(p, c.broadcast, sealer)
         self._journal = journal = Journal(
             slot, rep, keys, announcer.announce, lambda: self._health.backing_off, c.backoff
         )
         self._health.on_restart = journal.fence
+        if c.wait_replicas:
+            self._health.wait = (c.wait_replicas, max(1, round(c.wait_timeout * 1000)))
         self._health.lineage = (keys.clock, _keys.lineage_key(p), keys.everything, keys.gen_ttl_ms)
         self._registry = registry = Registry(c.default_ttl)
         self._txns = txns = Transactions(id(self))

@@ -47,6 +47,9 @@ class CacheConfig:
     :param generation_ttl: seconds a dependency generation lives after it was last written.
     :param stampede_wait: seconds a cached query's caller waits for another caller's fill of the same
         key before it queries the database itself.
+    :param wait_replicas: replicas that must acknowledge every release (Redis ``WAIT``) before a commit
+        returns; 0: none asked (docs/deployment.md).
+    :param wait_timeout: seconds ``WAIT`` may take; below ``timeout``.
     """
 
     prefix: str
@@ -65,6 +68,8 @@ class CacheConfig:
     relay_interval: float = 1.0
     relay_grace: float = 10.0
     decoded_cache_bytes: int = 4 * 1024 * 1024
+    wait_replicas: int = 0
+    wait_timeout: float = 0.1
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not self.prefix or not _PREFIX.match(self.prefix):
@@ -81,6 +86,16 @@ class CacheConfig:
             raise ConfigurationError(f"timeout must be seconds in (0, 60], got {self.timeout!r}")
         if not isinstance(self.stampede_wait, (int, float)) or not 0 <= self.stampede_wait <= 60:
             raise ConfigurationError(f"stampede_wait must be seconds in [0, 60], got {self.stampede_wait!r}")
+        if (
+            not isinstance(self.wait_replicas, int)
+            or isinstance(self.wait_replicas, bool)
+            or self.wait_replicas < 0
+        ):
+            raise ConfigurationError(f"wait_replicas must be an int >= 0, got {self.wait_replicas!r}")
+        if not isinstance(self.wait_timeout, (int, float)) or not 0.001 <= self.wait_timeout < self.timeout:
+            raise ConfigurationError(
+                f"wait_timeout must be seconds in [0.001, timeout), got {self.wait_timeout!r}"
+            )
         if not isinstance(self.max_entry_bytes, int) or self.max_entry_bytes < 1:
             raise ConfigurationError(f"max_entry_bytes must be a positive int, got {self.max_entry_bytes!r}")
         if not isinstance(self.outbox_table, str) or not _TABLE.match(self.outbox_table):

@@ -13,6 +13,7 @@ the checker must catch; ``--mode durable`` runs sqlcache with ``durable=True`` (
 every commit, relays deleting them; at the end no row may be left); ``--mode async`` mixes sync worker
 processes with asyncio ones (AsyncSession on asyncpg, many tasks per process, each process one event
 loop; readers' pauses awaited, not slept). Soak: ``python -m tests.concurrency.checker --seconds 300``.
+``--cluster`` runs any mode against a local Redis Cluster it starts (tests/topologies.py).
 """
 
 from __future__ import annotations
@@ -305,9 +306,14 @@ def run_checker(
         with admin.begin() as c:
             c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
-        r = redis.Redis.from_url(redis_url)
-        for key in r.scan_iter(match=f"{prefix}:*"):
-            r.delete(key)
+        if mode == "naive":
+            r = redis.Redis.from_url(redis_url)
+            for key in r.scan_iter(match=f"{prefix}:*"):
+                r.delete(key)
+        else:
+            leftover = SQLCache(redis_url, prefix=prefix)
+            leftover.clear()
+            leftover.close()
 
 
 def _final_check(mode: str, engine: Engine, redis_url: str, prefix: str) -> list[dict[str, int]]:
@@ -350,8 +356,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--writers", type=int, default=2)
     parser.add_argument("--readers", type=int, default=3)
+    parser.add_argument("--redis-url", default=REDIS_URL, help="default: $SQLCACHE_REDIS_URL or local")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="start a local Redis Cluster (3 primaries, 3 replicas) for the run and use it",
+    )
     a = parser.parse_args()
-    print(json.dumps(run_checker(a.mode, a.seconds, a.writers, a.readers), indent=2))
+    if a.cluster:
+        from ..topologies import LocalCluster
+
+        with LocalCluster() as cluster:
+            url = cluster.startup_url.replace("redis://", "redis+cluster://", 1)
+            out = run_checker(a.mode, a.seconds, a.writers, a.readers, redis_url=url)
+        out["redis"] = "local cluster (3 primaries, 3 replicas)"
+    else:
+        out = run_checker(a.mode, a.seconds, a.writers, a.readers, redis_url=a.redis_url)
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

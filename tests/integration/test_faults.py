@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache, signals
-from sqlcache.errors import ConfigurationError
+from sqlcache.errors import CacheUnavailable, ConfigurationError
 
 from ..conftest import RedisServer, SQLCounter, free_port
 from ..helpers import make_user, user_name
@@ -322,3 +322,22 @@ def test_fence_asked_for_while_another_is_applied_is_not_lost(engine: Engine, ca
     assert journal.replay()  # the second fence was still pending, and is applied now
     assert cache.stats()["fences"] == 2
     assert user_name(engine, uid) == "ann"
+
+
+def test_release_refused_by_the_breaker_gives_the_locks_connection_back(redis_url: str) -> None:
+    """A pipelined lock keeps its connection checked out until the release reads both replies. When the
+    breaker refuses the release (Redis skipped after failures elsewhere), that connection must be
+    dropped, not left checked out: under load, each such commit leaked one, until the pool ran out."""
+    cache = SQLCache(redis_url, prefix=f"leak{uuid.uuid4().hex[:8]}")
+    store = cache.store
+    pool = store.client.connection_pool  # type: ignore[union-attr]
+    try:
+        for _ in range(3):
+            sent = store.send_lock("k:clock", ["k:d:t:x"], "tok", 1000, 0)
+            cache._health.open_until = time.monotonic() + 60  # the breaker opened meanwhile
+            with pytest.raises(CacheUnavailable):
+                store.release_after(sent, "k:clock", ["k:d:t:x"], "tok", 0)
+            cache._health.open_until = 0.0
+        assert len(pool._in_use_connections) == 0
+    finally:
+        cache.close()
