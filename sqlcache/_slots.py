@@ -26,7 +26,9 @@ __all__ = ["Slot", "hook"]
 
 _Key = tuple[str, tuple[tuple[str, Any], ...]]
 
-_lock = threading.Lock()
+# reentrant: a garbage-collector callback may close a cache (release its slots) on this very thread
+# while it is inside hook() or release(), since both allocate
+_lock = threading.RLock()
 # target (the Session class, a mapper, an engine) -> (event, options) -> its empty slots
 _free: weakref.WeakKeyDictionary[Any, dict[_Key, list[Slot]]] = weakref.WeakKeyDictionary()
 

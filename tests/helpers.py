@@ -11,6 +11,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from sqlcache import SQLCache
+
 from .models import User
 
 
@@ -125,3 +127,66 @@ def durable_cache(engine: Engine, redis_url: str, prefix: str, **kw: Any) -> Ite
     finally:
         cache.clear()
         cache.close()
+
+
+def check_failover(
+    engine: Engine,
+    new_cache: Callable[[], SQLCache],
+    lose: Callable[[SQLCache, Callable[[], None]], object],
+    reader: str,
+    rows: int,
+    versions: int,
+    rereads: int,
+) -> int:
+    """A failover that loses acknowledged releases serves nothing stale; returns the reads checked.
+
+    ``rows`` users are filled at "v0" through a first cache (the writer); ``lose(writer, window)`` runs
+    ``window`` while the primary's replica receives nothing, then fails over. The window commits
+    versions 1..``versions`` of every row, each read back (and filled on the old primary only); with
+    ``reader == "late"`` it then closes the writer. Afterwards ``rereads`` rounds of reads, through the
+    writer or through a cache made after the failover, must return the last version that returned, and
+    must have hit Redis for at least one round's worth (not all misses)."""
+    caches: list[SQLCache] = []
+
+    def cache() -> SQLCache:
+        c = new_cache()
+        c.register(User)
+        c.attach(engine)
+        caches.append(c)
+        return c
+
+    writer = cache()
+    checked = 0
+    try:
+        uids = [make_user(engine, "v0") for _ in range(rows)]
+        for uid in uids:
+            assert user_name(engine, uid) == "v0"  # filled, then replicated
+        last = dict.fromkeys(uids, "v0")
+
+        def window() -> None:
+            nonlocal checked
+            for n in range(1, versions + 1):
+                for uid in uids:
+                    with Session(engine) as s:
+                        u = s.get(User, uid)
+                        assert u is not None
+                        u.name = f"v{n}"
+                        s.commit()
+                    last[uid] = f"v{n}"
+                    assert user_name(engine, uid) == last[uid]
+                    checked += 1
+            if reader == "late":
+                writer.close()
+
+        lose(writer, window)
+        c = writer if reader == "writer" else cache()
+        hits = c.stats()["hits"]
+        for _ in range(rereads):
+            for uid in uids:
+                assert user_name(engine, uid) == last[uid]
+                checked += 1
+        assert c.stats()["hits"] - hits >= rows  # Redis answered: the reads were not all misses
+    finally:
+        for c in caches:
+            c.close()
+    return checked

@@ -102,3 +102,22 @@ local function dep_state(key, clock_key, gen_ttl_ms)
   end
   return g, false
 end
+
+-- a fresh generation for a dependency, keeping the locks in ``locks`` that are still live (n: the
+-- newest lock's token); returns whether any lock remains
+local function renew(key, clock_key, n, locks, ttl_ms)
+  local live, newest_x = {}, nil
+  for tok, exp in pairs(locks) do
+    if exp > now_us() then
+      live[tok] = exp
+      newest_x = math.max(newest_x or 0, exp)
+    end
+  end
+  local fresh = fmt(tick(clock_key))
+  if newest_x then
+    write_dep(key, fresh, newest_x, n, live, ttl_ms)
+  else
+    write_dep(key, fresh, nil, '', {}, ttl_ms)
+  end
+  return newest_x ~= nil
+end

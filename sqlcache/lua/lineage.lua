@@ -9,20 +9,7 @@
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
 if run_id == '' or redis.pcall('GET', KEYS[2]) == run_id then return {run_id, 0} end
 local g, x, n, locks = read_dep(KEYS[3])
-local fresh = fmt(tick(KEYS[1]))
-local live, newest_x = {}, nil
-if g then
-  for tok, exp in pairs(locks) do
-    if exp > now_us() then
-      live[tok] = exp
-      newest_x = math.max(newest_x or 0, exp)
-    end
-  end
-end
-if newest_x then
-  write_dep(KEYS[3], fresh, newest_x, n, live, tonumber(ARGV[1]))
-else
-  write_dep(KEYS[3], fresh, nil, '', {}, tonumber(ARGV[1]))
-end
+if not g then n, locks = '', {} end
+renew(KEYS[3], KEYS[1], n, locks, tonumber(ARGV[1]))
 redis.call('SET', KEYS[2], run_id)
 return {run_id, 1}

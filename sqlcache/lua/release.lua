@@ -22,20 +22,8 @@ for i = 2, m + 1 do
   end
   local was_mine = locks[token] ~= nil
   locks[token] = nil
-  local live, newest_x = {}, nil
-  for tok, exp in pairs(locks) do
-    if exp > now_us() then
-      live[tok] = exp
-      newest_x = math.max(newest_x or 0, exp)
-    end
-  end
-  local fresh = fmt(tick(KEYS[1]))
-  if newest_x then
-    write_dep(key, fresh, newest_x, n, live, gen_ttl)
-  else
-    write_dep(key, fresh, nil, '', {}, gen_ttl)
-  end
-  mine[key] = was_mine and n == token and not newest_x
+  local still_locked = renew(key, KEYS[1], n, locks, gen_ttl)
+  mine[key] = was_mine and n == token and not still_locked
 end
 if ARGV[5] ~= '' then
   redis.call('PUBLISH', ARGV[5], ARGV[6])

@@ -4,6 +4,7 @@ without the cache, and the cache keeps working through them."""
 from __future__ import annotations
 
 import gc
+import threading
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -138,3 +139,25 @@ def test_close_inside_a_dispatch(engine: Engine, redis_url: str) -> None:
     finally:
         event.remove(engine, "before_cursor_execute", detach_now)
         other.close()
+
+
+def test_close_from_a_gc_callback_inside_hook_does_not_deadlock(redis_url: str, _tmpdir: str) -> None:
+    """hook() and release() allocate while they hold the slots' lock, so a garbage-collector callback
+    (a finalizer that closes a cache) can run inside them on the same thread: it must not wait for
+    itself. Run in a thread so that a deadlock fails the test instead of hanging it."""
+    from sqlcache import _slots
+
+    cache = SQLCache(redis_url, prefix=f"l{uuid.uuid4().hex[:10]}")
+    cache.attach(create_engine(f"sqlite:///{_tmpdir}/gc.db"))
+    other = SQLCache(redis_url, prefix=f"l{uuid.uuid4().hex[:10]}")
+
+    def inside_hook() -> None:
+        with _slots._lock:  # as hook() holds it when a collection runs the finalizer
+            cache.close()
+            other.attach(create_engine(f"sqlite:///{_tmpdir}/gc2.db"))
+
+    t = threading.Thread(target=inside_hook, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive()
+    other.close()
