@@ -129,9 +129,15 @@ class AsyncRedisStore(proto.ScriptCalls):
         wait = self.health.wait if script == "release" else None
         if wait is None:
             return self._call(operation, lambda: self._script(script, keys, args), shield=shield)
-        written, acked = self._call(operation, lambda: self._script(script, keys, args, wait), shield=shield)
-        self.health.acknowledged(operation, acked)
-        return written
+
+        async def waited() -> Any:
+            written, acked = await self._script(script, keys, args, wait)
+            short = self.health.short_ack(acked)
+            if short is not None:
+                raise redis.RedisError(short)  # a failure for the breaker, like any outage
+            return written
+
+        return self._call(operation, waited, shield=shield)
 
     async def _on_connect(self, conn: Any) -> None:
         await conn.on_connect()
@@ -204,6 +210,8 @@ class AsyncRedisStore(proto.ScriptCalls):
         read with the release's after it, on the same connection."""
         keys, args = proto.lock_call(clock_key, lock_keys, (), token, lock_ttl_ms, gen_ttl_ms)
 
+        sent: list[SentLock] = []
+
         async def run() -> SentLock:
             conn = await self._connection()
             try:
@@ -211,9 +219,15 @@ class AsyncRedisStore(proto.ScriptCalls):
             except BaseException:
                 await self._discard(conn)
                 raise
-            return SentLock(conn)
+            sent.append(SentLock(conn))
+            return sent[0]
 
-        return self._call("lock", run)
+        try:
+            return self._call("lock", run)
+        except CacheUnavailable:
+            if sent:  # sent, but its answer dropped (a restart noticed): nobody will read the reply
+                _aio.await_(self._discard(sent[0].conn))
+            raise
 
     def release_after(
         self,
@@ -247,10 +261,14 @@ class AsyncRedisStore(proto.ScriptCalls):
                 await self._discard(conn)
                 raise
             await self._give_back(conn)
+            if wait is not None and not isinstance(replies[1], redis.ResponseError):
+                short = self.health.short_ack(replies[2])
+                if short is not None:
+                    raise redis.RedisError(short)
             return replies
 
         try:
-            lock_reply, release_reply, *acked = self._call("release", run, shield=True)
+            lock_reply, release_reply, *_ = self._call("release", run, shield=True)
         except CacheUnavailable:
             if not ran and _aio.in_async_greenlet():  # refused before run(): the lock's connection
                 _aio.await_(self._discard(conn))  # still waits for its reply; not left checked out
@@ -258,8 +276,6 @@ class AsyncRedisStore(proto.ScriptCalls):
         if isinstance(release_reply, redis.ResponseError):
             self._loaded_epoch = -1
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
-        elif acked:
-            self.health.acknowledged("release", acked[0])
         return not isinstance(lock_reply, redis.ResponseError)
 
     def delete(self, *keys: str) -> None:

@@ -141,6 +141,9 @@ class ClusterStore(proto.ScriptCalls):
         if node.name != self._owner:
             if self._owner is not None:
                 health.moved()
+                # a node taking the slot (back) may keep connections from before: none may carry a
+                # read before lineage.lua ran on it, so every connection to it is made anew
+                store.disconnect()
             self._owner = node.name
         return store
 

@@ -128,13 +128,14 @@ class Health:
             with self._mutex:
                 self.lineage_fences += 1
 
-    def acknowledged(self, operation: str, acked: object) -> None:
-        """WAIT's reply after a release: fewer replicas than asked is an outage (the journal keeps the
-        invalidation and replays it, WAIT included, until enough replicas have it)."""
+    def short_ack(self, acked: object) -> str | None:
+        """WAIT's reply after a release: why it is short of the replicas asked for, or None. The stores
+        fail the call with it (an outage, through the breaker): the journal keeps the invalidation and
+        replays it, WAIT included, until enough replicas have it."""
         wait = self.wait
-        if wait is not None and not (isinstance(acked, int) and acked >= wait[0]):
-            self.failed()
-            raise CacheUnavailable(f"{operation} (acknowledged by {acked} of {wait[0]} replicas)")
+        if wait is None or (isinstance(acked, int) and acked >= wait[0]):
+            return None
+        return f"release acknowledged by {acked} of {wait[0]} replicas"
 
     def moved(self) -> None:
         """Another server now holds what the last one held (a replica promoted after a failover, a slot

@@ -43,11 +43,12 @@ class Slot:
         self._target = weakref.ref(target)
         self._key = key
 
-    def release(self) -> None:
+    def release(self, fn: Callable[..., Any]) -> None:
         """Stop calling ``fn`` (at once, for every dispatch that has not reached this listener yet) and
-        offer the slot to the next listener for the same target and event."""
+        offer the slot to the next listener for the same target and event. Nothing if the slot no
+        longer calls ``fn`` (released already, maybe taken by another cache since)."""
         with _lock:
-            if self.fn is None:
+            if self.fn is None or self.fn != fn:
                 return
             self.fn = None
             target = self._target()

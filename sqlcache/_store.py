@@ -213,16 +213,17 @@ class RedisStore(proto.ScriptCalls):
         if wait is None:
             return self._call(operation, lambda: run(keys=keys, args=args))
 
-        def waited() -> list[Any]:  # WAIT counts the writes of its own connection: one pipeline
+        def waited() -> Any:  # WAIT counts the writes of its own connection: one pipeline
             pipe = self.client.pipeline(transaction=False)
             run(keys=keys, args=args, client=pipe)
             pipe.wait(*wait)
-            replies: list[Any] = pipe.execute()
-            return replies
+            written, acked = pipe.execute()
+            short = self.health.short_ack(acked)
+            if short is not None:
+                raise redis.RedisError(short)  # a failure for the breaker, like any outage
+            return written
 
-        written, acked = self._call(operation, waited)
-        self.health.acknowledged(operation, acked)
-        return written
+        return self._call(operation, waited)
 
     def _on_connect(self, conn: Any) -> None:
         conn.on_connect()
@@ -284,6 +285,8 @@ class RedisStore(proto.ScriptCalls):
         """
         keys, args = proto.lock_call(clock_key, lock_keys, (), token, lock_ttl_ms, gen_ttl_ms)
 
+        sent: list[SentLock] = []
+
         def run() -> SentLock:
             conn = self._connection()
             try:
@@ -291,9 +294,15 @@ class RedisStore(proto.ScriptCalls):
             except BaseException:
                 self._discard(conn)
                 raise
-            return SentLock(conn)
+            sent.append(SentLock(conn))
+            return sent[0]
 
-        return self._call("lock", run)
+        try:
+            return self._call("lock", run)
+        except CacheUnavailable:
+            if sent:  # sent, but its answer dropped (a restart noticed): nobody will read the reply
+                self._discard(sent[0].conn)
+            raise
 
     def release_after(
         self,
@@ -328,10 +337,14 @@ class RedisStore(proto.ScriptCalls):
                 self._discard(conn)
                 raise
             self.client.connection_pool.release(conn)
+            if wait is not None and not isinstance(replies[1], redis.ResponseError):
+                short = self.health.short_ack(replies[2])
+                if short is not None:
+                    raise redis.RedisError(short)
             return replies
 
         try:
-            lock_reply, release_reply, *acked = self._call("release", run)
+            lock_reply, release_reply, *_ = self._call("release", run)
         except CacheUnavailable:
             if not ran:  # refused before run() (backing off, scripts not loaded): the lock's connection
                 self._discard(conn)  # still waits for its reply, and must not stay checked out
@@ -340,8 +353,6 @@ class RedisStore(proto.ScriptCalls):
             # NOSCRIPT: Redis restarted or was flushed since we loaded the scripts; load and release
             self._loaded_epoch = -1
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
-        elif acked:
-            self.health.acknowledged("release", acked[0])
         return not isinstance(lock_reply, redis.ResponseError)
 
     def _connection(self) -> Any:

@@ -103,9 +103,17 @@ def _remove_commit_hook(dialect: Dialect, hook: CommitHook) -> None:
         del dialect.__dict__["do_commit"]
 
 
-def _release(slots: list[Slot]) -> None:
-    for slot in slots:
-        slot.release()
+# an installed listener and what it calls: a slot is released only by the owner of what it calls
+Hooked = tuple[Slot, Callable[..., Any]]
+
+
+def _hook(target: Any, name: str, fn: Callable[..., Any], **options: Any) -> Hooked:
+    return hook(target, name, fn, **options), fn
+
+
+def _release(slots: list[Hooked]) -> None:
+    for slot, fn in slots:
+        slot.release(fn)
     slots.clear()
 
 
@@ -137,9 +145,9 @@ class Wiring:
         self._mappers_listening: set[Mapper[Any]] = set()
         # the installed listeners (_slots: released, never removed, so that no dispatch in progress
         # anywhere sees SQLAlchemy's listener deques change)
-        self._engine_slots: weakref.WeakKeyDictionary[Engine, list[Slot]] = weakref.WeakKeyDictionary()
-        self._mapper_slots: list[Slot] = []
-        self._session_slots: list[Slot] = []
+        self._engine_slots: weakref.WeakKeyDictionary[Engine, list[Hooked]] = weakref.WeakKeyDictionary()
+        self._mapper_slots: list[Hooked] = []
+        self._session_slots: list[Hooked] = []
         self._session_listening = False
 
     # -- install / remove -------------------------------------------------------------------------
@@ -166,12 +174,12 @@ class Wiring:
     def attach(self, engine: Engine) -> None:
         if engine in self._engines:
             return
-        self._engine_slots[engine] = [hook(engine, name, fn) for name, fn in self._engine_events()]
+        self._engine_slots[engine] = [_hook(engine, name, fn) for name, fn in self._engine_events()]
         _add_commit_hook(engine.dialect, self._on_after_commit)
         self._engines.add(engine)
         self._pools.add(engine.pool)
         if not self._session_listening:
-            self._session_slots = [hook(Session, name, fn) for name, fn in self._session_events()]
+            self._session_slots = [_hook(Session, name, fn) for name, fn in self._session_events()]
             self._session_listening = True
         self._listen_mappers()
 
@@ -218,7 +226,7 @@ class Wiring:
     def _listen_mappers(self) -> None:
         for mapper in self._mappers - self._mappers_listening:
             for name, fn in self._mapper_events():
-                self._mapper_slots.append(hook(mapper, name, fn, propagate=True))
+                self._mapper_slots.append(_hook(mapper, name, fn, propagate=True))
             self._mappers_listening.add(mapper)
 
     def _unlisten_mappers(self) -> None:

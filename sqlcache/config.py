@@ -92,7 +92,9 @@ class CacheConfig:
             or self.wait_replicas < 0
         ):
             raise ConfigurationError(f"wait_replicas must be an int >= 0, got {self.wait_replicas!r}")
-        if not isinstance(self.wait_timeout, (int, float)) or not 0.001 <= self.wait_timeout < self.timeout:
+        if self.wait_replicas and (
+            not isinstance(self.wait_timeout, (int, float)) or not 0.001 <= self.wait_timeout < self.timeout
+        ):
             raise ConfigurationError(
                 f"wait_timeout must be seconds in [0.001, timeout), got {self.wait_timeout!r}"
             )

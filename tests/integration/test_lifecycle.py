@@ -161,3 +161,27 @@ def test_close_from_a_gc_callback_inside_hook_does_not_deadlock(redis_url: str, 
     t.join(10)
     assert not t.is_alive()
     other.close()
+
+
+def test_a_second_release_leaves_a_reused_slot_alone() -> None:
+    """A slot released twice (two threads closing one cache) must not take the listener of the cache
+    that reused it in between."""
+    from sqlcache import _slots
+
+    class Target:
+        pass
+
+    calls: list[str] = []
+    target = Target()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_slots.event, "listen", lambda *a, **k: None)  # a plain object: nothing to listen on
+        first = _slots.hook(target, "evt", lambda: calls.append("a"))
+        first_fn = first.fn
+        assert first_fn is not None
+        first.release(first_fn)
+        second = _slots.hook(target, "evt", lambda: calls.append("b"))
+        assert second is first  # reused
+        first.release(first_fn)  # the late second release
+        assert second.fn is not None
+        second.fn()
+    assert calls == ["b"]

@@ -91,3 +91,30 @@ def test_wait_timeout_must_be_below_timeout() -> None:
         SQLCache("redis://127.0.0.1:1/0", prefix="w", timeout=0.1, wait_replicas=1, wait_timeout=0.2)
     with pytest.raises(ConfigurationError, match="wait_replicas"):
         SQLCache("redis://127.0.0.1:1/0", prefix="w", wait_replicas=-1)
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_short_waits_open_the_breaker(engine: Engine, local_sentinel: LocalSentinel) -> None:
+    """More replicas asked for than exist: every release's WAIT is short, which fails the call like an
+    outage, so the breaker opens (each read no longer pays ``wait_timeout`` for a replay)."""
+    client = local_sentinel.sentinel().master_for(local_sentinel.service_name)
+    cache = SQLCache(
+        client, prefix=f"w{uuid.uuid4().hex[:10]}", timeout=0.5, wait_replicas=2, wait_timeout=0.02
+    )
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        uid = make_user(engine, "v0")
+        for n in range(4):
+            with Session(engine) as s:
+                s.get(User, uid).name = f"v{n}"  # type: ignore[union-attr]
+                s.commit()
+            assert user_name(engine, uid) == f"v{n}"
+        st = cache.stats()
+        assert st["backoffs"] >= 1 and st["invalidations_deferred"] >= 1
+    finally:
+        cache.close()
+
+
+def test_wait_timeout_is_not_checked_without_wait_replicas() -> None:
+    SQLCache("redis://127.0.0.1:1/0", prefix="w", timeout=0.05).close()
