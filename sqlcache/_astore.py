@@ -21,7 +21,7 @@ import inspect
 import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis
 import redis.asyncio as aredis
@@ -34,7 +34,7 @@ from ._protocol import ReadResult, SentLock, Store
 from ._store import KEPT_CONNECTION_KWARGS, LINEAGE_SOURCE, script_source
 from .errors import CacheUnavailable, ConfigurationError
 
-__all__ = ["AsyncRedisStore", "AsyncStores", "Worlds", "async_client_like"]
+__all__ = ["AsyncRedisStore", "AsyncStores", "LoopStore", "Worlds", "async_client_like"]
 
 T = TypeVar("T")
 
@@ -78,9 +78,10 @@ class AsyncRedisStore(proto.ScriptCalls):
     SQLAlchemy's asyncio greenlet of one event loop. Shares ``health`` (breaker, restarts) with the
     cache's other stores."""
 
-    def __init__(self, client: aredis.Redis, health: Health) -> None:
+    def __init__(self, client: aredis.Redis, health: Health, node: str = "") -> None:
         self.client = client
         self.health = health
+        self._node = node  # the cluster node it talks to ("" for a server of its own)
         self._sources = {name: script_source(name) for name in proto.SCRIPTS}
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
         self._loaded_epoch = -1
@@ -144,10 +145,10 @@ class AsyncRedisStore(proto.ScriptCalls):
         lineage = self.health.lineage_call()
         if lineage is None:
             await conn.send_command("INFO", "server")
-            self.health.connected(await conn.read_response())
+            self.health.connected(await conn.read_response(), self._node)
         else:  # first on this connection: the run id, and a fence if the data is not this server's
             await conn.send_command("EVAL", LINEAGE_SOURCE, 3, *lineage)
-            self.health.lineage_checked(await conn.read_response())
+            self.health.lineage_checked(await conn.read_response(), self._node)
 
     async def _connection(self) -> Any:
         return await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
@@ -300,13 +301,26 @@ class AsyncRedisStore(proto.ScriptCalls):
         """Wait without blocking the event loop (the stampede wait)."""
         _aio.await_(asyncio.sleep(seconds))
 
+    async def disconnect(self) -> None:
+        """Close every pooled connection (the next call opens, and checks, a new one)."""
+        await self.client.connection_pool.disconnect()
+
     async def aclose(self) -> None:
         await self.client.aclose()
         await self.client.connection_pool.disconnect()
 
 
+class LoopStore(Store, Protocol):
+    """What :class:`AsyncStores` keeps per event loop: a store it can close when the loop shuts down."""
+
+    closer: AsyncGenerator[None, None] | None
+
+    async def aclose(self) -> None: ...
+
+
 class AsyncStores:
-    """One :class:`AsyncRedisStore` per event loop, made on first use from ``make_client``.
+    """One store per event loop (an :class:`AsyncRedisStore`, or a cluster's router), made on first
+    use by ``make_store``.
 
     A store's connections are closed when its loop shuts down its async generators, which
     ``asyncio.run()`` and ``asyncio.Runner`` do before closing the loop: each store parks an async
@@ -314,14 +328,13 @@ class AsyncStores:
     its connections left to the garbage collector) when the next loop's store is made.
     """
 
-    def __init__(self, make_client: Callable[[], aredis.Redis], health: Health) -> None:
-        self._make_client = make_client
-        self._health = health
+    def __init__(self, make_store: Callable[[], LoopStore]) -> None:
+        self._make_store = make_store
         self._mutex = threading.Lock()
-        self._by_loop: dict[asyncio.AbstractEventLoop, AsyncRedisStore] = {}
-        self._last: tuple[asyncio.AbstractEventLoop, AsyncRedisStore] | None = None
+        self._by_loop: dict[asyncio.AbstractEventLoop, LoopStore] = {}
+        self._last: tuple[asyncio.AbstractEventLoop, LoopStore] | None = None
 
-    def current(self) -> AsyncRedisStore:
+    def current(self) -> LoopStore:
         """The running loop's store (called in SQLAlchemy's greenlet of that loop)."""
         loop = asyncio.get_running_loop()
         last = self._last
@@ -333,7 +346,7 @@ class AsyncStores:
             if store is None:
                 for gone in [other for other in self._by_loop if other.is_closed()]:
                     del self._by_loop[gone]
-                store = AsyncRedisStore(self._make_client(), self._health)
+                store = self._make_store()
                 self._by_loop[loop] = store
                 made = True
             self._last = (loop, store)
@@ -343,16 +356,14 @@ class AsyncStores:
             _aio.await_(closer.__anext__())  # parked: the loop's shutdown_asyncgens() resumes it
         return store
 
-    async def _closer(
-        self, loop: asyncio.AbstractEventLoop, store: AsyncRedisStore
-    ) -> AsyncGenerator[None, None]:
+    async def _closer(self, loop: asyncio.AbstractEventLoop, store: LoopStore) -> AsyncGenerator[None, None]:
         try:
             yield
         finally:
             self._forget(loop, store)
             await store.aclose()
 
-    def _forget(self, loop: asyncio.AbstractEventLoop, store: AsyncRedisStore) -> None:
+    def _forget(self, loop: asyncio.AbstractEventLoop, store: LoopStore) -> None:
         with self._mutex:
             if self._by_loop.get(loop) is store:
                 del self._by_loop[loop]
@@ -405,7 +416,8 @@ class Worlds:
     ) -> SentLock:
         here = self._here()
         sent = here.send_lock(clock_key, lock_keys, token, lock_ttl_ms, gen_ttl_ms)
-        return SentLock(sent.conn, here)
+        # a cluster's router names the node store that wrote it; that store reads the reply
+        return sent if sent.store is not None else SentLock(sent.conn, here)
 
     def release_after(
         self,

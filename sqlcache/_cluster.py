@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis
@@ -29,7 +30,14 @@ from ._protocol import ReadResult, SentLock
 from ._store import KEPT_CONNECTION_KWARGS, RedisStore, Subscription, client_for, hide_password
 from .errors import CacheUnavailable, ConfigurationError
 
-__all__ = ["CLUSTER_SCHEMES", "ClusterStore", "cluster_factory", "is_cluster_target", "store_for"]
+__all__ = [
+    "CLUSTER_SCHEMES",
+    "ClusterStore",
+    "ClusterTarget",
+    "cluster_factory",
+    "is_cluster_target",
+    "store_for",
+]
 
 T = TypeVar("T")
 
@@ -53,12 +61,33 @@ def is_cluster_target(target: object) -> bool:
     return isinstance(target, str) and target.lower().startswith(CLUSTER_SCHEMES)
 
 
-def cluster_factory(
-    target: redis.cluster.RedisCluster | str, timeout: float
-) -> Callable[[], redis.cluster.RedisCluster]:
-    """How to build a cluster client of sqlcache's own (bounded timeouts, bytes replies) that reaches
-    the cluster of ``target``: a ``redis+cluster://`` URL or the caller's ``RedisCluster``, which is
-    never changed. Building it connects, so it is built on first use, where an outage is handled.
+@dataclass(frozen=True)
+class ClusterTarget:
+    """How sqlcache reaches a Redis Cluster with clients of its own (bounded timeouts, bytes replies):
+    the startup nodes and the connection settings kept from the user's URL or ``RedisCluster``, which
+    is never changed. Building a client connects, so each is built on first use, where an outage is
+    handled."""
+
+    nodes: tuple[tuple[str, int], ...]
+    kwargs: dict[str, Any] = field(hash=False)
+
+    def sync_client(self) -> redis.cluster.RedisCluster:
+        return redis.cluster.RedisCluster(
+            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in self.nodes],  # type: ignore[no-untyped-call]
+            require_full_coverage=False,
+            **self.kwargs,
+        )
+
+    def node_kwargs(self, host: str, port: int) -> dict[str, Any]:
+        """Connection settings of a client of one node (the protocol's own pool: see ClusterStore)."""
+        kwargs = {k: v for k, v in self.kwargs.items() if k != "ssl"}
+        kwargs.update(host=host, port=port)
+        return kwargs
+
+
+def cluster_factory(target: redis.cluster.RedisCluster | str, timeout: float) -> ClusterTarget:
+    """The :class:`ClusterTarget` of ``target``: a ``redis+cluster://`` URL or the caller's
+    ``RedisCluster``.
 
     :raises ConfigurationError: a URL redis-py cannot read (the password is not echoed).
     """
@@ -69,11 +98,13 @@ def cluster_factory(
         except ValueError as exc:
             message = hide_password(str(exc))
             raise ConfigurationError(f"invalid Redis URL {hide_password(target)!r}: {message}") from None
-        nodes = [(str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))]
+        nodes: tuple[tuple[str, int], ...] = (
+            (str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379))),
+        )
         ssl = url.lower().startswith("rediss://")
     else:
         kwargs = dict(target.nodes_manager.connection_kwargs)
-        nodes = [(n.host, int(n.port)) for n in target.nodes_manager.startup_nodes.values()]
+        nodes = tuple((n.host, int(n.port)) for n in target.nodes_manager.startup_nodes.values())
         ssl = bool(kwargs.get("ssl")) or kwargs.get("connection_class") is redis.SSLConnection
     kept = {
         k: v
@@ -83,23 +114,16 @@ def cluster_factory(
     kept.update(socket_timeout=timeout, socket_connect_timeout=timeout)
     if ssl:
         kept["ssl"] = True
-
-    def make() -> redis.cluster.RedisCluster:
-        return redis.cluster.RedisCluster(
-            startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes],  # type: ignore[no-untyped-call]
-            require_full_coverage=False,
-            **kept,
-        )
-
-    return make
+    return ClusterTarget(nodes, kept)
 
 
 class ClusterStore(proto.ScriptCalls):
     """The :class:`~sqlcache._protocol.Store` over a Redis Cluster: each call goes to the primary of
     the cache's slot, through a ``RedisStore`` of that node (its scripts, its run id)."""
 
-    def __init__(self, make: Callable[[], redis.cluster.RedisCluster], health: Health) -> None:
-        self._make = make
+    def __init__(self, target: ClusterTarget, health: Health) -> None:
+        self.target = target
+        self._make = target.sync_client
         self.health = health
         self._cluster: redis.cluster.RedisCluster | None = None
         self._slot = -1  # set by key_prefix()
@@ -115,6 +139,11 @@ class ClusterStore(proto.ScriptCalls):
     @property
     def backing_off(self) -> bool:
         return self.health.backing_off
+
+    @property
+    def slot(self) -> int:
+        """The hash slot of every key of the cache (known once ``key_prefix`` ran)."""
+        return self._slot
 
     # -- routing -----------------------------------------------------------------------------------
 
@@ -132,7 +161,7 @@ class ClusterStore(proto.ScriptCalls):
             node = cluster.nodes_manager.get_node_from_slot(self._slot)
             store = self._stores.get(node.name)
             if store is None:
-                store = RedisStore(self._node_client(cluster, node), health, node.name)
+                store = RedisStore(self._node_client(node), health, node.name)
                 self._stores[node.name] = store
         except _ERRORS as exc:
             self._refresh = True
@@ -147,23 +176,14 @@ class ClusterStore(proto.ScriptCalls):
             self._owner = node.name
         return store
 
-    @staticmethod
-    def _node_client(cluster: redis.cluster.RedisCluster, node: redis.cluster.ClusterNode) -> redis.Redis:
+    def _node_client(self, node: redis.cluster.ClusterNode) -> redis.Redis:
         """A client of the node with a pool of its own: every connection in it is made by the store's
         connect hook (run id, lineage check). The cluster client's own pool to the node holds
         connections its topology queries opened without that hook, which must never carry a read."""
-        kwargs = {
-            k: v
-            for k, v in cluster.nodes_manager.connection_kwargs.items()
-            if k in KEPT_CONNECTION_KWARGS
-            or k.startswith("ssl_")
-            or k in ("socket_timeout", "socket_connect_timeout")
-        }
-        kwargs.update(host=node.host, port=int(node.port))
-        pool_kwargs: dict[str, Any] = dict(kwargs)
-        if cluster.nodes_manager.connection_kwargs.get("ssl"):
-            pool_kwargs["connection_class"] = redis.SSLConnection
-        return redis.Redis(connection_pool=redis.ConnectionPool(**pool_kwargs))
+        kwargs: dict[str, Any] = self.target.node_kwargs(node.host, int(node.port))
+        if self.target.kwargs.get("ssl"):
+            kwargs["connection_class"] = redis.SSLConnection
+        return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
 
     def _routed(self, operation: str, fn: Callable[[RedisStore], T]) -> T:
         store = self._node(operation)

@@ -12,7 +12,8 @@ from sqlalchemy import MetaData, Table
 from sqlalchemy.engine import Engine
 
 from . import _aio, _keys
-from ._astore import AsyncStores, Worlds, async_client_like
+from ._acluster import async_store_maker
+from ._astore import AsyncStores, Worlds
 from ._broadcast import Announcer, Listener
 from ._cluster import store_for
 from ._commit import Commits
@@ -28,7 +29,6 @@ from ._registry import Registry, mapper_of
 from ._relay import Relay
 from ._report import Reporter
 from ._seal import Sealer
-from ._store import RedisStore
 from ._transactions import Transactions
 from ._wiring import Wiring
 from .config import CacheConfig, Mode, ModelPolicy
@@ -255,13 +255,7 @@ class SQLCache:
         """From now on, code SQLAlchemy runs for asyncio reaches Redis through redis.asyncio."""
         if self._async_stores is not None:
             return
-        if not isinstance(self.store, RedisStore):
-            raise ConfigurationError(
-                "AsyncEngine on a Redis Cluster is not supported yet: attach its sync_engine from sync code, "
-                "or use a single server or Sentinel (docs/deployment.md)"
-            )
-        client, timeout = self.store.client, self.config.timeout
-        self._async_stores = AsyncStores(lambda: async_client_like(client, timeout), self._health)
+        self._async_stores = AsyncStores(async_store_maker(self.store, self.config.timeout, self._health))
         self._slot.base = cast(Store, Worlds(self.store, self._async_stores))
         self._plugins.rebase()
 

@@ -115,9 +115,15 @@ def test_parts_never_import_the_facade() -> None:
 
 def test_only_the_stores_import_redis() -> None:
     """The one I/O seam: redis-py is imported at run time by the stores only, one per I/O world
-    (sqlcache._store for sync code, sqlcache._astore for asyncio) and the cluster's router."""
+    (sqlcache._store for sync code, sqlcache._astore for asyncio) and the cluster's routers (sync and
+    asyncio)."""
     for name, path in _modules().items():
-        if name in ("sqlcache._store", "sqlcache._astore", "sqlcache._cluster") or name.startswith(CLI):
+        if name in (
+            "sqlcache._store",
+            "sqlcache._astore",
+            "sqlcache._cluster",
+            "sqlcache._acluster",
+        ) or name.startswith(CLI):
             continue
         runtime, _, _ = _imports(name, path)
         assert not any(m == "redis" or m.startswith("redis.") for m in runtime), name

@@ -1,0 +1,196 @@
+"""The asyncio store over a Redis Cluster: ``_cluster``'s routing, carried by ``_astore``'s stores.
+
+As in the sync world, every key of a cache is in one hash slot, so each call goes whole to the primary
+serving it, through an :class:`~sqlcache._astore.AsyncRedisStore` of that node (a pool of its own, whose
+connections run the lineage check first). Which node serves the slot comes from a
+``redis.asyncio.cluster.RedisCluster`` of sqlcache's own: asked (awaited on the event loop) when the
+store is first used and again after any failed call, read from its slot table (no I/O) otherwise. A
+change of primary is a restart for the whole cache (``Health.moved``), whichever world notices it.
+
+One instance per event loop (``AsyncStores``), like every redis.asyncio object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio as aredis
+import redis.asyncio.cluster as acluster
+import redis.asyncio.connection as aconnection
+from redis.exceptions import RedisClusterException
+
+from . import _aio
+from . import _protocol as proto
+from ._astore import AsyncRedisStore, LoopStore, async_client_like
+from ._cluster import ClusterStore, ClusterTarget
+from ._health import Health
+from ._protocol import ReadResult, SentLock
+from ._store import RedisStore
+from .errors import CacheUnavailable
+
+__all__ = ["AsyncClusterStore", "async_store_maker"]
+
+T = TypeVar("T")
+
+_ERRORS: tuple[type[BaseException], ...] = (
+    redis.RedisError,
+    RedisClusterException,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def async_store_maker(store: object, timeout: float, health: Health) -> Callable[[], LoopStore]:
+    """How to make an event loop's store, the asyncio twin of the cache's sync ``store``: a cluster's
+    router, or a store of one server (the same server, credentials and TLS settings).
+
+    :raises ConfigurationError: a sync store with no asyncio twin (Sentinel, a custom connection class).
+    """
+    if isinstance(store, ClusterStore):
+        target, slot = store.target, store.slot
+        return lambda: AsyncClusterStore(target, slot, health)
+    assert isinstance(store, RedisStore)
+    client = store.client
+    return lambda: AsyncRedisStore(async_client_like(client, timeout), health)
+
+
+def _accepted(fn: Any) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+class AsyncClusterStore(proto.ScriptCalls):
+    """The :class:`~sqlcache._protocol.Store` over a Redis Cluster for one event loop's greenlet."""
+
+    def __init__(self, target: ClusterTarget, slot: int, health: Health) -> None:
+        self._target = target
+        self._slot = slot
+        self.health = health
+        self._cluster: acluster.RedisCluster | None = None
+        self._stores: dict[str, AsyncRedisStore] = {}
+        self._owner: str | None = None
+        self._refresh = True  # the slot table is read before the first call
+        self.closer: Any = None  # see AsyncStores
+
+    @property
+    def backing_off(self) -> bool:
+        return self.health.backing_off
+
+    # -- routing -----------------------------------------------------------------------------------
+
+    def _node(self, operation: str) -> AsyncRedisStore:
+        """The store of the primary serving the slot now; a new primary fences (Health.moved)."""
+        health = self.health
+        health.check(operation)
+        if not _aio.in_async_greenlet():
+            raise CacheUnavailable(f"{operation} (outside the event loop)")
+        try:
+            if self._refresh:
+                _aio.await_(self._locate())
+                self._refresh = False
+            assert self._cluster is not None
+            node = self._cluster.nodes_manager.get_node_from_slot(self._slot)
+            store = self._stores.get(node.name)
+            if store is None:
+                store = AsyncRedisStore(self._node_client(node.host, int(node.port)), health, node.name)
+                self._stores[node.name] = store
+        except _ERRORS as exc:
+            self._refresh = True
+            health.failed()
+            raise CacheUnavailable(operation) from exc
+        if node.name != self._owner:
+            if self._owner is not None:
+                health.moved()
+                # connections from before the move must not carry a read before lineage.lua ran
+                _aio.await_(store.disconnect())
+            self._owner = node.name
+        return store
+
+    async def _locate(self) -> None:
+        if self._cluster is None:
+            kwargs = {k: v for k, v in self._target.kwargs.items() if k in _accepted(acluster.RedisCluster)}
+            self._cluster = acluster.RedisCluster(
+                startup_nodes=[acluster.ClusterNode(h, p) for h, p in self._target.nodes],
+                require_full_coverage=False,
+                **kwargs,
+            )
+            await self._cluster.initialize()
+        else:
+            await self._cluster.nodes_manager.initialize()
+
+    def _node_client(self, host: str, port: int) -> aredis.Redis:
+        twin = aconnection.SSLConnection if self._target.kwargs.get("ssl") else aconnection.Connection
+        accepted = _accepted(twin.__init__) | _accepted(aconnection.AbstractConnection.__init__)
+        kwargs = {k: v for k, v in self._target.node_kwargs(host, port).items() if k in accepted}
+        kwargs["retry"] = None
+        return aredis.Redis(connection_pool=aredis.ConnectionPool(connection_class=twin, **kwargs))
+
+    def _routed(self, operation: str, fn: Callable[[AsyncRedisStore], T]) -> T:
+        store = self._node(operation)
+        try:
+            return fn(store)
+        except CacheUnavailable:
+            self._refresh = True  # MOVED, a dead node, a restart: the slot may be elsewhere now
+            raise
+
+    # -- operations --------------------------------------------------------------------------------
+
+    def _eval(
+        self, operation: str, script: str, keys: list[Any], args: list[Any], shield: bool = False
+    ) -> Any:
+        return self._routed(operation, lambda s: s._eval(operation, script, keys, args, shield))
+
+    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
+        return self._routed("read", lambda s: s.read(clock_key, entry_key, dep_keys))
+
+    def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
+        return self._routed("lock", lambda s: s.try_fill_lock(entry_key, token, ttl_ms))
+
+    def send_lock(
+        self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
+    ) -> SentLock:
+        def send(s: AsyncRedisStore) -> SentLock:
+            sent = s.send_lock(clock_key, lock_keys, token, lock_ttl_ms, gen_ttl_ms)
+            return SentLock(sent.conn, s)  # its release reads the reply on that node's connection
+
+        return self._routed("lock", send)
+
+    def release_after(
+        self,
+        sent: SentLock,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        announce: tuple[str, bytes] | None = None,
+    ) -> bool:
+        """Release on the node the lock went to (its reply waits on that connection)."""
+        node = sent.store
+        assert isinstance(node, AsyncRedisStore)
+        try:
+            return node.release_after(sent, clock_key, dep_keys, token, gen_ttl_ms, announce)
+        except CacheUnavailable:
+            self._refresh = True
+            raise
+
+    def delete(self, *keys: str) -> None:
+        self._routed("delete", lambda s: s.delete(*keys))
+
+    def delete_matching(self, pattern: str, batch: int = 500) -> int:
+        """Every key of the cache is in its slot, so on one node: SCAN that node."""
+        return self._routed("clear", lambda s: s.delete_matching(pattern, batch))
+
+    def pause(self, seconds: float) -> None:
+        _aio.await_(asyncio.sleep(seconds))
+
+    async def aclose(self) -> None:
+        """Close every node's connections and the topology client (the loop is shutting down)."""
+        stores, self._stores = list(self._stores.values()), {}
+        for store in stores:
+            await store.aclose()
+        if self._cluster is not None:
+            cluster, self._cluster = self._cluster, None
+            await cluster.aclose()

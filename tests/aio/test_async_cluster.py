@@ -1,0 +1,121 @@
+"""AsyncEngine / AsyncSession on a real local Redis Cluster (three primaries, three replicas).
+
+The asyncio consistency scenarios run again with every cache on the cluster (``redis_url`` below
+replaces the single server's), then the cluster's own cases under asyncio: one round trip per hit, and
+a failover that loses acknowledged releases while the same event loop keeps reading and writing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+import redis.asyncio.connection as aconnection
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from sqlcache import SQLCache, _keys
+
+from ..models import User
+from ..topologies import LocalCluster, local_cluster
+from .conftest import async_engine_like
+from .test_async_scenarios import *  # noqa: F403  (run again with the fixture below)
+from .test_async_scenarios import Run, cached_name, make_user, rename
+
+__all__ = ["local_cluster"]
+
+
+@pytest.fixture
+def redis_url(local_cluster: LocalCluster) -> str:
+    return local_cluster.startup_url.replace("redis://", "redis+cluster://", 1)
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_one_round_trip_per_async_hit_and_two_commands_per_commit(
+    run: Run, cache: SQLCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the sync world: an AsyncSession hit is one MGET to the slot's primary, a commit that
+    changes a row two commands (the pipelined lock and the release) after the hit that loaded it."""
+    cache.register(User)
+    sent: list[str] = []
+
+    async def body(ae: AsyncEngine) -> None:
+        uid = await make_user(ae, "ann")
+        assert await cached_name(ae, uid) == "ann"  # filled; topology read, connections made
+        original = aconnection.AbstractConnection.send_command
+
+        async def counting(self: Any, *args: Any, **kw: Any) -> None:
+            sent.append(str(args[0]))
+            await original(self, *args, **kw)
+
+        monkeypatch.setattr(aconnection.AbstractConnection, "send_command", counting)
+        assert await cached_name(ae, uid) == "ann"
+        assert sent == ["MGET"] and cache.stats()["hits"] == 1
+        sent.clear()
+        await rename(ae, uid, "bob")
+        assert sent == ["MGET", "EVALSHA", "EVALSHA"]
+        monkeypatch.undo()
+        assert await cached_name(ae, uid) == "bob"
+
+    run(body)
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_async_failover_that_loses_acknowledged_releases_serves_nothing_stale(
+    engine: Engine, local_cluster: LocalCluster, redis_url: str
+) -> None:
+    """In one event loop: rows filled, then commits whose releases the primary of the cache's slot
+    acknowledges and never replicates, then that primary dies and its replica takes over with the
+    older generations and entries. The loop's store sees another node serve the slot and fences:
+    no read afterwards returns a version older than the last commit that returned."""
+    prefix = f"f{uuid.uuid4().hex[:10]}"
+    cache = SQLCache(redis_url, prefix=prefix, default_ttl=600, timeout=0.5, backoff=0.05, max_backoff=0.1)
+    cache.register(User)
+    rows, versions, rereads = 10, 3, 5
+    checked = 0
+
+    async def main() -> None:
+        nonlocal checked
+        ae = async_engine_like(engine)
+        cache.attach(ae)
+        loop = asyncio.get_running_loop()
+        try:
+            uids = [await make_user(ae, "v0") for _ in range(rows)]
+            for uid in uids:
+                assert await cached_name(ae, uid) == "v0"  # filled, then replicated
+            last = dict.fromkeys(uids, "v0")
+
+            async def commits() -> None:
+                nonlocal checked
+                for n in range(1, versions + 1):
+                    for uid in uids:
+                        await rename(ae, uid, f"v{n}")
+                        last[uid] = f"v{n}"
+                        assert await cached_name(ae, uid) == last[uid]  # filled on the old primary only
+                        checked += 1
+
+            def window() -> None:  # on the failover's thread, while this loop is free
+                asyncio.run_coroutine_threadsafe(commits(), loop).result()
+
+            primary = local_cluster.primary_for(_keys.clock_key(cache._kp))
+            await asyncio.to_thread(local_cluster.lose_writes_then_failover, primary, window)
+            hits = cache.stats()["hits"]
+            for _ in range(rereads):
+                for uid in uids:
+                    async with AsyncSession(ae) as s:
+                        u = await s.get(User, uid)
+                        assert u is not None and u.name == last[uid]
+                    checked += 1
+            assert cache.stats()["hits"] - hits >= rows  # Redis answered: not all misses
+            assert cache.stats()["fences"] >= 1
+        finally:
+            await cache.aclose()
+            await ae.dispose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        cache.close()
+    assert checked == rows * (versions + rereads)
+    print(f"async cluster failover: {checked} reads checked")
