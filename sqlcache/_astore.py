@@ -26,6 +26,8 @@ from typing import Any, Protocol, TypeVar
 import redis
 import redis.asyncio as aredis
 import redis.asyncio.connection as aconnection
+import redis.asyncio.sentinel as asentinel
+import redis.sentinel
 
 from . import _aio
 from . import _protocol as proto
@@ -48,29 +50,60 @@ _TWINS: dict[type[Any], type[Any]] = {
 }
 
 
+def _async_kwargs(kwargs: dict[str, Any], twin: type[Any], timeout: float) -> dict[str, Any]:
+    """The connection settings sqlcache keeps (identity, credentials, TLS) that ``twin`` accepts, with
+    bounded timeouts and no retries."""
+    accepted = set(inspect.signature(twin.__init__).parameters) | set(
+        inspect.signature(aconnection.AbstractConnection.__init__).parameters
+    )
+    kept = {
+        k: v
+        for k, v in kwargs.items()
+        if (k in KEPT_CONNECTION_KWARGS or k.startswith("ssl_")) and k in accepted
+    }
+    kept.update(socket_timeout=timeout, socket_connect_timeout=timeout, retry=None)
+    return kept
+
+
 def async_client_like(sync_client: redis.Redis, timeout: float) -> aredis.Redis:
     """A redis.asyncio client of sqlcache's own to the server ``sync_client`` (sqlcache's own) reaches:
-    the same server, credentials and TLS settings; bounded timeouts, no retries, bytes responses.
+    the same server, credentials and TLS settings; bounded timeouts, no retries, bytes responses. A
+    Sentinel-managed client gets the asyncio twin: the same sentinels and service, the primary asked
+    of them by each new connection.
 
-    :raises ConfigurationError: a connection class with no asyncio twin (Sentinel, a custom class).
+    :raises ConfigurationError: a connection class with no asyncio twin (a custom class).
     """
     pool = sync_client.connection_pool
+    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
+        return _async_sentinel_client(pool, timeout)
     twin = _TWINS.get(pool.connection_class)
     if twin is None:
         raise ConfigurationError(
             f"an AsyncEngine needs a redis.asyncio connection like {pool.connection_class.__name__}, "
             "which sqlcache cannot build: pass a redis:// or rediss:// URL, or a plain redis.Redis"
         )
-    accepted = set(inspect.signature(twin.__init__).parameters) | set(
-        inspect.signature(aconnection.AbstractConnection.__init__).parameters
-    )
-    kept = {
-        k: v
-        for k, v in pool.connection_kwargs.items()
-        if (k in KEPT_CONNECTION_KWARGS or k.startswith("ssl_")) and k in accepted
-    }
-    kept.update(socket_timeout=timeout, socket_connect_timeout=timeout, retry=None)
+    kept = _async_kwargs(pool.connection_kwargs, twin, timeout)
     return aredis.Redis(connection_pool=aredis.ConnectionPool(connection_class=twin, **kept))
+
+
+def _async_sentinel_client(pool: redis.sentinel.SentinelConnectionPool, timeout: float) -> aredis.Redis:
+    manager = pool.sentinel_manager
+    sentinels = [
+        (c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
+        for c in manager.sentinels
+    ]
+    twin = asentinel.SentinelManagedConnection
+    kept = _async_kwargs(pool.connection_kwargs, twin, timeout)
+    if pool.connection_kwargs.get("ssl") or issubclass(pool.connection_class, redis.SSLConnection):
+        kept["ssl"] = True
+    watchers = _async_kwargs(dict(manager.sentinel_kwargs), aconnection.Connection, timeout)
+    if manager.sentinel_kwargs.get("ssl"):
+        watchers["ssl"] = True
+    asent = asentinel.Sentinel(  # type: ignore[no-untyped-call]
+        sentinels, min_other_sentinels=manager.min_other_sentinels, sentinel_kwargs=watchers
+    )
+    client: aredis.Redis = asent.master_for(pool.service_name, **kept)
+    return client
 
 
 class AsyncRedisStore(proto.ScriptCalls):
@@ -307,7 +340,11 @@ class AsyncRedisStore(proto.ScriptCalls):
 
     async def aclose(self) -> None:
         await self.client.aclose()
-        await self.client.connection_pool.disconnect()
+        pool = self.client.connection_pool
+        await pool.disconnect()
+        if isinstance(pool, asentinel.SentinelConnectionPool):  # and the connections to the sentinels
+            for watcher in pool.sentinel_manager.sentinels:
+                await watcher.aclose()
 
 
 class LoopStore(Store, Protocol):

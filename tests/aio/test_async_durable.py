@@ -92,7 +92,8 @@ def test_a_cut_off_async_writer_leaves_its_row_and_an_async_relay_applies_it(
         while _rows(outbox, pfx) and time.monotonic() < deadline:
             relay.wake()
             await asyncio.sleep(0.05)
-        assert _rows(outbox, pfx) == 0, "the relay thread never applied the row"
+        stats = {k: v for k, v in relayer.stats().items() if v}
+        assert _rows(outbox, pfx) == 0, f"the relay thread never applied the row: {stats}"
         assert relay.passes >= 1 and relay.failures == 0
         assert relay.engine is not ae.sync_engine  # its own engine, on its own loop
 
