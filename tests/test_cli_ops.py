@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -165,6 +166,40 @@ def test_stats_subprocess(redis_url: str, prefix: str) -> None:
             p = run("stats", "--once", "--prefix", prefix, "--redis-url", redis_url)
         assert p.returncode == 0, p.stderr
         assert f"pid {os.getpid()}" in p.stdout and "hit ratio" not in p.stdout
+    finally:
+        cache.close()
+
+
+def test_stats_refreshes_until_interrupted(redis_url: str, prefix: str) -> None:
+    """Without --once the command prints a snapshot every --interval seconds and exits 0 on Ctrl-C."""
+    cache = SQLCache(redis_url, prefix=prefix, publish_stats=0.1)
+    argv = [
+        sys.executable,
+        "-m",
+        "sqlcache",
+        "stats",
+        "--interval",
+        "0.1",
+        "--prefix",
+        prefix,
+        "--redis-url",
+        redis_url,
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    try:
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env) as proc:
+            try:
+                assert proc.stdout is not None
+                headers = 0
+                while headers < 3:  # three refreshes: the command is looping
+                    line = proc.stdout.readline()
+                    assert line, "the command ended"
+                    headers += line.startswith("sqlcache stats:")
+                proc.send_signal(signal.SIGINT)
+                assert proc.wait(20) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
     finally:
         cache.close()
 

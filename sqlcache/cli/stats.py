@@ -134,9 +134,10 @@ def _rich(snap: Snapshot, target: Target, args: argparse.Namespace, before: Snap
         table = Table(title=Text(_title(p, now)), title_justify="left")
         table.add_column("counter")
         table.add_column("value", justify="right")
-        table.add_column("rate", justify="right")
-        for row in _rows(p, args.all, rates.get(key) if before is not None else None):
-            table.add_row(*row)
+        if before is not None:  # a rate needs two refreshes
+            table.add_column("rate", justify="right")
+        for name, value, rate in _rows(p, args.all, rates.get(key) if before is not None else None):
+            table.add_row(name, value, rate) if before is not None else table.add_row(name, value)
         parts.append(table)
     parts.extend(Text(line) for line in _footer(snap, target, args.prefix))
     return Group(*parts)
