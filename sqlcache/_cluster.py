@@ -236,9 +236,20 @@ class ClusterStore(proto.ScriptCalls):
     def delete(self, *keys: str) -> None:
         self._routed("delete", lambda s: s.delete(*keys))
 
-    def delete_matching(self, pattern: str, batch: int = 500) -> int:
+    def put(self, key: str, value: bytes, ttl_ms: int) -> None:
+        self._routed("publish", lambda s: s.put(key, value, ttl_ms))
+
+    def slot_client(self) -> redis.Redis:
+        """A client of the primary serving the cache's slot now (the commands' SCAN, GET, UNLINK).
+
+        :raises CacheUnavailable: if the cluster cannot tell."""
+        return self._node("inspect").client
+
+    def delete_matching(
+        self, pattern: str, batch: int = 500, on_batch: Callable[[int], None] | None = None
+    ) -> int:
         """Every key of the cache is in its slot, so on one node: SCAN that node."""
-        return self._routed("clear", lambda s: s.delete_matching(pattern, batch))
+        return self._routed("clear", lambda s: s.delete_matching(pattern, batch, on_batch))
 
     def pause(self, seconds: float) -> None:
         time.sleep(seconds)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine.result import FrozenResult, Result
     from sqlalchemy.orm import Mapper, ORMExecuteState
 
-__all__ = ["IdentityReader"]
+__all__ = ["IdentityReader", "identity_keys", "shared_deps"]
 
 _EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
 
@@ -35,7 +35,6 @@ class IdentityReader:
         self._registry = registry
         self._txns = txns
         self._prefix = prefix
-        self._everything = _keys.global_dep_key(prefix)
         self._metas: dict[Mapper[Any], SimpleResultMetaData] = {}
         # per hierarchy, the dependencies every entry of it has besides its row (its tables' bulk keys and
         # the global key), and its base table's row-writes key: the same for every read
@@ -52,14 +51,19 @@ class IdentityReader:
         """Serve a primary-key load from Redis, or run it and fill; None lets SQLAlchemy run it as usual."""
         session = orm_state.session
         h = self._registry.hierarchy(mapper)
-        p = self._prefix
+        shared = self._shared_deps.get(h)
+        if shared is None:
+            shared = shared_deps(self._prefix, h)
+            if len(self._shared_deps) > 4096:
+                self._shared_deps.clear()
+            self._shared_deps[h] = shared
         try:
-            dep_identity = _keys.identity_dep_key(p, h.base_table, pk)
+            entry_key, deps = identity_keys(self._prefix, h, pk, translation, shared)
         except CodecError:
             # a key value the codec cannot encode (a TypeDecorator's own Python type): not cached
             self._reads.bypass("identity", mapper.class_.__name__)
             return None
-        if self._txns.wrote(session, dep_identity, h.tables, ()):
+        if self._txns.wrote(session, deps[0], h.tables, ()):
             # this transaction wrote the row (or its table); the cache holds the committed state, which
             # is not what this transaction must see: read the database
             self._reads.bypass("identity", mapper.class_.__name__)
@@ -73,15 +77,6 @@ class IdentityReader:
                 # Decided before any Redis call: a deferred column's load costs no round trip here.
                 self._reads.bypass("identity", mapper.class_.__name__)
                 return None
-        entry_key = _keys.identity_entry_key(p, h.fingerprint + translation, h.entity, pk)
-        shared = self._shared_deps.get(h)
-        if shared is None:
-            deps_of_all = (*(_keys.bulk_dep_key(p, t) for t in h.tables), self._everything)
-            shared = (deps_of_all, _keys.row_writes_key(p, h.base_table))
-            if len(self._shared_deps) > 4096:
-                self._shared_deps.clear()
-            self._shared_deps[h] = shared
-        deps = [dep_identity, *shared[0]]
         rd = Read(
             "identity",
             entry_key,
@@ -122,6 +117,29 @@ class IdentityReader:
         if meta is None:
             meta = self._metas[mapper] = _sa.result_metadata([mapper.class_.__name__], lambda: [id])
         return IteratorResult(meta, iter(() if obj is None else ((obj,),)))
+
+
+def shared_deps(prefix: str, h: Hierarchy) -> tuple[tuple[str, ...], str]:
+    """The dependencies every identity entry of ``h`` has besides its row (its tables' bulk keys and
+    the key of every entry), and its base table's row-writes key."""
+    deps = (*(_keys.bulk_dep_key(prefix, t) for t in h.tables), _keys.global_dep_key(prefix))
+    return deps, _keys.row_writes_key(prefix, h.base_table)
+
+
+def identity_keys(
+    prefix: str,
+    h: Hierarchy,
+    pk: tuple[Any, ...],
+    translation: str = "",
+    shared: tuple[tuple[str, ...], str] | None = None,
+) -> tuple[str, list[str]]:
+    """(entry key, dependency keys) of the entry of ``pk`` in ``h``; the row's own dependency first.
+    ``shared``: :func:`shared_deps` of ``h``, if the caller keeps it. Raises CodecError for a key value
+    the codec cannot encode."""
+    dep_identity = _keys.identity_dep_key(prefix, h.base_table, pk)
+    entry_key = _keys.identity_entry_key(prefix, h.fingerprint + translation, h.entity, pk)
+    deps_of_all = (shared or shared_deps(prefix, h))[0]
+    return entry_key, [dep_identity, *deps_of_all]
 
 
 def _encode(

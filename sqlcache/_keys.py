@@ -18,6 +18,7 @@ every key of ``a:b``).
 {ns}:d:u:{tag}                  dependency: a user tag
 {ns}:d:*                        dependency of every entry: moved by writes we cannot attribute
                                     to a table (text SQL) and by a fence after lost invalidations
+{ns}:stats:{process}            one process's published stats() (publish_stats=), with a short TTL
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ __all__ = [
     "row_writes_key",
     "scan_pattern",
     "slot_prefix",
+    "stats_key",
+    "stats_pattern",
     "table_dep_key",
     "tag_dep_key",
 ]
@@ -128,3 +131,13 @@ def global_dep_key(prefix: str) -> str:
 def scan_pattern(prefix: str) -> str:
     """A SCAN MATCH pattern for every key under ``prefix`` and nothing else."""
     return _GLOB.sub(r"\\\1", namespace(prefix)) + ":*"
+
+
+def stats_key(prefix: str, process: str) -> str:
+    """Where one process publishes its counters; ``process`` is made of ``[A-Za-z0-9._~%-]`` only."""
+    return f"{namespace(prefix)}:stats:{process}"
+
+
+def stats_pattern(prefix: str) -> str:
+    """A SCAN MATCH pattern for the published counters of every process under ``prefix``."""
+    return _GLOB.sub(r"\\\1", namespace(prefix)) + ":stats:*"

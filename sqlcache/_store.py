@@ -395,10 +395,19 @@ class RedisStore(proto.ScriptCalls):
     def delete(self, *keys: str) -> None:
         self._call("delete", lambda: self.client.delete(*keys))
 
+    def put(self, key: str, value: bytes, ttl_ms: int) -> None:
+        """SET with an expiry, for a value outside the protocol (the published stats)."""
+        self._call("publish", lambda: self.client.set(key, value, px=ttl_ms))
+
     def pause(self, seconds: float) -> None:
         time.sleep(seconds)
 
-    def delete_matching(self, pattern: str, batch: int = 500) -> int:
+    def delete_matching(
+        self, pattern: str, batch: int = 500, on_batch: Callable[[int], None] | None = None
+    ) -> int:
+        """SCAN MATCH ``pattern`` and UNLINK what it finds, ``batch`` keys at a time; ``on_batch`` is
+        told the running total after each batch (``sqlcache flush`` shows progress)."""
+
         def run() -> int:
             removed = 0
             chunk: list[bytes] = []
@@ -407,6 +416,8 @@ class RedisStore(proto.ScriptCalls):
                 if len(chunk) >= batch:
                     removed += int(self.client.unlink(*chunk))
                     chunk = []
+                    if on_batch is not None:
+                        on_batch(removed)
             if chunk:
                 removed += int(self.client.unlink(*chunk))
             return removed

@@ -23,6 +23,7 @@ from ._journal import Journal, Keys
 from ._outbox import DEFAULT_TABLE, OutboxSQL, OutboxWriter, check_table, outbox_table
 from ._plugins import Plugins
 from ._protocol import Store, StoreSlot
+from ._publish import Publisher
 from ._queryread import DecodedCache, QueryReader
 from ._readthrough import ReadThrough
 from ._registry import Registry, mapper_of
@@ -78,6 +79,8 @@ class SQLCache:
         before ``commit()`` returns; fewer in ``wait_timeout`` seconds is treated as an outage (the
         journal keeps the invalidation). 0 (the default) asks none; see docs/deployment.md.
     :param wait_timeout: seconds the release's ``WAIT`` may take (below ``timeout``).
+    :param publish_stats: publish :meth:`stats` under the prefix every so many seconds, from a daemon
+        thread, for ``sqlcache stats`` (docs/cli.md); None (the default): not published.
     :param plugins: plugins to set up now, in order (see :meth:`add_plugin`).
     :raises ConfigurationError: on a bad argument.
 
@@ -111,28 +114,17 @@ class SQLCache:
         decoded_cache_bytes: int = 4 * 1024 * 1024,
         wait_replicas: int = 0,
         wait_timeout: float = 0.1,
+        publish_stats: float | None = None,
         plugins: Sequence[Plugin] = (),
     ) -> None:
         self.config = CacheConfig(
-            prefix=prefix,
-            default_ttl=default_ttl,
-            timeout=timeout,
-            lock_ttl=lock_ttl,
-            generation_ttl=generation_ttl,
-            failure_threshold=failure_threshold,
-            backoff=backoff,
-            max_backoff=max_backoff,
-            stampede_wait=stampede_wait,
-            max_entry_bytes=max_entry_bytes,
-            broadcast=broadcast,
-            durable=durable,
-            outbox_table=outbox_table,
-            relay_interval=relay_interval,
-            relay_grace=relay_grace,
-            decoded_cache_bytes=decoded_cache_bytes,
-            wait_replicas=wait_replicas,
-            wait_timeout=wait_timeout,
-        )
+            prefix=prefix, default_ttl=default_ttl, timeout=timeout, lock_ttl=lock_ttl,
+            generation_ttl=generation_ttl, failure_threshold=failure_threshold, backoff=backoff,
+            max_backoff=max_backoff, stampede_wait=stampede_wait, max_entry_bytes=max_entry_bytes,
+            broadcast=broadcast, durable=durable, outbox_table=outbox_table, relay_interval=relay_interval,
+            relay_grace=relay_grace, decoded_cache_bytes=decoded_cache_bytes, wait_replicas=wait_replicas,
+            wait_timeout=wait_timeout, publish_stats=publish_stats,
+        )  # fmt: skip
         sealer = Sealer(secret)
         #: the redis-py store (connection health, restarts); plugins may wrap what the parts use
         self._health = Health(failure_threshold=failure_threshold, backoff=backoff, max_backoff=max_backoff)
@@ -165,6 +157,7 @@ class SQLCache:
         self._journal.after_fork()
         if self._outbox is not None:
             self._outbox.after_fork()
+        self._publisher.after_fork()
 
     def _assemble(self, c: CacheConfig, sealer: Sealer) -> None:
         """Build the parts and hand each the narrow pieces it needs (docs/architecture.md)."""
@@ -199,6 +192,8 @@ class SQLCache:
         commits = Commits(
             slot, rep, registry, sealer, journal, keys, announcer.announce, c.lock_ttl * 1000, self._outbox
         )
+        stats = weakref.WeakMethod(self.stats)  # the thread must not keep the cache alive
+        self._publisher = Publisher(self.store, rep, p, c.prefix, c.publish_stats, stats)
         self._decoded = decoded = DecodedCache(c.decoded_cache_bytes, registry.hierarchy, rep)
         self._wiring = Wiring(
             txns,
@@ -305,6 +300,7 @@ class SQLCache:
         self._wiring.close()
         if self._outbox is not None:
             self._outbox.stop_all()
+        self._publisher.stop()
         self._journal.close()
         self.store.disconnect()
 

@@ -50,6 +50,8 @@ class CacheConfig:
     :param wait_replicas: replicas that must acknowledge every release (Redis ``WAIT``) before a commit
         returns; 0: none asked (docs/deployment.md).
     :param wait_timeout: seconds ``WAIT`` may take; below ``timeout``.
+    :param publish_stats: seconds between two publications of ``stats()`` to Redis (``sqlcache stats``
+        reads them); None: not published.
     """
 
     prefix: str
@@ -70,6 +72,7 @@ class CacheConfig:
     decoded_cache_bytes: int = 4 * 1024 * 1024
     wait_replicas: int = 0
     wait_timeout: float = 0.1
+    publish_stats: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.prefix, str) or not self.prefix or not _PREFIX.match(self.prefix):
@@ -121,6 +124,12 @@ class CacheConfig:
         ):
             raise ConfigurationError(
                 f"decoded_cache_bytes must be an int >= 0, got {self.decoded_cache_bytes!r}"
+            )
+        if self.publish_stats is not None and (
+            type(self.publish_stats) not in (int, float) or not 0.1 <= self.publish_stats <= 3600
+        ):
+            raise ConfigurationError(
+                f"publish_stats must be None or seconds in [0.1, 3600], got {self.publish_stats!r}"
             )
         if self.failure_threshold < 1:
             raise ConfigurationError(f"failure_threshold must be >= 1, got {self.failure_threshold!r}")

@@ -1,4 +1,5 @@
-"""Command line: ``python -m sqlcache demo | bench | relay | outbox`` (also ``sqlcache ...``).
+"""Command line: ``python -m sqlcache demo | bench | relay | outbox | stats | inspect | flush`` (also
+``sqlcache ...``).
 
 URLs come from flags or from ``SQLCACHE_REDIS_URL`` / ``SQLCACHE_DATABASE_URL`` (so that passwords need
 not appear on a command line, where any user of the machine can read them). The commands live in
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from typing import Any
 
 _REDIS = "redis://127.0.0.1:6379/0"
 _ENV_HELP = " (default: $SQLCACHE_{0}, else {1})"
@@ -20,6 +22,72 @@ def _redis_url() -> str:
 
 def _database_url(fallback: str | None) -> str | None:
     return os.environ.get("SQLCACHE_DATABASE_URL") or fallback
+
+
+def _operator_commands(sub: Any) -> None:
+    """``stats``, ``inspect`` and ``flush``: a prefix's keys on a running Redis (docs/cli.md)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--redis-url",
+        default=_redis_url(),
+        help="redis://, rediss://, unix:// or redis+cluster:// URL" + _ENV_HELP.format("REDIS_URL", _REDIS),
+    )
+    common.add_argument("--prefix", default="sqlcache", help="the cache's prefix (default: sqlcache)")
+    common.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds a Redis command may take (default 5)"
+    )
+    stats = sub.add_parser(
+        "stats", parents=[common], help="live counters of the processes that publish them (publish_stats=)"
+    )
+    stats.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    stats.add_argument("--once", action="store_true", help="print once and exit")
+    stats.add_argument("--all", action="store_true", help="every counter, zeros included")
+    stats.add_argument("--plain", action="store_true", help="plain text, even on a terminal with rich")
+    inspect = sub.add_parser(
+        "inspect", parents=[common], help="one entry: payload, seal, dependencies, locks, TTLs, served or not"
+    )
+    which = inspect.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="module:Class of a mapped class (with --pk): its identity entry")
+    which.add_argument("--key", help="a raw entry key (its dependencies with --dep)")
+    inspect.add_argument(
+        "--pk", action="append", default=[], help="a primary key value (repeat for each column)"
+    )
+    inspect.add_argument("--dep", action="append", default=[], help="a dependency key of --key (repeatable)")
+    inspect.add_argument(
+        "--secret",
+        default=os.environ.get("SQLCACHE_SECRET"),
+        help="the cache's secret, to check the seal (default: $SQLCACHE_SECRET; never printed)",
+    )
+    inspect.add_argument(
+        "--max-entry-bytes", type=int, default=8 * 1024 * 1024, help="the cache's max_entry_bytes"
+    )
+    flush = sub.add_parser(
+        "flush", parents=[common], help="delete one prefix's keys (SCAN + UNLINK), or --fence it"
+    )
+    flush.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    flush.add_argument("--fence", action="store_true", help="make every entry a miss without deleting keys")
+    flush.add_argument("--batch", type=int, default=500, help="keys per SCAN and UNLINK (default 500)")
+    flush.add_argument(
+        "--generation-ttl",
+        type=int,
+        default=7 * 24 * 3600,
+        help="with --fence: the cache's generation_ttl in seconds (default 7 days)",
+    )
+
+
+def _check_operator_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0 < args.timeout <= 600:
+        parser.error(f"--timeout must be seconds in (0, 600], got {args.timeout}")
+    if args.command == "stats" and not 0.1 <= args.interval <= 3600:
+        parser.error(f"--interval must be seconds in [0.1, 3600], got {args.interval}")
+    if args.command == "inspect" and args.model is not None and not args.pk:
+        parser.error("inspect: --model needs --pk")
+    if args.command == "inspect" and args.key is not None and args.pk:
+        parser.error("inspect: --pk goes with --model, not --key")
+    if args.command == "flush" and not 1 <= args.batch <= 100_000:
+        parser.error(f"--batch must be in [1, 100000], got {args.batch}")
+    if args.command == "flush" and not 1 <= args.generation_ttl <= 10 * 365 * 86400:
+        parser.error(f"--generation-ttl must be seconds in [1, ten years], got {args.generation_ttl}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,7 +135,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     outbox.add_argument("--table", default="sqlcache_outbox", help="the outbox table")
     outbox.add_argument("--create", action="store_true", help="create the table (if missing) instead")
+    _operator_commands(sub)
     args = parser.parse_args(argv)
+    if args.command in ("stats", "inspect", "flush"):
+        _check_operator_args(parser, args)
+        if args.command == "stats":
+            from .stats import run_stats
+
+            return run_stats(args)
+        if args.command == "inspect":
+            from .inspect_entry import run_inspect
+
+            return run_inspect(args)
+        from .flush import run_flush
+
+        return run_flush(args)
     if args.command in ("relay", "outbox") and not args.database_url:
         parser.error(f"{args.command}: --database-url or SQLCACHE_DATABASE_URL is required")
     if args.command in ("relay", "outbox"):
