@@ -30,6 +30,7 @@ CONFIG_KEYS: dict[str, str] = {
     "SQLCACHE_DECODED_CACHE_BYTES": "decoded_cache_bytes",
     "SQLCACHE_WAIT_REPLICAS": "wait_replicas",
     "SQLCACHE_WAIT_TIMEOUT": "wait_timeout",
+    "SQLCACHE_PUBLISH_STATS": "publish_stats",
 }
 
 #: keyword overrides accepted in code: every configurable parameter, and plugin objects
