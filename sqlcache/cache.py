@@ -47,6 +47,10 @@ __all__ = ["SQLCache"]
 class SQLCache:
     """Redis as a second-level cache for the SQLAlchemy engines it is attached to.
 
+    Guarantees: a read that starts after ``commit()`` returned never sees an entry older than that
+    commit (see docs/pages/consistency.md for the isolation levels and the limits). Redis failures never
+    reach the caller: the database answers and :data:`~sqlcache.signals.cache_error` fires.
+
     :param redis_client: a ``redis.Redis`` or ``redis.asyncio.Redis`` client, or a ``redis://`` URL:
         from any of them sqlcache makes both a sync and an asyncio client. A ``RedisCluster`` client
         or a ``redis+cluster://host:port`` URL puts the cache on a Redis Cluster (docs/pages/deployment.md).
@@ -80,10 +84,6 @@ class SQLCache:
     :param wait_timeout: seconds the release's ``WAIT`` may take (below ``timeout``).
     :param plugins: plugins to set up now, in order (see :meth:`add_plugin`).
     :raises ConfigurationError: on a bad argument.
-
-    Guarantees: a read that starts after ``commit()`` returned never sees an entry older than that
-    commit (see docs/pages/consistency.md for the isolation levels and the limits). Redis failures never
-    reach the caller: the database answers and :data:`~sqlcache.signals.cache_error` fires.
 
     .. versionadded:: 0.1
     """
