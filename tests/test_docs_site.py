@@ -46,6 +46,15 @@ def test_no_page_outside_the_site() -> None:
     assert not stray, f"move {stray} to docs/pages/ (git mv) and add them to nav in docs/mkdocs.yml"
 
 
+def test_sequence_diagrams_have_no_semicolon() -> None:
+    """Mermaid ends a sequence-diagram statement at ``;``: a message containing one breaks the diagram
+    (it is then shown as its source text)."""
+    for page in PAGES.glob("*.md"):
+        for block in re.findall(r"```mermaid\n(.*?)```", page.read_text(), re.S):
+            if block.startswith("sequenceDiagram"):
+                assert ";" not in block, f"{page.name}: {block.splitlines()[1]}..."
+
+
 def test_site_builds_with_its_pages(site: Path) -> None:
     """Home has the README's quick start, every guide is there, the examples are published beside them."""
     home = text(site / "index.html")
