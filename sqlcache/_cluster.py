@@ -5,7 +5,7 @@ of one slot and runs, whole and atomic, on the one primary that serves it: the p
 single server's. This module finds that primary, carries each call to a ``RedisStore`` of its own for
 that node, and treats a change of primary (a replica promoted by a failover, a slot migrated) like a
 restart of a single server: what the new primary holds may be older than what the old one acknowledged,
-so the cache fences its prefix before it trusts a read again (docs/deployment.md).
+so the cache fences its prefix before it trusts a read again (docs/pages/deployment.md).
 
 No sharding yet: one cache lives on one node at a time (several caches, with their own prefixes, spread
 over the cluster's nodes).

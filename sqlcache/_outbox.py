@@ -165,7 +165,7 @@ def check_table(engine: Engine, name: str) -> None:
         raise ConfigurationError(
             f"durable=True: the outbox table {name!r} does not exist in {engine.url.render_as_string()}; "
             "create it with cache.create_outbox(engine), `sqlcache outbox --create`, or the DDL in "
-            "docs/durability.md (sqlcache never creates it on its own)"
+            "docs/pages/durability.md (sqlcache never creates it on its own)"
         )
 
 

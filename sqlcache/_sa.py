@@ -135,7 +135,7 @@ def autobegin(session: Session) -> None:
     """For a session with ``autobegin=False`` and no transaction: raise as executing the statement
     would (a hit executes none). A session that may autobegin is left alone: beginning its
     (connection-less) transaction on every hit costs about 9% of a hit, for ``in_transaction()`` alone
-    (docs/transparency.md)."""
+    (docs/pages/transparency.md)."""
     if session._transaction is None and not session.autobegin:
         session._autobegin_t()
 

@@ -1,5 +1,5 @@
 """SQLCache: the facade. Builds the parts of one cache, wires them together, and offers the public
-verbs; the work itself happens in the parts (see docs/architecture.md)."""
+verbs; the work itself happens in the parts (see docs/pages/architecture.md)."""
 
 from __future__ import annotations
 
@@ -48,9 +48,13 @@ __all__ = ["SQLCache"]
 class SQLCache:
     """Redis as a second-level cache for the SQLAlchemy engines it is attached to.
 
+    Guarantees: a read that starts after ``commit()`` returned never sees an entry older than that
+    commit (see docs/pages/consistency.md for the isolation levels and the limits). Redis failures never
+    reach the caller: the database answers and :data:`~sqlcache.signals.cache_error` fires.
+
     :param redis_client: a ``redis.Redis`` or ``redis.asyncio.Redis`` client, or a ``redis://`` URL:
         from any of them sqlcache makes both a sync and an asyncio client. A ``RedisCluster`` client
-        or a ``redis+cluster://host:port`` URL puts the cache on a Redis Cluster (docs/deployment.md).
+        or a ``redis+cluster://host:port`` URL puts the cache on a Redis Cluster (docs/pages/deployment.md).
         A client without a bounded socket timeout, with retries or with ``decode_responses=True`` is not
         changed: sqlcache talks to the same server through a pool of its own with ``timeout`` and no
         retries.
@@ -65,10 +69,10 @@ class SQLCache:
     :param broadcast: publish every invalidation on a pub/sub channel under the prefix, inside the
         release script (no extra round trip); other processes hear them through :meth:`listen`.
     :param secret: sign every entry (HMAC-SHA256 over its key and payload); entries written by anyone
-        without the secret, or moved to another key, are misses. See docs/operations.md for the threat.
+        without the secret, or moved to another key, are misses. See docs/pages/operations.md for the threat.
     :param durable: write each transaction's invalidations into an outbox table in the same database
         transaction, and run a relay thread per attached engine that applies what no writer could
-        (a crash, an outage); see docs/durability.md. The table must exist (:meth:`create_outbox`).
+        (a crash, an outage); see docs/pages/durability.md. The table must exist (:meth:`create_outbox`).
     :param outbox_table: the outbox table's name.
     :param relay_interval: seconds between two passes of the relay.
     :param relay_grace: age in seconds at which a relay applies a row its writer did not mark done.
@@ -77,16 +81,12 @@ class SQLCache:
         for a key; 0 turns it off.
     :param wait_replicas: replicas of the Redis primary that must acknowledge each release (``WAIT``)
         before ``commit()`` returns; fewer in ``wait_timeout`` seconds is treated as an outage (the
-        journal keeps the invalidation). 0 (the default) asks none; see docs/deployment.md.
+        journal keeps the invalidation). 0 (the default) asks none; see docs/pages/deployment.md.
     :param wait_timeout: seconds the release's ``WAIT`` may take (below ``timeout``).
     :param publish_stats: publish :meth:`stats` under the prefix every so many seconds, from a daemon
-        thread, for ``sqlcache stats`` (docs/cli.md); None (the default): not published.
+        thread, for ``sqlcache stats`` (docs/pages/cli.md); None (the default): not published.
     :param plugins: plugins to set up now, in order (see :meth:`add_plugin`).
     :raises ConfigurationError: on a bad argument.
-
-    Guarantees: a read that starts after ``commit()`` returned never sees an entry older than that
-    commit (see docs/consistency.md for the isolation levels and the limits). Redis failures never
-    reach the caller: the database answers and :data:`~sqlcache.signals.cache_error` fires.
 
     .. versionadded:: 0.1
     """
@@ -160,7 +160,7 @@ class SQLCache:
         self._publisher.after_fork()
 
     def _assemble(self, c: CacheConfig, sealer: Sealer) -> None:
-        """Build the parts and hand each the narrow pieces it needs (docs/architecture.md)."""
+        """Build the parts and hand each the narrow pieces it needs (docs/pages/architecture.md)."""
         self._slot = slot = StoreSlot(self.store)
         self._rep = rep = Reporter(self, lambda: self._health.ok_seq)
         self._plugins = Plugins(rep, slot, self.store.server)
@@ -224,7 +224,7 @@ class SQLCache:
 
         ``engine`` may be an :class:`~sqlalchemy.ext.asyncio.AsyncEngine` (or its ``sync_engine``): its
         sessions and connections then reach Redis through redis.asyncio, on their own event loop
-        (docs/asyncio.md). Idempotent. Several engines per cache, sync and async mixed, and several
+        (docs/pages/asyncio.md). Idempotent. Several engines per cache, sync and async mixed, and several
         caches per engine are allowed (use different prefixes for different databases).
 
         :raises ConfigurationError: if ``engine`` is not a SQLAlchemy Engine or AsyncEngine, or

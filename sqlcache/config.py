@@ -48,7 +48,7 @@ class CacheConfig:
     :param stampede_wait: seconds a cached query's caller waits for another caller's fill of the same
         key before it queries the database itself.
     :param wait_replicas: replicas that must acknowledge every release (Redis ``WAIT``) before a commit
-        returns; 0: none asked (docs/deployment.md).
+        returns; 0: none asked (docs/pages/deployment.md).
     :param wait_timeout: seconds ``WAIT`` may take; below ``timeout``.
     :param publish_stats: seconds between two publications of ``stats()`` to Redis (``sqlcache stats``
         reads them); None: not published.

@@ -1,15 +1,13 @@
 """Blinker signals sent by every :class:`~sqlcache.SQLCache`; the sender is always the cache.
 
-==============  ======================================================================
-signal          keyword arguments
-==============  ======================================================================
-cache_hit       ``key`` (str), ``kind`` (``"identity"`` or ``"query"``)
-cache_miss      ``key`` (str), ``kind`` (``"identity"`` or ``"query"``)
-invalidated     ``identities`` (list of ``(mapped class, pk tuple)``), ``tags`` (list of
-                str), ``remote`` (bool: came from another process)
-cache_error     ``exc`` (the exception), ``operation`` (str: ``"read"``, ``"fill"``,
-                ``"lock"``, ``"release"``, ``"decode"``, ``"encode"``, ...)
-==============  ======================================================================
+Each signal and the keyword arguments its receivers get:
+
+- ``cache_hit``: ``key`` (str), ``kind`` (``"identity"`` or ``"query"``)
+- ``cache_miss``: ``key`` (str), ``kind`` (``"identity"`` or ``"query"``)
+- ``invalidated``: ``identities`` (list of ``(mapped class, pk tuple)``), ``tags`` (list of str),
+  ``remote`` (bool: came from another process)
+- ``cache_error``: ``exc`` (the exception), ``operation`` (str: ``"read"``, ``"fill"``, ``"lock"``,
+  ``"release"``, ``"decode"``, ``"encode"``, ...)
 
 Connect with ``signals.invalidated.connect_via(cache)`` to hear one cache only. A receiver that raises
 is logged and counted in ``stats()["signal_errors"]``; it never undoes a commit that already happened.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
+from pathlib import Path
 
 from .conftest import free_port
 
@@ -52,6 +55,67 @@ def test_bench_quick(redis_url: str, pg_url: str) -> None:
         "read-only transaction: 0",
     ):
         assert needle in p.stdout, needle
+
+
+def test_bench_plot(redis_url: str, tmp_path: Path) -> None:
+    """A minimal bench on SQLite with --plot writes a PNG chart and the JSON of its figures (no URL in it),
+    and the chart can be drawn again from the JSON alone."""
+    from sqlcache.cli import bench_plot
+
+    png = tmp_path / "bench.png"
+    db = f"sqlite:///{tmp_path / 'bench.db'}"
+    p = run(
+        "bench",
+        "--rounds",
+        "1",
+        "--batch",
+        "2",
+        "--database-url",
+        db,
+        "--redis-url",
+        redis_url,
+        "--plot",
+        str(png),
+    )
+    assert p.returncode == 0, p.stderr
+    assert f"chart: {png}" in p.stdout
+    _check_png(png)
+    text = (tmp_path / "bench.json").read_text()
+    assert redis_url not in text and "bench.db" not in text
+    doc = json.loads(text)
+    assert doc["format"] == bench_plot.FORMAT
+    assert doc["run"] == {"database": "sqlite", "driver": "pysqlite", "rounds": 1, "batch": 2, "rows": 1000}
+    hit = doc["systems"]["get sqlcache hit"]
+    assert hit["n"] == 2 and len(hit["samples_ns"]) == 2 and hit["p95_us"] >= hit["median_us"] > 0
+    ratio = next(r for r in doc["ratios"] if r["label"] == "get hit / floor")
+    assert ratio["target"] == 1.5 and ratio["met"] is (ratio["value"] <= 1.5)
+    again = tmp_path / "again.png"
+    assert bench_plot.main([str(tmp_path / "bench.json"), str(again)]) == 0
+    _check_png(again)
+
+
+def _check_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 1000 and height >= 600 and len(data) > 20_000
+    assert data[-8:-4] == b"IEND"
+
+
+def test_bench_plot_without_matplotlib(tmp_path: Path) -> None:
+    """Without matplotlib, --plot fails at once with the extra to install, before the bench runs."""
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    p = subprocess.run(
+        [sys.executable, "-m", "sqlcache", "bench", "--plot", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert p.returncode == 2 and "sqlcache[plot]" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "x.png").exists() and "rounds" not in p.stdout
 
 
 def test_relay_and_outbox_take_urls_from_the_environment(redis_url: str, tmp_path: object) -> None:

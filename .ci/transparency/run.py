@@ -11,7 +11,7 @@ Anything else is listed and the script exits 1.
 
     python .ci/transparency/run.py [--modules test/orm/test_merge.py ...] [--modes attach cached]
 
-docs/transparency.md says what runs and why the allowed differences are allowed.
+docs/pages/transparency.md says what runs and why the allowed differences are allowed.
 """
 
 from __future__ import annotations
@@ -108,20 +108,21 @@ ALLOWED: list[tuple[str, str, str]] = [
     (
         "cached",
         "test/orm/dml/test_orm_upd_del_basic.py::UpdateDeleteTest_*::test_routing_session[[]fetch-",
-        "a get_bind() override records every call: on a miss sqlcache asks get_bind() for the SELECT's engine"
-        " (with the ORM's own arguments) before the ORM asks again to run it; known, docs/transparency.md",
+        "a get_bind() override records every call: on a miss sqlcache asks get_bind() for the SELECT's"
+        " engine (with the ORM's own arguments) before the ORM asks again to run it; known,"
+        " docs/pages/transparency.md",
     ),
     (
         "cached",
         "test/orm/test_session.py::TransScopingTest::test_autobegin_execute",
         "a hit does not begin the session's (connection-less) transaction: in_transaction() stays False;"
-        " beginning it would cost ~9% of a hit; known, docs/transparency.md",
+        " beginning it would cost ~9% of a hit; known, docs/pages/transparency.md",
     ),
     (
         "cached",
         "test/orm/test_session.py::NewStyleExecutionTest::test_unbuffered_result_session_is_closed[[]",
         "a hit's result is in memory: read after the session closed, it returns its rows where a database"
-        " cursor would have been closed and raised; known, docs/transparency.md",
+        " cursor would have been closed and raised; known, docs/pages/transparency.md",
     ),
 ]
 

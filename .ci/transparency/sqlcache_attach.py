@@ -11,7 +11,7 @@ Loaded with ``-p sqlcache_attach`` by ``.ci/transparency/run.py``; configured th
 - ``SQLCACHE_REDIS_URL``: the Redis to use (default ``redis://127.0.0.1:6379/0``).
 
 Each engine gets its own prefix (SQLAlchemy's tests use many in-memory SQLite databases with the same
-table names: one prefix per database, as docs/consistency.md requires); every key of the run is
+table names: one prefix per database, as docs/pages/consistency.md requires); every key of the run is
 deleted at the end.
 """
 

@@ -19,7 +19,7 @@ declare ``__sqlcache__`` registered::
         sqlcache.init_app(app, db)
         return app
 
-Needs Flask and Flask-SQLAlchemy 3.1 (``pip install 'sqlcache[flask]'``). See docs/flask.md.
+Needs Flask and Flask-SQLAlchemy 3.1 (``pip install 'sqlcache[flask]'``). See docs/pages/flask.md.
 
 .. versionadded:: 0.3
 """

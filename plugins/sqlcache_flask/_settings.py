@@ -40,7 +40,7 @@ OVERRIDES = frozenset(CONFIG_KEYS.values()) | {"plugins"}
 #: durable=True makes attach() refuse a database without the outbox table, and the extension attaches
 #: in the first app context, the one ``flask db upgrade`` would need to create that table.
 LEFT_OUT: dict[str, str] = {
-    name: "durable invalidation is not offered by the Flask integration yet (docs/flask.md)"
+    name: "durable invalidation is not offered by the Flask integration yet (docs/pages/flask.md)"
     for name in ("durable", "outbox_table", "relay_interval", "relay_grace")
 }
 

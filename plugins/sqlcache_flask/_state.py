@@ -35,7 +35,7 @@ def models_of(db: SQLAlchemy) -> registry:
 
 def check_binds(db: SQLAlchemy) -> None:
     """Refuse binds that map tables of the same name: one cache serves them all under one prefix, and
-    two databases with the same table names must not share one (docs/consistency.md: a cached
+    two databases with the same table names must not share one (docs/pages/consistency.md: a cached
     ``select(A.id)`` and ``select(B.id)`` would share a key)."""
     seen: dict[str, str | None] = {}
     for bind, metadata in db.metadatas.items():
@@ -44,7 +44,7 @@ def check_binds(db: SQLAlchemy) -> None:
             if other != bind:
                 raise ConfigurationError(
                     f"table {name!r} is mapped in binds {other!r} and {bind!r}: one sqlcache prefix serves "
-                    "every bind of an app, so table names must differ between binds (docs/flask.md)"
+                    "every bind of an app, so table names must differ between binds (docs/pages/flask.md)"
                 )
 
 

@@ -52,12 +52,6 @@ SCOPE = "sqlcache"
 class OpenTelemetryPlugin:
     """A span per cache operation, and an event on the current span for each ``cache_error``.
 
-    :param tracer_provider: where spans go; ``None`` uses the global provider
-        (``opentelemetry.trace.get_tracer``), a no-op until the application installs an SDK.
-    :param record_keys: put the entry key of reads and fills on their spans (``sqlcache.key``). Off by
-        default: keys are high-cardinality and hash the query's parameters, which may be sensitive.
-    :param name: the plugin's name on its cache (two instances on one cache need two names).
-
     Span attributes: ``db.system`` and ``db.system.name`` (``"redis"``), ``db.operation.name`` (the
     operation), ``server.address``, ``server.port`` and ``db.namespace`` (when the cache's client says),
     ``sqlcache.prefix``, ``sqlcache.kind`` (``"identity"`` or ``"query"``), ``sqlcache.model``,
@@ -73,6 +67,12 @@ class OpenTelemetryPlugin:
     Not guaranteed: an operation the cache never ends (an exception sqlcache does not expect, raised
     mid-operation) leaves its span unended. One instance serves one cache at a time; :meth:`close`
     (called by :meth:`SQLCache.close <sqlcache.SQLCache.close>`) frees it for another.
+
+    :param tracer_provider: where spans go; ``None`` uses the global provider
+        (``opentelemetry.trace.get_tracer``), a no-op until the application installs an SDK.
+    :param record_keys: put the entry key of reads and fills on their spans (``sqlcache.key``). Off by
+        default: keys are high-cardinality and hash the query's parameters, which may be sensitive.
+    :param name: the plugin's name on its cache (two instances on one cache need two names).
 
     .. versionadded:: 0.2
     """

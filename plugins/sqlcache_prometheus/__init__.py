@@ -80,6 +80,10 @@ _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 class PrometheusPlugin:
     """Exports one cache's activity to a Prometheus registry.
 
+    What it does not promise: ``<ns>_errors_total`` counts ``cache_error`` signals, and the cache signals
+    an outage once per burst, so it is lower than ``<ns>_stats_errors_total`` (every failed call) during
+    one. Removing series on :meth:`close` is not supported by prometheus_client's multiprocess mode.
+
     :param registry: where the metrics are registered; the global ``prometheus_client.REGISTRY`` when
         None.
     :param namespace: the first part of every metric's name.
@@ -93,10 +97,6 @@ class PrometheusPlugin:
         this plugin serves another cache already, when a plugin of another cache with the same prefix
         reports into the same registry and namespace, or when such plugins disagree on ``label_models``,
         ``label_tags`` or ``buckets`` (they share the metric families).
-
-    What it does not promise: ``<ns>_errors_total`` counts ``cache_error`` signals, and the cache signals
-    an outage once per burst, so it is lower than ``<ns>_stats_errors_total`` (every failed call) during
-    one. Removing series on :meth:`close` is not supported by prometheus_client's multiprocess mode.
 
     .. versionadded:: 0.2
     """

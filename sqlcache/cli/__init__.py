@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 _REDIS = "redis://127.0.0.1:6379/0"
@@ -25,7 +26,7 @@ def _database_url(fallback: str | None) -> str | None:
 
 
 def _operator_commands(sub: Any) -> None:
-    """``stats``, ``inspect`` and ``flush``: a prefix's keys on a running Redis (docs/cli.md)."""
+    """``stats``, ``inspect`` and ``flush``: a prefix's keys on a running Redis (docs/pages/cli.md)."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--redis-url",
@@ -111,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--rounds", type=int, default=30, help="rounds; each runs every system once")
     bench.add_argument("--batch", type=int, default=50, help="operations per system per round")
     bench.add_argument("--quick", action="store_true", help="a few rounds, to check that it runs")
+    bench.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="also draw the figures as a chart, and write FILE.json"
+    )
     relay = sub.add_parser(
         "relay", help="apply and delete outbox rows that crashed or cut-off writers left (durable=True)"
     )

@@ -51,6 +51,7 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlcache import SQLCache
 from sqlcache import cached as cached_option
 
+from . import bench_plot
 from .bench_async import AsyncRows, async_rows
 
 SCHEMA = "sqlcache_bench"
@@ -145,6 +146,9 @@ def _pct(xs: list[int], q: float) -> float:
 
 def run_bench(args: argparse.Namespace) -> int:
     rounds, batch, rows = (3, 10, 200) if args.quick else (args.rounds, args.batch, 1000)
+    if args.plot is not None and (missing := bench_plot.matplotlib_missing()):
+        print(f"sqlcache bench: {missing}", file=sys.stderr)  # said before a run of minutes, not after
+        return 2
     try:
         probe = redis.Redis.from_url(args.redis_url, socket_timeout=2, socket_connect_timeout=2)
         probe.ping()
@@ -218,6 +222,10 @@ def _run(
         db = plain.dialect.name
         print(f"sqlcache bench: {db}, {rounds} rounds x {batch} ops per system, {rows} rows, interleaved")
         _report(samples)
+        if args.plot is not None:
+            run = dict(database=db, driver=plain.dialect.driver, rounds=rounds, batch=batch, rows=rows)
+            written = bench_plot.write(args.plot, bench_plot.figures(samples, _RATIOS, run))
+            print(f"chart: {args.plot}, figures: {written}")
         print()
         for n in (1, 50):
             trips = _round_trips(cache, cached, n)

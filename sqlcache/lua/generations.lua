@@ -4,7 +4,7 @@
 -- KEYS[2]'s table (KEYS[2] is then a row's identity dependency)
 -- ARGV[1] ttl ms for generations created here (0 = none); ARGV[2] '1' if a row-writes key follows
 -- returns {generations joined by ',', clock, locked (1/0)}
--- Warm-up rule (docs/consistency.md): a missing row dependency takes the generation of its table's
+-- Warm-up rule (docs/pages/consistency.md): a missing row dependency takes the generation of its table's
 -- row-writes key instead of a fresh one, when that key holds a plain, unlocked generation. Every script
 -- that moves a row dependency moves its table's row-writes key in the same step, so a row whose key is
 -- missing has not been written since that generation was drawn; a repeatable-read transaction whose

@@ -198,7 +198,7 @@ def test_eager_loads_lazy_loads_and_run_sync(run: Run, cache: SQLCache) -> None:
             uid, oid = u.id, u.orders[0].id
             await s.commit()
         # a cold cache under SQLite's snapshot fills the orders' table keys on the first round, the rest
-        # on the second (docs/consistency.md, "Warm-up"); the third is all hits
+        # on the second (docs/pages/consistency.md, "Warm-up"); the third is all hits
         for _ in range(3):
             hits = cache.stats()["hits"]
             async with AsyncSession(ae) as s:

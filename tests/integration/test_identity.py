@@ -349,7 +349,7 @@ def test_a_session_that_may_not_autobegin_refuses_a_hit_as_sqlalchemy_does(
 ) -> None:
     """A session with autobegin=False and no transaction raises on get() even on a hit, as SQLAlchemy
     does (found by the transparency suite, test_autobegin_execute). A session that may autobegin is not
-    begun by a hit: docs/transparency.md, known differences."""
+    begun by a hit: docs/pages/transparency.md, known differences."""
     from sqlalchemy.exc import InvalidRequestError
 
     cache.register(User)

@@ -244,7 +244,7 @@ def test_postgresql_ways_to_set_the_search_path(
 def test_set_local_lasts_one_transaction(pg_tenants: tuple[Engine, dict[str, str]], cache_for: Any) -> None:
     """SET LOCAL from an ``after_begin`` listener (a common way to pick a tenant) bypasses the cache
     for that transaction only. The first time, the code picking the tenant takes the connection
-    before reading (as docs/consistency.md says); from then on sqlcache does it for every read that
+    before reading (as docs/pages/consistency.md says); from then on sqlcache does it for every read that
     comes before the session's connection, so its hooks always run first."""
     engine, spaces = pg_tenants
     cache = cache_for(engine)
@@ -345,7 +345,7 @@ def test_a_statement_that_sets_the_path_is_not_filled(
 def test_schema_translate_map_is_the_cacheable_way(
     pg_tenants: tuple[Engine, dict[str, str]], cache_for: Any
 ) -> None:
-    """A tenant chosen with ``schema_translate_map`` (what docs/consistency.md recommends) is part of
+    """A tenant chosen with ``schema_translate_map`` (what docs/pages/consistency.md recommends) is part of
     every key: each tenant hits its own entries, none sees another's."""
     engine, spaces = pg_tenants
     cache = cache_for(engine)

@@ -1,4 +1,4 @@
-"""Issue 12, point 12: the warm-up rule (docs/consistency.md, "Warm-up under repeatable read").
+"""Issue 12, point 12: the warm-up rule (docs/pages/consistency.md, "Warm-up under repeatable read").
 
 A missing row dependency borrows its table's row-writes generation instead of a fresh one, so that a
 repeatable-read transaction on a cold cache stores every row it reads, not only the first. Eviction of

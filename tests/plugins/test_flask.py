@@ -356,10 +356,10 @@ def test_overrides_and_config_reach_the_cache(redis_url: str) -> None:
 
 def test_every_sqlcache_parameter_is_offered_or_left_out_on_purpose() -> None:
     """A new SQLCache parameter fails here until the extension offers it (config key, docs) or says why not;
-    docs/flask.md lists every config key."""
+    docs/pages/flask.md lists every config key."""
     params = set(inspect.signature(SQLCache.__init__).parameters) - {"self"}
     assert params == set(CONFIG_KEYS.values()) | set(LEFT_OUT) | {"plugins"}
-    doc = (ROOT / "docs" / "flask.md").read_text()
+    doc = (ROOT / "docs" / "pages" / "flask.md").read_text()
     for key in CONFIG_KEYS:
         assert f"`{key}`" in doc, key
 
