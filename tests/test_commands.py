@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import socket
 import struct
 import subprocess
 import sys
@@ -55,6 +58,16 @@ def test_bench_quick(redis_url: str, pg_url: str) -> None:
         "read-only transaction: 0",
     ):
         assert needle in p.stdout, needle
+    if shutil.which("redis-server") and shutil.which("redis-cli"):  # CI installs both
+        # the cluster rows, on a private cluster started for the run and stopped at its end
+        ports = re.search(r"private Redis Cluster \(3 primaries, ports \[([\d, ]+)\]\)", p.stdout)
+        assert ports is not None, p.stdout
+        for needle in ("cluster get hit", "cluster q20 hit / q20 hit", "cluster update / update plain"):
+            assert needle in p.stdout, needle
+        assert "on the cluster, update of 1 / 50 rows, read-only: [2, 2, 0]" in p.stdout
+        for port in ports.group(1).split(", "):
+            with socket.socket() as sock:
+                assert sock.connect_ex(("127.0.0.1", int(port))) != 0, f"node {port} still runs"
 
 
 def test_bench_plot(redis_url: str, tmp_path: Path) -> None:

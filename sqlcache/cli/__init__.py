@@ -113,6 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("--batch", type=int, default=50, help="operations per system per round")
     bench.add_argument("--quick", action="store_true", help="a few rounds, to check that it runs")
     bench.add_argument(
+        "--cluster-url",
+        default=None,
+        help="redis+cluster:// URL for the cluster rows (or SQLCACHE_CLUSTER_URL); without one, a private "
+        "cluster of three primaries is started when redis-server and redis-cli are installed",
+    )
+    bench.add_argument(
         "--plot", type=Path, metavar="FILE.png", help="also draw the figures as a chart, and write FILE.json"
     )
     relay = sub.add_parser(

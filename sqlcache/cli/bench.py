@@ -10,7 +10,6 @@ import argparse
 import datetime as dt
 import decimal
 import random
-import statistics
 import sys
 import time
 import uuid
@@ -53,6 +52,8 @@ from sqlcache import cached as cached_option
 
 from . import bench_plot
 from .bench_async import AsyncRows, async_rows
+from .bench_cluster import ClusterRows, cluster_rows
+from .bench_report import RATIOS, report
 
 SCHEMA = "sqlcache_bench"
 
@@ -139,11 +140,6 @@ def _ns(fn: Callable[[], None]) -> int:
     return time.perf_counter_ns() - t0
 
 
-def _pct(xs: list[int], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] / 1000
-
-
 def run_bench(args: argparse.Namespace) -> int:
     rounds, batch, rows = (3, 10, 200) if args.quick else (args.rounds, args.batch, 1000)
     if args.plot is not None and (missing := bench_plot.matplotlib_missing()):
@@ -173,12 +169,15 @@ def run_bench(args: argparse.Namespace) -> int:
     decoding_cache.register(BenchUser)
     rnd = random.Random(7)
     arows = async_rows(args.database_url, cache, BenchUser, SCHEMA)
+    crows = cluster_rows(args.cluster_url, lambda: _engine(args.database_url), BenchUser)
     try:
-        return _run(args, plain, cached, cache, probe, rnd, rounds, batch, rows, decoding, arows)
+        return _run(args, plain, cached, cache, probe, rnd, (rounds, batch, rows), decoding, arows, crows)
     finally:
         cache.clear()
         if arows is not None:
             arows.close()
+        if crows is not None:
+            crows.close()
         cache.close()
         decoding_cache.close()
         _Base.metadata.drop_all(plain)
@@ -193,14 +192,15 @@ def _run(
     cache: SQLCache,
     floor_client: redis.Redis,
     rnd: random.Random,
-    rounds: int,
-    batch: int,
-    rows: int,
+    sizes: tuple[int, int, int],
     decoding: Engine,
     arows: AsyncRows | None,
+    crows: ClusterRows | None,
 ) -> int:
+    rounds, batch, rows = sizes
     ids = list(range(1, rows + 1))
-    if not _warm(cache, cached, ids) or (arows is not None and not arows.served_from_redis(1)):
+    warm = _warm(cache, cached, ids) and (crows is None or _warm(crows.cache, crows.engine, ids))
+    if not warm or (arows is not None and not arows.served_from_redis(1)):
         print("sqlcache bench: warm-up failed: gets are not served from Redis", file=sys.stderr)
         return 1
     floor = _Floor(plain, cache.config.prefix, floor_client)
@@ -209,28 +209,36 @@ def _run(
         if arows is not None:
             systems["async get plain"] = arows.get(arows.plain, rnd, ids)
             systems["async get hit"] = arows.get(arows.cached, rnd, ids)
+        if crows is not None:
+            systems["cluster get hit"] = lambda: _ns(_get_on(crows.engine, rnd, ids))
+            systems["cluster q20 hit"] = lambda: _ns(_query_on(crows.engine, 20, True))
+            systems["cluster update"] = lambda: _ns(_update_on(crows.engine, rnd, ids))
 
         def rewarm() -> None:
             # updates invalidate entries: warm them again outside the timed part
-            for i in ids:
-                with Session(cached) as s:
-                    s.get(BenchUser, i)
-            for n in (20, 200):
-                _query_on(cached, n, True)()
+            for engine in (cached,) if crows is None else (cached, crows.engine):
+                for i in ids:
+                    with Session(engine) as s:
+                        s.get(BenchUser, i)
+                for n in (20, 200):
+                    _query_on(engine, n, True)()
 
         samples = _measure(systems, rounds, batch, rnd, rewarm)
         db = plain.dialect.name
         print(f"sqlcache bench: {db}, {rounds} rounds x {batch} ops per system, {rows} rows, interleaved")
-        _report(samples)
+        report(samples)
         if args.plot is not None:
             run = dict(database=db, driver=plain.dialect.driver, rounds=rounds, batch=batch, rows=rows)
-            written = bench_plot.write(args.plot, bench_plot.figures(samples, _RATIOS, run))
+            written = bench_plot.write(args.plot, bench_plot.figures(samples, RATIOS, run))
             print(f"chart: {args.plot}, figures: {written}")
         print()
         for n in (1, 50):
             trips = _round_trips(cache, cached, n)
             print(f"redis round trips, update transaction of {n:>2} registered rows: {trips}")
         print(f"redis round trips, read-only transaction: {_round_trips(cache, cached, 0)}")
+        if crows is not None:
+            on_cluster = [_round_trips(crows.cache, crows.engine, n) for n in (1, 50, 0)]
+            print(f"redis round trips on the cluster, update of 1 / 50 rows, read-only: {on_cluster}")
     finally:
         floor.close()
     return 0
@@ -435,49 +443,11 @@ def _measure(
     return samples
 
 
-_RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
-    ("get hit / floor", "get sqlcache hit", "floor", 1.5),
-    ("lazy hit / floor", "lazy sqlcache hit", "floor", 1.5),
-    ("get hit / get plain", "get sqlcache hit", "get plain", None),
-    ("lazy hit / lazy plain", "lazy sqlcache hit", "lazy plain", None),
-    ("update sqlcache / update plain", "update sqlcache", "update plain", 1.25),
-    ("q20 hit / q20 floor", "q20 sqlcache hit", "q20 floor", 1.5),
-    ("q200 hit / q200 floor", "q200 sqlcache hit", "q200 floor", 1.5),
-    ("q20 hit / q20 plain", "q20 sqlcache hit", "q20 plain", None),
-    ("q200 hit / q200 plain", "q200 sqlcache hit", "q200 plain", 0.5),
-    ("get hit / get ORM floor", "get sqlcache hit", "get ORM floor", None),
-    ("q20 hit / q20 ORM floor", "q20 sqlcache hit", "q20 ORM floor", None),
-    ("q200 hit / q200 ORM floor", "q200 sqlcache hit", "q200 ORM floor", None),
-    ("q20 no-reuse hit / q20 floor", "q20 hit, no reuse", "q20 floor", None),
-    ("q200 no-reuse hit / q200 floor", "q200 hit, no reuse", "q200 floor", None),
-    ("q200 no-reuse hit / q200 plain", "q200 hit, no reuse", "q200 plain", None),
-    ("async get hit / async get plain", "async get hit", "async get plain", 0.5),
-    ("async get hit / get hit", "async get hit", "get sqlcache hit", None),
-    ("async get plain / get plain", "async get plain", "get plain", None),
-)
-
-
-def _report(samples: dict[str, list[int]]) -> None:
-    """Medians and p95 per system, then the ratios against their targets."""
-    print(f"{'system':<20} {'n':>6} {'median µs':>10} {'p95 µs':>10}")
-    med = {}
-    for name, xs in samples.items():
-        med[name] = statistics.median(xs) / 1000
-        print(f"{name:<20} {len(xs):>6} {med[name]:>10.1f} {_pct(xs, 0.95):>10.1f}")
-    print()
-    for label, system, base, target in _RATIOS:
-        if system not in med or base not in med:
-            continue  # rows this run has not got (no asyncio driver)
-        ratio = med[system] / med[base]
-        verdict = "" if target is None else f"  target <= {target}: {'PASS' if ratio <= target else 'MISS'}"
-        print(f"{label:<32} {ratio:6.2f}x{verdict}")
-
-
 def _round_trips(cache: SQLCache, engine: Engine, n: int) -> int:
     """Commands the cache writes to Redis for one committing update of ``n`` rows (pipelined ones too)."""
     calls = _Counter()
-    store: Any = cache.store
-    conn_class: Any = store.client.connection_pool.connection_class
+    client = getattr(cache.store, "client", None)  # a cluster's node stores use redis.Connection
+    conn_class: Any = redis.Connection if client is None else client.connection_pool.connection_class
     original: Callable[..., Any] = conn_class.send_command
 
     def counting(self: Any, *a: Any, **kw: Any) -> Any:

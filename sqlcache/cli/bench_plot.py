@@ -29,6 +29,7 @@ _PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         (
             ("plain", "get plain"),
             ("sqlcache", "get sqlcache hit"),
+            ("cluster", "cluster get hit"),
             ("floor", "floor"),
             ("ORM floor", "get ORM floor"),
         ),
@@ -44,6 +45,7 @@ _PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         (
             ("plain", "q20 plain"),
             ("sqlcache", "q20 sqlcache hit"),
+            ("cluster", "cluster q20 hit"),
             ("no reuse", "q20 hit, no reuse"),
             ("floor", "q20 floor"),
             ("ORM floor", "q20 ORM floor"),
@@ -60,7 +62,11 @@ _PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
             ("ORM floor", "q200 ORM floor"),
         ),
     ),
-    ("update", "update of one row + commit", (("plain", "update plain"), ("sqlcache", "update sqlcache"))),
+    (
+        "update",
+        "update of one row + commit",
+        (("plain", "update plain"), ("sqlcache", "update sqlcache"), ("cluster", "cluster update")),
+    ),
     (
         "async get",
         "AsyncSession.get of one row",
@@ -71,6 +77,7 @@ _PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
 _SERIES: dict[str, tuple[str, str]] = {  # series: (legend, colour)
     "plain": ("database, no cache", "#7f8c9a"),
     "sqlcache": ("sqlcache (a hit; for update, the cached commit)", "#e8730c"),
+    "cluster": ("sqlcache on a Redis Cluster (three primaries)", "#8e44ad"),
     "no reuse": ("sqlcache hit, decoded every time (decoded_cache_bytes=0)", "#f5b971"),
     "floor": ("floor: one GET + msgpack decode + the objects", "#2e8b57"),
     "ORM floor": ("ORM floor: the floor handed out through a Session", "#1b4d3e"),

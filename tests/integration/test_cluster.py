@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sqlcache import SQLCache, _keys
+from sqlcache import SQLCache, _keys, cached
 
 from ..helpers import check_failover, make_user, user_name
 from ..models import User
@@ -52,7 +53,8 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_one_round_trip_per_hit_and_two_commands_per_commit(
     engine: Engine, cache: SQLCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On the cluster as on one server: an identity hit is one command (MGET to the slot's primary), a
+    """On the cluster as on one server: an identity hit and a 20-row query hit are one command each (MGET to
+    the slot's primary), a
     commit that changes a row two (the pipelined lock and the release)."""
     cache.register(User)
     uid = make_user(engine, "ann")
@@ -65,6 +67,19 @@ def test_one_round_trip_per_hit_and_two_commands_per_commit(
         s.get(User, uid).name = "bob"  # a hit: one MGET
         s.commit()
     assert sent == ["MGET", "EVALSHA", "EVALSHA"]
+    monkeypatch.undo()
+    for n in range(20):
+        make_user(engine, f"q{n}")
+    stmt = select(User).where(User.name.like("q%")).order_by(User.id).options(cached())
+
+    def query() -> list[str]:
+        with Session(engine) as s:
+            return [u.name for u in s.scalars(stmt)]
+
+    assert len(query()) == 20  # filled
+    sent = _counting(monkeypatch)
+    assert query() == [f"q{n}" for n in range(20)]  # a 20-row query hit: one command too
+    assert sent == ["MGET"]
 
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)

@@ -1,0 +1,54 @@
+"""The benchmark's report: medians and p95 per system, and the ratios against their targets."""
+
+from __future__ import annotations
+
+import statistics
+
+__all__ = ["RATIOS", "pct", "report"]
+
+#: (label, system, base, target: the ratio system/base must not exceed, or None)
+RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
+    ("get hit / floor", "get sqlcache hit", "floor", 1.5),
+    ("lazy hit / floor", "lazy sqlcache hit", "floor", 1.5),
+    ("get hit / get plain", "get sqlcache hit", "get plain", None),
+    ("lazy hit / lazy plain", "lazy sqlcache hit", "lazy plain", None),
+    ("update sqlcache / update plain", "update sqlcache", "update plain", 1.25),
+    ("q20 hit / q20 floor", "q20 sqlcache hit", "q20 floor", 1.5),
+    ("q200 hit / q200 floor", "q200 sqlcache hit", "q200 floor", 1.5),
+    ("q20 hit / q20 plain", "q20 sqlcache hit", "q20 plain", None),
+    ("q200 hit / q200 plain", "q200 sqlcache hit", "q200 plain", 0.5),
+    ("get hit / get ORM floor", "get sqlcache hit", "get ORM floor", None),
+    ("q20 hit / q20 ORM floor", "q20 sqlcache hit", "q20 ORM floor", None),
+    ("q200 hit / q200 ORM floor", "q200 sqlcache hit", "q200 ORM floor", None),
+    ("q20 no-reuse hit / q20 floor", "q20 hit, no reuse", "q20 floor", None),
+    ("q200 no-reuse hit / q200 floor", "q200 hit, no reuse", "q200 floor", None),
+    ("q200 no-reuse hit / q200 plain", "q200 hit, no reuse", "q200 plain", None),
+    ("async get hit / async get plain", "async get hit", "async get plain", 0.5),
+    ("async get hit / get hit", "async get hit", "get sqlcache hit", None),
+    ("async get plain / get plain", "async get plain", "get plain", None),
+    ("cluster get hit / get hit", "cluster get hit", "get sqlcache hit", None),
+    ("cluster q20 hit / q20 hit", "cluster q20 hit", "q20 sqlcache hit", None),
+    ("cluster update / update", "cluster update", "update sqlcache", None),
+    ("cluster update / update plain", "cluster update", "update plain", None),
+)
+
+
+def report(samples: dict[str, list[int]]) -> None:
+    """Medians and p95 per system, then the ratios against their targets."""
+    print(f"{'system':<20} {'n':>6} {'median µs':>10} {'p95 µs':>10}")
+    med = {}
+    for name, xs in samples.items():
+        med[name] = statistics.median(xs) / 1000
+        print(f"{name:<20} {len(xs):>6} {med[name]:>10.1f} {pct(xs, 0.95):>10.1f}")
+    print()
+    for label, system, base, target in RATIOS:
+        if system not in med or base not in med:
+            continue  # rows this run has not got (no asyncio driver, no cluster)
+        ratio = med[system] / med[base]
+        verdict = "" if target is None else f"  target <= {target}: {'PASS' if ratio <= target else 'MISS'}"
+        print(f"{label:<32} {ratio:6.2f}x{verdict}")
+
+
+def pct(xs: list[int], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] / 1000
