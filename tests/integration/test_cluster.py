@@ -53,9 +53,8 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_one_round_trip_per_hit_and_two_commands_per_commit(
     engine: Engine, cache: SQLCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On the cluster as on one server: an identity hit and a 20-row query hit are one command each (MGET to
-    the slot's primary), a
-    commit that changes a row two (the pipelined lock and the release)."""
+    """On the cluster as on one server: an identity hit and a 20-row query hit are one command each (MGET
+    to the slot's primary), a commit that changes a row two (the pipelined lock and the release)."""
     cache.register(User)
     uid = make_user(engine, "ann")
     assert user_name(engine, uid) == "ann"  # filled; connections made
