@@ -60,7 +60,8 @@ class Journal:
         self._announce = announce
         self._backing_off = backing_off
         self._retry_after = retry_after
-        self._mutex = threading.Lock()
+        # reentrant: a garbage-collector callback may close this cache on a thread that holds it
+        self._mutex = threading.RLock()
         # key -> number of the defer that last added it: a replay forgets a key only if no defer added it
         # again while the replay was in flight (that defer's commit may have come after the replay's call)
         self._journal: dict[str, int] = {}
@@ -206,7 +207,7 @@ class Journal:
     def after_fork(self) -> None:
         """In a forked child: a fresh lock, and the background replay (its timer thread did not survive
         the fork) scheduled again if anything is pending."""
-        self._mutex = threading.Lock()
+        self._mutex = threading.RLock()
         self._timer = None
         if self._journal or self._fence_pending:
             self._schedule()

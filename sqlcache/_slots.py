@@ -15,6 +15,7 @@ grows: at the first attach, in practice at start-up.
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -31,6 +32,16 @@ _Key = tuple[str, tuple[tuple[str, Any], ...]]
 _lock = threading.RLock()
 # target (the Session class, a mapper, an engine) -> (event, options) -> its empty slots
 _free: weakref.WeakKeyDictionary[Any, dict[_Key, list[Slot]]] = weakref.WeakKeyDictionary()
+
+
+def _after_fork() -> None:
+    """In a forked child: a fresh lock (another thread of the parent may have held it at the fork, and
+    never releases it here)."""
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class Slot:

@@ -80,6 +80,48 @@ def test_child_forked_while_a_lock_was_held_is_not_stuck(engine: Engine, cache: 
     assert user_name(engine, uid) == "child"
 
 
+def test_child_forked_while_the_listener_slots_lock_was_held_can_attach(
+    redis_url: str, tmp_path: Any
+) -> None:
+    """The lock guarding listener slots (sqlcache._slots), held by another thread at the fork, is fresh
+    in the child: a cache attaches there to an engine of its own and serves a hit."""
+    from sqlalchemy import create_engine
+
+    from sqlcache import _slots
+
+    held, release = threading.Event(), threading.Event()
+    lock: Any = _slots._lock
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(5)
+    pid = os.fork()
+    if pid == 0:
+
+        def work() -> bool:
+            child_engine = create_engine(f"sqlite:///{tmp_path}/child.db")
+            User.metadata.create_all(child_engine)
+            child = SQLCache(redis_url, prefix=f"k{uuid.uuid4().hex[:10]}")
+            child.register(User)
+            child.attach(child_engine)  # installs listeners: takes the slots' lock
+            uid = make_user(child_engine)
+            ok = user_name(child_engine, uid) == "ann" and user_name(child_engine, uid) == "ann"
+            ok = ok and child.stats()["hits"] == 1
+            child.clear()
+            child.close()
+            return ok
+
+        _in_child(work)
+    release.set()
+    holder.join()
+    assert _wait(pid, 20) == 0
+
+
 @pytest.fixture
 def durable(engine: Engine, redis_url: str) -> Iterator[SQLCache]:
     with durable_cache(engine, redis_url, f"f{uuid.uuid4().hex[:10]}", relay_interval=0.05) as cache:

@@ -185,3 +185,36 @@ def test_a_second_release_leaves_a_reused_slot_alone() -> None:
         assert second.fn is not None
         second.fn()
     assert calls == ["b"]
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_close_reentering_from_inside_the_journal_does_not_deadlock(engine: Engine) -> None:
+    """A garbage-collector callback may close a cache on a thread that is inside the cache's journal
+    (here: the counter the journal bumps while it holds its lock closes the cache, as such a callback
+    would): close() returns, and so does the commit whose invalidation was being journalled."""
+    from ..conftest import free_port
+
+    cache = SQLCache(f"redis://127.0.0.1:{free_port()}/0", prefix=f"j{uuid.uuid4().hex[:10]}", timeout=0.2)
+    cache.register(User)
+    cache.attach(engine)
+    uid = make_user(engine)
+    rep = cache._rep
+    original = rep.incr
+
+    def incr(name: str, n: int = 1) -> None:
+        original(name, n)
+        if name == "invalidations_deferred":
+            cache.close()
+
+    rep.incr = incr  # type: ignore[method-assign]
+    done = threading.Event()
+
+    def commit() -> None:
+        rename_user(engine, uid, "bob")  # Redis is away: the journal keeps the keys
+        done.set()
+
+    t = threading.Thread(target=commit, daemon=True)
+    t.start()
+    assert done.wait(20), "close() from inside the journal deadlocked"
+    t.join()
+    assert cache._closed
