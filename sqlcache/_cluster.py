@@ -13,7 +13,10 @@ over the cluster's nodes).
 
 from __future__ import annotations
 
+import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -117,6 +120,12 @@ def cluster_factory(target: redis.cluster.RedisCluster | str, timeout: float) ->
     return ClusterTarget(nodes, kept)
 
 
+def _fresh_mutex(ref: weakref.ref[ClusterStore]) -> None:
+    store = ref()
+    if store is not None:  # a forked child: another thread of the parent may have held it
+        store._mutex = threading.Lock()
+
+
 class ClusterStore(proto.ScriptCalls):
     """The :class:`~sqlcache._protocol.Store` over a Redis Cluster: each call goes to the primary of
     the cache's slot, through a ``RedisStore`` of that node (its scripts, its run id)."""
@@ -130,6 +139,11 @@ class ClusterStore(proto.ScriptCalls):
         self._stores: dict[str, RedisStore] = {}
         self._owner: str | None = None  # the node that served the slot last
         self._refresh = False  # a call failed: ask the cluster again which node serves the slot
+        # threads share the router: building the client, refreshing the topology and taking a new owner
+        # happen under it (the common case, the owner's store, reads no shared state it changes)
+        self._mutex = threading.Lock()
+        me = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _fresh_mutex(me))
 
     def key_prefix(self, prefix: str) -> str:
         tagged = _keys.slot_prefix(prefix)
@@ -151,6 +165,20 @@ class ClusterStore(proto.ScriptCalls):
         """The store of the primary serving the slot now; a new primary fences (Health.moved)."""
         health = self.health
         health.check(operation)
+        cluster = self._cluster
+        if cluster is not None and not self._refresh:
+            try:
+                node = cluster.nodes_manager.get_node_from_slot(self._slot)  # its slot table: no I/O
+            except _ERRORS:
+                node = None  # the slow path says why
+            store = None if node is None else self._stores.get(node.name)
+            if store is not None and node is not None and node.name == self._owner:
+                return store
+        with self._mutex:
+            return self._route(operation)
+
+    def _route(self, operation: str) -> RedisStore:
+        health = self.health
         try:
             cluster = self._cluster
             if cluster is None:

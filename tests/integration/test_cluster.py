@@ -103,3 +103,44 @@ def test_failover_that_loses_acknowledged_releases_serves_nothing_stale(
     checked = check_failover(engine, new_cache, lose, reader, rows=20, versions=3, rereads=5)
     assert checked == 160
     print(f"cluster failover ({reader}): {checked} reads checked")
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_threads_first_using_the_router_build_one_client(engine: Engine, redis_url: str) -> None:
+    """Eight threads reading through a fresh cluster cache at once: one cluster client is built, one
+    store per node, and no spurious change of owner (which would fence the cache)."""
+    import threading
+
+    cache = SQLCache(redis_url, prefix=f"r{uuid.uuid4().hex[:10]}", default_ttl=600)
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        uid = make_user(engine, "ann")  # its commit used the router: start again from nothing
+        store: Any = cache.store
+        store.disconnect()
+        store._cluster, store._stores, store._owner = None, {}, None
+        inside, made = threading.Event(), []
+        original = store._make
+
+        def make() -> Any:
+            made.append(1)
+            if len(made) == 1:
+                inside.wait(0.5)  # a second thread building a client meanwhile would set it
+            else:
+                inside.set()
+            return original()
+
+        store._make = make
+        names: list[str | None] = []
+        fences = cache.stats()["fences"]
+        threads = [threading.Thread(target=lambda: names.append(user_name(engine, uid))) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert names == ["ann"] * 8
+        assert len(made) == 1 and len(store._stores) == 1
+        assert cache.stats()["fences"] == fences
+    finally:
+        cache.clear()
+        cache.close()
