@@ -236,7 +236,7 @@ class Commits:
             except BaseException:
                 # interrupted (an asyncio task cancelled while its release was awaited; a
                 # KeyboardInterrupt): the journal keeps the invalidation, whatever the release did
-                self._journal.defer(pending.keys)
+                self._journal.defer(pending.keys, pending.token)
                 raise
             if run is not None:
                 run.end("ok" if failure is None else "deferred", failure)
@@ -266,12 +266,12 @@ class Commits:
                 self._rep.incr("invalidations", len(pending.keys))
             except CacheUnavailable as exc:
                 self._rep.report(exc, "release")
-                self._journal.defer(pending.keys)
+                self._journal.defer(pending.keys, pending.token)
                 failure = exc
             self._journal.replay()
             return failure
         if not self._journal.replay():
-            self._journal.defer(pending.keys)
+            self._journal.defer(pending.keys, pending.token)
             return CacheUnavailable("release (journal not replayed yet)")
         try:
             written = store.release(
@@ -280,7 +280,7 @@ class Commits:
             )  # fmt: skip
         except CacheUnavailable as exc:
             self._rep.report(exc, "release")
-            self._journal.defer(pending.keys)
+            self._journal.defer(pending.keys, pending.token)
             return exc
         self._rep.incr("invalidations", len(pending.keys))
         self._rep.incr("repopulated", written)

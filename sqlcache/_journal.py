@@ -21,6 +21,8 @@ __all__ = ["Journal", "Keys"]
 # Most dependency keys a process keeps while Redis is away before it gives up on them one by one and
 # fences the whole prefix instead (a burst of misses, never a stale read).
 JOURNAL_LIMIT = 10_000
+#: writers' locks a replay drops, at most (the rest expire after ``lock_ttl``)
+HELD_LIMIT = 100
 
 Identity = tuple[type[Any], tuple[Any, ...]]
 Announce = Callable[[list[Identity], list[str]], tuple[str, bytes] | None]
@@ -65,6 +67,10 @@ class Journal:
         # key -> number of the defer that last added it: a replay forgets a key only if no defer added it
         # again while the replay was in flight (that defer's commit may have come after the replay's call)
         self._journal: dict[str, int] = {}
+        # lock token -> (the keys it locked, its defer's number): writers whose release is journalled. Their
+        # locks stay on the keys until lock_ttl unless the replay releases them as the writer would have:
+        # until then nobody could fill an entry of those rows (a minute after every outage, by default)
+        self._held: dict[str, tuple[tuple[str, ...], int]] = {}
         self._defers = 0
         # fences asked for and fences applied: counters, not a flag, so that a fence asked for while
         # another is being applied (a second restart noticed meanwhile) is never cleared with it
@@ -78,10 +84,13 @@ class Journal:
     def __len__(self) -> int:
         return len(self._journal)
 
-    def defer(self, keys: list[str]) -> None:
-        """Keep ``keys`` until Redis takes them."""
+    def defer(self, keys: list[str], token: str = "") -> None:
+        """Keep ``keys`` until Redis takes them; ``token``: the lock a writer took on them, if any, which
+        the replay drops (as the writer's release would have)."""
         self._schedule()
         with self._mutex:
+            if token and len(self._held) < HELD_LIMIT:
+                self._held[token] = (tuple(keys), self._defers + 1)
             if self._fence_pending:
                 self._rep.incr("invalidations_lost", len(keys))
                 return
@@ -106,9 +115,10 @@ class Journal:
 
     def replay(self) -> bool:
         """Apply the journal before anything is read from Redis again; False if Redis is still away."""
-        if not self._journal and self._fences_asked == self._fences_done:  # the hit path: no call
+        if not self._journal and self._fences_asked == self._fences_done and not self._held:  # hit path
             return True
         with self._mutex:
+            held = dict(self._held)
             taken = dict(self._journal)
             keys = sorted(taken)
             defers = self._defers
@@ -119,13 +129,20 @@ class Journal:
         run = self._rep.begin("replay", keys=len(keys)) if self._rep.hooks else None
         try:
             try:
-                self._release(keys, [], ["*"])
+                k = self._keys
+                for token, (locked, _) in held.items():  # fresh generations, and the writer's lock gone
+                    self._slot.current.release(k.clock, list(locked), token, k.gen_ttl_ms)
+                if keys:
+                    self._release(keys, [], ["*"])
             except CacheUnavailable as exc:
                 if run is not None:
                     run.end("error", exc)
                 self._rep.report(exc, "replay")
                 return False
             with self._mutex:
+                for token, (_, seq) in held.items():
+                    if self._held.get(token, (None, -1))[1] == seq:
+                        del self._held[token]
                 if fence:  # the fence supersedes every key journalled before this replay began
                     self._journal = {k: seq for k, seq in self._journal.items() if seq > defers}
                     self._fences_done = asked  # a fence asked for since stays pending
