@@ -123,7 +123,7 @@ def cluster_factory(target: redis.cluster.RedisCluster | str, timeout: float) ->
 def _fresh_mutex(ref: weakref.ref[ClusterStore]) -> None:
     store = ref()
     if store is not None:  # a forked child: another thread of the parent may have held it
-        store._mutex = threading.Lock()
+        store._mutex = threading.RLock()
 
 
 class ClusterStore(proto.ScriptCalls):
@@ -141,7 +141,9 @@ class ClusterStore(proto.ScriptCalls):
         self._refresh = False  # a call failed: ask the cluster again which node serves the slot
         # threads share the router: building the client, refreshing the topology and taking a new owner
         # happen under it (the common case, the owner's store, reads no shared state it changes)
-        self._mutex = threading.Lock()
+        # reentrant: a garbage-collector callback may close the cache (its publisher deletes its key,
+        # which routes) on a thread inside _route
+        self._mutex = threading.RLock()
         me = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _fresh_mutex(me))
 

@@ -77,6 +77,8 @@ def _text(value: object, limit: int) -> str | None:
 def _seconds(value: object) -> float | None:
     if type(value) not in (int, float):
         return None
+    if type(value) is int and not 0 <= value <= 2**40:  # float() of a 400-digit int raises
+        return None
     f = float(value)  # type: ignore[arg-type]
     return f if math.isfinite(f) and 0 <= f <= 2**40 else None
 

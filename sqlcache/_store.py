@@ -111,12 +111,16 @@ def _sync_pool_like(pool: redis.asyncio.ConnectionPool) -> redis.ConnectionPool:
     return redis.ConnectionPool(connection_class=twin, **kwargs)
 
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]*@", re.I)
+# up to the last '@' of the netloc (urlparse's reading: a password may hold an unescaped '@')
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^/?#\s]*@", re.I)
+# redis-py also reads ?password= (the only place for it in its unix:// syntax)
+_PASSWORD_IN_QUERY = re.compile(r"(?P<head>[?&]password=)[^&#\s]*", re.I)
 
 
 def hide_password(text: str) -> str:
     """``text`` with the password of any URL in it replaced by ``***``."""
-    return _PASSWORD_IN_URL.sub(lambda m: m.group("head") + "***@", text)
+    text = _PASSWORD_IN_URL.sub(lambda m: m.group("head") + "***@", text)
+    return _PASSWORD_IN_QUERY.sub(lambda m: m.group("head") + "***", text)
 
 
 # What identifies the server and the credentials; everything else (retries, decoding, timeouts) is ours.

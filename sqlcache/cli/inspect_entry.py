@@ -191,7 +191,7 @@ def _show(
     print("dependencies" if deps else "dependencies: none given (a raw key names none: pass --dep KEY)")
     for i, (key, value) in enumerate(zip(deps, values[2:], strict=True)):
         g, state = dependency_state(value, now_us)
-        want = header_gens[i].decode("ascii", "replace") if i < len(header_gens) else None
+        want = _text(header_gens[i]) if i < len(header_gens) else None  # Redis's bytes: escaped
         match = (
             "" if raw is None or g is None else ("matches the entry" if g == want else f"entry has {want}")
         )
