@@ -105,7 +105,12 @@ class AsyncClusterStore(proto.ScriptCalls):
             if self._owner is not None:
                 health.moved()
                 # connections from before the move must not carry a read before lineage.lua ran
-                _aio.await_(store.disconnect())
+                try:
+                    _aio.await_(store.disconnect())
+                except _ERRORS as exc:  # a connection that would not close: an outage, not the app's error
+                    self._refresh = True
+                    health.failed()
+                    raise CacheUnavailable(operation) from exc
             self._owner = node.name
         return store
 

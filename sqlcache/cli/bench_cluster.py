@@ -9,6 +9,7 @@ the cache differs."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +67,7 @@ def cluster_rows(url: str | None, make_engine: Callable[[], Engine], model: type
             return None
         try:
             private = LocalCluster()
-        except (OSError, TimeoutError, redis.RedisError) as exc:
+        except (OSError, TimeoutError, redis.RedisError, subprocess.SubprocessError) as exc:
             print(f"sqlcache bench: no cluster rows (a private cluster did not start: {exc})")
             return None
         url = private.url

@@ -18,7 +18,8 @@ from .ops import Target, guarded
 __all__ = ["Snapshot", "collect", "run_stats"]
 
 # At most this many published keys are read in one refresh (a prefix flooded with keys, by mistake or
-# on purpose, costs a bounded SCAN); the rest are counted as not shown.
+# on purpose, costs a bounded number of reads; SCAN itself walks the whole database, as it always
+# does); the rest are counted as not shown.
 MAX_PROCESSES = 1000
 _BATCH = 200
 _ALWAYS = ("hits", "misses", "errors")  # shown even when zero

@@ -8,6 +8,7 @@ import threading
 import uuid
 import weakref
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import MetaData, create_engine, event, inspect, select, text
@@ -218,3 +219,41 @@ def test_close_reentering_from_inside_the_journal_does_not_deadlock(engine: Engi
     assert done.wait(20), "close() from inside the journal deadlocked"
     t.join()
     assert cache._closed
+
+
+def test_close_reentering_from_inside_the_cluster_router_does_not_deadlock() -> None:
+    """As 66a3b0b for the journal: a garbage-collector callback (a Flask app's finalizer, say) may close
+    a cache on a thread that is inside ClusterStore._route. close() stops the stats publisher, whose
+    delete routes again and waits for the router's plain Lock, held by this very thread."""
+    from ..conftest import free_port
+
+    port = free_port()
+    cache = SQLCache(
+        f"redis+cluster://127.0.0.1:{port}",
+        prefix=f"c{uuid.uuid4().hex[:8]}",
+        timeout=0.2,
+        publish_stats=3600,
+    )
+    store: Any = cache.store
+    deadline = threading.Event()
+    for _ in range(100):  # the publisher's first turn (it fails: nothing listens there) is over
+        if cache.stats()["errors"] >= 1:
+            break
+        deadline.wait(0.05)
+    original = store._make
+
+    def make() -> Any:
+        cache.close()  # as a GC callback would, right here
+        return original()
+
+    store._make = make
+    store._cluster = None
+    done = threading.Event()
+
+    def work() -> None:
+        cache.invalidate_tags("t")  # routes: builds the cluster client under the router's lock
+        done.set()
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    assert done.wait(15), "close() from inside the cluster router deadlocked"
