@@ -115,6 +115,7 @@ class AsyncRedisStore(proto.ScriptCalls):
         self.client = client
         self.health = health
         self._node = node  # the cluster node it talks to ("" for a server of its own)
+        self._timeout = float(client.connection_pool.connection_kwargs.get("socket_timeout") or 0)
         self._sources = {name: script_source(name) for name in proto.SCRIPTS}
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
         self._loaded_epoch = -1
@@ -135,6 +136,7 @@ class AsyncRedisStore(proto.ScriptCalls):
             # e.g. a release reached from a garbage-collected AsyncConnection: nothing can be awaited
             # here; the caller treats it as an outage (the journal keeps the invalidation)
             raise CacheUnavailable(f"{operation} (outside the event loop)")
+        started = time.monotonic()
         try:
             work: Awaitable[T] = self._run(make)
             if shield:
@@ -142,10 +144,24 @@ class AsyncRedisStore(proto.ScriptCalls):
             result: T = _aio.await_(work)
         except _REDIS_ERRORS as exc:
             self._loaded_epoch = -1
-            health.failed()
+            if self._stalled(exc, started):
+                health.stalled()
+            else:
+                health.failed()
             raise CacheUnavailable(operation) from exc
         health.answered(operation)
         return result
+
+    def _stalled(self, exc: BaseException, started: float) -> bool:
+        """Whether a timeout came from a late event loop rather than from Redis: the loop ran nothing
+        for a while (a CPU-bound handler, a blocking call), and the timeout fired when it woke, long after
+        it was due, beside a reply that had arrived meanwhile. Such a call fails (the database answers it)
+        without counting towards the breaker, which would otherwise skip a healthy Redis for up to
+        ``max_backoff`` whenever the application is busiest."""
+        timeout = self._timeout
+        if not timeout or not isinstance(exc, (redis.TimeoutError, asyncio.TimeoutError)):
+            return False
+        return time.monotonic() - started > 2 * timeout
 
     async def _run(self, make: Callable[[], Awaitable[T]]) -> T:
         if self._loaded_epoch != self.health.epoch:

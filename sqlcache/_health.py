@@ -38,6 +38,7 @@ class Health:
         self.open_until = 0.0
         self.backoffs = 0
         self.skipped = 0
+        self.stalls = 0  # asyncio timeouts the event loop caused (not counted as Redis failures)
         self.ok_seq = 0  # successful calls so far: tells one failure burst from the next
         self.run_ids: dict[str, str] = {}  # per server (node name on a cluster; "" for one server)
         self.on_restart: Callable[[], None] | None = None
@@ -72,6 +73,10 @@ class Health:
                 self._next_backoff = min(self._next_backoff * 2, self._max_backoff)
                 self._failures = 0
                 self.backoffs += 1
+
+    def stalled(self) -> None:
+        """A call timed out because its event loop ran late, not because Redis did: not a failure."""
+        self.stalls += 1
 
     def answered(self, operation: str) -> None:
         """A call succeeded. If a new connection found the server restarted, its answer must not be

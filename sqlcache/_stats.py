@@ -33,6 +33,7 @@ COUNTERS = (
     "lineage_fences",  # servers found holding data another server process vouched for (failover, restart)
     "backoffs",  # times Redis was skipped for a back-off period after repeated failures
     "skipped_backoff",  # calls not made because of a back-off period
+    "loop_stalls",  # asyncio calls timed out by a late event loop, not by Redis (no back-off for them)
     "signal_errors",  # exceptions raised by signal receivers
     "broadcasts_dropped",  # pub/sub messages dropped: undecodable, or (with a secret) unsigned or forged
     "plugin_errors",  # exceptions raised by plugins (receivers, operation hooks, close)

@@ -389,6 +389,7 @@ class SQLCache:
         out["backoffs"] = self._health.backoffs
         out["lineage_fences"] = self._health.lineage_fences
         out["skipped_backoff"] = self._health.skipped
+        out["loop_stalls"] = self._health.stalls
         out["journal"] = len(self._journal)
         return out
 

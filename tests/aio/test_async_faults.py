@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from urllib.parse import urlparse
 
+import pytest
 import redis
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -131,3 +133,60 @@ def test_loops_that_end_without_aclose_leave_no_connection(
     assert int(admin.info("clients")["connected_clients"]) == 1 + 0  # the admin connection only
     cache.close()
     admin.close()
+
+
+def test_an_event_loop_that_runs_late_does_not_open_the_breaker(
+    engine: Engine, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One task's read waits for Redis's reply while another task blocks the event loop (a CPU-bound
+    handler) for three timeouts. Redis answered in time; the read's timeout fires when the loop wakes,
+    beside the reply. That read falls back to the database, but it is no Redis failure: with a breaker
+    that opens on the first failure, the next read is served from Redis, not skipped."""
+    import time
+
+    import redis.asyncio.connection as aconnection
+
+    from ..proxy import Proxy
+
+    proxy = Proxy(int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    cache = SQLCache(
+        proxy.url, prefix=f"t{uuid.uuid4().hex[:8]}", timeout=0.2, failure_threshold=1, max_backoff=30
+    )
+    cache.register(User)
+    waiting = asyncio.Event()
+    armed = [False]
+    original = aconnection.AbstractConnection.read_response
+
+    async def read_response(self: object, *args: object, **kwargs: object) -> object:
+        if armed[0]:
+            armed[0] = False
+            waiting.set()  # this task now waits for the reply, its timeout running
+        return await original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    async def body(ae: AsyncEngine) -> None:
+        uid = await make_user(ae, "ann")
+        assert await cached_name(ae, uid) == "ann"  # filled
+        monkeypatch.setattr(aconnection.AbstractConnection, "read_response", read_response)
+        armed[0] = True
+        proxy.latency = 0.05  # the reply is not there yet when the read starts waiting for it
+
+        async def block_the_loop() -> None:
+            await waiting.wait()
+            time.sleep(0.6)  # the stall under test, not a wait for anything
+
+        names = await asyncio.gather(cached_name(ae, uid), block_the_loop())
+        assert names[0] == "ann"  # from the database this time
+        monkeypatch.undo()
+        proxy.latency = 0.0
+        hits = cache.stats()["hits"]
+        assert await cached_name(ae, uid) == "ann"
+        assert cache.stats()["hits"] == hits + 1, {k: v for k, v in cache.stats().items() if v}
+
+    try:
+        run_loop(engine, cache, body)
+        st = cache.stats()
+        assert st["loop_stalls"] == 1 and st["backoffs"] == 0
+    finally:
+        cache.clear()
+        cache.close()
+        proxy.close()
