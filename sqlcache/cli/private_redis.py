@@ -55,7 +55,9 @@ def problem_with(url: str, timeout: float = 2.0) -> tuple[str, bool] | None:
     (refused, unresolvable, timed out) as opposed to a server or the URL itself being wrong (a
     password refused, an unknown scheme), which no server of our own would fix."""
     try:
-        redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).ping()
+        # closed here, not left to the garbage collector: a Ctrl-C arriving in a __del__ is lost
+        with redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout) as client:
+            client.ping()
     except (redis.RedisError, ValueError, OSError) as exc:
         silent = isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)) and not isinstance(
             exc,
@@ -73,7 +75,8 @@ def _free_port() -> int:
 
 def _answers(port: int) -> bool:
     try:
-        return bool(redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5).ping())
+        with redis.Redis(host="127.0.0.1", port=port, socket_timeout=0.5) as client:
+            return bool(client.ping())
     except redis.RedisError:
         return False
 
