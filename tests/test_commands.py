@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import queue
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-from .conftest import free_port
+import pytest
+
+from sqlcache.cli.demo import run_demo
+
+from .conftest import free_port, unavailable
 
 
-def run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sqlcache", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"},
+        env={**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning", **(env or {})},
     )
 
 
@@ -38,11 +48,118 @@ def test_demo_plain(redis_url: str) -> None:
     assert "the sync engine now reads 'customer 3 (async)'" in out
 
 
-def test_demo_without_redis() -> None:
-    """With Redis unreachable the demo says so in one line, without a traceback."""
-    p = run("demo", "--plain", "--redis-url", f"redis://127.0.0.1:{free_port()}/0", timeout=60)
+@pytest.mark.parametrize("given", ["flag", "environment"])
+def test_demo_without_redis(given: str) -> None:
+    """With Redis unreachable at a URL the user gave (--redis-url or SQLCACHE_REDIS_URL), the demo says
+    so in one line, without a traceback and without the URL's password, and starts no server of its own
+    in its place."""
+    url = f"redis://u:s3cret-pw@127.0.0.1:{free_port()}/0"
+    if given == "flag":
+        p = run("demo", "--plain", "--redis-url", url, timeout=60)
+    else:
+        p = run("demo", "--plain", timeout=60, env={"SQLCACHE_REDIS_URL": url})
     assert p.returncode == 2
     assert "cannot reach Redis" in p.stderr and "Traceback" not in p.stderr
+    assert "--private-redis" in p.stderr and "s3cret-pw" not in p.stderr
+    assert "private redis-server" not in p.stdout
+
+
+def _started_pid(out: str) -> int:
+    found = re.search(r"started a private redis-server \(pid (\d+)\) on 127\.0\.0\.1:(\d+)", out)
+    assert found, out
+    return int(found.group(1))
+
+
+def _gone(pid: int) -> bool:
+    """No process ``pid`` any more (the demo reaped its child, so not even a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _without_redis_server() -> str:
+    """$PATH without the directories that hold redis-server."""
+    return os.pathsep.join(
+        d
+        for d in os.environ.get("PATH", "").split(os.pathsep)
+        if not os.path.exists(os.path.join(d, "redis-server"))
+    )
+
+
+def _demo_args(redis_url: str, private: bool = False) -> argparse.Namespace:
+    return argparse.Namespace(
+        redis_url=redis_url, private_redis=private, database_url=None, rows=10, plain=True
+    )
+
+
+def test_demo_private_redis() -> None:
+    """--private-redis runs the demo on a redis-server of its own, says so, and stops it by PID."""
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server", FileNotFoundError("redis-server"))
+    p = run("demo", "--plain", "--rows", "10", "--private-redis", timeout=120)
+    assert p.returncode == 0, p.stderr
+    pid = _started_pid(p.stdout)
+    assert f"stopped the private redis-server (pid {pid})" in p.stdout
+    assert "hits   10  misses    0  SQL statements    0" in p.stdout
+    assert _gone(pid)
+
+
+def test_demo_falls_back_when_the_default_url_is_silent(capsys: pytest.CaptureFixture[str]) -> None:
+    """When nothing answers at a URL the user did not give (here a closed port standing in for the
+    default), the demo starts a private redis-server, runs on it, and stops it by PID."""
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server", FileNotFoundError("redis-server"))
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    assert run_demo(_demo_args(closed), explicit=False) == 0
+    out = capsys.readouterr().out
+    assert f"nothing answers at {closed}" in out
+    assert "fills refused as stale: 1" in out
+    assert _gone(_started_pid(out))
+
+
+@pytest.mark.parametrize("how", ["fallback", "--private-redis"])
+def test_demo_without_redis_server_installed(
+    how: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With nothing answering and no redis-server on PATH, the clear one-line error stays."""
+    monkeypatch.setenv("PATH", _without_redis_server())
+    closed = f"redis://127.0.0.1:{free_port()}/0"
+    assert run_demo(_demo_args(closed, private=how != "fallback"), explicit=False) == 2
+    err = capsys.readouterr().err
+    assert "cannot start a private redis-server: redis-server is not installed" in err
+    assert ("cannot reach Redis" in err) == (how == "fallback")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_demo_interrupted_stops_its_redis(sig: signal.Signals) -> None:
+    """Ctrl-C (or SIGTERM) in the middle of the demo stops its private redis-server all the same."""
+    if shutil.which("redis-server") is None:
+        unavailable("redis-server", FileNotFoundError("redis-server"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sqlcache", "demo", "--plain", "--rows", "5000", "--private-redis"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "error::DeprecationWarning"},
+    )
+    try:
+        lines: queue.Queue[str] = queue.Queue()
+        assert proc.stdout is not None
+        threading.Thread(
+            target=lambda: lines.put(proc.stdout.readline() if proc.stdout else ""), daemon=True
+        ).start()
+        first = lines.get(timeout=60)  # the demo prints it, flushed, once the server answers
+        pid = _started_pid(first)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig), err
+    assert _gone(pid)
 
 
 def test_bench_quick(redis_url: str, pg_url: str) -> None:

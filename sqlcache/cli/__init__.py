@@ -100,7 +100,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=_database_url(None),
         help="SQLAlchemy URL" + _ENV_HELP.format("DATABASE_URL", "a temporary SQLite file"),
     )
-    demo.add_argument("--redis-url", default=_redis_url(), help=_ENV_HELP.format("REDIS_URL", _REDIS))
+    demo.add_argument(
+        "--redis-url",
+        help=_ENV_HELP.format("REDIS_URL", _REDIS)[:-1] + "; if neither is set and nothing answers there, "
+        "a private redis-server)",
+    )
+    demo.add_argument(
+        "--private-redis",
+        action="store_true",
+        help="run against a redis-server of the demo's own on a free port, stopped when the demo ends",
+    )
     demo.add_argument(
         "--rows", type=int, default=200, help="customers and products in the demo shop (at least 10)"
     )
@@ -169,7 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
 
-        return int(run_demo(args))
+        if args.private_redis and args.redis_url:
+            parser.error("demo: --redis-url and --private-redis exclude each other")
+        explicit = bool(args.redis_url or os.environ.get("SQLCACHE_REDIS_URL"))
+        args.redis_url = args.redis_url or _redis_url()
+        return int(run_demo(args, explicit))
     from .bench import run_bench
 
     return int(run_bench(args))

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import redis
 from sqlalchemy import DateTime, ForeignKey, Integer, MetaData, Numeric, String, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -27,6 +26,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 from sqlcache import SQLCache, signals
 
 from .demo_async import async_step
+from .private_redis import PrivateRedisError, hide_password, private_redis, problem_with
 
 
 class _Base(DeclarativeBase):
@@ -129,23 +129,60 @@ class _SQLCounter:
         self.n += 1
 
 
-def _check_redis(url: str) -> str | None:
+def run_demo(args: argparse.Namespace, explicit: bool) -> int:
+    """Run the demo against ``args.redis_url``; against a private redis-server if asked to
+    (``--private-redis``), or if nothing answers at a URL the user did not give (``explicit`` is False:
+    neither ``--redis-url`` nor ``SQLCACHE_REDIS_URL``). A URL the user gave is used or reported, never
+    replaced: the demo must not pass for a check of a server it did not talk to."""
     try:
-        redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
-    except (redis.RedisError, ValueError, OSError) as exc:
-        return str(exc) or type(exc).__name__
-    return None
+        return _with_redis(args, explicit)
+    except KeyboardInterrupt:  # Ctrl-C: everything was undone on the way out; no traceback
+        print("\nsqlcache demo: interrupted", file=sys.stderr)
+        return 130
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    problem = _check_redis(args.redis_url)
-    if problem is not None:
-        print(
-            f"sqlcache demo: cannot reach Redis at {args.redis_url}: {problem}. "
-            "Start Redis or pass --redis-url.",
-            file=sys.stderr,
-        )
+def _with_redis(args: argparse.Namespace, explicit: bool) -> int:
+    shown, why = hide_password(args.redis_url), ""
+    if args.private_redis:
+        reason = "--private-redis"
+    else:
+        problem = problem_with(args.redis_url)
+        if problem is None:
+            return _demo(args, args.redis_url)
+        why, silent = problem
+        if explicit or not silent:
+            hint = (
+                "Start Redis, fix the URL, or pass --private-redis"
+                if explicit
+                else "Pass --redis-url (or set SQLCACHE_REDIS_URL), or --private-redis"
+            )
+            print(f"sqlcache demo: cannot reach Redis at {shown}: {why}. {hint}.", file=sys.stderr)
+            return 2
+        reason = f"nothing answers at {shown}"
+    try:
+        with private_redis() as server:
+            # flushed: a user (or a test) watching for it learns the PID before the demo's first step
+            print(
+                f"sqlcache demo: {reason}; started a private redis-server (pid {server.pid}) on "
+                f"127.0.0.1:{server.port} for this demo, stopped when it ends",
+                flush=True,
+            )
+            code = _demo(args, server.url)
+        print(f"sqlcache demo: stopped the private redis-server (pid {server.pid})")
+        return code
+    except PrivateRedisError as exc:
+        if args.private_redis:
+            print(f"sqlcache demo: cannot start a private redis-server: {exc}.", file=sys.stderr)
+        else:
+            print(
+                f"sqlcache demo: cannot reach Redis at {shown}: {why}; and cannot start a private "
+                f"redis-server: {exc}. Start Redis or pass --redis-url.",
+                file=sys.stderr,
+            )
         return 2
+
+
+def _demo(args: argparse.Namespace, redis_url: str) -> int:
     tmpdir = None
     url = args.database_url
     if url is None:
@@ -160,9 +197,9 @@ def run_demo(args: argparse.Namespace) -> int:
         _Base.metadata.drop_all(engine)
         _Base.metadata.create_all(engine)
     except (SQLAlchemyError, ImportError) as exc:
-        print(f"sqlcache demo: cannot use the database {url}: {exc}", file=sys.stderr)
+        print(hide_password(f"sqlcache demo: cannot use the database {url}: {exc}"), file=sys.stderr)
         return 2
-    cache = SQLCache(args.redis_url, prefix=f"sqlcache-demo-{uuid.uuid4().hex[:8]}", default_ttl=600)
+    cache = SQLCache(redis_url, prefix=f"sqlcache-demo-{uuid.uuid4().hex[:8]}", default_ttl=600)
     try:
         return _run(args, engine, plain_engine, cache, _Out(args.plain))
     finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from urllib.parse import urlparse
 
 import pytest
 import redis

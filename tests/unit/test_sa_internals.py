@@ -121,6 +121,7 @@ def test_translate_map_items_ignore_the_compilers_alias() -> None:
         c.exec_driver_sql("ATTACH ':memory:' AS tenant_a")
         t.create(c)
         c.execute(select(t)).all()
+    engine.dispose()  # Python 3.13's sqlite3 warns about a connection left to the garbage collector
     assert _sa.translate_map_items(stm) == before
     assert _sa.translate_map_items({"_none": "x"}) == [("'_none'", "'x'")]
 
