@@ -151,6 +151,10 @@ class AsyncClusterStore(proto.ScriptCalls):
     def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
         return self._routed("read", lambda s: s.read(clock_key, entry_key, dep_keys))
 
+    def read_many(self, clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]) -> list[ReadResult]:
+        """Every key of the cache is in its slot: one MGET on one node."""
+        return self._routed("read", lambda s: s.read_many(clock_key, entries))
+
     def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
         return self._routed("lock", lambda s: s.try_fill_lock(entry_key, token, ttl_ms))
 

@@ -248,6 +248,11 @@ class AsyncRedisStore(proto.ScriptCalls):
         values: list[bytes | None] = self._call("read", lambda: self._command("MGET", *keys))
         return proto.judge_read(values, time.time)
 
+    def read_many(self, clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]) -> list[ReadResult]:
+        keys, layout = proto.read_many_keys(clock_key, entries)
+        values: list[bytes | None] = self._call("read", lambda: self._command("MGET", *keys))
+        return proto.judge_read_many(values, layout, len(keys), time.time)
+
     def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
         key = proto.fill_lock_key(entry_key)
         reply = self._call("lock", lambda: self._command("SET", key, token, "NX", "PX", ttl_ms))

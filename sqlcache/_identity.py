@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine.result import FrozenResult, Result
     from sqlalchemy.orm import Mapper, ORMExecuteState
 
-__all__ = ["IdentityReader", "identity_keys", "shared_deps"]
+__all__ = ["IdentityReader", "entry_of", "exact_key", "identity_keys", "shared_deps"]
 
 _EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
 
@@ -51,14 +51,8 @@ class IdentityReader:
         """Serve a primary-key load from Redis, or run it and fill; None lets SQLAlchemy run it as usual."""
         session = orm_state.session
         h = self._registry.hierarchy(mapper)
-        shared = self._shared_deps.get(h)
-        if shared is None:
-            shared = shared_deps(self._prefix, h)
-            if len(self._shared_deps) > 4096:
-                self._shared_deps.clear()
-            self._shared_deps[h] = shared
         try:
-            entry_key, deps = identity_keys(self._prefix, h, pk, translation, shared)
+            entry_key, deps, row_writes = self.keys(h, pk, translation)
         except CodecError:
             # a key value the codec cannot encode (a TypeDecorator's own Python type): not cached
             self._reads.bypass("identity", mapper.class_.__name__)
@@ -85,9 +79,21 @@ class IdentityReader:
             lambda payload: self._on_hit(orm_state, mapper, h, refresh, wanted, payload),
             lambda frozen, _unique, runid: _encode(h, pk, refresh, frozen, runid),
             model=mapper.class_.__name__,
-            row_writes=shared[1],
+            row_writes=row_writes,
         )
         return self._reads.read(orm_state, rd)
+
+    def keys(self, h: Hierarchy, pk: tuple[Any, ...], translation: str = "") -> tuple[str, list[str], str]:
+        """(entry key, dependency keys, row-writes key) of the entry of ``pk`` in ``h`` (see
+        :func:`identity_keys`); raises CodecError for a key value the codec cannot encode."""
+        shared = self._shared_deps.get(h)
+        if shared is None:
+            shared = shared_deps(self._prefix, h)
+            if len(self._shared_deps) > 4096:
+                self._shared_deps.clear()
+            self._shared_deps[h] = shared
+        entry_key, deps = identity_keys(self._prefix, h, pk, translation, shared)
+        return entry_key, deps, shared[1]
 
     def _on_hit(
         self,
@@ -151,13 +157,27 @@ def _encode(
         return None
     rows = frozen.data
     if not rows:
-        # Absence is cached only for keys the database compares exactly: with a string key a
-        # case-insensitive or PAD SPACE collation could match a row inserted under another spelling,
-        # whose insert would invalidate that spelling's key, not this one.
-        return encode_absent(h) if all(type(v) in _EXACT_KEY_TYPES for v in pk) else None
+        return entry_of(h, pk, None, runid)
     obj = rows[0]
     if not _sa.is_instance(obj):  # a Row, not a scalar-mode ORM result
         obj = obj[0]
+    return entry_of(h, pk, obj, runid)
+
+
+def exact_key(pk: tuple[Any, ...]) -> bool:
+    """Whether the database compares every value of ``pk`` exactly (integers, UUIDs): no other
+    spelling of the key finds the same row."""
+    return all(type(v) in _EXACT_KEY_TYPES for v in pk)
+
+
+def entry_of(h: Hierarchy, pk: tuple[Any, ...], obj: Any, runid: int) -> bytes | None:
+    """The entry of ``pk`` for the object a load of it built (None: no row), or None when it must not
+    be stored. ``runid``: taken just before the load (:func:`~sqlcache._objects.built_since`)."""
+    if obj is None:
+        # Absence is cached only for keys the database compares exactly: with a string key a
+        # case-insensitive or PAD SPACE collation could match a row inserted under another spelling,
+        # whose insert would invalidate that spelling's key, not this one.
+        return encode_absent(h) if exact_key(pk) else None
     state = sa_inspect(obj)
     # the row found must carry exactly the key asked for (collations, Decimal('1.0') vs Decimal('1.00')):
     # writes invalidate the row's own key, so only that key may be filled

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .errors import CodecError
+
 __all__ = [
     "SCRIPTS",
     "ReadResult",
@@ -28,8 +30,10 @@ __all__ = [
     "judge_generations",
     "judge_lock",
     "judge_read",
+    "judge_read_many",
     "lock_call",
     "read_keys",
+    "read_many_keys",
     "release_call",
     "unlock_call",
 ]
@@ -84,6 +88,10 @@ class Store(Protocol):
 
     def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
         """The whole hit path: the entry, the clock and the dependencies at one instant."""
+
+    def read_many(self, clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]) -> list[ReadResult]:
+        """Several reads in one round trip: ``entries`` holds (entry key, dependency keys) per read; one
+        MGET of every key they name, so all are judged at one instant (``cache.get_many``)."""
 
     def generations(
         self, clock_key: str, dep_keys: Sequence[str], gen_ttl_ms: int, row_writes: str | None = None
@@ -234,6 +242,37 @@ def judge_read(values: Sequence[bytes | None], now: Callable[[], float]) -> Read
                 stale = fresh_until < now() * 1000
                 return ReadResult(True, entry[sep + 1 :], joined, clock, False, stale)
     return ReadResult(False, None, joined, clock, False)
+
+
+def read_many_keys(
+    clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]
+) -> tuple[list[str], list[list[int]]]:
+    """The keys of one MGET for several reads, each key once (the clock first, dependencies the reads
+    share once), and per read the positions in the reply of what :func:`judge_read` expects: its
+    entry, the clock, its dependencies."""
+    keys = [clock_key]
+    at = {clock_key: 0}
+    layout: list[list[int]] = []
+    for entry_key, dep_keys in entries:
+        positions = []
+        for k in (entry_key, clock_key, *dep_keys):
+            i = at.get(k)
+            if i is None:
+                i = at[k] = len(keys)
+                keys.append(k)
+            positions.append(i)
+        layout.append(positions)
+    return keys, layout
+
+
+def judge_read_many(
+    values: Sequence[bytes | None], layout: Sequence[Sequence[int]], keys: int, now: Callable[[], float]
+) -> list[ReadResult]:
+    """Judge the MGET of :func:`read_many_keys` (``keys`` long) read by read. A reply of another length
+    is not one Redis gives to that MGET: CodecError, and the database answers."""
+    if not isinstance(values, list) or len(values) != keys:
+        raise CodecError(f"MGET of {keys} keys answered with {type(values).__name__}")
+    return [judge_read([values[i] for i in positions], now) for positions in layout]
 
 
 def generations_call(

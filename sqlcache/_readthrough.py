@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import _sa, signals
 from ._journal import Keys
@@ -23,12 +23,21 @@ from .errors import CacheUnavailable, CodecError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.result import FrozenResult, Result
-    from sqlalchemy.orm import ORMExecuteState, Session
+    from sqlalchemy.orm import Session
 
 __all__ = ["Read", "ReadThrough", "Unservable"]
 
-OnHit = Callable[[bytes], "Result[Any]"]
+OnHit = Callable[[bytes], Any]  # a Result for an ORM execution; whatever a direct read wants
 Encode = Callable[["FrozenResult[Any]", bool, int], "bytes | None"]
+
+
+class Execution(Protocol):
+    """What a read needs of the execution it answers (an ORMExecuteState, or a direct read's load)."""
+
+    @property
+    def session(self) -> Session: ...
+
+    def invoke_statement(self) -> Result[Any]: ...
 
 
 class Unservable(Exception):
@@ -36,12 +45,13 @@ class Unservable(Exception):
 
 
 class Read:
-    """What one read asks for. ``on_hit`` rebuilds the result from a payload (raising CodecError if it
-    cannot, Unservable if it may not); ``encode`` turns the database's result into a payload, or None
-    when it must not be stored. ``protect``: callers that miss together elect one to query while the
-    others wait a bounded time for its fill. ``swr_ms``: an entry past its TTL but not invalidated may
-    be served that much longer while one caller refreshes it. ``row_writes``: for a read whose first
-    dependency is a row's identity, its table's row-writes key (see ``Store.generations``)."""
+    """What one read asks for. ``on_hit`` rebuilds the result from a payload (never None; raising
+    CodecError if it cannot, Unservable if it may not); ``encode`` turns the database's result into a
+    payload, or None when it must not be stored. ``protect``: callers that miss together elect one to
+    query while the others wait a bounded time for its fill. ``swr_ms``: an entry past its TTL but not
+    invalidated may be served that much longer while one caller refreshes it. ``row_writes``: for a
+    read whose first dependency is a row's identity, its table's row-writes key (see
+    ``Store.generations``)."""
 
     __slots__ = (
         "deps",
@@ -128,7 +138,50 @@ class ReadThrough:
         if self._rep.hooks:
             self._rep.instant("fill", "skipped", rd.kind, rd.key, rd.model, rd.tags)
 
-    def read(self, orm_state: ORMExecuteState, rd: Read) -> Result[Any] | None:
+    # -- the steps of a direct read (cache.get / get_many: sqlcache._direct), several reads at once --
+
+    def enter(self, session: Session, rds: Sequence[Read]) -> list[TxnState] | None:
+        """Before direct reads of ``rds``: the session's transactions, or None if Redis must not be
+        read now (see :meth:`read`)."""
+        _sa.autobegin(session)
+        txns = self._txns.of_session(session)
+        if self._replay():
+            return txns
+        if self._rep.hooks:
+            for rd in rds:
+                self._rep.instant("read", "error", rd.kind, rd.key, rd.model, rd.tags)
+        return None
+
+    def fetch(self, rds: Sequence[Read]) -> tuple[list[ReadResult] | None, list[Running] | None]:
+        """Every read's entry and dependencies in one round trip (``Store.read_many``), and the
+        operations begun for the hooks (None without hooks); no results after an outage (reported)."""
+        rep = self._rep
+        runs = None
+        if rep.hooks:
+            runs = [rep.begin("read", rd.kind, rd.key, rd.model, rd.tags, len(rd.deps)) for rd in rds]
+        store, clock = self._slot.current, self._keys.clock
+        try:
+            read_many = getattr(store, "read_many", None) if len(rds) > 1 else None
+            if read_many is None:  # one read, or a plugin's store wrapper without read_many
+                results = [store.read(clock, rd.key, rd.deps) for rd in rds]
+            else:
+                results = read_many(clock, [(rd.key, rd.deps) for rd in rds])
+                if len(results) != len(rds):
+                    raise CodecError(f"read_many answered {len(results)} reads of {len(rds)}")
+        except (CacheUnavailable, CodecError) as exc:  # degrade("read") spelled out
+            for run in runs or ():
+                run.end("error", exc)
+            rep.report(exc, "read")
+            return None, runs
+        return results, runs
+
+    def serve(
+        self, session: Session, rd: Read, r: ReadResult, txns: list[TxnState], run: Running | None
+    ) -> Any:
+        """A hit's ``rd.on_hit(payload)``; None if it could not be served (then it is a miss)."""
+        return self._serve(session, rd, r, txns, run, "hit")
+
+    def read(self, orm_state: Execution, rd: Read) -> Result[Any] | None:
         """A hit, or the database and a guarded fill. None: not handled (SQLAlchemy runs it as usual)."""
         session = orm_state.session
         # autobegin=False without a transaction: the ORM would refuse to execute the statement; so do we
@@ -150,7 +203,7 @@ class ReadThrough:
             run.end("error")  # only if something unexpected raised before it ended
 
     def _read(
-        self, orm_state: ORMExecuteState, rd: Read, txns: list[TxnState], run: Running | None
+        self, orm_state: Execution, rd: Read, txns: list[TxnState], run: Running | None
     ) -> Result[Any] | None:
         session = orm_state.session
         rep = self._rep
@@ -169,20 +222,15 @@ class ReadThrough:
                 if self._slot.current.try_fill_lock(rd.key, candidate, self._fill_lock_ms):
                     token = candidate
             if not token:
-                served = self._serve(session, rd, r, txns, run, "stale")
+                served: Result[Any] | None = self._serve(session, rd, r, txns, run, "stale")
                 if served is not None:
                     rep.incr("stale_served")
                     return served
         elif r.hit:
-            served = self._serve(session, rd, r, txns, run, "hit")
-            if served is not None:
-                return served
-        if run is not None:
-            run.end("miss")
-        if not r.hit:
-            rep.incr("misses")
-            if signals.cache_miss.receivers:
-                rep.send(signals.cache_miss, key=rd.key, kind=rd.kind)
+            hit: Result[Any] | None = self._serve(session, rd, r, txns, run, "hit")
+            if hit is not None:
+                return hit
+        self.missed(rd, r, run)
         if rd.protect and not token and not r.hit:
             waited = self._await_fill(session, rd, txns)
             if isinstance(waited, str):
@@ -198,12 +246,18 @@ class ReadThrough:
                 with rep.degrade("unlock"):
                     self._slot.current.unlock_fill(self._keys.clock, rd.key, token)
 
-    def _load_and_fill(
-        self, orm_state: ORMExecuteState, rd: Read, r: ReadResult, txns: list[TxnState], token: str
-    ) -> tuple[Result[Any], bool]:
-        """The database answers; what it returned is stored if nothing changed since ``r`` was read.
-        Also returns whether fill.lua ran (it drops the stampede lock ``token`` itself)."""
-        session = orm_state.session
+    def missed(self, rd: Read, r: ReadResult, run: Running | None) -> None:
+        """A read the entry did not answer: counted and signalled as a miss if there was no entry."""
+        if run is not None:
+            run.end("miss")
+        if not r.hit:
+            self._rep.incr("misses")
+            if signals.cache_miss.receivers:
+                self._rep.send(signals.cache_miss, key=rd.key, kind=rd.kind)
+
+    def snapshot(self, session: Session, rd: Read, r: ReadResult, txns: list[TxnState]) -> ReadResult:
+        """Before the database answers a miss: the generations its fill will present (created or
+        repaired by one more round trip if the read could not vouch for them), and the clock noted."""
         if r.generations is None:
             # a dependency was missing, locked or unreadable: one more round trip, before the SELECT,
             # creates or repairs it
@@ -216,6 +270,27 @@ class ReadThrough:
             r = fresh if fresh is not None else r
         if r.clock:
             self._txns.note_clock(session, r.clock, txns)
+        return r
+
+    def fill_after(
+        self, session: Session, rd: Read, r: ReadResult, encode: Callable[[], bytes | None]
+    ) -> bool:
+        """Store what the database returned after :meth:`snapshot` gave ``r``, if it may be stored;
+        True once Redis ran fill.lua."""
+        if r.locked or r.generations is None:
+            # a writer holds a dependency between its lock and its release: whatever we just read may
+            # already be outdated; do not store it
+            self._skipped_fill(rd)
+            return False
+        return self._fill(session, rd, r.generations, encode, "")
+
+    def _load_and_fill(
+        self, orm_state: Execution, rd: Read, r: ReadResult, txns: list[TxnState], token: str
+    ) -> tuple[Result[Any], bool]:
+        """The database answers; what it returned is stored if nothing changed since ``r`` was read.
+        Also returns whether fill.lua ran (it drops the stampede lock ``token`` itself)."""
+        session = orm_state.session
+        r = self.snapshot(session, rd, r, txns)
         runid = _sa.new_runid()  # objects the statement builds get larger numbers (built_since)
         result = orm_state.invoke_statement()
         # set before anyone called unique(): lifted for the freeze, put back on what we return, and
@@ -226,11 +301,10 @@ class ReadThrough:
         if unique_guard is not None:
             _sa.require_unique(out, unique_guard[1])
         if r.locked or r.generations is None:
-            # a writer holds a dependency between its lock and its release: whatever we just read may
-            # already be outdated; do not store it
-            self._skipped_fill(rd)
+            self._skipped_fill(rd)  # see fill_after
             return out, False
-        ran = self._fill(session, rd, r.generations, frozen, token, unique_guard is not None, runid)
+        unique = unique_guard is not None
+        ran = self._fill(session, rd, r.generations, lambda: rd.encode(frozen, unique, runid), token)
         return out, ran
 
     def _serve(
@@ -241,11 +315,12 @@ class ReadThrough:
         txns: list[TxnState],
         run: Running | None,
         outcome: str,
-    ) -> Result[Any] | None:
-        """Rebuild a hit; None (and the entry deleted) if its payload cannot be decoded."""
+    ) -> Any:
+        """Rebuild a hit (what ``rd.on_hit`` returns); None (and the entry deleted) if its payload
+        cannot be decoded."""
         assert r.payload is not None
         rep = self._rep
-        result: Result[Any] | None = None
+        result: Any = None
         try:
             if len(r.payload) > self._max_read_bytes:
                 # no fill writes more: this one is not ours, and is not worth decoding (a payload bomb)
@@ -300,7 +375,7 @@ class ReadThrough:
             if r is None:
                 return None
             if r.hit:
-                served = self._serve(session, rd, r, txns, None, "hit")
+                served: Result[Any] | None = self._serve(session, rd, r, txns, None, "hit")
                 if served is not None:
                     self._rep.incr("stampede_waits")
                     return served
@@ -312,14 +387,7 @@ class ReadThrough:
         return None
 
     def _fill(
-        self,
-        session: Session,
-        rd: Read,
-        generations: bytes,
-        frozen: FrozenResult[Any],
-        token: str,
-        unique_required: bool,
-        runid: int,
+        self, session: Session, rd: Read, generations: bytes, encode: Callable[[], bytes | None], token: str
     ) -> bool:
         """Store what the database returned if it may be stored (fill.lua decides, atomically); True
         once Redis ran fill.lua."""
@@ -330,7 +398,7 @@ class ReadThrough:
             return False
         payload: bytes | None = None
         with rep.degrade("encode"):
-            payload = rd.encode(frozen, unique_required, runid)
+            payload = encode()
         if payload is None:
             if rep.hooks:  # the result may not be stored (or could not be encoded): no fill
                 rep.instant("fill", "skipped", rd.kind, rd.key, rd.model, rd.tags)

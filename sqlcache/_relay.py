@@ -10,23 +10,45 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import _keys
+from . import _aio, _keys
 from ._outbox import APPLY_CHUNK, OutboxSQL, decode_body
 from ._report import Reporter
 from .errors import CacheUnavailable, CodecError
 
-__all__ = ["Relay"]
+__all__ = ["Relay", "relay_engine"]
 
 log = logging.getLogger("sqlcache")
 
 # ids of rows this process already applied, waiting for the relay to delete them; past this many the
 # oldest are forgotten (their rows are then applied once more after the grace period: misses only)
 _MAX_DONE = 100_000
+
+
+def relay_engine(
+    source: Engine, close_stores: Callable[[], Awaitable[None]] | None
+) -> tuple[Engine, Callable[[Callable[[], None]], None] | None]:
+    """The engine a relay of ``source`` queries and what runs its passes: ``source`` and nothing special
+    for a sync engine. An asyncio engine's relay runs its passes on an event loop of its own, with an
+    engine (a pool) of its own, since asyncio connections belong to the loop that opened them; when the
+    loop ends, that loop's Redis connections (``close_stores``) and the pool are closed."""
+    if not source.dialect.is_async:
+        return source, None
+    private = _aio.engine_like(source)
+
+    async def closing() -> None:
+        if close_stores is not None:
+            await close_stores()
+        await _aio.spawn(private.dispose)
+
+    def runner(body: Callable[[], None]) -> None:
+        _aio.run_in_own_loop(body, after=closing)
+
+    return private, runner
 
 
 class Relay:

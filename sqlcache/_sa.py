@@ -32,6 +32,7 @@ __all__ = [
     "DeferredCallable",
     "LazyCallable",
     "autobegin",
+    "autoflush",
     "build_objects",
     "bypasses_query_cache",
     "cache_key",
@@ -46,6 +47,7 @@ __all__ = [
     "lazy_strategy",
     "legacy_uniquing",
     "loader_criteria",
+    "needs_autoflush",
     "new_runid",
     "path_registry",
     "pending_autoflush",
@@ -138,6 +140,17 @@ def autobegin(session: Session) -> None:
     (docs/pages/transparency.md)."""
     if session._transaction is None and not session.autobegin:
         session._autobegin_t()
+
+
+def needs_autoflush(session: Session) -> bool:
+    """Whether a query of ``session`` would flush first (autoflush on, changes pending): the test
+    ``Session._autoflush`` makes, without an ORM execution to ask (a direct read)."""
+    return bool(session.autoflush and not session._is_clean())
+
+
+def autoflush(session: Session) -> None:
+    """Flush as a query's autoflush does (``Session._autoflush``: errors say a query caused it)."""
+    session._autoflush()
 
 
 def bypasses_query_cache(orm_state: ORMExecuteState) -> bool:

@@ -256,6 +256,12 @@ class RedisStore(proto.ScriptCalls):
         values = self._call("read", lambda: self._mget(keys))
         return proto.judge_read(values, time.time)
 
+    def read_many(self, clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]) -> list[ReadResult]:
+        """Several reads, one MGET (``cache.get_many``)."""
+        keys, layout = proto.read_many_keys(clock_key, entries)
+        values = self._call("read", lambda: self._mget(keys))
+        return proto.judge_read_many(values, layout, len(keys), time.time)
+
     def _mget(self, keys: list[str]) -> list[bytes | None]:
         """MGET straight on a pooled connection: the command and its reply, without the client's
         per-call machinery (retries, which ours has none of, event hooks, metrics): a good part of a

@@ -238,6 +238,10 @@ class Wiring:
     def _attached(self, conn: Connection) -> bool:
         return conn.engine.pool in self._pools
 
+    def serves(self, bind: Engine | Connection) -> bool:
+        """Whether ``bind`` (an engine or connection) is attached: its reads may use the cache."""
+        return bind.engine.pool in self._pools
+
     def _on_begin(self, conn: Connection) -> None:
         self._txns.begin(conn)
 

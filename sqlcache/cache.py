@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import MetaData, Table
@@ -17,6 +17,7 @@ from ._astore import AsyncStores, Worlds
 from ._broadcast import Announcer, Listener
 from ._cluster import store_for
 from ._commit import Commits
+from ._direct import DirectReader
 from ._health import Health
 from ._identity import IdentityReader
 from ._journal import Journal, Keys
@@ -27,7 +28,7 @@ from ._publish import Publisher
 from ._queryread import DecodedCache, QueryReader
 from ._readthrough import ReadThrough
 from ._registry import Registry, mapper_of
-from ._relay import Relay
+from ._relay import Relay, relay_engine
 from ._report import Reporter
 from ._seal import Sealer
 from ._transactions import Transactions
@@ -40,7 +41,8 @@ if TYPE_CHECKING:
     import redis
     import redis.asyncio
     import redis.cluster
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+    from sqlalchemy.orm import Session
 
 __all__ = ["SQLCache"]
 
@@ -180,30 +182,19 @@ class SQLCache:
         if self._outbox is not None:
             journal.on_replayed.append(self._outbox.wake_all)
         reads = ReadThrough(
-            slot,
-            rep,
-            txns,
-            sealer,
-            keys,
-            journal.replay,
-            stampede_wait=c.stampede_wait,
+            slot, rep, txns, sealer, keys, journal.replay, stampede_wait=c.stampede_wait,
             max_entry_bytes=c.max_entry_bytes,
-        )
+        )  # fmt: skip
         commits = Commits(
             slot, rep, registry, sealer, journal, keys, announcer.announce, c.lock_ttl * 1000, self._outbox
         )
         stats = weakref.WeakMethod(self.stats)  # the thread must not keep the cache alive
         self._publisher = Publisher(self.store, rep, p, c.prefix, c.publish_stats, stats)
         self._decoded = decoded = DecodedCache(c.decoded_cache_bytes, registry.hierarchy, rep)
-        self._wiring = Wiring(
-            txns,
-            registry,
-            commits,
-            IdentityReader(reads, registry, txns, p),
-            QueryReader(reads, registry, txns, rep, p, c.default_ttl, decoded),
-            reads,
-            self._outbox,
-        )
+        identities = IdentityReader(reads, registry, txns, p)
+        queries = QueryReader(reads, registry, txns, rep, p, c.default_ttl, decoded)
+        self._wiring = Wiring(txns, registry, commits, identities, queries, reads, self._outbox)
+        self._direct = DirectReader(reads, identities, registry, txns, self._wiring.serves)
 
     def __repr__(self) -> str:
         return f"<SQLCache prefix={self.config.prefix!r}>"
@@ -351,6 +342,48 @@ class SQLCache:
         self._registry.register(mapper, ModelPolicy(ttl=ttl, mode=mode))
         self._wiring.watch_mapper(mapper)
 
+    # -- direct reads -------------------------------------------------------------------------------
+
+    def get(self, session: Session, cls: type[Any], pk: Any) -> Any:
+        """What ``session.get(cls, pk)`` returns (the object, in the session's identity map, or None),
+        without SQLAlchemy's statement pipeline in front of a Redis hit (docs/pages/direct.md).
+
+        As ``Session.get`` through the cache: an object the session holds is returned with no Redis
+        call, a row this transaction wrote comes from the database, pending changes are flushed first
+        (autoflush). What the fast path does not cover is handed to ``session.get`` itself.
+
+        :param pk: the primary key, a tuple for a composite key (as ``Session.get`` takes it).
+        :raises ConfigurationError: if ``cls`` is not mapped, or not registered with this cache.
+
+        .. versionadded:: 0.4
+        """
+        return self._direct.get_many(session, cls, (pk,))[0]
+
+    def get_many(self, session: Session, cls: type[Any], pks: Iterable[Any]) -> list[Any]:
+        """:meth:`get` of every key in ``pks``, in order (None for a missing row; duplicates allowed):
+        one Redis round trip for every key the session does not hold, and one ``SELECT ... IN`` (per
+        1000 keys) for the misses, filled as single misses are.
+
+        :raises ConfigurationError: if ``cls`` is not mapped, or not registered with this cache.
+
+        .. versionadded:: 0.4
+        """
+        return self._direct.get_many(session, cls, pks)
+
+    async def aget(self, session: AsyncSession, cls: type[Any], pk: Any) -> Any:
+        """:meth:`get` for an :class:`~sqlalchemy.ext.asyncio.AsyncSession` (through ``run_sync``).
+
+        .. versionadded:: 0.4
+        """
+        return (await session.run_sync(self._direct.get_many, cls, (pk,)))[0]
+
+    async def aget_many(self, session: AsyncSession, cls: type[Any], pks: Iterable[Any]) -> list[Any]:
+        """:meth:`get_many` for an :class:`~sqlalchemy.ext.asyncio.AsyncSession` (through ``run_sync``).
+
+        .. versionadded:: 0.4
+        """
+        return await session.run_sync(self._direct.get_many, cls, list(pks))
+
     def invalidate(self, cls: type[Any], pk: Any) -> None:
         """Invalidate the entry of one row now (outside any transaction)."""
         h = self._registry.hierarchy(mapper_of(cls))
@@ -450,36 +483,13 @@ class SQLCache:
         return relay
 
     def _new_relay(self, engine: Engine) -> Relay:
-        c = self.config
-        source, runner = engine, None
-        if engine.dialect.is_async:
-            # the relay's thread runs its passes on an event loop of its own, with an engine (a pool) of
-            # its own: asyncio connections belong to the loop that opened them
-            engine = _aio.engine_like(source)
-            stores, private = self._async_stores, engine
-
-            async def closing() -> None:
-                if stores is not None:
-                    await stores.aclose_current()
-                await _aio.spawn(private.dispose)
-
-            def runner(body: Callable[[], None]) -> None:
-                _aio.run_in_own_loop(body, after=closing)
-
+        c, stores = self.config, self._async_stores
+        own, runner = relay_engine(engine, None if stores is None else stores.aclose_current)
         return Relay(
-            engine,
-            OutboxSQL(self.outbox_table(), engine.dialect, batch=500),
-            c.relay_interval,
-            c.relay_grace,
-            prefix=self._kp,
-            apply=self._journal.apply,
-            reporter=self._rep,
-            fence_key=self._keys.everything,
-            backoff=c.backoff,
-            max_backoff=c.max_backoff,
-            source=source,
-            runner=runner,
-        )
+            own, OutboxSQL(self.outbox_table(), own.dialect, batch=500), c.relay_interval, c.relay_grace,
+            prefix=self._kp, apply=self._journal.apply, reporter=self._rep, fence_key=self._keys.everything,
+            backoff=c.backoff, max_backoff=c.max_backoff, source=engine, runner=runner,
+        )  # fmt: skip
 
 
 def _after_fork(ref: weakref.ref[SQLCache]) -> None:

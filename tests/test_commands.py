@@ -171,6 +171,9 @@ def test_bench_quick(redis_url: str, pg_url: str) -> None:
         "floor",
         "update sqlcache / update plain",
         "get hit / floor",
+        "direct get hit / floor",
+        "direct get hit / get hit",
+        "get_many 50 / 50 get hits",
         "update transaction of 50 registered rows: 2",
         "read-only transaction: 0",
     ):

@@ -33,8 +33,16 @@ def test_cache_methods() -> None:
         "invalidate_model",
         "clear",
         "stats",
+        "get",
+        "get_many",
+        "aget",
+        "aget_many",
     ]:
         assert callable(getattr(SQLCache, name)), name
+    for name in ("get", "aget"):
+        assert list(inspect.signature(getattr(SQLCache, name)).parameters)[1:] == ["session", "cls", "pk"]
+    for name in ("get_many", "aget_many"):
+        assert list(inspect.signature(getattr(SQLCache, name)).parameters)[1:] == ["session", "cls", "pks"]
     params = inspect.signature(SQLCache.__init__).parameters
     assert list(params)[1:4] == ["redis_client", "prefix", "default_ttl"]
     reg = inspect.signature(SQLCache.register).parameters

@@ -53,6 +53,7 @@ from sqlcache import cached as cached_option
 from . import bench_plot
 from .bench_async import AsyncRows, async_rows
 from .bench_cluster import ClusterRows, cluster_rows
+from .bench_direct import direct_rows
 from .bench_report import RATIOS, report
 
 SCHEMA = "sqlcache_bench"
@@ -206,6 +207,7 @@ def _run(
     floor = _Floor(plain, cache.config.prefix, floor_client)
     try:
         systems = _systems(plain, cached, decoding, floor, rnd, ids)
+        systems.update(direct_rows(cached, cache, BenchUser, rnd, ids))
         if arows is not None:
             systems["async get plain"] = arows.get(arows.plain, rnd, ids)
             systems["async get hit"] = arows.get(arows.cached, rnd, ids)

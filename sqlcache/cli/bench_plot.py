@@ -29,10 +29,16 @@ _PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         (
             ("plain", "get plain"),
             ("sqlcache", "get sqlcache hit"),
+            ("direct", "direct get hit"),
             ("cluster", "cluster get hit"),
             ("floor", "floor"),
             ("ORM floor", "get ORM floor"),
         ),
+    ),
+    (
+        "get 50",
+        "50 rows by primary key, one Session",
+        (("sqlcache", "50 get hits"), ("direct", "get_many 50 hit")),
     ),
     (
         "lazy",
@@ -77,6 +83,7 @@ _PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
 _SERIES: dict[str, tuple[str, str]] = {  # series: (legend, colour)
     "plain": ("database, no cache", "#7f8c9a"),
     "sqlcache": ("sqlcache (a hit; for update, the cached commit)", "#e8730c"),
+    "direct": ("sqlcache, direct: cache.get / cache.get_many", "#c0392b"),
     "cluster": ("sqlcache on a Redis Cluster (three primaries)", "#8e44ad"),
     "no reuse": ("sqlcache hit, decoded every time (decoded_cache_bytes=0)", "#f5b971"),
     "floor": ("floor: one GET + msgpack decode + the objects", "#2e8b57"),

@@ -53,8 +53,9 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_one_round_trip_per_hit_and_two_commands_per_commit(
     engine: Engine, cache: SQLCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On the cluster as on one server: an identity hit and a 20-row query hit are one command each (MGET
-    to the slot's primary), a commit that changes a row two (the pipelined lock and the release)."""
+    """On the cluster as on one server: an identity hit, a 20-row query hit and a get_many of 21 hits are
+    one command each (MGET to the slot's primary), a commit that changes a row two (the pipelined lock
+    and the release)."""
     cache.register(User)
     uid = make_user(engine, "ann")
     assert user_name(engine, uid) == "ann"  # filled; connections made
@@ -78,6 +79,15 @@ def test_one_round_trip_per_hit_and_two_commands_per_commit(
     assert len(query()) == 20  # filled
     sent = _counting(monkeypatch)
     assert query() == [f"q{n}" for n in range(20)]  # a 20-row query hit: one command too
+    assert sent == ["MGET"]
+    monkeypatch.undo()
+    with Session(engine) as s:
+        ids = [u.id for u in s.scalars(select(User).order_by(User.id))]
+    with Session(engine) as s:
+        cache.get_many(s, User, ids)  # filled (the cache's read first in its transaction: see scenario 9)
+    sent = _counting(monkeypatch)
+    with Session(engine) as s:
+        assert len(cache.get_many(s, User, ids)) == 21  # 21 identity hits: one MGET to the slot's primary
     assert sent == ["MGET"]
 
 

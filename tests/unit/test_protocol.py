@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sqlcache import _protocol as proto
 from sqlcache._protocol import RepopEntry
+from sqlcache.errors import CodecError
 
 
 def _now() -> float:
@@ -16,6 +18,27 @@ def _now() -> float:
 def test_read_keys_order() -> None:
     """A read's MGET names the entry, the clock, then the dependencies, in that order."""
     assert proto.read_keys("p:clock", "p:e:x", ["p:d:1", "p:d:2"]) == ["p:e:x", "p:clock", "p:d:1", "p:d:2"]
+
+
+def test_read_many_names_each_key_once_and_judges_each_read() -> None:
+    """Several reads' MGET: the clock first, shared dependencies once; each read judged on its own
+    entry, the clock and its own dependencies, in the order given."""
+    keys, layout = proto.read_many_keys("c", [("e1", ["d1", "g"]), ("e2", ["d2", "g"]), ("e1", ["d1", "g"])])
+    assert keys == ["c", "e1", "d1", "g", "e2", "d2"]
+    assert layout == [[1, 0, 2, 3], [4, 0, 5, 3], [1, 0, 2, 3]]
+    values = [b"9", b"5,7|one", b"5", b"7", b"6,7|two", b"8"]
+    r1, r2, r3 = proto.judge_read_many(values, layout, len(keys), _now)
+    assert (r1.hit, r1.payload, r1.clock) == (True, b"one", 9)
+    assert (r2.hit, r2.generations) == (False, b"8,7")
+    assert r3.payload == b"one"
+
+
+def test_read_many_refuses_a_reply_of_another_length() -> None:
+    """A reply that is not one value per key is not judged (CodecError: the database answers)."""
+    keys, layout = proto.read_many_keys("c", [("e", ["d"])])
+    for reply in ([b"1", None], [b"1", None, b"5", b"6"], b"1"):
+        with pytest.raises(CodecError):
+            proto.judge_read_many(reply, layout, len(keys), _now)  # type: ignore[arg-type]
 
 
 def test_hit_only_when_every_generation_matches() -> None:

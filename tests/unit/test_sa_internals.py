@@ -126,6 +126,23 @@ def test_translate_map_items_ignore_the_compilers_alias() -> None:
     assert _sa.translate_map_items({"_none": "x"}) == [("'_none'", "'x'")]
 
 
+def test_autoflush_internals() -> None:
+    """Session._is_clean() and Session._autoflush(), with which a direct read flushes pending changes
+    first, as a query would; nothing when autoflush is off or nothing is pending."""
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine, tables=[User.__table__])
+    with Session(engine) as s:
+        assert not _sa.needs_autoflush(s)
+        s.add(User(name="pending"))
+        assert _sa.needs_autoflush(s)
+        _sa.autoflush(s)
+        assert not _sa.needs_autoflush(s) and not s.new
+        s.add(User(name="other"))
+        with s.no_autoflush:
+            assert not _sa.needs_autoflush(s)
+    engine.dispose()
+
+
 def test_autobegin_internals() -> None:
     """Session._transaction, Session.autobegin and Session._autobegin_t(), with which a read refuses to
     run in a session that may not autobegin, as executing the statement would."""

@@ -1,0 +1,282 @@
+"""Direct identity reads: ``cache.get(session, Model, pk)`` and ``cache.get_many(session, Model, pks)``.
+
+``Session.get`` pays for SQLAlchemy's statement pipeline before sqlcache sees the read; these skip it
+and answer what ``Session.get`` would, through the same protocol (``_readthrough``): the entries of
+every key asked in one round trip (``Store.read_many``), hits built into the identity map, misses
+loaded by one ``SELECT ... WHERE pk IN (...)`` after their generations were read, and each filled under
+the guarded protocol (refused if a dependency moved, the repeatable-read bound applied).
+
+What this fast path does not cover is handed to ``Session.get`` itself, which gives the same answer at
+its usual cost: a sharded session, session execution options, an engine the cache is not attached to,
+a ``schema_translate_map`` or a connection whose names resolve elsewhere, an expired object in the
+identity map, a key that is not a value or a tuple of values, a row found under another spelling of its
+key (a case-insensitive collation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import bindparam, select, tuple_
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm.attributes import instance_state
+
+from . import _sa
+from ._identity import IdentityReader, entry_of, exact_key
+from ._objects import decode_entry, materialize
+from ._readthrough import Read, ReadThrough
+from ._registry import Registry, mapper_of
+from ._transactions import Transactions
+from .errors import CodecError, ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Mapper, Session
+    from sqlalchemy.sql import Select
+
+    from ._hierarchy import Hierarchy
+    from ._protocol import ReadResult
+
+__all__ = ["DirectReader"]
+
+# keys per SELECT ... IN: far below every database's limit on bound parameters (SQLite: 32766)
+_IN_BATCH = 1000
+_ABSENT = (None,)  # a hit on a cached absence (a served hit is never None)
+
+
+def _never_encode(*_args: Any) -> bytes | None:
+    raise AssertionError("a direct read fills through fill_after")  # pragma: no cover
+
+
+class DirectReader:
+    """``get`` and ``get_many`` of one cache.
+
+    :param serves: whether an engine or connection is attached to the cache.
+    """
+
+    def __init__(
+        self,
+        reads: ReadThrough,
+        identities: IdentityReader,
+        registry: Registry,
+        txns: Transactions,
+        serves: Callable[[Any], bool],
+    ) -> None:
+        self._reads = reads
+        self._identities = identities
+        self._registry = registry
+        self._txns = txns
+        self._serves = serves
+        self._statements: dict[Mapper[Any], tuple[Select[Any], Select[Any]]] = {}
+        self._mappers: dict[type[Any], Mapper[Any]] = {}  # inspect() is a good part of a hit
+
+    def get_many(self, session: Session, cls: type[Any], pks: Iterable[Any]) -> list[Any]:
+        """Per key asked, in order, what ``session.get(cls, key)`` returns (duplicates allowed)."""
+        asked = list(pks)
+        mapper = self._mappers.get(cls)
+        if mapper is None:
+            mapper = mapper_of(cls)
+            if len(self._mappers) > 4096:
+                self._mappers.clear()
+            self._mappers[cls] = mapper
+        policy = self._registry.policy_for(mapper)
+        if policy is None:
+            raise ConfigurationError(
+                f"{cls.__name__} is not registered with this cache: call cache.register({cls.__name__}) "
+                "first, or use session.get()"
+            )
+        out: list[Any] = [None] * len(asked)
+        if not self._plain(session, mapper):
+            return [session.get(cls, pk) for pk in asked]
+        wanted = self._lookup(session, mapper, cls, enumerate(asked), out)
+        if wanted and _sa.needs_autoflush(session):
+            # Session.get flushes before it queries: what the session holds pending is then in the
+            # database (and the identity map), and the flush is recorded as this transaction's writes
+            _sa.autoflush(session)
+            again = ((positions[0], asked[positions[0]]) for positions in wanted.values())
+            wanted = self._lookup(session, mapper, cls, again, out, wanted)
+        if wanted:
+            self._read(session, mapper, cls, self._registry.ttl_ms(policy.ttl), wanted, asked, out)
+        return out
+
+    def _plain(self, session: Session, mapper: Mapper[Any]) -> bool:
+        """Whether the read is one the fast path answers exactly as Session.get would (see the module)."""
+        if hasattr(session, "shard_chooser") or getattr(session, "execution_options", None):
+            return False
+        bind = session.get_bind(mapper=mapper, clause=self._statement(mapper)[0])
+        if not self._serves(bind):
+            return False
+        pool, txns = bind.engine.pool, self._txns
+        conn = txns.connection_for(session, pool)
+        if conn is None:
+            if isinstance(bind, Connection):
+                conn = None if (bind.closed or bind.invalidated) else bind
+            elif txns.switching(pool):
+                return False  # which connection the session gets, and what it runs first, decides
+        if conn is not None and txns.scoped(conn):
+            return False
+        options = (conn if conn is not None else bind).get_execution_options()
+        return not options.get("schema_translate_map")
+
+    def _lookup(
+        self,
+        session: Session,
+        mapper: Mapper[Any],
+        cls: type[Any],
+        items: Iterable[tuple[int, Any]],
+        out: list[Any],
+        previous: dict[tuple[Any, ...], list[int]] | None = None,
+    ) -> dict[tuple[Any, ...], list[int]]:
+        """Answer from the identity map what it holds, as Session.get does; the other keys (as tuples)
+        with the positions that asked for them. ``previous``: the positions of an earlier lookup."""
+        identity_map = session.identity_map
+        width = len(mapper.primary_key)
+        rest: dict[tuple[Any, ...], list[int]] = {}
+        for i, raw in items:
+            pk = raw if type(raw) is tuple else tuple(raw) if type(raw) is list else (raw,)
+            if len(pk) != width or any(v is None for v in pk) or isinstance(raw, dict):
+                out[i] = session.get(cls, raw)  # its own answer, or its own error
+                continue
+            try:
+                obj = identity_map.get(mapper.identity_key_from_primary_key(pk))
+            except TypeError:  # an unhashable value
+                out[i] = session.get(cls, raw)
+                continue
+            positions = previous[pk] if previous is not None else None
+            if obj is not None:
+                held = isinstance(obj, cls) and not instance_state(obj).expired
+                answer = obj if held else session.get(cls, raw)  # an expired object reloads its way
+                for j in positions or (i,):
+                    out[j] = answer
+                continue
+            if positions is not None:
+                rest[pk] = positions
+            else:
+                rest.setdefault(pk, []).append(i)
+        return rest
+
+    def _read(
+        self,
+        session: Session,
+        mapper: Mapper[Any],
+        cls: type[Any],
+        ttl_ms: int,
+        wanted: dict[tuple[Any, ...], list[int]],
+        asked: list[Any],
+        out: list[Any],
+    ) -> None:
+        """Redis for every key the session does not hold, the database for the rest, then the fills."""
+        reads, h = self._reads, self._registry.hierarchy(mapper)
+        model = mapper.class_.__name__
+        rds: list[Read] = []
+        keys: list[tuple[Any, ...]] = []
+        uncached: list[tuple[Any, ...]] = []  # the database answers, nothing is filled
+        for pk in wanted:
+            try:
+                entry_key, deps, row_writes = self._identities.keys(h, pk)
+            except CodecError:  # a key value the codec cannot encode: not cached
+                reads.bypass("identity", model)
+                uncached.append(pk)
+                continue
+            if self._txns.wrote(session, deps[0], h.tables, ()):
+                # this transaction wrote the row or its table: the database holds what it must see
+                reads.bypass("identity", model)
+                uncached.append(pk)
+                continue
+            on_hit = partial(self._built, session, h)
+            rd = Read("identity", entry_key, deps, ttl_ms, on_hit, _never_encode, model=model)
+            rd.row_writes = row_writes
+            rds.append(rd)
+            keys.append(pk)
+        misses: list[tuple[Read, tuple[Any, ...], ReadResult]] = []
+        txns = reads.enter(session, rds) if rds else None
+        results, runs = reads.fetch(rds) if txns is not None else (None, None)
+        if txns is None or results is None:
+            uncached.extend(keys)  # Redis unreadable: the database answers, as for Session.get
+        else:
+            for j, (rd, r) in enumerate(zip(rds, results, strict=True)):
+                run = runs[j] if runs is not None else None
+                if r.hit:
+                    served = reads.serve(session, rd, r, txns, run)
+                    if served is not None:
+                        for i in wanted[keys[j]]:
+                            out[i] = served[0]
+                        continue
+                reads.missed(rd, r, run)
+                misses.append((rd, keys[j], r))
+            # t0 every miss's generations are read (here, or by the MGET above); t1 the SELECT below;
+            # t2 each fill presents its t0 generations: a commit between t0 and t2 moved one of them,
+            # and fill.lua refuses the entry
+            misses = [(rd, pk, reads.snapshot(session, rd, r, txns)) for rd, pk, r in misses]
+        if not uncached and not misses:
+            return
+        runid = _sa.new_runid()  # objects the SELECT builds get larger numbers (built_since)
+        found = self._load(session, mapper, [*uncached, *(pk for _, pk, _ in misses)])
+        # rows found under a key nobody asked for: another spelling of a key asked (a case-insensitive
+        # or PAD SPACE collation) found them, and only Session.get can tell which
+        stray = any(k not in wanted for k in found)
+        for pk in uncached:
+            self._place(session, cls, pk, found, stray, wanted, asked, out)
+        for rd, pk, r in misses:
+            obj = self._place(session, cls, pk, found, stray, wanted, asked, out)
+            # entry_of refuses what must not be stored (a row under another spelling of its key, an
+            # object the session held before the SELECT)
+            reads.fill_after(session, rd, r, partial(entry_of, h, pk, obj, runid))
+
+    def _place(
+        self,
+        session: Session,
+        cls: type[Any],
+        pk: tuple[Any, ...],
+        found: dict[tuple[Any, ...], Any],
+        stray: bool,
+        wanted: dict[tuple[Any, ...], list[int]],
+        asked: list[Any],
+        out: list[Any],
+    ) -> Any:
+        """Put the object loaded for ``pk`` where it was asked; returns it (None: no such row)."""
+        positions = wanted[pk]
+        obj = found.get(pk)
+        if obj is None and stray and not exact_key(pk):
+            # perhaps the row a stray key names: Session.get's own answer, and nothing is filled
+            obj = session.get(cls, asked[positions[0]])
+            found[pk] = obj
+        for i in positions:
+            out[i] = obj
+        return obj
+
+    def _built(self, session: Session, h: Hierarchy, payload: bytes) -> tuple[Any]:
+        """A hit: the object built into the identity map, as a load builds it (boxed: never None)."""
+        decoded = decode_entry(h, payload)
+        if decoded is None:
+            return _ABSENT
+        shape, mask, values = decoded
+        return (materialize(session, shape, mask, values),)
+
+    def _load(
+        self, session: Session, mapper: Mapper[Any], pks: list[tuple[Any, ...]]
+    ) -> dict[tuple[Any, ...], Any]:
+        """The rows of ``pks`` by one ``SELECT ... WHERE pk IN (...)`` (per batch of keys), by key."""
+        stmt = self._statement(mapper)[1]
+        single = len(mapper.primary_key) == 1
+        found: dict[tuple[Any, ...], Any] = {}
+        for start in range(0, len(pks), _IN_BATCH):
+            batch = pks[start : start + _IN_BATCH]
+            values = [pk[0] for pk in batch] if single else batch
+            for obj in session.scalars(stmt, {"sqlcache_pks": values}).unique():
+                key = instance_state(obj).key
+                if key is not None:
+                    found[key[1]] = obj
+        return found
+
+    def _statement(self, mapper: Mapper[Any]) -> tuple[Select[Any], Select[Any]]:
+        """``select(mapper)`` (the clause get_bind sees, as for Session.get) and its ``IN`` by key."""
+        stmts = self._statements.get(mapper)
+        if stmts is None:
+            cols = mapper.primary_key
+            keys: Any = bindparam("sqlcache_pks", expanding=True)
+            where = cols[0].in_(keys) if len(cols) == 1 else tuple_(*cols).in_(keys)
+            plain = select(mapper)
+            stmts = self._statements[mapper] = (plain, plain.where(where))
+        return stmts

@@ -1,0 +1,53 @@
+"""cache.aget / cache.aget_many under AsyncSession, through redis.asyncio (aiosqlite, asyncpg,
+aiomysql)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+from sqlcache import SQLCache
+
+from ..models import User
+
+Run = Any
+
+
+def test_aget_and_aget_many_hit_without_sql(run: Run, cache: SQLCache) -> None:
+    """The asyncio twins answer as the sync ones: misses load and fill, hits send no SQL and land in
+    the AsyncSession's identity map, in the order asked; the sync store is never used."""
+    cache.register(User)
+    sync_reads: list[int] = []
+    original = cache.store.read_many
+
+    def counted(*args: Any) -> Any:
+        sync_reads.append(1)
+        return original(*args)
+
+    cache.store.read_many = counted  # type: ignore[method-assign]
+
+    async def body(ae: AsyncEngine) -> None:
+        async with AsyncSession(ae) as s:
+            made = [User(name=n) for n in ("a", "b", "c")]
+            s.add_all(made)
+            await s.flush()
+            ids = [u.id for u in made]
+            await s.commit()
+        async with AsyncSession(ae) as s:
+            got = await cache.aget_many(s, User, [ids[2], 999_999, ids[0], ids[1]])
+            assert [u and u.name for u in got] == ["c", None, "a", "b"]
+        statements: list[str] = []
+        event.listen(ae.sync_engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+        async with AsyncSession(ae) as s:
+            got = await cache.aget_many(s, User, ids)
+            assert [u.name for u in got] == ["a", "b", "c"]
+            assert await cache.aget(s, User, ids[1]) is got[1] is await s.get(User, ids[1])
+        async with AsyncSession(ae) as s:
+            assert (await cache.aget(s, User, ids[0])).name == "a"
+        assert statements == []
+
+    run(body)
+    assert sync_reads == []
+    assert cache.stats()["hits"] == 4
