@@ -616,7 +616,7 @@ class LocalCluster:
 class LocalSentinel:
     """A primary, its replica (``--replicaof``) and three sentinels (quorum 2) watching them.
 
-    Sentinels: ``down-after-milliseconds 1000``, ``failover-timeout 5000``. ``start()`` returns once
+    Sentinels: ``down-after-milliseconds 2000``, ``failover-timeout 5000``. ``start()`` returns once
     every sentinel knows the primary, the replica and the two other sentinels, and the replica's
     link is up; so do ``failover()``, ``restart()`` and ``lose_writes_then_failover()``.
     """
@@ -676,7 +676,7 @@ class LocalSentinel:
                     f"dir {directory}\n"
                     f"logfile {os.path.join(directory, 'redis.log')}\n"
                     f"sentinel monitor {self.service_name} {HOST} {primary} 2\n"
-                    f"sentinel down-after-milliseconds {self.service_name} 1000\n"
+                    f"sentinel down-after-milliseconds {self.service_name} 2000\n"
                     f"sentinel failover-timeout {self.service_name} 5000\n"
                 )
             self.sentinel_ports.append(p)
@@ -852,7 +852,7 @@ class LocalSentinel:
 
         As :meth:`LocalCluster.pause_replication`: the replica is SIGSTOPped and the link closed on
         the primary. Returns the replica's port. The sentinels flag the stopped replica as down
-        after 1 s, so keep the pause short.
+        after 2 s, so keep the pause short.
         """
         primary = self.primary_port()
         replica = self.replica_port()
