@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import redis
 import redis.asyncio as aredis
@@ -24,17 +24,13 @@ import redis.asyncio.connection as aconnection
 from redis.exceptions import RedisClusterException
 
 from . import _aio
-from . import _protocol as proto
 from ._astore import AsyncRedisStore, LoopStore, async_client_like
-from ._cluster import ClusterStore, ClusterTarget
+from ._cluster import ClusterStore, ClusterTarget, Router
 from ._health import Health
-from ._protocol import ReadResult, SentLock
 from ._store import RedisStore
 from .errors import CacheUnavailable
 
 __all__ = ["AsyncClusterStore", "async_store_maker"]
-
-T = TypeVar("T")
 
 _ERRORS: tuple[type[BaseException], ...] = (
     redis.RedisError,
@@ -62,7 +58,7 @@ def _accepted(fn: Any) -> set[str]:
     return set(inspect.signature(fn).parameters)
 
 
-class AsyncClusterStore(proto.ScriptCalls):
+class AsyncClusterStore(Router):
     """The :class:`~sqlcache._protocol.Store` over a Redis Cluster for one event loop's greenlet."""
 
     def __init__(self, target: ClusterTarget, slot: int, health: Health) -> None:
@@ -133,64 +129,11 @@ class AsyncClusterStore(proto.ScriptCalls):
         kwargs["retry"] = None
         return aredis.Redis(connection_pool=aredis.ConnectionPool(connection_class=twin, **kwargs))
 
-    def _routed(self, operation: str, fn: Callable[[AsyncRedisStore], T]) -> T:
-        store = self._node(operation)
-        try:
-            return fn(store)
-        except CacheUnavailable:
-            self._refresh = True  # MOVED, a dead node, a restart: the slot may be elsewhere now
-            raise
-
     # -- operations --------------------------------------------------------------------------------
-
-    def _eval(
-        self, operation: str, script: str, keys: list[Any], args: list[Any], shield: bool = False
-    ) -> Any:
-        return self._routed(operation, lambda s: s._eval(operation, script, keys, args, shield))
-
-    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
-        return self._routed("read", lambda s: s.read(clock_key, entry_key, dep_keys))
-
-    def read_many(self, clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]) -> list[ReadResult]:
-        """Every key of the cache is in its slot: one MGET on one node."""
-        return self._routed("read", lambda s: s.read_many(clock_key, entries))
-
-    def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
-        return self._routed("lock", lambda s: s.try_fill_lock(entry_key, token, ttl_ms))
-
-    def send_lock(
-        self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
-    ) -> SentLock:
-        def send(s: AsyncRedisStore) -> SentLock:
-            sent = s.send_lock(clock_key, lock_keys, token, lock_ttl_ms, gen_ttl_ms)
-            return SentLock(sent.conn, s)  # its release reads the reply on that node's connection
-
-        return self._routed("lock", send)
-
-    def release_after(
-        self,
-        sent: SentLock,
-        clock_key: str,
-        dep_keys: Sequence[str],
-        token: str,
-        gen_ttl_ms: int,
-        announce: tuple[str, bytes] | None = None,
-    ) -> bool:
-        """Release on the node the lock went to (its reply waits on that connection)."""
-        node = sent.store
-        assert isinstance(node, AsyncRedisStore)
-        try:
-            return node.release_after(sent, clock_key, dep_keys, token, gen_ttl_ms, announce)
-        except CacheUnavailable:
-            self._refresh = True
-            raise
-
-    def delete(self, *keys: str) -> None:
-        self._routed("delete", lambda s: s.delete(*keys))
 
     def delete_matching(self, pattern: str, batch: int = 500) -> int:
         """Every key of the cache is in its slot, so on one node: SCAN that node."""
-        return self._routed("clear", lambda s: s.delete_matching(pattern, batch))
+        return self._routed("clear", lambda s: int(s.delete_matching(pattern, batch)))
 
     def pause(self, seconds: float) -> None:
         _aio.await_(asyncio.sleep(seconds))

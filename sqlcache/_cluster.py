@@ -19,7 +19,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.cluster
@@ -126,7 +126,72 @@ def _fresh_mutex(ref: weakref.ref[ClusterStore]) -> None:
         store._mutex = threading.RLock()
 
 
-class ClusterStore(proto.ScriptCalls):
+class Router(proto.ScriptCalls):
+    """What a cluster's router does the same in both I/O worlds: each operation goes whole to the store
+    of the node serving the cache's slot (``_node``, the sync or the asyncio one), and a failed call
+    makes the router ask the cluster again before the next (MOVED, a dead node, a restart: the slot may
+    be elsewhere now)."""
+
+    _refresh: bool
+
+    def _node(self, operation: str) -> Any:  # a RedisStore or an AsyncRedisStore
+        raise NotImplementedError
+
+    def _routed(self, operation: str, fn: Callable[[Any], T]) -> T:
+        store = self._node(operation)
+        try:
+            return fn(store)
+        except CacheUnavailable:
+            self._refresh = True
+            raise
+
+    def _eval(
+        self, operation: str, script: str, keys: list[Any], args: list[Any], shield: bool = False
+    ) -> Any:
+        return self._routed(operation, lambda s: s._eval(operation, script, keys, args, shield))
+
+    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
+        return cast(ReadResult, self._routed("read", lambda s: s.read(clock_key, entry_key, dep_keys)))
+
+    def read_many(self, clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]) -> list[ReadResult]:
+        """Every key of the cache is in its slot: one MGET on one node."""
+        return self._routed("read", lambda s: list[ReadResult](s.read_many(clock_key, entries)))
+
+    def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
+        return self._routed("lock", lambda s: bool(s.try_fill_lock(entry_key, token, ttl_ms)))
+
+    def send_lock(
+        self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
+    ) -> SentLock:
+        def send(s: Any) -> SentLock:
+            sent = s.send_lock(clock_key, lock_keys, token, lock_ttl_ms, gen_ttl_ms)
+            return SentLock(sent.conn, s)  # its release reads the reply on that node's connection
+
+        return self._routed("lock", send)
+
+    def release_after(
+        self,
+        sent: SentLock,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        announce: tuple[str, bytes] | None = None,
+    ) -> bool:
+        """Release on the node the lock went to (its reply waits on that connection)."""
+        node = sent.store
+        assert node is not None and node is not self
+        try:
+            return bool(node.release_after(sent, clock_key, dep_keys, token, gen_ttl_ms, announce))
+        except CacheUnavailable:
+            self._refresh = True
+            raise
+
+    def delete(self, *keys: str) -> None:
+        self._routed("delete", lambda s: s.delete(*keys))
+
+
+class ClusterStore(Router):
     """The :class:`~sqlcache._protocol.Store` over a Redis Cluster: each call goes to the primary of
     the cache's slot, through a ``RedisStore`` of that node (its scripts, its run id)."""
 
@@ -215,60 +280,7 @@ class ClusterStore(proto.ScriptCalls):
             kwargs["connection_class"] = redis.SSLConnection
         return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
 
-    def _routed(self, operation: str, fn: Callable[[RedisStore], T]) -> T:
-        store = self._node(operation)
-        try:
-            return fn(store)
-        except CacheUnavailable:
-            self._refresh = True  # MOVED, a dead node, a restart: the slot may be elsewhere now
-            raise
-
     # -- operations --------------------------------------------------------------------------------
-
-    def _eval(
-        self, operation: str, script: str, keys: list[Any], args: list[Any], shield: bool = False
-    ) -> Any:
-        return self._routed(operation, lambda s: s._eval(operation, script, keys, args, shield))
-
-    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
-        return self._routed("read", lambda s: s.read(clock_key, entry_key, dep_keys))
-
-    def read_many(self, clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]) -> list[ReadResult]:
-        """Every key of the cache is in its slot: one MGET on one node."""
-        return self._routed("read", lambda s: s.read_many(clock_key, entries))
-
-    def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
-        return self._routed("lock", lambda s: s.try_fill_lock(entry_key, token, ttl_ms))
-
-    def send_lock(
-        self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
-    ) -> SentLock:
-        def send(s: RedisStore) -> SentLock:
-            sent = s.send_lock(clock_key, lock_keys, token, lock_ttl_ms, gen_ttl_ms)
-            return SentLock(sent.conn, s)
-
-        return self._routed("lock", send)
-
-    def release_after(
-        self,
-        sent: SentLock,
-        clock_key: str,
-        dep_keys: Sequence[str],
-        token: str,
-        gen_ttl_ms: int,
-        announce: tuple[str, bytes] | None = None,
-    ) -> bool:
-        """Release on the node the lock went to (its reply waits on that connection)."""
-        node = sent.store
-        assert isinstance(node, RedisStore)
-        try:
-            return node.release_after(sent, clock_key, dep_keys, token, gen_ttl_ms, announce)
-        except CacheUnavailable:
-            self._refresh = True
-            raise
-
-    def delete(self, *keys: str) -> None:
-        self._routed("delete", lambda s: s.delete(*keys))
 
     def put(self, key: str, value: bytes, ttl_ms: int) -> None:
         self._routed("publish", lambda s: s.put(key, value, ttl_ms))
@@ -283,7 +295,7 @@ class ClusterStore(proto.ScriptCalls):
         self, pattern: str, batch: int = 500, on_batch: Callable[[int], None] | None = None
     ) -> int:
         """Every key of the cache is in its slot, so on one node: SCAN that node."""
-        return self._routed("clear", lambda s: s.delete_matching(pattern, batch, on_batch))
+        return self._routed("clear", lambda s: int(s.delete_matching(pattern, batch, on_batch)))
 
     def pause(self, seconds: float) -> None:
         time.sleep(seconds)
