@@ -190,3 +190,39 @@ def check_failover(
         for c in caches:
             c.close()
     return checked
+
+
+class AtRelease:
+    """A plugin whose store wrapper calls ``action(operation, args)`` as a post-commit release begins
+    (``release``, or ``release_after`` for a pipelined lock), whenever ``when()`` says so. The action may
+    raise (a release lost as in an outage), await through SQLAlchemy's asyncio bridge, or cancel a task."""
+
+    name = "at-release"
+
+    def __init__(self, action: Callable[[str, tuple[Any, ...]], None], when: Callable[[], bool]) -> None:
+        self.action = action
+        self.when = when
+
+    def setup(self, host: Any) -> None:
+        plugin = self
+
+        class Wrapper:
+            def __init__(self, inner: Any) -> None:
+                self._inner = inner
+
+            def __getattr__(self, name: str) -> Any:
+                attr = getattr(self._inner, name)
+                if name not in ("release", "release_after"):
+                    return attr
+
+                def hooked(*args: Any, **kwargs: Any) -> Any:
+                    if plugin.when():
+                        plugin.action(name, args)
+                    return attr(*args, **kwargs)
+
+                return hooked
+
+        host.wrap_store(Wrapper)
+
+    def close(self) -> None:
+        pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from sqlcache import SQLCache, cached
 
+from ..helpers import AtRelease
 from ..models import Order, User
 from .conftest import run_loop
 from .helpers import await_, pause_after_select
@@ -339,39 +341,16 @@ def test_many_tasks_never_read_older_than_a_returned_commit(engine: Engine, redi
         cache.close()
 
 
-class _AtRelease:
-    """A plugin whose store wrapper runs ``action()`` when one task's post-commit release (either path)
-    begins, in SQLAlchemy's greenlet: it may await through the bridge, or cancel the task."""
+class _AtRelease(AtRelease):
+    """``action()`` runs when one task's post-commit release (either path) begins, in SQLAlchemy's
+    greenlet: it may await through the bridge, or cancel the task."""
 
-    name = "at-release"
-
-    def __init__(self, action: Any) -> None:
+    def __init__(self, action: Callable[[], None]) -> None:
         self.task: asyncio.Task[Any] | None = None
-        self.action = action
-
-    def setup(self, host: Any) -> None:
-        plugin = self
-
-        class Wrapper:
-            def __init__(self, inner: Any) -> None:
-                self._inner = inner
-
-            def __getattr__(self, name: str) -> Any:
-                attr = getattr(self._inner, name)
-                if name not in ("release", "release_after"):
-                    return attr
-
-                def hooked(*args: Any, **kwargs: Any) -> Any:
-                    if plugin.task is not None and asyncio.current_task() is plugin.task:
-                        plugin.action()
-                    return attr(*args, **kwargs)
-
-                return hooked
-
-        host.wrap_store(Wrapper)
-
-    def close(self) -> None:
-        pass
+        super().__init__(
+            lambda _name, _args: action(),
+            lambda: self.task is not None and asyncio.current_task() is self.task,
+        )
 
 
 @pytest.mark.parametrize("mode", ["invalidate", "repopulate"])

@@ -15,7 +15,7 @@ from sqlcache import SQLCache, signals
 from sqlcache.errors import CacheUnavailable, ConfigurationError
 
 from ..conftest import RedisServer, SQLCounter, free_port
-from ..helpers import make_user, rename_user, user_name
+from ..helpers import AtRelease, make_user, rename_user, user_name
 from ..models import User
 
 
@@ -343,43 +343,6 @@ def test_release_refused_by_the_breaker_gives_the_locks_connection_back(redis_ur
         cache.close()
 
 
-class _LoseOneRelease:
-    """A plugin whose store wrapper fails the next post-commit release as an outage would, leaving the
-    writer's lock on its keys (the release never reaches Redis)."""
-
-    name = "lose-one-release"
-
-    def __init__(self) -> None:
-        self.armed = False
-
-    def setup(self, host: Any) -> None:
-        plugin = self
-
-        class Wrapper:
-            def __init__(self, inner: Any) -> None:
-                self._inner = inner
-
-            def __getattr__(self, name: str) -> Any:
-                attr = getattr(self._inner, name)
-                if name not in ("release", "release_after"):
-                    return attr
-
-                def release(*args: Any, **kwargs: Any) -> Any:
-                    if plugin.armed:
-                        plugin.armed = False
-                        if name == "release_after":  # the lock's reply is never read: drop its connection
-                            args[0].conn.disconnect()
-                        raise CacheUnavailable("release (lost on purpose)")
-                    return attr(*args, **kwargs)
-
-                return release
-
-        host.wrap_store(Wrapper)
-
-    def close(self) -> None:
-        pass
-
-
 def test_a_replayed_release_drops_the_writers_lock(engine: Engine, cache: SQLCache) -> None:
     """A commit whose release is lost keeps its keys in the journal; the replay releases them as the
     writer would have, its lock included. Before, the lock stayed until lock_ttl (a minute by default) and
@@ -387,11 +350,17 @@ def test_a_replayed_release_drops_the_writers_lock(engine: Engine, cache: SQLCac
     cache.register(User)
     uid = make_user(engine, "ann")
     assert user_name(engine, uid) == "ann"
-    lose = _LoseOneRelease()
-    cache.add_plugin(lose)
-    lose.armed = True
+    armed = [True]
+
+    def lose(operation: str, args: tuple[Any, ...]) -> None:  # the release never reaches Redis
+        armed[0] = False
+        if operation == "release_after":  # the lock's reply is never read: drop its connection
+            args[0].conn.disconnect()
+        raise CacheUnavailable("release (lost on purpose)")
+
+    cache.add_plugin(AtRelease(lose, lambda: armed[0]))  # type: ignore[arg-type]
     rename_user(engine, uid, "bob")
-    assert not lose.armed and cache.stats()["invalidations_deferred"] >= 1
+    assert not armed[0] and cache.stats()["invalidations_deferred"] >= 1
     assert user_name(engine, uid) == "bob"  # the replay first, then a miss that fills
     hits = cache.stats()["hits"]
     assert user_name(engine, uid) == "bob"

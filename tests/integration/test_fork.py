@@ -46,14 +46,10 @@ def _wait(pid: int, seconds: float) -> int:
     return -1
 
 
-def test_child_forked_while_a_lock_was_held_is_not_stuck(engine: Engine, cache: SQLCache) -> None:
-    """A lock another thread held at the fork (here the counters', taken by every read) is fresh in the
-    child: it reads from the cache and commits, and the parent sees its commit."""
-    cache.register(User)
-    uid = make_user(engine)
-    assert user_name(engine, uid) == "ann"
+def _fork_while_held(lock: Any, work: Callable[[], bool]) -> int:
+    """Fork while another thread holds ``lock``; the child runs ``work`` (its verdict is the exit code),
+    the parent lets the lock go and returns the child's exit code (-1: stuck, killed after 20 s)."""
     held, release = threading.Event(), threading.Event()
-    lock: Any = cache._rep.stats._lock
 
     def hold() -> None:
         with lock:
@@ -65,18 +61,27 @@ def test_child_forked_while_a_lock_was_held_is_not_stuck(engine: Engine, cache: 
     assert held.wait(5)
     pid = os.fork()
     if pid == 0:
-
-        def work() -> bool:
-            engine.dispose(close=False)  # SQLAlchemy's advice for a forked child
-            hits = cache.stats()["hits"]
-            ok = user_name(engine, uid) == "ann" and cache.stats()["hits"] == hits + 1
-            rename_user(engine, uid, "child")
-            return ok and user_name(engine, uid) == "child"
-
         _in_child(work)
     release.set()
     holder.join()
-    assert _wait(pid, 20) == 0
+    return _wait(pid, 20)
+
+
+def test_child_forked_while_a_lock_was_held_is_not_stuck(engine: Engine, cache: SQLCache) -> None:
+    """A lock another thread held at the fork (here the counters', taken by every read) is fresh in the
+    child: it reads from the cache and commits, and the parent sees its commit."""
+    cache.register(User)
+    uid = make_user(engine)
+    assert user_name(engine, uid) == "ann"
+
+    def work() -> bool:
+        engine.dispose(close=False)  # SQLAlchemy's advice for a forked child
+        hits = cache.stats()["hits"]
+        ok = user_name(engine, uid) == "ann" and cache.stats()["hits"] == hits + 1
+        rename_user(engine, uid, "child")
+        return ok and user_name(engine, uid) == "child"
+
+    assert _fork_while_held(cache._rep.stats._lock, work) == 0
     assert user_name(engine, uid) == "child"
 
 
@@ -89,37 +94,20 @@ def test_child_forked_while_the_listener_slots_lock_was_held_can_attach(
 
     from sqlcache import _slots
 
-    held, release = threading.Event(), threading.Event()
-    lock: Any = _slots._lock
+    def work() -> bool:
+        child_engine = create_engine(f"sqlite:///{tmp_path}/child.db")
+        User.metadata.create_all(child_engine)
+        child = SQLCache(redis_url, prefix=f"k{uuid.uuid4().hex[:10]}")
+        child.register(User)
+        child.attach(child_engine)  # installs listeners: takes the slots' lock
+        uid = make_user(child_engine)
+        ok = user_name(child_engine, uid) == "ann" and user_name(child_engine, uid) == "ann"
+        ok = ok and child.stats()["hits"] == 1
+        child.clear()
+        child.close()
+        return ok
 
-    def hold() -> None:
-        with lock:
-            held.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert held.wait(5)
-    pid = os.fork()
-    if pid == 0:
-
-        def work() -> bool:
-            child_engine = create_engine(f"sqlite:///{tmp_path}/child.db")
-            User.metadata.create_all(child_engine)
-            child = SQLCache(redis_url, prefix=f"k{uuid.uuid4().hex[:10]}")
-            child.register(User)
-            child.attach(child_engine)  # installs listeners: takes the slots' lock
-            uid = make_user(child_engine)
-            ok = user_name(child_engine, uid) == "ann" and user_name(child_engine, uid) == "ann"
-            ok = ok and child.stats()["hits"] == 1
-            child.clear()
-            child.close()
-            return ok
-
-        _in_child(work)
-    release.set()
-    holder.join()
-    assert _wait(pid, 20) == 0
+    assert _fork_while_held(_slots._lock, work) == 0
 
 
 @pytest.fixture
