@@ -42,6 +42,14 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str, stdin: str | None = None
     return code, out, err
 
 
+def inspect_user(
+    capsys: pytest.CaptureFixture[str], uid: int, prefix: str, redis_url: str
+) -> tuple[int, str, str]:
+    """``sqlcache inspect`` of one tests.models.User by primary key."""
+    args = ("inspect", "--model", "tests.models:User", "--pk", str(uid))
+    return cli(capsys, *args, "--prefix", prefix, "--redis-url", redis_url)
+
+
 def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     """``python -m sqlcache ARGS`` as a user runs it, from the repository root."""
     return subprocess.run(
@@ -214,18 +222,7 @@ def test_inspect_a_hit(
     """A filled entry: its columns decoded, every dependency matching, served now (exit 0); the key is
     the one a read uses (a get after it sends no SQL)."""
     uid = _filled(engine)
-    code, out, err = cli(
-        capsys,
-        "inspect",
-        "--model",
-        "tests.models:User",
-        "--pk",
-        str(uid),
-        "--prefix",
-        prefix,
-        "--redis-url",
-        redis_url,
-    )
+    code, out, err = inspect_user(capsys, uid, prefix, redis_url)
     assert code == 0, out + err
     assert "payload tests.models.User" in out and "name = 'inspected'" in out
     assert out.count("matches the entry") == 3  # the row's, the table's bulk key, the global key
@@ -395,16 +392,5 @@ def test_fence_makes_the_next_read_a_miss(
         sql_count.reset()
         assert s.get(User, uid) is not None
         assert sql_count.selects() == 1  # a miss
-    code, out, _ = cli(
-        capsys,
-        "inspect",
-        "--model",
-        "tests.models:User",
-        "--pk",
-        str(uid),
-        "--prefix",
-        prefix,
-        "--redis-url",
-        redis_url,
-    )
+    code, out, _ = inspect_user(capsys, uid, prefix, redis_url)
     assert code == 0  # the miss filled it again, under the fenced generation
