@@ -200,8 +200,10 @@ def _run(
 ) -> int:
     rounds, batch, rows = sizes
     ids = list(range(1, rows + 1))
-    warm = _warm(cache, cached, ids) and (crows is None or _warm(crows.cache, crows.engine, ids))
-    if not warm or (arows is not None and not arows.served_from_redis(1)):
+    if crows is not None and not _warm(crows.cache, crows.engine, ids):
+        print("sqlcache bench: no cluster rows (the cluster's gets are not served from Redis)")
+        crows = None  # closed by the caller
+    if not _warm(cache, cached, ids) or (arows is not None and not arows.served_from_redis(1)):
         print("sqlcache bench: warm-up failed: gets are not served from Redis", file=sys.stderr)
         return 1
     floor = _Floor(plain, cache.config.prefix, floor_client)
@@ -434,7 +436,10 @@ def _measure(
     """Rounds of short batches, systems in a new shuffled order each round (round 0 warms up)."""
     samples: dict[str, list[int]] = {name: [] for name in systems}
     names = list(systems)
+    live = sys.stderr.isatty()  # progress on a terminal: a run takes minutes
     for r in range(rounds + 1):
+        if live:
+            print(f"\rsqlcache bench: round {r}/{rounds} ({len(names)} systems)", end="", file=sys.stderr)
         rnd.shuffle(names)
         for name in names:
             fn = systems[name]
@@ -442,6 +447,8 @@ def _measure(
             if r:
                 samples[name].extend(times)
         rewarm()
+    if live:
+        print(file=sys.stderr)
     return samples
 
 
