@@ -8,6 +8,7 @@ import decimal
 import os
 import random
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -134,11 +135,28 @@ def run_demo(args: argparse.Namespace, explicit: bool) -> int:
     (``--private-redis``), or if nothing answers at a URL the user did not give (``explicit`` is False:
     neither ``--redis-url`` nor ``SQLCACHE_REDIS_URL``). A URL the user gave is used or reported, never
     replaced: the demo must not pass for a check of a server it did not talk to."""
+    received: list[int] = []
+
+    def on_int(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_int) if main else None
+    previous = signal.default_int_handler if previous is None else previous
     try:
-        return _with_redis(args, explicit)
+        code = _with_redis(args, explicit)
     except KeyboardInterrupt:  # Ctrl-C: everything was undone on the way out; no traceback
+        code = 130
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if code == 130 or received:
+        # (a Ctrl-C raised inside a finalizer is reported and swallowed by Python, and the demo ran on:
+        # it was still asked to stop)
         print("\nsqlcache demo: interrupted", file=sys.stderr)
         return 130
+    return code
 
 
 def _with_redis(args: argparse.Namespace, explicit: bool) -> int:

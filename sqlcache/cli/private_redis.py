@@ -136,7 +136,10 @@ def _term_as_exit() -> Iterator[None]:
         yield
         return
 
+    received: list[int] = []
+
     def on_term(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
         raise _Terminated(128 + signum)
 
     previous = signal.signal(signal.SIGTERM, on_term)
@@ -144,6 +147,10 @@ def _term_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if received:
+        # the exception was raised inside a finalizer (a __del__ the garbage collector ran right then),
+        # which Python reports and swallows: the block ran on, but the process was still told to end
+        raise _Terminated(128 + received[0])
 
 
 @contextmanager
