@@ -380,9 +380,22 @@ class ReadThrough:
                     self._rep.incr("stampede_waits")
                     return served
             # the holder may have died: its lock expires, and the next caller takes over at once
+            taken = False
             with self._rep.degrade("lock"):
-                if store.try_fill_lock(rd.key, token, self._fill_lock_ms):
-                    return token
+                taken = store.try_fill_lock(rd.key, token, self._fill_lock_ms)
+            if taken:
+                # or the holder filled and dropped its lock between our read and our lock: look again
+                # before querying the database a second time
+                with self._rep.degrade("read"):
+                    r = store.read(self._keys.clock, rd.key, rd.deps)
+                if r is not None and r.hit:
+                    served = self._serve(session, rd, r, txns, None, "hit")
+                    if served is not None:
+                        with self._rep.degrade("lock"):
+                            store.unlock_fill(self._keys.clock, rd.key, token)
+                        self._rep.incr("stampede_waits")
+                        return served
+                return token
         self._rep.incr("stampede_timeouts")
         return None
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -29,26 +31,72 @@ def query_entry(client: redis.Redis, cache: SQLCache) -> bytes:
     return key
 
 
+class _Waiters:
+    """A plugin counting the threads that are waiting for another caller's fill (the store's pause)."""
+
+    name = "waiters"
+
+    def __init__(self) -> None:
+        self.threads: set[int] = set()
+
+    def setup(self, host: Any) -> None:
+        plugin = self
+
+        class Wrapper:
+            def __init__(self, inner: Any) -> None:
+                self._inner = inner
+
+            def __getattr__(self, name: str) -> Any:
+                attr = getattr(self._inner, name)
+                if name != "pause":
+                    return attr
+
+                def pause(seconds: float) -> None:
+                    plugin.threads.add(threading.get_ident())
+                    attr(seconds)
+
+                return pause
+
+        host.wrap_store(Wrapper)
+
+    def close(self) -> None:
+        pass
+
+
 def test_concurrent_misses_query_the_database_once(
-    engine: Engine, cache: SQLCache, sql_count: SQLCounter
+    engine: Engine, redis_url: str, sql_count: SQLCounter
 ) -> None:
-    """Six callers miss one key together: one queries the database, the others get its fill."""
-    make_user(engine, "a")
-    sql_count.reset()
-    with pause_after_select(engine, "users") as gate:
-        first, out = run_in_thread(lambda: users_query(engine))
-        gate.thread = first
-        first.start()
-        gate.wait_paused()  # it holds the stampede lock, between its SELECT and its fill
-        others = [run_in_thread(lambda: users_query(engine)) for _ in range(5)]
-        for t, _ in others:
-            t.start()
-        time.sleep(0.3)
-        gate.resume()
-        assert finish(first, out) == ["a"]
-        assert all(finish(t, o) == ["a"] for t, o in others)
-    assert sql_count.selects() == 1, sql_count.statements
-    assert cache.stats()["stampede_waits"] == 5
+    """Six callers miss one key together: one queries the database, the others get its fill. (The
+    first is held between its SELECT and its fill until the five others are all waiting for it; they
+    wait up to ``stampede_wait``, set far above how long that takes on a loaded machine.)"""
+    cache = SQLCache(redis_url, prefix=f"t{uuid.uuid4().hex[:12]}", default_ttl=600, stampede_wait=30)
+    waiters = _Waiters()
+    cache.add_plugin(waiters)
+    cache.attach(engine)
+    try:
+        make_user(engine, "a")
+        sql_count.reset()
+        with pause_after_select(engine, "users") as gate:
+            first, out = run_in_thread(lambda: users_query(engine))
+            gate.thread = first
+            first.start()
+            gate.wait_paused()  # it holds the stampede lock, between its SELECT and its fill
+            others = [run_in_thread(lambda: users_query(engine)) for _ in range(5)]
+            for t, _ in others:
+                t.start()
+            deadline = time.monotonic() + 30
+            while len(waiters.threads) < 5:
+                assert time.monotonic() < deadline, "the five callers never waited for the fill"
+                time.sleep(0.01)  # polling the waiters' count, with a deadline
+            gate.resume()
+            assert finish(first, out) == ["a"]
+            assert all(finish(t, o) == ["a"] for t, o in others)
+        assert sql_count.selects() == 1, ({k: v for k, v in cache.stats().items() if v}, sql_count.statements)
+        assert cache.stats()["stampede_waits"] == 5
+    finally:
+        cache.detach(engine)
+        cache.clear()
+        cache.close()
 
 
 def test_dead_lock_holder_blocks_no_one_past_expiry(
