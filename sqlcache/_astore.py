@@ -191,12 +191,12 @@ class AsyncRedisStore(proto.ScriptCalls):
 
     async def _on_connect(self, conn: Any) -> None:
         await conn.on_connect()
-        lineage = self.health.lineage_call()
-        if lineage is None:
+        calls = self.health.lineage_calls()
+        if not calls:
             await conn.send_command("INFO", "server")
             self.health.connected(await conn.read_response(), self._node)
         else:  # first on this connection: the run id, and a fence if the data is not this server's
-            await conn.send_command("EVAL", LINEAGE_SOURCE, 3, *lineage)
+            await conn.send_command("EVAL", LINEAGE_SOURCE, 4, *calls[0])
             self.health.lineage_checked(await conn.read_response(), self._node)
 
     async def _connection(self) -> Any:

@@ -217,6 +217,10 @@ class ClusterStore(Router):
         self._slot = key_slot(_keys.clock_key(tagged).encode())
         return tagged
 
+    def key_layout(self, prefix: str) -> _keys.Layout:
+        """Every key of the cache in one slot: one shard."""
+        return _keys.Layout([self.key_prefix(prefix)])
+
     @property
     def backing_off(self) -> bool:
         return self.health.backing_off

@@ -90,8 +90,8 @@ class Commits:
 
     def record(self, st: TxnState, mapper: Mapper[Any], state: Any, deleted: bool) -> None:
         """A row the unit of work wrote (``after_insert/update/delete`` of a registered class)."""
-        p = self._keys.prefix
         h = self._registry.hierarchy(mapper.base_mapper)
+        p = self._keys.layout.at(h.base_table)
         obj = state.obj()
         pk = tuple(mapper.primary_key_from_instance(obj))
         old = state.key
@@ -128,7 +128,7 @@ class Commits:
         keys, tags = self._dependencies(st)
         coarse = len(keys) > MAX_COMMIT_KEYS
         if coarse:
-            keys = coarse_keys(self._keys.prefix, st)
+            keys = coarse_keys(self._keys.layout, st)
             self._rep.incr("commits_coarsened")
         identities = [(w.cls, w.pk) for w in st.identities.values()]
         row: OutboxRow | None = None
@@ -168,18 +168,21 @@ class Commits:
 
     def _dependencies(self, st: TxnState) -> tuple[list[str], list[str]]:
         """(dependency keys, tags) of everything ``st`` wrote."""
-        p = self._keys.prefix
+        at = self._keys.layout.at
         keys: list[str] = list(st.identities)
         # every row dependency moves with its table's row-writes key (the warm-up rule depends on it)
-        keys += {_keys.row_writes_key(p, w.hierarchy.base_table): None for w in st.identities.values()}
+        keys += {
+            _keys.row_writes_key(at(w.hierarchy.base_table), w.hierarchy.base_table): None
+            for w in st.identities.values()
+        }
         tags: list[str] = []
         for name in st.tables:
-            keys.append(_keys.table_dep_key(p, name))
+            keys.append(_keys.table_dep_key(at(name), name))
             tags.append(f"table:{name}")
         for name in st.bulk:
-            keys.append(_keys.bulk_dep_key(p, name))
+            keys.append(_keys.bulk_dep_key(at(name), name))
         if st.everything:
-            keys.append(self._keys.everything)
+            keys.extend(self._keys.everything)
             tags.append("*")
         return keys, tags
 
@@ -190,14 +193,15 @@ class Commits:
         watch: list[str] = []
         if st.everything or st.translated:
             return repop, watch
-        p = self._keys.prefix
+        layout = self._keys.layout
         for dep_key, w in st.identities.items():
             payload = self._new_state(st, w)
             if payload is None:
                 continue
             h = self._registry.hierarchy(w.state.mapper)  # type: ignore[union-attr]
-            others = [_keys.bulk_dep_key(p, t) for t in h.tables] + [self._keys.everything]
-            entry_key = _keys.identity_entry_key(p, h.fingerprint, h.entity, w.pk)
+            others = [_keys.bulk_dep_key(layout.at(t), t) for t in h.tables]
+            entry_key = _keys.identity_entry_key(layout.at(h.base_table), h.fingerprint, h.entity, w.pk)
+            others += layout.everything_of([entry_key, *others])
             policy = self._registry.policy_for(h.mapper)
             ttl_ms = self._registry.ttl_ms(policy.ttl if policy is not None else None)
             repop.append((entry_key, [dep_key, *others], ttl_ms, self._sealer.seal(entry_key, payload)))

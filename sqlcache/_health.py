@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .errors import CacheUnavailable
 
@@ -44,10 +44,12 @@ class Health:
         self.on_restart: Callable[[], None] | None = None
         self.restart_pending = False
         self.epoch = 0
-        # (clock, lineage key, dependency of every entry, generation ttl ms): what lineage.lua is
-        # called with on every new connection; None: not checked
-        self.lineage: tuple[str, str, str, int] | None = None
+        # per shard, lineage.lua's keys and arguments (clock, lineage key, dependency of every entry,
+        # layout key, generation ttl ms, layout): what a new connection sends first; None: not checked
+        self.lineage: list[tuple[str, str, str, str, int, str]] | None = None
         self.lineage_fences = 0  # servers found holding data another server process vouched for
+        # why this process must not use Redis at all: the prefix holds another layout (set once, kept)
+        self.conflict: str | None = None
         # (replicas, timeout ms): every release is followed by WAIT on its connection; None: not
         self.wait: tuple[int, int] | None = None
 
@@ -60,10 +62,14 @@ class Health:
         return self.open_until > self._now()
 
     def check(self, operation: str) -> None:
-        """Raise CacheUnavailable while backing off (and count the call skipped)."""
+        """Raise CacheUnavailable while backing off (and count the call skipped), and for good once the
+        prefix was found to hold another layout."""
         if self.open_until and self.open_until > self._now():
             self.skipped += 1
             raise CacheUnavailable(operation)
+        if self.conflict is not None:
+            self.skipped += 1
+            raise CacheUnavailable(f"{operation} ({self.conflict})")
 
     def failed(self) -> None:
         with self._mutex:
@@ -116,22 +122,32 @@ class Health:
                 self.epoch += 1
             self.run_ids[node] = run_id
 
-    def lineage_call(self) -> list[str | int] | None:
-        """What a new connection sends instead of INFO (lineage.lua's keys and arguments, after its
-        source and ``numkeys``), or None when the cache does not check lineage (INFO then)."""
+    def lineage_calls(self, shards: Sequence[int] = (0,)) -> list[list[str | int]] | None:
+        """What a new connection sends instead of INFO: lineage.lua's keys and arguments (after its
+        source and ``numkeys``) for each of ``shards``, or None when the cache does not check lineage
+        (INFO then)."""
         if self.lineage is None:
             return None
-        clock, key, everything, gen_ttl = self.lineage
-        return [clock, key, everything, gen_ttl]
+        return [list(self.lineage[i]) for i in shards]
 
     def lineage_checked(self, reply: object, node: str = "") -> None:
         """lineage.lua's reply on a new connection to ``node``: the server's run id (as INFO's, for
-        restart detection) and whether it fenced."""
-        run_id, fenced = reply if isinstance(reply, list) and len(reply) == 2 else (b"", 0)
+        restart detection), whether it fenced, and the layout the prefix holds if it is not ours."""
+        ok = isinstance(reply, list) and len(reply) == 3
+        run_id: object = reply[0] if ok else b""  # type: ignore[index]
+        fenced: object = reply[1] if ok else 0  # type: ignore[index]
+        other: object = reply[2] if ok else b""  # type: ignore[index]
         self._seen(run_id.decode("ascii", "replace") if isinstance(run_id, bytes) else str(run_id), node)
         if fenced == 1:
             with self._mutex:
                 self.lineage_fences += 1
+        if other and self.lineage is not None:
+            held = other.decode("ascii", "replace")[:20] if isinstance(other, bytes) else "?"
+            mine = self.lineage[0][5]
+            self.conflict = (
+                f"the prefix's keys are laid out for {held!r} shards and this cache for {mine!r}: "
+                "its invalidations would miss theirs, so it does not use Redis (docs/pages/deployment.md)"
+            )
 
     def short_ack(self, acked: object) -> str | None:
         """WAIT's reply after a release: why it is short of the replicas asked for, or None. The stores

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine.result import FrozenResult, Result
     from sqlalchemy.orm import Mapper, ORMExecuteState
 
+    from ._keys import Layout
+
 __all__ = ["IdentityReader", "entry_of", "exact_key", "identity_keys", "shared_deps"]
 
 _EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
@@ -30,11 +32,11 @@ _EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
 class IdentityReader:
     """Builds the :class:`~sqlcache._readthrough.Read` of a primary-key load and answers it."""
 
-    def __init__(self, reads: ReadThrough, registry: Registry, txns: Transactions, prefix: str) -> None:
+    def __init__(self, reads: ReadThrough, registry: Registry, txns: Transactions, layout: Layout) -> None:
         self._reads = reads
         self._registry = registry
         self._txns = txns
-        self._prefix = prefix
+        self._layout = layout
         self._metas: dict[Mapper[Any], SimpleResultMetaData] = {}
         # per hierarchy, the dependencies every entry of it has besides its row (its tables' bulk keys and
         # the global key), and its base table's row-writes key: the same for every read
@@ -88,11 +90,11 @@ class IdentityReader:
         :func:`identity_keys`); raises CodecError for a key value the codec cannot encode."""
         shared = self._shared_deps.get(h)
         if shared is None:
-            shared = shared_deps(self._prefix, h)
+            shared = shared_deps(self._layout, h)
             if len(self._shared_deps) > 4096:
                 self._shared_deps.clear()
             self._shared_deps[h] = shared
-        entry_key, deps = identity_keys(self._prefix, h, pk, translation, shared)
+        entry_key, deps = identity_keys(self._layout, h, pk, translation, shared)
         return entry_key, deps, shared[1]
 
     def _on_hit(
@@ -125,15 +127,18 @@ class IdentityReader:
         return IteratorResult(meta, iter(() if obj is None else ((obj,),)))
 
 
-def shared_deps(prefix: str, h: Hierarchy) -> tuple[tuple[str, ...], str]:
+def shared_deps(layout: Layout, h: Hierarchy) -> tuple[tuple[str, ...], str]:
     """The dependencies every identity entry of ``h`` has besides its row (its tables' bulk keys and
-    the key of every entry), and its base table's row-writes key."""
-    deps = (*(_keys.bulk_dep_key(prefix, t) for t in h.tables), _keys.global_dep_key(prefix))
-    return deps, _keys.row_writes_key(prefix, h.base_table)
+    the key of every entry of each shard involved), and its base table's row-writes key."""
+    at = layout.at
+    bulk = [_keys.bulk_dep_key(at(t), t) for t in h.tables]
+    base = at(h.base_table)
+    everything = layout.everything_of([_keys.row_writes_key(base, h.base_table), *bulk])
+    return (*bulk, *everything), _keys.row_writes_key(base, h.base_table)
 
 
 def identity_keys(
-    prefix: str,
+    layout: Layout,
     h: Hierarchy,
     pk: tuple[Any, ...],
     translation: str = "",
@@ -142,9 +147,10 @@ def identity_keys(
     """(entry key, dependency keys) of the entry of ``pk`` in ``h``; the row's own dependency first.
     ``shared``: :func:`shared_deps` of ``h``, if the caller keeps it. Raises CodecError for a key value
     the codec cannot encode."""
+    prefix = layout.at(h.base_table)
     dep_identity = _keys.identity_dep_key(prefix, h.base_table, pk)
     entry_key = _keys.identity_entry_key(prefix, h.fingerprint + translation, h.entity, pk)
-    deps_of_all = (shared or shared_deps(prefix, h))[0]
+    deps_of_all = (shared or shared_deps(layout, h))[0]
     return entry_key, [dep_identity, *deps_of_all]
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import signals
+from ._keys import Layout
 from ._protocol import StoreSlot
 from ._report import Reporter
 from .errors import CacheUnavailable
@@ -31,12 +32,14 @@ Announce = Callable[[list[Identity], list[str]], tuple[str, bytes] | None]
 class Keys:
     """The keys and generation lifetime every Redis operation of one cache names."""
 
-    __slots__ = ("clock", "everything", "gen_ttl_ms", "prefix")
+    __slots__ = ("clock", "everything", "gen_ttl_ms", "layout", "prefix")
 
-    def __init__(self, prefix: str, clock: str, everything: str, gen_ttl_ms: int) -> None:
-        self.prefix = prefix
-        self.clock = clock  # the invalidation clock
-        self.everything = everything  # the dependency of every entry (a fence moves it)
+    def __init__(self, layout: Layout, clock: str, gen_ttl_ms: int) -> None:
+        self.layout = layout  # which prefix starts the keys of each table and tag
+        self.prefix = layout.base
+        self.clock = clock  # the invalidation clock (of the first shard; a sharded store finds the others)
+        # the dependency of every entry, one per shard (a fence moves them all)
+        self.everything: list[str] = list(layout.everything)
         self.gen_ttl_ms = gen_ttl_ms
 
 
@@ -125,7 +128,7 @@ class Journal:
             asked = self._fences_asked
             fence = asked != self._fences_done
         if fence:
-            keys = [self._keys.everything]
+            keys = list(self._keys.everything)
         run = self._rep.begin("replay", keys=len(keys)) if self._rep.hooks else None
         try:
             try:

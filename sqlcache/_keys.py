@@ -19,31 +19,41 @@ every key of ``a:b``).
 {ns}:d:*                        dependency of every entry: moved by writes we cannot attribute
                                     to a table (text SQL) and by a fence after lost invalidations
 {ns}:stats:{process}            one process's published stats() (publish_stats=), with a short TTL
+{ns}:layout                     how many shards the cache's keys are spread over (lineage.lua checks it)
+
+Sharded (``SQLCache(cluster, shards=n)``): each table and each user tag belongs to one of ``n`` shards,
+each with a hash tag of its own (:class:`Layout`). Keys of a table or a tag start with their shard's
+namespace; every shard has its own clock, lineage, layout and dependency of every entry. Shard 0 is the
+unsharded namespace itself.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from hashlib import blake2b
 from urllib.parse import quote
 
 from ._codec import encode_body
 
 __all__ = [
+    "Layout",
     "bulk_dep_key",
     "channel",
     "clock_key",
     "global_dep_key",
     "identity_dep_key",
     "identity_entry_key",
+    "layout_key",
     "lineage_key",
     "namespace",
     "pk_token",
     "query_key",
     "row_writes_key",
     "scan_pattern",
+    "shard_of",
+    "shard_prefixes",
     "slot_prefix",
     "stats_key",
     "stats_pattern",
@@ -70,6 +80,91 @@ def slot_prefix(prefix: str) -> str:
     (``{prefix}``), with ``{`` and ``}`` escaped (``%7B``, ``%7D``) so that the tag is exactly it."""
     inner = prefix.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
     return "{" + inner + "}"
+
+
+def layout_key(prefix: str) -> str:
+    return f"{namespace(prefix)}:layout"
+
+
+def shard_of(name: str, n: int) -> int:
+    """The shard of a table or a tag among ``n``: the same in every process, whatever it registered."""
+    if n == 1:
+        return 0
+    return int.from_bytes(blake2b(name.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big") % n
+
+
+def shard_prefixes(base: str, n: int, slot: Callable[[str], int], slots: int = 16384) -> list[str]:
+    """The prefixes of ``n`` shards of a cache whose unsharded prefix is ``base`` (a hash tag,
+    :func:`slot_prefix`): ``base`` itself for shard 0, then ``{inner%s<i>.<salt>}``, the salt the
+    first that puts the shard's slot (``slot`` of a key that starts with it) in the i-th of ``n`` equal
+    ranges after shard 0's, so that the shards spread evenly over a cluster's nodes.
+
+    No other prefix's namespace can start like a shard's: escaping makes every ``%`` of a namespace
+    ``%25`` followed by ``25``, ``7B``, ``7D`` or ``3A``, and a shard's tag holds ``%25s``."""
+    if not (base.startswith("{") and base.endswith("}")):
+        raise ValueError(f"not a hash-tag prefix: {base!r}")
+    out = [base]
+    start = slot(clock_key(base))
+    width = slots // n
+    for i in range(1, n):
+        low = (start + i * width) % slots
+        salt = 0
+        while True:
+            candidate = f"{base[:-1]}%s{i}.{salt}}}"
+            if (slot(clock_key(candidate)) - low) % slots < width:
+                break
+            salt += 1
+        out.append(candidate)
+    return out
+
+
+class Layout:
+    """Which prefix starts the keys of each table and tag, and the dependency of every entry of each
+    shard. Pure. One shard: every key starts with ``base`` (the keys of an unsharded cache)."""
+
+    __slots__ = ("_at", "base", "everything", "n", "namespaces", "prefixes")
+
+    def __init__(self, prefixes: Sequence[str]) -> None:
+        self.prefixes = tuple(prefixes)
+        self.base = self.prefixes[0]
+        self.n = len(self.prefixes)
+        self.namespaces = tuple(namespace(p) for p in self.prefixes)
+        #: the dependency of every entry, one per shard: writes that cannot be attributed, fences
+        self.everything = tuple(global_dep_key(p) for p in self.prefixes)
+        self._at: dict[str, str] = {}
+
+    def at(self, name: str) -> str:
+        """The prefix of the shard of table or tag ``name``."""
+        if self.n == 1:
+            return self.base
+        p = self._at.get(name)
+        if p is None:
+            if len(self._at) > 65536:
+                self._at.clear()
+            p = self._at[name] = self.prefixes[shard_of(name, self.n)]
+        return p
+
+    def everything_of(self, keys: Sequence[str]) -> list[str]:
+        """The dependency of every entry of each shard that ``keys`` are in (an entry spanning shards
+        depends on each one's: a fence of any of them must reach it)."""
+        if self.n == 1:
+            return [self.everything[0]]
+        out: list[str] = []
+        for k in keys:
+            for i, ns in enumerate(self.namespaces):
+                if k.startswith(ns) and k[len(ns) : len(ns) + 1] == ":":
+                    g = self.everything[i]
+                    if g not in out:
+                        out.append(g)
+                    break
+        return out
+
+    def owns(self, key: str) -> bool:
+        """Whether ``key`` is one of this cache's."""
+        return any(key.startswith(ns + ":") for ns in self.namespaces)
+
+    def is_row_writes(self, key: str) -> bool:
+        return any(key.startswith(ns + ":d:r:") for ns in self.namespaces)
 
 
 def clock_key(prefix: str) -> str:

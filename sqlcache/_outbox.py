@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import _keys
+from ._keys import Layout
 from ._txn import coarse_keys
 from .errors import ConfigurationError, SQLCacheError
 
@@ -82,8 +82,8 @@ def encode_body(keys: Sequence[str], tags: Sequence[str]) -> str:
     return json.dumps({"keys": list(keys), "tags": list(tags)}, separators=(",", ":"))
 
 
-def decode_body(body: object, prefix: str) -> tuple[list[str], list[str]] | None:
-    """The keys (only those under ``prefix``) and tags of a row; None if the body is not ours."""
+def decode_body(body: object, layout: Layout) -> tuple[list[str], list[str]] | None:
+    """The keys (only the cache's own: ``layout``) and tags of a row; None if the body is not ours."""
     try:
         data = json.loads(body if isinstance(body, (str, bytes)) else "")
         keys = data["keys"]
@@ -94,8 +94,7 @@ def decode_body(body: object, prefix: str) -> tuple[list[str], list[str]] | None
         return None
     if not all(isinstance(k, str) for k in keys) or not all(isinstance(t, str) for t in tags):
         return None
-    mine = _keys.namespace(prefix) + ":"
-    return [k for k in keys if k.startswith(mine)], tags
+    return [k for k in keys if layout.owns(k)], tags
 
 
 class _Statement:
@@ -188,12 +187,14 @@ class OutboxWriter:
     :param new_relay: builds (without starting) the relay of an engine.
     """
 
-    def __init__(self, prefix: str, table: str, new_relay: Callable[[Engine], Relay]) -> None:
+    def __init__(self, layout: Layout, table: str, new_relay: Callable[[Engine], Relay]) -> None:
+        prefix = layout.base
         if len(prefix) > 255:  # the key prefix: a cluster's hash tag adds to the user's
             raise ConfigurationError(
                 "durable=True needs a prefix of at most 255 characters (the outbox column)"
             )
         self._prefix = prefix
+        self._layout = layout
         self._table = table
         self._new_relay = new_relay
         self.relays: dict[Any, Relay] = {}  # engine.pool -> its relay
@@ -248,7 +249,7 @@ class OutboxWriter:
         else:
             body = encode_body(keys, tags)
             if len(body) > MAX_BODY_CHARS:
-                body = encode_body(coarse_keys(self._prefix, st), tags)
+                body = encode_body(coarse_keys(self._layout, st), tags)
             relay.ensure_running()  # a relay thread that died is noticed by the next commit
             try:
                 return OutboxRow(relay, relay.sql.write(dbapi_connection, self._prefix, body))
@@ -268,4 +269,4 @@ class OutboxWriter:
     def write_early(self, st: TxnState, conn: Connection) -> None:
         """AUTOCOMMIT: a write is about to be committed by the statement itself, with no COMMIT to
         write the outbox row before; write a row with the statement's table-wide keys first."""
-        st.outbox = self.write(st, conn, coarse_keys(self._prefix, st), [])
+        st.outbox = self.write(st, conn, coarse_keys(self._layout, st), [])

@@ -44,6 +44,28 @@ SCRIPTS = ("generations", "fill", "lock", "release", "unlock")
 # (keys, args) of one script call
 Call = tuple[list[str], list[Any]]
 
+#: A reading of the invalidation clock: an int for a cache in one slot; for a sharded cache, the
+#: reading of each shard read (by the namespace that starts its keys), since each shard draws
+#: generations from a clock of its own and only one shard's generations compare with its clock.
+Clock = int | dict[str, int]
+
+
+def merge_clocks(first: Clock, later: Clock) -> Clock:
+    """Clock readings taken before a transaction's snapshot, kept together: the first of each shard."""
+    if type(first) is dict and type(later) is dict:
+        return {**later, **first}
+    return first
+
+
+def earliest(a: Clock, b: Clock) -> Clock:
+    """The tighter of two fill bounds (two connections' snapshots): per shard, the smaller; a shard
+    only one of them knows bounds nothing it can vouch for, so it is left out (its fills refused)."""
+    if type(a) is dict or type(b) is dict:
+        if type(a) is not dict or type(b) is not dict:
+            return {}
+        return {s: min(v, b[s]) for s, v in a.items() if s in b}
+    return min(a, b)  # type: ignore[type-var]
+
 
 @dataclass(eq=False, slots=True)  # not frozen: a frozen dataclass is slow to build, and this is per read
 class ReadResult:
@@ -56,7 +78,7 @@ class ReadResult:
     hit: bool
     payload: bytes | None
     generations: bytes | None
-    clock: int
+    clock: Clock
     locked: bool
     stale: bool = False  # a valid entry past its TTL, served only under stale-while-revalidate
 
@@ -110,7 +132,7 @@ class Store(Protocol):
         payload: bytes,
         ttl_ms: int,
         generations: bytes,
-        snapshot_clock: int | None,
+        snapshot_clock: Clock | None,
         gen_ttl_ms: int,
         fresh_until_ms: int | None = None,
         lock_token: str = "",
@@ -294,15 +316,21 @@ def fill_call(
     payload: bytes,
     ttl_ms: int,
     generations: bytes,
-    snapshot_clock: int | None,
+    snapshot_clock: Clock | None,
     gen_ttl_ms: int,
     fresh_until_ms: int | None,
     lock_token: str,
+    header: bytes = b"",
 ) -> Call:
+    """``header``: the generations to store when ``dep_keys`` are only the entry's dependencies in its
+    own shard (``generations`` theirs); b"": ``generations`` themselves."""
     keys = [clock_key, entry_key, fill_lock_key(entry_key), *dep_keys]
-    bound = "" if snapshot_clock is None else str(snapshot_clock)
+    if snapshot_clock is None:
+        bound = ""
+    else:  # a shard's reading where one clock is expected bounds nothing: every generation is after it
+        bound = str(snapshot_clock) if type(snapshot_clock) is int else "0"
     suffix = "" if fresh_until_ms is None else f";F{fresh_until_ms}"
-    return keys, [payload, ttl_ms, generations, bound, gen_ttl_ms, suffix, lock_token]
+    return keys, [payload, ttl_ms, generations, bound, gen_ttl_ms, suffix, lock_token, header]
 
 
 def unlock_call(clock_key: str, entry_key: str, token: str) -> Call:
@@ -369,7 +397,7 @@ class ScriptCalls:
         payload: bytes,
         ttl_ms: int,
         generations: bytes,
-        snapshot_clock: int | None,
+        snapshot_clock: Clock | None,
         gen_ttl_ms: int,
         fresh_until_ms: int | None = None,
         lock_token: str = "",

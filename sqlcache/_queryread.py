@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from sqlalchemy.engine.result import FrozenResult, Result
     from sqlalchemy.orm import ORMExecuteState
 
+    from ._keys import Layout
+
 __all__ = ["DecodedCache", "QueryReader"]
 
 # what describing an unusual statement may raise; such a statement is simply not cached
@@ -46,7 +48,7 @@ class QueryReader:
         registry: Registry,
         txns: Transactions,
         reporter: Reporter,
-        prefix: str,
+        layout: Layout,
         default_ttl: int | None,
         decoded: DecodedCache,
     ) -> None:
@@ -54,9 +56,8 @@ class QueryReader:
         self._registry = registry
         self._txns = txns
         self._rep = reporter
-        self._prefix = prefix
+        self._layout = layout
         self._default_ttl = default_ttl
-        self._everything = _keys.global_dep_key(prefix)
         self._decoded = decoded
         self._specs: dict[Any, QuerySpec] = {}
 
@@ -94,12 +95,12 @@ class QueryReader:
         if self._txns.wrote(orm_state.session, None, (), spec.tables):
             self._reads.bypass("query", spec.model, qp.tags)
             return None
-        p = self._prefix
+        at = self._layout.at
         deps = [
-            *(_keys.table_dep_key(p, t) for t in spec.tables),
-            *(_keys.tag_dep_key(p, t) for t in qp.tags),
-            self._everything,
+            *(_keys.table_dep_key(at(t), t) for t in spec.tables),
+            *(_keys.tag_dep_key(at(t), t) for t in qp.tags),
         ]
+        deps += self._layout.everything_of([key, *deps])
         ttl = qp.ttl if qp.ttl is not None else self._default_ttl
         rd = Read(
             "query",
@@ -138,7 +139,10 @@ class QueryReader:
             # its own error the way it would without the cache
             raise Uncacheable(f"a parameter's value: {exc!r}") from exc
         params.append(sorted(given.items()))
-        key = _keys.query_key(self._prefix, digest([spec.digest, params, list(qp.tags), translation]))
+        # an entry lives in the shard of its first table (of its first tag if it reads none)
+        first = spec.tables[0] if spec.tables else qp.tags[0] if qp.tags else ""
+        entry_prefix = self._layout.at(first) if first else self._layout.base
+        key = _keys.query_key(entry_prefix, digest([spec.digest, params, list(qp.tags), translation]))
         return spec_key, spec, key
 
     def _spec(self, stmt: Any, ck: Any, engine: Engine) -> tuple[Any, QuerySpec]:

@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import _aio, _keys
+from . import _aio
+from ._keys import Layout
 from ._outbox import APPLY_CHUNK, OutboxSQL, decode_body
 from ._report import Reporter
 from .errors import CacheUnavailable, CodecError
@@ -71,7 +72,7 @@ class Relay:
         prefix: str,
         apply: Callable[[list[str], list[str]], None],
         reporter: Reporter,
-        fence_key: str,
+        layout: Layout,
         backoff: float,
         max_backoff: float,
         source: Engine | None = None,
@@ -85,7 +86,7 @@ class Relay:
         self._prefix = prefix
         self._apply = apply
         self._rep = reporter
-        self._fence_key = fence_key
+        self._layout = layout
         self._backoff = backoff
         self._max_backoff = max_backoff
         self.sql = sql
@@ -245,11 +246,11 @@ class Relay:
         keys: dict[str, None] = {}
         tags: dict[str, None] = {}
         for _row_id, body in rows:
-            parsed = decode_body(body, self._prefix)
+            parsed = decode_body(body, self._layout)
             if parsed is None:
                 # not a row we can read: fence the whole prefix rather than lose what it held
                 log.warning("sqlcache relay: unreadable outbox row; invalidating every entry instead")
-                keys[self._fence_key] = None
+                keys.update(dict.fromkeys(self._layout.everything))
                 tags["*"] = None
                 continue
             keys.update(dict.fromkeys(parsed[0]))
@@ -257,8 +258,7 @@ class Relay:
         # every table's row-writes key (d:r:T) before any row key (d:i:T:pk): a chunk boundary may split
         # them, and a row key moved while d:r:T still holds its old generation could, once evicted, borrow
         # that old generation back (the warm-up rule, consistency.md)
-        row_writes = _keys.row_writes_key(self._prefix, "")
-        ordered = sorted(keys, key=lambda k: not k.startswith(row_writes))
+        ordered = sorted(keys, key=lambda k: not self._layout.is_row_writes(k))
         for start in range(0, len(ordered), APPLY_CHUNK):
             # bounded calls: one huge script would outlast the Redis timeout and be retried forever
             self._apply(ordered[start : start + APPLY_CHUNK], list(tags) if start == 0 else [])

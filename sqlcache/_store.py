@@ -16,6 +16,7 @@ import redis.sentinel
 
 from . import _protocol as proto
 from ._health import Health
+from ._keys import Layout
 from ._protocol import ReadResult, SentLock
 from .errors import CacheUnavailable, ConfigurationError
 
@@ -179,10 +180,18 @@ class RedisStore(proto.ScriptCalls):
     operation; turns every Redis failure into CacheUnavailable, and skips Redis while ``health`` backs
     off (shared with the cache's other stores)."""
 
-    def __init__(self, client: redis.Redis, health: Health, node: str = "") -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        health: Health,
+        node: str = "",
+        shards: Callable[[], Sequence[int]] | None = None,
+    ) -> None:
         self.client = client
         self.health = health
         self._node = node  # the cluster node it talks to ("" for a server of its own)
+        # the shards whose lineage a new connection checks (those the node serves; None: the first)
+        self._shards = shards
         self._scripts = {name: client.register_script(script_source(name)) for name in proto.SCRIPTS}
         self._loaded_epoch = -1  # health.epoch when the scripts were last loaded; -1: not loaded
         # every new connection asks the server for its run id before anything else is sent on it, so a
@@ -231,12 +240,16 @@ class RedisStore(proto.ScriptCalls):
 
     def _on_connect(self, conn: Any) -> None:
         conn.on_connect()
-        lineage = self.health.lineage_call()
-        if lineage is None:
+        calls = self.health.lineage_calls((0,) if self._shards is None else self._shards())
+        if not calls:
             conn.send_command("INFO", "server")
             self.health.connected(conn.read_response(), self._node)
-        else:  # first on this connection: the run id, and a fence if the data is not this server's
-            conn.send_command("EVAL", LINEAGE_SOURCE, 3, *lineage)
+            return
+        # first on this connection: the run id, and a fence if the data is not this server's (each
+        # shard it serves: one round trip for all)
+        for call in calls:
+            conn.send_command("EVAL", LINEAGE_SOURCE, 4, *call)
+        for _ in calls:
             self.health.lineage_checked(conn.read_response(), self._node)
 
     def _load_scripts(self) -> None:
@@ -393,6 +406,10 @@ class RedisStore(proto.ScriptCalls):
     def key_prefix(self, prefix: str) -> str:
         """What starts this store's keys for the user's ``prefix`` (``_keys.namespace`` escapes it)."""
         return prefix
+
+    def key_layout(self, prefix: str) -> Layout:
+        """Which prefix starts the keys of each table and tag: one server, one shard."""
+        return Layout([self.key_prefix(prefix)])
 
     def disconnect(self) -> None:
         """Close every connection this store opened (the client is sqlcache's own)."""

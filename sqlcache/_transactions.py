@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from . import _sa
+from ._protocol import Clock, earliest, merge_clocks
 from ._txn import ScopeChange, TxnState
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ class FillBound:
 
     __slots__ = ("clock", "ok")
 
-    def __init__(self, ok: bool, clock: int | None) -> None:
+    def __init__(self, ok: bool, clock: Clock | None) -> None:
         self.ok = ok
         self.clock = clock
 
@@ -214,13 +215,22 @@ class Transactions:
                 out.append(st)
         return out
 
-    def note_clock(self, session: Session, clock: int, txns: list[TxnState]) -> None:
-        """Remember a clock reading taken before the transaction's first statement, if it is one."""
+    def note_clock(self, session: Session, clock: Clock, txns: list[TxnState]) -> None:
+        """Remember a clock reading taken before the transaction's first statement, if it is one (a
+        sharded cache's readings of several shards are kept together, the first of each)."""
+        if type(clock) is int:  # one clock: the first reading stands
+            if not txns:
+                session.info.setdefault(self._clock_key, clock)  # handed to the connection by session_began
+            for st in txns:
+                if not st.began_sql and st.clock0 is None:
+                    st.clock0 = clock
+            return
         if not txns:
-            session.info.setdefault(self._clock_key, clock)  # handed to the connection by session_began
+            noted = session.info.get(self._clock_key)
+            session.info[self._clock_key] = clock if noted is None else merge_clocks(noted, clock)
         for st in txns:
-            if not st.began_sql and st.clock0 is None:
-                st.clock0 = clock
+            if not st.began_sql:
+                st.clock0 = clock if st.clock0 is None else merge_clocks(st.clock0, clock)
 
     def wrote(
         self, session: Session, identity: str | None, bulk: Iterable[str], tables: Iterable[str]
@@ -245,14 +255,14 @@ class Transactions:
                 # the statement ran on a connection whose names resolve elsewhere (a SET search_path
                 # left on it by an earlier checkout, say): its rows are not the shared key's
                 return FillBound(False, None)
-        bound: int | None = None
+        bound: Clock | None = None
         for st, fixed in self._with_isolation(session):
             if fixed:
                 if st.clock0 is None:
                     # the snapshot was fixed by a statement that ran before any clock reading, so a
                     # commit between the two could be invisible to us
                     return FillBound(False, None)
-                bound = st.clock0 if bound is None else min(bound, st.clock0)
+                bound = st.clock0 if bound is None else earliest(bound, st.clock0)
         return FillBound(True, bound)
 
     def _with_isolation(self, session: Session) -> Iterator[tuple[TxnState, bool]]:

@@ -15,6 +15,8 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import InstanceState
 
     from ._hierarchy import Hierarchy
+    from ._keys import Layout
+    from ._protocol import Clock
 
 __all__ = [
     "IdentityWrite",
@@ -259,7 +261,7 @@ class TxnState:
     bulk: dict[str, Table] = field(default_factory=dict)  # tables written by statements, rows unknown
     everything: bool = False  # a write we could not attribute to a table
     began_sql: bool = False  # a statement ran: the database snapshot may already be fixed
-    clock0: int | None = None  # invalidation clock read before the first statement
+    clock0: Clock | None = None  # invalidation clock read before the first statement
     outbox: Any = None  # durable: (relay, row id) of the outbox row already written (AUTOCOMMIT)
     translated: bool = False  # a write ran under a schema_translate_map
 
@@ -267,16 +269,17 @@ class TxnState:
         return bool(self.identities or self.tables or self.everything)
 
 
-def coarse_keys(prefix: str, st: TxnState) -> list[str]:
+def coarse_keys(layout: Layout, st: TxnState) -> list[str]:
     """Table-wide dependency keys covering everything ``st`` wrote: a few keys however many rows (a
     huge transaction's release, a bounded outbox row). Coarser, never weaker: every identity entry
     depends on its tables' bulk keys, every query on its tables' keys."""
     if st.everything:
-        return [_keys.global_dep_key(prefix)]
+        return list(layout.everything)
     tables = set(st.tables) | set(st.bulk)
     for w in st.identities.values():
         tables.update(w.hierarchy.tables)
     out = []
     for name in sorted(tables):
-        out += [_keys.bulk_dep_key(prefix, name), _keys.table_dep_key(prefix, name)]
+        p = layout.at(name)
+        out += [_keys.bulk_dep_key(p, name), _keys.table_dep_key(p, name)]
     return out

@@ -166,8 +166,10 @@ class SQLCache:
         self._slot = slot = StoreSlot(self.store)
         self._rep = rep = Reporter(self, lambda: self._health.ok_seq)
         self._plugins = Plugins(rep, slot, self.store.server)
-        self._kp = p = self.store.key_prefix(c.prefix)  # what starts every key (a hash tag on a cluster)
-        self._keys = keys = Keys(p, _keys.clock_key(p), _keys.global_dep_key(p), c.generation_ttl * 1000)
+        # which prefix starts every key (a hash tag on a cluster; one per shard on a sharded cluster)
+        layout = self.store.key_layout(c.prefix)
+        self._kp = p = layout.base
+        self._keys = keys = Keys(layout, _keys.clock_key(p), c.generation_ttl * 1000)
         self._announcer = announcer = Announcer(p, c.broadcast, sealer)
         self._journal = journal = Journal(
             slot, rep, keys, announcer.announce, lambda: self._health.backing_off, c.backoff
@@ -175,10 +177,14 @@ class SQLCache:
         self._health.on_restart = journal.fence
         if c.wait_replicas:
             self._health.wait = (c.wait_replicas, max(1, round(c.wait_timeout * 1000)))
-        self._health.lineage = (keys.clock, _keys.lineage_key(p), keys.everything, keys.gen_ttl_ms)
+        self._health.lineage = [
+            (_keys.clock_key(s), _keys.lineage_key(s), _keys.global_dep_key(s), _keys.layout_key(s),
+             keys.gen_ttl_ms, str(layout.n))
+            for s in layout.prefixes
+        ]  # fmt: skip
         self._registry = registry = Registry(c.default_ttl)
         self._txns = txns = Transactions(id(self))
-        self._outbox = OutboxWriter(p, c.outbox_table, self._new_relay) if c.durable else None
+        self._outbox = OutboxWriter(layout, c.outbox_table, self._new_relay) if c.durable else None
         if self._outbox is not None:
             journal.on_replayed.append(self._outbox.wake_all)
         reads = ReadThrough(
@@ -191,8 +197,8 @@ class SQLCache:
         stats = weakref.WeakMethod(self.stats)  # the thread must not keep the cache alive
         self._publisher = Publisher(self.store, rep, p, c.prefix, c.publish_stats, stats)
         self._decoded = decoded = DecodedCache(c.decoded_cache_bytes, registry.hierarchy, rep)
-        identities = IdentityReader(reads, registry, txns, p)
-        queries = QueryReader(reads, registry, txns, rep, p, c.default_ttl, decoded)
+        identities = IdentityReader(reads, registry, txns, layout)
+        queries = QueryReader(reads, registry, txns, rep, layout, c.default_ttl, decoded)
         self._wiring = Wiring(txns, registry, commits, identities, queries, reads, self._outbox)
         self._direct = DirectReader(reads, identities, registry, txns, self._wiring.serves)
 
@@ -388,15 +394,15 @@ class SQLCache:
         """Invalidate the entry of one row now (outside any transaction)."""
         h = self._registry.hierarchy(mapper_of(cls))
         pk_t = pk if isinstance(pk, tuple) else (pk,)
-        p = self._kp
+        p = self._keys.layout.at(h.base_table)
         keys = [_keys.identity_dep_key(p, h.base_table, pk_t), _keys.row_writes_key(p, h.base_table)]
         self._journal.invalidate_now(keys, [(h.mapper.class_, pk_t)], [])
 
     def invalidate_model(self, cls: type[Any]) -> None:
         """Invalidate every entry of ``cls`` and of the tables of its inheritance hierarchy."""
         h = self._registry.hierarchy(mapper_of(cls))
-        p = self._kp
-        keys = [k for t in h.tables for k in (_keys.bulk_dep_key(p, t), _keys.table_dep_key(p, t))]
+        at = self._keys.layout.at
+        keys = [k for t in h.tables for k in (_keys.bulk_dep_key(at(t), t), _keys.table_dep_key(at(t), t))]
         self._journal.invalidate_now(keys, [], [f"table:{t}" for t in h.tables])
 
     def invalidate_tags(self, *tags: str) -> None:
@@ -404,7 +410,7 @@ class SQLCache:
         for t in tags:
             if not isinstance(t, str) or not t:
                 raise ConfigurationError(f"tags must be non-empty strings, got {t!r}")
-        keys = [_keys.tag_dep_key(self._kp, t) for t in tags]
+        keys = [_keys.tag_dep_key(self._keys.layout.at(t), t) for t in tags]
         self._journal.invalidate_now(keys, [], list(tags))
 
     def clear(self) -> int:
@@ -412,9 +418,11 @@ class SQLCache:
 
         A fill in flight when this runs is refused, since the generations it saw are gone.
         """
+        removed = 0
         with self._rep.degrade("clear"):
-            return self._slot.current.delete_matching(_keys.scan_pattern(self._kp))
-        return 0
+            for prefix in self._keys.layout.prefixes:  # each shard's keys, on the node serving it
+                removed += self._slot.current.delete_matching(_keys.scan_pattern(prefix))
+        return removed
 
     def stats(self) -> dict[str, int]:
         """Counters since this cache was created (see ``sqlcache._stats.COUNTERS`` for each meaning)."""
@@ -487,7 +495,7 @@ class SQLCache:
         own, runner = relay_engine(engine, None if stores is None else stores.aclose_current)
         return Relay(
             own, OutboxSQL(self.outbox_table(), own.dialect, batch=500), c.relay_interval, c.relay_grace,
-            prefix=self._kp, apply=self._journal.apply, reporter=self._rep, fence_key=self._keys.everything,
+            prefix=self._kp, apply=self._journal.apply, reporter=self._rep, layout=self._keys.layout,
             backoff=c.backoff, max_backoff=c.max_backoff, source=engine, runner=runner,
         )  # fmt: skip
 

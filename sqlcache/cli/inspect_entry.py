@@ -23,6 +23,7 @@ from sqlcache import _protocol as proto
 from sqlcache._codec import decode
 from sqlcache._hierarchy import Hierarchy, hierarchy_for
 from sqlcache._identity import identity_keys
+from sqlcache._keys import Layout
 from sqlcache._objects import decode_entry
 from sqlcache._registry import mapper_of
 from sqlcache._seal import Sealer
@@ -131,7 +132,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         p = target.key_prefix
         if h is not None:
             try:
-                entry, deps = identity_keys(p, h, _pk(h, args.pk))
+                entry, deps = identity_keys(Layout([p]), h, _pk(h, args.pk))
             except (ConfigurationError, CodecError) as exc:
                 print(f"sqlcache inspect: {exc}", file=sys.stderr)
                 return 2

@@ -21,19 +21,20 @@ end
 
 -- A clock is a plain decimal below 2^53: past it a double no longer counts by one, clock + 1 == clock,
 -- and every generation drawn from it would be the same. Anything else (garbage, a huge or hostile value)
--- and a missing clock (evicted, deleted, or a flushed Redis) start again one second ahead of Redis
--- TIME: ahead of every generation drawn before, since the clock runs ahead of TIME only by one
--- microsecond per generation a script draws (bounded: a release takes at most a few thousand keys), so
--- no generation ever repeats. It is written at once so that the value reported to a reader is the one
--- later generations are drawn above.
+-- and a missing clock (evicted, deleted, or a flushed Redis) start again CLOCK_LEAD (a minute) ahead of
+-- Redis TIME: ahead of every generation drawn before, since the clock runs ahead of TIME only by that
+-- lead (a reset, or a fence in lineage.lua, moves it there) plus one microsecond per generation a script
+-- draws (bounded: a release takes at most a few thousand keys), so no generation ever repeats. It is
+-- written at once so that the value reported to a reader is the one later generations are drawn above.
 local MAX_CLOCK = 9007199254740991
+local CLOCK_LEAD = 60000000
 local function clock_value(clock_key)
   local v = redis.pcall('GET', clock_key)
   if type(v) == 'string' and #v <= 16 and string.match(v, '^%d+$') then
     local n = tonumber(v)
     if n <= MAX_CLOCK then return n end
   end
-  local fresh = now_us() + 1000000
+  local fresh = now_us() + CLOCK_LEAD
   redis.call('DEL', clock_key)
   redis.call('SET', clock_key, fmt(fresh))
   return fresh

@@ -4,7 +4,8 @@
 -- ARGV[1] payload; ARGV[2] entry ttl ms (0 = none); ARGV[3] generations seen at the miss;
 -- ARGV[4] snapshot clock of the reading transaction ('' when its snapshot is per statement);
 -- ARGV[5] ttl ms of generation keys (0 = none); ARGV[6] header suffix (';F<ms>' fresh-until for
--- stale-while-revalidate entries, else ''); ARGV[7] fill lock token ('' = none held)
+-- stale-while-revalidate entries, else ''); ARGV[7] fill lock token ('' = none held); ARGV[8] the
+-- generations to store when KEYS[4..n] are only the entry's dependencies in its own shard ('' = ARGV[3])
 -- returns 1 if stored; 0 if refused as stale; 2 if refused because a dependency changed after the
 -- reading transaction's snapshot (repeatable read)
 -- An entry is "g1,g2,...[;F<ms>]|payload": valid while each dependency still holds exactly that
@@ -25,7 +26,9 @@ if ARGV[4] ~= '' then
     if tonumber(gens[i]) > bound then return 2 end
   end
 end
-local entry = ARGV[3] .. ARGV[6] .. '|' .. ARGV[1]
+local header = ARGV[3]
+if ARGV[8] ~= '' then header = ARGV[8] end
+local entry = header .. ARGV[6] .. '|' .. ARGV[1]
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then
   redis.call('SET', KEYS[2], entry, 'PX', ttl)

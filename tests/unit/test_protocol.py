@@ -82,7 +82,7 @@ def test_stale_while_revalidate_header() -> None:
 def test_fill_lock_and_release_calls() -> None:
     """Every key goes through KEYS (cluster-safe), values through ARGV, in the scripts' documented order."""
     keys, args = proto.fill_call("c", "e", ["d1"], b"pl", 10, b"5", None, 7, 99, "tok")
-    assert keys == ["c", "e", "e:lock", "d1"] and args == [b"pl", 10, b"5", "", 7, ";F99", "tok"]
+    assert keys == ["c", "e", "e:lock", "d1"] and args == [b"pl", 10, b"5", "", 7, ";F99", "tok", b""]
     keys, args = proto.lock_call("c", ["d1", "d2"], ["w1"], "tok", 60_000, 7)
     assert keys == ["c", "d1", "d2", "w1"] and args == ["tok", 2, 60_000, 7]
     entry = RepopEntry("e", ("d1", "w1"), 10, b"pl", ("=", "5"))
