@@ -28,7 +28,7 @@ from ._astore import AsyncRedisStore, LoopStore, async_client_like
 from ._cluster import ClusterStore, ClusterTarget, Router
 from ._health import Health
 from ._store import RedisStore
-from .errors import CacheUnavailable
+from .errors import CacheUnavailable, ConfigurationError
 
 __all__ = ["AsyncClusterStore", "async_store_maker"]
 
@@ -47,6 +47,11 @@ def async_store_maker(store: object, timeout: float, health: Health) -> Callable
     :raises ConfigurationError: a sync store with no asyncio twin (Sentinel, a custom connection class).
     """
     if isinstance(store, ClusterStore):
+        if store.shards > 1:
+            raise ConfigurationError(
+                "a cache sharded over a Redis Cluster (shards > 1) serves sync engines only for now: "
+                "attach the AsyncEngine to a cache with shards=1 (docs/pages/deployment.md)"
+            )
         target, slot = store.target, store.slot
         return lambda: AsyncClusterStore(target, slot, health)
     assert isinstance(store, RedisStore)

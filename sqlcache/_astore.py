@@ -341,6 +341,8 @@ class AsyncRedisStore(proto.ScriptCalls):
             removed = 0
             chunk: list[bytes] = []
             async for key in self.client.scan_iter(match=pattern, count=batch):
+                if key.endswith(b":layout") and key.count(b":") == 1:
+                    continue  # the layout's claim (RedisStore.delete_matching)
                 chunk.append(key)
                 if len(chunk) >= batch:
                     removed += int(await self.client.unlink(*chunk))

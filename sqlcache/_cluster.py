@@ -50,11 +50,22 @@ CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 _ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, OSError)
 
 
-def store_for(target: Any, timeout: float, health: Health) -> RedisStore | ClusterStore:
-    """The store for what the user passed: a cluster's router, or a store over a pool of sqlcache's own
-    (the caller's client is never changed)."""
+def store_for(target: Any, timeout: float, health: Health, shards: int = 1) -> RedisStore | ClusterStore:
+    """The store for what the user passed: a cluster's router (split by shard when ``shards`` > 1), or
+    a store over a pool of sqlcache's own (the caller's client is never changed).
+
+    :raises ConfigurationError: ``shards`` > 1 for a target that is not a Redis Cluster."""
     if is_cluster_target(target):
+        if shards > 1:
+            from ._shardstore import ShardedClusterStore  # imports this module
+
+            return ShardedClusterStore(cluster_factory(target, timeout), health, shards)
         return ClusterStore(cluster_factory(target, timeout), health)
+    if shards > 1:
+        raise ConfigurationError(
+            f"shards={shards} spreads keys over a Redis Cluster's nodes; {hide_password(repr(target))} "
+            "is a single server (or Sentinel): leave shards at 1"
+        )
     return RedisStore(client_for(target, timeout), health)
 
 
@@ -202,7 +213,7 @@ class ClusterStore(Router):
         self._cluster: redis.cluster.RedisCluster | None = None
         self._slot = -1  # set by key_prefix()
         self._stores: dict[str, RedisStore] = {}
-        self._owner: str | None = None  # the node that served the slot last
+        self._owners: dict[int, str] = {}  # per slot of the cache, the node that served it last
         self._refresh = False  # a call failed: ask the cluster again which node serves the slot
         # threads share the router: building the client, refreshing the topology and taking a new owner
         # happen under it (the common case, the owner's store, reads no shared state it changes)
@@ -226,6 +237,11 @@ class ClusterStore(Router):
         return self.health.backing_off
 
     @property
+    def shards(self) -> int:
+        """How many shards the cache's keys are spread over (1: one slot)."""
+        return 1
+
+    @property
     def slot(self) -> int:
         """The hash slot of every key of the cache (known once ``key_prefix`` ran)."""
         return self._slot
@@ -233,22 +249,31 @@ class ClusterStore(Router):
     # -- routing -----------------------------------------------------------------------------------
 
     def _node(self, operation: str) -> RedisStore:
-        """The store of the primary serving the slot now; a new primary fences (Health.moved)."""
+        """The store of the primary serving the cache's slot now; a new primary fences (Health.moved)."""
+        return self._node_at(self._slot, operation)
+
+    def _node_at(self, slot: int, operation: str) -> RedisStore:
+        """The store of the primary serving ``slot`` now; a new primary fences (Health.moved)."""
         health = self.health
         health.check(operation)
         cluster = self._cluster
         if cluster is not None and not self._refresh:
             try:
-                node = cluster.nodes_manager.get_node_from_slot(self._slot)  # its slot table: no I/O
+                node = cluster.nodes_manager.get_node_from_slot(slot)  # its slot table: no I/O
             except _ERRORS:
                 node = None  # the slow path says why
             store = None if node is None else self._stores.get(node.name)
-            if store is not None and node is not None and node.name == self._owner:
+            if store is not None and node is not None and node.name == self._owners.get(slot):
                 return store
         with self._mutex:
-            return self._route(operation)
+            return self._route(slot, operation)
 
-    def _route(self, operation: str) -> RedisStore:
+    def _served(self, name: str) -> Callable[[], list[int]] | None:
+        """Which of the cache's shards a new connection to node ``name`` checks the lineage of (None:
+        the only one)."""
+        return None
+
+    def _route(self, slot: int, operation: str) -> RedisStore:
         health = self.health
         try:
             cluster = self._cluster
@@ -257,22 +282,23 @@ class ClusterStore(Router):
             elif self._refresh:
                 self._refresh = False
                 cluster.nodes_manager.initialize()
-            node = cluster.nodes_manager.get_node_from_slot(self._slot)
+            node = cluster.nodes_manager.get_node_from_slot(slot)
             store = self._stores.get(node.name)
             if store is None:
-                store = RedisStore(self._node_client(node), health, node.name)
+                store = RedisStore(self._node_client(node), health, node.name, self._served(node.name))
                 self._stores[node.name] = store
         except _ERRORS as exc:
             self._refresh = True
             health.failed()
             raise CacheUnavailable(operation) from exc
-        if node.name != self._owner:
-            if self._owner is not None:
+        owner = self._owners.get(slot)
+        if node.name != owner:
+            if owner is not None:
                 health.moved()
                 # a node taking the slot (back) may keep connections from before: none may carry a
                 # read before lineage.lua ran on it, so every connection to it is made anew
                 store.disconnect()
-            self._owner = node.name
+            self._owners[slot] = node.name
         return store
 
     def _node_client(self, node: redis.cluster.ClusterNode) -> redis.Redis:
@@ -306,7 +332,7 @@ class ClusterStore(Router):
 
     def server(self) -> dict[str, str | int]:
         """The node serving the cache's slot, as last seen (``{}`` before the first call)."""
-        store = self._stores.get(self._owner or "")
+        store = self._stores.get(self._owners.get(self._slot, ""))
         return {} if store is None else store.server()
 
     def subscribe(self, channel: str) -> Subscription:

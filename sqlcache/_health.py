@@ -4,6 +4,7 @@ from one world skips Redis in the other too, and a restart is noticed once and f
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -11,6 +12,8 @@ from collections.abc import Callable, Sequence
 from .errors import CacheUnavailable
 
 __all__ = ["Health"]
+
+log = logging.getLogger("sqlcache")
 
 
 class Health:
@@ -88,6 +91,8 @@ class Health:
         """A call succeeded. If a new connection found the server restarted, its answer must not be
         used: the owner is told (it fences before the next read) and CacheUnavailable is raised."""
         if self.restart_pending:
+            if self.conflict is not None:  # the answer came under another layout: never used
+                raise CacheUnavailable(f"{operation} ({self.conflict})")
             # t0 entry e filled under generation g1; Redis snapshots to disk
             # t1 a commit moves g1 to g2, acknowledged; Redis dies before its next snapshot
             # t2 Redis restarts from the snapshot: e and g1 are back and e looks valid. This answer came
@@ -144,10 +149,19 @@ class Health:
         if other and self.lineage is not None:
             held = other.decode("ascii", "replace")[:20] if isinstance(other, bytes) else "?"
             mine = self.lineage[0][5]
+            if self.conflict is None:
+                log.error(
+                    "sqlcache: the prefix's keys are laid out for %r shards and this cache for %r; "
+                    "it will not use Redis",
+                    held,
+                    mine,
+                )
             self.conflict = (
                 f"the prefix's keys are laid out for {held!r} shards and this cache for {mine!r}: "
                 "its invalidations would miss theirs, so it does not use Redis (docs/pages/deployment.md)"
             )
+            with self._mutex:
+                self.restart_pending = True  # this connection's first answer is dropped too
 
     def short_ack(self, acked: object) -> str | None:
         """WAIT's reply after a release: why it is short of the replicas asked for, or None. The stores

@@ -24,6 +24,7 @@ __all__ = [
     "SentLock",
     "Store",
     "StoreSlot",
+    "clock_reading",
     "fill_call",
     "fill_lock_key",
     "generations_call",
@@ -224,6 +225,12 @@ def _number(raw: bytes | None) -> int | None:
     return value if value <= _MAX_CLOCK else None
 
 
+def clock_reading(raw: bytes | None) -> int | None:
+    """A clock as an MGET returned it: 0 if missing (it bounds nothing), None if sqlcache did not
+    write it (unknown: no hit, no bound)."""
+    return 0 if raw is None else _number(raw)
+
+
 def read_keys(clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> list[str]:
     """The keys of a read's MGET, in the order :func:`judge_read` expects."""
     return [entry_key, clock_key, *dep_keys]
@@ -401,10 +408,11 @@ class ScriptCalls:
         gen_ttl_ms: int,
         fresh_until_ms: int | None = None,
         lock_token: str = "",
+        header: bytes = b"",
     ) -> int:
         keys, args = fill_call(
             clock_key, entry_key, dep_keys, payload, ttl_ms, generations, snapshot_clock, gen_ttl_ms,
-            fresh_until_ms, lock_token,
+            fresh_until_ms, lock_token, header,
         )  # fmt: skip
         return int(self._eval("fill", "fill", keys, args))
 

@@ -270,6 +270,14 @@ class ReadThrough:
             r = fresh if fresh is not None else r
         if r.clock:
             self._txns.note_clock(session, r.clock, txns)
+        if type(r.clock) is dict and self._txns.before_snapshot(txns):
+            # a sharded cache: this SELECT may fix the transaction's snapshot (repeatable read), and a
+            # later fill in a shard whose clock was not read before it would be refused; read them all
+            # now (one more round trip, on a miss that starts a transaction only)
+            clocks = getattr(self._slot.current, "clocks", None)
+            if clocks is not None:
+                with self._rep.degrade("read"):
+                    self._txns.note_clock(session, clocks(), txns)
         return r
 
     def fill_after(

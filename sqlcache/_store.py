@@ -378,6 +378,48 @@ class RedisStore(proto.ScriptCalls):
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
         return not isinstance(lock_reply, redis.ResponseError)
 
+    # -- several commands on one connection, the reply read later (a sharded cluster's exchange) -----
+
+    def sha(self, script: str) -> str:
+        """The SHA1 EVALSHA runs ``script`` by."""
+        return str(self._scripts[script].sha)
+
+    def send(self, commands: Sequence[Sequence[Any]]) -> Any:
+        """Write ``commands`` on a pooled connection of this node without reading their replies (the
+        scripts loaded first if the server may have lost them); the connection, for :meth:`receive`.
+        Raises redis-py's errors: the caller turns them into one outage for all its nodes."""
+        if self._loaded_epoch != self.health.epoch:
+            self._load_scripts()
+        conn = self._connection()
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+        except BaseException:
+            self._discard(conn)
+            raise
+        return conn
+
+    def receive(self, conn: Any, count: int) -> list[Any]:
+        """The next ``count`` replies on ``conn`` (an error reply as its ResponseError, so that one
+        refused command leaves the connection in step); the connection goes back to the pool."""
+        replies: list[Any] = []
+        try:
+            for _ in range(count):
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            self._discard(conn)
+            raise
+        self.client.connection_pool.release(conn)
+        if any(isinstance(r, redis.ResponseError) for r in replies):
+            self._loaded_epoch = -1  # NOSCRIPT after a restart, say: load them again next time
+        return replies
+
+    def drop(self, conn: Any) -> None:
+        """Give up a connection whose replies will not be read."""
+        self._discard(conn)
+
     def _connection(self) -> Any:
         pool = self.client.connection_pool
         try:
@@ -433,12 +475,18 @@ class RedisStore(proto.ScriptCalls):
         self, pattern: str, batch: int = 500, on_batch: Callable[[int], None] | None = None
     ) -> int:
         """SCAN MATCH ``pattern`` and UNLINK what it finds, ``batch`` keys at a time; ``on_batch`` is
-        told the running total after each batch (``sqlcache flush`` shows progress)."""
+        told the running total after each batch (``sqlcache flush`` shows progress).
+
+        A cache's layout key (``{ns}:layout``, the only key of a cache that ends so with one ``:``: the
+        namespace has none) is kept: it is not cached data but the claim every process's layout is
+        checked against, and a process already connected would never see a new claim."""
 
         def run() -> int:
             removed = 0
             chunk: list[bytes] = []
             for key in self.client.scan_iter(match=pattern, count=batch):
+                if key.endswith(b":layout") and key.count(b":") == 1:
+                    continue
                 chunk.append(key)
                 if len(chunk) >= batch:
                     removed += int(self.client.unlink(*chunk))

@@ -232,6 +232,10 @@ class Transactions:
             if not st.began_sql:
                 st.clock0 = clock if st.clock0 is None else merge_clocks(st.clock0, clock)
 
+    def before_snapshot(self, txns: list[TxnState]) -> bool:
+        """Whether no statement has run yet in the transaction of ``txns`` (a session's, or none begun)."""
+        return all(not st.began_sql for st in txns)
+
     def wrote(
         self, session: Session, identity: str | None, bulk: Iterable[str], tables: Iterable[str]
     ) -> bool:

@@ -87,6 +87,11 @@ class SQLCache:
     :param wait_timeout: seconds the release's ``WAIT`` may take (below ``timeout``).
     :param publish_stats: publish :meth:`stats` under the prefix every so many seconds, from a daemon
         thread, for ``sqlcache stats`` (docs/pages/cli.md); None (the default): not published.
+    :param shards: on a Redis Cluster, spread the cache's keys over this many shards, each a hash tag
+        of its own (a table's or a tag's keys in one), so that the cache's load spreads over the
+        cluster's primaries; 1 (the default): every key in one slot. Every process sharing a prefix must
+        use the same number (a process that does not is refused the cache). Sync engines only for now
+        (docs/pages/deployment.md).
     :param plugins: plugins to set up now, in order (see :meth:`add_plugin`).
     :raises ConfigurationError: on a bad argument.
 
@@ -117,6 +122,7 @@ class SQLCache:
         wait_replicas: int = 0,
         wait_timeout: float = 0.1,
         publish_stats: float | None = None,
+        shards: int = 1,
         plugins: Sequence[Plugin] = (),
     ) -> None:
         self.config = CacheConfig(
@@ -125,12 +131,13 @@ class SQLCache:
             max_backoff=max_backoff, stampede_wait=stampede_wait, max_entry_bytes=max_entry_bytes,
             broadcast=broadcast, durable=durable, outbox_table=outbox_table, relay_interval=relay_interval,
             relay_grace=relay_grace, decoded_cache_bytes=decoded_cache_bytes, wait_replicas=wait_replicas,
-            wait_timeout=wait_timeout, publish_stats=publish_stats,
+            wait_timeout=wait_timeout, publish_stats=publish_stats, shards=shards,
         )  # fmt: skip
         sealer = Sealer(secret)
         #: the redis-py store (connection health, restarts); plugins may wrap what the parts use
         self._health = Health(failure_threshold=failure_threshold, backoff=backoff, max_backoff=max_backoff)
-        self.store = store_for(redis_client, timeout, self._health)  # the caller's client is untouched
+        # the caller's client is untouched; a cluster's router is split by shard when shards > 1
+        self.store = store_for(redis_client, timeout, self._health, shards)
         self._async_stores: AsyncStores | None = None  # the asyncio world, once an AsyncEngine is attached
         self._assemble(self.config, sealer)
         self._closed = False

@@ -52,6 +52,8 @@ class CacheConfig:
     :param wait_timeout: seconds ``WAIT`` may take; below ``timeout``.
     :param publish_stats: seconds between two publications of ``stats()`` to Redis (``sqlcache stats``
         reads them); None: not published.
+    :param shards: on a Redis Cluster, how many shards (hash tags) the cache's keys are spread over;
+        1: every key in one slot.
     """
 
     prefix: str
@@ -73,8 +75,11 @@ class CacheConfig:
     wait_replicas: int = 0
     wait_timeout: float = 0.1
     publish_stats: float | None = None
+    shards: int = 1
 
     def __post_init__(self) -> None:
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or not 1 <= self.shards <= 1024:
+            raise ConfigurationError(f"shards must be an int in [1, 1024], got {self.shards!r}")
         if not isinstance(self.prefix, str) or not self.prefix or not _PREFIX.match(self.prefix):
             raise ConfigurationError(
                 "prefix must be a non-empty string without whitespace or glob characters, "

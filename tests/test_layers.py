@@ -123,6 +123,7 @@ def test_only_the_stores_import_redis() -> None:
             "sqlcache._astore",
             "sqlcache._cluster",
             "sqlcache._acluster",
+            "sqlcache._shardstore",
         ) or name.startswith(CLI):
             continue
         runtime, _, _ = _imports(name, path)

@@ -128,7 +128,7 @@ def test_threads_first_using_the_router_build_one_client(engine: Engine, redis_u
         uid = make_user(engine, "ann")  # its commit used the router: start again from nothing
         store: Any = cache.store
         store.disconnect()
-        store._cluster, store._stores, store._owner = None, {}, None
+        store._cluster, store._stores, store._owners = None, {}, {}
         inside, made = threading.Event(), []
         original = store._make
 
