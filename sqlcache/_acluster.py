@@ -24,13 +24,12 @@ import redis.asyncio.connection as aconnection
 from redis.exceptions import RedisClusterException
 
 from . import _aio
-from ._astore import AsyncRedisStore, LoopStore, async_client_like
-from ._cluster import ClusterStore, ClusterTarget, Router
+from ._astore import AsyncRedisStore
+from ._cluster import ClusterTarget, Router
 from ._health import Health
-from ._store import RedisStore
-from .errors import CacheUnavailable, ConfigurationError
+from .errors import CacheUnavailable
 
-__all__ = ["AsyncClusterStore", "async_store_maker"]
+__all__ = ["AsyncClusterStore"]
 
 _ERRORS: tuple[type[BaseException], ...] = (
     redis.RedisError,
@@ -38,25 +37,6 @@ _ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncio.TimeoutError,
 )
-
-
-def async_store_maker(store: object, timeout: float, health: Health) -> Callable[[], LoopStore]:
-    """How to make an event loop's store, the asyncio twin of the cache's sync ``store``: a cluster's
-    router, or a store of one server (the same server, credentials and TLS settings).
-
-    :raises ConfigurationError: a sync store with no asyncio twin (Sentinel, a custom connection class).
-    """
-    if isinstance(store, ClusterStore):
-        if store.shards > 1:
-            raise ConfigurationError(
-                "a cache sharded over a Redis Cluster (shards > 1) serves sync engines only for now: "
-                "attach the AsyncEngine to a cache with shards=1 (docs/pages/deployment.md)"
-            )
-        target, slot = store.target, store.slot
-        return lambda: AsyncClusterStore(target, slot, health)
-    assert isinstance(store, RedisStore)
-    client = store.client
-    return lambda: AsyncRedisStore(async_client_like(client, timeout), health)
 
 
 def _accepted(fn: Any) -> set[str]:
@@ -72,7 +52,7 @@ class AsyncClusterStore(Router):
         self.health = health
         self._cluster: acluster.RedisCluster | None = None
         self._stores: dict[str, AsyncRedisStore] = {}
-        self._owner: str | None = None
+        self._owners: dict[int, str] = {}  # per slot of the cache, the node that served it last
         self._refresh = True  # the slot table is read before the first call
         self.closer: Any = None  # see AsyncStores
 
@@ -83,7 +63,16 @@ class AsyncClusterStore(Router):
     # -- routing -----------------------------------------------------------------------------------
 
     def _node(self, operation: str) -> AsyncRedisStore:
-        """The store of the primary serving the slot now; a new primary fences (Health.moved)."""
+        """The store of the primary serving the cache's slot now; a new primary fences (Health.moved)."""
+        return self._node_at(self._slot, operation)
+
+    def _served(self, name: str) -> Callable[[], list[int]] | None:
+        """Which of the cache's shards a new connection to node ``name`` checks the lineage of (None:
+        the only one)."""
+        return None
+
+    def _node_at(self, slot: int, operation: str) -> AsyncRedisStore:
+        """The store of the primary serving ``slot`` now; a new primary fences (Health.moved)."""
         health = self.health
         health.check(operation)
         if not _aio.in_async_greenlet():
@@ -93,17 +82,18 @@ class AsyncClusterStore(Router):
                 _aio.await_(self._locate())
                 self._refresh = False
             assert self._cluster is not None
-            node = self._cluster.nodes_manager.get_node_from_slot(self._slot)
+            node = self._cluster.nodes_manager.get_node_from_slot(slot)
             store = self._stores.get(node.name)
             if store is None:
-                store = AsyncRedisStore(self._node_client(node.host, int(node.port)), health, node.name)
+                client = self._node_client(node.host, int(node.port))
+                store = AsyncRedisStore(client, health, node.name, self._served(node.name))
                 self._stores[node.name] = store
         except _ERRORS as exc:
             self._refresh = True
             health.failed()
             raise CacheUnavailable(operation) from exc
-        if node.name != self._owner:
-            if self._owner is not None:
+        if node.name != self._owners.get(slot):
+            if self._owners.get(slot) is not None:
                 health.moved()
                 # connections from before the move must not carry a read before lineage.lua ran
                 try:
@@ -112,7 +102,7 @@ class AsyncClusterStore(Router):
                     self._refresh = True
                     health.failed()
                     raise CacheUnavailable(operation) from exc
-            self._owner = node.name
+            self._owners[slot] = node.name
         return store
 
     async def _locate(self) -> None:

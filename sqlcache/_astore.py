@@ -111,10 +111,18 @@ class AsyncRedisStore(proto.ScriptCalls):
     SQLAlchemy's asyncio greenlet of one event loop. Shares ``health`` (breaker, restarts) with the
     cache's other stores."""
 
-    def __init__(self, client: aredis.Redis, health: Health, node: str = "") -> None:
+    def __init__(
+        self,
+        client: aredis.Redis,
+        health: Health,
+        node: str = "",
+        shards: Callable[[], Sequence[int]] | None = None,
+    ) -> None:
         self.client = client
         self.health = health
         self._node = node  # the cluster node it talks to ("" for a server of its own)
+        # the shards whose lineage a new connection checks (those the node serves; None: the first)
+        self._shards = shards
         self._timeout = float(client.connection_pool.connection_kwargs.get("socket_timeout") or 0)
         self._sources = {name: script_source(name) for name in proto.SCRIPTS}
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
@@ -191,13 +199,63 @@ class AsyncRedisStore(proto.ScriptCalls):
 
     async def _on_connect(self, conn: Any) -> None:
         await conn.on_connect()
-        calls = self.health.lineage_calls()
+        calls = self.health.lineage_calls((0,) if self._shards is None else self._shards())
         if not calls:
             await conn.send_command("INFO", "server")
             self.health.connected(await conn.read_response(), self._node)
-        else:  # first on this connection: the run id, and a fence if the data is not this server's
-            await conn.send_command("EVAL", LINEAGE_SOURCE, 4, *calls[0])
+            return
+        # first on this connection: the run id, and a fence if the data is not this server's (each
+        # shard it serves: one round trip for all)
+        for call in calls:
+            await conn.send_command("EVAL", LINEAGE_SOURCE, 4, *call)
+        for _ in calls:
             self.health.lineage_checked(await conn.read_response(), self._node)
+
+    # -- several commands on one connection, the reply read later (a sharded cluster's exchange) -----
+
+    def sha(self, script: str) -> str:
+        """The SHA1 EVALSHA runs ``script`` by."""
+        return self._shas[script]
+
+    async def send(self, commands: Sequence[Sequence[Any]]) -> Any:
+        """As the sync store's: ``commands`` written on a pooled connection, replies left unread (the
+        scripts loaded first if the server may have lost them); the connection, for :meth:`receive`."""
+        if self._loaded_epoch != self.health.epoch:
+            epoch = self.health.epoch
+            async with self.client.pipeline(transaction=False) as pipe:
+                for src in self._sources.values():
+                    pipe.script_load(src)
+                await pipe.execute()
+            self._loaded_epoch = epoch
+        conn = await self._connection()
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+        except BaseException:
+            await self._discard(conn)
+            raise
+        return conn
+
+    async def receive(self, conn: Any, count: int) -> list[Any]:
+        """The next ``count`` replies on ``conn`` (an error reply as its ResponseError); the connection
+        goes back to the pool."""
+        replies: list[Any] = []
+        try:
+            for _ in range(count):
+                try:
+                    replies.append(await conn.read_response())
+                except redis.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            await self._discard(conn)
+            raise
+        await self._give_back(conn)
+        if any(isinstance(r, redis.ResponseError) for r in replies):
+            self._loaded_epoch = -1
+        return replies
+
+    async def drop(self, conn: Any) -> None:
+        """Give up a connection whose replies will not be read."""
+        await self._discard(conn)
 
     async def _connection(self) -> Any:
         return await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]

@@ -30,7 +30,7 @@ from . import _keys
 from . import _protocol as proto
 from ._health import Health
 from ._protocol import ReadResult, SentLock
-from ._store import KEPT_CONNECTION_KWARGS, RedisStore, Subscription, client_for, hide_password
+from ._store import KEPT_CONNECTION_KWARGS, RedisStore, Subscription, hide_password
 from .errors import CacheUnavailable, ConfigurationError
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "ClusterTarget",
     "cluster_factory",
     "is_cluster_target",
-    "store_for",
 ]
 
 T = TypeVar("T")
@@ -48,25 +47,6 @@ T = TypeVar("T")
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 _ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, OSError)
-
-
-def store_for(target: Any, timeout: float, health: Health, shards: int = 1) -> RedisStore | ClusterStore:
-    """The store for what the user passed: a cluster's router (split by shard when ``shards`` > 1), or
-    a store over a pool of sqlcache's own (the caller's client is never changed).
-
-    :raises ConfigurationError: ``shards`` > 1 for a target that is not a Redis Cluster."""
-    if is_cluster_target(target):
-        if shards > 1:
-            from ._shardstore import ShardedClusterStore  # imports this module
-
-            return ShardedClusterStore(cluster_factory(target, timeout), health, shards)
-        return ClusterStore(cluster_factory(target, timeout), health)
-    if shards > 1:
-        raise ConfigurationError(
-            f"shards={shards} spreads keys over a Redis Cluster's nodes; {hide_password(repr(target))} "
-            "is a single server (or Sentinel): leave shards at 1"
-        )
-    return RedisStore(client_for(target, timeout), health)
 
 
 def is_cluster_target(target: object) -> bool:

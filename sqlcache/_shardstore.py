@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.crc import key_slot
@@ -33,19 +33,19 @@ from redis.exceptions import RedisClusterException
 
 from . import _keys
 from . import _protocol as proto
-from ._cluster import ClusterStore, ClusterTarget
+from ._cluster import ClusterStore, ClusterTarget, cluster_factory, is_cluster_target
 from ._health import Health
 from ._protocol import Clock, ReadResult, RepopEntry, SentLock
-from ._store import RedisStore
-from .errors import CacheUnavailable, CodecError
+from ._store import RedisStore, client_for, hide_password
+from .errors import CacheUnavailable, CodecError, ConfigurationError
 
-__all__ = ["ShardedClusterStore"]
+__all__ = ["Shard", "ShardSplit", "ShardTable", "ShardedClusterStore", "store_for"]
 
 _ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, RedisClusterException, OSError)
 
 
 @dataclass(frozen=True, slots=True)
-class _Shard:
+class Shard:
     index: int
     ns: str  # what starts each of its keys, up to the closing brace of its hash tag
     slot: int
@@ -56,30 +56,38 @@ def _slot_of(key: str) -> int:
     return int(key_slot(key.encode()))
 
 
-class ShardedClusterStore(ClusterStore):
-    """A :class:`~sqlcache._cluster.ClusterStore` whose calls are split by shard (see the module)."""
+class ShardTable:
+    """The shards of one cache: what every world's router splits calls by (built once, shared)."""
 
-    def __init__(self, target: ClusterTarget, health: Health, shards: int) -> None:
-        super().__init__(target, health)
-        self._n = shards
-        self._shards: list[_Shard] = []
-        self._by_ns: dict[str, _Shard] = {}
-        self._by_pattern: dict[str, _Shard] = {}
-
-    @property
-    def shards(self) -> int:
-        return self._n
-
-    def key_layout(self, prefix: str) -> _keys.Layout:
-        base = self.key_prefix(prefix)
-        layout = _keys.Layout(_keys.shard_prefixes(base, self._n, _slot_of))
+    def __init__(self, layout: _keys.Layout) -> None:
+        self.shards: list[Shard] = []
+        self.by_ns: dict[str, Shard] = {}
+        self.by_pattern: dict[str, Shard] = {}
         for i, (p, ns) in enumerate(zip(layout.prefixes, layout.namespaces, strict=True)):
             clock = _keys.clock_key(p)
-            shard = _Shard(i, ns, _slot_of(clock), clock)
-            self._shards.append(shard)
-            self._by_ns[ns] = shard
-            self._by_pattern[_keys.scan_pattern(p)] = shard
-        return layout
+            shard = Shard(i, ns, _slot_of(clock), clock)
+            self.shards.append(shard)
+            self.by_ns[ns] = shard
+            self.by_pattern[_keys.scan_pattern(p)] = shard
+
+
+class ShardSplit:
+    """What a sharded router does the same in both I/O worlds: split each call by shard, send each
+    share to the node serving its shard (``_on`` for one shard, ``_exchange`` for several, supplied by
+    the world), and put the replies back together. Mixed into a cluster router."""
+
+    _table: ShardTable
+    _refresh: bool
+    _cluster: Any
+    health: Health
+
+    if TYPE_CHECKING:  # supplied by the router this is mixed into, and by the world's transport
+
+        def _node_at(self, slot: int, operation: str) -> Any: ...  # a RedisStore or an AsyncRedisStore
+
+        def _exchange(
+            self, operation: str, work: Sequence[tuple[Shard, list[list[Any]]]], wait: bool = False
+        ) -> list[list[Any]]: ...
 
     def _served(self, name: str) -> Callable[[], list[int]]:
         def served() -> list[int]:
@@ -87,7 +95,7 @@ class ShardedClusterStore(ClusterStore):
             if cluster is None:
                 return []
             out = []
-            for shard in self._shards:
+            for shard in self._table.shards:
                 try:
                     node = cluster.nodes_manager.get_node_from_slot(shard.slot)
                 except _ERRORS:
@@ -100,17 +108,17 @@ class ShardedClusterStore(ClusterStore):
 
     # -- which shard, which node ------------------------------------------------------------------
 
-    def _shard(self, key: str) -> _Shard:
-        return self._by_ns[key[: key.index("}") + 1]]
+    def _shard(self, key: str) -> Shard:
+        return self._table.by_ns[key[: key.index("}") + 1]]
 
-    def _group(self, keys: Iterable[str]) -> dict[_Shard, list[str]]:
+    def _group(self, keys: Iterable[str]) -> dict[Shard, list[str]]:
         """``keys`` by shard, each shard's in their order (shards in the order first met)."""
-        out: dict[_Shard, list[str]] = {}
+        out: dict[Shard, list[str]] = {}
         for k in keys:
             out.setdefault(self._shard(k), []).append(k)
         return out
 
-    def _on(self, shard: _Shard, operation: str, fn: Callable[[RedisStore], Any]) -> Any:
+    def _on(self, shard: Shard, operation: str, fn: Callable[[Any], Any]) -> Any:
         """``fn`` on the store of the node serving ``shard``; a failure makes the router ask again."""
         store = self._node_at(shard.slot, operation)
         try:
@@ -119,53 +127,8 @@ class ShardedClusterStore(ClusterStore):
             self._refresh = True
             raise
 
-    def _exchange(
-        self, operation: str, work: Sequence[tuple[_Shard, list[list[Any]]]], wait: bool = False
-    ) -> list[list[Any]]:
-        """Each shard's commands on the node serving it: every node's share written before any reply is
-        read (one round trip of latency), the replies per shard in ``work``'s order. ``wait``: each
-        node's share ends with WAIT when the cache asks replicas to acknowledge (its reply checked).
-        An error reply or a lost connection fails the whole call (the caller's journal keeps it)."""
-        health = self.health
-        by_node: dict[RedisStore, list[int]] = {}
-        for i, (shard, _) in enumerate(work):
-            by_node.setdefault(self._node_at(shard.slot, operation), []).append(i)
-        wait_for = health.wait if wait else None
-        sent: list[tuple[RedisStore, Any, list[int], int]] = []
-        replies: list[list[Any]] = [[] for _ in work]
-        try:
-            for node, indexes in by_node.items():
-                commands = [c for i in indexes for c in work[i][1]]
-                if wait_for is not None:
-                    commands.append(["WAIT", *wait_for])
-                sent.append((node, node.send(commands), indexes, len(commands)))
-            while sent:
-                node, conn, indexes, count = sent.pop(0)
-                got = node.receive(conn, count)
-                if wait_for is not None:
-                    short = health.short_ack(got.pop())
-                    if short is not None:
-                        raise redis.RedisError(short)
-                at = 0
-                for i in indexes:
-                    replies[i] = got[at : at + len(work[i][1])]
-                    at += len(work[i][1])
-        except _ERRORS as exc:
-            for node, conn, _, _ in sent:
-                node.drop(conn)
-            self._refresh = True
-            health.failed()
-            raise CacheUnavailable(operation) from exc
-        refused = next((r for rs in replies for r in rs if isinstance(r, redis.ResponseError)), None)
-        if refused is not None:  # MOVED, NOSCRIPT, OOM...: the slot may be elsewhere, the scripts gone
-            self._refresh = True
-            health.failed()
-            raise CacheUnavailable(operation) from refused
-        health.answered(operation)
-        return replies
-
     @staticmethod
-    def _clocks(shard: _Shard, clock: Clock) -> dict[str, int]:
+    def _clocks(shard: Shard, clock: Clock) -> dict[str, int]:
         if type(clock) is dict:
             return clock
         return {shard.ns: clock} if clock else {}  # type: ignore[dict-item]
@@ -183,14 +146,14 @@ class ShardedClusterStore(ClusterStore):
     def read_many(self, clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]) -> list[ReadResult]:
         """One MGET per shard involved (its clock first), all nodes at once; each read judged on the
         values of every shard it spans."""
-        groups: dict[_Shard, dict[str, None]] = {}
+        groups: dict[Shard, dict[str, None]] = {}
         for entry_key, dep_keys in entries:
             for k in (entry_key, *dep_keys):
                 groups.setdefault(self._shard(k), {})[k] = None
         work = [(shard, [["MGET", shard.clock, *keys]]) for shard, keys in groups.items()]
         replies = self._exchange("read", work)
         values: dict[str, bytes | None] = {}
-        clocks: dict[_Shard, bytes | None] = {}
+        clocks: dict[Shard, bytes | None] = {}
         for (shard, keys), rs in zip(groups.items(), replies, strict=True):
             got = rs[0]
             if not isinstance(got, list) or len(got) != len(keys) + 1:
@@ -215,9 +178,10 @@ class ShardedClusterStore(ClusterStore):
 
     def clocks(self) -> dict[str, int]:
         """Every shard's clock, one exchange (a transaction about to fix its snapshot notes them all)."""
-        replies = self._exchange("read", [(s, [["GET", s.clock]]) for s in self._shards])
+        shards = self._table.shards
+        replies = self._exchange("read", [(s, [["GET", s.clock]]) for s in shards])
         out = {}
-        for shard, rs in zip(self._shards, replies, strict=True):
+        for shard, rs in zip(shards, replies, strict=True):
             v = proto.clock_reading(rs[0])
             if v:  # a missing or unreadable clock bounds nothing: that shard's fills are refused
                 out[shard.ns] = v
@@ -251,7 +215,7 @@ class ShardedClusterStore(ClusterStore):
             locked = locked or r.locked
         return ReadResult(False, None, b",".join(gens[k] for k in dep_keys), clocks, locked)
 
-    def _scripted(self, work: list[tuple[_Shard, list[list[Any]]]]) -> list[tuple[_Shard, list[list[Any]]]]:
+    def _scripted(self, work: list[tuple[Shard, list[list[Any]]]]) -> list[tuple[Shard, list[list[Any]]]]:
         """``work`` with each EVALSHA's script name replaced by its SHA1 on the node serving the shard."""
         out = []
         for shard, commands in work:
@@ -335,6 +299,110 @@ class ShardedClusterStore(ClusterStore):
             seen.update(zip(watches.get(shard, []), proto.judge_lock(rs[0]), strict=True))
         return [seen[k] for k in watch_keys]
 
+    def release(
+        self,
+        clock_key: str,
+        dep_keys: Sequence[str],
+        token: str,
+        gen_ttl_ms: int,
+        entries: Sequence[RepopEntry] = (),
+        announce: tuple[str, bytes] | None = None,
+    ) -> int:
+        groups = self._group(dep_keys)
+        by_shard: dict[Shard, list[RepopEntry]] = {}
+        for e in entries:
+            shard = self._shard(e.key)
+            if all(self._shard(k) is shard for k in e.dep_keys):
+                by_shard.setdefault(shard, []).append(e)
+            # else: its dependencies span shards, and "newest lock" cannot be checked in one script: the
+            # release invalidates it like any other
+        work = []
+        for shard, keys in groups.items():
+            keys_, args = proto.release_call(
+                shard.clock, keys, token, gen_ttl_ms, by_shard.get(shard, ()), announce
+            )
+            announce = None  # published once
+            work.append((shard, [["EVALSHA", "release", len(keys_), *keys_, *args]]))
+        replies = self._exchange("release", self._scripted(work), wait=True)
+        return sum(int(rs[0]) for rs in replies)
+
+    def delete(self, *keys: str) -> None:
+        for shard, group in self._group(keys).items():
+            self._on(shard, "delete", lambda s, g=group: s.delete(*g))  # type: ignore[misc]
+
+    def delete_matching(
+        self, pattern: str, batch: int = 500, on_batch: Callable[[int], None] | None = None
+    ) -> int:
+        """A shard's keys are in its slot: SCAN the node serving it (the base shard's for others)."""
+        shard = self._table.by_pattern.get(pattern) or self._table.shards[0]
+        return int(self._on(shard, "clear", lambda s: s.delete_matching(pattern, batch, on_batch)))
+
+
+class ShardedClusterStore(ShardSplit, ClusterStore):
+    """A :class:`~sqlcache._cluster.ClusterStore` whose calls are split by shard (see the module)."""
+
+    def __init__(self, target: ClusterTarget, health: Health, shards: int) -> None:
+        super().__init__(target, health)
+        self._n = shards
+
+    @property
+    def shards(self) -> int:
+        return self._n
+
+    def key_layout(self, prefix: str) -> _keys.Layout:
+        layout = _keys.Layout(_keys.shard_prefixes(self.key_prefix(prefix), self._n, _slot_of))
+        self._table = ShardTable(layout)
+        return layout
+
+    def shard_table(self) -> ShardTable:
+        """The shards, for the asyncio world's router (known once ``key_layout`` ran)."""
+        return self._table
+
+    def _exchange(
+        self, operation: str, work: Sequence[tuple[Shard, list[list[Any]]]], wait: bool = False
+    ) -> list[list[Any]]:
+        """Each shard's commands on the node serving it: every node's share written before any reply is
+        read (one round trip of latency), the replies per shard in ``work``'s order. ``wait``: each
+        node's share ends with WAIT when the cache asks replicas to acknowledge (its reply checked).
+        An error reply or a lost connection fails the whole call (the caller's journal keeps it)."""
+        health = self.health
+        by_node: dict[RedisStore, list[int]] = {}
+        for i, (shard, _) in enumerate(work):
+            by_node.setdefault(self._node_at(shard.slot, operation), []).append(i)
+        wait_for = health.wait if wait else None
+        sent: list[tuple[RedisStore, Any, list[int], int]] = []
+        replies: list[list[Any]] = [[] for _ in work]
+        try:
+            for node, indexes in by_node.items():
+                commands = [c for i in indexes for c in work[i][1]]
+                if wait_for is not None:
+                    commands.append(["WAIT", *wait_for])
+                sent.append((node, node.send(commands), indexes, len(commands)))
+            while sent:
+                node, conn, indexes, count = sent.pop(0)
+                got = node.receive(conn, count)
+                if wait_for is not None:
+                    short = health.short_ack(got.pop())
+                    if short is not None:
+                        raise redis.RedisError(short)
+                at = 0
+                for i in indexes:
+                    replies[i] = got[at : at + len(work[i][1])]
+                    at += len(work[i][1])
+        except _ERRORS as exc:
+            for node, conn, _, _ in sent:
+                node.drop(conn)
+            self._refresh = True
+            health.failed()
+            raise CacheUnavailable(operation) from exc
+        refused = next((r for rs in replies for r in rs if isinstance(r, redis.ResponseError)), None)
+        if refused is not None:  # MOVED, NOSCRIPT, OOM...: the slot may be elsewhere, the scripts gone
+            self._refresh = True
+            health.failed()
+            raise CacheUnavailable(operation) from refused
+        health.answered(operation)
+        return replies
+
     def send_lock(
         self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int
     ) -> SentLock:
@@ -417,40 +485,19 @@ class ShardedClusterStore(ClusterStore):
             self.release(clock_key, [k for keys in groups.values() for k in keys], token, gen_ttl_ms)
         return lock_ok
 
-    def release(
-        self,
-        clock_key: str,
-        dep_keys: Sequence[str],
-        token: str,
-        gen_ttl_ms: int,
-        entries: Sequence[RepopEntry] = (),
-        announce: tuple[str, bytes] | None = None,
-    ) -> int:
-        groups = self._group(dep_keys)
-        by_shard: dict[_Shard, list[RepopEntry]] = {}
-        for e in entries:
-            shard = self._shard(e.key)
-            if all(self._shard(k) is shard for k in e.dep_keys):
-                by_shard.setdefault(shard, []).append(e)
-            # else: its dependencies span shards, and "newest lock" cannot be checked in one script: the
-            # release invalidates it like any other
-        work = []
-        for shard, keys in groups.items():
-            keys_, args = proto.release_call(
-                shard.clock, keys, token, gen_ttl_ms, by_shard.get(shard, ()), announce
-            )
-            announce = None  # published once
-            work.append((shard, [["EVALSHA", "release", len(keys_), *keys_, *args]]))
-        replies = self._exchange("release", self._scripted(work), wait=True)
-        return sum(int(rs[0]) for rs in replies)
 
-    def delete(self, *keys: str) -> None:
-        for shard, group in self._group(keys).items():
-            self._on(shard, "delete", lambda s, g=group: s.delete(*g))  # type: ignore[misc]
+def store_for(target: Any, timeout: float, health: Health, shards: int = 1) -> RedisStore | ClusterStore:
+    """The store for what the user passed: a cluster's router (split by shard when ``shards`` > 1), or
+    a store over a pool of sqlcache's own (the caller's client is never changed).
 
-    def delete_matching(
-        self, pattern: str, batch: int = 500, on_batch: Callable[[int], None] | None = None
-    ) -> int:
-        """A shard's keys are in its slot: SCAN the node serving it (the base shard's for others)."""
-        shard = self._by_pattern.get(pattern) or self._shards[0]
-        return int(self._on(shard, "clear", lambda s: s.delete_matching(pattern, batch, on_batch)))
+    :raises ConfigurationError: ``shards`` > 1 for a target that is not a Redis Cluster."""
+    if is_cluster_target(target):
+        if shards > 1:
+            return ShardedClusterStore(cluster_factory(target, timeout), health, shards)
+        return ClusterStore(cluster_factory(target, timeout), health)
+    if shards > 1:
+        raise ConfigurationError(
+            f"shards={shards} spreads keys over a Redis Cluster's nodes; {hide_password(repr(target))} "
+            "is a single server (or Sentinel): leave shards at 1"
+        )
+    return RedisStore(client_for(target, timeout), health)

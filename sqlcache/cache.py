@@ -12,10 +12,9 @@ from sqlalchemy import MetaData, Table
 from sqlalchemy.engine import Engine
 
 from . import _aio, _keys
-from ._acluster import async_store_maker
+from ._ashardstore import async_store_maker
 from ._astore import AsyncStores, Worlds
 from ._broadcast import Announcer, Listener
-from ._cluster import store_for
 from ._commit import Commits
 from ._direct import DirectReader
 from ._health import Health
@@ -31,6 +30,7 @@ from ._registry import Registry, mapper_of
 from ._relay import Relay, relay_engine
 from ._report import Reporter
 from ._seal import Sealer
+from ._shardstore import store_for
 from ._transactions import Transactions
 from ._wiring import Wiring
 from .config import CacheConfig, Mode, ModelPolicy
@@ -90,12 +90,12 @@ class SQLCache:
     :param shards: on a Redis Cluster, spread the cache's keys over this many shards, each a hash tag
         of its own (a table's or a tag's keys in one), so that the cache's load spreads over the
         cluster's primaries; 1 (the default): every key in one slot. Every process sharing a prefix must
-        use the same number (a process that does not is refused the cache). Sync engines only for now
-        (docs/pages/deployment.md).
+        use the same number (a process that does not is refused the cache). docs/pages/deployment.md.
     :param plugins: plugins to set up now, in order (see :meth:`add_plugin`).
     :raises ConfigurationError: on a bad argument.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.4 ``shards``.
     """
 
     def __init__(

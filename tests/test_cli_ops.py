@@ -337,8 +337,8 @@ def _keys(client: redis.Redis, prefix: str) -> int:
 def test_flush_asks_and_spares_other_prefixes(
     redis_url: str, redis_client: redis.Redis, prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Without --yes flush asks (no: nothing deleted, exit 1); yes deletes every key of the prefix and
-    none of prefix ``a:b``'s, which starts with ``a``."""
+    """Without --yes flush asks (no: nothing deleted, exit 1); yes deletes every key of the prefix but
+    its layout's claim, and none of prefix ``a:b``'s, which starts with ``a``."""
     inner = SQLCache(redis_url, prefix=f"{prefix}:b")
     outer = SQLCache(redis_url, prefix=prefix)
     try:
@@ -353,7 +353,7 @@ def test_flush_asks_and_spares_other_prefixes(
         assert _keys(redis_client, prefix) > 1000
         code, out, _ = cli(capsys, "flush", "--prefix", prefix, "--redis-url", redis_url, stdin="y\n")
         assert code == 0 and "deleted" in out
-        assert _keys(redis_client, prefix) == 0
+        assert redis_client.keys(f"{prefix}:*") == [f"{prefix}:layout".encode()]  # the layout's claim stays
         assert _keys(redis_client, f"{prefix}%3Ab") == before_inner
     finally:
         inner.close()

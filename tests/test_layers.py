@@ -124,6 +124,7 @@ def test_only_the_stores_import_redis() -> None:
             "sqlcache._cluster",
             "sqlcache._acluster",
             "sqlcache._shardstore",
+            "sqlcache._ashardstore",
         ) or name.startswith(CLI):
             continue
         runtime, _, _ = _imports(name, path)

@@ -61,6 +61,20 @@ def main(url: str) -> None:
     cache.clear()
     cache.close()
 
+    # one cache spread over the cluster: each table's (and tag's) keys in one of 8 shards, each shard a
+    # hash tag of its own, the shards spread over the primaries (docs/pages/deployment.md)
+    sharded = SQLCache(url, prefix="cluster-example-sharded", shards=8)
+    sharded.attach(engine)
+    sharded.register(Product)
+    with Session(engine) as s:
+        s.get(Product, 1)  # miss, then a fill in the shard of cluster_products
+    statements.clear()
+    with Session(engine) as s:
+        print("sharded get:", s.get(Product, 1).name, "- SQL statements:", len(statements))  # hit: 0
+    print({k: v for k, v in sharded.stats().items() if v})
+    sharded.clear()
+    sharded.close()
+
 
 if __name__ == "__main__":
     given = os.environ.get("SQLCACHE_CLUSTER_URL")

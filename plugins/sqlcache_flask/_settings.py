@@ -31,6 +31,7 @@ CONFIG_KEYS: dict[str, str] = {
     "SQLCACHE_WAIT_REPLICAS": "wait_replicas",
     "SQLCACHE_WAIT_TIMEOUT": "wait_timeout",
     "SQLCACHE_PUBLISH_STATS": "publish_stats",
+    "SQLCACHE_SHARDS": "shards",
 }
 
 #: keyword overrides accepted in code: every configurable parameter, and plugin objects

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import redis
 
-from sqlcache._cluster import ClusterStore, store_for
+from sqlcache._cluster import ClusterStore
 from sqlcache._health import Health
+from sqlcache._shardstore import store_for
 from sqlcache._store import RedisStore, hide_password
 from sqlcache.config import CacheConfig
 from sqlcache.errors import CacheUnavailable, ConfigurationError

@@ -309,19 +309,3 @@ def test_clear_removes_every_shards_keys(
             name = key if isinstance(key, str) else key.decode()
             # each shard's layout claim stays (RedisStore.delete_matching)
             assert not any(name.startswith(n + ":") and name != n + ":layout" for n in ns), name
-
-
-def test_an_async_engine_is_refused_for_now(redis_url: str, tmp_path: Any) -> None:
-    """shards > 1 serves sync engines only for now: attaching an AsyncEngine says so."""
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    from sqlcache.errors import ConfigurationError
-
-    c = SQLCache(redis_url, prefix=f"a{uuid.uuid4().hex[:8]}", shards=SHARDS)
-    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/a.db")
-    try:
-        with pytest.raises(ConfigurationError, match="sync engines only"):
-            c.attach(engine)
-    finally:
-        c.close()
-        engine.sync_engine.dispose()
