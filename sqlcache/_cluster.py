@@ -295,11 +295,14 @@ class ClusterStore(Router):
     def put(self, key: str, value: bytes, ttl_ms: int) -> None:
         self._routed("publish", lambda s: s.put(key, value, ttl_ms))
 
-    def slot_client(self) -> redis.Redis:
-        """A client of the primary serving the cache's slot now (the commands' SCAN, GET, UNLINK).
+    def slot_client(self, key: str | None = None) -> redis.Redis:
+        """A client of the primary serving the cache's slot now, or ``key``'s (the commands' SCAN,
+        GET, UNLINK).
 
         :raises CacheUnavailable: if the cluster cannot tell."""
-        return self._node("inspect").client
+        if key is None:
+            return self._node("inspect").client
+        return self._node_at(key_slot(key.encode()), "inspect").client
 
     def delete_matching(
         self, pattern: str, batch: int = 500, on_batch: Callable[[int], None] | None = None

@@ -43,9 +43,10 @@ def run_flush(args: argparse.Namespace) -> int:
         if args.fence:
             # the journal's fence (a replay after lost invalidations): a fresh generation for the
             # dependency every entry has, by release.lua, so no entry filled before it matches again
-            everything = _keys.global_dep_key(p)
-            target.store.release(_keys.clock_key(p), [everything], "", args.generation_ttl * 1000)
-            print(f"sqlcache flush: fenced prefix {prefix!r} ({everything} moved): every entry is a miss")
+            everything = list(target.layout.everything)  # one per shard of a sharded cache
+            target.store.release(_keys.clock_key(p), everything, "", args.generation_ttl * 1000)
+            moved = ", ".join(everything)
+            print(f"sqlcache flush: fenced prefix {prefix!r} ({moved} moved): every entry is a miss")
             return 0
         started = last = time.monotonic()
 
@@ -56,7 +57,13 @@ def run_flush(args: argparse.Namespace) -> int:
                 last = now
                 print(f"sqlcache flush: {deleted} keys deleted so far...", file=sys.stderr, flush=True)
 
-        deleted = target.store.delete_matching(_keys.scan_pattern(p), args.batch, progress)
+        deleted = 0
+
+        def shard_progress(n: int) -> None:
+            progress(deleted + n)
+
+        for shard in target.layout.prefixes:  # each shard's keys on the node serving it
+            deleted += target.store.delete_matching(_keys.scan_pattern(shard), args.batch, shard_progress)
         took = time.monotonic() - started
         print(f"sqlcache flush: deleted {deleted} keys of prefix {prefix!r} in {took:.1f} s")
         return 0

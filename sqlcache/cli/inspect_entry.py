@@ -20,10 +20,10 @@ from typing import Any
 
 from sqlcache import _keys
 from sqlcache import _protocol as proto
+from sqlcache._cluster import ClusterStore
 from sqlcache._codec import decode
 from sqlcache._hierarchy import Hierarchy, hierarchy_for
 from sqlcache._identity import identity_keys
-from sqlcache._keys import Layout
 from sqlcache._objects import decode_entry
 from sqlcache._registry import mapper_of
 from sqlcache._seal import Sealer
@@ -129,18 +129,16 @@ def run_inspect(args: argparse.Namespace) -> int:
         return 2
 
     def body(target: Target) -> int:
-        p = target.key_prefix
         if h is not None:
             try:
-                entry, deps = identity_keys(Layout([p]), h, _pk(h, args.pk))
+                entry, deps = identity_keys(target.layout, h, _pk(h, args.pk))
             except (ConfigurationError, CodecError) as exc:
                 print(f"sqlcache inspect: {exc}", file=sys.stderr)
                 return 2
         else:
             entry, deps = args.key, list(args.dep)
-            mine = _keys.namespace(p) + ":"
             for key in (entry, *deps):
-                if not key.startswith(mine):
+                if not target.layout.owns(key):
                     print(f"sqlcache inspect: {key!r} is not under prefix {args.prefix!r}", file=sys.stderr)
                     return 2
         return _show(target, entry, deps, h, sealer, args)
@@ -151,10 +149,23 @@ def run_inspect(args: argparse.Namespace) -> int:
 def _show(
     target: Target, entry: str, deps: list[str], h: Hierarchy | None, sealer: Sealer, args: argparse.Namespace
 ) -> int:
-    clock = _keys.clock_key(target.key_prefix)
+    client, shard = target.client, target.key_prefix
+    if target.layout.n > 1:  # a sharded cache: the entry's shard, on the node serving it
+        pairs = zip(target.layout.prefixes, target.layout.namespaces, strict=True)
+        shard = next(p for p, ns in pairs if entry.startswith(ns + ":"))
+        if not all(d.startswith(_keys.namespace(shard) + ":") for d in deps):
+            print(
+                "sqlcache inspect: the entry's dependencies span shards of the cache; inspect shows "
+                "entries whose keys share one shard only, for now",
+                file=sys.stderr,
+            )
+            return 2
+        assert isinstance(target.store, ClusterStore)
+        client = target.store.slot_client(entry)
+    clock = _keys.clock_key(shard)
     fill_lock = proto.fill_lock_key(entry)
     keys = proto.read_keys(clock, entry, deps)
-    pipe = target.client.pipeline(transaction=False)
+    pipe = client.pipeline(transaction=False)
     pipe.mget(keys)  # one instant's entry, clock and dependencies, as a read sees them
     pipe.time()
     for key in (entry, *deps):

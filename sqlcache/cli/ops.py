@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import redis
 
+from sqlcache import _keys
 from sqlcache._cluster import ClusterStore
 from sqlcache._health import Health
+from sqlcache._keys import Layout
 from sqlcache._shardstore import store_for
 from sqlcache._store import RedisStore, hide_password
 from sqlcache.config import CacheConfig
@@ -33,6 +35,7 @@ class Target:
     store: RedisStore | ClusterStore
     key_prefix: str
     url: str  # as shown: the password hidden
+    layout: Layout  # the prefix of each table's and tag's keys (a sharded cache's shards)
 
 
 def shown(url: str) -> str:
@@ -49,9 +52,16 @@ def connect(url: str, prefix: str, timeout: float) -> Target:
     """
     CacheConfig(prefix=prefix, timeout=timeout)  # the cache's own checks of the prefix
     store = store_for(url, timeout, Health())
-    key_prefix = store.key_prefix(prefix)
+    layout = store.key_layout(prefix)
+    if isinstance(store, ClusterStore):
+        # a cache sharded over the cluster says so in its first shard's layout key (lineage.lua)
+        claim = store.slot_client().get(_keys.layout_key(layout.base))
+        if claim is not None and claim.isdigit() and 1 < int(claim) <= 1024:
+            store.disconnect()
+            store = store_for(url, timeout, Health(), int(claim))
+            layout = store.key_layout(prefix)
     client = store.slot_client() if isinstance(store, ClusterStore) else store.client
-    return Target(client, store, key_prefix, shown(url))
+    return Target(client, store, layout.base, shown(url), layout)
 
 
 def guarded(command: str, args: argparse.Namespace, body: Callable[[Target], int]) -> int:

@@ -13,7 +13,8 @@ the checker must catch; ``--mode durable`` runs sqlcache with ``durable=True`` (
 every commit, relays deleting them; at the end no row may be left); ``--mode async`` mixes sync worker
 processes with asyncio ones (AsyncSession on asyncpg, many tasks per process, each process one event
 loop; readers' pauses awaited, not slept). Soak: ``python -m tests.concurrency.checker --seconds 300``.
-``--cluster`` runs any mode against a local Redis Cluster it starts (tests/topologies.py).
+``--cluster`` runs any mode against a local Redis Cluster it starts (tests/topologies.py), ``--shards N``
+with the caches sharded over it.
 """
 
 from __future__ import annotations
@@ -92,6 +93,16 @@ class Naive:
         self.r.delete(f"{self.prefix}:naive:{rid}")
 
 
+def _cache(args: dict[str, Any], **kwargs: Any) -> SQLCache:
+    return SQLCache(args["redis_url"], prefix=args["prefix"], shards=args["shards"], **kwargs)
+
+
+def _query(rid: int, shards: int) -> Any:
+    """A reader's cached query of a row's version; sharded, tagged so that its entry spans shards."""
+    tags = [f"part{rid % 4}"] if shards > 1 else []
+    return select(Row.version).where(Row.id == rid).options(cached(tags=tags))
+
+
 def _setup(
     args: dict[str, Any], pauses: random.Random | None
 ) -> tuple[Engine, Naive | None, SQLCache | None]:
@@ -102,7 +113,7 @@ def _setup(
     if args["mode"] == "naive":
         return engine, Naive(args["redis_url"], args["prefix"]), None
     durable = args["mode"] == "durable"
-    cache = SQLCache(args["redis_url"], prefix=args["prefix"], durable=durable, relay_interval=0.2)
+    cache = _cache(args, durable=durable, relay_interval=0.2)
     cache.register(Row)
     cache.attach(engine)
     return engine, None, cache
@@ -126,7 +137,7 @@ async def _async_main(args: dict[str, Any], role: str, n: int) -> None:
     """One asyncio process: ASYNC_TASKS[role] tasks writing (``w``) or reading (``r``) on one loop."""
     rnd = random.Random(n + (0 if role == "w" else 1000))
     engine = _async_engine(args)
-    cache = SQLCache(args["redis_url"], prefix=args["prefix"])
+    cache = _cache(args)
     cache.register(Row)
     cache.attach(engine)
     if role == "r":
@@ -161,7 +172,7 @@ async def _async_main(args: dict[str, Any], role: str, n: int) -> None:
                     assert row is not None
                     v, kind = row.version, "async get"
                 else:
-                    stmt = select(Row.version).where(Row.id == rid).options(cached())
+                    stmt = _query(rid, args["shards"])
                     v, kind = (await s.scalars(stmt)).one(), "async query"
             out.write(json.dumps(["r", rid, v, started, kind]) + "\n")
 
@@ -218,7 +229,7 @@ def _reader(args: dict[str, Any], n: int) -> None:
                 v, kind = row.version, "get"
         else:
             with Session(engine) as s:
-                v = s.scalars(select(Row.version).where(Row.id == rid).options(cached())).one()
+                v = s.scalars(_query(rid, args["shards"])).one()
                 kind = "query"
         out.write(json.dumps(["r", rid, v, started, kind]) + "\n")
     out.close()
@@ -233,8 +244,11 @@ def run_checker(
     readers: int = 3,
     pg_url: str = PG_URL,
     redis_url: str = REDIS_URL,
+    shards: int = 1,
 ) -> dict[str, Any]:
-    """Run the processes for ``seconds`` and return the figures, violations included."""
+    """Run the processes for ``seconds`` and return the figures, violations included. ``shards``: the
+    caches' (a cluster's); with more than one, cached queries carry a tag in another shard than their
+    table's, so that their entries span shards."""
     schema = f"sqlcache_check_{uuid.uuid4().hex[:8]}"
     prefix = f"check-{uuid.uuid4().hex[:8]}"
     admin = create_engine(pg_url)
@@ -255,6 +269,7 @@ def run_checker(
             "mode": mode,
             "pg_url": pg_url,
             "redis_url": redis_url,
+            "shards": shards,
             "schema": schema,
             "prefix": prefix,
             "dir": work,
@@ -283,7 +298,7 @@ def run_checker(
             floor = max((v for t, v in commits.get(rid, []) if t < started), default=0)
             if seen < floor:
                 violations.append({"row": rid, "saw": seen, "committed_before_start": floor, "via": kind})
-        mismatches = _final_check(mode, engine, redis_url, prefix)
+        mismatches = _final_check(mode, engine, redis_url, prefix, shards)
         outbox_left = None
         if mode == "durable":
             with engine.connect() as c:
@@ -311,12 +326,14 @@ def run_checker(
             for key in r.scan_iter(match=f"{prefix}:*"):
                 r.delete(key)
         else:
-            leftover = SQLCache(redis_url, prefix=prefix)
+            leftover = SQLCache(redis_url, prefix=prefix, shards=shards)
             leftover.clear()
             leftover.close()
 
 
-def _final_check(mode: str, engine: Engine, redis_url: str, prefix: str) -> list[dict[str, int]]:
+def _final_check(
+    mode: str, engine: Engine, redis_url: str, prefix: str, shards: int = 1
+) -> list[dict[str, int]]:
     """Every value the cache would serve now equals the database."""
     truth: dict[int, int] = {}
     with Session(engine) as s:
@@ -330,7 +347,7 @@ def _final_check(mode: str, engine: Engine, redis_url: str, prefix: str) -> list
             if got != v:
                 out.append({"row": rid, "cached": got, "database": v})
         return out
-    cache = SQLCache(redis_url, prefix=prefix)
+    cache = SQLCache(redis_url, prefix=prefix, shards=shards)
     cache.register(Row)
     cache.attach(engine)
     try:
@@ -340,7 +357,7 @@ def _final_check(mode: str, engine: Engine, redis_url: str, prefix: str) -> list
                 assert row is not None
                 got_get = row.version
             with Session(engine) as s:
-                got_q = s.scalars(select(Row.version).where(Row.id == rid).options(cached())).one()
+                got_q = s.scalars(_query(rid, shards)).one()
             if got_get != v or got_q != v:
                 out.append({"row": rid, "cached_get": got_get, "cached_query": got_q, "database": v})
     finally:
@@ -362,14 +379,15 @@ def main() -> None:
         action="store_true",
         help="start a local Redis Cluster (3 primaries, 3 replicas) for the run and use it",
     )
+    parser.add_argument("--shards", type=int, default=1, help="with --cluster: the caches' shards")
     a = parser.parse_args()
     if a.cluster:
         from ..topologies import LocalCluster
 
         with LocalCluster() as cluster:
             url = cluster.startup_url.replace("redis://", "redis+cluster://", 1)
-            out = run_checker(a.mode, a.seconds, a.writers, a.readers, redis_url=url)
-        out["redis"] = "local cluster (3 primaries, 3 replicas)"
+            out = run_checker(a.mode, a.seconds, a.writers, a.readers, redis_url=url, shards=a.shards)
+        out["redis"] = f"local cluster (3 primaries, 3 replicas), shards={a.shards}"
     else:
         out = run_checker(a.mode, a.seconds, a.writers, a.readers, redis_url=a.redis_url)
     print(json.dumps(out, indent=2))
