@@ -79,9 +79,8 @@ class AsyncShardedClusterStore(ShardSplit, AsyncClusterStore):
                         commands.append(["WAIT", *wait_for])
                     sent.append((node, await node.send(commands), indexes, len(commands)))
                 while sent:
-                    node, conn, indexes, count = sent[0]
+                    node, conn, indexes, count = sent.pop(0)  # receive() drops it if it fails
                     got = await node.receive(conn, count)
-                    sent.pop(0)
                     if wait_for is not None:
                         short = health.short_ack(got.pop())
                         if short is not None:
@@ -171,9 +170,8 @@ class AsyncShardedClusterStore(ShardSplit, AsyncClusterStore):
                 for _, conn, _, commands in plan:
                     await conn.send_packed_command(conn.pack_commands(commands))
                 while unread:
-                    node, conn, locks, commands = unread[0]
+                    node, conn, locks, commands = unread.pop(0)  # receive() drops it if it fails
                     got = await node.receive(conn, locks + len(commands))
-                    unread.pop(0)
                     lock_ok = lock_ok and not any(isinstance(r, redis.ResponseError) for r in got[:locks])
                     if wait_for is not None:
                         short = health.short_ack(got.pop())

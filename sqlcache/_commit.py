@@ -23,7 +23,7 @@ from ._registry import Registry
 from ._report import Reporter
 from ._seal import Sealer
 from ._txn import IdentityWrite, TxnState, coarse_keys
-from .errors import CacheUnavailable, CodecError
+from .errors import CacheUnavailable, CodecError, ConfigurationError
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
@@ -76,7 +76,9 @@ class Commits:
         announce: Callable[[list[Identity], list[str]], tuple[str, bytes] | None],
         lock_ttl_ms: int,
         outbox: OutboxWriter | None,
+        conflict: Callable[[], str | None] = lambda: None,
     ) -> None:
+        self._conflict = conflict
         self._slot = slot
         self._rep = reporter
         self._registry = registry
@@ -121,6 +123,16 @@ class Commits:
             st.identities[_keys.identity_dep_key(p, h.base_table, old_pk)] = IdentityWrite(
                 h, old_pk, None, mapper.class_
             )
+
+    def check_layout(self) -> None:
+        """Refuse a commit that writes what the cache holds when this cache cannot invalidate it: the
+        prefix's keys are laid out for another number of shards (this process's setting is wrong), so
+        the other processes would go on serving what it changes.
+
+        :raises ConfigurationError: before the database COMMIT, which then does not happen."""
+        conflict = self._conflict()
+        if conflict is not None:
+            raise ConfigurationError(f"commit refused: {conflict}")
 
     def before(self, st: TxnState, dbapi_key: int, conn: Connection | None = None) -> None:
         """Before the database COMMIT: lock every dependency the transaction wrote (one round trip);

@@ -147,21 +147,26 @@ class Health:
             with self._mutex:
                 self.lineage_fences += 1
         if other and self.lineage is not None:
-            held = other.decode("ascii", "replace")[:20] if isinstance(other, bytes) else "?"
-            mine = self.lineage[0][5]
-            if self.conflict is None:
-                log.error(
-                    "sqlcache: the prefix's keys are laid out for %r shards and this cache for %r; "
-                    "it will not use Redis",
-                    held,
-                    mine,
-                )
-            self.conflict = (
-                f"the prefix's keys are laid out for {held!r} shards and this cache for {mine!r}: "
-                "its invalidations would miss theirs, so it does not use Redis (docs/pages/deployment.md)"
+            held = other[1:].decode("ascii", "replace")[:20] if isinstance(other, bytes) else "?"
+            self.layout_conflict(held, self.lineage[0][5])
+
+    def layout_conflict(self, held: str, mine: str) -> None:
+        """The prefix's keys are laid out for ``held`` shards, this cache's for ``mine``: from now on this
+        cache does not use Redis, and its commits are refused (their invalidations would reach no entry
+        the other processes read)."""
+        if self.conflict is None:
+            log.error(
+                "sqlcache: the prefix's keys are laid out for %r shards and this cache for %r; it will not "
+                "use Redis, and its commits are refused",
+                held,
+                mine,
             )
-            with self._mutex:
-                self.restart_pending = True  # this connection's first answer is dropped too
+        self.conflict = (
+            f"the prefix's keys are laid out for {held!r} shards and this cache for {mine!r}: its "
+            "invalidations would miss theirs (docs/pages/deployment.md)"
+        )
+        with self._mutex:
+            self.restart_pending = True  # this connection's first answer is dropped too
 
     def short_ack(self, acked: object) -> str | None:
         """WAIT's reply after a release: why it is short of the replicas asked for, or None. The stores

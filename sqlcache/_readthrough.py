@@ -270,7 +270,7 @@ class ReadThrough:
             r = fresh if fresh is not None else r
         if r.clock:
             self._txns.note_clock(session, r.clock, txns)
-        if type(r.clock) is dict and self._txns.before_snapshot(txns):
+        if type(r.clock) is dict and self._txns.wants_all_clocks(session, txns, self._keys.layout.n):
             # a sharded cache: this SELECT may fix the transaction's snapshot (repeatable read), and a
             # later fill in a shard whose clock was not read before it would be refused; read them all
             # now (one more round trip, on a miss that starts a transaction only)

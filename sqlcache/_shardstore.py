@@ -81,9 +81,22 @@ class ShardSplit:
     _cluster: Any
     health: Health
 
-    if TYPE_CHECKING:  # supplied by the router this is mixed into, and by the world's transport
+    _claimed = False  # shard 0's layout claim checked (by lineage.lua on a connection to its node)
 
-        def _node_at(self, slot: int, operation: str) -> Any: ...  # a RedisStore or an AsyncRedisStore
+    def _node_at(self, slot: int, operation: str) -> Any:  # a RedisStore or an AsyncRedisStore
+        """The router's node for ``slot``; before the first call to any other shard, one to shard 0's
+        node, whose lineage check holds the claim every layout shares: a process laid out otherwise is
+        refused before it writes or reads any shard (only shard 0's name is the same in every layout)."""
+        route: Any = super()._node_at  # type: ignore[misc]
+        if not self._claimed:
+            first = self._table.shards[0]
+            route(first.slot, operation).read(first.clock, first.ns + ":layout", ())
+            if self.health.conflict is not None:
+                raise CacheUnavailable(f"{operation} ({self.health.conflict})")
+            self._claimed = True
+        return route(slot, operation)
+
+    if TYPE_CHECKING:  # supplied by the world's transport
 
         def _exchange(
             self, operation: str, work: Sequence[tuple[Shard, list[list[Any]]]], wait: bool = False
@@ -244,7 +257,7 @@ class ShardSplit:
         shard = self._shard(entry_key)
         gens = generations.split(b",")
         if len(gens) != len(dep_keys):
-            return 0
+            return self._refused(0, clock_key, entry_key, lock_token)
         shards = [self._shard(k) for k in dep_keys]
         if snapshot_clock is not None:
             # t0 the transaction's snapshot; a shard's clock read before t0 bounds the generations it
@@ -253,7 +266,7 @@ class ShardSplit:
             for s, g in zip(shards, gens, strict=True):
                 limit = bound.get(s.ns)
                 if limit is None or int(g) > limit:
-                    return 2
+                    return self._refused(2, clock_key, entry_key, lock_token)
         own = [i for i, s in enumerate(shards) if s is shard]
         keys = [dep_keys[i] for i in own]
         checked = b",".join(gens[i] for i in own)
@@ -267,6 +280,13 @@ class ShardSplit:
                 ),
             )
         )  # fmt: skip
+
+    def _refused(self, outcome: int, clock_key: str, entry_key: str, lock_token: str) -> int:
+        """A fill refused before fill.lua ran: the caller's stampede lock is dropped all the same (fill.lua
+        would have), so that the next caller does not wait for a fill that will never come."""
+        if lock_token:
+            self.unlock_fill(clock_key, entry_key, lock_token)
+        return outcome
 
     def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
         shard = self._shard(entry_key)
@@ -379,7 +399,7 @@ class ShardedClusterStore(ShardSplit, ClusterStore):
                     commands.append(["WAIT", *wait_for])
                 sent.append((node, node.send(commands), indexes, len(commands)))
             while sent:
-                node, conn, indexes, count = sent.pop(0)
+                node, conn, indexes, count = sent.pop(0)  # receive() drops it if it fails
                 got = node.receive(conn, count)
                 if wait_for is not None:
                     short = health.short_ack(got.pop())
@@ -389,9 +409,11 @@ class ShardedClusterStore(ShardSplit, ClusterStore):
                 for i in indexes:
                     replies[i] = got[at : at + len(work[i][1])]
                     at += len(work[i][1])
-        except _ERRORS as exc:
+        except BaseException as exc:
             for node, conn, _, _ in sent:
                 node.drop(conn)
+            if not isinstance(exc, _ERRORS):
+                raise  # KeyboardInterrupt, a gevent timeout: the connections are dropped, nothing else
             self._refresh = True
             health.failed()
             raise CacheUnavailable(operation) from exc
@@ -418,9 +440,11 @@ class ShardedClusterStore(ShardSplit, ClusterStore):
         try:
             for node, commands in by_node.items():
                 sent.append((node, node.send(commands), len(commands)))
-        except _ERRORS as exc:
+        except BaseException as exc:
             for node, conn, _ in sent:
                 node.drop(conn)
+            if not isinstance(exc, _ERRORS):
+                raise
             self._refresh = True
             self.health.failed()
             raise CacheUnavailable("lock") from exc
@@ -470,16 +494,14 @@ class ShardedClusterStore(ShardSplit, ClusterStore):
                 failed = failed or next((r for r in got[locks:] if isinstance(r, redis.ResponseError)), None)
             if failed is not None:
                 raise failed
-        except _ERRORS as exc:
+        except BaseException as exc:
             for node, conn in unread.values():
                 node.drop(conn)
+            if not isinstance(exc, _ERRORS):
+                raise  # CacheUnavailable (backing off), KeyboardInterrupt: dropped, passed on
             self._refresh = True
             health.failed()
             raise CacheUnavailable("release") from exc
-        except CacheUnavailable:
-            for node, conn in unread.values():
-                node.drop(conn)
-            raise
         health.answered("release")
         if groups:  # shards whose node changed since the lock went out: released on their new node
             self.release(clock_key, [k for keys in groups.values() for k in keys], token, gen_ttl_ms)

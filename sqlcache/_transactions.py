@@ -232,9 +232,18 @@ class Transactions:
             if not st.began_sql:
                 st.clock0 = clock if st.clock0 is None else merge_clocks(st.clock0, clock)
 
-    def before_snapshot(self, txns: list[TxnState]) -> bool:
-        """Whether no statement has run yet in the transaction of ``txns`` (a session's, or none begun)."""
-        return all(not st.began_sql for st in txns)
+    def wants_all_clocks(self, session: Session, txns: list[TxnState], shards: int) -> bool:
+        """A sharded cache's miss, about to run the SELECT: whether to read every shard's clock first.
+        Only before the transaction's first statement (the SELECT may fix its snapshot), unless its
+        connections keep per-statement snapshots (READ COMMITTED: no bound is used), and once: not when
+        every shard's clock is noted already."""
+        if any(st.began_sql for st in txns):
+            return False
+        fixed = [f for _, f in self._with_isolation(session)]
+        if fixed and not any(fixed):
+            return False
+        noted = [st.clock0 for st in txns] if txns else [session.info.get(self._clock_key)]
+        return not all(type(c) is dict and len(c) >= shards for c in noted)
 
     def wrote(
         self, session: Session, identity: str | None, bulk: Iterable[str], tables: Iterable[str]

@@ -38,6 +38,7 @@ from ._slots import Slot, hook
 from ._transactions import Transactions
 from ._txn import TxnState, dml_tables, is_write_sql, scope_changes
 from .config import ModelPolicy
+from .errors import ConfigurationError
 from .options import CacheOption, QueryPolicy
 
 if TYPE_CHECKING:
@@ -268,8 +269,19 @@ class Wiring:
 
     def _on_commit(self, conn: Connection) -> None:
         st = self._txns.end(conn)
-        if st is not None and st.wrote_anything():
-            self._commits.before(st, id(conn.connection), conn)
+        if st is None or not st.wrote_anything():
+            return
+        key = id(conn.connection)
+        try:
+            self._commits.check_layout()
+            self._commits.before(st, key, conn)
+            self._commits.check_layout()  # the lock's new connection may be the one that found out
+        except ConfigurationError:
+            self._commits.after(key, False)  # whatever the lock did: released (or journalled)
+            # SQLAlchemy leaves the DBAPI transaction open after a commit event raised (and a later
+            # checkout of the connection would see its writes): it is rolled back here
+            conn.engine.dialect.do_rollback(conn.connection)
+            raise
 
     def _on_after_commit(self, dbapi_connection: Any, committed: bool) -> None:
         self._commits.after(id(dbapi_connection), committed)

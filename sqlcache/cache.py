@@ -199,8 +199,9 @@ class SQLCache:
             max_entry_bytes=c.max_entry_bytes,
         )  # fmt: skip
         commits = Commits(
-            slot, rep, registry, sealer, journal, keys, announcer.announce, c.lock_ttl * 1000, self._outbox
-        )
+            slot, rep, registry, sealer, journal, keys, announcer.announce, c.lock_ttl * 1000, self._outbox,
+            lambda: self._health.conflict,
+        )  # fmt: skip
         stats = weakref.WeakMethod(self.stats)  # the thread must not keep the cache alive
         self._publisher = Publisher(self.store, rep, p, c.prefix, c.publish_stats, stats)
         self._decoded = decoded = DecodedCache(c.decoded_cache_bytes, registry.hierarchy, rep)
@@ -241,6 +242,7 @@ class SQLCache:
             raise ConfigurationError(f"attach() takes a sqlalchemy Engine or AsyncEngine, got {engine!r}")
         if self._closed:
             raise ConfigurationError("this SQLCache was closed")
+        self._check_layout()
         if sync_engine.dialect.is_async:
             self._enable_asyncio()
         if self._outbox is not None:
@@ -249,6 +251,18 @@ class SQLCache:
                 sync_engine, lambda: _aio.blocking(sync_engine, lambda e: check_table(e, table))
             )
         self._wiring.attach(sync_engine)
+
+    def _check_layout(self) -> None:
+        """Whether the prefix's keys are laid out as this cache's (its number of shards): a connection
+        to the node of its first shard checks the claim (lineage.lua). A Redis that does not answer now
+        is checked on the first connection that does.
+
+        :raises ConfigurationError: the prefix holds another layout."""
+        k = self._keys
+        with self._rep.degrade("read"):
+            self.store.read(k.clock, _keys.layout_key(k.prefix), ())
+        if self._health.conflict is not None:
+            raise ConfigurationError(self._health.conflict)
 
     def _enable_asyncio(self) -> None:
         """From now on, code SQLAlchemy runs for asyncio reaches Redis through redis.asyncio."""

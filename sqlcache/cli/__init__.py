@@ -69,6 +69,12 @@ def _operator_commands(sub: Any) -> None:
     flush.add_argument("--fence", action="store_true", help="make every entry a miss without deleting keys")
     flush.add_argument("--batch", type=int, default=500, help="keys per SCAN and UNLINK (default 500)")
     flush.add_argument(
+        "--layout",
+        action="store_true",
+        help="also delete the prefix's layout claim (its number of shards): only with every process "
+        "using the prefix stopped",
+    )
+    flush.add_argument(
         "--generation-ttl",
         type=int,
         default=7 * 24 * 3600,

@@ -171,12 +171,17 @@ def run_bench(args: argparse.Namespace) -> int:
     rnd = random.Random(7)
     arows = async_rows(args.database_url, cache, BenchUser, SCHEMA)
     crows = cluster_rows(args.cluster_url, lambda: _engine(args.database_url), BenchUser)
+    srows = None if crows is None else ClusterRows(crows.url, _engine(args.database_url), BenchUser, None, 8)
     try:
-        return _run(args, plain, cached, cache, probe, rnd, (rounds, batch, rows), decoding, arows, crows)
+        return _run(
+            args, plain, cached, cache, probe, rnd, (rounds, batch, rows), decoding, arows, crows, srows
+        )
     finally:
         cache.clear()
         if arows is not None:
             arows.close()
+        if srows is not None:
+            srows.close()
         if crows is not None:
             crows.close()
         cache.close()
@@ -197,12 +202,15 @@ def _run(
     decoding: Engine,
     arows: AsyncRows | None,
     crows: ClusterRows | None,
+    srows: ClusterRows | None = None,
 ) -> int:
     rounds, batch, rows = sizes
     ids = list(range(1, rows + 1))
     if crows is not None and not _warm(crows.cache, crows.engine, ids):
         print("sqlcache bench: no cluster rows (the cluster's gets are not served from Redis)")
         crows = None  # closed by the caller
+    if crows is None or (srows is not None and not _warm(srows.cache, srows.engine, ids)):
+        srows = None  # closed by the caller
     if not _warm(cache, cached, ids) or (arows is not None and not arows.served_from_redis(1)):
         print("sqlcache bench: warm-up failed: gets are not served from Redis", file=sys.stderr)
         return 1
@@ -217,10 +225,15 @@ def _run(
             systems["cluster get hit"] = lambda: _ns(_get_on(crows.engine, rnd, ids))
             systems["cluster q20 hit"] = lambda: _ns(_query_on(crows.engine, 20, True))
             systems["cluster update"] = lambda: _ns(_update_on(crows.engine, rnd, ids))
+        if srows is not None:
+            systems["sharded get hit"] = lambda: _ns(_get_on(srows.engine, rnd, ids))
+            systems["sharded q20 hit"] = lambda: _ns(_query_on(srows.engine, 20, True))
+            systems["sharded update"] = lambda: _ns(_update_on(srows.engine, rnd, ids))
+        engines = [cached] + [r.engine for r in (crows, srows) if r is not None]
 
         def rewarm() -> None:
             # updates invalidate entries: warm them again outside the timed part
-            for engine in (cached,) if crows is None else (cached, crows.engine):
+            for engine in engines:
                 for i in ids:
                     with Session(engine) as s:
                         s.get(BenchUser, i)
@@ -243,6 +256,9 @@ def _run(
         if crows is not None:
             on_cluster = [_round_trips(crows.cache, crows.engine, n) for n in (1, 50, 0)]
             print(f"redis round trips on the cluster, update of 1 / 50 rows, read-only: {on_cluster}")
+        if srows is not None:
+            sharded = [_round_trips(srows.cache, srows.engine, n) for n in (1, 50, 0)]
+            print(f"redis round trips sharded (8), update of 1 / 50 rows, read-only: {sharded}")
     finally:
         floor.close()
     return 0
@@ -458,14 +474,21 @@ def _round_trips(cache: SQLCache, engine: Engine, n: int) -> int:
     client = getattr(cache.store, "client", None)  # a cluster's node stores use redis.Connection
     conn_class: Any = redis.Connection if client is None else client.connection_pool.connection_class
     original: Callable[..., Any] = conn_class.send_command
+    packing: Callable[..., Any] = conn_class.pack_commands
 
     def counting(self: Any, *a: Any, **kw: Any) -> Any:
         calls()
         return original(self, *a, **kw)
 
+    def counting_packed(self: Any, commands: Any) -> Any:  # several written at once (a sharded exchange)
+        for _ in commands:
+            calls()
+        return packing(self, commands)
+
     with Session(engine) as s:
         users = [s.get(BenchUser, i) for i in range(1, n + 1)] if n else []
         conn_class.send_command = counting
+        conn_class.pack_commands = counting_packed
         try:
             for u in users:
                 assert u is not None
@@ -473,4 +496,5 @@ def _round_trips(cache: SQLCache, engine: Engine, n: int) -> int:
             s.commit()
         finally:
             conn_class.send_command = original
+            conn_class.pack_commands = packing
     return calls.n

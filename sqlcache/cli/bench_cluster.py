@@ -1,5 +1,7 @@
 """The benchmark's Redis Cluster rows: an identity hit, a 20-row ``cached()`` query hit and a committing
-update through a cache on a Redis Cluster, measured in the same interleaved run as the single server's.
+update through a cache on a Redis Cluster, measured in the same interleaved run as the single server's;
+and the same through a cache sharded over that cluster (``shards=8``: the table's keys in one shard,
+the calls split by shard as any sharded cache's).
 
 The cluster is ``--cluster-url`` (or ``SQLCACHE_CLUSTER_URL``), or else a private one of three
 primaries started for the run when ``redis-server`` and ``redis-cli`` are installed (and stopped at its
@@ -35,10 +37,14 @@ ROWS = (
 class ClusterRows:
     """A cache on the cluster, attached to an engine of its own, and the private cluster (if any)."""
 
-    def __init__(self, url: str, engine: Engine, model: type[Any], private: LocalCluster | None) -> None:
+    def __init__(
+        self, url: str, engine: Engine, model: type[Any], private: LocalCluster | None, shards: int = 1
+    ) -> None:
+        self.url = url
         self.engine = engine
         self._private = private
-        self.cache = SQLCache(url, prefix="sqlcache-bench-cluster", default_ttl=3600)
+        prefix = "sqlcache-bench-cluster" if shards == 1 else f"sqlcache-bench-sharded{shards}"
+        self.cache = SQLCache(url, prefix=prefix, default_ttl=3600, shards=shards)
         try:
             self.cache.attach(engine)
             self.cache.register(model)

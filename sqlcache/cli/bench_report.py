@@ -33,6 +33,9 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("cluster q20 hit / q20 hit", "cluster q20 hit", "q20 sqlcache hit", None),
     ("cluster update / update", "cluster update", "update sqlcache", None),
     ("cluster update / update plain", "cluster update", "update plain", None),
+    ("sharded get hit / cluster get hit", "sharded get hit", "cluster get hit", None),
+    ("sharded q20 hit / cluster q20 hit", "sharded q20 hit", "cluster q20 hit", None),
+    ("sharded update / cluster update", "sharded update", "cluster update", None),
 )
 
 

@@ -64,6 +64,10 @@ def run_flush(args: argparse.Namespace) -> int:
 
         for shard in target.layout.prefixes:  # each shard's keys on the node serving it
             deleted += target.store.delete_matching(_keys.scan_pattern(shard), args.batch, shard_progress)
+        if args.layout:  # the claim running processes are checked against: theirs to make again
+            for shard in target.layout.prefixes:
+                target.store.delete(_keys.layout_key(shard))
+            print(f"sqlcache flush: the layout claim of prefix {prefix!r} deleted")
         took = time.monotonic() - started
         print(f"sqlcache flush: deleted {deleted} keys of prefix {prefix!r} in {took:.1f} s")
         return 0

@@ -10,10 +10,10 @@
 -- It also stands in for INFO on a new connection (one round trip): it returns the server's run id.
 -- KEYS[1] clock; KEYS[2] lineage key; KEYS[3] the dependency of every entry; KEYS[4] layout key
 -- ARGV[1] ttl ms of generation keys (0 = none); ARGV[2] this process's layout
--- returns {run id, 1 if it fenced else 0, the layout the prefix holds if it is another, else ''}
+-- returns {run id, 1 if it fenced else 0, '=' and the layout the prefix holds if it is another, else ''}
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
 local layout = redis.pcall('GET', KEYS[4])
-if type(layout) == 'string' and layout ~= ARGV[2] then return {run_id, 0, layout} end
+if type(layout) == 'string' and layout ~= ARGV[2] then return {run_id, 0, '=' .. layout} end
 if layout ~= ARGV[2] then redis.call('SET', KEYS[4], ARGV[2]) end
 if run_id == '' or redis.pcall('GET', KEYS[2]) == run_id then return {run_id, 0, ''} end
 if clock_value(KEYS[1]) < now_us() + CLOCK_LEAD then

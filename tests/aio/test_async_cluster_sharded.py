@@ -107,3 +107,29 @@ def test_async_failover_of_one_shards_primary_serves_nothing_stale(
     checked = check_async_failover(engine, cache, lose, rows=10, versions=3, rereads=5)
     assert checked == 80
     print(f"async sharded cluster failover: {checked} reads checked")
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_node_stalling_mid_exchange_costs_a_miss_and_no_connection(
+    run: Run, cache: SQLCache, local_cluster: LocalCluster
+) -> None:
+    """A node that does not answer within the timeout while a miss reads every shard's clock (one
+    exchange over every node): the read is answered by the database, nothing but the outage reaches
+    the cache's reporting (a connection dropped twice made the pool raise KeyError out of
+    ``session.get``), and no connection of any node stays checked out."""
+    cache.register(User)
+    layout = cache._keys.layout
+    paused = local_cluster.primary_for(_keys.clock_key(layout.prefixes[0]))
+    if len({local_cluster.primary_for(_keys.clock_key(p)) for p in layout.prefixes}) < 2:
+        pytest.skip("this prefix's shards all landed on one node")
+
+    async def body(ae: AsyncEngine) -> None:
+        uids = [await make_user(ae, f"u{i}") for i in range(3)]
+        assert await cached_name(ae, uids[0]) == "u0"  # connections to every node made
+        local_cluster.node(paused).execute_command("CLIENT", "PAUSE", 1000, "ALL")
+        assert await cached_name(ae, uids[1]) == "u1"  # a miss: clocks() stalls on the paused node
+        stores = cache._async_stores.current()._stores  # type: ignore[union-attr]
+        assert all(not s.client.connection_pool._in_use_connections for s in stores.values())
+
+    run(body)
+    assert cache.stats()["errors"] >= 1

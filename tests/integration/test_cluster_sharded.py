@@ -170,14 +170,44 @@ def test_repeatable_read_fill_across_shards_waits_for_a_clock_read_before_the_sn
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
-def test_a_process_laid_out_otherwise_is_refused(engine: Engine, cache: SQLCache, redis_url: str) -> None:
-    """A cache with another number of shards under the same prefix would miss the sharded one's
-    invalidations: the later of the two to reach the prefix is refused (its reads and writes go to the
-    database, cache_error says why), and the sharded cache goes on serving."""
+@pytest.mark.parametrize("first", [1, SHARDS])
+def test_a_process_laid_out_otherwise_is_refused_at_attach(
+    engine: Engine, redis_url: str, first: int
+) -> None:
+    """Whichever layout reaches a prefix first, a cache with another number of shards under it would
+    miss its invalidations: its attach() raises, naming both."""
+    from sqlcache.errors import ConfigurationError
+
+    prefix = f"l{uuid.uuid4().hex[:10]}"
+    claimant = SQLCache(redis_url, prefix=prefix, shards=first)
+    other = SQLCache(redis_url, prefix=prefix, shards=SHARDS if first == 1 else 1)
+    try:
+        claimant.attach(engine)
+        with pytest.raises(ConfigurationError, match="laid out for"):
+            other.attach(engine)
+    finally:
+        claimant.detach(engine)
+        claimant.clear()
+        claimant.close()
+        other.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_conflict_found_later_refuses_the_commits_that_would_miss(
+    engine: Engine, cache: SQLCache, redis_url: str, local_cluster: LocalCluster
+) -> None:
+    """A process laid out otherwise that got past attach() (here: the claims were deleted behind its back
+    and the sharded cache claimed the prefix again) finds the conflict on its next new connection: it
+    stops using Redis, reports cache_error, and its commits that write cached tables are refused before
+    the database COMMIT, so the sharded cache never serves what it would have changed."""
+    from sqlcache.errors import ConfigurationError
+
     cache.register(User)
-    cache.clear()  # connects to every shard's node: this cache's layout is the one the prefix holds
     uid = make_user(engine, "ann")
-    assert user_name(engine, uid) == "ann"
+    ns = [_keys.namespace(p) for p in cache._keys.layout.prefixes]
+    client = local_cluster.client()
+    for n in ns:
+        client.delete(n + ":layout")
     other = SQLCache(redis_url, prefix=cache.config.prefix, default_ttl=600)
     errors: list[BaseException] = []
 
@@ -188,16 +218,18 @@ def test_a_process_laid_out_otherwise_is_refused(engine: Engine, cache: SQLCache
     signals.cache_error.connect(on_error)
     try:
         other.register(User)
-        other.attach(engine)
-        for _ in range(2):
-            with Session(engine) as s:
-                assert s.get(User, uid).name == "ann"
+        other.attach(engine)  # claims "1"
+        client.delete(ns[0] + ":layout")
+        cache.store.disconnect()
+        assert user_name(engine, uid) == "ann"  # the sharded cache claims shard 0 again: its fill
+        other.store.disconnect()  # the other's next connection meets the sharded claim
+        assert user_name(engine, uid) == "ann"
         with Session(engine) as s:
             s.get(User, uid).name = "bob"
-            s.commit()
-        assert other.stats()["hits"] == 0
-        assert any("shards" in str(e) for e in errors)
-        assert user_name(engine, uid) == "bob"  # the sharded cache saw the commit of the refused one
+            with pytest.raises(ConfigurationError, match="commit refused"):
+                s.commit()
+        assert any("laid out for" in str(e) for e in errors)
+        assert user_name(engine, uid) == "ann"  # nothing changed: nothing to serve stale
     finally:
         signals.cache_error.disconnect(on_error)
         other.detach(engine)
@@ -309,3 +341,44 @@ def test_clear_removes_every_shards_keys(
             name = key if isinstance(key, str) else key.decode()
             # each shard's layout claim stays (RedisStore.delete_matching)
             assert not any(name.startswith(n + ":") and name != n + ":layout" for n in ns), name
+
+
+@pytest.mark.parametrize("engine", ["mariadb"], indirect=True)
+def test_a_fill_the_snapshot_bound_refuses_drops_its_stampede_lock(engine: Engine, cache: SQLCache) -> None:
+    """A cached query's fill refused by a shard's repeatable-read bound (before any script runs) still
+    drops the caller's stampede lock, as fill.lua would have: the next caller does not wait
+    ``stampede_wait`` for a fill that never comes."""
+    cache.register(User)
+    u1, u2 = make_user(engine, "ann"), make_user(engine, "bo")
+    stmt = select(User).where(User.id == u1).options(cached())
+    with Session(engine) as t1:
+        t1.get(User, u2)  # a miss starting the transaction: every shard's clock noted, then the snapshot
+        with Session(engine) as t2:
+            t2.get(User, u1).name = "ann2"
+            t2.commit()
+        assert [u.name for u in t1.scalars(stmt)] == ["ann"]  # its snapshot's row: the fill refused
+    assert cache.stats()["fills_skipped"] >= 1
+    with Session(engine) as t3:
+        assert [u.name for u in t3.scalars(stmt)] == ["ann2"]
+    assert cache.stats()["stampede_timeouts"] == 0 and cache.stats()["stampede_waits"] == 0
+
+
+@pytest.mark.parametrize("engine", ["mariadb"], indirect=True)
+def test_every_shards_clock_is_read_once_per_transaction(
+    engine: Engine, cache: SQLCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get_many of cold ids misses once per id, but reads every shard's clock once: before its first
+    statement, not again for each miss."""
+    cache.register(User)
+    ids = [make_user(engine, f"u{i}") for i in range(10)]
+    calls: list[int] = []
+    original = cache.store.clocks  # type: ignore[union-attr]
+
+    def counted() -> dict[str, int]:
+        calls.append(1)
+        return original()  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(cache.store, "clocks", counted)
+    with Session(engine) as s:
+        assert [u.name for u in cache.get_many(s, User, ids)] == [f"u{i}" for i in range(10)]
+    assert len(calls) == 1
