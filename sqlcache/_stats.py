@@ -37,6 +37,10 @@ COUNTERS = (
     "signal_errors",  # exceptions raised by signal receivers
     "broadcasts_dropped",  # pub/sub messages dropped: undecodable, or (with a secret) unsigned or forged
     "plugin_errors",  # exceptions raised by plugins (receivers, operation hooks, close)
+    "local_hits",  # reads served from the local tier (local_bytes=), no round trip
+    "local_misses",  # reads the local tier could not serve (Redis read)
+    "local_invalidations",  # dependency keys Redis's tracking named as changed
+    "local_drops",  # times the whole local tier was dropped (flush, lost tracking connection, restart)
 )
 
 

@@ -20,6 +20,7 @@ from ._direct import DirectReader
 from ._health import Health
 from ._identity import IdentityReader
 from ._journal import Journal, Keys
+from ._local import LocalStore, LocalTier
 from ._outbox import DEFAULT_TABLE, OutboxSQL, OutboxWriter, check_table, outbox_table
 from ._plugins import Plugins
 from ._protocol import Store, StoreSlot
@@ -31,6 +32,8 @@ from ._relay import Relay, relay_engine
 from ._report import Reporter
 from ._seal import Sealer
 from ._shardstore import store_for
+from ._store import RedisStore
+from ._tracking import Tracking, tracking_target
 from ._transactions import Transactions
 from ._wiring import Wiring
 from .config import CacheConfig, Mode, ModelPolicy
@@ -91,6 +94,11 @@ class SQLCache:
         of its own (a table's or a tag's keys in one), so that the cache's load spreads over the
         cluster's primaries; 1 (the default): every key in one slot. Every process sharing a prefix must
         use the same number (a process that does not is refused the cache). docs/pages/deployment.md.
+    :param local_bytes: keep up to this many bytes of entries in this process's memory and serve them
+        with no round trip while Redis's own tracking says nothing they depend on changed (the local
+        tier, docs/pages/local-tier.md); 0 (the default): off. One server, sync reads, for now.
+    :param local_max_lag: the local tier's staleness bound in seconds: nothing is served locally unless
+        Redis's tracking connection answered a PING sent at most this long ago.
     :param plugins: plugins to set up now, in order (see :meth:`add_plugin`).
     :raises ConfigurationError: on a bad argument.
 
@@ -123,6 +131,8 @@ class SQLCache:
         wait_timeout: float = 0.1,
         publish_stats: float | None = None,
         shards: int = 1,
+        local_bytes: int = 0,
+        local_max_lag: float = 0.1,
         plugins: Sequence[Plugin] = (),
     ) -> None:
         self.config = CacheConfig(
@@ -131,7 +141,8 @@ class SQLCache:
             max_backoff=max_backoff, stampede_wait=stampede_wait, max_entry_bytes=max_entry_bytes,
             broadcast=broadcast, durable=durable, outbox_table=outbox_table, relay_interval=relay_interval,
             relay_grace=relay_grace, decoded_cache_bytes=decoded_cache_bytes, wait_replicas=wait_replicas,
-            wait_timeout=wait_timeout, publish_stats=publish_stats, shards=shards,
+            wait_timeout=wait_timeout, publish_stats=publish_stats, shards=shards, local_bytes=local_bytes,
+            local_max_lag=local_max_lag,
         )  # fmt: skip
         sealer = Sealer(secret)
         #: the redis-py store (connection health, restarts); plugins may wrap what the parts use
@@ -170,8 +181,13 @@ class SQLCache:
 
     def _assemble(self, c: CacheConfig, sealer: Sealer) -> None:
         """Build the parts and hand each the narrow pieces it needs (docs/pages/architecture.md)."""
-        self._slot = slot = StoreSlot(self.store)
         self._rep = rep = Reporter(self, lambda: self._health.ok_seq)
+        self._local = self._local_tier(c)
+        # the store the parts use (with the local tier in front of its reads, when asked for)
+        self._sync_store: Store = (
+            self.store if self._local is None else cast(Store, LocalStore(self.store, self._local))
+        )
+        self._slot = slot = StoreSlot(self._sync_store)
         self._plugins = Plugins(rep, slot, self.store.server)
         # which prefix starts every key (a hash tag on a cluster; one per shard on a sharded cluster)
         layout = self.store.key_layout(c.prefix)
@@ -242,7 +258,8 @@ class SQLCache:
             raise ConfigurationError(f"attach() takes a sqlalchemy Engine or AsyncEngine, got {engine!r}")
         if self._closed:
             raise ConfigurationError("this SQLCache was closed")
-        self._check_layout()
+        if self._local is not None:
+            self._local.start()
         if sync_engine.dialect.is_async:
             self._enable_asyncio()
         if self._outbox is not None:
@@ -252,24 +269,29 @@ class SQLCache:
             )
         self._wiring.attach(sync_engine)
 
-    def _check_layout(self) -> None:
-        """Whether the prefix's keys are laid out as this cache's (its number of shards): a connection
-        to the node of its first shard checks the claim (lineage.lua). A Redis that does not answer now
-        is checked on the first connection that does.
+    def _local_tier(self, c: CacheConfig) -> LocalTier | None:
+        """The local tier asked for (``local_bytes``), its keeper not started yet (``attach`` starts it).
 
-        :raises ConfigurationError: the prefix holds another layout."""
-        k = self._keys
-        with self._rep.degrade("read"):
-            self.store.read(k.clock, _keys.layout_key(k.prefix), ())
-        if self._health.conflict is not None:
-            raise ConfigurationError(self._health.conflict)
+        :raises ConfigurationError: a store it cannot watch yet (a cluster, Sentinel, TLS)."""
+        if not c.local_bytes:
+            return None
+        if not isinstance(self.store, RedisStore):
+            raise ConfigurationError("the local tier (local_bytes=) needs a single Redis server, for now")
+        target = tracking_target(self.store.client)
+        layout = self.store.key_layout(c.prefix)
+        prefixes = [ns + ":d:" for ns in layout.namespaces]  # every dependency key, whatever its kind
+        stats = self._rep.stats
+        return LocalTier(
+            c.local_bytes, c.local_max_lag, lambda: Tracking(target, prefixes), lambda: self._health.epoch,
+            stats.incr,
+        )  # fmt: skip
 
     def _enable_asyncio(self) -> None:
         """From now on, code SQLAlchemy runs for asyncio reaches Redis through redis.asyncio."""
         if self._async_stores is not None:
             return
         self._async_stores = AsyncStores(async_store_maker(self.store, self.config.timeout, self._health))
-        self._slot.base = cast(Store, Worlds(self.store, self._async_stores))
+        self._slot.base = cast(Store, Worlds(self._sync_store, self._async_stores))
         self._plugins.rebase()
 
     def detach(self, engine: Engine | AsyncEngine) -> None:
@@ -320,6 +342,8 @@ class SQLCache:
             self._outbox.stop_all()
         self._publisher.stop()
         self._journal.close()
+        if self._local is not None:
+            self._local.close()
         self.store.disconnect()
 
     # -- plugins ------------------------------------------------------------------------------------
@@ -453,6 +477,7 @@ class SQLCache:
         out["skipped_backoff"] = self._health.skipped
         out["loop_stalls"] = self._health.stalls
         out["journal"] = len(self._journal)
+        out["local_bytes"] = 0 if self._local is None else self._local.bytes
         return out
 
     def listen(self) -> Listener:

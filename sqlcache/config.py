@@ -54,6 +54,9 @@ class CacheConfig:
         reads them); None: not published.
     :param shards: on a Redis Cluster, how many shards (hash tags) the cache's keys are spread over;
         1: every key in one slot.
+    :param local_bytes: bytes of entries the local tier holds in process memory; 0: no local tier.
+    :param local_max_lag: seconds beyond which the local tier serves nothing unless Redis's tracking
+        connection answered a PING sent that recently.
     """
 
     prefix: str
@@ -76,8 +79,22 @@ class CacheConfig:
     wait_timeout: float = 0.1
     publish_stats: float | None = None
     shards: int = 1
+    local_bytes: int = 0
+    local_max_lag: float = 0.1
 
     def __post_init__(self) -> None:
+        if (
+            isinstance(self.local_bytes, bool)
+            or not isinstance(self.local_bytes, int)
+            or not (0 <= self.local_bytes <= 1 << 40)
+        ):
+            raise ConfigurationError(
+                f"local_bytes must be an int of bytes in [0, 2**40], got {self.local_bytes!r}"
+            )
+        if type(self.local_max_lag) not in (int, float) or not 0.001 <= self.local_max_lag <= 60:
+            raise ConfigurationError(
+                f"local_max_lag must be seconds in [0.001, 60], got {self.local_max_lag!r}"
+            )
         if isinstance(self.shards, bool) or not isinstance(self.shards, int) or not 1 <= self.shards <= 1024:
             raise ConfigurationError(f"shards must be an int in [1, 1024], got {self.shards!r}")
         if not isinstance(self.prefix, str) or not self.prefix or not _PREFIX.match(self.prefix):

@@ -125,6 +125,7 @@ def test_only_the_stores_import_redis() -> None:
             "sqlcache._acluster",
             "sqlcache._shardstore",
             "sqlcache._ashardstore",
+            "sqlcache._tracking",
         ) or name.startswith(CLI):
             continue
         runtime, _, _ = _imports(name, path)

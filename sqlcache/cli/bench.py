@@ -135,6 +135,19 @@ class _Counter:
         self.n += 1
 
 
+def _local_serving(cache: SQLCache, engine: Engine, ids: list[int]) -> bool:
+    """Whether gets through ``cache`` are served from its local tier (waiting for its tracking connection
+    to answer, up to a few seconds)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with Session(engine) as s:
+            s.get(BenchUser, ids[0])
+        if cache.stats()["local_hits"]:
+            return True
+        time.sleep(0.02)  # the tracking connection's first PING is due within local_max_lag / 4
+    return False
+
+
 def _ns(fn: Callable[[], None]) -> int:
     t0 = time.perf_counter_ns()
     fn()
@@ -168,15 +181,22 @@ def run_bench(args: argparse.Namespace) -> int:
     decoding_cache = SQLCache(args.redis_url, prefix=prefix, default_ttl=3600, decoded_cache_bytes=0)
     decoding_cache.attach(decoding)
     decoding_cache.register(BenchUser)
+    # the same entries through a cache with a local tier (served from process memory once read)
+    localized = _engine(args.database_url)
+    local_cache = SQLCache(args.redis_url, prefix=prefix, default_ttl=3600, local_bytes=256 << 20)
+    local_cache.attach(localized)
+    local_cache.register(BenchUser)
     rnd = random.Random(7)
     arows = async_rows(args.database_url, cache, BenchUser, SCHEMA)
     crows = cluster_rows(args.cluster_url, lambda: _engine(args.database_url), BenchUser)
     srows = None if crows is None else ClusterRows(crows.url, _engine(args.database_url), BenchUser, None, 8)
     try:
         return _run(
-            args, plain, cached, cache, probe, rnd, (rounds, batch, rows), decoding, arows, crows, srows
-        )
+            args, plain, cached, cache, probe, rnd, (rounds, batch, rows), decoding, arows, crows, srows,
+            (local_cache, localized),
+        )  # fmt: skip
     finally:
+        local_cache.close()
         cache.clear()
         if arows is not None:
             arows.close()
@@ -187,7 +207,7 @@ def run_bench(args: argparse.Namespace) -> int:
         cache.close()
         decoding_cache.close()
         _Base.metadata.drop_all(plain)
-        for engine in (plain, cached, decoding):
+        for engine in (plain, cached, decoding, localized):
             engine.dispose()
 
 
@@ -203,6 +223,7 @@ def _run(
     arows: AsyncRows | None,
     crows: ClusterRows | None,
     srows: ClusterRows | None = None,
+    local: tuple[SQLCache, Engine] | None = None,
 ) -> int:
     rounds, batch, rows = sizes
     ids = list(range(1, rows + 1))
@@ -225,11 +246,21 @@ def _run(
             systems["cluster get hit"] = lambda: _ns(_get_on(crows.engine, rnd, ids))
             systems["cluster q20 hit"] = lambda: _ns(_query_on(crows.engine, 20, True))
             systems["cluster update"] = lambda: _ns(_update_on(crows.engine, rnd, ids))
+        if local is not None and _local_serving(*local, ids):
+            lengine = local[1]
+            systems["get local hit"] = lambda: _ns(_get_on(lengine, rnd, ids))
+            systems["lazy local hit"] = _lazy_on(lengine, rnd, ids)
+            systems["q20 local hit"] = lambda: _ns(_query_on(lengine, 20, True))
+            systems["q200 local hit"] = lambda: _ns(_query_on(lengine, 200, True))
+        else:
+            print("sqlcache bench: no local tier rows (its tracking connection did not answer)")
+            local = None
         if srows is not None:
             systems["sharded get hit"] = lambda: _ns(_get_on(srows.engine, rnd, ids))
             systems["sharded q20 hit"] = lambda: _ns(_query_on(srows.engine, 20, True))
             systems["sharded update"] = lambda: _ns(_update_on(srows.engine, rnd, ids))
         engines = [cached] + [r.engine for r in (crows, srows) if r is not None]
+        engines += [] if local is None else [local[1], local[1]]  # twice: Redis, then kept locally
 
         def rewarm() -> None:
             # updates invalidate entries: warm them again outside the timed part

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import select, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -171,25 +171,40 @@ def test_repeatable_read_fill_across_shards_waits_for_a_clock_read_before_the_sn
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("first", [1, SHARDS])
-def test_a_process_laid_out_otherwise_is_refused_at_attach(
-    engine: Engine, redis_url: str, first: int
-) -> None:
+def test_a_process_laid_out_otherwise_is_refused(engine: Engine, redis_url: str, first: int) -> None:
     """Whichever layout reaches a prefix first, a cache with another number of shards under it would
-    miss its invalidations: its attach() raises, naming both."""
+    miss its invalidations: its first connection finds the claim, its reads go to the database, and its
+    writing commits are refused before the database COMMIT (nothing is changed that the other would go
+    on serving)."""
     from sqlcache.errors import ConfigurationError
 
     prefix = f"l{uuid.uuid4().hex[:10]}"
     claimant = SQLCache(redis_url, prefix=prefix, shards=first)
     other = SQLCache(redis_url, prefix=prefix, shards=SHARDS if first == 1 else 1)
+    other_engine = create_engine(engine.url)
     try:
+        claimant.register(User)
         claimant.attach(engine)
-        with pytest.raises(ConfigurationError, match="laid out for"):
-            other.attach(engine)
+        uid = make_user(engine, "ann")
+        for _ in range(2):
+            assert user_name(engine, uid) == "ann"
+        other.register(User)
+        other.attach(other_engine)
+        for _ in range(2):
+            assert user_name(other_engine, uid) == "ann"
+        assert other.stats()["hits"] == 0
+        with Session(other_engine) as s:
+            s.get(User, uid).name = "bob"
+            with pytest.raises(ConfigurationError, match="commit refused"):
+                s.commit()
+        assert user_name(engine, uid) == "ann" and user_name(other_engine, uid) == "ann"
     finally:
         claimant.detach(engine)
         claimant.clear()
         claimant.close()
+        other.detach(other_engine)
         other.close()
+        other_engine.dispose()
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)

@@ -1,0 +1,318 @@
+"""The local tier (``SQLCache(..., local_bytes=...)``): entries held in this process's memory as Redis
+returned them, with the generations of their dependencies, and served without a round trip while Redis
+itself says nothing they depend on has changed.
+
+How it stays correct (docs/pages/local-tier.md):
+
+- An entry is served locally only when every dependency's generation is still the one the local table
+  holds, and that table only ever holds generations Redis returned. Redis's tracking connection
+  (``_tracking``: ``CLIENT TRACKING ... BCAST PREFIX <dependency keys>``) names every dependency key that
+  changes, whoever changed it; the name drops the generation, and with it every entry depending on it.
+  A flushed database, a lost or reconnected tracking connection, or a Redis restart drop everything.
+- The staleness bound is enforced, not hoped for: a local hit is served only if the tracking connection
+  answered a PING sent at most ``max_lag`` seconds ago. Redis answers in order on that connection, so
+  every invalidation of a change made before the PING has been taken off it and applied. Before serving,
+  a reader also takes off whatever has already arrived (without waiting): a commit's lock moves its
+  dependency keys before its database COMMIT, so on one host the message is in the socket before
+  ``commit()`` returns, and a read begun after that sees it.
+- A reply in flight never stores a generation that was invalidated meanwhile: a read notes the tier's
+  sequence number before its Redis call, and its result is kept only if no message dropped one of its
+  dependencies since (and the tracking connection is the same one).
+
+Sync reads only; an asyncio read goes to Redis as before. One tracking connection per cache and
+process, kept by a daemon thread that pings it every ``max_lag / 4``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ._protocol import ReadResult, Store
+
+__all__ = ["LocalStore", "LocalTier"]
+
+_MAX_GENERATIONS = 1_000_000  # dependency generations known at most (then everything is dropped)
+_MAX_DROPS = 100_000  # recent drops remembered at most (then every reply in flight is refused)
+
+
+class TrackingLike(Protocol):
+    def connect(self) -> None: ...
+    def ping(self) -> None: ...
+    def poll(self) -> list[tuple[str, list[bytes]]]: ...
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class _Entry:
+    deps: tuple[str, ...]
+    gens: tuple[bytes, ...]
+    joined: bytes
+    payload: bytes
+    size: int
+
+
+def _stop_thread(ref: weakref.ref[LocalTier]) -> None:
+    tier = ref()
+    if tier is not None:
+        tier.after_fork()
+
+
+class LocalTier:
+    """The local table, the tracking connection and its keeper thread.
+
+    :param max_bytes: entries (payload, generations and keys) held at most, least recently used first out.
+    :param max_lag: seconds since the last PING the tracking connection answered beyond which nothing is
+        served locally.
+    :param tracking: makes a tracking connection (``_tracking.Tracking``).
+    :param epoch: the cache's count of Redis restarts noticed (everything is dropped when it moves).
+    :param count: adds to one of the cache's counters.
+    """
+
+    def __init__(
+        self,
+        max_bytes: int,
+        max_lag: float,
+        tracking: Callable[[], TrackingLike],
+        epoch: Callable[[], int],
+        count: Callable[[str, int], None],
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.max_lag = max_lag
+        self._make = tracking
+        self._epoch = epoch
+        self._count = count
+        self._interval = min(1.0, max(0.001, max_lag / 4))
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._gens: dict[str, bytes] = {}
+        self._drops: dict[str, int] = {}
+        self._floor = 0  # a reply noted before this sequence number may have missed a drop: not kept
+        self._seq = 0
+        self.bytes = 0
+        self._clock = 0  # the newest clock reading a reply carried (a local hit reports it)
+        self._tracking: TrackingLike | None = None
+        self._serial = 0  # grows with every tracking connection
+        self._seen_epoch = epoch()
+        self._pings: deque[float] = deque()
+        self._alive = float("-inf")  # when the last PING the connection answered was sent
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        me = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _stop_thread(me))
+
+    # -- the keeper --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="sqlcache-local-tier", daemon=True)
+            self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        with self._lock:
+            self._lost(count=False)
+
+    def after_fork(self) -> None:
+        """In a forked child: a lock of its own, nothing held (the parent's connection is not ours), and
+        the keeper started again on first use."""
+        self._lock = threading.Lock()
+        self._tracking = None
+        self._thread = None
+        self._drop_all(count=False)
+        self._alive = float("-inf")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:
+                try:
+                    if self._tracking is None:
+                        self._connect()
+                    self._drain()
+                    assert self._tracking is not None
+                    self._tracking.ping()
+                    self._pings.append(time.monotonic())
+                except Exception:  # TrackingError, or anything the connection did: start over
+                    self._lost()
+
+    def _connect(self) -> None:
+        tracking = self._make()
+        tracking.connect()
+        self._tracking = tracking
+        self._serial += 1
+        self._pings.clear()
+        self._alive = float("-inf")  # nothing served before this connection answered a PING
+        self._drop_all(count=False)  # what changed while no connection watched is not known
+
+    def _lost(self, count: bool = True) -> None:
+        tracking, self._tracking = self._tracking, None
+        if tracking is not None:
+            tracking.close()
+        self._alive = float("-inf")
+        self._drop_all(count=count)
+
+    # -- the table (under the lock) ------------------------------------------------------------------
+
+    def _drop_all(self, count: bool = True) -> None:
+        self._entries.clear()
+        self._gens.clear()
+        self._drops.clear()
+        self._seq += 1
+        self._floor = self._seq
+        self.bytes = 0
+        if count:
+            self._count("local_drops", 1)
+
+    def _drain(self) -> None:
+        """Apply every message that has arrived (TrackingError if the connection broke)."""
+        tracking = self._tracking
+        if tracking is None:
+            return
+        for kind, keys in tracking.poll():
+            if kind == "keys":
+                self._seq += 1
+                for raw in keys:
+                    key = raw.decode("utf-8", "surrogateescape")
+                    self._gens.pop(key, None)
+                    self._drops[key] = self._seq
+                self._count("local_invalidations", len(keys))
+                if len(self._drops) > _MAX_DROPS:
+                    self._drops.clear()
+                    self._floor = self._seq + 1
+            elif kind == "all":  # FLUSHDB / FLUSHALL
+                self._drop_all()
+            elif kind == "pong" and self._pings:
+                self._alive = self._pings.popleft()
+
+    def _serving(self) -> bool:
+        """Whether the table may be trusted now: messages taken off, the connection answered in time."""
+        if self._tracking is None:
+            return False
+        epoch = self._epoch()
+        if epoch != self._seen_epoch:  # a Redis restart noticed by the cache's stores
+            self._seen_epoch = epoch
+            self._drop_all()
+            return False
+        try:
+            self._drain()
+        except Exception:
+            self._lost()
+            return False
+        return time.monotonic() - self._alive <= self.max_lag
+
+    # -- reads -------------------------------------------------------------------------------------
+
+    def lookup(self, entry_key: str, dep_keys: Sequence[str]) -> ReadResult | None:
+        """A local hit, or None (then Redis is read and :meth:`remember` told)."""
+        with self._lock:
+            if not self._serving():
+                return None
+            e = self._entries.get(entry_key)
+            if e is None or len(e.deps) != len(dep_keys):
+                return None
+            gens = self._gens
+            for d, want, g in zip(dep_keys, e.deps, e.gens, strict=True):
+                if d != want or gens.get(d) != g:
+                    self._forget(entry_key, e)
+                    return None
+            self._entries.move_to_end(entry_key)
+            clock = self._clock
+        return ReadResult(True, e.payload, e.joined, clock, False)
+
+    def mark(self) -> tuple[int, int]:
+        """What a read notes before its Redis call (see :meth:`remember`)."""
+        return self._seq, self._serial
+
+    def remember(
+        self,
+        entry_key: str,
+        dep_keys: Sequence[str],
+        joined: bytes,
+        payload: bytes,
+        clock: Any,
+        mark: tuple[int, int],
+    ) -> None:
+        """Keep what Redis returned for a hit, unless a dependency may have changed since ``mark``."""
+        gens = tuple(joined.split(b","))
+        if len(gens) != len(dep_keys):
+            return
+        size = len(payload) + len(joined) + len(entry_key) + sum(len(d) for d in dep_keys) + 200
+        if size > self.max_bytes // 4:
+            return  # a few large results would push everything else out
+        seq0, serial0 = mark
+        with self._lock:
+            if not self._serving() or self._serial != serial0:
+                return
+            # t0 mark: seq0; t1 Redis answers g for dependency d; t2 d changes, its message is applied
+            # (seq > seq0); t3 this reply arrives: g is already stale, and is not kept
+            if self._floor > seq0 or any(self._drops.get(d, -1) > seq0 for d in dep_keys):
+                return
+            for d, g in zip(dep_keys, gens, strict=True):
+                self._gens[d] = g
+            if len(self._gens) > _MAX_GENERATIONS:
+                self._drop_all()
+                return
+            old = self._entries.pop(entry_key, None)
+            if old is not None:
+                self.bytes -= old.size
+            self._entries[entry_key] = _Entry(tuple(dep_keys), gens, joined, payload, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes and self._entries:
+                _, gone = self._entries.popitem(last=False)
+                self.bytes -= gone.size
+            if type(clock) is int and clock > self._clock:
+                self._clock = clock
+
+    def _forget(self, entry_key: str, e: _Entry) -> None:
+        if self._entries.pop(entry_key, None) is not None:
+            self.bytes -= e.size
+
+
+class LocalStore:
+    """The cache's sync store with the local tier in front of its reads; everything else is the store's."""
+
+    def __init__(self, inner: Store, tier: LocalTier) -> None:
+        self._inner = inner
+        self._tier = tier
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
+        tier = self._tier
+        local = tier.lookup(entry_key, dep_keys)
+        if local is not None:
+            tier._count("local_hits", 1)
+            return local
+        mark = tier.mark()
+        r = self._inner.read(clock_key, entry_key, dep_keys)
+        tier._count("local_misses", 1)
+        if r.hit and not r.stale and r.payload is not None and r.generations is not None:
+            tier.remember(entry_key, dep_keys, r.generations, r.payload, r.clock, mark)
+        return r
+
+    def read_many(self, clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]) -> list[ReadResult]:
+        tier = self._tier
+        out: list[ReadResult | None] = [tier.lookup(k, d) for k, d in entries]
+        todo = [i for i, r in enumerate(out) if r is None]
+        if len(todo) < len(entries):
+            tier._count("local_hits", len(entries) - len(todo))
+        if todo:
+            mark = tier.mark()
+            got = self._inner.read_many(clock_key, [entries[i] for i in todo])
+            tier._count("local_misses", len(todo))
+            for i, r in zip(todo, got, strict=True):
+                out[i] = r
+                if r.hit and not r.stale and r.payload is not None and r.generations is not None:
+                    tier.remember(entries[i][0], entries[i][1], r.generations, r.payload, r.clock, mark)
+        return [r for r in out if r is not None]

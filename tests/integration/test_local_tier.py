@@ -1,0 +1,286 @@
+"""The local tier (``local_bytes=``): hits from process memory, invalidated by Redis's own tracking, with
+the staleness bound enforced. Writers are other caches on other engines (another process's view: no
+local tier, no shared Python state), against real Redis and databases."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import create_engine, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlcache import SQLCache, cached
+from sqlcache.errors import ConfigurationError
+
+from ..conftest import RedisServer, shareable_url
+from ..helpers import make_user, user_name
+from ..models import User
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)  # polling with a deadline
+
+
+def serving(cache: SQLCache) -> bool:
+    """Whether the tier's tracking connection has answered a PING (it serves from then on)."""
+    tier: Any = cache._local
+    return bool(tier._alive > float("-inf"))
+
+
+@pytest.fixture
+def local(redis_url: str, engine: Engine) -> Iterator[SQLCache]:
+    c = SQLCache(redis_url, prefix=f"l{uuid.uuid4().hex[:10]}", default_ttl=600, local_bytes=1 << 20)
+    c.strict_signals = True
+    c.register(User)
+    c.attach(engine)
+    wait_for(lambda: serving(c), "the tracking connection")
+    yield c
+    c.detach(engine)
+    c.clear()
+    c.close()
+
+
+@pytest.fixture
+def writer(redis_url: str, engine: Engine, local: SQLCache) -> Iterator[tuple[SQLCache, Engine]]:
+    """Another cache on another engine to the same database, without a local tier: another process."""
+    other = create_engine(shareable_url(engine))
+    c = SQLCache(redis_url, prefix=local.config.prefix, default_ttl=600)
+    c.register(User)
+    c.attach(other)
+    yield c, other
+    c.detach(other)
+    c.close()
+    other.dispose()
+
+
+def _commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    sent: list[str] = []
+    original = redis.Connection.send_command
+
+    def send_command(self: Any, *args: Any, **kw: Any) -> None:
+        sent.append(str(args[0]))
+        original(self, *args, **kw)
+
+    monkeypatch.setattr(redis.Connection, "send_command", send_command)
+    return sent
+
+
+def _rename(engine: Engine, uid: int, name: str) -> None:
+    with Session(engine) as s:
+        s.get(User, uid).name = name  # type: ignore[union-attr]
+        s.commit()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"], indirect=True)
+def test_a_local_hit_needs_no_round_trip_and_no_sql(
+    engine: Engine, local: SQLCache, sql_count: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once Redis served an entry, the next reads of it are served from memory: no command to Redis, no
+    SQL, objects of their own in each session."""
+    uid = make_user(engine, "ann")
+    assert user_name(engine, uid) == "ann"  # miss, fill
+    assert user_name(engine, uid) == "ann"  # Redis hit: kept locally
+    sent = _commands(monkeypatch)
+    sql_count.reset()
+    with Session(engine) as s1, Session(engine) as s2:
+        a, b = s1.get(User, uid), s2.get(User, uid)
+        assert a is not None and b is not None and a is not b and a.name == b.name == "ann"
+    assert sent == [] and len(sql_count) == 0
+    st = local.stats()
+    assert st["local_hits"] >= 2 and st["local_bytes"] > 0
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql", "mariadb"], indirect=True)
+def test_every_read_after_another_process_commit_returned_sees_it(
+    engine: Engine, local: SQLCache, writer: tuple[SQLCache, Engine]
+) -> None:
+    """Strict on one host: 100 times, another process commits a new name and, as soon as its commit()
+    returned, the local-tier process reads: it always sees the new name (the commit's lock moved the
+    dependency before the COMMIT, and Redis pushed its name before the commit returned)."""
+    _, other = writer
+    uid = make_user(engine, "v0")
+    for _ in range(2):
+        assert user_name(engine, uid) == "v0"
+    for n in range(1, 101):
+        _rename(other, uid, f"v{n}")
+        for _ in range(3):  # again: from Redis, then from memory
+            assert user_name(engine, uid) == f"v{n}"
+    assert local.stats()["local_hits"] > 0
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_an_invalidation_arriving_while_a_read_is_in_flight_is_not_lost(
+    engine: Engine, local: SQLCache, writer: tuple[SQLCache, Engine]
+) -> None:
+    """t0 a read notes the tier and asks Redis; t1 Redis answers generation g; t2 another process
+    commits, moving g (its name reaches the tier); t3 the reply is to be kept: g is already stale and
+    is not kept, so the next read does not serve the old row from memory."""
+    _, other = writer
+    uid = make_user(engine, "old")
+    assert user_name(engine, uid) == "old"  # filled
+    store: Any = local.store
+    original = store.read
+    armed = [True]
+
+    def read(clock_key: str, entry_key: str, dep_keys: Any) -> Any:
+        r = original(clock_key, entry_key, dep_keys)
+        if armed[0] and r.hit:
+            armed[0] = False
+            _rename(other, uid, "new")  # between Redis's answer and the tier keeping it
+        return r
+
+    store.read = read
+    try:
+        assert user_name(engine, uid) == "old"  # begun before the commit: the old row is right
+    finally:
+        del store.read
+    assert not armed[0]
+    assert user_name(engine, uid) == "new"
+    assert user_name(engine, uid) == "new"
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_a_deleted_dependency_drops_what_depends_on_it(
+    engine: Engine, local: SQLCache, redis_client: redis.Redis
+) -> None:
+    """A dependency key evicted (deleted here) is named by Redis's tracking: entries depending on it
+    are not served from memory, and the database answers."""
+    uid = make_user(engine, "ann")
+    for _ in range(3):
+        assert user_name(engine, uid) == "ann"
+    hits = local.stats()["local_hits"]
+    deps = [k for k in redis_client.scan_iter(match=f"{local.config.prefix}:d:i:*")]
+    assert deps
+    redis_client.delete(*deps)
+    wait_for(lambda: local.stats()["local_invalidations"] > 0, "the invalidation")
+    with Session(engine) as s:
+        assert s.get(User, uid).name == "ann"  # type: ignore[union-attr]
+    assert local.stats()["local_hits"] == hits
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_a_killed_tracking_connection_drops_the_tier_until_it_is_back(
+    engine: Engine, local: SQLCache, writer: tuple[SQLCache, Engine], redis_client: redis.Redis
+) -> None:
+    """CLIENT KILL of the tracking connection: nothing is served locally until a new one answered, and
+    what changed meanwhile is never served old."""
+    _, other = writer
+    uid = make_user(engine, "v1")
+    for _ in range(3):
+        assert user_name(engine, uid) == "v1"
+    tracking = [c for c in redis_client.client_list() if "t" in c.get("flags", "") and c.get("sub") == "1"]
+    assert tracking
+    drops = local.stats()["local_drops"]
+    for c in tracking:
+        redis_client.client_kill_filter(_id=c["id"])
+    _rename(other, uid, "v2")
+    assert user_name(engine, uid) == "v2"
+    wait_for(lambda: local.stats()["local_drops"] > drops and serving(local), "a new tracking connection")
+    for _ in range(3):
+        assert user_name(engine, uid) == "v2"
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_flushed_or_restarted_redis_drops_the_tier(
+    engine: Engine, private_redis: RedisServer, sql_count: Any
+) -> None:
+    """FLUSHDB (a null invalidation) drops everything; so does a restart (the tracking connection is
+    lost): the next reads are answered by the database, and hits resume afterwards."""
+    cache = SQLCache(private_redis.url, prefix="flush", default_ttl=600, local_bytes=1 << 20, timeout=0.5)
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        wait_for(lambda: serving(cache), "the tracking connection")
+        uid = make_user(engine, "ann")
+        for _ in range(3):
+            assert user_name(engine, uid) == "ann"
+        redis.Redis(port=private_redis.port).flushdb()
+        wait_for(lambda: cache.stats()["local_drops"] >= 1, "the flush's invalidation")
+        sql_count.reset()
+        assert user_name(engine, uid) == "ann"
+        assert len(sql_count) == 1  # the database answered
+        private_redis.stop()
+        private_redis.start()
+        wait_for(lambda: cache.stats()["local_drops"] >= 2, "the lost tracking connection")
+        wait_for(lambda: serving(cache), "a new tracking connection", timeout=10)
+        for _ in range(4):
+            assert user_name(engine, uid) == "ann"
+    finally:
+        cache.detach(engine)
+        cache.close()
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_nothing_is_served_locally_past_max_lag_without_an_answered_ping(
+    engine: Engine, redis_url: str
+) -> None:
+    """The bound is enforced: with the tracking connection's keeper stopped (no PING answered since),
+    the tier stops serving once ``local_max_lag`` has passed, and Redis answers."""
+    cache = SQLCache(redis_url, prefix=f"g{uuid.uuid4().hex[:8]}", local_bytes=1 << 20, local_max_lag=0.05)
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        wait_for(lambda: serving(cache), "the tracking connection")
+        uid = make_user(engine, "ann")
+        for _ in range(3):
+            assert user_name(engine, uid) == "ann"
+        tier: Any = cache._local
+        tier._stop.set()
+        tier._thread.join()
+        last = tier._alive
+        wait_for(lambda: time.monotonic() - last > 0.05, "max_lag to pass")
+        hits = cache.stats()["local_hits"]
+        for _ in range(3):
+            assert user_name(engine, uid) == "ann"
+        assert cache.stats()["local_hits"] == hits
+        assert cache.stats()["hits"] >= 3
+    finally:
+        cache.detach(engine)
+        cache.clear()
+        cache.close()
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_memory_stays_within_local_bytes(engine: Engine, redis_url: str) -> None:
+    """A stream of large query results: what the tier holds stays within ``local_bytes``."""
+    budget = 64 * 1024
+    cache = SQLCache(redis_url, prefix=f"m{uuid.uuid4().hex[:8]}", local_bytes=budget)
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        wait_for(lambda: serving(cache), "the tracking connection")
+        for n in range(40):
+            make_user(engine, "x" * 40 + str(n))
+        for n in range(60):
+            stmt = select(User).where(User.id > n % 30).options(cached(tags=[f"page{n}"]))
+            for _ in range(2):
+                with Session(engine) as s:
+                    s.scalars(stmt).all()
+            assert cache.stats()["local_bytes"] <= budget
+        assert cache.stats()["local_hits"] == 0 or cache.stats()["local_bytes"] > 0
+    finally:
+        cache.detach(engine)
+        cache.clear()
+        cache.close()
+
+
+def test_the_local_tier_needs_one_server_for_now(local_cluster_url: str | None = None) -> None:
+    """A Sentinel or cluster target, and bad values, are configuration errors."""
+    with pytest.raises(ConfigurationError, match="local_bytes"):
+        SQLCache("redis://127.0.0.1:6379/0", local_bytes=-1)
+    with pytest.raises(ConfigurationError, match="local_max_lag"):
+        SQLCache("redis://127.0.0.1:6379/0", local_bytes=1, local_max_lag=0)
+    with pytest.raises(ConfigurationError, match="single Redis server"):
+        SQLCache("redis+cluster://127.0.0.1:1", local_bytes=1 << 20)
+    with pytest.raises(ConfigurationError, match="TLS"):
+        SQLCache("rediss://127.0.0.1:6379/0", local_bytes=1 << 20)
