@@ -32,6 +32,8 @@ CONFIG_KEYS: dict[str, str] = {
     "SQLCACHE_WAIT_TIMEOUT": "wait_timeout",
     "SQLCACHE_PUBLISH_STATS": "publish_stats",
     "SQLCACHE_SHARDS": "shards",
+    "SQLCACHE_LOCAL_BYTES": "local_bytes",
+    "SQLCACHE_LOCAL_MAX_LAG": "local_max_lag",
 }
 
 #: keyword overrides accepted in code: every configurable parameter, and plugin objects

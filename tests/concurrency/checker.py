@@ -14,7 +14,9 @@ every commit, relays deleting them; at the end no row may be left); ``--mode asy
 processes with asyncio ones (AsyncSession on asyncpg, many tasks per process, each process one event
 loop; readers' pauses awaited, not slept). Soak: ``python -m tests.concurrency.checker --seconds 300``.
 ``--cluster`` runs any mode against a local Redis Cluster it starts (tests/topologies.py), ``--shards N``
-with the caches sharded over it.
+with the caches sharded over it. ``--local`` gives the readers a local tier: reads served from memory
+are counted, and so are reads older than its staleness bound allows (``beyond_max_lag``, a subset of
+the violations, which count any read older than a commit that returned before it began).
 """
 
 from __future__ import annotations
@@ -93,6 +95,11 @@ class Naive:
         self.r.delete(f"{self.prefix}:naive:{rid}")
 
 
+#: the readers' local tier (``--local``): its staleness bound, and its size
+LOCAL_MAX_LAG = 0.1
+LOCAL_BYTES = 64 << 20
+
+
 def _cache(args: dict[str, Any], **kwargs: Any) -> SQLCache:
     return SQLCache(args["redis_url"], prefix=args["prefix"], shards=args["shards"], **kwargs)
 
@@ -104,16 +111,18 @@ def _query(rid: int, shards: int) -> Any:
 
 
 def _setup(
-    args: dict[str, Any], pauses: random.Random | None
+    args: dict[str, Any], pauses: random.Random | None, reader: bool = False
 ) -> tuple[Engine, Naive | None, SQLCache | None]:
-    """A worker's engine, with sqlcache attached or the naive recipe beside it."""
+    """A worker's engine, with sqlcache attached or the naive recipe beside it (readers with a local
+    tier under ``--local``)."""
     engine = _engine(args["pg_url"], args["schema"])
     if pauses is not None:
         _pauses(engine, pauses)
     if args["mode"] == "naive":
         return engine, Naive(args["redis_url"], args["prefix"]), None
     durable = args["mode"] == "durable"
-    cache = _cache(args, durable=durable, relay_interval=0.2)
+    local = {"local_bytes": LOCAL_BYTES, "local_max_lag": LOCAL_MAX_LAG} if reader and args["local"] else {}
+    cache = _cache(args, durable=durable, relay_interval=0.2, **local)
     cache.register(Row)
     cache.attach(engine)
     return engine, None, cache
@@ -213,12 +222,14 @@ def _reader(args: dict[str, Any], n: int) -> None:
         _async_worker(args, "r", n)
         return
     rnd = random.Random(1000 + n)
-    engine, naive, cache = _setup(args, rnd)
+    engine, naive, cache = _setup(args, rnd, reader=True)
+    local = cache is not None and args["local"]
     out = Path(args["dir"], f"r{n}.jsonl").open("w")
     stop = args["stop"]
     while time.time() < stop:
         rid = rnd.randint(1, ROWS)
         started = time.time()
+        served = cache.stats()["local_hits"] if local else 0  # type: ignore[union-attr]
         if naive is not None:
             v = naive.get(engine, rid)
             kind = "naive"
@@ -231,6 +242,8 @@ def _reader(args: dict[str, Any], n: int) -> None:
             with Session(engine) as s:
                 v = s.scalars(_query(rid, args["shards"])).one()
                 kind = "query"
+        if local and cache.stats()["local_hits"] > served:  # type: ignore[union-attr]
+            kind += " (local)"
         out.write(json.dumps(["r", rid, v, started, kind]) + "\n")
     out.close()
     if cache is not None:
@@ -245,6 +258,7 @@ def run_checker(
     pg_url: str = PG_URL,
     redis_url: str = REDIS_URL,
     shards: int = 1,
+    local: bool = False,
 ) -> dict[str, Any]:
     """Run the processes for ``seconds`` and return the figures, violations included. ``shards``: the
     caches' (a cluster's); with more than one, cached queries carry a tag in another shard than their
@@ -270,6 +284,7 @@ def run_checker(
             "pg_url": pg_url,
             "redis_url": redis_url,
             "shards": shards,
+            "local": local,
             "schema": schema,
             "prefix": prefix,
             "dir": work,
@@ -294,10 +309,13 @@ def run_checker(
         for lst in commits.values():
             lst.sort()
         violations = []
+        beyond_lag = 0  # reads older than the local tier's bound allows (a subset of the violations)
         for _, rid, seen, started, kind in reads:
             floor = max((v for t, v in commits.get(rid, []) if t < started), default=0)
             if seen < floor:
                 violations.append({"row": rid, "saw": seen, "committed_before_start": floor, "via": kind})
+                lagged = max((v for t, v in commits.get(rid, []) if t < started - LOCAL_MAX_LAG), default=0)
+                beyond_lag += seen < lagged
         mismatches = _final_check(mode, engine, redis_url, prefix, shards)
         outbox_left = None
         if mode == "durable":
@@ -311,6 +329,8 @@ def run_checker(
             "reads_by_kind": {k: sum(1 for r in reads if r[4] == k) for k in sorted({r[4] for r in reads})},
             "operations": len(reads) + sum(len(v) for v in commits.values()),
             "violations": len(violations),
+            "local_reads": sum(1 for r in reads if r[4].endswith("(local)")) if local else None,
+            "beyond_max_lag": beyond_lag if local else None,
             "examples": violations[:5],
             "final_mismatches": mismatches,
             "failed_processes": failed,
@@ -380,16 +400,21 @@ def main() -> None:
         help="start a local Redis Cluster (3 primaries, 3 replicas) for the run and use it",
     )
     parser.add_argument("--shards", type=int, default=1, help="with --cluster: the caches' shards")
+    parser.add_argument(
+        "--local", action="store_true", help=f"readers with a local tier (local_max_lag={LOCAL_MAX_LAG})"
+    )
     a = parser.parse_args()
     if a.cluster:
         from ..topologies import LocalCluster
 
         with LocalCluster() as cluster:
             url = cluster.startup_url.replace("redis://", "redis+cluster://", 1)
-            out = run_checker(a.mode, a.seconds, a.writers, a.readers, redis_url=url, shards=a.shards)
+            out = run_checker(
+                a.mode, a.seconds, a.writers, a.readers, redis_url=url, shards=a.shards, local=a.local
+            )
         out["redis"] = f"local cluster (3 primaries, 3 replicas), shards={a.shards}"
     else:
-        out = run_checker(a.mode, a.seconds, a.writers, a.readers, redis_url=a.redis_url)
+        out = run_checker(a.mode, a.seconds, a.writers, a.readers, redis_url=a.redis_url, local=a.local)
     print(json.dumps(out, indent=2))
 
 
