@@ -25,6 +25,7 @@ process, kept by a daemon thread that pings it every ``max_lag / 4``.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -36,13 +37,17 @@ from typing import Any, Protocol
 
 from ._protocol import ReadResult, Store
 
+log = logging.getLogger("sqlcache")
+
 __all__ = ["LocalStore", "LocalTier"]
 
-_MAX_GENERATIONS = 1_000_000  # dependency generations known at most (then everything is dropped)
-_MAX_DROPS = 100_000  # recent drops remembered at most (then every reply in flight is refused)
+_MAX_DROPS = 10_000  # recent drops remembered at most (then every reply in flight is refused)
+_MAX_BACKOFF = 5.0  # seconds between attempts at a tracking connection, at most
 
 
 class TrackingLike(Protocol):
+    @property
+    def partial(self) -> bool: ...
     def connect(self) -> None: ...
     def ping(self) -> None: ...
     def poll(self) -> list[tuple[str, list[bytes]]]: ...
@@ -91,7 +96,10 @@ class LocalTier:
         self._interval = min(1.0, max(0.001, max_lag / 4))
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # generations of the dependencies of the entries held, and how many of them use each: a
+        # generation goes with the last entry using it (the table stays within what the entries need)
         self._gens: dict[str, bytes] = {}
+        self._refs: dict[str, int] = {}
         self._drops: dict[str, int] = {}
         self._floor = 0  # a reply noted before this sequence number may have missed a drop: not kept
         self._seq = 0
@@ -104,12 +112,15 @@ class LocalTier:
         self._alive = float("-inf")  # when the last PING the connection answered was sent
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._wanted = False  # start() was called: a forked child starts the keeper on first use
+        self._failures = 0  # tracking connections that failed in a row (back-off, one warning)
         me = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _stop_thread(me))
 
     # -- the keeper --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._wanted = True
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="sqlcache-local-tier", daemon=True)
@@ -124,30 +135,46 @@ class LocalTier:
             self._lost(count=False)
 
     def after_fork(self) -> None:
-        """In a forked child: a lock of its own, nothing held (the parent's connection is not ours), and
-        the keeper started again on first use."""
+        """In a forked child: a lock and a stop event of its own, nothing held, the parent's socket
+        closed here (not for the parent), and the keeper started again on the first read."""
         self._lock = threading.Lock()
-        self._tracking = None
+        self._stop = threading.Event()
+        tracking, self._tracking = self._tracking, None
+        if tracking is not None:
+            tracking.close()  # this process's descriptor only: the parent's connection lives on
         self._thread = None
         self._drop_all(count=False)
         self._alive = float("-inf")
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        wait = self._interval
+        while not self._stop.wait(wait):
+            wait = self._interval
+            if self._tracking is None:
+                # connected outside the lock: readers do not wait on a Redis that does not answer
+                try:
+                    tracking = self._make()
+                    tracking.connect()
+                except Exception as exc:  # TrackingError, or anything the connection did
+                    self._failures += 1
+                    if self._failures == 1:
+                        log.warning("sqlcache: the local tier's tracking connection failed (%s)", exc)
+                    wait = min(_MAX_BACKOFF, self._interval * 2**self._failures)
+                    continue
+                self._failures = 0
+                with self._lock:
+                    self._install(tracking)
             with self._lock:
                 try:
-                    if self._tracking is None:
-                        self._connect()
                     self._drain()
                     assert self._tracking is not None
+                    sent = time.monotonic()  # taken before the PING is written: the bound is never late
                     self._tracking.ping()
-                    self._pings.append(time.monotonic())
+                    self._pings.append(sent)
                 except Exception:  # TrackingError, or anything the connection did: start over
                     self._lost()
 
-    def _connect(self) -> None:
-        tracking = self._make()
-        tracking.connect()
+    def _install(self, tracking: TrackingLike) -> None:
         self._tracking = tracking
         self._serial += 1
         self._pings.clear()
@@ -166,7 +193,9 @@ class LocalTier:
     def _drop_all(self, count: bool = True) -> None:
         self._entries.clear()
         self._gens.clear()
+        self._refs.clear()
         self._drops.clear()
+        self._clock = 0
         self._seq += 1
         self._floor = self._seq
         self.bytes = 0
@@ -183,7 +212,10 @@ class LocalTier:
                 self._seq += 1
                 for raw in keys:
                     key = raw.decode("utf-8", "surrogateescape")
-                    self._gens.pop(key, None)
+                    self._gens.pop(key, None)  # a dependency: every entry using it is invalid now
+                    gone = self._entries.get(key)  # an entry key: filled again, deleted or expired
+                    if gone is not None:
+                        self._forget(key, gone)
                     self._drops[key] = self._seq
                 self._count("local_invalidations", len(keys))
                 if len(self._drops) > _MAX_DROPS:
@@ -197,6 +229,8 @@ class LocalTier:
     def _serving(self) -> bool:
         """Whether the table may be trusted now: messages taken off, the connection answered in time."""
         if self._tracking is None:
+            if self._wanted and (self._thread is None or not self._thread.is_alive()):
+                self.start()  # a forked child's first read
             return False
         epoch = self._epoch()
         if epoch != self._seen_epoch:  # a Redis restart noticed by the cache's stores
@@ -208,6 +242,8 @@ class LocalTier:
         except Exception:
             self._lost()
             return False
+        if self._tracking.partial:
+            return False  # part of a message is here: it may name what is about to be served
         return time.monotonic() - self._alive <= self.max_lag
 
     # -- reads -------------------------------------------------------------------------------------
@@ -255,27 +291,47 @@ class LocalTier:
                 return
             # t0 mark: seq0; t1 Redis answers g for dependency d; t2 d changes, its message is applied
             # (seq > seq0); t3 this reply arrives: g is already stale, and is not kept
-            if self._floor > seq0 or any(self._drops.get(d, -1) > seq0 for d in dep_keys):
+            drops = self._drops
+            if self._floor > seq0 or drops.get(entry_key, -1) > seq0:
                 return
+            if any(drops.get(d, -1) > seq0 for d in dep_keys):
+                return
+            if any(self._gens.get(d, g) != g for d, g in zip(dep_keys, gens, strict=True)):
+                return  # a generation known for a dependency already, another: not this reply's to settle
+            old = self._entries.get(entry_key)
+            if old is not None:
+                self._forget(entry_key, old)
             for d, g in zip(dep_keys, gens, strict=True):
                 self._gens[d] = g
-            if len(self._gens) > _MAX_GENERATIONS:
-                self._drop_all()
-                return
-            old = self._entries.pop(entry_key, None)
-            if old is not None:
-                self.bytes -= old.size
+                self._refs[d] = self._refs.get(d, 0) + 1
             self._entries[entry_key] = _Entry(tuple(dep_keys), gens, joined, payload, size)
             self.bytes += size
             while self.bytes > self.max_bytes and self._entries:
-                _, gone = self._entries.popitem(last=False)
-                self.bytes -= gone.size
+                key, gone = next(iter(self._entries.items()))
+                self._forget(key, gone)
             if type(clock) is int and clock > self._clock:
                 self._clock = clock
 
     def _forget(self, entry_key: str, e: _Entry) -> None:
-        if self._entries.pop(entry_key, None) is not None:
-            self.bytes -= e.size
+        if self._entries.pop(entry_key, None) is None:
+            return
+        self.bytes -= e.size
+        refs = self._refs
+        for d in e.deps:
+            n = refs.get(d, 0) - 1
+            if n > 0:
+                refs[d] = n
+            else:
+                refs.pop(d, None)
+                self._gens.pop(d, None)
+
+    def forget(self, keys: Sequence[str]) -> None:
+        """Entries deleted from Redis by this process (undecodable ones): not served from here either."""
+        with self._lock:
+            for key in keys:
+                e = self._entries.get(key)
+                if e is not None:
+                    self._forget(key, e)
 
 
 class LocalStore:
@@ -297,9 +353,13 @@ class LocalStore:
         mark = tier.mark()
         r = self._inner.read(clock_key, entry_key, dep_keys)
         tier._count("local_misses", 1)
-        if r.hit and not r.stale and r.payload is not None and r.generations is not None:
+        if r.hit and not r.swr and r.payload is not None and r.generations is not None:
             tier.remember(entry_key, dep_keys, r.generations, r.payload, r.clock, mark)
         return r
+
+    def delete(self, *keys: str) -> None:
+        self._tier.forget(keys)
+        self._inner.delete(*keys)
 
     def read_many(self, clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]) -> list[ReadResult]:
         tier = self._tier
@@ -313,6 +373,6 @@ class LocalStore:
             tier._count("local_misses", len(todo))
             for i, r in zip(todo, got, strict=True):
                 out[i] = r
-                if r.hit and not r.stale and r.payload is not None and r.generations is not None:
+                if r.hit and not r.swr and r.payload is not None and r.generations is not None:
                     tier.remember(entries[i][0], entries[i][1], r.generations, r.payload, r.clock, mark)
         return [r for r in out if r is not None]

@@ -82,6 +82,7 @@ class ReadResult:
     clock: Clock
     locked: bool
     stale: bool = False  # a valid entry past its TTL, served only under stale-while-revalidate
+    swr: bool = False  # a stale-while-revalidate entry (its fresh-until is Redis's to judge)
 
 
 @dataclass(eq=False, slots=True)
@@ -269,7 +270,7 @@ def judge_read(values: Sequence[bytes | None], now: Callable[[], float]) -> Read
             if fresh_until is not None:
                 # valid (nothing invalidated it) but maybe past its TTL: stale-while-revalidate
                 stale = fresh_until < now() * 1000
-                return ReadResult(True, entry[sep + 1 :], joined, clock, False, stale)
+                return ReadResult(True, entry[sep + 1 :], joined, clock, False, stale, True)
     return ReadResult(False, None, joined, clock, False)
 
 

@@ -41,41 +41,97 @@ class _Null:
 NULL = _Null()
 
 
-def _reply(buf: bytes, pos: int, depth: int = 0) -> tuple[Any, int] | None:
-    """One RESP2 reply at ``pos``: (value, end), or None if it is not complete yet. Bulk and simple
-    strings are bytes, a null bulk or array NULL, an error a TrackingError instance."""
-    end = buf.find(b"\r\n", pos)
-    if end < 0:
-        return None
-    kind, line = buf[pos : pos + 1], buf[pos + 1 : end]
-    if kind == b"+":
-        return line, end + 2
-    if kind == b"-":
-        return TrackingError(line.decode("utf-8", "replace")[:200]), end + 2
-    if not (line.isdigit() or (line[:1] == b"-" and line[1:].isdigit())) or len(line) > 12:
-        raise TrackingError(f"unreadable reply header {buf[pos:end][:40]!r}")
-    n = int(line)
-    if kind == b":":
-        return n, end + 2
-    if kind == b"$":
-        if n < 0:
-            return NULL, end + 2
-        if len(buf) < end + 2 + n + 2:
-            return None
-        return buf[end + 2 : end + 2 + n], end + 4 + n
-    if kind == b"*" and depth < 2:
-        if n < 0:
-            return NULL, end + 2
-        items: list[Any] = []
-        at = end + 2
-        for _ in range(n):
-            got = _reply(buf, at, depth + 1)
-            if got is None:
-                return None
-            items.append(got[0])
-            at = got[1]
-        return items, at
-    raise TrackingError(f"unexpected reply type {kind!r}")
+class _Reader:
+    """An incremental RESP2 reader: each byte is looked at once, however a reply is split across reads
+    (a message naming 150,000 keys arrives in many chunks). Bulk and simple strings are bytes, a null
+    bulk or array NULL, an error a TrackingError instance; arrays nest two deep at most."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._stack: list[tuple[int, list[Any]]] = []  # arrays being filled: (items still due, items)
+
+    @property
+    def partial(self) -> bool:
+        """Whether part of a reply has arrived and the rest has not."""
+        return bool(self._stack) or self._pos < len(self._buf)
+
+    def feed(self, chunk: bytes) -> None:
+        if self._pos > 65536 and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]  # drop what was read, now and then (not at every reply)
+            self._pos = 0
+        self._buf += chunk
+        if len(self._buf) - self._pos > _MAX_BUFFER:
+            raise TrackingError("a message larger than any invalidation")
+
+    def replies(self) -> list[Any]:
+        """Every reply complete so far."""
+        out: list[Any] = []
+        while True:
+            value = self._element()
+            if value is _INCOMPLETE:
+                return out
+            while True:  # complete arrays upwards
+                if not self._stack:
+                    out.append(value)
+                    break
+                due, items = self._stack[-1]
+                items.append(value)
+                if due > 1:
+                    self._stack[-1] = (due - 1, items)
+                    break
+                self._stack.pop()
+                value = items
+
+    def _element(self) -> Any:
+        """The next element, an array's header pushed on the stack (then the loop goes on), or
+        _INCOMPLETE (nothing consumed)."""
+        while True:
+            buf, pos = self._buf, self._pos
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                if len(buf) - pos > 64:
+                    raise TrackingError("a reply header without its end")
+                return _INCOMPLETE
+            kind, line = buf[pos : pos + 1], bytes(buf[pos + 1 : end])
+            if kind == b"+":
+                self._pos = end + 2
+                return line
+            if kind == b"-":
+                self._pos = end + 2
+                return TrackingError(line.decode("utf-8", "replace")[:200])
+            if len(line) > 12 or not (line.isdigit() or (line[:1] == b"-" and line[1:].isdigit())):
+                raise TrackingError(f"unreadable reply header {bytes(buf[pos:end])[:40]!r}")
+            n = int(line)
+            if kind == b":":
+                self._pos = end + 2
+                return n
+            if kind == b"$":
+                if n < 0:
+                    self._pos = end + 2
+                    return NULL
+                if len(buf) < end + 4 + n:
+                    return _INCOMPLETE
+                self._pos = end + 4 + n
+                return bytes(buf[end + 2 : end + 2 + n])
+            if kind == b"*":
+                self._pos = end + 2
+                if n < 0:
+                    return NULL
+                if n == 0:
+                    return []
+                if len(self._stack) >= 2:
+                    raise TrackingError("a reply nested deeper than any invalidation")
+                self._stack.append((n, []))
+                continue
+            raise TrackingError(f"unexpected reply type {kind!r}")
+
+
+class _Incomplete:
+    pass
+
+
+_INCOMPLETE = _Incomplete()
 
 
 def tracking_target(client: redis.Redis) -> dict[str, Any]:
@@ -109,7 +165,8 @@ class Tracking:
         self._target = target
         self._prefixes = [p.encode() for p in prefixes]
         self._sock: socket.socket | None = None
-        self._buf = b""
+        self._reader = _Reader()
+        self._ready: list[Any] = []  # replies read but not handed out yet
 
     def connect(self) -> None:
         """Connect, authenticate, register the prefixes and subscribe (each reply checked).
@@ -126,7 +183,7 @@ class Tracking:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             raise TrackingError(f"cannot connect: {exc}") from None
-        self._sock, self._buf = sock, b""
+        self._sock, self._reader, self._ready = sock, _Reader(), []
         try:
             if t["password"] is not None:
                 auth = [b"AUTH", *([t["username"].encode()] if t["username"] else []), t["password"].encode()]
@@ -183,37 +240,33 @@ class Tracking:
             raise TrackingError(f"read failed: {exc}") from None
         if not chunk:
             raise TrackingError("closed by the server")
-        self._buf += chunk
-        if len(self._buf) > _MAX_BUFFER:
-            raise TrackingError("a message larger than any invalidation")
+        self._reader.feed(chunk)
+        self._ready.extend(self._reader.replies())
         return True
 
     def _next(self) -> Any:
-        """The next complete reply in the buffer, or None."""
-        if not self._buf:
-            return None
-        got = _reply(self._buf, 0)
-        if got is None:
-            return None
-        value, end = got
-        self._buf = self._buf[end:]
-        return value
+        """The next complete reply read, or None."""
+        return self._ready.pop(0) if self._ready else None
+
+    @property
+    def partial(self) -> bool:
+        """Whether part of a message has arrived and the rest has not (it may name a key just read)."""
+        return self._reader.partial
 
     def ping(self) -> None:
         self._send([b"PING"])
 
     def poll(self) -> list[tuple[str, list[bytes]]]:
         """Every message that has arrived, without waiting: ("keys", names) for an invalidation, ("all",
-        []) for a flushed database, ("pong", []) for a PING's answer.
+        []) for a flushed database, ("pong", []) for a PING's answer. A string published on the channel
+        (only PUBLISH sends one: Redis's own are arrays or null) is ignored.
 
         :raises TrackingError: a broken connection or a message that is none of these."""
         while self._fill(0):
             pass
+        ready, self._ready = self._ready, []
         out: list[tuple[str, list[bytes]]] = []
-        while True:
-            m = self._next()
-            if m is None:
-                return out
+        for m in ready:
             if not isinstance(m, list) or not m:
                 raise TrackingError(f"unexpected message {str(m)[:100]}")
             if m[0] == b"pong":
@@ -224,10 +277,11 @@ class Tracking:
                     out.append(("all", []))
                 elif isinstance(keys, list) and all(isinstance(k, bytes) for k in keys):
                     out.append(("keys", keys))
-                else:
+                elif not isinstance(keys, bytes):
                     raise TrackingError("an invalidation naming something else than keys")
             else:
                 raise TrackingError(f"unexpected message {str(m)[:100]}")
+        return out
 
     def close(self) -> None:
         sock, self._sock = self._sock, None

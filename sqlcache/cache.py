@@ -279,12 +279,16 @@ class SQLCache:
             raise ConfigurationError("the local tier (local_bytes=) needs a single Redis server, for now")
         target = tracking_target(self.store.client)
         layout = self.store.key_layout(c.prefix)
-        prefixes = [ns + ":d:" for ns in layout.namespaces]  # every dependency key, whatever its kind
-        stats = self._rep.stats
-        return LocalTier(
-            c.local_bytes, c.local_max_lag, lambda: Tracking(target, prefixes), lambda: self._health.epoch,
+        # every dependency key, whatever its kind, and every entry key (an entry that expires or is
+        # deleted goes from the tier too)
+        prefixes = [ns + kind for ns in layout.namespaces for kind in (":d:", ":e:", ":q:")]
+        health, stats = self._health, self._rep.stats  # not the cache: its keeper must not keep it alive
+        tier = LocalTier(
+            c.local_bytes, c.local_max_lag, lambda: Tracking(target, prefixes), lambda: health.epoch,
             stats.incr,
         )  # fmt: skip
+        weakref.finalize(self, tier.close)  # a cache dropped without close(): its keeper stops
+        return tier
 
     def _enable_asyncio(self) -> None:
         """From now on, code SQLAlchemy runs for asyncio reaches Redis through redis.asyncio."""

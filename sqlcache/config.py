@@ -107,6 +107,8 @@ class CacheConfig:
             raise ConfigurationError("lock_ttl must be a positive int of seconds, got None")
         validate_ttl(self.lock_ttl, "lock_ttl", MAX_LOCK_TTL)
         validate_ttl(self.generation_ttl, "generation_ttl")
+        if self.generation_ttl is None:
+            raise ConfigurationError("generation_ttl must be a positive int of seconds, got None")
         if not isinstance(self.timeout, (int, float)) or not 0 < self.timeout <= 60:
             raise ConfigurationError(f"timeout must be seconds in (0, 60], got {self.timeout!r}")
         if not isinstance(self.stampede_wait, (int, float)) or not 0 <= self.stampede_wait <= 60:

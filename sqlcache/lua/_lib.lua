@@ -46,6 +46,14 @@ local function tick(clock_key)
   return g
 end
 
+-- keep a dependency alive at least half its lifetime more, touching it only when it needs it: an
+-- expiry set is a change as far as Redis's client-side caching is concerned, and every local tier
+-- (docs/pages/local-tier.md) would drop the dependency, and every entry depending on it, at each fill
+local function extend(key, ttl_ms)
+  local left = redis.call('PTTL', key)
+  if left == -1 or (left >= 0 and left < ttl_ms / 2) then redis.call('PEXPIRE', key, ttl_ms) end
+end
+
 -- read one dependency: generation ('' if none), latest expiry or nil, newest token, {token = expiry}.
 -- Returns nil for garbage (wrong type, unparsable, or a lock expiring further ahead than any lock
 -- sqlcache takes): callers treat it as missing, which gives it a fresh generation (a miss, never stale).

@@ -37,6 +37,6 @@ else
 end
 local gen_ttl = tonumber(ARGV[5])
 if gen_ttl > 0 then
-  for i = 4, #KEYS do redis.call('PEXPIRE', KEYS[i], gen_ttl) end
+  for i = 4, #KEYS do extend(KEYS[i], gen_ttl) end
 end
 return 1

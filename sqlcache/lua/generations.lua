@@ -25,7 +25,7 @@ if ARGV[2] == '1' then
     g = fmt(tick(KEYS[1]))
     write_dep(rw, g, nil, '', {}, gen_ttl)
   elseif gen_ttl > 0 then
-    redis.call('PEXPIRE', rw, gen_ttl)
+    extend(rw, gen_ttl)
   end
   borrow = g
 end

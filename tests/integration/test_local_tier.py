@@ -284,3 +284,116 @@ def test_the_local_tier_needs_one_server_for_now(local_cluster_url: str | None =
         SQLCache("redis+cluster://127.0.0.1:1", local_bytes=1 << 20)
     with pytest.raises(ConfigurationError, match="TLS"):
         SQLCache("rediss://127.0.0.1:6379/0", local_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_an_entry_that_expires_in_redis_goes_from_memory_too(
+    engine: Engine, local: SQLCache, redis_client: redis.Redis
+) -> None:
+    """Writes that bypass every attached engine are covered by the entry's TTL only: when the entry
+    expires in Redis, Redis names its key and the tier drops it, so the next read sees the database."""
+    uid = make_user(engine, "old")
+    stmt = select(User.name).where(User.id == uid).options(cached(ttl=1))
+
+    def name() -> str:
+        with Session(engine) as s:
+            return str(s.scalars(stmt).one())
+
+    for _ in range(3):
+        assert name() == "old"
+    assert local.stats()["local_hits"] >= 1
+    plain = create_engine(shareable_url(engine))  # not attached: no invalidation
+    with plain.begin() as c:
+        c.execute(User.__table__.update().where(User.id == uid).values(name="new"))
+    plain.dispose()
+    keys = list(redis_client.scan_iter(match=f"{local.config.prefix}:q:*"))
+    assert keys
+    wait_for(lambda: redis_client.exists(*keys) == 0, "the entry's expiry", timeout=10)  # EXISTS expires it
+    wait_for(lambda: name() == "new", "the database's row", timeout=2)
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_another_process_filling_other_entries_leaves_ours_in_memory(
+    engine: Engine, local: SQLCache, writer: tuple[SQLCache, Engine]
+) -> None:
+    """A fill elsewhere moves no dependency (it extends their lifetime only when it runs low), so it
+    does not empty every other process's tier."""
+    _, other = writer
+    mine, theirs = make_user(engine, "mine"), [make_user(engine, f"t{i}") for i in range(10)]
+    for _ in range(3):
+        assert user_name(engine, mine) == "mine"
+    hits = local.stats()["local_hits"]
+    for uid in theirs:
+        assert user_name(other, uid) is not None  # misses and fills by the other process
+    for _ in range(3):
+        assert user_name(engine, mine) == "mine"
+    assert local.stats()["local_hits"] == hits + 3
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_a_string_published_on_the_tracking_channel_is_ignored(
+    engine: Engine, local: SQLCache, redis_client: redis.Redis
+) -> None:
+    """Redis's own invalidations are arrays or null; a string on the channel can only come from PUBLISH:
+    ignored, so that anyone allowed to publish cannot keep emptying the tier."""
+    uid = make_user(engine, "ann")
+    for _ in range(3):
+        assert user_name(engine, uid) == "ann"
+    drops, hits = local.stats()["local_drops"], local.stats()["local_hits"]
+    for _ in range(5):
+        redis_client.publish("__redis__:invalidate", b"junk")
+    redis_client.ping()
+    for _ in range(3):
+        assert user_name(engine, uid) == "ann"
+    assert local.stats()["local_drops"] == drops and local.stats()["local_hits"] == hits + 3
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_generations_are_kept_only_for_entries_held(engine: Engine, redis_url: str) -> None:
+    """Entries evicted to stay within local_bytes take their dependencies' generations with them: the
+    tables stay within what the entries held need."""
+    cache = SQLCache(redis_url, prefix=f"e{uuid.uuid4().hex[:8]}", local_bytes=16 * 1024)
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        wait_for(lambda: serving(cache), "the tracking connection")
+        uids = [make_user(engine, f"u{i}") for i in range(200)]
+        for uid in uids:
+            for _ in range(2):
+                assert user_name(engine, uid) is not None
+        tier: Any = cache._local
+        held = len(tier._entries)
+        assert 0 < held < 200 and cache.stats()["local_bytes"] <= 16 * 1024
+        assert len(tier._gens) <= held + 3  # each row's key, and the dependencies they share
+    finally:
+        cache.detach(engine)
+        cache.clear()
+        cache.close()
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_a_forked_child_has_a_tier_of_its_own(engine: Engine, local: SQLCache) -> None:
+    """Attach in the parent, fork (a prefork server's workers): the child starts with an empty tier
+    and a tracking connection of its own, and serves from memory once it has one."""
+    import os
+
+    uid = make_user(engine, "ann")
+    for _ in range(3):
+        assert user_name(engine, uid) == "ann"
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 once it served a read from its own tier
+        code = 1
+        try:
+            engine.dispose(close=False)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and code:
+                if user_name(engine, uid) == "ann" and local.stats()["local_hits"] > 0 and serving(local):
+                    before = local.stats()["local_hits"]
+                    user_name(engine, uid)
+                    code = 0 if local.stats()["local_hits"] > before else 1
+                time.sleep(0.01)  # polling with a deadline
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert user_name(engine, uid) == "ann"
