@@ -252,6 +252,8 @@ def _run(
             systems["lazy local hit"] = _lazy_on(lengine, rnd, ids)
             systems["q20 local hit"] = lambda: _ns(_query_on(lengine, 20, True))
             systems["q200 local hit"] = lambda: _ns(_query_on(lengine, 200, True))
+            local_direct = direct_rows(lengine, local[0], BenchUser, rnd, ids)
+            systems["direct local get hit"] = local_direct["direct get hit"]
         else:
             print("sqlcache bench: no local tier rows (its tracking connection did not answer)")
             local = None
