@@ -41,6 +41,20 @@ def test_durable_mode_has_no_violations_and_leaves_no_rows(pg_url: str, redis_ur
     assert result["outbox_left"] == 0
 
 
+def test_local_tier_readers_have_no_violations(pg_url: str, redis_url: str) -> None:
+    """Readers with a local tier (served from memory while Redis's tracking allows): no read older than
+    a commit that returned before it began, none older than the tier's bound, cache == DB at the end."""
+    result = run_checker(
+        "sqlcache", min(SECONDS, 8), writers=1, readers=3, pg_url=pg_url, redis_url=redis_url, local=True
+    )
+    print(result)
+    assert result["failed_processes"] == []
+    assert result["reads"] > 100 and result["writes"] > 20, result
+    assert result["violations"] == 0 and result["beyond_max_lag"] == 0, result["examples"]
+    assert result["local_reads"] > 0, result  # the tier served some reads: the mode was exercised
+    assert result["final_mismatches"] == []
+
+
 def test_async_mode_has_no_violations(pg_url: str, redis_url: str) -> None:
     """Sync processes and asyncio processes (many tasks each, one loop) on the same rows: no stale read
     after a commit from either world, cache == DB at the end."""
