@@ -8,7 +8,7 @@ primary while the same event loop keeps reading and writing."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from sqlcache import SQLCache, _keys
 
-from ..integration.test_cluster_sharded import SHARDS, _Commands
+from ..integration.test_cluster_sharded import SHARDS, _Commands, cache, redis_url
 from ..models import Employee, Manager, User
 from ..topologies import LocalCluster, local_cluster
 from .helpers import check_async_failover
@@ -24,27 +24,10 @@ from .test_async_durable import *  # noqa: F403  (run again with the fixtures be
 from .test_async_scenarios import *  # noqa: F403
 from .test_async_scenarios import Run, cached_name, make_user, rename
 
-__all__ = ["local_cluster"]
+__all__ = ["cache", "local_cluster", "redis_url"]  # fixtures: the sharded cache on the cluster
 
 # its cut-off writer points at a dead single server (test_async_cluster.py says why it does not apply)
 del test_a_cut_off_async_writer_leaves_its_row_and_an_async_relay_applies_it  # noqa: F821
-
-
-@pytest.fixture
-def redis_url(local_cluster: LocalCluster) -> str:
-    return local_cluster.startup_url.replace("redis://", "redis+cluster://", 1)
-
-
-@pytest.fixture
-def cache(redis_url: str, engine: Engine) -> Iterator[SQLCache]:
-    """As conftest's ``cache``, sharded."""
-    c = SQLCache(redis_url, prefix=f"t{uuid.uuid4().hex[:12]}", default_ttl=600, shards=SHARDS)
-    c.strict_signals = True
-    c.attach(engine)
-    yield c
-    c.detach(engine)
-    c.clear()
-    c.close()
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)

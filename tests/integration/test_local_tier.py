@@ -4,6 +4,7 @@ local tier, no shared Python state), against real Redis and databases."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,6 +36,22 @@ def serving(cache: SQLCache) -> bool:
     """Whether the tier's tracking connection has answered a PING (it serves from then on)."""
     tier: Any = cache._local
     return bool(tier._alive > float("-inf"))
+
+
+@contextlib.contextmanager
+def tiered(redis_url: str, engine: Engine, **kwargs: Any) -> Iterator[SQLCache]:
+    """A cache of User with a local tier whose tracking connection answers, attached to ``engine``;
+    detached, cleared and closed afterwards."""
+    cache = SQLCache(redis_url, prefix=f"l{uuid.uuid4().hex[:10]}", default_ttl=600, **kwargs)
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        wait_for(lambda: serving(cache), "the tracking connection")
+        yield cache
+    finally:
+        cache.detach(engine)
+        cache.clear()
+        cache.close()
 
 
 @pytest.fixture
@@ -226,11 +243,7 @@ def test_nothing_is_served_locally_past_max_lag_without_an_answered_ping(
 ) -> None:
     """The bound is enforced: with the tracking connection's keeper stopped (no PING answered since),
     the tier stops serving once ``local_max_lag`` has passed, and Redis answers."""
-    cache = SQLCache(redis_url, prefix=f"g{uuid.uuid4().hex[:8]}", local_bytes=1 << 20, local_max_lag=0.05)
-    cache.register(User)
-    cache.attach(engine)
-    try:
-        wait_for(lambda: serving(cache), "the tracking connection")
+    with tiered(redis_url, engine, local_bytes=1 << 20, local_max_lag=0.05) as cache:
         uid = make_user(engine, "ann")
         for _ in range(3):
             assert user_name(engine, uid) == "ann"
@@ -244,21 +257,13 @@ def test_nothing_is_served_locally_past_max_lag_without_an_answered_ping(
             assert user_name(engine, uid) == "ann"
         assert cache.stats()["local_hits"] == hits
         assert cache.stats()["hits"] >= 3
-    finally:
-        cache.detach(engine)
-        cache.clear()
-        cache.close()
 
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
 def test_memory_stays_within_local_bytes(engine: Engine, redis_url: str) -> None:
     """A stream of large query results: what the tier holds stays within ``local_bytes``."""
     budget = 64 * 1024
-    cache = SQLCache(redis_url, prefix=f"m{uuid.uuid4().hex[:8]}", local_bytes=budget)
-    cache.register(User)
-    cache.attach(engine)
-    try:
-        wait_for(lambda: serving(cache), "the tracking connection")
+    with tiered(redis_url, engine, local_bytes=budget) as cache:
         for n in range(40):
             make_user(engine, "x" * 40 + str(n))
         for n in range(60):
@@ -268,10 +273,6 @@ def test_memory_stays_within_local_bytes(engine: Engine, redis_url: str) -> None
                     s.scalars(stmt).all()
             assert cache.stats()["local_bytes"] <= budget
         assert cache.stats()["local_hits"] == 0 or cache.stats()["local_bytes"] > 0
-    finally:
-        cache.detach(engine)
-        cache.clear()
-        cache.close()
 
 
 def test_the_local_tier_needs_one_server_for_now(local_cluster_url: str | None = None) -> None:
@@ -352,11 +353,7 @@ def test_a_string_published_on_the_tracking_channel_is_ignored(
 def test_generations_are_kept_only_for_entries_held(engine: Engine, redis_url: str) -> None:
     """Entries evicted to stay within local_bytes take their dependencies' generations with them: the
     tables stay within what the entries held need."""
-    cache = SQLCache(redis_url, prefix=f"e{uuid.uuid4().hex[:8]}", local_bytes=16 * 1024)
-    cache.register(User)
-    cache.attach(engine)
-    try:
-        wait_for(lambda: serving(cache), "the tracking connection")
+    with tiered(redis_url, engine, local_bytes=16 * 1024) as cache:
         uids = [make_user(engine, f"u{i}") for i in range(200)]
         for uid in uids:
             for _ in range(2):
@@ -365,10 +362,6 @@ def test_generations_are_kept_only_for_entries_held(engine: Engine, redis_url: s
         held = len(tier._entries)
         assert 0 < held < 200 and cache.stats()["local_bytes"] <= 16 * 1024
         assert len(tier._gens) <= held + 3  # each row's key, and the dependencies they share
-    finally:
-        cache.detach(engine)
-        cache.clear()
-        cache.close()
 
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
