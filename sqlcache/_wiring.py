@@ -24,6 +24,7 @@ Hooks and why each was chosen:
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable
 from hashlib import blake2b
@@ -38,7 +39,6 @@ from ._slots import Slot, hook
 from ._transactions import Transactions
 from ._txn import TxnState, dml_tables, is_write_sql, scope_changes
 from .config import ModelPolicy
-from .errors import ConfigurationError
 from .options import CacheOption, QueryPolicy
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from ._outbox import OutboxWriter
     from ._queryread import QueryReader
     from ._readthrough import ReadThrough
+
+log = logging.getLogger("sqlcache")
 
 __all__ = ["Wiring"]
 
@@ -276,11 +278,16 @@ class Wiring:
             self._commits.check_layout()
             self._commits.before(st, key, conn)
             self._commits.check_layout()  # the lock's new connection may be the one that found out
-        except ConfigurationError:
+        except BaseException:
+            # refused (another layout), or the durable outbox row could not be written: the COMMIT does
+            # not happen. SQLAlchemy leaves the DBAPI transaction open after a commit event raised, and
+            # a later checkout of the connection would see its writes (and a later COMMIT there commit
+            # them): it is rolled back here
             self._commits.after(key, False)  # whatever the lock did: released (or journalled)
-            # SQLAlchemy leaves the DBAPI transaction open after a commit event raised (and a later
-            # checkout of the connection would see its writes): it is rolled back here
-            conn.engine.dialect.do_rollback(conn.connection)
+            try:
+                conn.engine.dialect.do_rollback(conn.connection)
+            except Exception:  # the connection is broken: the pool discards it anyway
+                log.debug("sqlcache: rollback after a refused commit failed", exc_info=True)
             raise
 
     def _on_after_commit(self, dbapi_connection: Any, committed: bool) -> None:
