@@ -18,11 +18,13 @@ from redis.exceptions import RedisClusterException
 from . import _aio
 from . import _protocol as proto
 from ._acluster import AsyncClusterStore
-from ._astore import AsyncRedisStore, LoopStore, async_client_like
+from ._astore import AsyncRedisStore, async_client_like
+from ._aworlds import LoopStore
 from ._cluster import ClusterStore, ClusterTarget
 from ._health import Health
 from ._protocol import SentLock
-from ._shardstore import Shard, ShardedClusterStore, ShardSplit, ShardTable
+from ._shardsplit import Shard, ShardSplit, ShardTable
+from ._shardstore import ShardedClusterStore
 from ._store import RedisStore
 from .errors import CacheUnavailable
 

@@ -35,11 +35,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._health import Health
 from ._protocol import ReadResult, Store
+from ._store import RedisStore
+from ._tracking import Tracking, tracking_target
+from .config import CacheConfig
+from .errors import ConfigurationError
 
 log = logging.getLogger("sqlcache")
 
-__all__ = ["LocalStore", "LocalTier"]
+__all__ = ["LocalStore", "LocalTier", "local_tier_for"]
 
 _MAX_DROPS = 10_000  # recent drops remembered at most (then every reply in flight is refused)
 _MAX_BACKOFF = 5.0  # seconds between attempts at a tracking connection, at most
@@ -376,3 +381,21 @@ class LocalStore:
                 if r.hit and not r.swr and r.payload is not None and r.generations is not None:
                     tier.remember(entries[i][0], entries[i][1], r.generations, r.payload, r.clock, mark)
         return [r for r in out if r is not None]
+
+
+def local_tier_for(
+    store: object, c: CacheConfig, health: Health, count: Callable[[str, int], None]
+) -> LocalTier:
+    """The local tier of a cache on ``store``: it watches every dependency key, whatever its kind, and
+    every entry key (an entry that expires or is deleted goes from the tier too). It holds the health
+    and the counters, not the cache: its keeper must not keep the cache alive.
+
+    :raises ConfigurationError: a store it cannot watch yet (a cluster, Sentinel, TLS)."""
+    if not isinstance(store, RedisStore):
+        raise ConfigurationError("the local tier (local_bytes=) needs a single Redis server, for now")
+    target = tracking_target(store.client)
+    layout = store.key_layout(c.prefix)
+    prefixes = [ns + kind for ns in layout.namespaces for kind in (":d:", ":e:", ":q:")]
+    return LocalTier(
+        c.local_bytes, c.local_max_lag, lambda: Tracking(target, prefixes), lambda: health.epoch, count
+    )

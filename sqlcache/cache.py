@@ -13,14 +13,14 @@ from sqlalchemy.engine import Engine
 
 from . import _aio, _keys
 from ._ashardstore import async_store_maker
-from ._astore import AsyncStores, Worlds
+from ._aworlds import AsyncStores, Worlds
 from ._broadcast import Announcer, Listener
 from ._commit import Commits
 from ._direct import DirectReader
 from ._health import Health
 from ._identity import IdentityReader
 from ._journal import Journal, Keys
-from ._local import LocalStore, LocalTier
+from ._local import LocalStore, LocalTier, local_tier_for
 from ._outbox import DEFAULT_TABLE, OutboxSQL, OutboxWriter, check_table, outbox_table
 from ._plugins import Plugins
 from ._protocol import Store, StoreSlot
@@ -32,8 +32,6 @@ from ._relay import Relay, relay_engine
 from ._report import Reporter
 from ._seal import Sealer
 from ._shardstore import store_for
-from ._store import RedisStore
-from ._tracking import Tracking, tracking_target
 from ._transactions import Transactions
 from ._wiring import Wiring
 from .config import CacheConfig, Mode, ModelPolicy
@@ -270,23 +268,10 @@ class SQLCache:
         self._wiring.attach(sync_engine)
 
     def _local_tier(self, c: CacheConfig) -> LocalTier | None:
-        """The local tier asked for (``local_bytes``), its keeper not started yet (``attach`` starts it).
-
-        :raises ConfigurationError: a store it cannot watch yet (a cluster, Sentinel, TLS)."""
+        """The local tier asked for (``local_bytes``), its keeper not started yet (``attach`` starts it)."""
         if not c.local_bytes:
             return None
-        if not isinstance(self.store, RedisStore):
-            raise ConfigurationError("the local tier (local_bytes=) needs a single Redis server, for now")
-        target = tracking_target(self.store.client)
-        layout = self.store.key_layout(c.prefix)
-        # every dependency key, whatever its kind, and every entry key (an entry that expires or is
-        # deleted goes from the tier too)
-        prefixes = [ns + kind for ns in layout.namespaces for kind in (":d:", ":e:", ":q:")]
-        health, stats = self._health, self._rep.stats  # not the cache: its keeper must not keep it alive
-        tier = LocalTier(
-            c.local_bytes, c.local_max_lag, lambda: Tracking(target, prefixes), lambda: health.epoch,
-            stats.incr,
-        )  # fmt: skip
+        tier = local_tier_for(self.store, c, self._health, self._rep.stats.incr)
         weakref.finalize(self, tier.close)  # a cache dropped without close(): its keeper stops
         return tier
 

@@ -124,6 +124,7 @@ def test_only_the_stores_import_redis() -> None:
             "sqlcache._cluster",
             "sqlcache._acluster",
             "sqlcache._shardstore",
+            "sqlcache._shardsplit",
             "sqlcache._ashardstore",
             "sqlcache._tracking",
         ) or name.startswith(CLI):
