@@ -108,12 +108,16 @@ class AsyncClusterStore(Router):
     async def _locate(self) -> None:
         if self._cluster is None:
             kwargs = {k: v for k, v in self._target.kwargs.items() if k in _accepted(acluster.RedisCluster)}
-            self._cluster = acluster.RedisCluster(
+            cluster = acluster.RedisCluster(
                 startup_nodes=[acluster.ClusterNode(h, p) for h, p in self._target.nodes],
                 require_full_coverage=False,
                 **kwargs,
             )
-            await self._cluster.initialize()
+            # kept only once it started: a RedisCluster whose first initialize() failed stays marked
+            # uninitialized, and its aclose() then closes nothing (redis-py 8.1), whatever connections
+            # the later refreshes made; the next call makes a new one instead
+            await cluster.initialize()
+            self._cluster = cluster
         else:
             await self._cluster.nodes_manager.initialize()
 
@@ -141,3 +145,7 @@ class AsyncClusterStore(Router):
         if self._cluster is not None:
             cluster, self._cluster = self._cluster, None
             await cluster.aclose()
+            # and every node it knows, whatever state redis-py thinks the client is in (its aclose()
+            # skips a client it has marked for a new initialize() after a failed command)
+            await cluster.nodes_manager.aclose()
+            await cluster.nodes_manager.aclose("startup_nodes")
