@@ -19,8 +19,10 @@ How it stays correct (docs/pages/local-tier.md):
   sequence number before its Redis call, and its result is kept only if no message dropped one of its
   dependencies since (and the tracking connection is the same one).
 
-Sync reads only; an asyncio read goes to Redis as before. One tracking connection per cache and
-process, kept by a daemon thread that pings it every ``max_lag / 4``.
+One tier per cache and process, in front of the reads of both worlds: the sync store's, and every event
+loop's asyncio store (a lookup is memory and a non-blocking read of the tracking socket, with nothing to
+await). One tracking connection per cache and process, kept by a daemon thread that pings it every
+``max_lag / 4``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ._health import Health
 from ._protocol import ReadResult, Store
@@ -42,9 +44,12 @@ from ._tracking import Tracking, tracking_target
 from .config import CacheConfig
 from .errors import ConfigurationError
 
+if TYPE_CHECKING:
+    from ._aworlds import LoopStore
+
 log = logging.getLogger("sqlcache")
 
-__all__ = ["LocalStore", "LocalTier", "local_tier_for"]
+__all__ = ["LocalStore", "LocalTier", "in_front", "local_tier_for"]
 
 _MAX_DROPS = 10_000  # recent drops remembered at most (then every reply in flight is refused)
 _MAX_BACKOFF = 5.0  # seconds between attempts at a tracking connection, at most
@@ -399,3 +404,10 @@ def local_tier_for(
     return LocalTier(
         c.local_bytes, c.local_max_lag, lambda: Tracking(target, prefixes), lambda: health.epoch, count
     )
+
+
+def in_front(make: Callable[[], LoopStore], tier: LocalTier | None) -> Callable[[], LoopStore]:
+    """How to make an event loop's store with ``tier`` (the sync world's own) in front of its reads."""
+    if tier is None:
+        return make
+    return lambda: cast("LoopStore", LocalStore(cast(Store, make()), tier))

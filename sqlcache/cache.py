@@ -20,7 +20,7 @@ from ._direct import DirectReader
 from ._health import Health
 from ._identity import IdentityReader
 from ._journal import Journal, Keys
-from ._local import LocalStore, LocalTier, local_tier_for
+from ._local import LocalStore, LocalTier, in_front, local_tier_for
 from ._outbox import DEFAULT_TABLE, OutboxSQL, OutboxWriter, check_table, outbox_table
 from ._plugins import Plugins
 from ._protocol import Store, StoreSlot
@@ -279,7 +279,8 @@ class SQLCache:
         """From now on, code SQLAlchemy runs for asyncio reaches Redis through redis.asyncio."""
         if self._async_stores is not None:
             return
-        self._async_stores = AsyncStores(async_store_maker(self.store, self.config.timeout, self._health))
+        make = async_store_maker(self.store, self.config.timeout, self._health)
+        self._async_stores = AsyncStores(in_front(make, self._local))
         self._slot.base = cast(Store, Worlds(self._sync_store, self._async_stores))
         self._plugins.rebase()
 

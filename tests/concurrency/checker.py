@@ -14,8 +14,9 @@ every commit, relays deleting them; at the end no row may be left); ``--mode asy
 processes with asyncio ones (AsyncSession on asyncpg, many tasks per process, each process one event
 loop; readers' pauses awaited, not slept). Soak: ``python -m tests.concurrency.checker --seconds 300``.
 ``--cluster`` runs any mode against a local Redis Cluster it starts (tests/topologies.py), ``--shards N``
-with the caches sharded over it. ``--local`` gives the readers a local tier: reads served from memory
-are counted, and so are reads older than its staleness bound allows (``beyond_max_lag``, a subset of
+with the caches sharded over it. ``--local`` gives the readers a local tier (with ``--mode async``,
+the asyncio readers' tasks share one per process): reads served from memory are counted (from each
+reader's ``stats()``), and so are reads older than its staleness bound allows (``beyond_max_lag``, a subset of
 the violations, which count any read older than a commit that returned before it began).
 """
 
@@ -146,7 +147,8 @@ async def _async_main(args: dict[str, Any], role: str, n: int) -> None:
     """One asyncio process: ASYNC_TASKS[role] tasks writing (``w``) or reading (``r``) on one loop."""
     rnd = random.Random(n + (0 if role == "w" else 1000))
     engine = _async_engine(args)
-    cache = _cache(args)
+    local = role == "r" and args["local"]
+    cache = _cache(args, **({"local_bytes": LOCAL_BYTES, "local_max_lag": LOCAL_MAX_LAG} if local else {}))
     cache.register(Row)
     cache.attach(engine)
     if role == "r":
@@ -187,6 +189,8 @@ async def _async_main(args: dict[str, Any], role: str, n: int) -> None:
 
     try:
         await asyncio.gather(*((write if role == "w" else read)() for _ in range(ASYNC_TASKS[role])))
+        if local:  # how many reads memory served (the tasks share one tier: counted per process)
+            out.write(json.dumps(["s", cache.stats()["local_hits"]]) + "\n")
     finally:
         out.close()
         await cache.aclose()
@@ -245,6 +249,8 @@ def _reader(args: dict[str, Any], n: int) -> None:
         if local and cache.stats()["local_hits"] > served:  # type: ignore[union-attr]
             kind += " (local)"
         out.write(json.dumps(["r", rid, v, started, kind]) + "\n")
+    if local:
+        out.write(json.dumps(["s", cache.stats()["local_hits"]]) + "\n")  # type: ignore[union-attr]
     out.close()
     if cache is not None:
         cache.close()
@@ -299,10 +305,13 @@ def run_checker(
         failed = [p.exitcode for p in procs if p.exitcode != 0]
         commits: dict[int, list[tuple[float, int]]] = {}
         reads: list[list[Any]] = []
+        local_reads = 0  # reads served from memory, summed over the reader processes' stats()
         for f in Path(work).glob("*.jsonl"):
             for line in f.read_text().splitlines():
                 rec = json.loads(line)
-                if rec[0] == "w":
+                if rec[0] == "s":
+                    local_reads += rec[1]
+                elif rec[0] == "w":
                     commits.setdefault(rec[1], []).append((rec[3], rec[2]))
                 else:
                     reads.append(rec)
@@ -329,7 +338,7 @@ def run_checker(
             "reads_by_kind": {k: sum(1 for r in reads if r[4] == k) for k in sorted({r[4] for r in reads})},
             "operations": len(reads) + sum(len(v) for v in commits.values()),
             "violations": len(violations),
-            "local_reads": sum(1 for r in reads if r[4].endswith("(local)")) if local else None,
+            "local_reads": local_reads if local else None,
             "beyond_max_lag": beyond_lag if local else None,
             "examples": violations[:5],
             "final_mismatches": mismatches,

@@ -42,10 +42,11 @@ def test_durable_mode_has_no_violations_and_leaves_no_rows(pg_url: str, redis_ur
 
 
 def test_local_tier_readers_have_no_violations(pg_url: str, redis_url: str) -> None:
-    """Readers with a local tier (served from memory while Redis's tracking allows): no read older than
-    a commit that returned before it began, none older than the tier's bound, cache == DB at the end."""
+    """Readers with a local tier (served from memory while Redis's tracking allows), sync processes and
+    an asyncio one (``async`` mode: its many tasks share one tier): no read older than a commit that
+    returned before it began, none older than the tier's bound, cache == DB at the end."""
     result = run_checker(
-        "sqlcache", min(SECONDS, 8), writers=1, readers=3, pg_url=pg_url, redis_url=redis_url, local=True
+        "async", min(SECONDS, 8), writers=1, readers=3, pg_url=pg_url, redis_url=redis_url, local=True
     )
     print(result)
     assert result["failed_processes"] == []
