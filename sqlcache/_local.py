@@ -37,6 +37,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from . import _keys
+from ._cluster import ClusterStore
+from ._ctracking import ClusterTracking
 from ._health import Health
 from ._protocol import ReadResult, Store
 from ._store import RedisStore
@@ -60,6 +63,7 @@ class TrackingLike(Protocol):
     def partial(self) -> bool: ...
     def connect(self) -> None: ...
     def ping(self) -> None: ...
+    def verify(self) -> None: ...
     def poll(self) -> list[tuple[str, list[bytes]]]: ...
     def close(self) -> None: ...
 
@@ -175,14 +179,24 @@ class LocalTier:
                 with self._lock:
                     self._install(tracking)
             with self._lock:
+                current = self._tracking
                 try:
                     self._drain()
-                    assert self._tracking is not None
+                    assert current is not None
                     sent = time.monotonic()  # taken before the PING is written: the bound is never late
-                    self._tracking.ping()
+                    current.ping()
                     self._pings.append(sent)
                 except Exception:  # TrackingError, or anything the connection did: start over
                     self._lost()
+                    continue
+            try:
+                # a cluster's proof that the nodes still serve the cache's slots (a round trip: outside
+                # the lock, readers go on meanwhile; the round's answer counts only once it passed)
+                current.verify()
+            except Exception:
+                with self._lock:
+                    if self._tracking is current:
+                        self._lost()
 
     def _install(self, tracking: TrackingLike) -> None:
         self._tracking = tracking
@@ -243,9 +257,9 @@ class LocalTier:
                 self.start()  # a forked child's first read
             return False
         epoch = self._epoch()
-        if epoch != self._seen_epoch:  # a Redis restart noticed by the cache's stores
+        if epoch != self._seen_epoch:  # a Redis restart, or a new primary, noticed by the cache's stores
             self._seen_epoch = epoch
-            self._drop_all()
+            self._lost()  # and the tracking connection made again (on a cluster: located again)
             return False
         try:
             self._drain()
@@ -395,15 +409,28 @@ def local_tier_for(
     every entry key (an entry that expires or is deleted goes from the tier too). It holds the health
     and the counters, not the cache: its keeper must not keep the cache alive.
 
-    :raises ConfigurationError: a store it cannot watch yet (a cluster, Sentinel, TLS)."""
-    if not isinstance(store, RedisStore):
-        raise ConfigurationError("the local tier (local_bytes=) needs a single Redis server, for now")
-    target = tracking_target(store.client)
-    layout = store.key_layout(c.prefix)
-    prefixes = [ns + kind for ns in layout.namespaces for kind in (":d:", ":e:", ":q:")]
-    return LocalTier(
-        c.local_bytes, c.local_max_lag, lambda: Tracking(target, prefixes), lambda: health.epoch, count
-    )
+    On a Redis Cluster (sharded or not) it watches with a tracking connection per primary serving one of
+    the cache's slots (``_ctracking``).
+
+    :raises ConfigurationError: a store it cannot watch yet (Sentinel, TLS, a credential provider)."""
+    make: Callable[[], TrackingLike]
+    if isinstance(store, ClusterStore):
+        layout = store.key_layout(c.prefix)
+        prefixes = [ns + kind for ns in layout.namespaces for kind in (":d:", ":e:", ":q:")]
+        if store.target.kwargs.get("ssl") or store.target.kwargs.get("credential_provider") is not None:
+            raise ConfigurationError(
+                "the local tier does not reach Redis over TLS or with a credential provider yet"
+            )
+        cluster, slots = store.target, [_keys.clock_key(p) for p in layout.prefixes]
+        make = lambda: ClusterTracking(cluster, slots, prefixes, c.timeout)  # noqa: E731
+    elif isinstance(store, RedisStore):
+        target = tracking_target(store.client)
+        layout = store.key_layout(c.prefix)
+        prefixes = [ns + kind for ns in layout.namespaces for kind in (":d:", ":e:", ":q:")]
+        make = lambda: Tracking(target, prefixes)  # noqa: E731
+    else:
+        raise ConfigurationError(f"the local tier (local_bytes=) cannot watch a {type(store).__name__}")
+    return LocalTier(c.local_bytes, c.local_max_lag, make, lambda: health.epoch, count)
 
 
 def in_front(make: Callable[[], LoopStore], tier: LocalTier | None) -> Callable[[], LoopStore]:

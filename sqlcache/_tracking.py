@@ -256,6 +256,10 @@ class Tracking:
     def ping(self) -> None:
         self._send([b"PING"])
 
+    def verify(self) -> None:
+        """Nothing to prove on one server: the connection is to the server that applies every write
+        (a restart breaks it). See ``_ctracking`` for a cluster's."""
+
     def poll(self) -> list[tuple[str, list[bytes]]]:
         """Every message that has arrived, without waiting: ("keys", names) for an invalidation, ("all",
         []) for a flushed database, ("pong", []) for a PING's answer. A string published on the channel

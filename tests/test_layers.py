@@ -115,8 +115,8 @@ def test_parts_never_import_the_facade() -> None:
 
 def test_only_the_stores_import_redis() -> None:
     """The one I/O seam: redis-py is imported at run time by the stores only, one per I/O world
-    (sqlcache._store for sync code, sqlcache._astore for asyncio) and the cluster's routers (sync and
-    asyncio)."""
+    (sqlcache._store for sync code, sqlcache._astore for asyncio), the cluster's routers (sync and
+    asyncio) and the local tier's tracking connections."""
     for name, path in _modules().items():
         if name in (
             "sqlcache._store",
@@ -127,6 +127,7 @@ def test_only_the_stores_import_redis() -> None:
             "sqlcache._shardsplit",
             "sqlcache._ashardstore",
             "sqlcache._tracking",
+            "sqlcache._ctracking",
         ) or name.startswith(CLI):
             continue
         runtime, _, _ = _imports(name, path)

@@ -25,6 +25,7 @@ from ..topologies import LocalCluster, local_cluster
 from .conftest import run_loop
 from .helpers import check_async_failover
 from .test_async_durable import *  # noqa: F403  (run again with the fixture below)
+from .test_async_local_tier import *  # noqa: F403
 from .test_async_scenarios import *  # noqa: F403
 from .test_async_scenarios import Run, cached_name, make_user, rename
 

@@ -275,14 +275,14 @@ def test_memory_stays_within_local_bytes(engine: Engine, redis_url: str) -> None
         assert cache.stats()["local_hits"] == 0 or cache.stats()["local_bytes"] > 0
 
 
-def test_the_local_tier_needs_one_server_for_now(local_cluster_url: str | None = None) -> None:
-    """A Sentinel or cluster target, and bad values, are configuration errors."""
+def test_what_the_local_tier_cannot_watch_is_refused() -> None:
+    """TLS (on one server or a cluster) and bad values are configuration errors."""
     with pytest.raises(ConfigurationError, match="local_bytes"):
         SQLCache("redis://127.0.0.1:6379/0", local_bytes=-1)
     with pytest.raises(ConfigurationError, match="local_max_lag"):
         SQLCache("redis://127.0.0.1:6379/0", local_bytes=1, local_max_lag=0)
-    with pytest.raises(ConfigurationError, match="single Redis server"):
-        SQLCache("redis+cluster://127.0.0.1:1", local_bytes=1 << 20)
+    with pytest.raises(ConfigurationError, match="TLS"):
+        SQLCache("rediss+cluster://127.0.0.1:1", local_bytes=1 << 20)
     with pytest.raises(ConfigurationError, match="TLS"):
         SQLCache("rediss://127.0.0.1:6379/0", local_bytes=1 << 20)
 

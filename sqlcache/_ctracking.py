@@ -1,0 +1,208 @@
+"""The local tier's tracking over a Redis Cluster: one tracking connection per primary serving one of the
+cache's slots, and, with every PING, proof that each of them still serves those slots.
+
+On one server a PING answered on the tracking connection proves that every invalidation Redis sent
+before it has arrived. On a cluster that holds only for the node that applies the writes: after a
+failover or a slot migration the writes go to another node, whose invalidations this connection never
+sees, while the old node may go on answering PINGs. So each round here is:
+
+1. ``PING`` on every tracking connection (:meth:`ClusterTracking.ping`, under the tier's lock);
+2. then, outside the lock, ``EXISTS`` of one key of each of the cache's slots on a plain connection to
+   the node located for it (:meth:`ClusterTracking.verify`): a node that no longer serves the slot
+   answers ``MOVED`` (or ``ASK``, ``CLUSTERDOWN``), and the tier drops everything and locates again;
+3. the round's answer counts (a ``pong`` handed to the tier) only once every connection answered its
+   PING *and* the round's check passed.
+
+A node that served the slot when the check was made, after the PING was sent, served it when the PING
+was sent (a slot does not leave a node and come back within a round trip), so the pong proves what it
+proves on one server: every change made before the PING's send time has been applied. A change of
+primary the cache's own stores notice (``Health.moved``) drops the tier at once as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.retry import Retry
+
+from ._cluster import ClusterTarget
+from ._tracking import Tracking, TrackingError
+
+__all__ = ["ClusterTracking"]
+
+
+def _node_target(target: ClusterTarget, host: str, port: int, timeout: float) -> dict[str, Any]:
+    kwargs = target.kwargs
+    return {
+        "host": host,
+        "port": port,
+        "path": None,
+        "username": kwargs.get("username"),
+        "password": kwargs.get("password"),
+        "timeout": timeout,
+    }
+
+
+def _plain(t: dict[str, Any]) -> redis.Redis:
+    """A client of one node for the checks: no retries, the tracking connection's timeout."""
+    return redis.Redis(
+        host=t["host"],
+        port=t["port"],
+        username=t["username"],
+        password=t["password"],
+        socket_timeout=t["timeout"],
+        socket_connect_timeout=t["timeout"],
+        retry=Retry(NoBackoff(), 0),
+        single_connection_client=True,
+    )
+
+
+def _slot_owners(client: redis.Redis, asked_host: str) -> dict[int, tuple[str, int]]:
+    """Per slot, the primary serving it, from ``CLUSTER SLOTS`` (validated: anything else fails)."""
+    reply: Any = client.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
+    owners: dict[int, tuple[str, int]] = {}
+    if not isinstance(reply, list):
+        raise TrackingError("CLUSTER SLOTS answered something else than a list")
+    for entry in reply:
+        try:
+            first, last, primary = int(entry[0]), int(entry[1]), entry[2]
+            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+            port = int(primary[1])
+        except (TypeError, ValueError, IndexError, UnicodeDecodeError):
+            raise TrackingError("CLUSTER SLOTS answered an entry of another shape") from None
+        if not 0 <= first <= last < 16384 or not 0 < port < 65536:
+            raise TrackingError("CLUSTER SLOTS answered a range or a port out of bounds")
+        for slot in range(first, last + 1):
+            owners[slot] = (host or asked_host, port)
+    return owners
+
+
+class ClusterTracking:
+    """The :class:`~sqlcache._local.TrackingLike` of a cache on a Redis Cluster.
+
+    :param target: how sqlcache reaches the cluster (startup nodes, credentials).
+    :param keys: one key in each of the cache's slots (a slot per shard).
+    :param prefixes: the key prefixes every tracking connection watches (BCAST).
+    :param timeout: seconds any one reply may take.
+    """
+
+    def __init__(self, target: ClusterTarget, keys: Sequence[str], prefixes: Sequence[str], timeout: float):
+        if target.kwargs.get("ssl"):
+            raise TrackingError("the local tier does not reach Redis over TLS yet")
+        self._target = target
+        self._keys = list(keys)
+        self._prefixes = list(prefixes)
+        self._timeout = timeout
+        self._watches: list[Tracking] = []
+        self._checks: list[tuple[redis.Redis, list[str]]] = []  # per node: a client, the keys it serves
+        self._pongs: list[int] = []  # PINGs answered, per connection
+        self._handed = 0  # rounds whose answer went to the tier
+        self._verified = 0  # rounds whose check passed (written by the keeper, read under the tier's lock)
+        self._rounds = 0
+
+    # -- connecting ----------------------------------------------------------------------------------
+
+    def _locate(self) -> dict[tuple[str, int], list[str]]:
+        """Which primary serves each of the cache's keys now: per node, its keys."""
+        failure = "no startup node"
+        for host, port in self._target.nodes:
+            client = _plain(_node_target(self._target, host, port, self._timeout))
+            try:
+                owners = _slot_owners(client, host)
+            except (redis.RedisError, OSError) as exc:
+                failure = f"{host}:{port}: {type(exc).__name__}"
+                continue
+            finally:
+                client.close()
+            nodes: dict[tuple[str, int], list[str]] = {}
+            for key in self._keys:
+                owner = owners.get(key_slot(key.encode()))
+                if owner is None:
+                    raise TrackingError("a slot of the cache is served by no node")
+                nodes.setdefault(owner, []).append(key)
+            return nodes
+        raise TrackingError(f"cannot read the cluster's slots ({failure})")
+
+    def connect(self) -> None:
+        """Locate the primaries, connect a tracking connection to each, check they serve the slots.
+
+        :raises TrackingError: the cluster unreachable, or a node that does not answer as it should."""
+        try:
+            for (host, port), keys in self._locate().items():
+                t = _node_target(self._target, host, port, self._timeout)
+                watch = Tracking(t, self._prefixes)
+                self._watches.append(watch)
+                self._checks.append((_plain(t), keys))
+                watch.connect()
+            self._pongs = [0] * len(self._watches)
+            self._check()  # before anything is served: each node serves its slots after the subscription
+        except BaseException:
+            self.close()
+            raise
+
+    # -- rounds ----------------------------------------------------------------------------------------
+
+    @property
+    def partial(self) -> bool:
+        return any(w.partial for w in self._watches)
+
+    def ping(self) -> None:
+        for w in self._watches:
+            w.ping()
+        self._rounds += 1
+
+    def verify(self) -> None:
+        """The check of the last round (the keeper calls it after :meth:`ping`, outside the tier's lock).
+
+        :raises TrackingError: a node that no longer serves one of the cache's slots, or no answer."""
+        rounds = self._rounds
+        self._check()
+        self._verified = max(self._verified, rounds)
+
+    def _check(self) -> None:
+        for client, keys in self._checks:
+            try:
+                pipe = client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.exists(key)
+                replies = pipe.execute(raise_on_error=False)
+            except Exception as exc:  # redis's errors, a socket closed by close() from another thread
+                raise TrackingError(f"the slots' check failed ({type(exc).__name__})") from None
+            for reply in replies:
+                if isinstance(reply, Exception) or type(reply) is not int:
+                    raise TrackingError("a node no longer serves a slot of the cache") from None
+
+    def poll(self) -> list[tuple[str, list[bytes]]]:
+        """Every connection's messages; a ``pong`` once per round that every connection answered and
+        whose check passed.
+
+        :raises TrackingError: as :meth:`~sqlcache._tracking.Tracking.poll`."""
+        out: list[tuple[str, list[bytes]]] = []
+        for i, w in enumerate(self._watches):
+            for kind, keys in w.poll():
+                if kind == "pong":
+                    self._pongs[i] += 1
+                else:
+                    out.append((kind, keys))
+        answered = min(self._pongs, default=0)
+        due = min(answered, self._verified) - self._handed
+        if due > 0:
+            self._handed += due
+            out.extend(("pong", []) for _ in range(due))
+        return out
+
+    def close(self) -> None:
+        """Close every connection (from any thread: a check running in the keeper then fails)."""
+        watches, self._watches = self._watches, []
+        for w in watches:
+            w.close()
+        checks, self._checks = self._checks, []
+        for client, _ in checks:
+            try:
+                client.close()
+            except Exception:  # already closed, or in use by the keeper's check (which then fails)
+                pass
