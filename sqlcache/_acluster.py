@@ -54,6 +54,7 @@ class AsyncClusterStore(Router):
         self._stores: dict[str, AsyncRedisStore] = {}
         self._owners: dict[int, str] = {}  # per slot of the cache, the node that served it last
         self._refresh = True  # the slot table is read before the first call
+        self._locating = asyncio.Lock()  # one topology read at a time: the loop's tasks wait for it
         self.closer: Any = None  # see AsyncStores
 
     @property
@@ -78,9 +79,8 @@ class AsyncClusterStore(Router):
         if not _aio.in_async_greenlet():
             raise CacheUnavailable(f"{operation} (outside the event loop)")
         try:
-            if self._refresh:
+            if self._refresh or self._cluster is None:  # None: another task's first read is under way
                 _aio.await_(self._locate())
-                self._refresh = False
             assert self._cluster is not None
             node = self._cluster.nodes_manager.get_node_from_slot(slot)
             store = self._stores.get(node.name)
@@ -106,6 +106,20 @@ class AsyncClusterStore(Router):
         return store
 
     async def _locate(self) -> None:
+        """Read the slot table, once for every task of the loop that found it due: the others wait for
+        that read rather than start their own (each would make, and leave open, a client of its own)."""
+        async with self._locating:
+            if not self._refresh and self._cluster is not None:
+                return  # read by the task that held the lock
+            self.health.check("locate")  # that read failed and the breaker opened: not one per task
+            self._refresh = False  # before the read: a failure noticed meanwhile asks for another
+            try:
+                await self._read_slots()
+            except BaseException:
+                self._refresh = True
+                raise
+
+    async def _read_slots(self) -> None:
         if self._cluster is None:
             kwargs = {k: v for k, v in self._target.kwargs.items() if k in _accepted(acluster.RedisCluster)}
             cluster = acluster.RedisCluster(

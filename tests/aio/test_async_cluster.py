@@ -150,3 +150,33 @@ def test_a_first_topology_read_that_failed_leaves_no_connection_open(
     finally:
         cache.close()
         proxy.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_tasks_first_using_the_loops_store_together_read_the_topology_once(
+    engine: Engine, local_cluster: LocalCluster, redis_url: str
+) -> None:
+    """50 tasks whose reads are the first use of the loop's store, all at once: the first reads the
+    slot table and the others wait for that read (each used to make a topology client of its own, all
+    but one never closed); closing the loop's cache then leaves no connection open."""
+    from ..helpers import make_user as make_user_sync
+
+    uids = [make_user_sync(engine, f"u{i}") for i in range(5)]  # without the cache: nothing used yet
+    cache = SQLCache(redis_url, prefix=f"t{uuid.uuid4().hex[:10]}", default_ttl=600)
+    cache.register(User)
+    _kill_clients(local_cluster)
+
+    async def body(ae: AsyncEngine) -> None:
+        names = await asyncio.gather(*(cached_name(ae, uids[i % 5]) for i in range(50)))
+        assert names == [f"u{i % 5}" for i in range(50)]
+        await cache.aclose()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while _clients_on(local_cluster):
+            assert loop.time() < deadline, "a connection of the closed loop's cache is still open"
+            await asyncio.sleep(0.01)
+
+    try:
+        run_loop(engine, cache, body)
+    finally:
+        cache.close()
