@@ -187,7 +187,7 @@ def run_bench(args: argparse.Namespace) -> int:
     local_cache.attach(localized)
     local_cache.register(BenchUser)
     rnd = random.Random(7)
-    arows = async_rows(args.database_url, cache, BenchUser, SCHEMA)
+    arows = async_rows(args.database_url, cache, BenchUser, SCHEMA, local_cache)
     crows = cluster_rows(args.cluster_url, lambda: _engine(args.database_url), BenchUser)
     srows = None if crows is None else ClusterRows(crows.url, _engine(args.database_url), BenchUser, None, 8)
     try:
@@ -254,6 +254,8 @@ def _run(
             systems["q200 local hit"] = lambda: _ns(_query_on(lengine, 200, True))
             local_direct = direct_rows(lengine, local[0], BenchUser, rnd, ids)
             systems["direct local get hit"] = local_direct["direct get hit"]
+            if arows is not None:  # the same tier, under AsyncSession
+                systems["async get local hit"] = arows.get(arows.local, rnd, ids)
         else:
             print("sqlcache bench: no local tier rows (its tracking connection did not answer)")
             local = None

@@ -32,15 +32,21 @@ def async_url(url: str) -> str | None:
 
 
 class AsyncRows:
-    """An event loop of its own, an uncached AsyncEngine and one with ``cache`` attached."""
+    """An event loop of its own, an uncached AsyncEngine, one with ``cache`` attached and one with
+    ``local`` (a cache with a local tier) attached."""
 
-    def __init__(self, url: str, connect_args: dict[str, Any], cache: SQLCache, model: type[Any]) -> None:
+    def __init__(
+        self, url: str, connect_args: dict[str, Any], cache: SQLCache, model: type[Any], local: SQLCache
+    ) -> None:
         self._loop = asyncio.new_event_loop()
         self._cache = cache
+        self._local_cache = local
         self._model = model
         self.plain = create_async_engine(url, connect_args=connect_args)
         self.cached = create_async_engine(url, connect_args=connect_args)
+        self.local = create_async_engine(url, connect_args=connect_args)
         cache.attach(self.cached)
+        local.attach(self.local)
 
     def get(self, engine: AsyncEngine, rnd: random.Random, ids: list[int]) -> Callable[[], int]:
         model = self._model
@@ -74,8 +80,9 @@ class AsyncRows:
 
         async def closing() -> None:
             await self._cache.release_loop()
-            await self.plain.dispose()
-            await self.cached.dispose()
+            await self._local_cache.release_loop()
+            for engine in (self.plain, self.cached, self.local):
+                await engine.dispose()
 
         try:
             self._loop.run_until_complete(closing())
@@ -83,9 +90,10 @@ class AsyncRows:
             self._loop.close()
 
 
-def async_rows(url: str, cache: SQLCache, model: type[Any], schema: str) -> AsyncRows | None:
+def async_rows(url: str, cache: SQLCache, model: type[Any], schema: str, local: SQLCache) -> AsyncRows | None:
     """The asyncio rows' engines, or None (said why) if the database has no asyncio driver here.
-    ``schema``: PostgreSQL's search path, as the sync rows set it."""
+    ``schema``: PostgreSQL's search path, as the sync rows set it; ``local``: the cache with a local
+    tier (the sync rows' own: its tier is the process's)."""
     aurl = async_url(url)
     if aurl is None:
         print("sqlcache bench: no asyncio rows (no asyncio driver known for this database)")
@@ -94,7 +102,7 @@ def async_rows(url: str, cache: SQLCache, model: type[Any], schema: str) -> Asyn
     if aurl.startswith("postgresql"):
         connect_args = {"server_settings": {"search_path": schema}}
     try:
-        return AsyncRows(aurl, connect_args, cache, model)
+        return AsyncRows(aurl, connect_args, cache, model, local)
     except ImportError as exc:
         print(f"sqlcache bench: no asyncio rows ({exc}; the dev extra installs the asyncio drivers)")
         return None

@@ -31,6 +31,8 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("get local hit / get hit", "get local hit", "get sqlcache hit", None),
     ("direct local get hit / floor", "direct local get hit", "floor", 0.6),
     ("direct local get hit / get plain", "direct local get hit", "get plain", 0.15),
+    ("async get local hit / async get hit", "async get local hit", "async get hit", None),
+    ("async get local hit / async get plain", "async get local hit", "async get plain", None),
     ("lazy local hit / floor", "lazy local hit", "floor", None),
     ("q20 local hit / q20 floor", "q20 local hit", "q20 floor", None),
     ("q200 local hit / q200 floor", "q200 local hit", "q200 floor", 0.8),
