@@ -15,6 +15,8 @@ from sqlalchemy.util import concurrency
 
 from sqlcache import SQLCache
 
+from ..models import User
+
 # SQLAlchemy 2.0 calls it await_only, 2.1 await_
 await_ = getattr(concurrency, "await_", None) or concurrency.await_only
 
@@ -143,3 +145,42 @@ def check_async_failover(
     finally:
         cache.close()
     return checked
+
+
+async def versions_race(
+    ae: AsyncEngine, ids: list[int], writers: int, readers: int, rounds: int
+) -> dict[int, int]:
+    """Tasks in one loop on the rows ``ids`` (versions at 0): ``writers`` tasks bump versions (one writer
+    per row at a time, so versions rise in order), ``readers`` tasks read through ``AsyncSession.get``
+    and check that a read begun after a commit returned never sees an older version. Returns, per row,
+    the highest version whose commit returned."""
+    returned = dict.fromkeys(ids, 0)
+    locks = {uid: asyncio.Lock() for uid in ids}
+    checked = 0
+
+    async def writer(n: int) -> None:
+        uid = ids[n % len(ids)]
+        for _ in range(rounds):
+            async with locks[uid], AsyncSession(ae) as s:
+                u = await s.get(User, uid)
+                assert u is not None
+                u.version += 1
+                v = u.version
+                await s.commit()
+                returned[uid] = max(returned[uid], v)
+            await asyncio.sleep(0)
+
+    async def reader(n: int) -> None:
+        nonlocal checked
+        for k in range(rounds):
+            uid = ids[(n + k) % len(ids)]
+            floor = returned[uid]
+            async with AsyncSession(ae) as s:
+                u = await s.get(User, uid)
+                assert u is not None
+                assert u.version >= floor, (uid, u.version, floor)
+            checked += 1
+
+    await asyncio.gather(*(writer(i) for i in range(writers)), *(reader(i) for i in range(readers)))
+    assert checked == readers * rounds
+    return returned

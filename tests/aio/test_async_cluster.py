@@ -100,6 +100,17 @@ def _clients_on(cluster: LocalCluster) -> int:
     return total
 
 
+async def _closed_leaving_no_connection(cache: SQLCache, cluster: LocalCluster) -> None:
+    """``await cache.aclose()`` in the running loop, then wait (polling, with a deadline) until the
+    cluster's nodes hold no client connection."""
+    await cache.aclose()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while _clients_on(cluster):
+        assert loop.time() < deadline, "a connection of the closed loop's cache is still open"
+        await asyncio.sleep(0.01)
+
+
 def _kill_clients(cluster: LocalCluster) -> None:
     for port in cluster.live_ports():
         with cluster.node(port) as node:
@@ -140,10 +151,7 @@ def test_a_first_topology_read_that_failed_leaves_no_connection_open(
         _kill_clients(local_cluster)  # the next call fails, and the one after reads the topology again
         await until_served(uid)
         assert _clients_on(local_cluster) >= 1
-        await cache.aclose()
-        while _clients_on(local_cluster):
-            assert loop.time() < deadline, "a connection of the closed loop's cache is still open"
-            await asyncio.sleep(0.01)
+        await _closed_leaving_no_connection(cache, local_cluster)
 
     try:
         run_loop(engine, cache, body)
@@ -169,12 +177,7 @@ def test_tasks_first_using_the_loops_store_together_read_the_topology_once(
     async def body(ae: AsyncEngine) -> None:
         names = await asyncio.gather(*(cached_name(ae, uids[i % 5]) for i in range(50)))
         assert names == [f"u{i % 5}" for i in range(50)]
-        await cache.aclose()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while _clients_on(local_cluster):
-            assert loop.time() < deadline, "a connection of the closed loop's cache is still open"
-            await asyncio.sleep(0.01)
+        await _closed_leaving_no_connection(cache, local_cluster)
 
     try:
         run_loop(engine, cache, body)

@@ -14,15 +14,16 @@ import redis.asyncio.connection as aconnection
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache, cached
 from sqlcache._astore import AsyncRedisStore
 
 from ..conftest import shareable_url
+from ..helpers import rename_user
 from ..integration.test_local_tier import serving
 from ..models import User
 from .conftest import run_loop
+from .helpers import versions_race
 from .test_async_scenarios import cached_name, make_user
 
 Run = Any
@@ -61,14 +62,6 @@ def other(redis_url: str, engine: Engine, local: SQLCache) -> Iterator[Engine]:
     c.detach(other)
     c.close()
     other.dispose()
-
-
-def rename(engine: Engine, uid: int, name: str) -> None:
-    with Session(engine) as s:
-        u = s.get(User, uid)
-        assert u is not None
-        u.name = name
-        s.commit()
 
 
 @pytest.mark.parametrize("engine", ["sqlite", "postgresql"], indirect=True)
@@ -119,7 +112,7 @@ def test_every_async_read_after_another_process_commit_returned_sees_it(
         for _ in range(2):
             assert await cached_name(ae, uid) == "v0"
         for n in range(1, 51):
-            rename(other, uid, f"v{n}")  # blocks this loop for the commit: nothing else runs meanwhile
+            rename_user(other, uid, f"v{n}")  # blocks this loop for the commit: nothing else runs meanwhile
             for _ in range(3):  # again: from Redis, then from memory
                 assert await cached_name(ae, uid) == f"v{n}"
         assert local.stats()["local_hits"] >= 50
@@ -141,7 +134,7 @@ def test_an_invalidation_arriving_while_an_async_read_is_in_flight_is_not_lost(
         r = original(self, clock_key, entry_key, dep_keys)
         if armed[0] and r.hit:
             armed[0] = False
-            rename(other, uid_box[0], "new")  # between Redis's answer and the tier keeping it
+            rename_user(other, uid_box[0], "new")  # between Redis's answer and the tier keeping it
         return r
 
     monkeypatch.setattr(AsyncRedisStore, "read", read)
@@ -169,40 +162,15 @@ def test_many_tasks_with_a_local_tier_never_read_older_than_a_returned_commit(
     rows, writers, readers, rounds = 4, 20, 100, 5
 
     async def body(ae: AsyncEngine) -> None:
-        await until_serving(local)
-        ids = [await make_user(ae, f"r{i}", version=0) for i in range(rows)]
-        returned = dict.fromkeys(ids, 0)
-        locks = {uid: asyncio.Lock() for uid in ids}
-        checked = 0
-
         async def version(uid: int) -> int:
             async with AsyncSession(ae) as s:
                 u = await s.get(User, uid)
                 assert u is not None
                 return u.version
 
-        async def writer(n: int) -> None:
-            uid = ids[n % rows]
-            for _ in range(rounds):
-                async with locks[uid], AsyncSession(ae) as s:
-                    u = await s.get(User, uid)
-                    assert u is not None
-                    u.version += 1
-                    v = u.version
-                    await s.commit()
-                    returned[uid] = max(returned[uid], v)
-                await asyncio.sleep(0)
-
-        async def reader(n: int) -> None:
-            nonlocal checked
-            for k in range(rounds * 2):
-                uid = ids[(n + k) % rows]
-                floor = returned[uid]
-                assert await version(uid) >= floor, (uid, floor)
-                checked += 1
-
-        await asyncio.gather(*(writer(i) for i in range(writers)), *(reader(i) for i in range(readers)))
-        assert checked == readers * rounds * 2
+        await until_serving(local)
+        ids = [await make_user(ae, f"r{i}", version=0) for i in range(rows)]
+        returned = await versions_race(ae, ids, writers, readers, rounds)
         for uid in ids:
             assert await version(uid) == returned[uid] == writers // rows * rounds
         # and, once the writes stopped, serves them from memory. (Under this load a Redis reply may wait

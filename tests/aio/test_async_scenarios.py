@@ -19,7 +19,7 @@ from sqlcache import SQLCache, cached
 from ..helpers import AtRelease
 from ..models import Order, User
 from .conftest import run_loop
-from .helpers import await_, pause_after_select
+from .helpers import await_, pause_after_select, versions_race
 
 Run = Any
 
@@ -287,36 +287,7 @@ def test_many_tasks_never_read_older_than_a_returned_commit(engine: Engine, redi
 
     async def body(ae: AsyncEngine) -> None:
         ids = [await make_user(ae, f"r{i}", version=0) for i in range(rows)]
-        returned = dict.fromkeys(ids, 0)  # highest version whose commit has returned
-        locks = {uid: asyncio.Lock() for uid in ids}  # one writer per row at a time: versions in order
-        checked = 0
-
-        async def writer(n: int) -> None:
-            uid = ids[n % rows]
-            for _ in range(rounds):
-                async with locks[uid]:
-                    async with AsyncSession(ae) as s:
-                        u = await s.get(User, uid)
-                        assert u is not None
-                        u.version += 1
-                        v = u.version
-                        await s.commit()
-                    returned[uid] = max(returned[uid], v)
-                await asyncio.sleep(0)
-
-        async def reader(n: int) -> None:
-            nonlocal checked
-            for k in range(rounds):
-                uid = ids[(n + k) % rows]
-                floor = returned[uid]
-                async with AsyncSession(ae) as s:
-                    u = await s.get(User, uid)
-                    assert u is not None
-                    assert u.version >= floor, (uid, u.version, floor)
-                checked += 1
-
-        await asyncio.gather(*(writer(i) for i in range(writers)), *(reader(i) for i in range(readers)))
-        assert checked == readers * rounds
+        returned = await versions_race(ae, ids, writers, readers, rounds)
         for uid in ids:  # at the end, the cache agrees with the database
             async with AsyncSession(ae) as s:
                 u = await s.get(User, uid)
