@@ -21,6 +21,7 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("q20 hit / q20 plain", "q20 sqlcache hit", "q20 plain", None),
     ("q200 hit / q200 plain", "q200 sqlcache hit", "q200 plain", 0.5),
     ("get hit / get ORM floor", "get sqlcache hit", "get ORM floor", None),
+    ("lazy hit / lazy ORM floor", "lazy sqlcache hit", "lazy ORM floor", None),
     ("q20 hit / q20 ORM floor", "q20 sqlcache hit", "q20 ORM floor", None),
     ("q200 hit / q200 ORM floor", "q200 sqlcache hit", "q200 ORM floor", None),
     ("q20 no-reuse hit / q20 floor", "q20 hit, no reuse", "q20 floor", None),
