@@ -55,6 +55,7 @@ class AsyncClusterStore(Router):
         self._owners: dict[int, str] = {}  # per slot of the cache, the node that served it last
         self._refresh = True  # the slot table is read before the first call
         self._locating = asyncio.Lock()  # one topology read at a time: the loop's tasks wait for it
+        self._failed_reads = 0  # topology reads that failed: a task that waited through one gives up
         self.closer: Any = None  # see AsyncStores
 
     @property
@@ -108,15 +109,18 @@ class AsyncClusterStore(Router):
     async def _locate(self) -> None:
         """Read the slot table, once for every task of the loop that found it due: the others wait for
         that read rather than start their own (each would make, and leave open, a client of its own)."""
+        failed = self._failed_reads
         async with self._locating:
             if not self._refresh and self._cluster is not None:
                 return  # read by the task that held the lock
-            self.health.check("locate")  # that read failed and the breaker opened: not one per task
+            if self._failed_reads != failed:  # the read it waited for failed: an outage, not one per task
+                raise CacheUnavailable("locate (the slot table could not be read)")
             self._refresh = False  # before the read: a failure noticed meanwhile asks for another
             try:
                 await self._read_slots()
             except BaseException:
                 self._refresh = True
+                self._failed_reads += 1
                 raise
 
     async def _read_slots(self) -> None:
@@ -156,10 +160,15 @@ class AsyncClusterStore(Router):
         stores, self._stores = list(self._stores.values()), {}
         for store in stores:
             await store.aclose()
-        if self._cluster is not None:
+        async with self._locating:  # not while a task's first read may still set one
             cluster, self._cluster = self._cluster, None
-            await cluster.aclose()
-            # and every node it knows, whatever state redis-py thinks the client is in (its aclose()
-            # skips a client it has marked for a new initialize() after a failed command)
-            await cluster.nodes_manager.aclose()
-            await cluster.nodes_manager.aclose("startup_nodes")
+        if cluster is not None:
+            try:
+                await cluster.aclose()
+            finally:
+                # and every node it knows, whatever state redis-py thinks the client is in (its aclose()
+                # skips a client it has marked for a new initialize() after a failed command)
+                try:
+                    await cluster.nodes_manager.aclose()
+                finally:
+                    await cluster.nodes_manager.aclose("startup_nodes")

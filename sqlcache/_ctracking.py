@@ -14,9 +14,12 @@ sees, while the old node may go on answering PINGs. So each round here is:
    PING *and* the round's check passed.
 
 A node that served the slot when the check was made, after the PING was sent, served it when the PING
-was sent (a slot does not leave a node and come back within a round trip), so the pong proves what it
-proves on one server: every change made before the PING's send time has been applied. A change of
-primary the cache's own stores notice (``Health.moved``) drops the tier at once as well.
+was sent (a slot does not leave a node and come back between a PING and the check that follows it), so
+the pong proves what it proves on one server: every change made before the PING's send time has been
+applied. A change of primary the cache's own stores notice (``Health.moved``) drops the tier at once as
+well. Between the last check that passed and the first that fails, the tier goes on serving what the
+last counted PING allows: after a failover the bound is ``max_lag``, not the strict read-after-commit
+of one host (docs/pages/local-tier.md).
 """
 
 from __future__ import annotations
@@ -57,28 +60,41 @@ def _plain(t: dict[str, Any]) -> redis.Redis:
         socket_timeout=t["timeout"],
         socket_connect_timeout=t["timeout"],
         retry=Retry(NoBackoff(), 0),
-        single_connection_client=True,
-    )
+    )  # connects on first use, not here
 
 
-def _slot_owners(client: redis.Redis, asked_host: str) -> dict[int, tuple[str, int]]:
-    """Per slot, the primary serving it, from ``CLUSTER SLOTS`` (validated: anything else fails)."""
+def _endpoint(node: Any, asked_host: str) -> tuple[str, int]:
+    """A node of a ``CLUSTER SLOTS`` entry: its host (empty or null: the host asked, as Redis defines
+    it) and port."""
+    raw, port = node[0], int(node[1])
+    host = asked_host if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
+    if host == "?" or not 0 < port < 65536:
+        raise TrackingError("CLUSTER SLOTS answered a node of unknown address")
+    return (host or asked_host, port)
+
+
+def _slot_owners(
+    client: redis.Redis, asked_host: str
+) -> tuple[dict[int, tuple[str, int]], set[tuple[str, int]]]:
+    """Per slot, the primary serving it, and every node named, from ``CLUSTER SLOTS`` (validated:
+    anything else fails)."""
     reply: Any = client.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
     owners: dict[int, tuple[str, int]] = {}
+    named: set[tuple[str, int]] = set()
     if not isinstance(reply, list):
         raise TrackingError("CLUSTER SLOTS answered something else than a list")
     for entry in reply:
         try:
-            first, last, primary = int(entry[0]), int(entry[1]), entry[2]
-            host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
-            port = int(primary[1])
+            first, last = int(entry[0]), int(entry[1])
+            nodes = [_endpoint(node, asked_host) for node in entry[2:]]
         except (TypeError, ValueError, IndexError, UnicodeDecodeError):
             raise TrackingError("CLUSTER SLOTS answered an entry of another shape") from None
-        if not 0 <= first <= last < 16384 or not 0 < port < 65536:
-            raise TrackingError("CLUSTER SLOTS answered a range or a port out of bounds")
+        if not nodes or not 0 <= first <= last < 16384:
+            raise TrackingError("CLUSTER SLOTS answered a range out of bounds")
+        named.update(nodes)
         for slot in range(first, last + 1):
-            owners[slot] = (host or asked_host, port)
-    return owners
+            owners[slot] = nodes[0]
+    return owners, named
 
 
 class ClusterTracking:
@@ -88,12 +104,23 @@ class ClusterTracking:
     :param keys: one key in each of the cache's slots (a slot per shard).
     :param prefixes: the key prefixes every tracking connection watches (BCAST).
     :param timeout: seconds any one reply may take.
+    :param known: the nodes the last slot table named, shared by the connections one after the other
+        (asked after the startup nodes: a URL names one node, which may be the one that is down).
     """
 
-    def __init__(self, target: ClusterTarget, keys: Sequence[str], prefixes: Sequence[str], timeout: float):
+    def __init__(
+        self,
+        target: ClusterTarget,
+        keys: Sequence[str],
+        prefixes: Sequence[str],
+        timeout: float,
+        known: set[tuple[str, int]],
+    ) -> None:
         if target.kwargs.get("ssl"):
             raise TrackingError("the local tier does not reach Redis over TLS yet")
         self._target = target
+        self._known = known
+        self._closed = False
         self._keys = list(keys)
         self._prefixes = list(prefixes)
         self._timeout = timeout
@@ -109,15 +136,18 @@ class ClusterTracking:
     def _locate(self) -> dict[tuple[str, int], list[str]]:
         """Which primary serves each of the cache's keys now: per node, its keys."""
         failure = "no startup node"
-        for host, port in self._target.nodes:
+        startup = list(self._target.nodes)
+        for host, port in startup + sorted(self._known - set(startup)):
             client = _plain(_node_target(self._target, host, port, self._timeout))
             try:
-                owners = _slot_owners(client, host)
+                owners, named = _slot_owners(client, host)
             except (redis.RedisError, OSError) as exc:
                 failure = f"{host}:{port}: {type(exc).__name__}"
                 continue
             finally:
                 client.close()
+            self._known.clear()
+            self._known.update(named)
             nodes: dict[tuple[str, int], list[str]] = {}
             for key in self._keys:
                 owner = owners.get(key_slot(key.encode()))
@@ -165,6 +195,8 @@ class ClusterTracking:
 
     def _check(self) -> None:
         for client, keys in self._checks:
+            if self._closed:  # by another thread: no new connection on a client it closed
+                raise TrackingError("closed")
             try:
                 pipe = client.pipeline(transaction=False)
                 for key in keys:
@@ -197,6 +229,7 @@ class ClusterTracking:
 
     def close(self) -> None:
         """Close every connection (from any thread: a check running in the keeper then fails)."""
+        self._closed = True
         watches, self._watches = self._watches, []
         for w in watches:
             w.close()

@@ -166,6 +166,7 @@ class LocalTier:
             wait = self._interval
             if self._tracking is None:
                 # connected outside the lock: readers do not wait on a Redis that does not answer
+                epoch = self._epoch()  # before connecting: a restart or move noticed after it drops it
                 try:
                     tracking = self._make()
                     tracking.connect()
@@ -177,7 +178,7 @@ class LocalTier:
                     continue
                 self._failures = 0
                 with self._lock:
-                    self._install(tracking)
+                    self._install(tracking, epoch)
             with self._lock:
                 current = self._tracking
                 try:
@@ -198,8 +199,9 @@ class LocalTier:
                     if self._tracking is current:
                         self._lost()
 
-    def _install(self, tracking: TrackingLike) -> None:
+    def _install(self, tracking: TrackingLike, epoch: int) -> None:
         self._tracking = tracking
+        self._seen_epoch = epoch  # a restart or move noticed before it was made is not its to answer for
         self._serial += 1
         self._pings.clear()
         self._alive = float("-inf")  # nothing served before this connection answered a PING
@@ -422,7 +424,8 @@ def local_tier_for(
                 "the local tier does not reach Redis over TLS or with a credential provider yet"
             )
         cluster, slots = store.target, [_keys.clock_key(p) for p in layout.prefixes]
-        make = lambda: ClusterTracking(cluster, slots, prefixes, c.timeout)  # noqa: E731
+        known: set[tuple[str, int]] = set()
+        make = lambda: ClusterTracking(cluster, slots, prefixes, c.timeout, known)  # noqa: E731
     elif isinstance(store, RedisStore):
         target = tracking_target(store.client)
         layout = store.key_layout(c.prefix)

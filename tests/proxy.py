@@ -40,12 +40,6 @@ class Proxy:
         with self._lock:
             self._cut = False
 
-    def open_connections(self) -> int:
-        """How many client connections it carries now (each pair ends when either side closes)."""
-        with self._lock:
-            self._conns = [c for c in self._conns if c.fileno() != -1]
-            return len(self._conns) // 2
-
     def close(self) -> None:
         self._closed = True
         self.cut()

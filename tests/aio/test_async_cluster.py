@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis.asyncio.cluster as acluster
 import redis.asyncio.connection as aconnection
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -91,22 +92,27 @@ def test_async_failover_that_loses_acknowledged_releases_serves_nothing_stale(
     print(f"async cluster failover: {checked} reads checked")
 
 
-def _clients_on(cluster: LocalCluster) -> int:
-    """Every ordinary client connection the cluster's nodes hold (the asking one left out)."""
+def _clients_on(cluster: LocalCluster, name: str) -> int:
+    """The client connections named ``name`` (a test's cache's ``client_name``) the nodes hold."""
     total = 0
     for port in cluster.live_ports():
         with cluster.node(port) as node:
-            total += len(node.client_list(_type="normal")) - 1
+            total += sum(1 for c in node.client_list(_type="normal") if c.get("name") == name)
     return total
 
 
-async def _closed_leaving_no_connection(cache: SQLCache, cluster: LocalCluster) -> None:
+def _named(url: str, name: str) -> str:
+    """``url`` whose every connection carries the client name ``name``."""
+    return f"{url}?client_name={name}"
+
+
+async def _closed_leaving_no_connection(cache: SQLCache, cluster: LocalCluster, name: str) -> None:
     """``await cache.aclose()`` in the running loop, then wait (polling, with a deadline) until the
-    cluster's nodes hold no client connection."""
+    cluster's nodes hold no connection of the cache (named ``name``)."""
     await cache.aclose()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
-    while _clients_on(cluster):
+    while _clients_on(cluster, name):
         assert loop.time() < deadline, "a connection of the closed loop's cache is still open"
         await asyncio.sleep(0.01)
 
@@ -128,7 +134,8 @@ def test_a_first_topology_read_that_failed_leaves_no_connection_open(
     collector warned about them, the failure CI saw under load.)"""
     proxy = Proxy(local_cluster.ports[0])
     proxy.cut()
-    url = f"redis+cluster://127.0.0.1:{proxy.port}"
+    name = f"n{uuid.uuid4().hex[:8]}"
+    url = _named(f"redis+cluster://127.0.0.1:{proxy.port}", name)
     cache = SQLCache(url, prefix=f"t{uuid.uuid4().hex[:10]}", default_ttl=600, backoff=0.01, max_backoff=0.01)
     cache.register(User)
 
@@ -150,8 +157,8 @@ def test_a_first_topology_read_that_failed_leaves_no_connection_open(
         await until_served(uid)
         _kill_clients(local_cluster)  # the next call fails, and the one after reads the topology again
         await until_served(uid)
-        assert _clients_on(local_cluster) >= 1
-        await _closed_leaving_no_connection(cache, local_cluster)
+        assert _clients_on(local_cluster, name) >= 1
+        await _closed_leaving_no_connection(cache, local_cluster, name)
 
     try:
         run_loop(engine, cache, body)
@@ -162,7 +169,7 @@ def test_a_first_topology_read_that_failed_leaves_no_connection_open(
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
 def test_tasks_first_using_the_loops_store_together_read_the_topology_once(
-    engine: Engine, local_cluster: LocalCluster, redis_url: str
+    engine: Engine, local_cluster: LocalCluster, redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """50 tasks whose reads are the first use of the loop's store, all at once: the first reads the
     slot table and the others wait for that read (each used to make a topology client of its own, all
@@ -170,14 +177,23 @@ def test_tasks_first_using_the_loops_store_together_read_the_topology_once(
     from ..helpers import make_user as make_user_sync
 
     uids = [make_user_sync(engine, f"u{i}") for i in range(5)]  # without the cache: nothing used yet
-    cache = SQLCache(redis_url, prefix=f"t{uuid.uuid4().hex[:10]}", default_ttl=600)
+    name = f"n{uuid.uuid4().hex[:8]}"
+    cache = SQLCache(_named(redis_url, name), prefix=f"t{uuid.uuid4().hex[:10]}", default_ttl=600)
     cache.register(User)
-    _kill_clients(local_cluster)
+    made: list[object] = []
+    original = acluster.RedisCluster.__init__
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        made.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(acluster.RedisCluster, "__init__", counted)
 
     async def body(ae: AsyncEngine) -> None:
         names = await asyncio.gather(*(cached_name(ae, uids[i % 5]) for i in range(50)))
         assert names == [f"u{i % 5}" for i in range(50)]
-        await _closed_leaving_no_connection(cache, local_cluster)
+        assert len(made) == 1  # one topology client for the loop, however many tasks found it due
+        await _closed_leaving_no_connection(cache, local_cluster, name)
 
     try:
         run_loop(engine, cache, body)

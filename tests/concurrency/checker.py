@@ -190,7 +190,7 @@ async def _async_main(args: dict[str, Any], role: str, n: int) -> None:
     try:
         await asyncio.gather(*((write if role == "w" else read)() for _ in range(ASYNC_TASKS[role])))
         if local:  # how many reads memory served (the tasks share one tier: counted per process)
-            out.write(json.dumps(["s", cache.stats()["local_hits"]]) + "\n")
+            out.write(json.dumps(["s", cache.stats()["local_hits"], "async"]) + "\n")
     finally:
         out.close()
         await cache.aclose()
@@ -250,7 +250,7 @@ def _reader(args: dict[str, Any], n: int) -> None:
             kind += " (local)"
         out.write(json.dumps(["r", rid, v, started, kind]) + "\n")
     if local:
-        out.write(json.dumps(["s", cache.stats()["local_hits"]]) + "\n")  # type: ignore[union-attr]
+        out.write(json.dumps(["s", cache.stats()["local_hits"], "sync"]) + "\n")  # type: ignore[union-attr]
     out.close()
     if cache is not None:
         cache.close()
@@ -305,12 +305,12 @@ def run_checker(
         failed = [p.exitcode for p in procs if p.exitcode != 0]
         commits: dict[int, list[tuple[float, int]]] = {}
         reads: list[list[Any]] = []
-        local_reads = 0  # reads served from memory, summed over the reader processes' stats()
+        local_reads = {"sync": 0, "async": 0}  # reads served from memory, from the readers' stats()
         for f in Path(work).glob("*.jsonl"):
             for line in f.read_text().splitlines():
                 rec = json.loads(line)
                 if rec[0] == "s":
-                    local_reads += rec[1]
+                    local_reads[rec[2]] += rec[1]
                 elif rec[0] == "w":
                     commits.setdefault(rec[1], []).append((rec[3], rec[2]))
                 else:
@@ -338,7 +338,8 @@ def run_checker(
             "reads_by_kind": {k: sum(1 for r in reads if r[4] == k) for k in sorted({r[4] for r in reads})},
             "operations": len(reads) + sum(len(v) for v in commits.values()),
             "violations": len(violations),
-            "local_reads": local_reads if local else None,
+            "local_reads": sum(local_reads.values()) if local else None,
+            "local_reads_by_world": local_reads if local else None,
             "beyond_max_lag": beyond_lag if local else None,
             "examples": violations[:5],
             "final_mismatches": mismatches,

@@ -4,18 +4,22 @@ each still serves them. Writers are other caches on other engines (another proce
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
 from sqlcache import SQLCache, _keys
+from sqlcache._ctracking import ClusterTracking
 
 from ..conftest import shareable_url
 from ..helpers import check_failover, make_user, rename_user, user_name
 from ..models import User
+from ..proxy import Proxy
 from ..topologies import LocalCluster, admin, local_cluster
 from .test_local_tier import serving, tiered, wait_for
 
@@ -135,3 +139,68 @@ def test_a_failover_that_loses_acknowledged_releases_serves_nothing_stale_from_m
 
     checked = check_failover(engine, new_cache, lose, "writer", rows=10, versions=3, rereads=5)
     assert checked == 80
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_the_tier_finds_the_cluster_when_its_startup_node_is_unreachable(
+    engine: Engine, local_cluster: LocalCluster
+) -> None:
+    """The URL names one node, reached here through a proxy that is then cut: when the tracking
+    connections must be made again, the slot table is read from the nodes the last one named, and the
+    tier serves again."""
+    proxy = Proxy(local_cluster.ports[0])
+    url = f"redis+cluster://127.0.0.1:{proxy.port}"
+    try:
+        with tiered(url, engine, local_bytes=1 << 20) as cache:
+            uid = make_user(engine, "ann")
+            for _ in range(3):
+                assert user_name(engine, uid) == "ann"
+            proxy.cut()
+            drops = cache.stats()["local_drops"]
+            for port in _watched(local_cluster):  # the tracking connections, made again from here
+                with admin(port) as node:
+                    for c in node.client_list():
+                        if "t" in c.get("flags", "") and c.get("sub") == "1":
+                            node.client_kill_filter(_id=c["id"])
+            wait_for(lambda: cache.stats()["local_drops"] > drops, "the lost tracking connections")
+            hits = cache.stats()["local_hits"]
+
+            def served_from_memory() -> bool:
+                assert user_name(engine, uid) == "ann"
+                return cache.stats()["local_hits"] > hits
+
+            wait_for(served_from_memory, "tracking connections located without the startup node", 10)
+    finally:
+        proxy.close()
+
+
+def test_a_rounds_answer_counts_only_once_its_check_passed(
+    local_cluster: LocalCluster, redis_url: str
+) -> None:
+    """On the real cluster: the PINGs of a round are answered, but the tier is handed that round's
+    pong only once the round's check (the nodes still serve the cache's slots) has passed."""
+    cache = SQLCache(redis_url, prefix=f"r{uuid.uuid4().hex[:10]}", shards=3)
+    try:
+        layout = cache._keys.layout
+        keys = [_keys.clock_key(p) for p in layout.prefixes]
+        prefixes = [ns + ":d:" for ns in layout.namespaces]
+        store: Any = cache.store
+        tracking = ClusterTracking(store.target, keys, prefixes, 1.0, set())
+        tracking.connect()
+        try:
+            tracking.ping()
+            deadline = time.monotonic() + 5
+            answered: list[tuple[str, list[bytes]]] = []
+            while min(tracking._pongs) < 1:  # every connection answered its PING
+                answered += tracking.poll()
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            answered += tracking.poll()
+            assert ("pong", []) not in answered  # not before the check
+            tracking.verify()
+            assert tracking.poll() == [("pong", [])]
+            assert tracking.poll() == []  # once
+        finally:
+            tracking.close()
+    finally:
+        cache.close()
