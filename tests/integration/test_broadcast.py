@@ -74,16 +74,22 @@ def test_remote_signal(engine: Engine, redis_url: str) -> None:
 
 
 def test_own_broadcasts_not_reemitted(engine: Engine, redis_url: str) -> None:
-    """A cache's listener ignores its own broadcasts (the local signal already fired)."""
-    a, _ = pair(redis_url)
+    """A cache's listener ignores its own broadcasts (the local signal already fired): once another
+    cache's broadcast, published after it, has been heard, its own was read and dropped."""
+    a, b = pair(redis_url)
     a.attach(engine)
     heard = Heard(a)
     listener = a.listen()
     try:
         assert listener.subscribed.wait(10)
         make_user(engine)
-        time.sleep(0.5)
-        assert [c["remote"] for c in heard.calls] == [False]
+        b.invalidate(User, 10**9)  # published after a's own: the channel delivers in order
+        deadline = time.monotonic() + 10
+        while not any(c["remote"] for c in heard.calls):
+            assert time.monotonic() < deadline, "b's broadcast was not heard"
+            time.sleep(0.01)  # polling
+        assert [c["remote"] for c in heard.calls] == [False, True]
+        assert heard.calls[1]["identities"] == [(User, (10**9,))]
     finally:
         listener.stop()
         heard.close()
@@ -109,9 +115,13 @@ def test_listener_reconnects_and_says_so(engine: Engine, private_redis: RedisSer
         while not listener.subscribed.is_set() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert listener.subscribed.is_set()
-        time.sleep(0.2)
-        a.invalidate(User, 1)
-        assert heard.wait()["identities"] == [(User, (1,))]
+        deadline = time.monotonic() + 10
+        while True:  # a broadcast made once the listener is subscribed again is heard
+            a.invalidate(User, 1)
+            if heard.event.wait(0.2):
+                break
+            assert time.monotonic() < deadline, "nothing heard after the restart"
+        assert heard.calls[-1]["identities"] == [(User, (1,))]
     finally:
         listener.stop()
         heard.close()

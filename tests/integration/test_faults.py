@@ -149,14 +149,20 @@ def test_journal_replayed_after_restart(engine: Engine, private_redis: RedisServ
             s.commit()
         assert cache.stats()["journal"] >= 1
         private_redis.start()
-        import time
-
-        time.sleep(0.1)
-        for _ in range(2):  # the first call notices the restarted server (new run id) and fences
+        # the first call after the back-off notices the restarted server (new run id) and fences; every
+        # read, before and after, returns the row as committed
+        deadline = time.monotonic() + 10
+        while True:
             with Session(engine) as s:
                 assert s.get(User, uid).name == "during outage"
-        st = cache.stats()
-        assert st["journal"] == 0 and st["invalidations_replayed"] >= 1 and st["restarts"] == 1
+            st = cache.stats()
+            if st["restarts"] == 1 and st["journal"] == 0:
+                break
+            assert time.monotonic() < deadline, st
+            time.sleep(0.02)  # polling: the back-off (0.05 s) ends
+        with Session(engine) as s:
+            assert s.get(User, uid).name == "during outage"
+        assert cache.stats()["invalidations_replayed"] >= 1
     finally:
         cache.detach(engine)
 
@@ -185,8 +191,6 @@ def test_signal_receiver_error_does_not_break_commit(engine: Engine, redis_url: 
 
 def test_restart_from_old_snapshot_is_fenced(engine: Engine, private_redis: RedisServer) -> None:
     """Redis restored from a snapshot older than an invalidation it acknowledged serves nothing stale."""
-    import time
-
     cache = SQLCache(private_redis.url, prefix="restart", timeout=0.3, backoff=0.05, max_backoff=0.05)
     cache.strict_signals = True
     cache.register(User)
@@ -200,7 +204,11 @@ def test_restart_from_old_snapshot_is_fenced(engine: Engine, private_redis: Redi
             s.commit()
         private_redis.stop()  # ...then lost: killed before another snapshot
         private_redis.start()  # restores the v1 entry and its old generations
-        time.sleep(0.1)
+        deadline = time.monotonic() + 10
+        while cache.stats()["restarts"] == 0:  # until a read reached it (after the back-off)
+            assert user_name(engine, uid) == "v2"
+            assert time.monotonic() < deadline, cache.stats()
+            time.sleep(0.02)  # polling: the back-off (0.05 s) ends
         for _ in range(3):
             assert user_name(engine, uid) == "v2"
         st = cache.stats()
