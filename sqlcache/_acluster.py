@@ -118,9 +118,10 @@ class AsyncClusterStore(Router):
             self._refresh = False  # before the read: a failure noticed meanwhile asks for another
             try:
                 await self._read_slots()
-            except BaseException:
+            except BaseException as exc:
                 self._refresh = True
-                self._failed_reads += 1
+                if isinstance(exc, _ERRORS):  # an outage (a cancelled reader is not one)
+                    self._failed_reads += 1
                 raise
 
     async def _read_slots(self) -> None:
@@ -157,11 +158,12 @@ class AsyncClusterStore(Router):
 
     async def aclose(self) -> None:
         """Close every node's connections and the topology client (the loop is shutting down)."""
-        stores, self._stores = list(self._stores.values()), {}
-        for store in stores:
-            await store.aclose()
-        async with self._locating:  # not while a task's first read may still set one
+        async with self._locating:  # not while a task's topology read may still set the client
             cluster, self._cluster = self._cluster, None
+        while self._stores:  # a task still running may add a node's store while these close
+            stores, self._stores = list(self._stores.values()), {}
+            for store in stores:
+                await store.aclose()
         if cluster is not None:
             try:
                 await cluster.aclose()

@@ -63,13 +63,13 @@ def _plain(t: dict[str, Any]) -> redis.Redis:
     )  # connects on first use, not here
 
 
-def _endpoint(node: Any, asked_host: str) -> tuple[str, int]:
+def _endpoint(node: Any, asked_host: str) -> tuple[str, int] | None:
     """A node of a ``CLUSTER SLOTS`` entry: its host (empty or null: the host asked, as Redis defines
-    it) and port."""
+    it) and port; None for a node whose address the server does not know ("?")."""
     raw, port = node[0], int(node[1])
     host = asked_host if raw is None else raw.decode() if isinstance(raw, bytes) else str(raw)
     if host == "?" or not 0 < port < 65536:
-        raise TrackingError("CLUSTER SLOTS answered a node of unknown address")
+        return None
     return (host or asked_host, port)
 
 
@@ -86,14 +86,18 @@ def _slot_owners(
     for entry in reply:
         try:
             first, last = int(entry[0]), int(entry[1])
-            nodes = [_endpoint(node, asked_host) for node in entry[2:]]
+            primary = _endpoint(entry[2], asked_host)
+            replicas = [_endpoint(node, asked_host) for node in entry[3:]]
         except (TypeError, ValueError, IndexError, UnicodeDecodeError):
             raise TrackingError("CLUSTER SLOTS answered an entry of another shape") from None
-        if not nodes or not 0 <= first <= last < 16384:
+        if not 0 <= first <= last < 16384:
             raise TrackingError("CLUSTER SLOTS answered a range out of bounds")
-        named.update(nodes)
+        named.update(r for r in replicas if r is not None)  # a replica of unknown address: not asked later
+        if primary is None:
+            continue  # these slots are served by no node this process can reach: as if uncovered
+        named.add(primary)
         for slot in range(first, last + 1):
-            owners[slot] = nodes[0]
+            owners[slot] = primary
     return owners, named
 
 
@@ -141,20 +145,22 @@ class ClusterTracking:
             client = _plain(_node_target(self._target, host, port, self._timeout))
             try:
                 owners, named = _slot_owners(client, host)
-            except (redis.RedisError, OSError) as exc:
+            except (redis.RedisError, OSError, TrackingError) as exc:
                 failure = f"{host}:{port}: {type(exc).__name__}"
                 continue
             finally:
                 client.close()
-            self._known.clear()
-            self._known.update(named)
             nodes: dict[tuple[str, int], list[str]] = {}
             for key in self._keys:
                 owner = owners.get(key_slot(key.encode()))
                 if owner is None:
-                    raise TrackingError("a slot of the cache is served by no node")
+                    break
                 nodes.setdefault(owner, []).append(key)
-            return nodes
+            else:
+                self._known.clear()  # a table that covers the cache: the nodes to ask next time
+                self._known.update(named)
+                return nodes
+            failure = f"{host}:{port}: a slot of the cache served by no node"  # a node joining, or reset
         raise TrackingError(f"cannot read the cluster's slots ({failure})")
 
     def connect(self) -> None:
@@ -204,6 +210,9 @@ class ClusterTracking:
                 replies = pipe.execute(raise_on_error=False)
             except Exception as exc:  # redis's errors, a socket closed by close() from another thread
                 raise TrackingError(f"the slots' check failed ({type(exc).__name__})") from None
+            finally:
+                if self._closed:  # closed meanwhile: a connection this check opened goes too
+                    client.close()
             for reply in replies:
                 if isinstance(reply, Exception) or type(reply) is not int:
                     raise TrackingError("a node no longer serves a slot of the cache") from None

@@ -178,6 +178,9 @@ class LocalTier:
                     continue
                 self._failures = 0
                 with self._lock:
+                    if self._stop.is_set():  # closed while it connected (locating may take a while)
+                        tracking.close()
+                        return
                     self._install(tracking, epoch)
             with self._lock:
                 current = self._tracking
