@@ -120,9 +120,7 @@ class ClusterTracking:
         timeout: float,
         known: set[tuple[str, int]],
     ) -> None:
-        if target.kwargs.get("ssl"):
-            raise TrackingError("the local tier does not reach Redis over TLS yet")
-        self._target = target
+        self._target = target  # not over TLS: local_tier_for refuses it
         self._known = known
         self._closed = False
         self._keys = list(keys)

@@ -418,10 +418,12 @@ def local_tier_for(
     the cache's slots (``_ctracking``).
 
     :raises ConfigurationError: a store it cannot watch yet (Sentinel, TLS, a credential provider)."""
+    if not isinstance(store, (ClusterStore, RedisStore)):
+        raise ConfigurationError(f"the local tier (local_bytes=) cannot watch a {type(store).__name__}")
+    layout = store.key_layout(c.prefix)
+    prefixes = [ns + kind for ns in layout.namespaces for kind in (":d:", ":e:", ":q:")]
     make: Callable[[], TrackingLike]
     if isinstance(store, ClusterStore):
-        layout = store.key_layout(c.prefix)
-        prefixes = [ns + kind for ns in layout.namespaces for kind in (":d:", ":e:", ":q:")]
         if store.target.kwargs.get("ssl") or store.target.kwargs.get("credential_provider") is not None:
             raise ConfigurationError(
                 "the local tier does not reach Redis over TLS or with a credential provider yet"
@@ -429,13 +431,9 @@ def local_tier_for(
         cluster, slots = store.target, [_keys.clock_key(p) for p in layout.prefixes]
         known: set[tuple[str, int]] = set()
         make = lambda: ClusterTracking(cluster, slots, prefixes, c.timeout, known)  # noqa: E731
-    elif isinstance(store, RedisStore):
-        target = tracking_target(store.client)
-        layout = store.key_layout(c.prefix)
-        prefixes = [ns + kind for ns in layout.namespaces for kind in (":d:", ":e:", ":q:")]
-        make = lambda: Tracking(target, prefixes)  # noqa: E731
     else:
-        raise ConfigurationError(f"the local tier (local_bytes=) cannot watch a {type(store).__name__}")
+        target = tracking_target(store.client)  # refuses Sentinel, TLS, a credential provider
+        make = lambda: Tracking(target, prefixes)  # noqa: E731
     return LocalTier(c.local_bytes, c.local_max_lag, make, lambda: health.epoch, count)
 
 
