@@ -24,43 +24,16 @@ of one host (docs/pages/local-tier.md).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.retry import Retry
 
 from ._cluster import ClusterTarget
-from ._tracking import Tracking, TrackingError
+from ._tracking import Target, Tracking, TrackingError, target_of
 
-__all__ = ["ClusterTracking"]
-
-
-def _node_target(target: ClusterTarget, host: str, port: int, timeout: float) -> dict[str, Any]:
-    kwargs = target.kwargs
-    return {
-        "host": host,
-        "port": port,
-        "path": None,
-        "username": kwargs.get("username"),
-        "password": kwargs.get("password"),
-        "timeout": timeout,
-    }
-
-
-def _plain(t: dict[str, Any]) -> redis.Redis:
-    """A client of one node for the checks: no retries, the tracking connection's timeout."""
-    return redis.Redis(
-        host=t["host"],
-        port=t["port"],
-        username=t["username"],
-        password=t["password"],
-        socket_timeout=t["timeout"],
-        socket_connect_timeout=t["timeout"],
-        retry=Retry(NoBackoff(), 0),
-    )  # connects on first use, not here
+__all__ = ["CheckedTracking", "ClusterTracking", "cluster_tracking"]
 
 
 def _endpoint(node: Any, asked_host: str) -> tuple[str, int] | None:
@@ -101,84 +74,42 @@ def _slot_owners(
     return owners, named
 
 
-class ClusterTracking:
-    """The :class:`~sqlcache._local.TrackingLike` of a cache on a Redis Cluster.
+class CheckedTracking:
+    """A :class:`~sqlcache._local.TrackingLike` made of tracking connections to the node(s) that apply
+    the writes, whose pongs count only for rounds whose check (that those nodes still do) passed.
 
-    :param target: how sqlcache reaches the cluster (startup nodes, credentials).
-    :param keys: one key in each of the cache's slots (a slot per shard).
-    :param prefixes: the key prefixes every tracking connection watches (BCAST).
-    :param timeout: seconds any one reply may take.
-    :param known: the nodes the last slot table named, shared by the connections one after the other
-        (asked after the startup nodes: a URL names one node, which may be the one that is down).
-    """
+    Subclasses say how the nodes are found (:meth:`_connect_watches`) and checked (:meth:`_check`)."""
 
-    def __init__(
-        self,
-        target: ClusterTarget,
-        keys: Sequence[str],
-        prefixes: Sequence[str],
-        timeout: float,
-        known: set[tuple[str, int]],
-    ) -> None:
-        self._target = target  # not over TLS: local_tier_for refuses it
-        self._known = known
+    def __init__(self) -> None:
         self._closed = False
-        self._keys = list(keys)
-        self._prefixes = list(prefixes)
-        self._timeout = timeout
         self._watches: list[Tracking] = []
-        self._checks: list[tuple[redis.Redis, list[str]]] = []  # per node: a client, the keys it serves
         self._pongs: list[int] = []  # PINGs answered, per connection
         self._handed = 0  # rounds whose answer went to the tier
         self._verified = 0  # rounds whose check passed (written by the keeper, read under the tier's lock)
         self._rounds = 0
 
-    # -- connecting ----------------------------------------------------------------------------------
+    def _connect_watches(self) -> None:
+        """Find the nodes, append a connected :class:`Tracking` to each to ``_watches``."""
+        raise NotImplementedError
 
-    def _locate(self) -> dict[tuple[str, int], list[str]]:
-        """Which primary serves each of the cache's keys now: per node, its keys."""
-        failure = "no startup node"
-        startup = list(self._target.nodes)
-        for host, port in startup + sorted(self._known - set(startup)):
-            client = _plain(_node_target(self._target, host, port, self._timeout))
-            try:
-                owners, named = _slot_owners(client, host)
-            except (redis.RedisError, OSError, TrackingError) as exc:
-                failure = f"{host}:{port}: {type(exc).__name__}"
-                continue
-            finally:
-                client.close()
-            nodes: dict[tuple[str, int], list[str]] = {}
-            for key in self._keys:
-                owner = owners.get(key_slot(key.encode()))
-                if owner is None:
-                    break
-                nodes.setdefault(owner, []).append(key)
-            else:
-                self._known.clear()  # a table that covers the cache: the nodes to ask next time
-                self._known.update(named)
-                return nodes
-            failure = f"{host}:{port}: a slot of the cache served by no node"  # a node joining, or reset
-        raise TrackingError(f"cannot read the cluster's slots ({failure})")
+    def _check(self) -> None:
+        """:raises TrackingError: a node no longer applies the writes it is watched for, or no answer."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Close the checks' own clients (from any thread)."""
 
     def connect(self) -> None:
-        """Locate the primaries, connect a tracking connection to each, check they serve the slots.
+        """Connect a tracking connection to each node, then check they are the right ones.
 
-        :raises TrackingError: the cluster unreachable, or a node that does not answer as it should."""
+        :raises TrackingError: the nodes unreachable, or one that does not answer as it should."""
         try:
-            for (host, port), keys in self._locate().items():
-                t = _node_target(self._target, host, port, self._timeout)
-                watch = Tracking(t, self._prefixes)
-                self._watches.append(watch)
-                self._checks.append((_plain(t), keys))
-                watch.connect()
+            self._connect_watches()
             self._pongs = [0] * len(self._watches)
-            self._check()  # before anything is served: each node serves its slots after the subscription
+            self._check()  # before anything is served: each node is still the one, after the subscription
         except BaseException:
             self.close()
             raise
-
-    # -- rounds ----------------------------------------------------------------------------------------
 
     @property
     def partial(self) -> bool:
@@ -192,28 +123,10 @@ class ClusterTracking:
     def verify(self) -> None:
         """The check of the last round (the keeper calls it after :meth:`ping`, outside the tier's lock).
 
-        :raises TrackingError: a node that no longer serves one of the cache's slots, or no answer."""
+        :raises TrackingError: as :meth:`_check`."""
         rounds = self._rounds
         self._check()
         self._verified = max(self._verified, rounds)
-
-    def _check(self) -> None:
-        for client, keys in self._checks:
-            if self._closed:  # by another thread: no new connection on a client it closed
-                raise TrackingError("closed")
-            try:
-                pipe = client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.exists(key)
-                replies = pipe.execute(raise_on_error=False)
-            except Exception as exc:  # redis's errors, a socket closed by close() from another thread
-                raise TrackingError(f"the slots' check failed ({type(exc).__name__})") from None
-            finally:
-                if self._closed:  # closed meanwhile: a connection this check opened goes too
-                    client.close()
-            for reply in replies:
-                if isinstance(reply, Exception) or type(reply) is not int:
-                    raise TrackingError("a node no longer serves a slot of the cache") from None
 
     def poll(self) -> list[tuple[str, list[bytes]]]:
         """Every connection's messages; a ``pong`` once per round that every connection answered and
@@ -240,9 +153,102 @@ class ClusterTracking:
         watches, self._watches = self._watches, []
         for w in watches:
             w.close()
+        self._release()
+
+
+class ClusterTracking(CheckedTracking):
+    """The tracking of a cache on a Redis Cluster.
+
+    :param node: how sqlcache reaches a node (identity, TLS, timeout), at a startup node.
+    :param startup: the startup nodes.
+    :param keys: one key in each of the cache's slots (a slot per shard).
+    :param prefixes: the key prefixes every tracking connection watches (BCAST).
+    :param known: the nodes the last slot table named, shared by the connections one after the other
+        (asked after the startup nodes: a URL names one node, which may be the one that is down).
+    """
+
+    def __init__(
+        self,
+        node: Target,
+        startup: Sequence[tuple[str, int]],
+        keys: Sequence[str],
+        prefixes: Sequence[str],
+        known: set[tuple[str, int]],
+    ) -> None:
+        super().__init__()
+        self._node = node
+        self._startup = list(startup)
+        self._known = known
+        self._keys = list(keys)
+        self._prefixes = list(prefixes)
+        self._checks: list[tuple[redis.Redis, list[str]]] = []  # per node: a client, the keys it serves
+
+    def _locate(self) -> dict[tuple[str, int], list[str]]:
+        """Which primary serves each of the cache's keys now: per node, its keys."""
+        failure = "no startup node"
+        for host, port in self._startup + sorted(self._known - set(self._startup)):
+            client = self._node.at(host, port).client()
+            try:
+                owners, named = _slot_owners(client, host)
+            except (redis.RedisError, OSError, TrackingError) as exc:
+                failure = f"{host}:{port}: {type(exc).__name__}"
+                continue
+            finally:
+                client.close()
+            nodes: dict[tuple[str, int], list[str]] = {}
+            for key in self._keys:
+                owner = owners.get(key_slot(key.encode()))
+                if owner is None:
+                    break
+                nodes.setdefault(owner, []).append(key)
+            else:
+                self._known.clear()  # a table that covers the cache: the nodes to ask next time
+                self._known.update(named)
+                return nodes
+            failure = f"{host}:{port}: a slot of the cache served by no node"  # a node joining, or reset
+        raise TrackingError(f"cannot read the cluster's slots ({failure})")
+
+    def _connect_watches(self) -> None:
+        for (host, port), keys in self._locate().items():
+            t = self._node.at(host, port)
+            watch = Tracking(t, self._prefixes)
+            self._watches.append(watch)
+            self._checks.append((t.client(), keys))
+            watch.connect()
+
+    def _check(self) -> None:
+        for client, keys in self._checks:
+            if self._closed:  # by another thread: no new connection on a client it closed
+                raise TrackingError("closed")
+            try:
+                pipe = client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.exists(key)
+                replies = pipe.execute(raise_on_error=False)
+            except Exception as exc:  # redis's errors, a socket closed by close() from another thread
+                raise TrackingError(f"the slots' check failed ({type(exc).__name__})") from None
+            finally:
+                if self._closed:  # closed meanwhile: a connection this check opened goes too
+                    client.close()
+            for reply in replies:
+                if isinstance(reply, Exception) or type(reply) is not int:
+                    raise TrackingError("a node no longer serves a slot of the cache") from None
+
+    def _release(self) -> None:
         checks, self._checks = self._checks, []
         for client, _ in checks:
             try:
                 client.close()
             except Exception:  # already closed, or in use by the keeper's check (which then fails)
                 pass
+
+
+def cluster_tracking(
+    target: ClusterTarget, keys: Sequence[str], prefixes: Sequence[str], timeout: float
+) -> Callable[[], ClusterTracking]:
+    """How the local tier makes the tracking of a cache on the cluster ``target``.
+
+    :raises ConfigurationError: TLS settings that make no context, or OCSP validation."""
+    node = target_of(target.kwargs, bool(target.kwargs.get("ssl")), timeout)
+    startup, known = list(target.nodes), set[tuple[str, int]]()
+    return lambda: ClusterTracking(node.at(*startup[0]), startup, keys, prefixes, known)

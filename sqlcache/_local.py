@@ -39,11 +39,11 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from . import _keys
 from ._cluster import ClusterStore
-from ._ctracking import ClusterTracking
+from ._ctracking import cluster_tracking
 from ._health import Health
 from ._protocol import ReadResult, Store
 from ._store import RedisStore
-from ._tracking import Tracking, tracking_target
+from ._stracking import server_tracking
 from .config import CacheConfig
 from .errors import ConfigurationError
 
@@ -417,23 +417,21 @@ def local_tier_for(
     On a Redis Cluster (sharded or not) it watches with a tracking connection per primary serving one of
     the cache's slots (``_ctracking``).
 
-    :raises ConfigurationError: a store it cannot watch yet (Sentinel, TLS, a credential provider)."""
+    Behind Redis Sentinel it watches the primary the sentinels name, and checks each round that they
+    still name it (``_stracking``).
+
+    :raises ConfigurationError: a store it cannot watch (a pool of Sentinel replicas, a custom pool),
+        TLS settings that make no context, or OCSP validation."""
     if not isinstance(store, (ClusterStore, RedisStore)):
         raise ConfigurationError(f"the local tier (local_bytes=) cannot watch a {type(store).__name__}")
     layout = store.key_layout(c.prefix)
     prefixes = [ns + kind for ns in layout.namespaces for kind in (":d:", ":e:", ":q:")]
     make: Callable[[], TrackingLike]
     if isinstance(store, ClusterStore):
-        if store.target.kwargs.get("ssl") or store.target.kwargs.get("credential_provider") is not None:
-            raise ConfigurationError(
-                "the local tier does not reach Redis over TLS or with a credential provider yet"
-            )
-        cluster, slots = store.target, [_keys.clock_key(p) for p in layout.prefixes]
-        known: set[tuple[str, int]] = set()
-        make = lambda: ClusterTracking(cluster, slots, prefixes, c.timeout, known)  # noqa: E731
+        slots = [_keys.clock_key(p) for p in layout.prefixes]
+        make = cluster_tracking(store.target, slots, prefixes, c.timeout)
     else:
-        target = tracking_target(store.client)  # refuses Sentinel, TLS, a credential provider
-        make = lambda: Tracking(target, prefixes)  # noqa: E731
+        make = server_tracking(store.client, prefixes, c.timeout)
     return LocalTier(c.local_bytes, c.local_max_lag, make, lambda: health.epoch, count)
 
 

@@ -6,25 +6,32 @@ the name of every dependency key that changes, whoever changed it, and a ``null`
 flushed. ``PING`` on it is answered in order with the invalidations, which is what bounds the local
 tier's staleness (``_local``).
 
-A plain socket and a small RESP2 reader of our own, not redis-py: its pub/sub reader does not hand
-tracking messages over on RESP2 in the versions we support, and this connection carries three commands
-and one kind of message. Everything read is validated: a reply that is not one of those fails the
-connection (the tier drops everything and reconnects), never more.
+A socket of our own (TCP, a Unix socket, or TLS with the ``ssl_*`` settings of sqlcache's other
+connections; a password or a credential provider asked at each connection) and a small RESP2 reader,
+not redis-py: its pub/sub reader does not hand tracking messages over on RESP2 in the versions we
+support, and this connection carries three commands and one kind of message. Everything read is
+validated: a reply that is not one of those fails the connection (the tier drops everything and
+reconnects), never more.
 """
 
 from __future__ import annotations
 
+import inspect
 import select
 import socket
+import ssl
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from .errors import ConfigurationError
 
-__all__ = ["Tracking", "TrackingError", "tracking_target"]
+__all__ = ["Target", "Tracking", "TrackingError", "target_of", "tracking_target"]
 
 CHANNEL = b"__redis__:invalidate"
 _MAX_BUFFER = 8 * 1024 * 1024  # a message naming more keys than this is not one we asked for
@@ -134,60 +141,159 @@ class _Incomplete:
 _INCOMPLETE = _Incomplete()
 
 
-def tracking_target(client: redis.Redis) -> dict[str, Any]:
-    """Where the tracking socket connects, from sqlcache's own client of the server: host and port or
-    a Unix socket path, and credentials.
+_IDENTITY = ("username", "password", "credential_provider")
+# redis-py's own default, which changed (False before 6): the tracking checks what the store checks
+_CHECK_HOSTNAME = inspect.signature(redis.SSLConnection.__init__).parameters["ssl_check_hostname"].default
 
-    :raises ConfigurationError: a connection the tracking socket cannot make (TLS, a credential
-        provider, a Sentinel-managed pool) - not yet supported by the local tier."""
+
+@dataclass(frozen=True)
+class Target:
+    """Where a tracking connection (or a check's client) connects and how: one node's address, the
+    cache's timeout, and the identity and TLS settings of sqlcache's own clients (never in a repr)."""
+
+    host: str
+    port: int
+    path: str | None
+    timeout: float
+    tls: bool = False
+    settings: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def at(self, host: str, port: int) -> Target:
+        """The same settings for another node."""
+        return replace(self, host=host, port=port, path=None)
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """Username and password, a credential provider's asked at each connection."""
+        provider = self.settings.get("credential_provider")
+        if provider is None:
+            return self.settings.get("username"), self.settings.get("password")
+        got = tuple(provider.get_credentials())
+        if len(got) == 1:
+            return None, str(got[0])
+        if len(got) == 2:
+            return (None if got[0] is None else str(got[0])), str(got[1])
+        raise TrackingError("the credential provider gave neither (password,) nor (username, password)")
+
+    def tls_context(self) -> ssl.SSLContext:
+        """The TLS context sqlcache's other connections would use (redis-py's ``ssl_*`` settings)."""
+        s = self.settings
+        reqs = s.get("ssl_cert_reqs", "required")
+        if reqs is None:
+            reqs = ssl.CERT_NONE
+        elif isinstance(reqs, str):
+            reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}[reqs]
+        context = ssl.create_default_context()
+        check = s.get("ssl_check_hostname", _CHECK_HOSTNAME)
+        context.check_hostname = bool(check) and reqs != ssl.CERT_NONE
+        context.verify_mode = reqs
+        for flag in s.get("ssl_include_verify_flags") or ():
+            context.verify_flags |= flag
+        for flag in s.get("ssl_exclude_verify_flags") or ():
+            context.verify_flags &= ~flag
+        if s.get("ssl_certfile") or s.get("ssl_keyfile"):
+            context.load_cert_chain(s.get("ssl_certfile") or "", s.get("ssl_keyfile"), s.get("ssl_password"))
+        if s.get("ssl_ca_certs") or s.get("ssl_ca_path") or s.get("ssl_ca_data"):
+            context.load_verify_locations(s.get("ssl_ca_certs"), s.get("ssl_ca_path"), s.get("ssl_ca_data"))
+        if s.get("ssl_min_version") is not None:
+            context.minimum_version = s["ssl_min_version"]
+        if s.get("ssl_ciphers"):
+            context.set_ciphers(s["ssl_ciphers"])
+        return context
+
+    def client(self) -> redis.Redis:
+        """A client of this node for checks: the same identity and TLS, no retries, this timeout
+        (it connects on first use, not here)."""
+        return redis.Redis(
+            host=self.host,
+            port=self.port,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),
+            ssl=self.tls,
+            **self.settings,
+        )
+
+
+def target_of(kwargs: dict[str, Any], tls: bool, timeout: float) -> Target:
+    """The :class:`Target` of a node reached with redis-py's connection ``kwargs``.
+
+    :raises ConfigurationError: TLS settings that make no context (a certificate file missing, an
+        unknown ``ssl_cert_reqs``), or OCSP validation, which the tracking connection does not do."""
+    settings = {k: v for k, v in kwargs.items() if k in _IDENTITY or (tls and k.startswith("ssl_"))}
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if settings.get("ssl_validate_ocsp") or settings.get("ssl_validate_ocsp_stapled"):
+        raise ConfigurationError("the local tier's tracking connection does not validate OCSP")
+    for k in ("ssl_validate_ocsp", "ssl_validate_ocsp_stapled", "ssl_ocsp_context", "ssl_ocsp_expected_cert"):
+        settings.pop(k, None)
+    target = Target(
+        host=str(kwargs.get("host", "localhost")),
+        port=int(kwargs.get("port", 6379)),
+        path=kwargs.get("path"),
+        timeout=timeout,
+        tls=tls,
+        settings=settings,
+    )
+    if tls:
+        try:
+            target.tls_context()  # made again at each connection (certificates renewed on disk are read)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigurationError(
+                f"the local tier cannot use these TLS settings: {type(exc).__name__}: {str(exc)[:200]}"
+            ) from None
+    return target
+
+
+def tracking_target(client: redis.Redis, timeout: float) -> Target:
+    """Where the tracking socket connects, from sqlcache's own client of one server: host and port or a
+    Unix socket path, its identity (password or credential provider) and TLS.
+
+    :raises ConfigurationError: a pool the tracking cannot follow (a Sentinel pool is
+        ``_stracking``'s), or OCSP validation."""
     pool = client.connection_pool
-    kwargs = pool.connection_kwargs
     if type(pool) is not redis.ConnectionPool and type(pool) is not redis.BlockingConnectionPool:
-        raise ConfigurationError("the local tier needs a plain Redis server (not Sentinel), for now")
-    if kwargs.get("ssl") or issubclass(pool.connection_class, redis.SSLConnection):
-        raise ConfigurationError("the local tier does not reach Redis over TLS yet")
-    if kwargs.get("credential_provider") is not None:
-        raise ConfigurationError("the local tier does not take a credential provider yet")
-    return {
-        "host": kwargs.get("host", "localhost"),
-        "port": int(kwargs.get("port", 6379)),
-        "path": kwargs.get("path"),
-        "username": kwargs.get("username"),
-        "password": kwargs.get("password"),
-        "timeout": float(kwargs.get("socket_timeout") or 1.0),
-    }
+        raise ConfigurationError(f"the local tier cannot follow a {type(pool).__name__}")
+    tls = bool(pool.connection_kwargs.get("ssl")) or issubclass(pool.connection_class, redis.SSLConnection)
+    return target_of(pool.connection_kwargs, tls, timeout)
 
 
 class Tracking:
     """One tracking connection. Not thread-safe: the local tier calls it under its lock."""
 
-    def __init__(self, target: dict[str, Any], prefixes: Sequence[str]) -> None:
-        self._target = target
+    def __init__(self, target: Target, prefixes: Sequence[str]) -> None:
+        self.target = target
         self._prefixes = [p.encode() for p in prefixes]
         self._sock: socket.socket | None = None
         self._reader = _Reader()
         self._ready: list[Any] = []  # replies read but not handed out yet
 
     def connect(self) -> None:
-        """Connect, authenticate, register the prefixes and subscribe (each reply checked).
+        """Connect (over TLS if sqlcache's connections use it), authenticate, register the prefixes and
+        subscribe (each reply checked).
 
         :raises TrackingError: anything but the expected replies, or the server unreachable."""
-        t = self._target
+        t = self.target
         try:
-            if t["path"]:
+            if t.path:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(t["timeout"])
-                sock.connect(t["path"])
+                sock.settimeout(t.timeout)
+                sock.connect(t.path)
             else:
-                sock = socket.create_connection((t["host"], t["port"]), timeout=t["timeout"])
+                sock = socket.create_connection((t.host, t.port), timeout=t.timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError as exc:
             raise TrackingError(f"cannot connect: {exc}") from None
+        if t.tls:
+            try:
+                sock = t.tls_context().wrap_socket(sock, server_hostname=t.host)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                sock.close()
+                raise TrackingError(f"TLS: {type(exc).__name__}: {str(exc)[:200]}") from None
         self._sock, self._reader, self._ready = sock, _Reader(), []
         try:
-            if t["password"] is not None:
-                auth = [b"AUTH", *([t["username"].encode()] if t["username"] else []), t["password"].encode()]
-                self._expect(auth, lambda r: r == b"OK")
+            username, password = t.credentials()
+            if password is not None:
+                auth = [b"AUTH", *([username.encode()] if username else []), password.encode()]
+                self._expect(auth, lambda r: r == b"OK", secret=True)
             own = self._expect([b"CLIENT", b"ID"], lambda r: isinstance(r, int))
             track = [b"CLIENT", b"TRACKING", b"on", b"REDIRECT", str(own).encode(), b"BCAST"]
             for p in self._prefixes:
@@ -197,21 +303,29 @@ class Tracking:
                 [b"SUBSCRIBE", CHANNEL], lambda r: isinstance(r, list) and r[:2] == [b"subscribe", CHANNEL]
             )
             sock.setblocking(False)
-        except BaseException:
+        except TrackingError:
             self.close()
             raise
+        except BaseException as exc:  # a credential provider's own failure included
+            self.close()
+            if isinstance(exc, Exception):
+                raise TrackingError(f"cannot authenticate: {type(exc).__name__}") from None
+            raise
 
-    def _expect(self, command: list[bytes], ok: Any) -> Any:
+    def _expect(self, command: list[bytes], ok: Any, secret: bool = False) -> Any:
         self._send(command)
-        deadline = time.monotonic() + self._target["timeout"]
+        deadline = time.monotonic() + self.target.timeout
         while True:
             got = self._next()
             if got is not None:
                 if isinstance(got, TrackingError) or not ok(got):
-                    raise TrackingError(f"{command[0].decode()} answered {str(got)[:100]}")
+                    said = "an error" if secret else str(got)[:100]  # an AUTH error may echo a secret
+                    raise TrackingError(f"{command[0].decode()} answered {said}")
                 return got
-            if time.monotonic() > deadline or not self._fill(deadline - time.monotonic()):
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TrackingError(f"{command[0].decode()}: no answer")
+            self._fill(left)  # TLS: what arrives may be a record that holds no reply (a session ticket)
 
     def _send(self, command: list[bytes]) -> None:
         out = b"*%d\r\n" % len(command) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in command)
@@ -229,15 +343,17 @@ class Tracking:
         if sock is None:
             raise TrackingError("closed")
         try:
-            ready, _, _ = select.select([sock], [], [], max(0.0, wait))
-            if not ready:
-                return False
+            # TLS: bytes already decrypted wait in the SSL object, where select() does not see them
+            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+                ready, _, _ = select.select([sock], [], [], max(0.0, wait))
+                if not ready:
+                    return False
             sock.setblocking(False)
             chunk = sock.recv(65536)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            raise TrackingError(f"read failed: {exc}") from None
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return False  # TLS: part of a record only
+        except (OSError, ValueError) as exc:
+            raise TrackingError(f"read failed: {type(exc).__name__}") from None
         if not chunk:
             raise TrackingError("closed by the server")
         self._reader.feed(chunk)

@@ -94,8 +94,8 @@ class SQLCache:
         use the same number (a process that does not is refused the cache). docs/pages/deployment.md.
     :param local_bytes: keep up to this many bytes of entries in this process's memory and serve them
         with no round trip while Redis's own tracking says nothing they depend on changed (the local
-        tier, docs/pages/local-tier.md); 0 (the default): off. Sync and asyncio reads; one server or a
-        Redis Cluster (not Sentinel, TLS or a credential provider, for now).
+        tier, docs/pages/local-tier.md); 0 (the default): off. Sync and asyncio reads; one server, a Redis
+        Cluster or a Sentinel-managed primary, over TLS or not.
     :param local_max_lag: the local tier's staleness bound in seconds: nothing is served locally unless
         Redis's tracking connection answered a PING sent at most this long ago.
     :param plugins: plugins to set up now, in order (see :meth:`add_plugin`).

@@ -128,6 +128,7 @@ def test_only_the_stores_import_redis() -> None:
             "sqlcache._ashardstore",
             "sqlcache._tracking",
             "sqlcache._ctracking",
+            "sqlcache._stracking",
         ) or name.startswith(CLI):
             continue
         runtime, _, _ = _imports(name, path)

@@ -840,11 +840,13 @@ class LocalSentinel:
         primary = self.primary_port()
         return None if primary == port else primary
 
-    def restart(self, port: int) -> None:
-        """Start a killed process again (same directory; a data node comes back empty, in the role
-        it had when killed); returns once it answers and the setup is settled. An old primary is
+    def restart(self, *ports: int) -> None:
+        """Start killed processes again (same directory; a data node comes back empty, in the role
+        it had when killed); returns once each answers and the setup is settled. An old primary is
         turned into a replica by the sentinels, about 8-10 s after it is back."""
-        self._nodes[port].start()
+        for port in ports:
+            if not self._nodes[port].alive:
+                self._nodes[port].start()
         self.wait_settled()
 
     def pause_replication(self) -> int:

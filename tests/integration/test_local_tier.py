@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.sentinel
 from sqlalchemy import create_engine, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -275,16 +276,23 @@ def test_memory_stays_within_local_bytes(engine: Engine, redis_url: str) -> None
         assert cache.stats()["local_hits"] == 0 or cache.stats()["local_bytes"] > 0
 
 
-def test_what_the_local_tier_cannot_watch_is_refused() -> None:
-    """TLS (on one server or a cluster) and bad values are configuration errors."""
+def test_what_the_local_tier_cannot_watch_is_refused(tmp_path: Any) -> None:
+    """Bad values, TLS settings its tracking connection cannot use (on one server or a cluster) and a
+    Sentinel pool of replicas are configuration errors, and say which."""
     with pytest.raises(ConfigurationError, match="local_bytes"):
         SQLCache("redis://127.0.0.1:6379/0", local_bytes=-1)
     with pytest.raises(ConfigurationError, match="local_max_lag"):
         SQLCache("redis://127.0.0.1:6379/0", local_bytes=1, local_max_lag=0)
-    with pytest.raises(ConfigurationError, match="TLS"):
-        SQLCache("rediss+cluster://127.0.0.1:1", local_bytes=1 << 20)
-    with pytest.raises(ConfigurationError, match="TLS"):
-        SQLCache("rediss://127.0.0.1:6379/0", local_bytes=1 << 20)
+    missing = tmp_path / "no-such-ca.pem"
+    with pytest.raises(ConfigurationError, match="TLS settings: FileNotFoundError"):
+        SQLCache(f"rediss+cluster://127.0.0.1:1?ssl_ca_certs={missing}", local_bytes=1 << 20)
+    with pytest.raises(ConfigurationError, match="TLS settings: FileNotFoundError"):
+        SQLCache(redis.Redis(ssl=True, ssl_ca_certs=str(missing)), local_bytes=1 << 20)
+    with pytest.raises(ConfigurationError, match="OCSP"):
+        SQLCache(redis.Redis(ssl=True, ssl_validate_ocsp=True), local_bytes=1 << 20)
+    replicas = redis.sentinel.Sentinel([("127.0.0.1", 1)]).slave_for("svc")
+    with pytest.raises(ConfigurationError, match="replicas"):
+        SQLCache(replicas, local_bytes=1 << 20)
 
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
 from sqlcache import SQLCache, _keys
-from sqlcache._ctracking import ClusterTracking
+from sqlcache._ctracking import cluster_tracking
 
 from ..conftest import shareable_url
 from ..helpers import check_failover, make_user, rename_user, user_name
@@ -186,7 +186,7 @@ def test_a_rounds_answer_counts_only_once_its_check_passed(
         keys = [_keys.clock_key(p) for p in layout.prefixes]
         prefixes = [ns + ":d:" for ns in layout.namespaces]
         store: Any = cache.store
-        tracking = ClusterTracking(store.target, keys, prefixes, 1.0, set())
+        tracking = cluster_tracking(store.target, keys, prefixes, 1.0)()
         tracking.connect()
         try:
             tracking.ping()
