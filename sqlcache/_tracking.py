@@ -265,6 +265,8 @@ class Tracking:
         self._sock: socket.socket | None = None
         self._reader = _Reader()
         self._ready: list[Any] = []  # replies read but not handed out yet
+        self._tls = False
+        self._poller: Any = None  # a select.poll of the socket, where the platform has one
 
     def connect(self) -> None:
         """Connect (over TLS if sqlcache's connections use it), authenticate, register the prefixes and
@@ -288,7 +290,13 @@ class Tracking:
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 sock.close()
                 raise TrackingError(f"TLS: {type(exc).__name__}: {str(exc)[:200]}") from None
+        sock.setblocking(False)  # every wait is a poll with a deadline; a TLS record in parts never blocks
         self._sock, self._reader, self._ready = sock, _Reader(), []
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        self._poller = None
+        if hasattr(select, "poll"):  # cheaper than select() at each lookup; not on every platform
+            self._poller = select.poll()
+            self._poller.register(sock.fileno(), select.POLLIN)
         try:
             username, password = t.credentials()
             if password is not None:
@@ -302,7 +310,6 @@ class Tracking:
             self._expect(
                 [b"SUBSCRIBE", CHANNEL], lambda r: isinstance(r, list) and r[:2] == [b"subscribe", CHANNEL]
             )
-            sock.setblocking(False)
         except TrackingError:
             self.close()
             raise
@@ -343,12 +350,13 @@ class Tracking:
         if sock is None:
             raise TrackingError("closed")
         try:
-            # TLS: bytes already decrypted wait in the SSL object, where select() does not see them
-            if not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
-                ready, _, _ = select.select([sock], [], [], max(0.0, wait))
-                if not ready:
+            # TLS: bytes already decrypted wait in the SSL object, where poll() does not see them
+            if not (self._tls and sock.pending()):  # type: ignore[attr-defined]
+                if self._poller is not None:
+                    if not self._poller.poll(max(0.0, wait) * 1000.0):
+                        return False
+                elif not select.select([sock], [], [], max(0.0, wait))[0]:
                     return False
-            sock.setblocking(False)
             chunk = sock.recv(65536)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return False  # TLS: part of a record only

@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from .conftest import free_port, unavailable
+from .topologies import LocalCluster
 
 PASSWORD = "tls-secret-pw"
 
@@ -45,7 +46,7 @@ class TLSRedis:
     """One TLS-only redis-server (``requirepass``); ``cluster=True``: a cluster node serving all slots."""
 
     def __init__(self, directory: str, cluster: bool = False) -> None:
-        self.port = free_port()
+        self.port = LocalCluster._cluster_port(set()) if cluster else free_port()
         self.cluster = cluster
         self.certs = directory
         self.dir = tempfile.mkdtemp(prefix="sqlcache-tls-")
