@@ -174,6 +174,7 @@ def test_bench_quick(redis_url: str, pg_url: str) -> None:
         "direct get hit / floor",
         "direct get hit / get hit",
         "get_many 50 / 50 get hits",
+        "get local hit / get ORM floor, memory",
         "update transaction of 50 registered rows: 2",
         "read-only transaction: 0",
     ):

@@ -327,6 +327,8 @@ def _systems(
         "lazy ORM floor": floor.orm_lazy,
         "q20 ORM floor": lambda: timed(floor.orm_of(20)),
         "q200 ORM floor": lambda: timed(floor.orm_of(200)),
+        "get ORM floor, memory": lambda: timed(floor.orm_get_memory),
+        "q200 ORM floor, memory": lambda: timed(floor.orm_of(200, memory=True)),
         "q20 hit, no reuse": lambda: timed(_query_on(decoding, 20, True)),
         "q200 hit, no reuse": lambda: timed(_query_on(decoding, 200, True)),
         "update plain": lambda: timed(_update_on(plain, rnd, ids)),

@@ -91,21 +91,23 @@ class Floor:
         self.decimal_at = COLUMNS.index("balance")
         self.meta = SimpleResultMetaData(["BenchUser"])
         self.keys: dict[int, str] = {}
+        self.held: dict[str, bytes] = {}  # the same bytes in this process's memory (the memory floors)
         with Session(plain) as s:
             for n in (1, 20, 200):
                 users = s.scalars(select(BenchUser).order_by(BenchUser.id).limit(n)).all()
                 self.keys[n] = f"{prefix}:floor{n}"
-                client.set(self.keys[n], msgpack.packb([_plain_values(u) for u in users]))
+                self.held[self.keys[n]] = msgpack.packb([_plain_values(u) for u in users])
+                client.set(self.keys[n], self.held[self.keys[n]])
         event.listen(_FloorSession, "do_orm_execute", self._answer)
 
     def close(self) -> None:
         event.remove(_FloorSession, "do_orm_execute", self._answer)
         self.client.delete(*self.keys.values())
 
-    def objects(self, key: str) -> list[Any]:
+    def objects(self, key: str, memory: bool = False) -> list[Any]:
         out = []
         decimal_at, manager = self.decimal_at, self.manager
-        raw: Any = self.client.get(key)
+        raw: Any = self.held[key] if memory else self.client.get(key)
         for values in msgpack.unpackb(raw, timestamp=3):
             values[decimal_at] = decimal.Decimal(values[decimal_at])
             obj = manager.new_instance()
@@ -122,7 +124,8 @@ class Floor:
         return op
 
     def _answer(self, orm_state: ORMExecuteState) -> Result[Any] | None:
-        key = orm_state.execution_options.get("sqlcache_bench_floor")
+        options = orm_state.execution_options
+        key = options.get("sqlcache_bench_floor")
         if key is None and orm_state.is_relationship_load and orm_state.bind_mapper is BenchUser.__mapper__:
             key = self.keys[1]  # the lazy load of order 1's user (orm_lazy): user 1's entry
         if key is None:
@@ -130,7 +133,7 @@ class Floor:
         session = orm_state.session
         identity_map = session.identity_map
         rows = []
-        for obj in self.objects(key):
+        for obj in self.objects(key, options.get("sqlcache_bench_memory", False)):
             state = instance_state(obj)
             state.key = (BenchUser, (obj.id,), None)
             state.session_id = session.hash_key
@@ -142,6 +145,13 @@ class Floor:
         with _FloorSession(self.plain) as s:
             s.get(BenchUser, 1, execution_options={"sqlcache_bench_floor": self.keys[1]})
 
+    def orm_get_memory(self) -> None:
+        """The ORM floor of a get with the entry's bytes already in memory: the least a local hit
+        through ``Session.get`` can cost (the Session, its identity map, decode and build)."""
+        options = {"sqlcache_bench_floor": self.keys[1], "sqlcache_bench_memory": True}
+        with _FloorSession(self.plain) as s:
+            s.get(BenchUser, 1, execution_options=options)
+
     def orm_lazy(self) -> int:
         """The lazy row's ORM floor: order 1 loaded from the database, then its user (timed) answered
         from the floor's entry by the same hook."""
@@ -152,12 +162,12 @@ class Floor:
             _ = order.user
             return time.perf_counter_ns() - t0
 
-    def orm_of(self, n: int) -> Callable[[], None]:
+    def orm_of(self, n: int, memory: bool = False) -> Callable[[], None]:
         stmt = (
             select(BenchUser)
             .where(BenchUser.id <= n)
             .order_by(BenchUser.id)
-            .execution_options(sqlcache_bench_floor=self.keys[n])
+            .execution_options(sqlcache_bench_floor=self.keys[n], sqlcache_bench_memory=memory)
         )
 
         def op() -> None:

@@ -30,6 +30,8 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("get local hit / floor", "get local hit", "floor", 0.6),
     ("get local hit / get plain", "get local hit", "get plain", 0.15),
     ("get local hit / get hit", "get local hit", "get sqlcache hit", None),
+    ("get ORM floor, memory / floor", "get ORM floor, memory", "floor", None),
+    ("get local hit / get ORM floor, memory", "get local hit", "get ORM floor, memory", None),
     ("direct local get hit / floor", "direct local get hit", "floor", 0.6),
     ("direct local get hit / get plain", "direct local get hit", "get plain", 0.15),
     ("async get local hit / async get hit", "async get local hit", "async get hit", None),
@@ -37,6 +39,8 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("lazy local hit / floor", "lazy local hit", "floor", None),
     ("q20 local hit / q20 floor", "q20 local hit", "q20 floor", None),
     ("q200 local hit / q200 floor", "q200 local hit", "q200 floor", 0.8),
+    ("q200 ORM floor, memory / q200 floor", "q200 ORM floor, memory", "q200 floor", None),
+    ("q200 local hit / q200 ORM floor, memory", "q200 local hit", "q200 ORM floor, memory", None),
     ("async get hit / async get plain", "async get hit", "async get plain", 0.5),
     ("async get hit / get hit", "async get hit", "get sqlcache hit", None),
     ("async get plain / get plain", "async get plain", "get plain", None),
@@ -52,18 +56,18 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
 
 def report(samples: dict[str, list[int]]) -> None:
     """Medians and p95 per system, then the ratios against their targets."""
-    print(f"{'system':<20} {'n':>6} {'median µs':>10} {'p95 µs':>10}")
+    print(f"{'system':<24} {'n':>6} {'median µs':>10} {'p95 µs':>10}")
     med = {}
     for name, xs in samples.items():
         med[name] = statistics.median(xs) / 1000
-        print(f"{name:<20} {len(xs):>6} {med[name]:>10.1f} {pct(xs, 0.95):>10.1f}")
+        print(f"{name:<24} {len(xs):>6} {med[name]:>10.1f} {pct(xs, 0.95):>10.1f}")
     print()
     for label, system, base, target in RATIOS:
         if system not in med or base not in med:
             continue  # rows this run has not got (no asyncio driver, no cluster)
         ratio = med[system] / med[base]
         verdict = "" if target is None else f"  target <= {target}: {'PASS' if ratio <= target else 'MISS'}"
-        print(f"{label:<32} {ratio:6.2f}x{verdict}")
+        print(f"{label:<40} {ratio:6.2f}x{verdict}")
 
 
 def pct(xs: list[int], q: float) -> float:
