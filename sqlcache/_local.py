@@ -431,7 +431,7 @@ def local_tier_for(
         slots = [_keys.clock_key(p) for p in layout.prefixes]
         make = cluster_tracking(store.target, slots, prefixes, c.timeout)
     else:
-        make = server_tracking(store.client, prefixes, c.timeout)
+        make = server_tracking(store.client, prefixes, c.timeout, c.local_max_lag)
     return LocalTier(c.local_bytes, c.local_max_lag, make, lambda: health.epoch, count)
 
 

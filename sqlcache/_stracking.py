@@ -23,6 +23,7 @@ hello period, about 2 s); that window adds to ``max_lag`` (docs/pages/local-tier
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import redis
@@ -61,33 +62,65 @@ class SentinelTracking(CheckedTracking):
     """
 
     def __init__(
-        self, node: Target, sentinels: Sequence[Target], service: str, prefixes: Sequence[str]
+        self,
+        node: Target,
+        sentinels: Sequence[Target],
+        service: str,
+        prefixes: Sequence[str],
+        deadline: float,
     ) -> None:
         super().__init__()
         self._node = node
         self._service = service
         self._prefixes = list(prefixes)
+        self._deadline = deadline
         self._sentinels = [s.client() for s in sentinels]  # connect on first use
+        # asked in parallel, so that one silent sentinel costs a round the deadline, not the timeout; a
+        # sentinel still busy with an earlier round's question is not asked again, and its late answer,
+        # given before this round's PING perhaps, does not count
+        self._asking: list[Future[Any] | None] = [None] * len(self._sentinels)
+        self._pool = ThreadPoolExecutor(len(self._sentinels), thread_name_prefix="sqlcache-sentinel-check")
         self._at: tuple[str, int] | None = None
         self._primary: redis.Redis | None = None
 
+    def _ask(self, client: redis.Redis) -> Any:
+        try:
+            return client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self._service)  # type: ignore[no-untyped-call]
+        finally:
+            if self._closed:  # closed meanwhile: a connection this question opened goes too
+                client.close()
+
     def _named(self) -> tuple[str, int]:
-        """The primary every sentinel that answers names, if a majority of them answer.
+        """The primary every sentinel that answers within the deadline names, if a majority of them
+        answer.
 
         :raises TrackingError: fewer answers, or sentinels naming different nodes (a failover under way)."""
+        if self._closed:
+            raise TrackingError("closed")
+        fresh: list[tuple[int, Future[Any]]] = []  # this round's questions, asked after its PING
+        try:
+            for i, client in enumerate(self._sentinels):
+                f = self._asking[i]
+                if f is not None and f.done():
+                    f = self._asking[i] = None  # an earlier round's, answered late: proves nothing now
+                if f is None:
+                    f = self._asking[i] = self._pool.submit(self._ask, client)
+                    fresh.append((i, f))
+        except RuntimeError:  # the pool was shut down by close() from another thread
+            raise TrackingError("closed") from None
+        wait([f for _, f in fresh], timeout=self._deadline)
         named: set[tuple[str, int] | None] = set()
         answers = 0
-        for client in self._sentinels:
-            if self._closed:
-                raise TrackingError("closed")
-            try:
-                reply = client.execute_command("SENTINEL GET-MASTER-ADDR-BY-NAME", self._service)  # type: ignore[no-untyped-call]
-            except Exception:  # redis's errors, a socket closed by close() from another thread
-                continue
-            named.add(_address(reply))
+        for i, f in fresh:
+            if not f.done():
+                continue  # still asking: no answer this round (and not asked again until it answers)
+            self._asking[i] = None
+            if f.cancelled() or f.exception() is not None:
+                continue  # redis's errors, a socket closed by close() from another thread
+            named.add(_address(f.result()))
             answers += 1
         if answers * 2 <= len(self._sentinels):
-            raise TrackingError(f"{answers} of {len(self._sentinels)} sentinels answered")
+            raise TrackingError(f"{answers} of {len(self._sentinels)} sentinels answered in time")
         if len(named) != 1 or None in named:
             raise TrackingError("the sentinels do not name one primary for the service")
         return next(a for a in named if a is not None)
@@ -117,6 +150,7 @@ class SentinelTracking(CheckedTracking):
             raise TrackingError("the node watched is no longer a primary")
 
     def _release(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
         clients = [*self._sentinels, *([self._primary] if self._primary is not None else [])]
         for client in clients:
             try:
@@ -130,7 +164,7 @@ def _tls(pool: Any) -> bool:
 
 
 def sentinel_tracking(
-    pool: redis.sentinel.SentinelConnectionPool, prefixes: Sequence[str], timeout: float
+    pool: redis.sentinel.SentinelConnectionPool, prefixes: Sequence[str], timeout: float, max_lag: float
 ) -> Callable[[], SentinelTracking]:
     """How the local tier makes the tracking of a cache on ``pool`` (sqlcache's own Sentinel pool).
 
@@ -146,11 +180,13 @@ def sentinel_tracking(
     if not sentinels:
         raise ConfigurationError("the Sentinel pool names no sentinel")
     service = str(pool.service_name)
-    return lambda: SentinelTracking(node, sentinels, service, prefixes)
+    # a round whose sentinels answer later than this could hardly count in time anyway
+    deadline = min(timeout, max(0.01, max_lag / 2))
+    return lambda: SentinelTracking(node, sentinels, service, prefixes, deadline)
 
 
 def server_tracking(
-    client: redis.Redis, prefixes: Sequence[str], timeout: float
+    client: redis.Redis, prefixes: Sequence[str], timeout: float, max_lag: float
 ) -> Callable[[], Tracking | SentinelTracking]:
     """How the local tier makes the tracking of a cache on ``client`` (sqlcache's own client of one
     server, or of a Sentinel service's primary).
@@ -159,6 +195,6 @@ def server_tracking(
         :func:`~sqlcache._tracking.tracking_target`."""
     pool = client.connection_pool
     if isinstance(pool, redis.sentinel.SentinelConnectionPool):
-        return sentinel_tracking(pool, prefixes, timeout)
+        return sentinel_tracking(pool, prefixes, timeout, max_lag)
     target = tracking_target(client, timeout)
     return lambda: Tracking(target, prefixes)

@@ -17,6 +17,7 @@ reconnects), never more.
 from __future__ import annotations
 
 import inspect
+import os
 import select
 import socket
 import ssl
@@ -146,6 +147,15 @@ _IDENTITY = ("username", "password", "credential_provider")
 _CHECK_HOSTNAME = inspect.signature(redis.SSLConnection.__init__).parameters["ssl_check_hostname"].default
 
 
+def _text(value: Any) -> str | None:
+    """A username or password as redis-py takes them (str or bytes, UTF-8)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8", "surrogateescape")
+    return str(value)
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a tracking connection (or a check's client) connects and how: one node's address, the
@@ -166,12 +176,12 @@ class Target:
         """Username and password, a credential provider's asked at each connection."""
         provider = self.settings.get("credential_provider")
         if provider is None:
-            return self.settings.get("username"), self.settings.get("password")
+            return _text(self.settings.get("username")), _text(self.settings.get("password"))
         got = tuple(provider.get_credentials())
         if len(got) == 1:
-            return None, str(got[0])
+            return None, _text(got[0])
         if len(got) == 2:
-            return (None if got[0] is None else str(got[0])), str(got[1])
+            return _text(got[0]), _text(got[1])
         raise TrackingError("the credential provider gave neither (password,) nor (username, password)")
 
     def tls_context(self) -> ssl.SSLContext:
@@ -181,7 +191,10 @@ class Target:
         if reqs is None:
             reqs = ssl.CERT_NONE
         elif isinstance(reqs, str):
-            reqs = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}[reqs]
+            known = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+            if reqs not in known:
+                raise ValueError(f"ssl_cert_reqs={reqs!r} is none of 'none', 'optional', 'required'")
+            reqs = known[reqs]
         context = ssl.create_default_context()
         check = s.get("ssl_check_hostname", _CHECK_HOSTNAME)
         context.check_hostname = bool(check) and reqs != ssl.CERT_NONE
@@ -219,8 +232,12 @@ def target_of(kwargs: dict[str, Any], tls: bool, timeout: float) -> Target:
 
     :raises ConfigurationError: TLS settings that make no context (a certificate file missing, an
         unknown ``ssl_cert_reqs``), or OCSP validation, which the tracking connection does not do."""
-    settings = {k: v for k, v in kwargs.items() if k in _IDENTITY or (tls and k.startswith("ssl_"))}
-    settings = {k: v for k, v in settings.items() if v is not None}
+    # an ssl_* setting's None means something (ssl_cert_reqs=None: no verification): kept as given
+    settings = {
+        k: v
+        for k, v in kwargs.items()
+        if (k in _IDENTITY and v is not None) or (tls and k.startswith("ssl_"))
+    }
     if settings.get("ssl_validate_ocsp") or settings.get("ssl_validate_ocsp_stapled"):
         raise ConfigurationError("the local tier's tracking connection does not validate OCSP")
     for k in ("ssl_validate_ocsp", "ssl_validate_ocsp_stapled", "ssl_ocsp_context", "ssl_ocsp_expected_cert"):
@@ -237,9 +254,16 @@ def target_of(kwargs: dict[str, Any], tls: bool, timeout: float) -> Target:
         try:
             target.tls_context()  # made again at each connection (certificates renewed on disk are read)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ConfigurationError(
-                f"the local tier cannot use these TLS settings: {type(exc).__name__}: {str(exc)[:200]}"
-            ) from None
+            files = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
+            missing = [
+                f"{k}={settings[k]!r}" for k in files if settings.get(k) and not os.path.exists(settings[k])
+            ]
+            why = (
+                f"no such file: {', '.join(missing)}"
+                if missing
+                else f"{type(exc).__name__}: {str(exc)[:200]}"
+            )
+            raise ConfigurationError(f"the local tier cannot use these TLS settings ({why})") from None
     return target
 
 
@@ -300,7 +324,12 @@ class Tracking:
         try:
             username, password = t.credentials()
             if password is not None:
-                auth = [b"AUTH", *([username.encode()] if username else []), password.encode()]
+                secret = [password.encode("utf-8", "surrogateescape")]
+                auth = [
+                    b"AUTH",
+                    *([username.encode("utf-8", "surrogateescape")] if username else []),
+                    *secret,
+                ]
                 self._expect(auth, lambda r: r == b"OK", secret=True)
             own = self._expect([b"CLIENT", b"ID"], lambda r: isinstance(r, int))
             track = [b"CLIENT", b"TRACKING", b"on", b"REDIRECT", str(own).encode(), b"BCAST"]

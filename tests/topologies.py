@@ -794,12 +794,13 @@ class LocalSentinel:
 
     # --- faults --------------------------------------------------------------------------------
 
-    def failover(self) -> int:
+    def failover(self, settle: bool = True) -> int:
         """``SENTINEL FAILOVER``; returns the new primary's port.
 
         Waits first until the replica has the primary's writes, then until every sentinel reports
-        the former replica as primary and it has ``role:master``, then until the sentinels have
-        turned the former primary into its replica (they wait about 8 s before doing so).
+        the former replica as primary and it has ``role:master``, then (``settle``) until the sentinels
+        have turned the former primary into its replica (they wait about 8 s before doing so, and the
+        former primary is a master meanwhile: call :meth:`wait_settled` afterwards).
         """
         old = self.primary_port()
         new = self.replica_port()
@@ -815,7 +816,8 @@ class LocalSentinel:
 
         wait_until(started, FAILOVER_TIMEOUT, "a sentinel to accept SENTINEL FAILOVER")
         self._wait_promoted(new)
-        self.wait_settled()
+        if settle:
+            self.wait_settled()
         return new
 
     def kill(self, port: int) -> None:

@@ -4,12 +4,14 @@ them still name it and it is still a primary. Writers are other caches on other 
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from redis.sentinel import Sentinel
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
@@ -93,10 +95,12 @@ def test_every_read_after_another_process_commit_returned_sees_it_behind_sentine
 def test_a_failover_moves_the_tracking_to_the_new_primary(
     engine: Engine, other: Engine, local_sentinel: LocalSentinel
 ) -> None:
-    """``SENTINEL FAILOVER`` with the old primary up (the sentinels make it a replica, and it would go
-    on answering the tracking connection's PINGs): the tier's check sees that the sentinels name
-    another node and drops everything; reads after another process's commit on the new primary see
-    it, and, once a tracking connection to the new primary answered, come from memory again."""
+    """``SENTINEL FAILOVER``: for about 8 s after the sentinels promote the replica, the old primary is
+    still a master, keeps its clients and would go on answering the tracking connection's PINGs. The
+    tier's check sees at once that the sentinels name another node, and drops everything while the old
+    primary is still a master (Sentinel's own demotion, which closes its clients, comes later). Once
+    settled, reads after another process's commit on the new primary see it, and come from memory again
+    through a tracking connection there."""
     prefix = f"s{uuid.uuid4().hex[:10]}"
     local = _cache(local_sentinel, engine, prefix, local_bytes=1 << 20)
     try:
@@ -107,8 +111,11 @@ def test_a_failover_moves_the_tracking_to_the_new_primary(
         old = local_sentinel.primary_port()
         assert _watched(local_sentinel) == {old}
         drops = local.stats()["local_drops"]
-        promoted = local_sentinel.failover()
-        wait_for(lambda: local.stats()["local_drops"] > drops, "the tier to see the failover", timeout=10)
+        promoted = local_sentinel.failover(settle=False)
+        wait_for(lambda: local.stats()["local_drops"] > drops, "the tier to see the failover", timeout=5)
+        with admin(old) as node:  # the drop came from the check, not from a demotion closing clients
+            assert node.execute_command("ROLE")[0] == "master"
+        local_sentinel.wait_settled()
         writer = _cache(local_sentinel, other, prefix)  # a process whose connections are to the new primary
         try:
             rename_user(other, uid, "v1")
@@ -164,3 +171,37 @@ def test_nothing_is_served_locally_while_most_sentinels_are_unreachable(
             local_sentinel.restart(*killed)
         local.clear()
         _close((local, engine))
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_a_silent_sentinel_does_not_keep_the_tier_off(engine: Engine, local_sentinel: LocalSentinel) -> None:
+    """A third "sentinel" that accepts connections and never answers (a host dropping traffic), the two
+    others up: the sentinels are asked in parallel and a round waits for the silent one only until its
+    deadline (``local_max_lag / 2``), so the majority's answers count and the tier serves from memory."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        addresses = [*local_sentinel.sentinel_addresses[:2], silent.getsockname()]
+        client = Sentinel(addresses, socket_timeout=0.5).master_for(local_sentinel.service_name)
+        local = SQLCache(
+            client, prefix=f"s{uuid.uuid4().hex[:10]}", default_ttl=600, timeout=0.5, local_bytes=1 << 20,
+            local_max_lag=0.2,
+        )  # fmt: skip
+        local.register(User)
+        local.attach(engine)
+        try:
+            wait_for(lambda: serving(local), "the tracking connection", timeout=10)
+            uid = make_user(engine, "v0")
+            hits = local.stats()["local_hits"]
+
+            def served_from_memory() -> bool:
+                assert user_name(engine, uid) == "v0"
+                return local.stats()["local_hits"] > hits
+
+            wait_for(served_from_memory, "a read from memory", timeout=10)
+        finally:
+            local.clear()
+            _close((local, engine))
+    finally:
+        silent.close()

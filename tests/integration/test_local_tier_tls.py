@@ -4,9 +4,11 @@ Cluster (a private TLS-only redis-server; tests/tls.py). Writers are other cache
 
 from __future__ import annotations
 
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -20,7 +22,7 @@ from sqlcache import SQLCache
 from ..conftest import shareable_url
 from ..helpers import make_user, rename_user, user_name
 from ..models import User
-from ..tls import PASSWORD, TLSRedis, certificates, tls_redis
+from ..tls import PASSWORD, TLSRedis, certificates, make_certificates, tls_redis
 from .test_local_tier import serving, wait_for
 
 __all__ = ["certificates", "tls_redis"]
@@ -129,4 +131,28 @@ def test_a_credential_provider_is_asked_at_each_tracking_connection(
             c.detach(e)
         local.clear()
         writer.close()
+        local.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_a_certificate_from_another_authority_is_refused(
+    engine: Engine, tls_redis: TLSRedis, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tracking connection verifies the server as the other connections do: with a CA that did not
+    sign the server's certificate it is refused (and the reads, which Redis does not answer either, come
+    from the database, right)."""
+    make_certificates(str(tmp_path))
+    url = tls_redis.url().replace(tls_redis.ca, str(tmp_path / "ca.crt"))
+    caplog.set_level(logging.WARNING, logger="sqlcache")
+    local = _cache(url, engine, f"t{uuid.uuid4().hex[:10]}", local_bytes=1 << 20)
+    try:
+        uid = make_user(engine, "v0")
+        assert user_name(engine, uid) == "v0"
+        # one server: the tracking socket's own TLS says so; a cluster: the slot table's read refuses first
+        said = "certificate verify failed" if not tls_redis.cluster else "cannot read the cluster's slots"
+        wait_for(lambda: said in caplog.text, "the tracking connection's refusal")
+        assert not serving(local) and local.stats()["local_hits"] == 0
+        assert tls_redis.tracking_ids() == []
+    finally:
+        local.detach(engine)
         local.close()
