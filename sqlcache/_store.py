@@ -3,8 +3,10 @@ hands the replies back to ``_protocol`` to judge, and translates redis-py except
 
 from __future__ import annotations
 
+import os
 import re
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -175,6 +177,76 @@ def script_source(name: str) -> str:
 LINEAGE_SOURCE = script_source("lineage")
 
 
+class Connections:
+    """The connections the hot operations (a read, a commit's lock and release) check out: a stack of
+    idle connections of sqlcache's own pool, without redis-py's per-checkout bookkeeping (its metrics,
+    events and lock cost more than a small hit's own work). What a checkout must do is kept: a
+    connection with data or an EOF waiting (closed by the server, say) is connected again before use.
+
+    Only over a plain ``ConnectionPool`` (sqlcache's own for one server or a cluster node): a Sentinel
+    pool decides at each release whether a connection still goes to the primary, and a blocking pool
+    bounds its connections; those are checked out from the pool itself."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = pool
+        self._own = type(pool) is redis.ConnectionPool
+        self._idle: list[Any] = []
+        self._made: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._pid = os.getpid()
+
+    def get(self) -> Any:
+        pool = self._pool
+        if not self._own:
+            try:
+                return pool.get_connection()
+            except TypeError:  # redis-py before 5.3 wants a command name
+                return pool.get_connection("EVALSHA")
+        if self._pid != os.getpid():  # a forked child: the parent's connections are not its own
+            self._idle, self._made, self._pid = [], weakref.WeakSet(), os.getpid()
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = pool.make_connection()
+            self._made.add(conn)
+        try:
+            conn.connect()
+            try:
+                if conn.can_read():
+                    raise redis.ConnectionError("the connection has data")
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                conn.disconnect()
+                conn.connect()
+                if conn.can_read():
+                    raise redis.ConnectionError("the connection is not ready") from None
+        except BaseException:
+            self.put(conn)
+            raise
+        return conn
+
+    def put(self, conn: Any) -> None:
+        if not self._own:
+            self._pool.release(conn)
+        elif conn.pid == os.getpid():
+            self._idle.append(conn)
+
+    def discard(self, conn: Any) -> None:
+        """Give back a connection whose state is unknown: closed, connected again when next used."""
+        conn.disconnect()
+        self.put(conn)
+
+    @property
+    def in_use(self) -> int:
+        """Connections checked out now (of this stack's own; 0 over another kind of pool)."""
+        return len(self._made) - len(self._idle) if self._own else 0
+
+    def close(self) -> None:
+        """Close every connection made here (an idle one, or one in use: its user then fails)."""
+        if self._pid != os.getpid():
+            return
+        for conn in list(self._made):
+            conn.disconnect()
+
+
 class RedisStore(proto.ScriptCalls):
     """The :class:`~sqlcache._protocol.Store` over a sync redis-py client: one Lua script per
     operation; turns every Redis failure into CacheUnavailable, and skips Redis while ``health`` backs
@@ -197,6 +269,7 @@ class RedisStore(proto.ScriptCalls):
         # every new connection asks the server for its run id before anything else is sent on it, so a
         # restarted Redis is noticed even when redis-py reconnects silently
         client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
+        self._conns = Connections(client.connection_pool)
 
     # -- circuit breaker ---------------------------------------------------------------------------
 
@@ -286,7 +359,7 @@ class RedisStore(proto.ScriptCalls):
         except BaseException:
             self._discard(conn)
             raise
-        self.client.connection_pool.release(conn)
+        self._conns.put(conn)
         return reply
 
     def try_fill_lock(self, entry_key: str, token: str, ttl_ms: int) -> bool:
@@ -359,7 +432,7 @@ class RedisStore(proto.ScriptCalls):
             except BaseException:
                 self._discard(conn)
                 raise
-            self.client.connection_pool.release(conn)
+            self._conns.put(conn)
             if wait is not None and not isinstance(replies[1], redis.ResponseError):
                 short = self.health.short_ack(replies[2])
                 if short is not None:
@@ -411,7 +484,7 @@ class RedisStore(proto.ScriptCalls):
         except BaseException:
             self._discard(conn)
             raise
-        self.client.connection_pool.release(conn)
+        self._conns.put(conn)
         if any(isinstance(r, redis.ResponseError) for r in replies):
             self._loaded_epoch = -1  # NOSCRIPT after a restart, say: load them again next time
         return replies
@@ -421,15 +494,10 @@ class RedisStore(proto.ScriptCalls):
         self._discard(conn)
 
     def _connection(self) -> Any:
-        pool = self.client.connection_pool
-        try:
-            return pool.get_connection()
-        except TypeError:  # redis-py before 5.3 wants a command name
-            return pool.get_connection("EVALSHA")
+        return self._conns.get()
 
     def _discard(self, conn: Any) -> None:
-        conn.disconnect()
-        self.client.connection_pool.release(conn)
+        self._conns.discard(conn)
 
     def server(self) -> dict[str, str | int]:
         """Where this store's Redis is: ``address`` (host or socket path), ``port``, ``db`` where known.
@@ -455,6 +523,7 @@ class RedisStore(proto.ScriptCalls):
 
     def disconnect(self) -> None:
         """Close every connection this store opened (the client is sqlcache's own)."""
+        self._conns.close()
         self.client.connection_pool.disconnect()
 
     def subscribe(self, channel: str) -> Subscription:

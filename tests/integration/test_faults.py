@@ -337,8 +337,7 @@ def test_release_refused_by_the_breaker_gives_the_locks_connection_back(redis_ur
     breaker refuses the release (Redis skipped after failures elsewhere), that connection must be
     dropped, not left checked out: under load, each such commit leaked one, until the pool ran out."""
     cache = SQLCache(redis_url, prefix=f"leak{uuid.uuid4().hex[:8]}")
-    store = cache.store
-    pool = store.client.connection_pool  # type: ignore[union-attr]
+    store: Any = cache.store
     try:
         for _ in range(3):
             sent = store.send_lock("k:clock", ["k:d:t:x"], "tok", 1000, 0)
@@ -346,7 +345,7 @@ def test_release_refused_by_the_breaker_gives_the_locks_connection_back(redis_ur
             with pytest.raises(CacheUnavailable):
                 store.release_after(sent, "k:clock", ["k:d:t:x"], "tok", 0)
             cache._health.open_until = 0.0
-        assert len(pool._in_use_connections) == 0
+        assert store._conns.in_use == 0 and len(store._conns._made) >= 1
     finally:
         cache.close()
 
@@ -373,3 +372,38 @@ def test_a_replayed_release_drops_the_writers_lock(engine: Engine, cache: SQLCac
     hits = cache.stats()["hits"]
     assert user_name(engine, uid) == "bob"
     assert cache.stats()["hits"] == hits + 1, {k: v for k, v in cache.stats().items() if v}
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"], indirect=True)
+def test_connections_the_server_closed_while_idle_are_made_again_before_use(
+    engine: Engine, redis_url: str, redis_client: redis.Redis
+) -> None:
+    """Redis closes sqlcache's idle connections (``CLIENT KILL``, as its ``timeout`` setting would): the
+    next read and commit check them out connected again, with no error and no outage (a hit stays a
+    hit, the commit's invalidation is applied)."""
+    name = f"idle{uuid.uuid4().hex[:8]}"
+    separator = "&" if "?" in redis_url else "?"
+    cache = SQLCache(f"{redis_url}{separator}client_name={name}", prefix=name, default_ttl=600)
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        uid = make_user(engine, "v0")
+        for _ in range(2):
+            assert user_name(engine, uid) == "v0"
+        for round_ in range(1, 4):
+            killed = [c for c in redis_client.client_list() if c.get("name") == name]
+            assert killed
+            for c in killed:
+                redis_client.client_kill_filter(_id=c["id"])
+            hits = cache.stats()["hits"]
+            assert user_name(engine, uid) == f"v{round_ - 1}"
+            assert cache.stats()["hits"] == hits + 1
+            for c in [c for c in redis_client.client_list() if c.get("name") == name]:
+                redis_client.client_kill_filter(_id=c["id"])
+            rename_user(engine, uid, f"v{round_}")
+            assert user_name(engine, uid) == f"v{round_}"
+        assert cache.stats()["errors"] == 0
+    finally:
+        cache.detach(engine)
+        cache.clear()
+        cache.close()
