@@ -25,7 +25,7 @@ from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa
 from ._identity import IdentityReader, entry_of, exact_key
-from ._objects import decode_entry, materialize
+from ._objects import materialize
 from ._readthrough import Read, ReadThrough
 from ._registry import Registry, mapper_of
 from ._transactions import Transactions
@@ -184,7 +184,7 @@ class DirectReader:
                 reads.bypass("identity", model)
                 uncached.append(pk)
                 continue
-            on_hit = partial(self._built, session, h)
+            on_hit = partial(self._built, session, h, entry_key)
             rd = Read("identity", entry_key, deps, ttl_ms, on_hit, _never_encode, model=model)
             rd.row_writes = row_writes
             rds.append(rd)
@@ -246,9 +246,9 @@ class DirectReader:
             out[i] = obj
         return obj
 
-    def _built(self, session: Session, h: Hierarchy, payload: bytes) -> tuple[Any]:
+    def _built(self, session: Session, h: Hierarchy, entry_key: str, payload: bytes) -> tuple[Any]:
         """A hit: the object built into the identity map, as a load builds it (boxed: never None)."""
-        decoded = decode_entry(h, payload)
+        decoded = self._identities.decode(entry_key, h, payload)
         if decoded is None:
             return _ABSENT
         shape, mask, values = decoded

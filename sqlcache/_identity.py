@@ -4,13 +4,14 @@ one entry per (class, primary key)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 
 from . import _keys, _sa
-from ._hierarchy import Hierarchy
+from ._hierarchy import Hierarchy, Shape
 from ._objects import built_since, decode_entry, encode_absent, encode_instance, materialize
 from ._readthrough import Read, ReadThrough, Unservable
 from ._registry import Registry
@@ -32,8 +33,17 @@ _EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
 class IdentityReader:
     """Builds the :class:`~sqlcache._readthrough.Read` of a primary-key load and answers it."""
 
-    def __init__(self, reads: ReadThrough, registry: Registry, txns: Transactions, layout: Layout) -> None:
+    def __init__(
+        self,
+        reads: ReadThrough,
+        registry: Registry,
+        txns: Transactions,
+        layout: Layout,
+        decode: Callable[[str, Hierarchy, bytes], tuple[Shape, int, list[Any]] | None] | None = None,
+    ) -> None:
         self._reads = reads
+        # an entry's payload decoded (reused while Redis returns the same bytes: DecodedCache.entry)
+        self.decode = decode if decode is not None else lambda _key, h, payload: decode_entry(h, payload)
         self._registry = registry
         self._txns = txns
         self._layout = layout
@@ -78,7 +88,7 @@ class IdentityReader:
             entry_key,
             deps,
             self._registry.ttl_ms(policy.ttl),
-            lambda payload: self._on_hit(orm_state, mapper, h, refresh, wanted, payload),
+            lambda payload: self._on_hit(orm_state, mapper, h, refresh, wanted, payload, entry_key),
             lambda frozen, _unique, runid: _encode(h, pk, refresh, frozen, runid),
             model=mapper.class_.__name__,
             row_writes=row_writes,
@@ -105,8 +115,9 @@ class IdentityReader:
         refresh: Any,
         wanted: Any,
         payload: bytes,
+        entry_key: str,
     ) -> Result[Any]:
-        decoded = decode_entry(h, payload)
+        decoded = self.decode(entry_key, h, payload)
         if decoded is None:
             return self._one_row(mapper, None)
         shape, mask, values = decoded

@@ -15,14 +15,14 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm.attributes import set_committed_value
 
 from . import _keys, _sa
-from ._hierarchy import Conv, Hierarchy
-from ._objects import apply_marks, discard_built, materialize_objects
+from ._hierarchy import Conv, Hierarchy, Shape
+from ._objects import apply_marks, decode_entry, discard_built, materialize_objects
 from ._querykey import Uncacheable, digest
 from ._queryspec import QuerySpec, describe, refuse_rows_before_unique
 from ._readthrough import Read, ReadThrough
 from ._registry import Registry
 from ._report import Reporter
-from ._rows import Decoded, Unreproducible, decode_rows, encode_rows
+from ._rows import Decoded, Unreproducible, copy_mutable, decode_rows, encode_rows, is_mutable
 from ._transactions import Transactions
 from .errors import CodecError, ConfigurationError
 from .options import QueryPolicy
@@ -258,9 +258,7 @@ class DecodedCache:
         self._rep = reporter
         self._bytes = 0
         self._mutex = threading.Lock()
-        self._lru: OrderedDict[str, tuple[bytes, Any, Decoded]] | None = (
-            OrderedDict() if max_bytes > 0 else None
-        )
+        self._lru: OrderedDict[str, tuple[bytes, Any, Any]] | None = OrderedDict() if max_bytes > 0 else None
 
     def after_fork(self) -> None:
         self._mutex = threading.Lock()
@@ -278,7 +276,12 @@ class DecodedCache:
             return decode_rows(columns, payload, self._hierarchy, from_plain)
         with self._mutex:
             found = kept.get(entry_key)
-            if found is not None and found[0] == payload and found[1] is columns:
+            if (
+                found is not None
+                and found[0] == payload
+                and found[1] is columns
+                and type(found[2]) is Decoded
+            ):
                 kept.move_to_end(entry_key)
                 shared = found[2]
             else:
@@ -299,6 +302,46 @@ class DecodedCache:
                     _, (p, _c, _d) = kept.popitem(last=False)
                     self._bytes -= len(p)
         return d.fresh()
+
+    def entry(self, entry_key: str, h: Hierarchy, payload: bytes) -> tuple[Shape, int, list[Any]] | None:
+        """:func:`~sqlcache._objects.decode_entry` of an identity entry, reused like a query's while
+        Redis returns the very same bytes for the key: the values list is the caller's own, and so is
+        every mutable value in it (JSON dicts and lists, ARRAY lists, sets are copied)."""
+        kept = self._lru
+        if kept is None:
+            return decode_entry(h, payload)
+        with self._mutex:
+            found = kept.get(entry_key)
+            if found is not None and found[0] == payload and found[1] is h:
+                kept.move_to_end(entry_key)
+                shared = found[2]
+            else:
+                shared = None
+        if shared is None:
+            decoded = decode_entry(h, payload)  # CodecError: nothing kept
+            if decoded is None:
+                return None
+            shape, mask, values = decoded
+            mutable = tuple(i for i, v in enumerate(values) if is_mutable(v))
+            shared = (shape, mask, values, mutable)
+            size = len(payload)
+            if size * 8 <= self._max:
+                with self._mutex:
+                    old = kept.pop(entry_key, None)
+                    if old is not None:
+                        self._bytes -= len(old[0])
+                    kept[entry_key] = (payload, h, shared)
+                    self._bytes += size
+                    while self._bytes > self._max:
+                        _, (p, _c, _d) = kept.popitem(last=False)
+                        self._bytes -= len(p)
+        else:
+            self._rep.incr("decodes_reused")
+        shape, mask, values, mutable = shared
+        fresh = list(values)
+        for i in mutable:
+            fresh[i] = copy_mutable(fresh[i])
+        return shape, mask, fresh
 
 
 def _resolve(instances: list[Any], ref: Any) -> Any:

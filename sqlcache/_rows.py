@@ -17,7 +17,7 @@ from ._hierarchy import Conv, Hierarchy, Shape, class_id, table_name
 from ._objects import DEFERRED_KINDS, LAZY_KINDS, Unreproducible, built_since, loader_marks, plain_values
 from .errors import CodecError
 
-__all__ = ["LAYOUT", "Decoded", "Unreproducible", "decode_rows", "encode_rows"]
+__all__ = ["LAYOUT", "Decoded", "Unreproducible", "copy_mutable", "decode_rows", "encode_rows", "is_mutable"]
 
 
 HierarchyOf = Callable[[Mapper[Any]], Hierarchy]
@@ -172,11 +172,11 @@ class Decoded:
         """Mark this result as kept for reuse; returns it. Afterwards use :meth:`fresh` per caller."""
         found: list[tuple[int, tuple[int, ...]]] = []
         for n, obj in enumerate(self.objects):
-            at = tuple(i for i in range(len(obj) - 2) if _is_mutable(obj[i]))
+            at = tuple(i for i in range(len(obj) - 2) if is_mutable(obj[i]))
             if at:
                 found.append((n, at))
         self.mutable_at = found
-        self.rows_mutable = not self.flat and any(_is_mutable(cell) for row in self.rows for cell in row)
+        self.rows_mutable = not self.flat and any(is_mutable(cell) for row in self.rows for cell in row)
         if found:
             self.mutable_blob = _pack_exactly([self.objects[n][i] for n, at in found for i in at])
         return self
@@ -197,10 +197,10 @@ class Decoded:
                 for n, at in self.mutable_at:
                     obj = objects[n] = list(objects[n])
                     for i in at:
-                        obj[i] = _copy_mutable(obj[i])
+                        obj[i] = copy_mutable(obj[i])
         rows = self.rows
         if not self.flat:
-            rows = [_copy_mutable(row) if self.rows_mutable else list(row) for row in rows]
+            rows = [copy_mutable(row) if self.rows_mutable else list(row) for row in rows]
         return Decoded(
             self.keys,
             self.single,
@@ -249,26 +249,26 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _is_mutable(v: Any) -> bool:
+def is_mutable(v: Any) -> bool:
     t = type(v)
-    return t is list or t is dict or t is set or (t is tuple and any(_is_mutable(x) for x in v))
+    return t is list or t is dict or t is set or (t is tuple and any(is_mutable(x) for x in v))
 
 
 # what the codec decodes that holds no mutable container
 _ATOMIC = frozenset({str, int, float, bool, type(None), bytes})
 
 
-def _copy_mutable(v: Any) -> Any:
+def copy_mutable(v: Any) -> Any:
     """A deep copy of the containers the codec decodes to (everything else in them is immutable)."""
     t = type(v)
     if t is dict:
-        return {k: x if type(x) in _ATOMIC else _copy_mutable(x) for k, x in v.items()}
+        return {k: x if type(x) in _ATOMIC else copy_mutable(x) for k, x in v.items()}
     if t is list:
-        return [x if type(x) in _ATOMIC else _copy_mutable(x) for x in v]
+        return [x if type(x) in _ATOMIC else copy_mutable(x) for x in v]
     if t is set:
         return set(v)  # set items are hashable: immutable values
     if t is tuple:
-        return tuple(_copy_mutable(x) for x in v) if _is_mutable(v) else v
+        return tuple(copy_mutable(x) for x in v) if is_mutable(v) else v
     return v
 
 

@@ -80,8 +80,8 @@ class SQLCache:
     :param relay_interval: seconds between two passes of the relay.
     :param relay_grace: age in seconds at which a relay applies a row its writer did not mark done.
     :param decoded_cache_bytes: budget (in bytes of Redis payload; about four times that in memory) for
-        keeping decoded query results in process, reused while Redis keeps returning the very same bytes
-        for a key; 0 turns it off.
+        keeping decoded query results and identity entries in process, reused while Redis keeps returning
+        the very same bytes for a key; 0 turns it off.
     :param wait_replicas: replicas of the Redis primary that must acknowledge each release (``WAIT``)
         before ``commit()`` returns; fewer in ``wait_timeout`` seconds is treated as an outage (the
         journal keeps the invalidation). 0 (the default) asks none; see docs/pages/deployment.md.
@@ -220,7 +220,7 @@ class SQLCache:
         stats = weakref.WeakMethod(self.stats)  # the thread must not keep the cache alive
         self._publisher = Publisher(self.store, rep, p, c.prefix, c.publish_stats, stats)
         self._decoded = decoded = DecodedCache(c.decoded_cache_bytes, registry.hierarchy, rep)
-        identities = IdentityReader(reads, registry, txns, layout)
+        identities = IdentityReader(reads, registry, txns, layout, decoded.entry)
         queries = QueryReader(reads, registry, txns, rep, layout, c.default_ttl, decoded)
         self._wiring = Wiring(txns, registry, commits, identities, queries, reads, self._outbox)
         self._direct = DirectReader(reads, identities, registry, txns, self._wiring.serves)

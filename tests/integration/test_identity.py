@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import decimal
+import uuid
+from typing import Any
 
 import pytest
 from sqlalchemy import inspect, select
@@ -363,3 +365,58 @@ def test_a_session_that_may_not_autobegin_refuses_a_hit_as_sqlalchemy_does(
         s.get(User, uid)
     with Session(engine, autobegin=False) as s, s.begin():
         assert s.get(User, uid) is not None
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_reused_entry_decodes_never_share_mutable_values(
+    engine: Engine, cache: SQLCache, direct: bool
+) -> None:
+    """Identity hits whose Redis bytes are unchanged reuse the decoded entry (``decodes_reused``), but
+    every hit's object gets its own JSON dicts and lists: mutating one in place reaches no other hit,
+    through ``Session.get`` or ``cache.get``; a changed row is decoded afresh."""
+    from ..models import Typed
+
+    cache.register(Typed)
+    with Session(engine) as s:
+        s.add(Typed(id=1, doc={"tags": ["a"], "n": 1}, s="one"))
+        s.commit()
+
+    def get(s: Session) -> Any:
+        return cache.get(s, Typed, 1) if direct else s.get(Typed, 1)
+
+    with Session(engine) as s:
+        get(s)  # miss, fill
+    reused = cache.stats()["decodes_reused"]
+    with Session(engine) as s1, Session(engine) as s2:
+        first = get(s1)
+        first.doc["tags"].append("mutated in place")
+        first.doc["n"] = 99
+        second = get(s2)
+        assert second.doc == {"tags": ["a"], "n": 1} and second.s == "one"
+        assert second.doc is not first.doc and second.doc["tags"] is not first.doc["tags"]
+    assert cache.stats()["decodes_reused"] >= reused + 1
+    with Session(engine) as s:
+        row = s.get(Typed, 1)
+        assert row is not None
+        row.s = "two"
+        s.commit()
+    for _ in range(2):
+        with Session(engine) as s:
+            again = get(s)
+            assert (again.s, again.doc) == ("two", {"tags": ["a"], "n": 1})
+
+
+def test_no_entry_decode_is_reused_without_a_budget(engine: Engine, redis_url: str) -> None:
+    """``decoded_cache_bytes=0``: every identity hit decodes its bytes."""
+    c = SQLCache(redis_url, prefix=f"b{uuid.uuid4().hex[:8]}", decoded_cache_bytes=0)
+    c.register(User)
+    c.attach(engine)
+    try:
+        uid = make_user(engine, "ann")
+        for _ in range(3):
+            assert user_name(engine, uid) == "ann"
+        assert c.stats()["hits"] == 2 and c.stats()["decodes_reused"] == 0
+    finally:
+        c.detach(engine)
+        c.clear()
+        c.close()

@@ -94,9 +94,9 @@ json_like = st.recursive(
 @given(json_like)
 def test_copies_of_decoded_values_share_no_mutable_container(value: object) -> None:
     """A reused decoded result hands out equal values that share no list, dict or set with it."""
-    from sqlcache._rows import _copy_mutable
+    from sqlcache._rows import copy_mutable
 
-    copied = _copy_mutable(value)
+    copied = copy_mutable(value)
     assert copied == value
     mine = {id(c) for c in _containers(value)}
     assert not any(id(c) in mine for c in _containers(copied))
