@@ -30,7 +30,7 @@ from . import _keys
 from . import _protocol as proto
 from ._health import Health
 from ._protocol import ReadResult, SentLock
-from ._store import KEPT_CONNECTION_KWARGS, RedisStore, Subscription, hide_password
+from ._store import KEPT_CONNECTION_KWARGS, LeanPool, RedisStore, Subscription, hide_password
 from .errors import CacheUnavailable, ConfigurationError
 
 __all__ = [
@@ -288,7 +288,7 @@ class ClusterStore(Router):
         kwargs: dict[str, Any] = self.target.node_kwargs(node.host, int(node.port))
         if self.target.kwargs.get("ssl"):
             kwargs["connection_class"] = redis.SSLConnection
-        return redis.Redis(connection_pool=redis.ConnectionPool(**kwargs))
+        return redis.Redis(connection_pool=LeanPool(**kwargs))
 
     # -- operations --------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
+import redis.sentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -274,7 +275,7 @@ def tracking_target(client: redis.Redis, timeout: float) -> Target:
     :raises ConfigurationError: a pool the tracking cannot follow (a Sentinel pool is
         ``_stracking``'s), or OCSP validation."""
     pool = client.connection_pool
-    if type(pool) is not redis.ConnectionPool and type(pool) is not redis.BlockingConnectionPool:
+    if not isinstance(pool, redis.ConnectionPool) or isinstance(pool, redis.sentinel.SentinelConnectionPool):
         raise ConfigurationError(f"the local tier cannot follow a {type(pool).__name__}")
     tls = bool(pool.connection_kwargs.get("ssl")) or issubclass(pool.connection_class, redis.SSLConnection)
     return target_of(pool.connection_kwargs, tls, timeout)
