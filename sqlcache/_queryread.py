@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine import Engine
@@ -271,77 +271,61 @@ class DecodedCache:
         from_plain: Sequence[Conv | None] = (),
     ) -> Decoded:
         """The decoded, validated result of ``payload`` (fresh mutable values every time)."""
-        kept = self._lru
-        if kept is None:
+        if self._lru is None:
             return decode_rows(columns, payload, self._hierarchy, from_plain)
-        with self._mutex:
-            found = kept.get(entry_key)
-            if (
-                found is not None
-                and found[0] == payload
-                and found[1] is columns
-                and type(found[2]) is Decoded
-            ):
-                kept.move_to_end(entry_key)
-                shared = found[2]
-            else:
-                shared = None
-        if shared is not None:
-            self._rep.incr("decodes_reused")
-            return shared.fresh()
-        d = decode_rows(columns, payload, self._hierarchy, from_plain).share()
-        size = len(payload)
-        if size * 8 <= self._max:  # one result may take at most an eighth of the budget
-            with self._mutex:
-                old = kept.pop(entry_key, None)
-                if old is not None:
-                    self._bytes -= len(old[0])
-                kept[entry_key] = (payload, columns, d)
-                self._bytes += size
-                while self._bytes > self._max:
-                    _, (p, _c, _d) = kept.popitem(last=False)
-                    self._bytes -= len(p)
-        return d.fresh()
+        shared = self._found(entry_key, payload, columns)
+        if shared is None:
+            shared = decode_rows(columns, payload, self._hierarchy, from_plain).share()
+            self._keep(entry_key, payload, columns, shared)
+        return cast(Decoded, shared).fresh()
 
     def entry(self, entry_key: str, h: Hierarchy, payload: bytes) -> tuple[Shape, int, list[Any]] | None:
         """:func:`~sqlcache._objects.decode_entry` of an identity entry, reused like a query's while
         Redis returns the very same bytes for the key: the values list is the caller's own, and so is
         every mutable value in it (JSON dicts and lists, ARRAY lists, sets are copied)."""
-        kept = self._lru
-        if kept is None:
+        if self._lru is None:
             return decode_entry(h, payload)
-        with self._mutex:
-            found = kept.get(entry_key)
-            if found is not None and found[0] == payload and found[1] is h:
-                kept.move_to_end(entry_key)
-                shared = found[2]
-            else:
-                shared = None
+        shared = self._found(entry_key, payload, h)
         if shared is None:
             decoded = decode_entry(h, payload)  # CodecError: nothing kept
             if decoded is None:
                 return None
             shape, mask, values = decoded
-            mutable = tuple(i for i, v in enumerate(values) if is_mutable(v))
-            shared = (shape, mask, values, mutable)
-            size = len(payload)
-            if size * 8 <= self._max:
-                with self._mutex:
-                    old = kept.pop(entry_key, None)
-                    if old is not None:
-                        self._bytes -= len(old[0])
-                    kept[entry_key] = (payload, h, shared)
-                    self._bytes += size
-                    while self._bytes > self._max:
-                        _, (p, _c, _d) = kept.popitem(last=False)
-                        self._bytes -= len(p)
-        else:
-            self._rep.incr("decodes_reused")
+            shared = (shape, mask, values, tuple(i for i, v in enumerate(values) if is_mutable(v)))
+            self._keep(entry_key, payload, h, shared)
         shape, mask, values, mutable = shared
         fresh = list(values)
         for i in mutable:
             fresh[i] = copy_mutable(fresh[i])
         return shape, mask, fresh
+
+    def _found(self, entry_key: str, payload: bytes, decoder: Any) -> Any:
+        """What was kept for ``entry_key`` if it was decoded from these very bytes by ``decoder`` (a
+        query's columns, an identity entry's hierarchy), else None."""
+        kept = self._lru
+        assert kept is not None
+        with self._mutex:
+            found = kept.get(entry_key)
+            if found is None or found[0] != payload or found[1] is not decoder:
+                return None
+            kept.move_to_end(entry_key)
+        self._rep.incr("decodes_reused")
+        return found[2]
+
+    def _keep(self, entry_key: str, payload: bytes, decoder: Any, shared: Any) -> None:
+        size = len(payload)
+        kept = self._lru
+        if kept is None or size * 8 > self._max:  # one result may take at most an eighth of the budget
+            return
+        with self._mutex:
+            old = kept.pop(entry_key, None)
+            if old is not None:
+                self._bytes -= len(old[0])
+            kept[entry_key] = (payload, decoder, shared)
+            self._bytes += size
+            while self._bytes > self._max:
+                _, (p, _c, _d) = kept.popitem(last=False)
+                self._bytes -= len(p)
 
 
 def _resolve(instances: list[Any], ref: Any) -> Any:

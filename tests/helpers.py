@@ -106,6 +106,16 @@ def rename_user(engine: Engine, uid: int, name: str) -> None:
         s.commit()
 
 
+def each_commit_read_back(reader: Engine, writer: Engine, uid: int, rounds: int, reads: int = 3) -> None:
+    """``rounds`` times, ``writer`` renames the user (v1, v2, ...) and, as soon as each commit returned,
+    ``reader`` reads it ``reads`` times (from Redis, then, with a local tier, from memory): each read
+    sees the new name."""
+    for n in range(1, rounds + 1):
+        rename_user(writer, uid, f"v{n}")
+        for _ in range(reads):
+            assert user_name(reader, uid) == f"v{n}"
+
+
 @contextmanager
 def durable_cache(engine: Engine, redis_url: str, prefix: str, **kw: Any) -> Iterator[Any]:
     """A cache with durable=True attached to ``engine`` (outbox table created and emptied), User
