@@ -24,7 +24,7 @@ import redis.asyncio.connection as aconnection
 from redis.exceptions import RedisClusterException
 
 from . import _aio
-from ._astore import AsyncRedisStore
+from ._astore import AsyncRedisStore, quietly_closed
 from ._cluster import ClusterTarget, Router
 from ._health import Health
 from .errors import CacheUnavailable
@@ -166,11 +166,11 @@ class AsyncClusterStore(Router):
                 await store.aclose()
         if cluster is not None:
             try:
-                await cluster.aclose()
+                await quietly_closed(cluster.aclose())
             finally:
                 # and every node it knows, whatever state redis-py thinks the client is in (its aclose()
                 # skips a client it has marked for a new initialize() after a failed command)
                 try:
-                    await cluster.nodes_manager.aclose()
+                    await quietly_closed(cluster.nodes_manager.aclose())
                 finally:
-                    await cluster.nodes_manager.aclose("startup_nodes")
+                    await quietly_closed(cluster.nodes_manager.aclose("startup_nodes"))

@@ -35,7 +35,7 @@ from ._protocol import ReadResult, SentLock
 from ._store import KEPT_CONNECTION_KWARGS, LINEAGE_SOURCE, script_source
 from .errors import CacheUnavailable, ConfigurationError
 
-__all__ = ["AsyncRedisStore", "async_client_like"]
+__all__ = ["AsyncRedisStore", "async_client_like", "quietly_closed"]
 
 T = TypeVar("T")
 
@@ -416,12 +416,23 @@ class AsyncRedisStore(proto.ScriptCalls):
 
     async def disconnect(self) -> None:
         """Close every pooled connection (the next call opens, and checks, a new one)."""
-        await self.client.connection_pool.disconnect()
+        await quietly_closed(self.client.connection_pool.disconnect())
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await quietly_closed(self.client.aclose())
         pool = self.client.connection_pool
-        await pool.disconnect()
+        await quietly_closed(pool.disconnect())
         if isinstance(pool, asentinel.SentinelConnectionPool):  # and the connections to the sentinels
             for watcher in pool.sentinel_manager.sentinels:
-                await watcher.aclose()
+                await quietly_closed(watcher.aclose())
+
+
+async def quietly_closed(closing: Awaitable[Any]) -> None:
+    """Await a close of connections, whose failure is not the caller's: redis-py closes each socket's
+    transport first, then waits for the close to finish for at most the connect timeout, and raises
+    when a busy event loop or server made it wait longer (or the peer was gone); the sockets are
+    closed either way, and every connection of a pool was asked to close."""
+    try:
+        await closing
+    except (redis.RedisError, OSError):
+        pass
