@@ -30,14 +30,27 @@ def _openssl(directory: str, *args: str) -> None:
 
 
 def make_certificates(directory: str) -> None:
-    """ca.crt, and server.crt/server.key for 127.0.0.1 and localhost signed by it."""
+    """ca.crt, and server.crt/server.key for 127.0.0.1 and localhost signed by it, with the extensions
+    a strict verifier asks for (Python 3.13 sets VERIFY_X509_STRICT): a CA's basic constraints and key
+    usage, a server certificate's key usage, extended key usage and key identifiers."""
     key = ["-newkey", "rsa:2048", "-nodes"]
-    _openssl(directory, "req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt",
-             "-days", "2", "-subj", "/CN=sqlcache test CA")  # fmt: skip
+    with open(os.path.join(directory, "ca.cnf"), "w", encoding="ascii") as f:
+        f.write(
+            "[req]\ndistinguished_name = dn\nx509_extensions = ca\nprompt = no\n"
+            "[dn]\nCN = sqlcache test CA\n"
+            "[ca]\nbasicConstraints = critical, CA:TRUE\nkeyUsage = critical, keyCertSign, cRLSign\n"
+            "subjectKeyIdentifier = hash\n"
+        )
+    _openssl(directory, "req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+             "-config", "ca.cnf")  # fmt: skip
     _openssl(directory, "req", *key, "-keyout", "server.key", "-out", "server.csr",
              "-subj", "/CN=127.0.0.1")  # fmt: skip
     with open(os.path.join(directory, "ext.cnf"), "w", encoding="ascii") as f:
-        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        f.write(
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\nbasicConstraints = critical, CA:FALSE\n"
+            "keyUsage = critical, digitalSignature, keyEncipherment\nextendedKeyUsage = serverAuth\n"
+            "subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid, issuer\n"
+        )
     _openssl(directory, "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
              "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
 
