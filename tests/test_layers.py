@@ -129,6 +129,7 @@ def test_only_the_stores_import_redis() -> None:
             "sqlcache._tracking",
             "sqlcache._ctracking",
             "sqlcache._stracking",
+            "sqlcache._pools",
         ) or name.startswith(CLI):
             continue
         runtime, _, _ = _imports(name, path)
