@@ -22,6 +22,7 @@ from ._protocol import RepopEntry, SentLock, StoreSlot
 from ._registry import Registry
 from ._report import Reporter
 from ._seal import Sealer
+from ._tokens import new_token
 from ._txn import IdentityWrite, TxnState, coarse_keys
 from .errors import CacheUnavailable, CodecError, ConfigurationError
 
@@ -147,7 +148,7 @@ class Commits:
         if self._outbox is not None and conn is not None:
             # before the lock: if the row cannot be written, the commit fails and nothing is locked
             row = st.outbox or self._outbox.write(st, conn, keys, tags)
-        token = uuid.uuid4().hex
+        token = new_token()
         # repopulate: entries whose new state we know; their other dependencies are watched, not locked
         repop, watch = self._repopulations(st) if not coarse else ([], [])
         k = self._keys

@@ -8,7 +8,6 @@ using the store, the session's transaction state and the reporter, and never cli
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -17,6 +16,7 @@ from ._journal import Keys
 from ._protocol import ReadResult, StoreSlot
 from ._report import Reporter, Running
 from ._seal import Sealer
+from ._tokens import new_token
 from ._transactions import Transactions
 from ._txn import TxnState
 from .errors import CacheUnavailable, CodecError
@@ -218,7 +218,7 @@ class ReadThrough:
         if r.hit and r.stale and rd.protect:
             # expired but valid: one caller refreshes; the others keep getting the old entry meanwhile
             with rep.degrade("lock"):
-                candidate = uuid.uuid4().hex
+                candidate = new_token()
                 if self._slot.current.try_fill_lock(rd.key, candidate, self._fill_lock_ms):
                     token = candidate
             if not token:
@@ -365,7 +365,7 @@ class ReadThrough:
     def _await_fill(self, session: Session, rd: Read, txns: list[TxnState]) -> Result[Any] | str | None:
         """Stampede protection: the lock's token if we are the one to query, the other's fill if it
         arrived in time, or None to query the database ourselves after the wait."""
-        token = uuid.uuid4().hex
+        token = new_token()
         store = self._slot.current
         acquired = False
         with self._rep.degrade("lock"):
