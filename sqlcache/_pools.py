@@ -97,8 +97,17 @@ class LeanPool(redis.ConnectionPool):
                 return
             should_reconnect = getattr(connection, "should_reconnect", None)
             if should_reconnect is not None and should_reconnect():  # redis-py 8's maintenance events
+                connection.__dict__.pop(PENDING, None)  # the reply goes with the socket (see disconnect)
                 connection.disconnect()
             self._available_connections.append(connection)
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        """Close the connections (redis-py's), and forget the replies they still owed: whether Redis ran
+        those releases is unknown, and their locks expire into fresh generations if it did not."""
+        super().disconnect(inuse_connections)
+        with self._lock:
+            for conn in (*self._available_connections, *self._in_use_connections):
+                conn.__dict__.pop(PENDING, None)
 
 
 def _own_pool(pool: redis.ConnectionPool, timeout: float) -> redis.ConnectionPool:
