@@ -43,6 +43,7 @@ class Registry:
         self._policy_memo: dict[Mapper[Any], ModelPolicy | None] = {}
         self._hierarchies: dict[Mapper[Any], Hierarchy] = {}
         self._cascades: dict[tuple[Any, bool, bool], set[Any]] = {}
+        self.repopulating = False
 
     def after_fork(self) -> None:
         self._mutex = threading.Lock()
@@ -54,6 +55,8 @@ class Registry:
             self._policies[mapper] = policy
             self._policy_memo.clear()
             self._hierarchies.clear()
+            #: whether any registered class repopulates (a commit looks no further when none does)
+            self.repopulating = any(p.mode == "repopulate" for p in self._policies.values())
 
     def policy_for(self, mapper: Mapper[Any]) -> ModelPolicy | None:
         """The policy of ``mapper`` or of its nearest registered ancestor; None if not cached."""
