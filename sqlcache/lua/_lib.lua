@@ -28,21 +28,36 @@ end
 -- written at once so that the value reported to a reader is the one later generations are drawn above.
 local MAX_CLOCK = 9007199254740991
 local CLOCK_LEAD = 60000000
+-- The clock as this script last read or wrote it: nothing else runs while a script does, so it is read
+-- from Redis once per script, not once per generation drawn (a release draws one per key). Every write
+-- of the clock goes through set_clock, which keeps it.
+local CLOCK = {}
+
+local function set_clock(clock_key, n)
+  redis.call('SET', clock_key, fmt(n))
+  CLOCK[clock_key] = n
+end
+
 local function clock_value(clock_key)
+  local known = CLOCK[clock_key]
+  if known then return known end
   local v = redis.pcall('GET', clock_key)
   if type(v) == 'string' and #v <= 16 and string.match(v, '^%d+$') then
     local n = tonumber(v)
-    if n <= MAX_CLOCK then return n end
+    if n <= MAX_CLOCK then
+      CLOCK[clock_key] = n
+      return n
+    end
   end
   local fresh = now_us() + CLOCK_LEAD
   redis.call('DEL', clock_key)
-  redis.call('SET', clock_key, fmt(fresh))
+  set_clock(clock_key, fresh)
   return fresh
 end
 
 local function tick(clock_key)
   local g = math.max(clock_value(clock_key) + 1, now_us())
-  redis.call('SET', clock_key, fmt(g))
+  set_clock(clock_key, g)
   return g
 end
 

@@ -17,7 +17,7 @@ if type(layout) == 'string' and layout ~= ARGV[2] then return {run_id, 0, '=' ..
 if layout ~= ARGV[2] then redis.call('SET', KEYS[4], ARGV[2]) end
 if run_id == '' or redis.pcall('GET', KEYS[2]) == run_id then return {run_id, 0, ''} end
 if clock_value(KEYS[1]) < now_us() + CLOCK_LEAD then
-  redis.call('SET', KEYS[1], fmt(now_us() + CLOCK_LEAD))
+  set_clock(KEYS[1], now_us() + CLOCK_LEAD)
 end
 local g, x, n, locks = read_dep(KEYS[3])
 if not g then n, locks = '', {} end
