@@ -45,9 +45,6 @@ class Health:
         self.ok_seq = 0  # successful calls so far: tells one failure burst from the next
         self.run_ids: dict[str, str] = {}  # per server (node name on a cluster; "" for one server)
         self.on_restart: Callable[[], None] | None = None
-        # a release sent without waiting whose reply said it failed, or never came (its dependency
-        # keys, its token, why): the owner journals it
-        self.on_release_lost: Callable[[Sequence[str], str, BaseException], None] | None = None
         self.restart_pending = False
         self.epoch = 0
         # per shard, lineage.lua's keys and arguments (clock, lineage key, dependency of every entry,

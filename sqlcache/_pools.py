@@ -14,7 +14,7 @@ import redis.sentinel
 
 from .errors import ConfigurationError
 
-__all__ = ["KEPT_CONNECTION_KWARGS", "PENDING", "LeanPool", "client_for", "hide_password"]
+__all__ = ["KEPT_CONNECTION_KWARGS", "LeanPool", "client_for", "hide_password"]
 
 
 def client_for(target: redis.Redis | redis.asyncio.Redis | str, timeout: float) -> redis.Redis:
@@ -45,20 +45,12 @@ def client_for(target: redis.Redis | redis.asyncio.Redis | str, timeout: float) 
     return redis.Redis(connection_pool=_own_pool(source, timeout))
 
 
-#: the attribute of a pooled connection holding what reads the reply it still owes (see LeanPool)
-PENDING = "sqlcache_pending"
-
-
 class LeanPool(redis.ConnectionPool):
     """sqlcache's own pool to one server (or one cluster node): redis-py's ``ConnectionPool`` with a
     leaner checkout and release. redis-py 8 records metrics and dispatches events at each (about 9 µs of
     a small hit); what a checkout must do is kept: a connection with data or an EOF waiting (closed by
     the server, say) is connected again before use, a release of a connection not checked out is
-    ignored, and a forked child never uses its parent's connections (``_checkpid``).
-
-    A connection may come back with one reply still to read: a release sent without waiting
-    (``RedisStore.release_after``) leaves the reading to :data:`PENDING`, a callable set on the
-    connection that the next checkout calls with it, before anything else is sent on it."""
+    ignored, and a forked child never uses its parent's connections (``_checkpid``)."""
 
     def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
         self._checkpid()
@@ -69,9 +61,6 @@ class LeanPool(redis.ConnectionPool):
                 conn = self.make_connection()
             self._in_use_connections.add(conn)
         try:
-            finish = conn.__dict__.pop(PENDING, None)
-            if finish is not None:
-                finish(conn)  # reads the reply; on a failure it disconnects conn (connected again below)
             conn.connect()
             try:
                 if conn.can_read():
@@ -97,17 +86,8 @@ class LeanPool(redis.ConnectionPool):
                 return
             should_reconnect = getattr(connection, "should_reconnect", None)
             if should_reconnect is not None and should_reconnect():  # redis-py 8's maintenance events
-                connection.__dict__.pop(PENDING, None)  # the reply goes with the socket (see disconnect)
                 connection.disconnect()
             self._available_connections.append(connection)
-
-    def disconnect(self, inuse_connections: bool = True) -> None:
-        """Close the connections (redis-py's), and forget the replies they still owed: whether Redis ran
-        those releases is unknown, and their locks expire into fresh generations if it did not."""
-        super().disconnect(inuse_connections)
-        with self._lock:
-            for conn in (*self._available_connections, *self._in_use_connections):
-                conn.__dict__.pop(PENDING, None)
 
 
 def _own_pool(pool: redis.ConnectionPool, timeout: float) -> redis.ConnectionPool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from functools import partial
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -17,7 +16,7 @@ import redis.sentinel
 from . import _protocol as proto
 from ._health import Health
 from ._keys import Layout
-from ._pools import KEPT_CONNECTION_KWARGS, PENDING, LeanPool, client_for, hide_password
+from ._pools import KEPT_CONNECTION_KWARGS, LeanPool, client_for, hide_password
 from ._protocol import ReadResult, SentLock
 from .errors import CacheUnavailable
 
@@ -233,46 +232,30 @@ class RedisStore(proto.ScriptCalls):
         gen_ttl_ms: int,
         announce: tuple[str, bytes] | None = None,
     ) -> bool:
-        """Release behind a pipelined lock; returns whether the lock itself had succeeded.
-
-        The lock's reply is read first (sent before the COMMIT, it has arrived by now). If the lock
-        held, the release is sent and not waited for: until Redis runs it, every dependency it
-        releases is still locked, so a read misses and a fill is refused, which is all a reader after
-        the commit needs (docs/pages/consistency.md). Its reply is read by the next checkout of the
-        connection (``LeanPool``), which is the next command of this thread as a rule (the pool hands
-        back the connection released last): Redis runs the release before it. A reply that says it
-        failed goes to ``health.on_release_lost`` (the journal). Waited for, as before: a lock that
-        failed, a ``WAIT`` for replicas, a pool that cannot defer a reply.
-        """
+        """Release behind a pipelined lock; returns whether the lock itself had succeeded."""
         keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, (), announce)
         conn = sent.conn
         wait = self.health.wait
-        pool = self.client.connection_pool
-        defer = wait is None and isinstance(pool, LeanPool)
 
         ran = False
 
         def run() -> list[Any]:
             nonlocal ran
             ran = True
-            replies: list[Any] = []
             try:
-                if defer:
-                    replies.append(_reply(conn))
-                    if not isinstance(replies[0], redis.ResponseError):
-                        conn.send_command("EVALSHA", self._scripts["release"].sha, len(keys), *keys, *args)
-                        setattr(conn, PENDING, partial(self._finish_release, tuple(dep_keys), token))
-                        pool.release(conn)
-                        return [replies[0], None]
                 conn.send_command("EVALSHA", self._scripts["release"].sha, len(keys), *keys, *args)
                 if wait is not None:
                     conn.send_command("WAIT", *wait)
-                for _ in range(len(replies), 2 if wait is None else 3):
-                    replies.append(_reply(conn))
+                replies: list[Any] = []
+                for _ in range(2 if wait is None else 3):
+                    try:
+                        replies.append(conn.read_response())
+                    except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart
+                        replies.append(exc)
             except BaseException:
                 self._discard(conn)
                 raise
-            pool.release(conn)
+            self.client.connection_pool.release(conn)
             if wait is not None and not isinstance(replies[1], redis.ResponseError):
                 short = self.health.short_ack(replies[2])
                 if short is not None:
@@ -290,34 +273,6 @@ class RedisStore(proto.ScriptCalls):
             self._loaded_epoch = -1
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
         return not isinstance(lock_reply, redis.ResponseError)
-
-    def _finish_release(self, dep_keys: tuple[str, ...], token: str, conn: Any) -> None:
-        """Read the reply of a release sent without waiting (called by the connection's next checkout).
-        If it failed, or cannot be read, the release is lost as far as this process knows: the journal
-        takes it (``health.on_release_lost``), and reads skip the cache until it is applied; its locks
-        meanwhile keep every dependency missing."""
-        failure: BaseException | None = None
-        try:
-            reply = _reply(conn)
-            if isinstance(reply, redis.ResponseError):
-                self._loaded_epoch = -1  # NOSCRIPT after a restart, say: load them again next time
-                failure = reply
-        except _REDIS_ERRORS as exc:
-            conn.disconnect()
-            self._loaded_epoch = -1
-            self.health.failed()
-            failure = exc
-        except BaseException as exc:  # interrupted while reading: the reply is lost with the connection
-            conn.disconnect()
-            self._release_lost(dep_keys, token, exc)
-            raise
-        if failure is not None:
-            self._release_lost(dep_keys, token, failure)
-
-    def _release_lost(self, dep_keys: tuple[str, ...], token: str, exc: BaseException) -> None:
-        lost = self.health.on_release_lost
-        if lost is not None:
-            lost(dep_keys, token, exc)
 
     # -- several commands on one connection, the reply read later (a sharded cluster's exchange) -----
 
@@ -439,12 +394,3 @@ class RedisStore(proto.ScriptCalls):
             return removed
 
         return self._call("clear", run)
-
-
-def _reply(conn: Any) -> Any:
-    """The next reply on ``conn``; an error reply (a script's) as its ResponseError, so that the
-    connection stays in step."""
-    try:
-        return conn.read_response()
-    except redis.ResponseError as exc:
-        return exc

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Iterable, Sequence
-from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import MetaData, Table
@@ -36,7 +35,7 @@ from ._shardstore import store_for
 from ._transactions import Transactions
 from ._wiring import Wiring
 from .config import CacheConfig, Mode, ModelPolicy
-from .errors import CacheUnavailable, ConfigurationError
+from .errors import ConfigurationError
 from .plugin import Plugin
 
 if TYPE_CHECKING:
@@ -198,7 +197,6 @@ class SQLCache:
             slot, rep, keys, announcer.announce, lambda: self._health.backing_off, c.backoff
         )
         self._health.on_restart = journal.fence
-        self._health.on_release_lost = partial(_release_lost, rep, journal)
         if c.wait_replicas:
             self._health.wait = (c.wait_replicas, max(1, round(c.wait_timeout * 1000)))
         self._health.lineage = [
@@ -543,14 +541,3 @@ def _after_fork(ref: weakref.ref[SQLCache]) -> None:
     cache = ref()
     if cache is not None:
         cache._after_fork()
-
-
-def _release_lost(
-    rep: Reporter, journal: Journal, keys: Sequence[str], token: str, why: BaseException
-) -> None:
-    """A release sent without waiting that Redis did not apply (``RedisStore.release_after``): reported,
-    and kept by the journal, which applies it again before the cache is read."""
-    err = CacheUnavailable("release")
-    err.__cause__ = why
-    rep.report(err, "release")
-    journal.defer(list(keys), token)
