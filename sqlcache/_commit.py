@@ -17,7 +17,7 @@ from sqlalchemy import Table
 from . import _keys, signals
 from ._hierarchy import table_name
 from ._journal import Journal, Keys
-from ._objects import encode_instance
+from ._objects import encode_instance, written_columns
 from ._protocol import RepopEntry, SentLock, StoreSlot
 from ._registry import Registry
 from ._report import Reporter
@@ -239,14 +239,18 @@ class Commits:
             return None
         if any(t in st.bulk for t in w.hierarchy.tables):
             return None  # a statement changed rows of this table behind the unit of work's back
+        h = self._registry.hierarchy(w.state.mapper)
+        columns = written_columns(h, w.state, w.written)
+        if columns is None:
+            return None  # a column loaded, not written, may be older than the row (see written_columns)
         dict_ = w.state.dict
-        if any(type(dict_.get(k)) not in _STORED_AS_ASSIGNED for k in w.written if k in dict_):
+        if any(type(dict_[k]) not in _STORED_AS_ASSIGNED for k in columns):
             # e.g. Decimal("3") comes back as Decimal("3.00"), a +05:00 datetime in UTC or without
             # microseconds: only the database knows the stored value, so invalidate instead
             return None
         payload: bytes | None = None
         with self._rep.degrade("encode"):
-            payload = encode_instance(self._registry.hierarchy(w.state.mapper), w.state)
+            payload = encode_instance(h, w.state)
         return payload
 
     def after(self, dbapi_key: int, committed: bool) -> None:

@@ -19,7 +19,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, Integer, MetaData, Numeric, String, create_engine, event
+from sqlalchemy import (
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    Numeric,
+    String,
+    create_engine,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
@@ -47,7 +58,7 @@ class Product(_Base):
     __tablename__ = "demo_products"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(60))
-    price: Mapped[decimal.Decimal] = mapped_column(Numeric(10, 2))
+    price_cents: Mapped[int] = mapped_column(Integer)  # stored exactly as assigned (mode='repopulate')
     stock: Mapped[int] = mapped_column(Integer)
 
 
@@ -277,7 +288,7 @@ def _run(args: argparse.Namespace, engine: Engine, plain: Engine, cache: SQLCach
     out.title("5. A commit invalidates, and the signal fires")
     _commit_and_signal(engine, cache, out)
 
-    out.title("6. mode='repopulate': the commit writes the new state")
+    out.title("6. mode='repopulate': a commit that wrote a whole row writes its new state")
     _repopulate(engine, cache, sql, out)
 
     out.title("7. A stale fill is refused (reader paused between its SELECT and its fill)")
@@ -312,8 +323,7 @@ def _seed(engine: Engine, rows: int) -> None:
             for i in range(1, rows + 1)
         )
         s.add_all(
-            Product(id=i, name=f"product {i}", price=decimal.Decimal(i) / 4, stock=10)
-            for i in range(1, rows + 1)
+            Product(id=i, name=f"product {i}", price_cents=25 * i, stock=10) for i in range(1, rows + 1)
         )
         s.flush()
         s.add_all(
@@ -348,18 +358,18 @@ def _commit_and_signal(engine: Engine, cache: SQLCache, out: _Out) -> None:
 
 def _repopulate(engine: Engine, cache: SQLCache, sql: _SQLCounter, out: _Out) -> None:
     with Session(engine) as s:
-        p = s.get(Product, 1)
-        assert p is not None
-        p.stock -= 3
+        pid = (s.scalar(select(func.max(Product.id))) or 0) + 1
+        s.add(Product(id=pid, name=f"product {pid}", price_cents=499, stock=3))  # every column written
         s.commit()
     sql0, hits0 = sql.n, cache.stats()["hits"]
     with Session(engine) as s:
-        p = s.get(Product, 1)
+        p = s.get(Product, pid)
         assert p is not None
         out.line(
-            f"product 1 stock is {p.stock}: {cache.stats()['hits'] - hits0} hit, "
-            f"{sql.n - sql0} SQL statements "
-            f"(repopulated entries so far: {cache.stats()['repopulated']})"
+            f"new product {pid}, stock {p.stock}: {cache.stats()['hits'] - hits0} hit, "
+            f"{sql.n - sql0} SQL statements (repopulated entries so far: {cache.stats()['repopulated']}); "
+            "a commit that changed only some columns invalidates instead (the others may be older "
+            "than the row)"
         )
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from sqlcache import SQLCache, signals
 
 from ..conftest import SQLCounter
-from ..helpers import make_user, user_name
+from ..helpers import make_user, rename_user, user_name
 from ..models import Car, Employee, Engineer, Manager, Membership, Order, Product, Truck, User, Vehicle
 
 
@@ -215,24 +215,54 @@ def test_single_table_inheritance(engine: Engine, cache: SQLCache) -> None:
 
 
 def test_repopulate_mode_writes_new_state(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
-    """mode='repopulate': after commit the next get is a hit with the committed values."""
-    cache.register(Product, mode="repopulate")
+    """mode='repopulate': a commit that wrote every column of a row stores its new state; the next get
+    is a hit with the committed values."""
+    cache.register(User, mode="repopulate")
     with Session(engine) as s:
-        p = Product(name="pen", price=decimal.Decimal("1.25"), stock=3)
-        s.add(p)
+        u = User(name="ann", email="a@x", version=1)
+        s.add(u)
         s.commit()
-        pid = p.id
-    with Session(engine) as s:  # the insert wrote a Decimal, which only the database can normalise
-        got = s.get(Product, pid)
-        assert got.price == decimal.Decimal("1.25")
+        uid = u.id
+    sql_count.reset()
     with Session(engine) as s:
-        s.get(Product, pid).stock = 2
+        got = s.get(User, uid)
+        assert (got.name, got.email, got.version) == ("ann", "a@x", 1)
+    assert len(sql_count) == 0, sql_count.statements
+    with Session(engine) as s:
+        got = s.get(User, uid)
+        got.name, got.email, got.version = "bob", "b@x", 2  # every column loaded is written
         s.commit()
     sql_count.reset()
     with Session(engine) as s:
-        assert s.get(Product, pid).stock == 2
+        got = s.get(User, uid)
+        assert (got.name, got.email, got.version) == ("bob", "b@x", 2)
     assert len(sql_count) == 0, sql_count.statements
-    assert cache.stats()["repopulated"] >= 1
+    assert cache.stats()["repopulated"] >= 2
+
+
+@pytest.mark.parametrize("other", ["before-load", "after-load"])
+def test_repopulate_never_stores_a_column_the_commit_did_not_write(
+    engine: Engine, cache: SQLCache, other: str
+) -> None:
+    """A session loads a user; another commits a new email; the first renames the user and commits.
+    Its entry would hold the email it loaded, older than the database's: the row is invalidated
+    instead, and a read returns both the new name and the new email."""
+    cache.register(User, mode="repopulate")
+    uid = make_user(engine, "v1")
+    with Session(engine) as r:
+        if other == "before-load":
+            rename_user(engine, uid, "v1")  # a commit of its own first (nothing changes)
+        u = r.get(User, uid)
+        assert u is not None and u.email is None
+        with Session(engine) as w:
+            w.get(User, uid).email = "new@x"
+            w.commit()
+        u.name = "v2"
+        r.commit()
+    for _ in range(2):  # a miss and its fill, then a hit
+        with Session(engine) as s:
+            got = s.get(User, uid)
+            assert (got.name, got.email) == ("v2", "new@x")
 
 
 def test_unregistered_models_untouched(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
@@ -295,19 +325,25 @@ def test_repopulate_never_caches_unnormalised_values(engine: Engine, cache: SQLC
     with Session(engine) as s:
         got = s.get(Product, pid)
         assert str(got.price) == "3.00"  # as the database returns it, not the assigned Decimal("3")
-    with Session(engine) as s:
-        s.get(Product, pid).price = decimal.Decimal("4.5")
-        s.commit()
-    with Session(engine) as s:
-        assert str(s.get(Product, pid).price) == "4.50"
-    with Session(engine) as s:
-        s.get(Product, pid).stock = 7  # an int: stored as assigned, so repopulated
-        s.commit()
     repopulated = cache.stats()["repopulated"]
-    assert repopulated >= 1
     with Session(engine) as s:
         got = s.get(Product, pid)
-        assert got.stock == 7 and str(got.price) == "4.50"
+        got.name, got.price, got.stock = "ink", decimal.Decimal("4.5"), 2  # every column written
+        s.commit()
+    assert cache.stats()["repopulated"] == repopulated  # a Decimal: invalidated, not repopulated
+    with Session(engine) as s:
+        got = s.get(Product, pid)
+        assert (got.name, str(got.price), got.stock) == ("ink", "4.50", 2)
+    with Session(engine) as s:
+        p = Product(name="cup", price=decimal.Decimal("2.00"), stock=7)
+        s.add(p)
+        s.flush()
+        p.price = decimal.Decimal("2")  # assigned unnormalised after the insert: the whole row written
+        s.commit()
+        cid = p.id
+    with Session(engine) as s:
+        got = s.get(Product, cid)
+        assert str(got.price) == "2.00" and got.stock == 7
 
 
 def test_mutable_json_is_cached_and_still_tracked(engine: Engine, cache: SQLCache) -> None:
