@@ -8,11 +8,11 @@ engine's ``commit`` event and :meth:`Commits.after` right after the DBAPI COMMIT
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table
+from sqlalchemy import CHAR, Table, TypeDecorator
 
 from . import _keys, signals
 from ._hierarchy import table_name
@@ -44,6 +44,19 @@ MAX_COMMIT_KEYS = 1000
 # Python types a database stores and returns exactly as assigned; a repopulated entry may only carry
 # written values of these types (anything else is invalidated and read back from the database)
 _STORED_AS_ASSIGNED = frozenset({int, bool, str, bytes, type(None), uuid.UUID})
+
+
+def _stored_as_assigned(column: Any, old: Sequence[Any], new: Any) -> bool:
+    """Whether the database returns ``new`` exactly as assigned to ``column`` (whose value loaded before
+    was ``old``, the history's deleted values): a plain type it loaded the old value as, through no
+    TypeDecorator (which may rewrite it) and no CHAR (which pads it); or NULL."""
+    if new is None:
+        return True
+    if isinstance(column.type, (TypeDecorator, CHAR)) or type(new) not in _STORED_AS_ASSIGNED:
+        return False
+    # an int assigned to a Numeric comes back a Decimal: the column's own Python type is the one the
+    # database returned for the value loaded before
+    return len(old) == 1 and type(old[0]) is type(new)
 
 
 @dataclass(eq=False)
@@ -124,10 +137,10 @@ class Commits:
                     else:
                         st.everything = True  # mapped to a selectable: its tables are not known here
             return
-        written = set(state.dict) if state.key is None else set(state.committed_state)
+        written = self._written(mapper, state) if self._registry.repopulating else None
         previous = st.identities.get(key)
         if previous is not None:
-            written |= previous.written
+            written = None if written is None or previous.written is None else written | previous.written
         st.identities[key] = IdentityWrite(h, pk, None if deleted else state, mapper.class_, obj, written)
         if old is not None and tuple(old[1]) != pk:
             # the primary key itself changed: the row is gone from its old key too
@@ -135,6 +148,29 @@ class Commits:
             st.identities[_keys.identity_dep_key(p, h.base_table, old_pk)] = IdentityWrite(
                 h, old_pk, None, mapper.class_
             )
+
+    def _written(self, mapper: Mapper[Any], state: Any) -> set[str] | None:
+        """The columns an UPDATE of ``state`` sends, if the database will store each exactly as assigned;
+        None if the row's new state cannot be known without reading it back: an insert (a savepoint
+        may roll it back while the session keeps the object; a server default or a type may rewrite
+        what was assigned), a class that does not repopulate, or a changed column whose stored value
+        may differ from the assigned one. Called from ``after_update``, while the history is there."""
+        policy = self._registry.policy_for(mapper)
+        if state.key is None or policy is None or policy.mode != "repopulate":
+            return None
+        columns = mapper.columns
+        changed: set[str] = set()
+        for name in state.committed_state:
+            column = columns.get(name)
+            if column is None:
+                continue  # a relationship: not part of the row's entry
+            history = state.attrs[name].history
+            if not history.added:
+                continue  # assigned its own value: the UPDATE leaves the column out
+            if not _stored_as_assigned(column, history.deleted, history.added[0]):
+                return None
+            changed.add(name)
+        return changed
 
     def check_layout(self) -> None:
         """Refuse a commit that writes what the cache holds when this cache cannot invalidate it: the
@@ -239,6 +275,8 @@ class Commits:
             return None
         if any(t in st.bulk for t in w.hierarchy.tables):
             return None  # a statement changed rows of this table behind the unit of work's back
+        if w.written is None or not w.state.persistent:
+            return None  # see _written; a row whose insert a savepoint rolled back is not persistent
         h = self._registry.hierarchy(w.state.mapper)
         columns = written_columns(h, w.state, w.written)
         if columns is None:

@@ -247,9 +247,9 @@ class IdentityWrite:
     # the instance itself, held until commit: the identity map holds clean objects only weakly, and the
     # repopulated entry is encoded from the instance's state at the pre-commit point
     obj: Any = None
-    # attributes this transaction assigned: their values are what the writer set, not yet what the
-    # database stored (a Decimal's scale, a datetime's zone or precision may differ)
-    written: set[str] = field(default_factory=set)
+    # the columns this transaction's UPDATEs wrote, each stored exactly as assigned (Commits._written);
+    # None: the row's new state is not known without reading it back (no repopulation)
+    written: set[str] | None = None
 
 
 @dataclass(eq=False)

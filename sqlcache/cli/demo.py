@@ -28,8 +28,6 @@ from sqlalchemy import (
     String,
     create_engine,
     event,
-    func,
-    select,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -288,7 +286,7 @@ def _run(args: argparse.Namespace, engine: Engine, plain: Engine, cache: SQLCach
     out.title("5. A commit invalidates, and the signal fires")
     _commit_and_signal(engine, cache, out)
 
-    out.title("6. mode='repopulate': a commit that wrote a whole row writes its new state")
+    out.title("6. mode='repopulate': a commit that rewrote a whole row stores its new state")
     _repopulate(engine, cache, sql, out)
 
     out.title("7. A stale fill is refused (reader paused between its SELECT and its fill)")
@@ -358,18 +356,18 @@ def _commit_and_signal(engine: Engine, cache: SQLCache, out: _Out) -> None:
 
 def _repopulate(engine: Engine, cache: SQLCache, sql: _SQLCounter, out: _Out) -> None:
     with Session(engine) as s:
-        pid = (s.scalar(select(func.max(Product.id))) or 0) + 1
-        s.add(Product(id=pid, name=f"product {pid}", price_cents=499, stock=3))  # every column written
+        p = s.get(Product, 1)
+        assert p is not None
+        p.name, p.price_cents, p.stock = f"{p.name} (sale)", p.price_cents - 5, p.stock - 3  # the whole row
         s.commit()
     sql0, hits0 = sql.n, cache.stats()["hits"]
     with Session(engine) as s:
-        p = s.get(Product, pid)
+        p = s.get(Product, 1)
         assert p is not None
         out.line(
-            f"new product {pid}, stock {p.stock}: {cache.stats()['hits'] - hits0} hit, "
-            f"{sql.n - sql0} SQL statements (repopulated entries so far: {cache.stats()['repopulated']}); "
-            "a commit that changed only some columns invalidates instead (the others may be older "
-            "than the row)"
+            f"{p.name}: stock {p.stock}, {cache.stats()['hits'] - hits0} hit, {sql.n - sql0} SQL statements "
+            f"(repopulated entries so far: {cache.stats()['repopulated']}); a commit that left a column "
+            "alone invalidates instead (the session's value of it may be older than the row)"
         )
 
 
