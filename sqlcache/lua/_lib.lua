@@ -40,15 +40,18 @@ end
 
 local function clock_value(clock_key)
   local known = CLOCK[clock_key]
-  if known then return known end
-  local v = redis.pcall('GET', clock_key)
-  if type(v) == 'string' and #v <= 16 and string.match(v, '^%d+$') then
-    local n = tonumber(v)
-    if n <= MAX_CLOCK then
-      CLOCK[clock_key] = n
-      return n
+  if known and known <= MAX_CLOCK then return known end
+  if not known then
+    local v = redis.pcall('GET', clock_key)
+    if type(v) == 'string' and #v <= 16 and string.match(v, '^%d+$') then
+      local n = tonumber(v)
+      if n <= MAX_CLOCK then
+        CLOCK[clock_key] = n
+        return n
+      end
     end
   end
+  -- missing, garbage, or counted past MAX_CLOCK (by this script, from a clock at its edge): reset
   local fresh = now_us() + CLOCK_LEAD
   redis.call('DEL', clock_key)
   set_clock(clock_key, fresh)

@@ -67,3 +67,24 @@ def test_a_lineage_fence_draws_above_the_clock_it_moved(
         cache.close()
         for key in redis_client.scan_iter(match=f"{p}:*"):
             redis_client.delete(key)
+
+
+def test_a_clock_at_its_edge_never_repeats_a_generation(
+    engine: Engine, cache: SQLCache, redis_client: redis.Redis
+) -> None:
+    """A clock at 2^53 - 1 counts past the last integer a double holds within one release: the script
+    resets it (a minute ahead of Redis TIME) rather than draw the same generation twice."""
+    cache.register(User)
+    p = cache.config.prefix
+    with Session(engine) as s:
+        users = [User(name=f"u{i}") for i in range(5)]
+        s.add_all(users)
+        s.commit()
+        names = [u.name for u in users]  # loaded (and filled) now: the release is the next script to draw
+        redis_client.set(_keys.clock_key(p), str(2**53 - 1))
+        for u, name in zip(users, names, strict=True):
+            u.name = name + "!"
+        s.commit()
+    deps = [k for k in redis_client.scan_iter(match=f"{p}:d:*") if k != _keys.global_dep_key(p).encode()]
+    gens = [_generation(v) for v in redis_client.mget(deps) if v is not None and b";" not in v]
+    assert len(gens) >= 6 and len(set(gens)) == len(gens), sorted(gens)
