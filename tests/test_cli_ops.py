@@ -195,7 +195,16 @@ def test_stats_refreshes_until_interrupted(redis_url: str, prefix: str) -> None:
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
     try:
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env) as proc:
+        # SIGINT at its default in the child: a suite started in the background of a shell without job
+        # control inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+        with subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        ) as proc:
             try:
                 assert proc.stdout is not None
                 headers = 0
