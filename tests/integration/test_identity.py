@@ -284,15 +284,20 @@ def test_repopulate_never_stores_a_row_a_savepoint_rolled_back(engine: Engine, c
             assert s.get(User, gid) is None
 
 
+def _pen(engine: Engine, price: decimal.Decimal) -> int:
+    """A committed product "pen" at ``price`` (stock 1); its id."""
+    with Session(engine) as s:
+        p = Product(name="pen", price=price, stock=1)
+        s.add(p)
+        s.commit()
+        return p.id
+
+
 def test_repopulate_refuses_values_the_database_stores_differently(engine: Engine, cache: SQLCache) -> None:
     """An int assigned to a Numeric column comes back a Decimal: the commit invalidates, and reads return
     what the database holds, type included."""
     cache.register(Product, mode="repopulate")
-    with Session(engine) as s:
-        p = Product(name="pen", price=decimal.Decimal("1.25"), stock=1)
-        s.add(p)
-        s.commit()
-        pid = p.id
+    pid = _pen(engine, decimal.Decimal("1.25"))
     with Session(engine) as s:
         got = s.get(Product, pid)
         got.name, got.price, got.stock = "ink", 2, 5  # type: ignore[assignment]
@@ -357,11 +362,7 @@ def test_key_spelled_differently_from_the_row(engine: Engine, cache: SQLCache) -
 def test_repopulate_never_caches_unnormalised_values(engine: Engine, cache: SQLCache) -> None:
     """A repopulated entry never holds what the writer assigned where the database stores it differently."""
     cache.register(Product, mode="repopulate")
-    with Session(engine) as s:
-        p = Product(name="pen", price=decimal.Decimal("3"), stock=1)
-        s.add(p)
-        s.commit()
-        pid = p.id
+    pid = _pen(engine, decimal.Decimal("3"))
     with Session(engine) as s:
         got = s.get(Product, pid)
         assert str(got.price) == "3.00"  # as the database returns it, not the assigned Decimal("3")
