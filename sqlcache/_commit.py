@@ -17,7 +17,7 @@ from sqlalchemy import CHAR, Table, TypeDecorator
 from . import _keys, signals
 from ._hierarchy import table_name
 from ._journal import Journal, Keys
-from ._objects import encode_instance, written_columns
+from ._objects import encode_instance, only_written
 from ._protocol import RepopEntry, SentLock, StoreSlot
 from ._registry import Registry
 from ._report import Reporter
@@ -278,14 +278,8 @@ class Commits:
         if w.written is None or not w.state.persistent:
             return None  # see _written; a row whose insert a savepoint rolled back is not persistent
         h = self._registry.hierarchy(w.state.mapper)
-        columns = written_columns(h, w.state, w.written)
-        if columns is None:
-            return None  # a column loaded, not written, may be older than the row (see written_columns)
-        dict_ = w.state.dict
-        if any(type(dict_[k]) not in _STORED_AS_ASSIGNED for k in columns):
-            # e.g. Decimal("3") comes back as Decimal("3.00"), a +05:00 datetime in UTC or without
-            # microseconds: only the database knows the stored value, so invalidate instead
-            return None
+        if not only_written(h, w.state, w.written):
+            return None  # a column loaded, not written, may be older than the row (see only_written)
         payload: bytes | None = None
         with self._rep.degrade("encode"):
             payload = encode_instance(h, w.state)

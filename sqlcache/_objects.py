@@ -48,18 +48,17 @@ def encode_instance(h: Hierarchy, state: InstanceState[Any]) -> bytes | None:
     return encode([h.fingerprint, cid, mask, values])
 
 
-def written_columns(h: Hierarchy, state: InstanceState[Any], written: set[str]) -> list[str] | None:
-    """The loaded columns of ``state`` (those its entry would hold) if the transaction wrote every one
-    of them but the primary key; None otherwise. A column loaded and not written was read earlier,
-    perhaps before another writer committed a change to it, and the database's row holds that writer's
-    value, not the session's: an entry repopulated from the session would serve the old one."""
+def only_written(h: Hierarchy, state: InstanceState[Any], written: set[str]) -> bool:
+    """Whether the transaction wrote every loaded column of ``state`` (those its entry would hold) but
+    its primary key. A column loaded and not written was read earlier, perhaps before another writer
+    committed a change to it, and the database's row holds that writer's value, not the session's: an
+    entry repopulated from the session would serve the old one."""
     shape = h.shapes.get(class_id(state.mapper))
     if shape is None:
-        return None
+        return False
     dict_ = state.dict
     pk = {shape.keys[i] for i in shape.pk_positions}
-    loaded = [k for k in shape.keys if k in dict_]
-    return loaded if all(k in written or k in pk for k in loaded) else None
+    return all(k in written or k in pk for k in shape.keys if k in dict_)
 
 
 def plain_values(shape: Shape, dict_: dict[str, Any]) -> tuple[int, list[Any]]:
