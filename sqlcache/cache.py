@@ -1,39 +1,23 @@
-"""SQLCache: the facade. Builds the parts of one cache, wires them together, and offers the public
-verbs; the work itself happens in the parts (see docs/pages/architecture.md)."""
+"""SQLCache: the facade. Its public verbs, over the parts of one cache (built and wired in ``_parts``);
+the work itself happens in the parts (see docs/pages/architecture.md)."""
 
 from __future__ import annotations
 
 import os
 import weakref
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import MetaData, Table
 from sqlalchemy.engine import Engine
 
 from . import _aio, _keys
-from ._ashardstore import async_store_maker
-from ._aworlds import AsyncStores, Worlds
-from ._broadcast import Announcer, Listener
-from ._commit import Commits
-from ._direct import DirectReader
-from ._health import Health
-from ._identity import IdentityReader
-from ._journal import Journal, Keys
-from ._local import LocalStore, LocalTier, in_front, local_tier_for
-from ._outbox import DEFAULT_TABLE, OutboxSQL, OutboxWriter, check_table, outbox_table
-from ._plugins import Plugins
-from ._protocol import Store, StoreSlot
-from ._publish import Publisher
-from ._queryread import DecodedCache, QueryReader
-from ._readthrough import ReadThrough
-from ._registry import Registry, mapper_of
-from ._relay import Relay, relay_engine
-from ._report import Reporter
+from ._broadcast import Listener
+from ._outbox import DEFAULT_TABLE, check_table
+from ._parts import Parts
+from ._registry import mapper_of
+from ._relay import Relay
 from ._seal import Sealer
-from ._shardstore import store_for
-from ._transactions import Transactions
-from ._wiring import Wiring
 from .config import CacheConfig, Mode, ModelPolicy
 from .errors import ConfigurationError
 from .plugin import Plugin
@@ -143,13 +127,12 @@ class SQLCache:
             wait_timeout=wait_timeout, publish_stats=publish_stats, shards=shards, local_bytes=local_bytes,
             local_max_lag=local_max_lag,
         )  # fmt: skip
-        sealer = Sealer(secret)
+        # every part, built and wired (_parts); a thread's stats() is held weakly by the publisher
+        self._parts = parts = Parts(
+            self, redis_client, self.config, Sealer(secret), weakref.WeakMethod(self.stats)
+        )
         #: the redis-py store (connection health, restarts); plugins may wrap what the parts use
-        self._health = Health(failure_threshold=failure_threshold, backoff=backoff, max_backoff=max_backoff)
-        # the caller's client is untouched; a cluster's router is split by shard when shards > 1
-        self.store = store_for(redis_client, timeout, self._health, shards)
-        self._async_stores: AsyncStores | None = None  # the asyncio world, once an AsyncEngine is attached
-        self._assemble(self.config, sealer)
+        self.store = parts.store
         self._closed = False
         # Gunicorn, uWSGI, Celery prefork: a forked child must not inherit locks held by other threads
         # at the fork, nor count on threads that did not survive it (a weak reference: the hook cannot be
@@ -165,65 +148,8 @@ class SQLCache:
 
     def _after_fork(self) -> None:
         """In a forked child: fresh locks everywhere, the journal's replay and the relays running again."""
-        if self._closed:
-            return
-        self._rep.stats.after_fork()
-        self._health.after_fork()
-        if self._async_stores is not None:
-            self._async_stores.after_fork()
-        self._registry.after_fork()
-        self._decoded.after_fork()
-        self._journal.after_fork()
-        if self._outbox is not None:
-            self._outbox.after_fork()
-        self._publisher.after_fork()
-
-    def _assemble(self, c: CacheConfig, sealer: Sealer) -> None:
-        """Build the parts and hand each the narrow pieces it needs (docs/pages/architecture.md)."""
-        self._rep = rep = Reporter(self, lambda: self._health.ok_seq)
-        self._local = self._local_tier(c)
-        # the store the parts use (with the local tier in front of its reads, when asked for)
-        self._sync_store: Store = (
-            self.store if self._local is None else cast(Store, LocalStore(self.store, self._local))
-        )
-        self._slot = slot = StoreSlot(self._sync_store)
-        self._plugins = Plugins(rep, slot, self.store.server)
-        # which prefix starts every key (a hash tag on a cluster; one per shard on a sharded cluster)
-        layout = self.store.key_layout(c.prefix)
-        self._kp = p = layout.base
-        self._keys = keys = Keys(layout, _keys.clock_key(p), c.generation_ttl * 1000)
-        self._announcer = announcer = Announcer(p, c.broadcast, sealer)
-        self._journal = journal = Journal(
-            slot, rep, keys, announcer.announce, lambda: self._health.backing_off, c.backoff
-        )
-        self._health.on_restart = journal.fence
-        if c.wait_replicas:
-            self._health.wait = (c.wait_replicas, max(1, round(c.wait_timeout * 1000)))
-        self._health.lineage = [
-            (_keys.clock_key(s), _keys.lineage_key(s), _keys.global_dep_key(s), _keys.layout_key(s),
-             keys.gen_ttl_ms, str(layout.n))
-            for s in layout.prefixes
-        ]  # fmt: skip
-        self._registry = registry = Registry(c.default_ttl)
-        self._txns = txns = Transactions(id(self))
-        self._outbox = OutboxWriter(layout, c.outbox_table, self._new_relay) if c.durable else None
-        if self._outbox is not None:
-            journal.on_replayed.append(self._outbox.wake_all)
-        reads = ReadThrough(
-            slot, rep, txns, sealer, keys, journal.replay, stampede_wait=c.stampede_wait,
-            max_entry_bytes=c.max_entry_bytes,
-        )  # fmt: skip
-        commits = Commits(
-            slot, rep, registry, sealer, journal, keys, announcer.announce, c.lock_ttl * 1000, self._outbox,
-            lambda: self._health.conflict,
-        )  # fmt: skip
-        stats = weakref.WeakMethod(self.stats)  # the thread must not keep the cache alive
-        self._publisher = Publisher(self.store, rep, p, c.prefix, c.publish_stats, stats)
-        self._decoded = decoded = DecodedCache(c.decoded_cache_bytes, registry.hierarchy, rep)
-        identities = IdentityReader(reads, registry, txns, layout, decoded.entry)
-        queries = QueryReader(reads, registry, txns, rep, layout, c.default_ttl, decoded)
-        self._wiring = Wiring(txns, registry, commits, identities, queries, reads, self._outbox)
-        self._direct = DirectReader(reads, identities, registry, txns, self._wiring.serves)
+        if not self._closed:
+            self._parts.after_fork()
 
     def __repr__(self) -> str:
         return f"<SQLCache prefix={self.config.prefix!r}>"
@@ -231,11 +157,11 @@ class SQLCache:
     @property
     def strict_signals(self) -> bool:
         """When True, an exception raised by a signal receiver propagates (the test suite sets it)."""
-        return self._rep.strict_signals
+        return self._parts.rep.strict_signals
 
     @strict_signals.setter
     def strict_signals(self, value: bool) -> None:
-        self._rep.strict_signals = value
+        self._parts.rep.strict_signals = value
 
     # -- engines ------------------------------------------------------------------------------------
 
@@ -257,45 +183,14 @@ class SQLCache:
             raise ConfigurationError(f"attach() takes a sqlalchemy Engine or AsyncEngine, got {engine!r}")
         if self._closed:
             raise ConfigurationError("this SQLCache was closed")
-        if self._local is not None:
-            self._local.start()
-        if sync_engine.dialect.is_async:
-            self._enable_asyncio()
-        if self._outbox is not None:
-            table = self.config.outbox_table
-            self._outbox.start(
-                sync_engine, lambda: _aio.blocking(sync_engine, lambda e: check_table(e, table))
-            )
-        self._wiring.attach(sync_engine)
-
-    def _local_tier(self, c: CacheConfig) -> LocalTier | None:
-        """The local tier asked for (``local_bytes``), its keeper not started yet (``attach`` starts it)."""
-        if not c.local_bytes:
-            return None
-        tier = local_tier_for(self.store, c, self._health, self._rep.stats.incr)
-        weakref.finalize(self, tier.close)  # a cache dropped without close(): its keeper stops
-        return tier
-
-    def _enable_asyncio(self) -> None:
-        """From now on, code SQLAlchemy runs for asyncio reaches Redis through redis.asyncio."""
-        if self._async_stores is not None:
-            return
-        make = async_store_maker(self.store, self.config.timeout, self._health)
-        self._async_stores = AsyncStores(in_front(make, self._local))
-        self._slot.base = cast(Store, Worlds(self._sync_store, self._async_stores))
-        self._plugins.rebase()
+        self._parts.attach(sync_engine)
 
     def detach(self, engine: Engine | AsyncEngine) -> None:
         """Undo :meth:`attach`; idempotent. Transactions in flight on ``engine`` still release their locks."""
         sync_engine: Engine | None = _aio.engine_of(engine)
         if sync_engine is None:
             raise ConfigurationError(f"detach() takes a sqlalchemy Engine or AsyncEngine, got {engine!r}")
-        engine = sync_engine
-        self._wiring.detach(engine)
-        if any(e.pool is engine.pool for e in self._wiring.engines()):
-            return  # engine.execution_options() proxies share the pool, its relay and its writes
-        if self._outbox is not None:
-            self._outbox.stop(engine)
+        self._parts.detach(sync_engine)
 
     def close(self) -> None:
         """Close the plugins (last added first), detach every engine, stop the relays (after deleting the
@@ -303,9 +198,9 @@ class SQLCache:
         cache opened to Redis. Idempotent."""
         self._closed = True
         try:
-            self._plugins.close()
+            self._parts.plugins.close()
         finally:
-            self._close_parts()
+            self._parts.close()
 
     async def aclose(self) -> None:
         """:meth:`close`, and then close this event loop's asyncio connections to Redis. Call it from
@@ -324,18 +219,8 @@ class SQLCache:
 
         .. versionadded:: 0.3
         """
-        if self._async_stores is not None:
-            await self._async_stores.aclose_current()
-
-    def _close_parts(self) -> None:
-        self._wiring.close()
-        if self._outbox is not None:
-            self._outbox.stop_all()
-        self._publisher.stop()
-        self._journal.close()
-        if self._local is not None:
-            self._local.close()
-        self.store.disconnect()
+        if self._parts.async_stores is not None:
+            await self._parts.async_stores.aclose_current()
 
     # -- plugins ------------------------------------------------------------------------------------
 
@@ -351,7 +236,7 @@ class SQLCache:
         """
         if self._closed:
             raise ConfigurationError("this SQLCache was closed")
-        self._plugins.add(self, plugin)
+        self._parts.plugins.add(self, plugin)
 
     def remove_plugin(self, name: str) -> Plugin:
         """Remove the plugin called ``name``: its receivers, hooks and store wrapper go, then its
@@ -361,14 +246,14 @@ class SQLCache:
 
         .. versionadded:: 0.2
         """
-        return self._plugins.remove(name)
+        return self._parts.plugins.remove(name)
 
     def plugins(self) -> list[Plugin]:
         """The plugins of this cache, in the order they were added.
 
         .. versionadded:: 0.2
         """
-        return self._plugins.all()
+        return self._parts.plugins.all()
 
     # -- models and invalidation ----------------------------------------------------------------------
 
@@ -381,8 +266,8 @@ class SQLCache:
         :raises ConfigurationError: if ``cls`` is not mapped, or a column type cannot round-trip.
         """
         mapper = mapper_of(cls)
-        self._registry.register(mapper, ModelPolicy(ttl=ttl, mode=mode))
-        self._wiring.watch_mapper(mapper)
+        self._parts.registry.register(mapper, ModelPolicy(ttl=ttl, mode=mode))
+        self._parts.wiring.watch_mapper(mapper)
 
     # -- direct reads -------------------------------------------------------------------------------
 
@@ -399,7 +284,7 @@ class SQLCache:
 
         .. versionadded:: 0.4
         """
-        return self._direct.get_many(session, cls, (pk,))[0]
+        return self._parts.direct.get_many(session, cls, (pk,))[0]
 
     def get_many(self, session: Session, cls: type[Any], pks: Iterable[Any]) -> list[Any]:
         """:meth:`get` of every key in ``pks``, in order (None for a missing row; duplicates allowed):
@@ -410,44 +295,41 @@ class SQLCache:
 
         .. versionadded:: 0.4
         """
-        return self._direct.get_many(session, cls, pks)
+        return self._parts.direct.get_many(session, cls, pks)
 
     async def aget(self, session: AsyncSession, cls: type[Any], pk: Any) -> Any:
         """:meth:`get` for an :class:`~sqlalchemy.ext.asyncio.AsyncSession` (through ``run_sync``).
 
         .. versionadded:: 0.4
         """
-        return (await session.run_sync(self._direct.get_many, cls, (pk,)))[0]
+        return (await session.run_sync(self._parts.direct.get_many, cls, (pk,)))[0]
 
     async def aget_many(self, session: AsyncSession, cls: type[Any], pks: Iterable[Any]) -> list[Any]:
         """:meth:`get_many` for an :class:`~sqlalchemy.ext.asyncio.AsyncSession` (through ``run_sync``).
 
         .. versionadded:: 0.4
         """
-        return await session.run_sync(self._direct.get_many, cls, list(pks))
+        return await session.run_sync(self._parts.direct.get_many, cls, list(pks))
 
     def invalidate(self, cls: type[Any], pk: Any) -> None:
         """Invalidate the entry of one row now (outside any transaction)."""
-        h = self._registry.hierarchy(mapper_of(cls))
+        p = self._parts
+        h = p.registry.hierarchy(mapper_of(cls))
         pk_t = pk if isinstance(pk, tuple) else (pk,)
-        p = self._keys.layout.at(h.base_table)
-        keys = [_keys.identity_dep_key(p, h.base_table, pk_t), _keys.row_writes_key(p, h.base_table)]
-        self._journal.invalidate_now(keys, [(h.mapper.class_, pk_t)], [])
+        p.journal.invalidate_now(p.identity_keys(h, pk_t), [(h.mapper.class_, pk_t)], [])
 
     def invalidate_model(self, cls: type[Any]) -> None:
         """Invalidate every entry of ``cls`` and of the tables of its inheritance hierarchy."""
-        h = self._registry.hierarchy(mapper_of(cls))
-        at = self._keys.layout.at
-        keys = [k for t in h.tables for k in (_keys.bulk_dep_key(at(t), t), _keys.table_dep_key(at(t), t))]
-        self._journal.invalidate_now(keys, [], [f"table:{t}" for t in h.tables])
+        p = self._parts
+        h = p.registry.hierarchy(mapper_of(cls))
+        p.journal.invalidate_now(p.model_keys(h.tables), [], [f"table:{t}" for t in h.tables])
 
     def invalidate_tags(self, *tags: str) -> None:
         """Invalidate every cached query tagged with any of ``tags``: one O(1) step per tag."""
         for t in tags:
             if not isinstance(t, str) or not t:
                 raise ConfigurationError(f"tags must be non-empty strings, got {t!r}")
-        keys = [_keys.tag_dep_key(self._keys.layout.at(t), t) for t in tags]
-        self._journal.invalidate_now(keys, [], list(tags))
+        self._parts.journal.invalidate_now(self._parts.tag_keys(tags), [], list(tags))
 
     def clear(self) -> int:
         """Delete every key under this cache's prefix (SCAN, never KEYS); returns how many were deleted.
@@ -455,21 +337,14 @@ class SQLCache:
         A fill in flight when this runs is refused, since the generations it saw are gone.
         """
         removed = 0
-        with self._rep.degrade("clear"):
-            for prefix in self._keys.layout.prefixes:  # each shard's keys, on the node serving it
-                removed += self._slot.current.delete_matching(_keys.scan_pattern(prefix))
+        with self._parts.rep.degrade("clear"):
+            for prefix in self._parts.keys.layout.prefixes:  # each shard's keys, on the node serving it
+                removed += self._parts.slot.current.delete_matching(_keys.scan_pattern(prefix))
         return removed
 
     def stats(self) -> dict[str, int]:
         """Counters since this cache was created (see ``sqlcache._stats.COUNTERS`` for each meaning)."""
-        out = self._rep.stats.snapshot()
-        out["backoffs"] = self._health.backoffs
-        out["lineage_fences"] = self._health.lineage_fences
-        out["skipped_backoff"] = self._health.skipped
-        out["loop_stalls"] = self._health.stalls
-        out["journal"] = len(self._journal)
-        out["local_bytes"] = 0 if self._local is None else self._local.bytes
-        return out
+        return self._parts.stats()
 
     def listen(self) -> Listener:
         """Re-emit other processes' invalidations as ``signals.invalidated(remote=True)``.
@@ -479,12 +354,12 @@ class SQLCache:
         ``cache_error`` with ``operation="listen"`` (messages may have been missed) and re-established.
         """
         c = self.config
-        channel = self._announcer.channel
+        channel = self._parts.announcer.channel
         listener = Listener(
             lambda: self.store.subscribe(channel),
-            self._announcer,
-            self._rep,
-            self._registry.class_for,
+            self._parts.announcer,
+            self._parts.rep,
+            self._parts.registry.class_for,
             c.backoff,
             c.max_backoff,
         )
@@ -496,7 +371,7 @@ class SQLCache:
     def outbox_table(self, metadata: MetaData | None = None) -> Table:
         """The outbox table of this cache (``outbox_table`` name), defined in ``metadata``: pass your
         models' metadata to have Alembic autogenerate create it in a migration."""
-        return outbox_table(metadata if metadata is not None else MetaData(), self.config.outbox_table)
+        return self._parts.table(metadata if metadata is not None else MetaData())
 
     def create_outbox(self, engine: Engine | AsyncEngine) -> None:
         """Create the outbox table in ``engine``'s database if it is not there (``CREATE TABLE``).
@@ -522,19 +397,10 @@ class SQLCache:
                 "AsyncEngine's database, create_engine() with a sync driver's URL"
             )
         check_table(engine, self.config.outbox_table)
-        relay = self._new_relay(engine)
+        relay = self._parts.new_relay(engine)
         if start:
             relay.start()
         return relay
-
-    def _new_relay(self, engine: Engine) -> Relay:
-        c, stores = self.config, self._async_stores
-        own, runner = relay_engine(engine, None if stores is None else stores.aclose_current)
-        return Relay(
-            own, OutboxSQL(self.outbox_table(), own.dialect, batch=500), c.relay_interval, c.relay_grace,
-            prefix=self._kp, apply=self._journal.apply, reporter=self._rep, layout=self._keys.layout,
-            backoff=c.backoff, max_backoff=c.max_backoff, source=engine, runner=runner,
-        )  # fmt: skip
 
 
 def _after_fork(ref: weakref.ref[SQLCache]) -> None:

@@ -85,7 +85,7 @@ def test_async_failover_that_loses_acknowledged_releases_serves_nothing_stale(
     cache = SQLCache(redis_url, prefix=prefix, default_ttl=600, timeout=0.5, backoff=0.05, max_backoff=0.1)
 
     def lose(window: Callable[[], None]) -> None:
-        primary = local_cluster.primary_for(_keys.clock_key(cache._kp))
+        primary = local_cluster.primary_for(_keys.clock_key(cache._parts.kp))
         local_cluster.lose_writes_then_failover(primary, window)
 
     checked = check_async_failover(engine, cache, lose, rows=10, versions=3, rereads=5)

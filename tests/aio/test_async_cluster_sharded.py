@@ -84,7 +84,7 @@ def test_async_failover_of_one_shards_primary_serves_nothing_stale(
     )
 
     def lose(window: Callable[[], None]) -> None:
-        primary = local_cluster.primary_for(_keys.clock_key(cache._keys.layout.at("users")))
+        primary = local_cluster.primary_for(_keys.clock_key(cache._parts.keys.layout.at("users")))
         local_cluster.lose_writes_then_failover(primary, window)
 
     checked = check_async_failover(engine, cache, lose, rows=10, versions=3, rereads=5)
@@ -101,7 +101,7 @@ def test_a_node_stalling_mid_exchange_costs_a_miss_and_no_connection(
     the cache's reporting (a connection dropped twice made the pool raise KeyError out of
     ``session.get``), and no connection of any node stays checked out."""
     cache.register(User)
-    layout = cache._keys.layout
+    layout = cache._parts.keys.layout
     paused = local_cluster.primary_for(_keys.clock_key(layout.prefixes[0]))
     if len({local_cluster.primary_for(_keys.clock_key(p)) for p in layout.prefixes}) < 2:
         pytest.skip("this prefix's shards all landed on one node")
@@ -111,7 +111,7 @@ def test_a_node_stalling_mid_exchange_costs_a_miss_and_no_connection(
         assert await cached_name(ae, uids[0]) == "u0"  # connections to every node made
         local_cluster.node(paused).execute_command("CLIENT", "PAUSE", 1000, "ALL")
         assert await cached_name(ae, uids[1]) == "u1"  # a miss: clocks() stalls on the paused node
-        stores = cache._async_stores.current()._stores  # type: ignore[union-attr]
+        stores = cache._parts.async_stores.current()._stores  # type: ignore[union-attr]
         assert all(not s.client.connection_pool._in_use_connections for s in stores.values())
 
     run(body)

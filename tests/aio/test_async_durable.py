@@ -87,7 +87,7 @@ def test_a_cut_off_async_writer_leaves_its_row_and_an_async_relay_applies_it(
     relayer.register(User)
 
     async def relayed(ae: AsyncEngine) -> None:
-        relay = relayer._outbox.relays[ae.sync_engine.pool]  # type: ignore[union-attr]
+        relay = relayer._parts.outbox.relays[ae.sync_engine.pool]  # type: ignore[union-attr]
         deadline = time.monotonic() + 15
         while _rows(outbox, pfx) and time.monotonic() < deadline:
             relay.wake()

@@ -206,7 +206,7 @@ def test_aclose_is_not_failed_by_a_close_that_outlasts_the_timeout(engine: Engin
         uid = await make_user(ae, "ann")
         for _ in range(2):
             assert await cached_name(ae, uid) == "ann"
-        pool = cache._async_stores.current().client.connection_pool  # type: ignore[attr-defined]
+        pool = cache._parts.async_stores.current().client.connection_pool  # type: ignore[attr-defined]
         for conn in [*pool._available_connections, *pool._in_use_connections]:
             writer = conn._writer
             assert writer is not None

@@ -44,7 +44,7 @@ def test_async_hits_and_commits_through_sentinel(engine: Engine, local_sentinel:
     try:
         run_loop(engine, cache, body)  # type: ignore[arg-type]
         with local_sentinel.node(local_sentinel.primary_port()) as node:
-            assert node.exists(f"{cache._kp}:clock")  # the async client reached the primary
+            assert node.exists(f"{cache._parts.kp}:clock")  # the async client reached the primary
     finally:
         cache.clear()
         cache.close()

@@ -55,7 +55,7 @@ def test_commands_on_a_sharded_cache(local_cluster: LocalCluster, capsys: pytest
     try:
         tags = [f"t{i}" for i in range(40)]
         cache.invalidate_tags(*tags)  # tags in every shard; each shard's clock, lineage and layout made
-        layout = cache._keys.layout
+        layout = cache._parts.keys.layout
         assert len({layout.at(t) for t in tags}) == 4
         args = ["--prefix", prefix, "--redis-url", url]
         at = layout.at("t1")

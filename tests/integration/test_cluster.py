@@ -107,7 +107,7 @@ def test_failover_that_loses_acknowledged_releases_serves_nothing_stale(
         return SQLCache(redis_url, prefix=prefix, default_ttl=600, timeout=0.5, backoff=0.05, max_backoff=0.1)
 
     def lose(writer: SQLCache, window: Callable[[], None]) -> None:
-        primary = local_cluster.primary_for(_keys.clock_key(writer._kp))
+        primary = local_cluster.primary_for(_keys.clock_key(writer._parts.kp))
         local_cluster.lose_writes_then_failover(primary, window)
 
     checked = check_failover(engine, new_cache, lose, reader, rows=20, versions=3, rereads=5)

@@ -219,7 +219,7 @@ def test_a_conflict_found_later_refuses_the_commits_that_would_miss(
 
     cache.register(User)
     uid = make_user(engine, "ann")
-    ns = [_keys.namespace(p) for p in cache._keys.layout.prefixes]
+    ns = [_keys.namespace(p) for p in cache._parts.keys.layout.prefixes]
     client = local_cluster.client()
     for n in ns:
         client.delete(n + ":layout")
@@ -278,7 +278,7 @@ def test_failover_of_one_shards_primary_serves_nothing_stale(
         )  # fmt: skip
 
     def lose(writer: SQLCache, window: Callable[[], None]) -> None:
-        users = writer._keys.layout.at("users")
+        users = writer._parts.keys.layout.at("users")
         primary = local_cluster.primary_for(_keys.clock_key(users))
         local_cluster.lose_writes_then_failover(primary, window)
 
@@ -349,7 +349,7 @@ def test_clear_removes_every_shards_keys(
         s.add(Manager(name="m"))
         s.commit()
     assert cache.clear() > 0
-    ns = [_keys.namespace(p) for p in cache._keys.layout.prefixes]
+    ns = [_keys.namespace(p) for p in cache._parts.keys.layout.prefixes]
     for port in local_cluster.live_ports():
         node: redis.Redis = local_cluster.node(port)
         for key in node.scan_iter(match="*", count=1000):

@@ -135,7 +135,7 @@ def test_commit_writes_its_row_and_the_relay_only_deletes_it(
     cache = make_cache(redis_url, pfx, durable=True, relay_interval=3600)
     cache.attach(outbox)
     uid = make_user(outbox, "v1")
-    relay = cache._outbox.relays[outbox.pool]
+    relay = cache._parts.outbox.relays[outbox.pool]
     relay.run_once()
     assert rows(outbox, pfx) == []
     assert user_name(outbox, uid) == "v1"  # filled
@@ -343,7 +343,7 @@ def test_unreadable_rows_fence_the_prefix(
     finally:
         raw.close()
     assert user_name(outbox, uid) == "v1"
-    relay = cache._outbox.relays[outbox.pool]
+    relay = cache._parts.outbox.relays[outbox.pool]
     assert relay.run_once() >= 1
     assert [r["id"] for r in rows(outbox, pfx)] == []
     assert [r["id"] for r in rows(outbox, "other")] == ["g2"]
@@ -355,7 +355,7 @@ def test_close_stops_the_relay_and_refuses_attach(
 ) -> None:
     cache = make_cache(redis_url, prefix(), durable=True, relay_interval=0.05)
     cache.attach(outbox)
-    relay = cache._outbox.relays[outbox.pool]
+    relay = cache._parts.outbox.relays[outbox.pool]
     deadline = time.monotonic() + 5
     while relay.passes == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -463,8 +463,8 @@ def test_detaching_a_proxy_engine_keeps_the_base_engine_durable(
     assert user_name(outbox, uid) == "v1"
     assert cache.stats()["hits"] == hits + 1  # still attached
     assert len(rows(outbox, pfx)) == 1  # the insert's row, marked done
-    assert cache._outbox.relays[outbox.pool].is_alive()
-    cache._outbox.relays[outbox.pool].run_once()
+    assert cache._parts.outbox.relays[outbox.pool].is_alive()
+    cache._parts.outbox.relays[outbox.pool].run_once()
     assert rows(outbox, pfx) == []
 
 
@@ -516,7 +516,7 @@ def test_relay_survives_a_row_nested_too_deep(
     deep = "[" * 30_000 + "]" * 30_000
     with outbox.begin() as c:
         c.execute(OUTBOX.insert().values(id="deep", prefix=pfx, created_ms=0, body=deep))
-    relay = cache._outbox.relays[outbox.pool] if cache._outbox is not None else None
+    relay = cache._parts.outbox.relays[outbox.pool] if cache._parts.outbox is not None else None
     assert relay is not None
     _wait_passes(relay, 2)
     assert relay.is_alive() and rows(outbox, pfx) == []
@@ -533,7 +533,7 @@ def test_a_dead_relay_thread_is_started_again(
     pfx = prefix()
     cache = make_cache(redis_url, pfx, durable=True, relay_interval=0.05)
     cache.attach(outbox)
-    relay = cache._outbox.relays[outbox.pool] if cache._outbox is not None else None
+    relay = cache._parts.outbox.relays[outbox.pool] if cache._parts.outbox is not None else None
     assert relay is not None
 
     def die() -> int:

@@ -309,7 +309,7 @@ def test_fence_asked_for_while_another_is_applied_is_not_lost(engine: Engine, ca
     cache.register(User)
     uid = make_user(engine)
     assert user_name(engine, uid) == "ann"
-    journal: Any = cache._journal
+    journal: Any = cache._parts.journal
     store: Any = cache.store
     original = store.release
     asked_again = []
@@ -342,10 +342,10 @@ def test_release_refused_by_the_breaker_gives_the_locks_connection_back(redis_ur
     try:
         for _ in range(3):
             sent = store.send_lock("k:clock", ["k:d:t:x"], "tok", 1000, 0)
-            cache._health.open_until = time.monotonic() + 60  # the breaker opened meanwhile
+            cache._parts.health.open_until = time.monotonic() + 60  # the breaker opened meanwhile
             with pytest.raises(CacheUnavailable):
                 store.release_after(sent, "k:clock", ["k:d:t:x"], "tok", 0)
-            cache._health.open_until = 0.0
+            cache._parts.health.open_until = 0.0
             assert len(pool._in_use_connections) == 0  # each time: a leaked connection stays checked out
     finally:
         cache.close()

@@ -81,7 +81,7 @@ def test_child_forked_while_a_lock_was_held_is_not_stuck(engine: Engine, cache: 
         rename_user(engine, uid, "child")
         return ok and user_name(engine, uid) == "child"
 
-    assert _fork_while_held(cache._rep.stats._lock, work) == 0
+    assert _fork_while_held(cache._parts.rep.stats._lock, work) == 0
     assert user_name(engine, uid) == "child"
 
 
@@ -118,7 +118,7 @@ def durable(engine: Engine, redis_url: str) -> Iterator[SQLCache]:
 
 def _relay_child(engine: Engine, cache: SQLCache, uid: int, out: Any) -> None:
     engine.dispose(close=False)
-    relays = set(cache._outbox.relays.values()) if cache._outbox is not None else set()
+    relays = set(cache._parts.outbox.relays.values()) if cache._parts.outbox is not None else set()
     alive = [r.is_alive() for r in relays]
     rename_user(engine, uid, "from child")
     passes = [r.passes for r in relays]

@@ -70,7 +70,7 @@ def test_dispose_keeps_durable_commits_working(engine: Engine, durable: SQLCache
     engine.dispose()
     rename_user(engine, uid, "bob")
     assert user_name(engine, uid) == "bob"
-    relays = set(durable._outbox.relays.values()) if durable._outbox is not None else set()
+    relays = set(durable._parts.outbox.relays.values()) if durable._parts.outbox is not None else set()
     assert len(relays) == 1
     (relay,) = relays
     relay.run_once()
@@ -199,7 +199,7 @@ def test_close_reentering_from_inside_the_journal_does_not_deadlock(engine: Engi
     cache.register(User)
     cache.attach(engine)
     uid = make_user(engine)
-    rep = cache._rep
+    rep = cache._parts.rep
     original = rep.incr
 
     def incr(name: str, n: int = 1) -> None:

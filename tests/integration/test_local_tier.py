@@ -35,7 +35,7 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None
 
 def serving(cache: SQLCache) -> bool:
     """Whether the tier's tracking connection has answered a PING (it serves from then on)."""
-    tier: Any = cache._local
+    tier: Any = cache._parts.local
     return bool(tier._alive > float("-inf"))
 
 
@@ -248,7 +248,7 @@ def test_nothing_is_served_locally_past_max_lag_without_an_answered_ping(
         uid = make_user(engine, "ann")
         for _ in range(3):
             assert user_name(engine, uid) == "ann"
-        tier: Any = cache._local
+        tier: Any = cache._parts.local
         tier._stop.set()
         tier._thread.join()
         last = tier._alive
@@ -369,7 +369,7 @@ def test_generations_are_kept_only_for_entries_held(engine: Engine, redis_url: s
         for uid in uids:
             for _ in range(2):
                 assert user_name(engine, uid) is not None
-        tier: Any = cache._local
+        tier: Any = cache._parts.local
         held = len(tier._entries)
         assert 0 < held < 200 and cache.stats()["local_bytes"] <= 16 * 1024
         assert len(tier._gens) <= held + 3  # each row's key, and the dependencies they share

@@ -77,7 +77,7 @@ def test_every_read_after_another_process_commit_returned_sees_it(
                         assert user_name(engine, uid) == f"v{n}"
             # each round: a fill, a Redis hit kept, then (when the tier may serve) a read from memory
             assert cache.stats()["local_hits"] > 0
-            slots = {local_cluster.primary_for(_keys.clock_key(p)) for p in cache._keys.layout.prefixes}
+            slots = {local_cluster.primary_for(_keys.clock_key(p)) for p in cache._parts.keys.layout.prefixes}
             assert _watched(local_cluster) >= slots
         finally:
             writer.close()
@@ -98,7 +98,7 @@ def test_a_clean_failover_moves_the_tracking_to_the_new_primary(
             uid = make_user(engine, "v0")
             for _ in range(3):
                 assert user_name(engine, uid) == "v0"
-            users = cache._keys.layout.at("users")
+            users = cache._parts.keys.layout.at("users")
             primary = local_cluster.primary_for(_keys.clock_key(users))
             assert primary in _watched(local_cluster)
             drops = cache.stats()["local_drops"]
@@ -135,7 +135,7 @@ def test_a_failover_that_loses_acknowledged_releases_serves_nothing_stale_from_m
 
     def lose(writer: SQLCache, window: Callable[[], None]) -> None:
         wait_for(lambda: serving(writer), "the tracking connection")
-        primary = local_cluster.primary_for(_keys.clock_key(writer._keys.layout.at("users")))
+        primary = local_cluster.primary_for(_keys.clock_key(writer._parts.keys.layout.at("users")))
         local_cluster.lose_writes_then_failover(primary, window)
 
     checked = check_failover(engine, new_cache, lose, "writer", rows=10, versions=3, rereads=5)
@@ -182,7 +182,7 @@ def test_a_rounds_answer_counts_only_once_its_check_passed(
     pong only once the round's check (the nodes still serve the cache's slots) has passed."""
     cache = SQLCache(redis_url, prefix=f"r{uuid.uuid4().hex[:10]}", shards=3)
     try:
-        layout = cache._keys.layout
+        layout = cache._parts.keys.layout
         keys = [_keys.clock_key(p) for p in layout.prefixes]
         prefixes = [ns + ":d:" for ns in layout.namespaces]
         store: Any = cache.store

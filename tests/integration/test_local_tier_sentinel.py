@@ -61,7 +61,7 @@ def _watched(setup: LocalSentinel) -> set[int]:
 
 def _fresh(cache: SQLCache) -> bool:
     """Whether the tier may serve now (a counted PING within max_lag)."""
-    tier: Any = cache._local
+    tier: Any = cache._parts.local
     return bool(time.monotonic() - tier._alive <= tier.max_lag)
 
 

@@ -72,7 +72,7 @@ def test_close_closes_every_plugin_and_detaches_even_if_a_wrapper_fails(
     try:
         c.close()  # HEAD: RuntimeError from a's wrapper, re-run while b is being removed
     finally:
-        closed_a, engines_left = a.closed, c._wiring.engines()
+        closed_a, engines_left = a.closed, c._parts.wiring.engines()
         a.fail_wrap = False
         c.close()
     assert closed_a == 1
@@ -87,7 +87,7 @@ def test_remove_plugin_takes_its_wrapper_out_without_calling_others(cache: SQLCa
     cache.add_plugin(b)
     b.fail_wrap = True
     cache.remove_plugin("a")
-    cur, owners = cache._slot.current, []
+    cur, owners = cache._parts.slot.current, []
     cur = getattr(cur, "inner", cur)  # the guard on top of the chain
     while True:
         if isinstance(cur, _Delegating):
