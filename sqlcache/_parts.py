@@ -5,7 +5,7 @@ gets only the narrow pieces it needs (docs/pages/architecture.md has the table o
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from . import _aio, _keys
@@ -45,7 +45,6 @@ class Parts:
 
     :param sender: what signals name as their sender (the facade).
     :param redis_client: what the user passed: a client or URL (``store_for`` makes the cache's own).
-    :param stats: the facade's ``stats()``, published by ``publish_stats`` (held weakly by the caller).
     """
 
     def __init__(
@@ -54,7 +53,6 @@ class Parts:
         redis_client: Any,
         c: CacheConfig,
         sealer: Sealer,
-        stats: Callable[[], Callable[[], dict[str, int]] | None],
     ) -> None:
         self.config = c
         self.health = health = Health(
@@ -100,6 +98,8 @@ class Parts:
             slot, rep, registry, sealer, journal, keys, announcer.announce, c.lock_ttl * 1000, self.outbox,
             lambda: health.conflict,
         )  # fmt: skip
+        # its thread holds stats() weakly (it must not keep the cache alive), and may call it at once
+        stats = weakref.WeakMethod(self.stats)
         self.publisher = Publisher(self.store, rep, p, c.prefix, c.publish_stats, stats)
         self.decoded = decoded = DecodedCache(c.decoded_cache_bytes, registry.hierarchy, rep)
         identities = IdentityReader(reads, registry, txns, layout, decoded.entry)

@@ -127,10 +127,7 @@ class SQLCache:
             wait_timeout=wait_timeout, publish_stats=publish_stats, shards=shards, local_bytes=local_bytes,
             local_max_lag=local_max_lag,
         )  # fmt: skip
-        # every part, built and wired (_parts); a thread's stats() is held weakly by the publisher
-        self._parts = parts = Parts(
-            self, redis_client, self.config, Sealer(secret), weakref.WeakMethod(self.stats)
-        )
+        self._parts = parts = Parts(self, redis_client, self.config, Sealer(secret))  # every part, wired
         #: the redis-py store (connection health, restarts); plugins may wrap what the parts use
         self.store = parts.store
         self._closed = False
