@@ -48,9 +48,8 @@ class IdentityReader:
         self._txns = txns
         self._layout = layout
         self._metas: dict[Mapper[Any], SimpleResultMetaData] = {}
-        # per hierarchy, the dependencies every entry of it has besides its row (its tables' bulk keys and
-        # the global key), and its base table's row-writes key: the same for every read
-        self._shared_deps: dict[Hierarchy, tuple[tuple[str, ...], str]] = {}
+        # per hierarchy, what every key of its reads shares (_KeyParts): built once, not per read
+        self._parts: dict[Hierarchy, _KeyParts] = {}
 
     def read(
         self,
@@ -98,14 +97,16 @@ class IdentityReader:
     def keys(self, h: Hierarchy, pk: tuple[Any, ...], translation: str = "") -> tuple[str, list[str], str]:
         """(entry key, dependency keys, row-writes key) of the entry of ``pk`` in ``h`` (see
         :func:`identity_keys`); raises CodecError for a key value the codec cannot encode."""
-        shared = self._shared_deps.get(h)
-        if shared is None:
-            shared = shared_deps(self._layout, h)
-            if len(self._shared_deps) > 4096:
-                self._shared_deps.clear()
-            self._shared_deps[h] = shared
-        entry_key, deps = identity_keys(self._layout, h, pk, translation, shared)
-        return entry_key, deps, shared[1]
+        parts = self._parts.get(h)
+        if parts is None:
+            if len(self._parts) > 4096:
+                self._parts.clear()
+            parts = self._parts[h] = _KeyParts(self._layout, h)
+        entry_start = parts.entry_starts.get(translation)
+        if entry_start is None:
+            entry_start = parts.entry_start(translation)
+        token = _keys.pk_token(pk)
+        return entry_start + token, [parts.dep_start + token, *parts.shared], parts.row_writes
 
     def _on_hit(
         self,
@@ -136,6 +137,30 @@ class IdentityReader:
         if meta is None:
             meta = self._metas[mapper] = _sa.result_metadata([mapper.class_.__name__], lambda: [id])
         return IteratorResult(meta, iter(() if obj is None else ((obj,),)))
+
+
+class _KeyParts:
+    """What every identity key of one hierarchy shares: each key of a read is one of these starts and
+    the primary key's token (the same strings :func:`identity_keys` builds, by construction: its key
+    functions called with an empty key), or a dependency shared by every entry (:func:`shared_deps`)."""
+
+    __slots__ = ("_h", "_prefix", "dep_start", "entry_starts", "row_writes", "shared")
+
+    def __init__(self, layout: Layout, h: Hierarchy) -> None:
+        self._h = h
+        self._prefix = layout.at(h.base_table)
+        self.shared, self.row_writes = shared_deps(layout, h)
+        self.dep_start = _keys.identity_dep_key(self._prefix, h.base_table, ())
+        self.entry_starts: dict[str, str] = {}
+
+    def entry_start(self, translation: str) -> str:
+        if len(self.entry_starts) > 64:
+            self.entry_starts.clear()
+        h = self._h
+        start = self.entry_starts[translation] = _keys.identity_entry_key(
+            self._prefix, h.fingerprint + translation, h.entity, ()
+        )
+        return start
 
 
 def shared_deps(layout: Layout, h: Hierarchy) -> tuple[tuple[str, ...], str]:

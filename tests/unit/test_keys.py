@@ -85,3 +85,24 @@ def test_scan_pattern_escapes_glob() -> None:
     """A prefix with glob characters matches only itself."""
     assert _keys.scan_pattern("a*b") == "a\\*b:*"
     assert _keys.scan_pattern("x[1]?") == "x\\[1\\]\\?:*"
+
+
+# the identity reader builds its keys from starts kept per hierarchy: the very strings identity_keys builds
+_layouts = st.sampled_from([_keys.Layout(["app"]), _keys.Layout(["a:b%", "s1", "s2"])])
+
+
+@given(_layouts, pks, st.sampled_from(["", "|tr1", "|tr:2"]))
+def test_identity_reader_keys_are_identity_keys(
+    layout: _keys.Layout, pk: tuple[object, ...], translation: str
+) -> None:
+    from sqlcache._hierarchy import hierarchy_for
+    from sqlcache._identity import IdentityReader, identity_keys, shared_deps
+    from tests.models import Order, User
+
+    reader = IdentityReader(None, None, None, layout)  # type: ignore[arg-type]  # keys() uses the layout only
+    for cls in (User, Order):
+        h = hierarchy_for(cls.__mapper__)
+        for _ in range(2):  # built, then from the kept starts
+            entry_key, deps, row_writes = reader.keys(h, pk, translation)
+            assert (entry_key, deps) == identity_keys(layout, h, pk, translation)
+            assert row_writes == shared_deps(layout, h)[1]
