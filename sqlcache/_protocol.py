@@ -10,6 +10,7 @@ of this shape, and plugins may wrap it (``PluginHost.wrap_store``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -216,6 +217,8 @@ def fill_lock_key(entry_key: str) -> str:
 # 5,000-digit string raises).
 _MAX_CLOCK = 2**53 - 1
 _MAX_DIGITS = 16
+# dependencies' generations as an MGET returns them, joined by commas (one C call checks them all)
+_GENERATIONS = re.compile(rb"[0-9]{1,%d}(?:,[0-9]{1,%d})*\Z" % (_MAX_DIGITS, _MAX_DIGITS))
 
 
 def _number(raw: bytes | None) -> int | None:
@@ -256,10 +259,13 @@ def judge_read(values: Sequence[bytes | None], now: Callable[[], float]) -> Read
         # generations.lua, which repairs it before the SELECT
         return ReadResult(False, None, None, 0, False)
     deps = values[2:]
-    for d in deps:
-        if d is None or len(d) > _MAX_DIGITS or not d.isdigit():
-            return ReadResult(False, None, None, clock, False)
-    joined = b",".join(deps)  # type: ignore[arg-type]
+    try:
+        joined = b",".join(deps)  # type: ignore[arg-type]
+    except TypeError:  # a dependency missing (None)
+        return ReadResult(False, None, None, clock, False)
+    # each one a generation: 1 to 16 digits (a comma inside one would add a part)
+    if deps and (_GENERATIONS.match(joined) is None or joined.count(b",") != len(deps) - 1):
+        return ReadResult(False, None, None, clock, False)
     if entry is not None:
         sep = entry.find(b"|")
         header = entry[:sep] if sep >= 0 else b""

@@ -103,3 +103,23 @@ def test_filled_entry_is_a_hit_under_its_generations(gens: list[int], payload: b
     assert r.hit and r.payload == payload
     moved = [*deps[:-1], str(gens[-1] + 1).encode()]
     assert not proto.judge_read([header + b"|" + payload, b"1", *moved], _now).hit
+
+
+_dep_values = st.one_of(
+    st.none(),
+    st.integers(min_value=0, max_value=10**17).map(lambda n: str(n).encode()),
+    st.sampled_from([b"", b"1,2", b"7\n", b" 7", b"+7", b"\xd9\xa3", b"tok:abc", b"0" * 17]),
+    st.binary(max_size=20),
+)
+
+
+@given(st.lists(_dep_values, min_size=1, max_size=5))
+def test_generations_trusted_only_when_each_is_one(deps: list[bytes | None]) -> None:
+    """A read vouches for its dependencies' generations (and may hit) only when every one is 1 to 16
+    ASCII digits: missing, locked, empty, too long or foreign values (a comma inside one included)
+    give no generations."""
+    valid = all(d is not None and 1 <= len(d) <= 16 and all(48 <= c <= 57 for c in d) for d in deps)
+    header = b",".join(d for d in deps if d is not None)
+    r = proto.judge_read([header + b"|p", b"1", *deps], _now)
+    assert (r.generations is not None) == valid
+    assert r.hit == valid
