@@ -223,5 +223,4 @@ def apply_marks(instances: list[Any], new: bytearray, marks: list[tuple[int, str
 def materialize(session: Session, shape: Shape, mask: int, values: list[Any]) -> Any:
     """Build one persistent instance exactly as a database load would, in the identity map (an
     identity-cache hit: the query path's builder, for one object of the entry's values)."""
-    instances, _ = materialize_objects(session, [shape], [[*values, 0, mask]])
-    return instances[0]
+    return _sa.build_one(session, shape, mask, values, _sa.new_runid())

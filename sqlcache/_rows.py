@@ -17,7 +17,17 @@ from ._hierarchy import Conv, Hierarchy, Shape, class_id, table_name
 from ._objects import DEFERRED_KINDS, LAZY_KINDS, Unreproducible, built_since, loader_marks, plain_values
 from .errors import CodecError
 
-__all__ = ["LAYOUT", "Decoded", "Unreproducible", "copy_mutable", "decode_rows", "encode_rows", "is_mutable"]
+__all__ = [
+    "LAYOUT",
+    "Decoded",
+    "Unreproducible",
+    "copy_mutable",
+    "decode_rows",
+    "encode_rows",
+    "is_mutable",
+    "pack_exactly",
+    "unpack_copy",
+]
 
 
 HierarchyOf = Callable[[Mapper[Any]], Hierarchy]
@@ -178,7 +188,7 @@ class Decoded:
         self.mutable_at = found
         self.rows_mutable = not self.flat and any(is_mutable(cell) for row in self.rows for cell in row)
         if found:
-            self.mutable_blob = _pack_exactly([self.objects[n][i] for n, at in found for i in at])
+            self.mutable_blob = pack_exactly([self.objects[n][i] for n, at in found for i in at])
         return self
 
     def fresh(self) -> Decoded:
@@ -188,7 +198,7 @@ class Decoded:
         if self.mutable_at:
             objects = list(objects)
             if self.mutable_blob is not None:
-                copies = iter(_unpack_copy(self.mutable_blob))
+                copies = iter(unpack_copy(self.mutable_blob))
                 for n, at in self.mutable_at:
                     obj = objects[n] = list(objects[n])
                     for i in at:
@@ -214,17 +224,17 @@ class Decoded:
         )
 
 
-def _pack_exactly(values: list[Any]) -> bytes | None:
-    """``values`` packed so that :func:`_unpack_copy` gives back equal values of exactly the same types,
+def pack_exactly(values: list[Any]) -> bytes | None:
+    """``values`` packed so that :func:`unpack_copy` gives back equal values of exactly the same types,
     or None if msgpack cannot (tuples, sets, ints past 64 bits, any other type)."""
     try:
         blob: bytes = msgpack.packb(values, strict_types=True, use_bin_type=True)
-        return blob if _same(_unpack_copy(blob), values) else None
+        return blob if _same(unpack_copy(blob), values) else None
     except (TypeError, ValueError, OverflowError, RecursionError):
         return None  # deeply nested values (the codec allows more than _same recurses): the slow copy
 
 
-def _unpack_copy(blob: bytes) -> list[Any]:
+def unpack_copy(blob: bytes) -> list[Any]:
     # an Unpacker, not unpackb, for the codec's reason: unpackb's parse stack is 40 KiB of C stack
     unpacker = msgpack.Unpacker(None, read_size=len(blob), max_buffer_size=len(blob), raw=False)
     unpacker.feed(blob)

@@ -281,7 +281,7 @@ class SQLCache:
 
         .. versionadded:: 0.4
         """
-        return self._parts.direct.get_many(session, cls, (pk,))[0]
+        return self._parts.direct.get(session, cls, pk)
 
     def get_many(self, session: Session, cls: type[Any], pks: Iterable[Any]) -> list[Any]:
         """:meth:`get` of every key in ``pks``, in order (None for a missing row; duplicates allowed):

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -81,6 +81,38 @@ def test_get_miss_then_hit_is_what_session_get_returns(
         assert got in s and not s.dirty
         assert got.bio is None  # a deferred column still loads on access
     assert cache.stats()["hits"] == 1
+
+
+def test_a_hit_that_fails_while_building_leaves_nothing_in_the_session(
+    engine: Engine, cache: SQLCache, sql_count: SQLCounter
+) -> None:
+    """A ``load`` listener raising while a hit builds its object: the half-built object is taken back
+    out of the identity map, the entry goes, and the database answers with an object of its own load
+    (the ORM finds no object of that key to reuse: the listener runs again)."""
+    cache.register(User)
+    (uid,) = users(engine, "ann")
+    with Session(engine) as s:
+        cache.get(s, User, uid)  # filled
+    loads: list[object] = []
+
+    def listener(target: object, _context: object) -> None:
+        loads.append(target)
+        if len(loads) == 1:
+            raise RuntimeError("listener failed")
+
+    event.listen(User, "load", listener)
+    try:
+        sql_count.reset()
+        with Session(engine) as s:
+            got = cache.get(s, User, uid)
+            assert got is not None and got.name == "ann" and s.get(User, uid) is got
+            assert len(loads) == 2 and loads[1] is got and loads[0] is not got
+            assert sql_count.selects() == 1
+        assert cache.stats()["errors"] >= 1
+    finally:
+        event.remove(User, "load", listener)
+    with Session(engine) as s:
+        assert cache.get(s, User, uid).name == "ann"  # filled again by that load
 
 
 def test_get_missing_row_is_none_and_cached(engine: Engine, cache: SQLCache, sql_count: SQLCounter) -> None:
