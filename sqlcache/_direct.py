@@ -9,12 +9,14 @@ the guarded protocol (refused if a dependency moved, the repeatable-read bound a
 What this fast path does not cover is handed to ``Session.get`` itself, which gives the same answer at
 its usual cost: a sharded session, session execution options, an engine the cache is not attached to,
 a ``schema_translate_map`` or a connection whose names resolve elsewhere, an expired object in the
-identity map, a key that is not a value or a tuple of values, a row found under another spelling of its
-key (a case-insensitive collation).
+identity map, a key given as a dict of attribute values or of the wrong width, a row found under
+another spelling of its key (a case-insensitive collation). A key is read as ``Session.get`` reads it
+(:func:`key_values`).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,15 @@ __all__ = ["DirectReader"]
 # keys per SELECT ... IN: far below every database's limit on bound parameters (SQLite: 32766)
 _IN_BATCH = 1000
 _ABSENT = (None,)  # a hit on a cached absence (a served hit is never None)
+
+
+def key_values(raw: Any) -> tuple[Any, ...]:
+    """The primary key values of ``raw`` as ``Session.get`` reads a key that is not a dict: any iterable
+    but a string or bytes is the values (a tuple, a list, a ``Row``, a named tuple...), anything else
+    (None included) the one value."""
+    if type(raw) is tuple:
+        return raw
+    return tuple(_sa.key_list(raw))
 
 
 def _never_encode(*_args: Any) -> bytes | None:
@@ -79,8 +90,8 @@ class DirectReader:
         if not self._plain(session, mapper):
             return session.get(cls, pk)
         t = type(pk)
-        if t is tuple or t is list or t is dict or pk is None or len(mapper.primary_key) != 1:
-            return self._answer(session, mapper, cls, policy, [pk])[0]
+        if not (t is int or t is str or t is uuid.UUID) or len(mapper.primary_key) != 1:
+            return self._answer(session, mapper, cls, policy, [pk])[0]  # see key_values
         key = (pk,)
         try:
             held = session.identity_map.get(mapper.identity_key_from_primary_key(key))
@@ -89,7 +100,7 @@ class DirectReader:
         if held is not None or _sa.needs_autoflush(session):
             return self._answer(session, mapper, cls, policy, [pk])[0]
         out: list[Any] = [None]
-        self._read(session, mapper, cls, self._registry.ttl_ms(policy.ttl), {key: [0]}, [pk], out)
+        self._read(session, mapper, cls, self._registry.ttl_ms(policy.ttl), {key: [0]}, out)
         return out[0]
 
     def get_many(self, session: Session, cls: type[Any], pks: Iterable[Any]) -> list[Any]:
@@ -125,10 +136,10 @@ class DirectReader:
             # Session.get flushes before it queries: what the session holds pending is then in the
             # database (and the identity map), and the flush is recorded as this transaction's writes
             _sa.autoflush(session)
-            again = ((positions[0], asked[positions[0]]) for positions in wanted.values())
+            again = ((positions[0], pk) for pk, positions in wanted.items())
             wanted = self._lookup(session, mapper, cls, again, out, wanted)
         if wanted:
-            self._read(session, mapper, cls, self._registry.ttl_ms(policy.ttl), wanted, asked, out)
+            self._read(session, mapper, cls, self._registry.ttl_ms(policy.ttl), wanted, out)
         return out
 
     def _plain(self, session: Session, mapper: Mapper[Any]) -> bool:
@@ -165,19 +176,22 @@ class DirectReader:
         width = len(mapper.primary_key)
         rest: dict[tuple[Any, ...], list[int]] = {}
         for i, raw in items:
-            pk = raw if type(raw) is tuple else tuple(raw) if type(raw) is list else (raw,)
-            if len(pk) != width or any(v is None for v in pk) or isinstance(raw, dict):
-                out[i] = session.get(cls, raw)  # its own answer, or its own error
+            if isinstance(raw, dict):  # attribute names to values: Session.get's own way
+                out[i] = session.get(cls, raw)
+                continue
+            pk = key_values(raw)  # read once (an iterator is used up): every later use takes pk
+            if len(pk) != width or any(v is None for v in pk):
+                out[i] = session.get(cls, pk)  # its own answer, or its own error
                 continue
             try:
                 obj = identity_map.get(mapper.identity_key_from_primary_key(pk))
             except TypeError:  # an unhashable value
-                out[i] = session.get(cls, raw)
+                out[i] = session.get(cls, pk)
                 continue
             positions = previous[pk] if previous is not None else None
             if obj is not None:
                 held = isinstance(obj, cls) and not instance_state(obj).expired
-                answer = obj if held else session.get(cls, raw)  # an expired object reloads its way
+                answer = obj if held else session.get(cls, pk)  # an expired object reloads its way
                 for j in positions or (i,):
                     out[j] = answer
                 continue
@@ -194,7 +208,6 @@ class DirectReader:
         cls: type[Any],
         ttl_ms: int,
         wanted: dict[tuple[Any, ...], list[int]],
-        asked: list[Any],
         out: list[Any],
     ) -> None:
         """Redis for every key the session does not hold, the database for the rest, then the fills."""
@@ -248,9 +261,9 @@ class DirectReader:
         # or PAD SPACE collation) found them, and only Session.get can tell which
         stray = any(k not in wanted for k in found)
         for pk in uncached:
-            self._place(session, cls, pk, found, stray, wanted, asked, out)
+            self._place(session, cls, pk, found, stray, wanted, out)
         for rd, pk, r in misses:
-            obj = self._place(session, cls, pk, found, stray, wanted, asked, out)
+            obj = self._place(session, cls, pk, found, stray, wanted, out)
             # entry_of refuses what must not be stored (a row under another spelling of its key, an
             # object the session held before the SELECT)
             reads.fill_after(session, rd, r, partial(entry_of, h, pk, obj, runid))
@@ -263,7 +276,6 @@ class DirectReader:
         found: dict[tuple[Any, ...], Any],
         stray: bool,
         wanted: dict[tuple[Any, ...], list[int]],
-        asked: list[Any],
         out: list[Any],
     ) -> Any:
         """Put the object loaded for ``pk`` where it was asked; returns it (None: no such row)."""
@@ -271,7 +283,7 @@ class DirectReader:
         obj = found.get(pk)
         if obj is None and stray and not exact_key(pk):
             # perhaps the row a stray key names: Session.get's own answer, and nothing is filled
-            obj = session.get(cls, asked[positions[0]])
+            obj = session.get(cls, pk)
             found[pk] = obj
         for i in positions:
             out[i] = obj

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import types as sqltypes
+from sqlalchemy import util
 from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import loading as _loading
@@ -140,6 +141,11 @@ def autobegin(session: Session) -> None:
     (docs/pages/transparency.md)."""
     if session._transaction is None and not session.autobegin:
         session._autobegin_t()
+
+
+def key_list(raw: Any) -> list[Any]:
+    """A primary key (not a dict) as ``Session.get`` reads it: ``util.to_list(key, default=[None])``."""
+    return util.to_list(raw, default=[None])
 
 
 def needs_autoflush(session: Session) -> bool:

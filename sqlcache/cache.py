@@ -299,7 +299,7 @@ class SQLCache:
 
         .. versionadded:: 0.4
         """
-        return (await session.run_sync(self._parts.direct.get_many, cls, (pk,)))[0]
+        return await session.run_sync(self._parts.direct.get, cls, pk)
 
     async def aget_many(self, session: AsyncSession, cls: type[Any], pks: Iterable[Any]) -> list[Any]:
         """:meth:`get_many` for an :class:`~sqlalchemy.ext.asyncio.AsyncSession` (through ``run_sync``).

@@ -3,6 +3,7 @@ protocol (hits, misses, guarded fills, transaction state, outages)."""
 
 from __future__ import annotations
 
+import collections
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -280,6 +281,35 @@ def test_composite_keys(engine: Engine, cache: SQLCache, sql_count: SQLCounter) 
     with Session(engine) as s:
         with pytest.raises(Exception, match="primary key"):
             cache.get(s, Membership, 1)  # Session.get's own error for a key of the wrong length
+
+
+class _HashableDict(dict[str, Any]):
+    __hash__ = object.__hash__  # type: ignore[assignment]
+
+
+def test_keys_are_read_as_session_get_reads_them(engine: Engine, cache: SQLCache) -> None:
+    """Any iterable but a string is the key's values (a Row, a named tuple, a frozenset, an iterator, as
+    Session.get takes them), a dict of any class maps attribute names to values: get and get_many
+    answer each as Session.get does, hits from Redis included."""
+    cache.register(User)
+    (uid,) = users(engine, "ann")
+    with Session(engine) as s:
+        row = s.execute(select(User.id).where(User.id == uid)).one()
+
+    def keys() -> list[Any]:
+        one = collections.namedtuple("one", "id")
+        return [row, one(uid), frozenset({uid}), iter([uid]), range(uid, uid + 1), _HashableDict(id=uid)]
+
+    for _ in range(2):  # a miss, then Redis's hits
+        for key in keys():
+            with Session(engine) as s:
+                assert cache.get(s, User, key).name == "ann", key
+        with Session(engine) as s:
+            assert [u.name for u in cache.get_many(s, User, keys())] == ["ann"] * 6
+    assert cache.stats()["hits"] >= 6
+    with Session(engine) as s:
+        with pytest.raises(Exception, match="primary key"):
+            cache.get(s, User, (uid, 1))  # Session.get's own error for a key of the wrong length
 
 
 def test_inheritance_returns_the_right_subclass(
