@@ -280,7 +280,7 @@ class DecodedCache:
         from_plain: Sequence[Conv | None] = (),
     ) -> Decoded:
         """The decoded, validated result of ``payload`` (fresh mutable values every time)."""
-        if self._lru is None:
+        if self._lru is None or not self._keeps(payload):
             return decode_rows(columns, payload, self._hierarchy, from_plain)
         shared = self._found(entry_key, payload, columns)
         if shared is None:
@@ -292,8 +292,8 @@ class DecodedCache:
         """:func:`~sqlcache._objects.decode_entry` of an identity entry, reused like a query's while
         Redis returns the very same bytes for the key: the values list is the caller's own, and so is
         every mutable value in it (JSON dicts and lists, ARRAY lists, sets are copied)."""
-        if self._lru is None:
-            return decode_entry(h, payload)
+        if self._lru is None or not self._keeps(payload):
+            return decode_entry(h, payload)  # fresh values of its own
         shared = self._found(entry_key, payload, h)
         if shared is None:
             decoded = decode_entry(h, payload)  # CodecError: nothing kept
@@ -327,10 +327,15 @@ class DecodedCache:
         self._rep.incr("decodes_reused")
         return found[2]
 
+    def _keeps(self, payload: bytes) -> bool:
+        """Whether a result decoded from ``payload`` may be kept: at most an eighth of the budget (a
+        larger one is decoded each time, with nothing to prepare for sharing)."""
+        return len(payload) * 8 <= self._max
+
     def _keep(self, entry_key: str, payload: bytes, decoder: Any, shared: Any) -> None:
         size = len(payload)
         kept = self._lru
-        if kept is None or size * 8 > self._max:  # one result may take at most an eighth of the budget
+        if kept is None or not self._keeps(payload):
             return
         with self._mutex:
             old = kept.pop(entry_key, None)

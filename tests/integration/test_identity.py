@@ -483,9 +483,11 @@ def test_reused_entry_decodes_never_share_mutable_values(
             assert (again.s, again.doc) == ("two", {"tags": ["a"], "n": 1})
 
 
-def test_no_entry_decode_is_reused_without_a_budget(engine: Engine, redis_url: str) -> None:
-    """``decoded_cache_bytes=0``: every identity hit decodes its bytes."""
-    c = SQLCache(redis_url, prefix=f"b{uuid.uuid4().hex[:8]}", decoded_cache_bytes=0)
+@pytest.mark.parametrize("budget", [0, 64])
+def test_no_entry_decode_is_reused_without_a_budget(engine: Engine, redis_url: str, budget: int) -> None:
+    """``decoded_cache_bytes=0``, or an entry larger than an eighth of the budget: every identity hit
+    decodes its bytes."""
+    c = SQLCache(redis_url, prefix=f"b{uuid.uuid4().hex[:8]}", decoded_cache_bytes=budget)
     c.register(User)
     c.attach(engine)
     try:
