@@ -227,7 +227,7 @@ def _run(
         samples = _measure(systems, rounds, batch, rnd, rewarm)
         db = plain.dialect.name
         print(f"sqlcache bench: {db}, {rounds} rounds x {batch} ops per system, {rows} rows, interleaved")
-        report(samples)
+        report(samples, rounds)
         if args.plot is not None:
             run = dict(database=db, driver=plain.dialect.driver, rounds=rounds, batch=batch, rows=rows)
             written = bench_plot.write(args.plot, bench_plot.figures(samples, RATIOS, run))

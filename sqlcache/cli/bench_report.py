@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 
-__all__ = ["RATIOS", "pct", "report"]
+__all__ = ["RATIOS", "pct", "report", "round_spread"]
 
 #: (label, system, base, target: the ratio system/base must not exceed, or None)
 RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
@@ -54,20 +54,40 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
 )
 
 
-def report(samples: dict[str, list[int]]) -> None:
-    """Medians and p95 per system, then the ratios against their targets."""
+def report(samples: dict[str, list[int]], rounds: int = 1) -> None:
+    """Medians and p95 per system, then the ratios against their targets, each with the spread of its
+    per-round ratios (``samples`` hold ``rounds`` equal batches per system, in round order: both
+    systems of a round ran within seconds of each other, so a round's ratio is a paired measure)."""
     print(f"{'system':<24} {'n':>6} {'median µs':>10} {'p95 µs':>10}")
     med = {}
     for name, xs in samples.items():
         med[name] = statistics.median(xs) / 1000
         print(f"{name:<24} {len(xs):>6} {med[name]:>10.1f} {pct(xs, 0.95):>10.1f}")
     print()
+    if rounds > 1:
+        print(f"{'ratio of medians':<40} {'':>7}  (middle half of the {rounds} rounds' ratios)")
     for label, system, base, target in RATIOS:
         if system not in med or base not in med:
             continue  # rows this run has not got (no asyncio driver, no cluster)
         ratio = med[system] / med[base]
+        spread = round_spread(samples[system], samples[base], rounds)
+        between = "" if spread is None else f"  ({spread[0]:.2f}-{spread[1]:.2f})"
         verdict = "" if target is None else f"  target <= {target}: {'PASS' if ratio <= target else 'MISS'}"
-        print(f"{label:<40} {ratio:6.2f}x{verdict}")
+        print(f"{label:<40} {ratio:6.2f}x{between}{verdict}")
+
+
+def round_spread(system: list[int], base: list[int], rounds: int) -> tuple[float, float] | None:
+    """The first and third quartiles of the per-round ratios of ``system`` to ``base`` (medians of each
+    round's batch); None for fewer than four rounds, or batches that do not split into ``rounds``."""
+    if rounds < 4 or len(system) % rounds or len(base) % rounds or not system or not base:
+        return None
+    n, m = len(system) // rounds, len(base) // rounds
+    ratios = [
+        statistics.median(system[r * n : (r + 1) * n]) / statistics.median(base[r * m : (r + 1) * m])
+        for r in range(rounds)
+    ]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return q1, q3
 
 
 def pct(xs: list[int], q: float) -> float:
