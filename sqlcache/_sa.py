@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import types as sqltypes
 from sqlalchemy import util
+from sqlalchemy.engine import Connection
 from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import loading as _loading
@@ -22,7 +23,6 @@ from sqlalchemy.sql import Select
 from sqlalchemy.util import immutabledict
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection
     from sqlalchemy.engine.result import FrozenResult, Result
     from sqlalchemy.orm import InstanceState, ORMExecuteState, Session
 
@@ -237,8 +237,30 @@ def loader_criteria(loadopt: Any) -> Any:
 
 
 def is_flushing(session: Session) -> bool:
-    """True while the session's unit of work runs (no public flag exists; ``_flushing`` since 0.x)."""
-    return bool(session._flushing)
+    """True while the session's unit of work runs its statements, whose rows the mapper events name
+    (no public flag exists). Not for the legacy bulk methods (``bulk_update_mappings``,
+    ``bulk_insert_mappings``, ``bulk_save_objects``): they set ``_flushing`` too, but fire no mapper
+    event, so their statements count as bulk writes. ``_warn_on_events`` is set around the unit of
+    work's ``execute()`` only (1.4 and up)."""
+    return bool(session._flushing and session._warn_on_events)
+
+
+def bound_connections(session: Session) -> list[Connection]:
+    """The connections ``session`` is bound to (``Session(bind=conn)``, ``binds={...: conn}``): its
+    transaction joins theirs, whose writes it sees before its own ``after_begin`` has fired."""
+    out: list[Connection] = []
+    bind = session.bind
+    if isinstance(bind, Connection):
+        out.append(bind)
+    # ``Session.binds`` in 2.1, the private ``__binds`` before
+    binds = getattr(session, "binds", None)
+    if binds is None:
+        binds = getattr(session, "_Session__binds", None)
+    if binds:
+        for b in binds.values():
+            if isinstance(b, Connection) and b not in out:
+                out.append(b)
+    return out
 
 
 def is_autocommit(conn: Connection) -> bool:

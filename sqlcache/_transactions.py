@@ -8,7 +8,7 @@ in ``Connection.info`` and ``Session.info`` under keys of one cache, so two cach
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _sa
@@ -200,16 +200,25 @@ class Transactions:
             session.info.pop(self._conns_key, None)
             session.info.pop(self._clock_key, None)
 
+    def _conns(self, session: Session) -> Sequence[Connection]:
+        """The connections of ``session``'s transaction: those it began on, and those it is bound to
+        (their transaction is its own from its first statement on, and may have written already)."""
+        conns: Sequence[Connection] = session.info.get(self._conns_key, ())
+        bound = _sa.bound_connections(session)
+        if bound:
+            conns = [*conns, *(c for c in bound if c not in conns)]
+        return conns
+
     def connection_for(self, session: Session, pool: Any) -> Connection | None:
         """The usable connection (not closed, not invalidated) of ``session``'s transaction on ``pool``."""
-        for c in session.info.get(self._conns_key, ()):
+        for c in self._conns(session):
             if c.engine.pool is pool and not (c.closed or c.invalidated):
-                return c  # type: ignore[no-any-return]
+                return c
         return None
 
     def of_session(self, session: Session) -> list[TxnState]:
         out = []
-        for conn in session.info.get(self._conns_key, ()):
+        for conn in self._conns(session):
             st = conn.info.get(self._txn_key) if not (conn.closed or conn.invalidated) else None
             if st is not None:
                 out.append(st)
@@ -263,7 +272,7 @@ class Transactions:
         Under repeatable read (and SQLite) the database snapshot is fixed by the transaction's first
         statement: a fill is safe only against generations no newer than a clock read before it.
         """
-        for conn in session.info.get(self._conns_key, ()):
+        for conn in self._conns(session):
             if not (conn.closed or conn.invalidated) and self._scope_key in conn.info:
                 # the statement ran on a connection whose names resolve elsewhere (a SET search_path
                 # left on it by an earlier checkout, say): its rows are not the shared key's
@@ -279,7 +288,7 @@ class Transactions:
         return FillBound(True, bound)
 
     def _with_isolation(self, session: Session) -> Iterator[tuple[TxnState, bool]]:
-        for conn in session.info.get(self._conns_key, ()):
+        for conn in self._conns(session):
             if conn.closed or conn.invalidated:
                 continue
             st = conn.info.get(self._txn_key)

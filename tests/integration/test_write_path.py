@@ -312,3 +312,65 @@ def test_driver_autocommit_invalidates_each_statement(engine: Engine, redis_url:
         cache.clear()
         cache.close()
         auto.dispose()
+
+
+def test_legacy_bulk_methods_invalidate_what_they_write(engine: Engine, cache: SQLCache) -> None:
+    """Session.bulk_update_mappings, bulk_insert_mappings and bulk_save_objects run inside the
+    session's flush flag but fire no mapper event: their statements count as bulk writes of their
+    tables, so cached rows and cached absences are not served after the commit."""
+    cache.register(User)
+    ids = make_users(engine, 1)
+    for pk in (ids[0], 9101, 9102):
+        warm(engine, User, pk)  # rows, and absences (integer keys)
+    with Session(engine) as s:
+        s.bulk_update_mappings(User, [{"id": ids[0], "name": "mapped"}])  # type: ignore[arg-type]
+        s.bulk_insert_mappings(User, [{"id": 9101, "name": "inserted"}])  # type: ignore[arg-type]
+        s.commit()
+    assert (name_of(engine, ids[0]), name_of(engine, 9101)) == ("mapped", "inserted")
+    for pk in (ids[0], 9101):
+        warm(engine, User, pk)
+    with Session(engine) as s:
+        u = s.get(User, ids[0])
+        assert u is not None
+        s.expunge(u)
+        u.name = "saved"
+        s.bulk_save_objects([u, User(id=9102, name="new")])  # an UPDATE (it has a key) and an INSERT
+        s.commit()
+    assert [name_of(engine, pk) for pk in (ids[0], 9102)] == ["saved", "new"]
+
+
+def test_a_session_bound_to_a_connection_sees_its_writes_and_stores_none(
+    engine: Engine, cache: SQLCache
+) -> None:
+    """A Session bound to a Connection that wrote (Core, or another session's flush on it) is in that
+    transaction from its first read: it reads those rows from the database, never from Redis, fills
+    nothing from them, and after a rollback nobody is served what was never committed."""
+    cache.register(User)
+    ids = make_users(engine, 2)
+    for pk in (*ids, 9201):
+        warm(engine, User, pk)
+    with engine.connect() as conn:
+        conn.execute(update(User).where(User.id == ids[0]).values(name="uncommitted"))
+        conn.execute(insert(User).values(id=9201, name="uncommitted too"))
+        with Session(bind=conn) as writer:
+            u = writer.get(User, ids[1])
+            assert u is not None
+            u.name = "flushed"
+            writer.flush()
+            with Session(bind=conn) as reader:
+                assert [cache.get(reader, User, pk).name for pk in (*ids, 9201)] == [
+                    "uncommitted",
+                    "flushed",
+                    "uncommitted too",
+                ]
+            with Session(bind=conn) as reader:
+                assert [u.name for u in cache.get_many(reader, User, [*ids, 9201])] == [
+                    "uncommitted",
+                    "flushed",
+                    "uncommitted too",
+                ]
+            with Session(bind=conn) as reader:
+                assert reader.get(User, ids[0]).name == "uncommitted"  # type: ignore[union-attr]
+        conn.rollback()
+    for _ in range(2):
+        assert [name_of(engine, pk) for pk in (*ids, 9201)] == ["u0", "u1", None]

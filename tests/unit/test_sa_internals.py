@@ -75,6 +75,18 @@ def test_execution_internals(session: Session) -> None:
     assert found is not None and found[1] == (1,)
     assert (bypass, pending, refresh, legacy, shard) == (False, False, (None, None), False, None)
     assert not _sa.is_flushing(session)
+    assert _sa.bound_connections(session) == []
+    flushing: list[bool] = []
+    event.listen(User, "before_insert", lambda *_: flushing.append(_sa.is_flushing(session)))
+    try:
+        session.add(User(name="flushed"))
+        session.flush()  # the unit of work: its rows are known by the mapper events
+        session.bulk_insert_mappings(User, [{"name": "bulk"}])  # type: ignore[arg-type]  # no mapper event
+    finally:
+        session.rollback()
+    assert flushing == [True]
+    with session.get_bind().connect() as conn, Session(bind=conn, binds={User: conn}) as bound:
+        assert _sa.bound_connections(bound) == [conn]
     assert not _sa.is_autocommit(session.connection())
 
 
