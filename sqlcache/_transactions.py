@@ -173,10 +173,12 @@ class Transactions:
             info.pop(self._scope_key, None)
 
     def flushing(self, conn: Connection) -> bool:
-        """Whether a session using ``conn`` is running its unit of work (rows known by the mapper events)."""
+        """Whether a session using ``conn`` is running its unit of work (rows known by the mapper events).
+        Only a session whose transaction holds ``conn`` now counts: ``conn.info`` outlives checkouts, and
+        a session kept alive flushing elsewhere says nothing of this connection's statements."""
         for ref in conn.info.get(self._conns_key, ()):
             s = ref()
-            if s is not None and _sa.is_flushing(s):
+            if s is not None and _sa.is_flushing(s) and conn in s.info.get(self._conns_key, ()):
                 return True
         return False
 
@@ -210,10 +212,12 @@ class Transactions:
         return conns
 
     def connection_for(self, session: Session, pool: Any) -> Connection | None:
-        """The usable connection (not closed, not invalidated) of ``session``'s transaction on ``pool``."""
-        for c in self._conns(session):
+        """The usable connection (not closed, not invalidated) of ``session``'s transaction on ``pool``:
+        one it began on, never merely one it is bound to (of several bound to one pool, the statement's
+        own bind decides which runs it)."""
+        for c in session.info.get(self._conns_key, ()):
             if c.engine.pool is pool and not (c.closed or c.invalidated):
-                return c
+                return c  # type: ignore[no-any-return]
         return None
 
     def of_session(self, session: Session) -> list[TxnState]:

@@ -355,3 +355,27 @@ def test_schema_translate_map_is_the_cacheable_way(
                 assert _read(s) == (NAMES[key], [NAMES[key]])
     assert cache.stats()["hits"] == 4
     assert cache.stats()["bypassed"] == 0
+
+
+def test_bound_connections_of_one_pool_each_resolve_their_own_names(
+    pg_tenants: tuple[Engine, dict[str, str]], cache_for: Any
+) -> None:
+    """A Session bound to two connections of one engine (``binds=``), one of them translated to a
+    tenant's schema: a read of the tenant's class keys its entry by the connection that runs it, never
+    by the other one, so the default-schema entry never holds the tenant's row."""
+    engine, spaces = pg_tenants
+    cache = cache_for(engine)
+    with engine.connect() as plain, engine.connect() as tenant_conn:
+        tenant = tenant_conn.execution_options(schema_translate_map={None: spaces["a"]})
+        for _ in range(2):
+            with Session(binds={TenantBase: plain, Account: tenant}) as s:
+                assert s.get(Account, 1).name == NAMES["a"]  # type: ignore[union-attr]
+            with Session(binds={TenantBase: plain, Account: tenant}) as s:
+                assert cache.get(s, Account, 1).name == NAMES["a"]
+            tenant_conn.rollback()
+            plain.rollback()
+    for _ in range(2):
+        with Session(engine) as s:
+            assert s.get(Account, 1).name == NAMES["home"]  # type: ignore[union-attr]
+        with Session(engine) as s:
+            assert cache.get(s, Account, 1).name == NAMES["home"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import decimal
+import uuid
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import create_engine, delete, event, insert, pool, select, text, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -236,7 +239,6 @@ def test_primary_key_change(engine: Engine, cache: SQLCache) -> None:
 def test_huge_transaction_invalidates_its_tables_in_a_few_keys(engine: Engine, cache: SQLCache) -> None:
     """A commit of more rows than MAX_COMMIT_KEYS locks and releases its tables (two keys each), not one
     key per row: bounded scripts; every entry of those tables is still invalidated."""
-    from typing import Any
 
     from sqlalchemy import select
 
@@ -374,3 +376,44 @@ def test_a_session_bound_to_a_connection_sees_its_writes_and_stores_none(
         conn.rollback()
     for _ in range(2):
         assert [name_of(engine, pk) for pk in (*ids, 9201)] == ["u0", "u1", None]
+
+
+def test_a_session_kept_alive_says_nothing_of_a_connection_it_gave_back(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A session that used a pooled connection and gave it back, then flushes on another one: a Core
+    UPDATE that meanwhile runs on the first connection (another thread's, here a listener's) is not
+    that flush's work, and invalidates its table like any Core DML."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'kept.db'}", poolclass=pool.QueuePool)
+    User.metadata.create_all(engine)
+    cache = SQLCache(redis_url, prefix=f"kept{uuid.uuid4().hex[:8]}")
+    cache.attach(engine)
+    cache.register(User)
+    other: Any = None
+
+    def meanwhile(*_: Any) -> None:  # while kept's unit of work runs on its new connection
+        other.execute(update(User).where(User.id == uid).values(name="new"))
+        other.commit()
+
+    try:
+        uid = make_user(engine, "old")
+        engine.dispose()
+        kept = Session(engine)
+        kept.get(Order, 1)
+        kept.commit()  # its connection goes back to the pool; the session lives on
+        other = engine.connect()  # the connection it gave back
+        assert name_of(engine, uid) == "old"  # cached
+        event.listen(Order, "before_insert", meanwhile)
+        try:
+            kept.add(Order(user_id=uid))
+            kept.commit()
+        finally:
+            event.remove(Order, "before_insert", meanwhile)
+        assert name_of(engine, uid) == "new"
+        other.close()
+        kept.close()
+    finally:
+        cache.detach(engine)
+        cache.clear()
+        cache.close()
+        engine.dispose()
