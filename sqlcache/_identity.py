@@ -178,15 +178,14 @@ def identity_keys(
     h: Hierarchy,
     pk: tuple[Any, ...],
     translation: str = "",
-    shared: tuple[tuple[str, ...], str] | None = None,
 ) -> tuple[str, list[str]]:
     """(entry key, dependency keys) of the entry of ``pk`` in ``h``; the row's own dependency first.
-    ``shared``: :func:`shared_deps` of ``h``, if the caller keeps it. Raises CodecError for a key value
-    the codec cannot encode."""
+    Raises CodecError for a key value the codec cannot encode. (The identity reader builds the same
+    strings from starts it keeps: ``_KeyParts``.)"""
     prefix = layout.at(h.base_table)
     dep_identity = _keys.identity_dep_key(prefix, h.base_table, pk)
     entry_key = _keys.identity_entry_key(prefix, h.fingerprint + translation, h.entity, pk)
-    deps_of_all = (shared or shared_deps(layout, h))[0]
+    deps_of_all = shared_deps(layout, h)[0]
     return entry_key, [dep_identity, *deps_of_all]
 
 
