@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
-import os
+import subprocess
 import sys
 
 import pytest
@@ -26,22 +25,41 @@ def test_seeding_the_random_module_does_not_repeat_tokens() -> None:
     assert new_token() != a
 
 
+_FORKED_WITHOUT_HOOKS = """
+import ctypes, os, sys
+from sqlcache._tokens import new_token
+
+new_token()
+r, w = os.pipe()
+# PyDLL keeps the GIL across the call: the child resumes as the only thread, holding it
+pid = ctypes.PyDLL(None).fork()
+if pid == 0:  # the child: write its next two tokens, and leave at once
+    try:
+        os.write(w, (new_token() + new_token()).encode())
+    finally:
+        os._exit(0)
+os.close(w)
+os.waitpid(pid, 0)
+sys.stdout.write(os.read(r, 64).decode() + " " + new_token() + new_token())
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="libc fork through ctypes")
 def test_a_child_forked_without_fork_hooks_draws_its_own_tokens() -> None:
     """uWSGI forks its workers without running Python's at-fork hooks (py-call-osafterfork off): the
-    child must not hand out the tokens its parent will."""
-    libc = ctypes.CDLL(None)
-    r, w = os.pipe()
-    new_token()
-    pid = libc.fork()
-    if pid == 0:  # the child: write its next two tokens, and leave at once
-        try:
-            os.write(w, (new_token() + new_token()).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    os.waitpid(pid, 0)
-    child = os.read(r, 64).decode()
-    os.close(r)
-    assert len(child) == 64
-    assert child != new_token() + new_token()
+    child must not hand out the tokens its parent will.
+
+    The fork happens in an interpreter of its own with one thread, as in a prefork server's master: a
+    libc fork in this process, with the threads earlier tests left running, can leave the child waiting
+    for a GIL held by a thread that did not survive the fork (the parent then waited for ever)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKED_WITHOUT_HOOKS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    child, parent = done.stdout.split(" ")
+    assert len(child) == 64 and len(parent) == 64
+    assert child != parent
