@@ -98,7 +98,7 @@ def _async_sentinel_client(pool: redis.sentinel.SentinelConnectionPool, timeout:
     watchers = _async_kwargs(dict(manager.sentinel_kwargs), aconnection.Connection, timeout)
     if manager.sentinel_kwargs.get("ssl"):
         watchers["ssl"] = True
-    asent = asentinel.Sentinel(  # type: ignore[no-untyped-call]
+    asent = asentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
         sentinels, min_other_sentinels=manager.min_other_sentinels, sentinel_kwargs=watchers
     )
     client: aredis.Redis = asent.master_for(pool.service_name, **kept)

@@ -43,7 +43,7 @@ class Subscription:
 
     def __init__(self, client: redis.Redis, channel: str) -> None:
         try:
-            self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
             self._pubsub.subscribe(channel)
         except _REDIS_ERRORS as exc:
             raise CacheUnavailable("listen") from exc
