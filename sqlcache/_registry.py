@@ -43,6 +43,7 @@ class Registry:
         self._policy_memo: dict[Mapper[Any], ModelPolicy | None] = {}
         self._hierarchies: dict[Mapper[Any], Hierarchy] = {}
         self._cascades: dict[tuple[Any, bool, bool], set[Any]] = {}
+        self._recorded_caches: dict[int, Mapper[Any]] = {}  # id of a statement cache: its base mapper
         self.repopulating = False
 
     def after_fork(self) -> None:
@@ -71,6 +72,29 @@ class Registry:
                 break
         self._policy_memo[mapper] = found
         return found
+
+    def records_rows_of(self, compiled_cache: Any) -> bool:
+        """Whether a statement the unit of work runs with ``compiled_cache`` writes only rows the mapper
+        events name to sqlcache.
+
+        SQLAlchemy's persistence runs a hierarchy's INSERT, UPDATE and DELETE statements with its base
+        mapper's statement cache (``execution_options["compiled_cache"]``); the rows of a hierarchy with
+        a registered class are recorded by its events (its unregistered classes' rows are never a
+        registered class's identity). A statement run during the flush with no such cache (a mapper
+        listener's own, a relationship's many-to-many rows) or another hierarchy's is a bulk write of
+        its tables: nothing names its rows.
+        """
+        if compiled_cache is None:
+            return False
+        base = self._recorded_caches.get(id(compiled_cache))
+        if base is not None and base._compiled_cache is compiled_cache:
+            return True
+        for mapper in list(self._policies):
+            base = mapper.base_mapper
+            if base._compiled_cache is compiled_cache:
+                self._recorded_caches[id(compiled_cache)] = base
+                return True
+        return False
 
     def hierarchy(self, mapper: Mapper[Any]) -> Hierarchy:
         h = self._hierarchies.get(mapper)

@@ -66,6 +66,8 @@ class Policies(Protocol):
 
     def cascades(self, table: Any, deleted: bool, updated: bool) -> set[Any]: ...
 
+    def records_rows_of(self, compiled_cache: Any) -> bool: ...
+
 
 # -- the dialect's commit, wrapped once per dialect --------------------------------------------------
 
@@ -310,7 +312,12 @@ class Wiring:
         if context is None:
             return
         if context.isinsert or context.isupdate or context.isdelete:
-            flushing = self._txns.flushing(conn)
+            # the unit of work's own statement for a registered hierarchy: the mapper events name its
+            # rows. Any other (a mapper listener's, a many-to-many relationship's rows, an unregistered
+            # class's, even during a flush) is a bulk write of its tables
+            flushing = self._txns.flushing(conn) and self._policies.records_rows_of(
+                context.execution_options.get("compiled_cache")
+            )
             cascades = self._policies.cascades
             for table in dml_tables(context):
                 st.tables[table.fullname] = table

@@ -9,13 +9,30 @@ from typing import Any
 
 from sqlalchemy import create_engine, delete, event, insert, pool, select, text, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Mapper, Session, registry
 
 from sqlcache import SQLCache
 
 from ..conftest import SQLCounter
 from ..helpers import make_user
 from ..models import Order, Tag, User, user_tags
+
+
+# the same tables under classes of another registry: rows of a registered class's table written by an
+# unregistered class, and a many-to-many association table that is also a registered class
+class PlainUser:
+    id: int
+    name: str
+
+
+class UserTagLink:
+    user_id: int
+    tag_id: int
+
+
+_other = registry()
+_other.map_imperatively(PlainUser, User.__table__)
+_other.map_imperatively(UserTagLink, user_tags)
 
 
 def warm(engine: Engine, cls: type, pk: object) -> None:
@@ -417,3 +434,86 @@ def test_a_session_kept_alive_says_nothing_of_a_connection_it_gave_back(
         cache.clear()
         cache.close()
         engine.dispose()
+
+
+def test_statements_of_mapper_listeners_during_a_flush_invalidate_their_rows(
+    engine: Engine, cache: SQLCache
+) -> None:
+    """A statement a mapper listener runs on the flush's connection (the pattern SQLAlchemy's docs show
+    for counters and audit columns) is not the unit of work's: no mapper event names its rows, so it
+    counts as a bulk write of its table."""
+    cache.register(User)
+    cache.register(Order)
+    (uid,) = make_users(engine, 1)
+    warm(engine, User, uid)
+
+    def bump(mapper: Mapper[Any], conn: Any, target: Order) -> None:
+        conn.execute(update(User).where(User.id == target.user_id).values(name="counted"))
+
+    event.listen(Order, "after_insert", bump)
+    try:
+        with Session(engine) as s:
+            s.add(Order(user_id=uid, total=decimal.Decimal("3")))
+            s.commit()
+    finally:
+        event.remove(Order, "after_insert", bump)
+    for _ in range(2):  # the database's row, then the entry filled from it
+        assert name_of(engine, uid) == "counted"
+
+
+def test_rows_written_through_an_unregistered_class_of_the_same_table(
+    engine: Engine, cache: SQLCache
+) -> None:
+    """An unregistered class mapped to a registered class's table writes its rows without the events
+    sqlcache records: its unit-of-work statements count as bulk writes of the table."""
+    cache.register(User)
+    (uid,) = make_users(engine, 1)
+    for pk in (uid, 9301):
+        warm(engine, User, pk)  # a row and an absence
+    with Session(engine) as s:
+        plain = s.get(PlainUser, uid)
+        assert plain is not None
+        plain.name = "through another class"
+        new = PlainUser()
+        new.id, new.name = 9301, "inserted through another class"
+        s.add(new)
+        s.commit()
+    for _ in range(2):
+        assert [name_of(engine, pk) for pk in (uid, 9301)] == [
+            "through another class",
+            "inserted through another class",
+        ]
+
+
+def test_many_to_many_rows_of_a_registered_association_class(engine: Engine, cache: SQLCache) -> None:
+    """The secondary rows a relationship writes (dependency.py's own statements, no mapper event) are
+    rows of a registered class too when its table is mapped: a cached absence does not outlive the
+    insert, nor a cached row the delete."""
+    cache.register(UserTagLink)
+    (uid,) = make_users(engine, 1)
+    with Session(engine) as s:
+        tag = Tag(label="t")
+        s.add(tag)
+        s.commit()
+        tid = tag.id
+
+    def link_exists() -> bool:
+        with Session(engine) as s:
+            return s.get(UserTagLink, (uid, tid)) is not None
+
+    for _ in range(2):
+        assert not link_exists()  # the absence is cached
+    with Session(engine) as s:
+        user = s.get(User, uid)
+        assert user is not None
+        user.tags.append(s.get(Tag, tid))  # type: ignore[arg-type]
+        s.commit()
+    for _ in range(2):
+        assert link_exists()
+    with Session(engine) as s:
+        user = s.get(User, uid)
+        assert user is not None
+        user.tags.clear()
+        s.commit()
+    for _ in range(2):
+        assert not link_exists()

@@ -171,3 +171,49 @@ def test_autobegin_internals() -> None:
         with s.begin():
             _sa.autobegin(s)  # a transaction is there: nothing to do
     engine.dispose()
+
+
+def test_unit_of_work_statements_carry_their_base_mappers_cache() -> None:
+    """The unit of work runs a hierarchy's INSERT, UPDATE and DELETE with the base mapper's statement
+    cache in its execution options (what Registry.records_rows_of tells its statements by); a
+    relationship's many-to-many rows and a mapper listener's statements carry none."""
+    from sqlalchemy import event, update
+
+    from ..models import Engineer, Tag
+
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    seen: list[tuple[str, Any]] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def note(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if context.isinsert or context.isupdate or context.isdelete:
+            table = context.compiled.statement.table.name
+            seen.append((table, context.execution_options.get("compiled_cache")))
+
+    def listener(mapper: Any, conn: Any, target: Any) -> None:
+        conn.execute(update(User).where(User.id == target.id).values(email="from a listener"))
+
+    event.listen(User, "after_insert", listener)
+    try:
+        with Session(engine) as s:
+            u = User(id=1, name="a", tags=[Tag(id=1, label="t")])
+            s.add_all([u, Engineer(id=1, name="e")])
+            s.flush()
+            u.name = "b"
+            s.flush()
+            s.delete(u)
+            s.commit()
+    finally:
+        event.remove(User, "after_insert", listener)
+    user_cache = User.__mapper__._compiled_cache
+    employee_cache = Engineer.__mapper__.base_mapper._compiled_cache
+    assert employee_cache is not Engineer.__mapper__._compiled_cache
+    by_table: dict[str, list[Any]] = {}
+    for table, cache in seen:
+        by_table.setdefault(table, []).append(cache)
+    # the insert, the listener's update, the flushed update, the delete
+    assert by_table["users"] == [user_cache, None, user_cache, user_cache]
+    assert by_table["employees"] == by_table["engineers"] == [employee_cache]
+    assert by_table["user_tags"] == [None, None]  # the secondary row's insert and delete
+    engine.dispose()
