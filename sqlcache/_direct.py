@@ -150,6 +150,7 @@ class DirectReader:
         if not self._serves(bind):
             return False
         pool, txns = bind.engine.pool, self._txns
+        txns.routed(session, bind)  # a Connection an override answered: its writes are the read's
         conn = txns.connection_for(session, pool)
         if conn is None:
             if isinstance(bind, Connection):

@@ -9,6 +9,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper
 
+from . import _sa
 from ._hierarchy import Hierarchy, check_supported, class_id, hierarchy_for
 from ._txn import cascade_targets
 from .config import ModelPolicy
@@ -87,12 +88,11 @@ class Registry:
         if compiled_cache is None:
             return False
         base = self._recorded_caches.get(id(compiled_cache))
-        if base is not None and base._compiled_cache is compiled_cache:
+        if base is not None and _sa.persistence_cache(base) is compiled_cache:
             return True
         for mapper in list(self._policies):
-            base = mapper.base_mapper
-            if base._compiled_cache is compiled_cache:
-                self._recorded_caches[id(compiled_cache)] = base
+            if _sa.persistence_cache(mapper) is compiled_cache:
+                self._recorded_caches[id(compiled_cache)] = mapper.base_mapper
                 return True
         return False
 

@@ -52,6 +52,7 @@ __all__ = [
     "new_runid",
     "path_registry",
     "pending_autoflush",
+    "persistence_cache",
     "pk_load",
     "refresh_of",
     "refresh_unloaded",
@@ -243,6 +244,12 @@ def is_flushing(session: Session) -> bool:
     event, so their statements count as bulk writes. ``_warn_on_events`` is set around the unit of
     work's ``execute()`` only (1.4 and up)."""
     return bool(session._flushing and session._warn_on_events)
+
+
+def persistence_cache(mapper: Mapper[Any]) -> Any:
+    """The statement cache SQLAlchemy's persistence runs ``mapper``'s hierarchy's unit-of-work INSERT,
+    UPDATE and DELETE with (their ``compiled_cache`` execution option): its base mapper's."""
+    return mapper.base_mapper._compiled_cache
 
 
 def bound_connections(session: Session) -> list[Connection]:

@@ -11,12 +11,13 @@ import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.engine import Connection
+
 from . import _sa
 from ._protocol import Clock, earliest, merge_clocks
 from ._txn import ScopeChange, TxnState
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection
     from sqlalchemy.orm import Session, SessionTransaction
 
 __all__ = ["FillBound", "Scoped", "Transactions"]
@@ -72,6 +73,7 @@ class Transactions:
         self._txn_key = ("sqlcache.txn", owner)
         self._conns_key = ("sqlcache.conns", owner)
         self._clock_key = ("sqlcache.clock", owner)
+        self._routed_key = ("sqlcache.routed", owner)
         self._scope_key = ("sqlcache.scope", owner)
         # pools on which a statement changing name resolution was ever seen
         self._switching: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -201,12 +203,30 @@ class Transactions:
         if transaction.parent is None:
             session.info.pop(self._conns_key, None)
             session.info.pop(self._clock_key, None)
+            session.info.pop(self._routed_key, None)
+
+    def routed(self, session: Session, bind: Any) -> None:
+        """A read's ``session.get_bind()`` answered ``bind``: a Connection it answered (an override
+        written by the application) is the session's transaction from that read on, as one it is bound
+        to is, and may have written already. Called before the read looks at its own writes."""
+        if bind is session.bind or not isinstance(bind, Connection):
+            return
+        seen: list[Connection] | None = session.info.get(self._routed_key)
+        if seen is None:
+            session.info[self._routed_key] = [bind]
+        elif bind not in seen:
+            seen[:] = [c for c in seen if not c.closed]
+            seen.append(bind)
 
     def _conns(self, session: Session) -> Sequence[Connection]:
-        """The connections of ``session``'s transaction: those it began on, and those it is bound to
-        (their transaction is its own from its first statement on, and may have written already)."""
+        """The connections of ``session``'s transaction: those it began on, and those it is bound to or
+        its ``get_bind()`` answered (their transaction is its own from its first statement on, and may
+        have written already)."""
         conns: Sequence[Connection] = session.info.get(self._conns_key, ())
         bound = _sa.bound_connections(session)
+        routed = session.info.get(self._routed_key)
+        if routed:
+            bound = [*bound, *routed]
         if bound:
             conns = [*conns, *(c for c in bound if c not in conns)]
         return conns

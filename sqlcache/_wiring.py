@@ -401,7 +401,10 @@ class Wiring:
         if hasattr(session, "shard_chooser") and "shard_id" not in args:
             return None
         bind = session.get_bind(**args)
-        return bind if bind.engine.pool in self._pools else None
+        if bind.engine.pool not in self._pools:
+            return None
+        self._txns.routed(session, bind)  # a Connection an override answered: its writes are the read's
+        return bind
 
     def translation(self, orm_state: ORMExecuteState, bind: Any) -> str | None:
         """ "" or a digest of what makes the same statement read other rows: the ``schema_translate_map``

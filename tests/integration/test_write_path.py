@@ -395,6 +395,50 @@ def test_a_session_bound_to_a_connection_sees_its_writes_and_stores_none(
         assert [name_of(engine, pk) for pk in (*ids, 9201)] == ["u0", "u1", None]
 
 
+class _RoutedToConnection(Session):
+    """A Session whose get_bind() answers a Connection (routing written by the application)."""
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__()
+        self.routed_to = conn
+
+    def get_bind(self, mapper: Any = None, **kw: Any) -> Any:
+        return self.routed_to
+
+
+def test_a_session_routed_to_a_connection_sees_its_writes_and_stores_none(
+    engine: Engine, cache: SQLCache
+) -> None:
+    """As for Session(bind=conn), when the session's own get_bind() answers the Connection: it reads
+    what was written on it from the database, fills nothing from it, and nothing uncommitted is served
+    after the rollback."""
+    cache.register(User)
+    ids = make_users(engine, 1)
+    for pk in (*ids, 9401):
+        warm(engine, User, pk)
+    with engine.connect() as conn:
+        conn.execute(update(User).where(User.id == ids[0]).values(name="uncommitted"))
+        conn.execute(insert(User).values(id=9401, name="uncommitted too"))
+        with _RoutedToConnection(conn) as reader:
+            assert [cache.get(reader, User, pk).name for pk in (*ids, 9401)] == [
+                "uncommitted",
+                "uncommitted too",
+            ]
+        with _RoutedToConnection(conn) as reader:
+            assert [u.name for u in cache.get_many(reader, User, [*ids, 9401])] == [
+                "uncommitted",
+                "uncommitted too",
+            ]
+        with _RoutedToConnection(conn) as reader:
+            assert [reader.get(User, pk).name for pk in (*ids, 9401)] == [  # type: ignore[union-attr]
+                "uncommitted",
+                "uncommitted too",
+            ]
+        conn.rollback()
+    for _ in range(2):
+        assert [name_of(engine, pk) for pk in (*ids, 9401)] == ["u0", None]
+
+
 def test_a_session_kept_alive_says_nothing_of_a_connection_it_gave_back(
     tmp_path: Path, redis_url: str
 ) -> None:
