@@ -72,6 +72,20 @@ class _Pending:
     outbox: OutboxRow | None = None  # durable: the row to mark done once the invalidation is applied
 
 
+class _RowKeys:
+    """What the keys of a mapper's written rows are built from, under one key layout: its hierarchy, the
+    attributes of its primary key columns (read from the state) and the start of every row key."""
+
+    __slots__ = ("attrs", "hierarchy", "layout", "start")
+
+    def __init__(self, registry: Registry, mapper: Mapper[Any], layout: _keys.Layout) -> None:
+        self.layout = layout
+        self.hierarchy = h = registry.hierarchy(mapper.base_mapper)
+        self.attrs = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
+        # identity_dep_key(prefix, table, pk) is this followed by pk_token(pk)
+        self.start = _keys.identity_dep_key(layout.at(h.base_table), h.base_table, ())
+
+
 class Commits:
     """The commit protocol of one cache.
 
@@ -103,29 +117,32 @@ class Commits:
         self._lock_ttl_ms = lock_ttl_ms
         self._outbox = outbox
         self._pending: dict[int, _Pending] = {}
-        # per mapper, the attributes of its primary key columns (record() reads them from the state)
-        self._pk_attrs: dict[Mapper[Any], tuple[str, ...]] = {}
+        # per mapper, what record() builds its rows' keys from
+        self._rows: dict[Mapper[Any], _RowKeys] = {}
 
     def record(self, st: TxnState, mapper: Mapper[Any], state: Any, deleted: bool) -> None:
         """A row the unit of work wrote (``after_insert/update/delete`` of a registered class)."""
-        h = self._registry.hierarchy(mapper.base_mapper)
-        p = self._keys.layout.at(h.base_table)
+        layout = self._keys.layout
+        row = self._rows.get(mapper)
+        if row is None or row.layout is not layout:
+            row = self._rows[mapper] = _RowKeys(self._registry, mapper, layout)
+        h = row.hierarchy
         obj = state.obj()
-        attrs = self._pk_attrs.get(mapper)
-        if attrs is None:
-            attrs = self._pk_attrs[mapper] = tuple(
-                mapper.get_property_by_column(c).key for c in mapper.primary_key
-            )
         values = state.dict
-        if all(a in values for a in attrs):
+        attrs = row.attrs
+        if len(attrs) == 1:
+            pk = (values[attrs[0]],) if attrs[0] in values else tuple(mapper.primary_key_from_instance(obj))
+        elif all(a in values for a in attrs):
             pk = tuple([values[a] for a in attrs])  # what primary_key_from_instance reads, without its ~2 µs
         else:
             pk = tuple(mapper.primary_key_from_instance(obj))
         old = state.key
+        moved = old is not None and old[1] != pk  # the primary key itself changed
         try:
-            key = _keys.identity_dep_key(p, h.base_table, pk)
-            if old is not None and tuple(old[1]) != pk:
-                _keys.identity_dep_key(p, h.base_table, tuple(old[1]))
+            v = pk[0]
+            key = row.start + (str(v) if len(pk) == 1 and type(v) is int else _keys.pk_token(pk))
+            if moved:
+                old_key = row.start + _keys.pk_token(old[1])
         except CodecError:
             # a key value the codec cannot encode (a TypeDecorator's own Python type): reads of it are
             # not cached either (they cannot be keyed), but queries and other rows' entries read its
@@ -142,12 +159,8 @@ class Commits:
         if previous is not None:
             written = None if written is None or previous.written is None else written | previous.written
         st.identities[key] = IdentityWrite(h, pk, None if deleted else state, mapper.class_, obj, written)
-        if old is not None and tuple(old[1]) != pk:
-            # the primary key itself changed: the row is gone from its old key too
-            old_pk = tuple(old[1])
-            st.identities[_keys.identity_dep_key(p, h.base_table, old_pk)] = IdentityWrite(
-                h, old_pk, None, mapper.class_
-            )
+        if moved:  # the row is gone from its old key too
+            st.identities[old_key] = IdentityWrite(h, tuple(old[1]), None, mapper.class_)
 
     def _written(self, mapper: Mapper[Any], state: Any) -> set[str] | None:
         """The columns an UPDATE of ``state`` sends, if the database will store each exactly as assigned;

@@ -31,8 +31,7 @@ from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Mapper, Session
-from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm import InstanceState, Mapper, Session
 
 from . import _sa
 from ._slots import Slot, hook
@@ -231,7 +230,10 @@ class Wiring:
     def _listen_mappers(self) -> None:
         for mapper in self._mappers - self._mappers_listening:
             for name, fn in self._mapper_events():
-                self._mapper_slots.append(_hook(mapper, name, fn, propagate=True))
+                # raw: the listener gets the InstanceState, which is what it records (no wrapper of
+                # SQLAlchemy's turning it into the object, per row); retval: nothing is wrapped to
+                # return EXT_CONTINUE either (mapper events ignore what a listener returns)
+                self._mapper_slots.append(_hook(mapper, name, fn, propagate=True, raw=True, retval=True))
             self._mappers_listening.add(mapper)
 
     def _unlisten_mappers(self) -> None:
@@ -363,19 +365,21 @@ class Wiring:
             self._commits.before(st, key, conn)
             self._commits.after(key, True)
 
-    def _record(self, mapper: Mapper[Any], conn: Connection, target: Any, deleted: bool) -> None:
-        if not self._attached(conn) or self._policies.policy_for(mapper) is None:
+    def _record(
+        self, mapper: Mapper[Any], conn: Connection, state: InstanceState[Any], deleted: bool
+    ) -> None:
+        if conn.engine.pool not in self._pools or self._policies.policy_for(mapper) is None:
             return
-        self._commits.record(self._txns.of(conn), mapper, instance_state(target), deleted)
+        self._commits.record(self._txns.of(conn), mapper, state, deleted)
 
-    def _on_after_insert(self, mapper: Mapper[Any], conn: Connection, target: Any) -> None:
-        self._record(mapper, conn, target, False)
+    def _on_after_insert(self, mapper: Mapper[Any], conn: Connection, state: InstanceState[Any]) -> None:
+        self._record(mapper, conn, state, False)
 
-    def _on_after_update(self, mapper: Mapper[Any], conn: Connection, target: Any) -> None:
-        self._record(mapper, conn, target, False)
+    def _on_after_update(self, mapper: Mapper[Any], conn: Connection, state: InstanceState[Any]) -> None:
+        self._record(mapper, conn, state, False)
 
-    def _on_after_delete(self, mapper: Mapper[Any], conn: Connection, target: Any) -> None:
-        self._record(mapper, conn, target, True)
+    def _on_after_delete(self, mapper: Mapper[Any], conn: Connection, state: InstanceState[Any]) -> None:
+        self._record(mapper, conn, state, True)
 
     # -- sessions -------------------------------------------------------------------------------------
 
