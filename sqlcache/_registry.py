@@ -44,7 +44,8 @@ class Registry:
         self._policy_memo: dict[Mapper[Any], ModelPolicy | None] = {}
         self._hierarchies: dict[Mapper[Any], Hierarchy] = {}
         self._cascades: dict[tuple[Any, bool, bool], set[Any]] = {}
-        self._recorded_caches: dict[int, Mapper[Any]] = {}  # id of a statement cache: its base mapper
+        # id of a statement cache -> (the cache, held so that its id stays its own; records_rows_of)
+        self._statement_caches: dict[int, tuple[Any, bool]] = {}
         self.repopulating = False
 
     def after_fork(self) -> None:
@@ -56,6 +57,7 @@ class Registry:
         with self._mutex:
             self._policies[mapper] = policy
             self._policy_memo.clear()
+            self._statement_caches.clear()
             self._hierarchies.clear()
             #: whether any registered class repopulates (a commit looks no further when none does)
             self.repopulating = any(p.mode == "repopulate" for p in self._policies.values())
@@ -87,14 +89,14 @@ class Registry:
         """
         if compiled_cache is None:
             return False
-        base = self._recorded_caches.get(id(compiled_cache))
-        if base is not None and _sa.persistence_cache(base) is compiled_cache:
-            return True
-        for mapper in list(self._policies):
-            if _sa.persistence_cache(mapper) is compiled_cache:
-                self._recorded_caches[id(compiled_cache)] = mapper.base_mapper
-                return True
-        return False
+        known = self._statement_caches.get(id(compiled_cache))
+        if known is not None and known[0] is compiled_cache:
+            return known[1]
+        answer = any(_sa.persistence_cache(m) is compiled_cache for m in list(self._policies))
+        if len(self._statement_caches) > 4096:  # mappers configured again and again: caches replaced
+            self._statement_caches.clear()
+        self._statement_caches[id(compiled_cache)] = (compiled_cache, answer)
+        return answer
 
     def hierarchy(self, mapper: Mapper[Any]) -> Hierarchy:
         h = self._hierarchies.get(mapper)

@@ -24,7 +24,7 @@ from sqlalchemy.util import immutabledict
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.result import FrozenResult, Result
-    from sqlalchemy.orm import InstanceState, ORMExecuteState, Session
+    from sqlalchemy.orm import InstanceState, ORMExecuteState, Session, SessionTransaction
 
     from ._hierarchy import Shape
 
@@ -38,6 +38,7 @@ __all__ = [
     "bypasses_query_cache",
     "cache_key",
     "current_path",
+    "current_transaction",
     "driver_autocommit",
     "from_objects",
     "frozen_keys",
@@ -235,6 +236,12 @@ def loader_criteria(loadopt: Any) -> Any:
 
 
 # -- connections and sessions -------------------------------------------------------------------------
+
+
+def current_transaction(session: Session) -> SessionTransaction | None:
+    """The session's innermost transaction: during a flush, the flush's own (a subtransaction), or one
+    begun inside it; ``session.get_transaction()`` answers the outermost only."""
+    return session._transaction
 
 
 def is_flushing(session: Session) -> bool:

@@ -74,6 +74,7 @@ class Transactions:
         self._conns_key = ("sqlcache.conns", owner)
         self._clock_key = ("sqlcache.clock", owner)
         self._routed_key = ("sqlcache.routed", owner)
+        self._aside_key = ("sqlcache.aside", owner)
         self._scope_key = ("sqlcache.scope", owner)
         # pools on which a statement changing name resolution was ever seen
         self._switching: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -181,7 +182,28 @@ class Transactions:
         for ref in conn.info.get(self._conns_key, ()):
             s = ref()
             if s is not None and _sa.is_flushing(s) and conn in s.info.get(self._conns_key, ()):
+                return not self._aside(s)
+        return False
+
+    def wrote_aside(self, session: Session, flush: SessionTransaction | None) -> None:
+        """During ``session``'s flush (``flush``: the flush's transaction), a mapper listener wrote
+        through the session (an ORM statement, a ``bulk_*`` method): nothing names those rows, so the
+        rest of this flush's statements count as bulk writes of their tables."""
+        if flush is not None:
+            session.info[self._aside_key] = weakref.ref(flush)
+
+    def _aside(self, session: Session) -> bool:
+        """Whether the flush running now is one a listener wrote aside in (see wrote_aside)."""
+        ref = session.info.get(self._aside_key)
+        if ref is None:
+            return False
+        marked = ref()
+        t = _sa.current_transaction(session)
+        while t is not None:
+            if t is marked:
                 return True
+            t = t.parent
+        session.info.pop(self._aside_key, None)  # an earlier flush's
         return False
 
     # -- per session (session events, reads) ------------------------------------------------------------

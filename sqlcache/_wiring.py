@@ -173,6 +173,7 @@ class Wiring:
             ("do_orm_execute", self._on_orm_execute),
             ("after_begin", self._on_session_begin),
             ("after_transaction_end", self._on_session_txn_end),
+            ("after_transaction_create", self._on_session_txn_create),
         ]
 
     def attach(self, engine: Engine) -> None:
@@ -216,7 +217,11 @@ class Wiring:
         self._unlisten_mappers()
 
     def watch_mapper(self, mapper: Mapper[Any]) -> None:
-        self._mappers.add(mapper)
+        """Record the unit of work's rows of ``mapper``'s whole hierarchy (listeners on its base mapper,
+        propagated): a row of a registered class's table may be written through an unregistered class
+        of the hierarchy (its base, loaded without ``polymorphic_on``; a discriminator changed through
+        it), and the unit of work's statements for the hierarchy count as rows the events name."""
+        self._mappers.add(mapper.base_mapper)
         if self._session_listening:
             self._listen_mappers()
 
@@ -368,7 +373,9 @@ class Wiring:
     def _record(
         self, mapper: Mapper[Any], conn: Connection, state: InstanceState[Any], deleted: bool
     ) -> None:
-        if conn.engine.pool not in self._pools or self._policies.policy_for(mapper) is None:
+        # every class of a hierarchy with a registered class (see watch_mapper): an unregistered one's
+        # row is a row of the registered classes' tables all the same
+        if conn.engine.pool not in self._pools:
             return
         self._commits.record(self._txns.of(conn), mapper, state, deleted)
 
@@ -389,6 +396,12 @@ class Wiring:
 
     def _on_session_txn_end(self, session: Session, transaction: SessionTransaction) -> None:
         self._txns.session_ended(session, transaction)
+
+    def _on_session_txn_create(self, session: Session, transaction: SessionTransaction) -> None:
+        if transaction.parent is not None and _sa.is_flushing(session):
+            # begun inside the unit of work: a mapper listener's bulk_* method (or begin_nested()),
+            # whose rows no mapper event names
+            self._txns.wrote_aside(session, transaction.parent)
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -447,6 +460,13 @@ class Wiring:
 
     def _on_orm_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         if not orm_state.is_select:
+            session = orm_state.session
+            if (orm_state.is_update or orm_state.is_insert or orm_state.is_delete) and _sa.is_flushing(
+                session
+            ):
+                # a mapper listener's ORM statement during the flush (an ORM bulk UPDATE by primary
+                # key runs SQLAlchemy's persistence code as the unit of work does): nothing names its rows
+                self._txns.wrote_aside(session, _sa.current_transaction(session))
             return None
         if _sa.pending_autoflush(orm_state):
             # SQLAlchemy autoflushes after this event, then runs the statement against the flushed

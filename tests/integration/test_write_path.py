@@ -7,15 +7,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import create_engine, delete, event, insert, pool, select, text, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Mapper, Session, registry
+from sqlalchemy.orm import Mapper, Session, object_session, registry
 
 from sqlcache import SQLCache
 
 from ..conftest import SQLCounter
 from ..helpers import make_user
-from ..models import Order, Tag, User, user_tags
+from ..models import Car, Employee, Engineer, Order, Tag, User, Vehicle, user_tags
 
 
 # the same tables under classes of another registry: rows of a registered class's table written by an
@@ -30,9 +31,20 @@ class UserTagLink:
     tag_id: int
 
 
+class PlainEmployee:  # the employees/engineers tables without polymorphic loading
+    id: int
+    name: str
+
+
+class PlainEngineer(PlainEmployee):
+    language: str | None
+
+
 _other = registry()
 _other.map_imperatively(PlainUser, User.__table__)
 _other.map_imperatively(UserTagLink, user_tags)
+_other.map_imperatively(PlainEmployee, Employee.__table__)
+_other.map_imperatively(PlainEngineer, Engineer.__table__, inherits=PlainEmployee)
 
 
 def warm(engine: Engine, cls: type, pk: object) -> None:
@@ -561,3 +573,75 @@ def test_many_to_many_rows_of_a_registered_association_class(engine: Engine, cac
         s.commit()
     for _ in range(2):
         assert not link_exists()
+
+
+@pytest.mark.parametrize("how", ["orm_bulk_update", "legacy_bulk"])
+def test_a_mapper_listeners_bulk_writes_through_the_session_during_a_flush(
+    engine: Engine, cache: SQLCache, how: str
+) -> None:
+    """A listener that writes through the flushing session: an ORM bulk UPDATE by primary key, or the
+    legacy bulk_* methods, run SQLAlchemy's persistence code as the unit of work does, with no mapper
+    event; the rest of that flush counts as bulk writes."""
+    cache.register(User)
+    cache.register(Order)
+    (uid,) = make_users(engine, 1)
+    for pk in (uid, 9501):
+        warm(engine, User, pk)
+
+    def write(mapper: Mapper[Any], conn: Any, target: Order) -> None:
+        session = object_session(target)
+        assert session is not None
+        if how == "orm_bulk_update":
+            session.execute(update(User), [{"id": uid, "name": "bulk"}])
+        else:
+            session.bulk_update_mappings(User, [{"id": uid, "name": "bulk"}])  # type: ignore[arg-type]
+            session.bulk_insert_mappings(User, [{"id": 9501, "name": "bulk too"}])  # type: ignore[arg-type]
+
+    event.listen(Order, "after_insert", write)
+    try:
+        with Session(engine) as s:
+            s.add(Order(user_id=uid, total=decimal.Decimal("3")))
+            s.commit()
+    finally:
+        event.remove(Order, "after_insert", write)
+    expected = ["bulk", None] if how == "orm_bulk_update" else ["bulk", "bulk too"]
+    for _ in range(2):
+        assert [name_of(engine, pk) for pk in (uid, 9501)] == expected
+
+
+def test_rows_written_through_an_unregistered_class_of_a_registered_hierarchy(
+    engine: Engine, cache: SQLCache
+) -> None:
+    """Only a subclass is registered. Its rows written through the unregistered base (loaded without
+    polymorphic_on, or a discriminator changed through it) are recorded all the same, and so are the
+    rows of another registered class on the same table (Employee, in another hierarchy)."""
+    cache.register(PlainEngineer)
+    cache.register(Car)
+    cache.register(Employee)
+    with Session(engine) as s:
+        eng = Engineer(name="old", language="py")
+        vehicle = Vehicle(wheels=3)
+        s.add_all([eng, vehicle])
+        s.commit()
+        eid, vid = eng.id, vehicle.id
+
+    def state() -> tuple[str | None, str | None, bool]:
+        with Session(engine) as s:
+            engineer, employee = s.get(PlainEngineer, eid), s.get(Employee, eid)
+            return (
+                None if engineer is None else engineer.name,
+                None if employee is None else employee.name,
+                s.get(Car, vid) is not None,
+            )
+
+    for _ in range(2):
+        assert state() == ("old", "old", False)  # the engineer cached (twice), the car's absence too
+    with Session(engine) as s:
+        as_employee = s.get(PlainEmployee, eid)
+        as_vehicle = s.get(Vehicle, vid)
+        assert type(as_employee) is PlainEmployee and type(as_vehicle) is Vehicle
+        as_employee.name = "new"
+        as_vehicle.kind = "car"  # it is a Car from now on
+        s.commit()
+    for _ in range(2):
+        assert state() == ("new", "new", True)

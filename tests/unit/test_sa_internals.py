@@ -217,3 +217,38 @@ def test_unit_of_work_statements_carry_their_base_mappers_cache() -> None:
     assert by_table["employees"] == by_table["engineers"] == [employee_cache]
     assert by_table["user_tags"] == [None, None]  # the secondary row's insert and delete
     engine.dispose()
+
+
+def test_transactions_begun_in_a_flush() -> None:
+    """The flush's own subtransaction is begun before the unit of work's window (is_flushing false at
+    its after_transaction_create), current_transaction() is it during the window, and a bulk_* method
+    a listener calls begins one inside it (is_flushing true): what Transactions.wrote_aside relies on."""
+    from sqlalchemy import event
+
+    engine = create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    created: list[tuple[bool, bool]] = []  # (is_flushing, has a parent)
+    during: list[Any] = []
+
+    def listener(mapper: Any, conn: Any, target: Any) -> None:
+        s = _sa.current_transaction(session)
+        during.append((s, s.parent if s is not None else None))
+        session.bulk_update_mappings(User, [{"id": target.id, "name": "x"}])  # type: ignore[arg-type]
+
+    with Session(engine) as session:
+        session.get(User, 1)  # the root transaction begins
+        event.listen(
+            session,
+            "after_transaction_create",
+            lambda s, t: created.append((_sa.is_flushing(s), t.parent is not None)),
+        )
+        event.listen(User, "after_insert", listener)
+        try:
+            session.add(User(id=1, name="a"))
+            session.flush()
+        finally:
+            event.remove(User, "after_insert", listener)
+        ((flush_txn, root),) = during
+        assert root is session.get_transaction() and flush_txn is not root
+    assert created == [(False, True), (True, True)]  # the flush's, then the bulk method's inside it
+    engine.dispose()
