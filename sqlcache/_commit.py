@@ -73,15 +73,17 @@ class _Pending:
 
 
 class _RowKeys:
-    """What the keys of a mapper's written rows are built from, under one key layout: its hierarchy, the
-    attributes of its primary key columns (read from the state) and the start of every row key."""
+    """What the keys of a mapper's written rows are built from, under one key layout and one set of
+    registrations: its hierarchy, the attributes of its primary key columns (read from the state), the
+    start of every row key, and whether it is registered itself."""
 
-    __slots__ = ("attrs", "hierarchy", "layout", "start")
+    __slots__ = ("attrs", "hierarchy", "layout", "registered", "start", "version")
 
     def __init__(self, registry: Registry, mapper: Mapper[Any], layout: _keys.Layout) -> None:
-        self.layout = layout
+        self.layout, self.version = layout, registry.version
         self.hierarchy = h = registry.hierarchy(mapper.base_mapper)
         self.attrs = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
+        self.registered = registry.policy_for(mapper) is not None  # else a class of its hierarchy
         # identity_dep_key(prefix, table, pk) is this followed by pk_token(pk)
         self.start = _keys.identity_dep_key(layout.at(h.base_table), h.base_table, ())
 
@@ -124,7 +126,7 @@ class Commits:
         """A row the unit of work wrote (``after_insert/update/delete`` of a registered class)."""
         layout = self._keys.layout
         row = self._rows.get(mapper)
-        if row is None or row.layout is not layout:
+        if row is None or row.layout is not layout or row.version != self._registry.version:
             row = self._rows[mapper] = _RowKeys(self._registry, mapper, layout)
         h = row.hierarchy
         obj = state.obj()
@@ -158,9 +160,10 @@ class Commits:
         previous = st.identities.get(key)
         if previous is not None:
             written = None if written is None or previous.written is None else written | previous.written
-        st.identities[key] = IdentityWrite(h, pk, None if deleted else state, mapper.class_, obj, written)
+        cls = mapper.class_ if row.registered else None
+        st.identities[key] = IdentityWrite(h, pk, None if deleted else state, cls, obj, written)
         if moved:  # the row is gone from its old key too
-            st.identities[old_key] = IdentityWrite(h, tuple(old[1]), None, mapper.class_)
+            st.identities[old_key] = IdentityWrite(h, tuple(old[1]), None, cls)
 
     def _written(self, mapper: Mapper[Any], state: Any) -> set[str] | None:
         """The columns an UPDATE of ``state`` sends, if the database will store each exactly as assigned;
@@ -182,6 +185,8 @@ class Commits:
                 continue  # assigned its own value: the UPDATE leaves the column out
             if not _stored_as_assigned(column, history.deleted, history.added[0]):
                 return None
+            if column is mapper.polymorphic_on:
+                return None  # the row is another class's now: this object's entry is not its new state
             changed.add(name)
         return changed
 
@@ -203,7 +208,10 @@ class Commits:
         if coarse:
             keys = coarse_keys(self._keys.layout, st)
             self._rep.incr("commits_coarsened")
-        identities = [(w.cls, w.pk) for w in st.identities.values()]
+        # the registered classes' rows (a row written through an unregistered class of a registered
+        # one's hierarchy is invalidated, not reported: listen() in another process reports registered
+        # classes only, and the tables are in the tags)
+        identities = [(w.cls, w.pk) for w in st.identities.values() if w.cls is not None]
         row: OutboxRow | None = None
         if self._outbox is not None and conn is not None:
             # before the lock: if the row cannot be written, the commit fails and nothing is locked

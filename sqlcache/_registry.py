@@ -44,9 +44,14 @@ class Registry:
         self._policy_memo: dict[Mapper[Any], ModelPolicy | None] = {}
         self._hierarchies: dict[Mapper[Any], Hierarchy] = {}
         self._cascades: dict[tuple[Any, bool, bool], set[Any]] = {}
-        # id of a statement cache -> (the cache, held so that its id stays its own; records_rows_of)
-        self._statement_caches: dict[int, tuple[Any, bool]] = {}
+        # records_rows_of: a registered hierarchy's statement cache by id (held: it lives as long as its
+        # mapper anyway, and its id stays its own), and the ids of other hierarchies' caches (not held:
+        # a dropped registry's cache keeps its tables and statements alive; an id reused by a new cache
+        # can only make that cache's statements count as bulk writes, which is safe)
+        self._recorded_caches: dict[int, Any] = {}
+        self._other_caches: set[int] = set()
         self.repopulating = False
+        self.version = 0  #: moves at every register(): what was worked out from the registrations is stale
 
     def after_fork(self) -> None:
         self._mutex = threading.Lock()
@@ -56,8 +61,10 @@ class Registry:
         check_supported(mapper)
         with self._mutex:
             self._policies[mapper] = policy
+            self.version += 1
             self._policy_memo.clear()
-            self._statement_caches.clear()
+            self._recorded_caches.clear()
+            self._other_caches.clear()
             self._hierarchies.clear()
             #: whether any registered class repopulates (a commit looks no further when none does)
             self.repopulating = any(p.mode == "repopulate" for p in self._policies.values())
@@ -89,14 +96,18 @@ class Registry:
         """
         if compiled_cache is None:
             return False
-        known = self._statement_caches.get(id(compiled_cache))
-        if known is not None and known[0] is compiled_cache:
-            return known[1]
-        answer = any(_sa.persistence_cache(m) is compiled_cache for m in list(self._policies))
-        if len(self._statement_caches) > 4096:  # mappers configured again and again: caches replaced
-            self._statement_caches.clear()
-        self._statement_caches[id(compiled_cache)] = (compiled_cache, answer)
-        return answer
+        key = id(compiled_cache)
+        if self._recorded_caches.get(key) is compiled_cache:
+            return True
+        if key in self._other_caches:
+            return False
+        if any(_sa.persistence_cache(m) is compiled_cache for m in list(self._policies)):
+            self._recorded_caches[key] = compiled_cache
+            return True
+        if len(self._other_caches) > 4096:  # registries built again and again
+            self._other_caches.clear()
+        self._other_caches.add(key)
+        return False
 
     def hierarchy(self, mapper: Mapper[Any]) -> Hierarchy:
         h = self._hierarchies.get(mapper)

@@ -45,6 +45,7 @@ __all__ = [
     "frozen_single_entity",
     "is_autocommit",
     "is_flushing",
+    "is_flushing_or_bulk",
     "is_instance",
     "lazy_strategy",
     "legacy_uniquing",
@@ -251,6 +252,12 @@ def is_flushing(session: Session) -> bool:
     event, so their statements count as bulk writes. ``_warn_on_events`` is set around the unit of
     work's ``execute()`` only (1.4 and up)."""
     return bool(session._flushing and session._warn_on_events)
+
+
+def is_flushing_or_bulk(session: Session) -> bool:
+    """True from the start of a flush (before its unit-of-work window) and during a legacy ``bulk_*``
+    method."""
+    return bool(session._flushing)
 
 
 def persistence_cache(mapper: Mapper[Any]) -> Any:

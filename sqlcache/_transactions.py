@@ -192,6 +192,17 @@ class Transactions:
         if flush is not None:
             session.info[self._aside_key] = weakref.ref(flush)
 
+    def wrote_beside(self, session: Session) -> None:
+        """``session``, not flushing, wrote through the ORM (ORM DML, a ``bulk_*`` method): on a connection
+        another session is flushing on (a mapper listener's own ``Session(bind=conn)``), those rows are
+        named by no event of that flush, whose statements from now on count as bulk writes."""
+        for conn in self._conns(session):
+            for ref in conn.info.get(self._conns_key, ()):
+                s = ref()
+                if s is not None and s is not session and _sa.is_flushing(s):
+                    if conn in s.info.get(self._conns_key, ()):
+                        self.wrote_aside(s, _sa.current_transaction(s))
+
     def _aside(self, session: Session) -> bool:
         """Whether the flush running now is one a listener wrote aside in (see wrote_aside)."""
         ref = session.info.get(self._aside_key)

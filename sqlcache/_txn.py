@@ -243,7 +243,7 @@ class IdentityWrite:
     hierarchy: Hierarchy
     pk: tuple[Any, ...]
     state: InstanceState[Any] | None  # None once deleted
-    cls: type[Any]
+    cls: type[Any] | None  # None: written through an unregistered class of the hierarchy
     # the instance itself, held until commit: the identity map holds clean objects only weakly, and the
     # repopulated entry is encoded from the instance's state at the pre-commit point
     obj: Any = None

@@ -398,10 +398,16 @@ class Wiring:
         self._txns.session_ended(session, transaction)
 
     def _on_session_txn_create(self, session: Session, transaction: SessionTransaction) -> None:
-        if transaction.parent is not None and _sa.is_flushing(session):
+        if transaction.parent is None:
+            return
+        if _sa.is_flushing(session):
             # begun inside the unit of work: a mapper listener's bulk_* method (or begin_nested()),
             # whose rows no mapper event names
             self._txns.wrote_aside(session, transaction.parent)
+        elif _sa.is_flushing_or_bulk(session):
+            # a flush or a bulk_* method begins: if another session is flushing on its connection (a
+            # listener's own session), that flush's events will not name these rows
+            self._txns.wrote_beside(session)
 
     # -- reads ----------------------------------------------------------------------------------------
 
@@ -461,12 +467,14 @@ class Wiring:
     def _on_orm_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         if not orm_state.is_select:
             session = orm_state.session
-            if (orm_state.is_update or orm_state.is_insert or orm_state.is_delete) and _sa.is_flushing(
-                session
-            ):
+            if orm_state.is_update or orm_state.is_insert or orm_state.is_delete:
                 # a mapper listener's ORM statement during the flush (an ORM bulk UPDATE by primary
-                # key runs SQLAlchemy's persistence code as the unit of work does): nothing names its rows
-                self._txns.wrote_aside(session, _sa.current_transaction(session))
+                # key runs SQLAlchemy's persistence code as the unit of work does): nothing names its
+                # rows; the same from another session on the flush's connection
+                if _sa.is_flushing(session):
+                    self._txns.wrote_aside(session, _sa.current_transaction(session))
+                else:
+                    self._txns.wrote_beside(session)
             return None
         if _sa.pending_autoflush(orm_state):
             # SQLAlchemy autoflushes after this event, then runs the statement against the flushed
