@@ -459,6 +459,17 @@ def test_a_session_kept_alive_says_nothing_of_a_connection_it_gave_back(
         engine.dispose()
 
 
+def commit_an_order_with(engine: Engine, uid: int, listener: Any) -> None:
+    """Commit a new order of user ``uid``, with ``listener`` on Order's after_insert meanwhile."""
+    event.listen(Order, "after_insert", listener)
+    try:
+        with Session(engine) as s:
+            s.add(Order(user_id=uid, total=decimal.Decimal("3")))
+            s.commit()
+    finally:
+        event.remove(Order, "after_insert", listener)
+
+
 def test_statements_of_mapper_listeners_during_a_flush_invalidate_their_rows(
     engine: Engine, cache: SQLCache
 ) -> None:
@@ -473,13 +484,7 @@ def test_statements_of_mapper_listeners_during_a_flush_invalidate_their_rows(
     def bump(mapper: Mapper[Any], conn: Any, target: Order) -> None:
         conn.execute(update(User).where(User.id == target.user_id).values(name="counted"))
 
-    event.listen(Order, "after_insert", bump)
-    try:
-        with Session(engine) as s:
-            s.add(Order(user_id=uid, total=decimal.Decimal("3")))
-            s.commit()
-    finally:
-        event.remove(Order, "after_insert", bump)
+    commit_an_order_with(engine, uid, bump)
     for _ in range(2):  # the database's row, then the entry filled from it
         assert name_of(engine, uid) == "counted"
 
@@ -566,13 +571,7 @@ def test_a_mapper_listeners_bulk_writes_through_the_session_during_a_flush(
             session.bulk_update_mappings(User, [{"id": uid, "name": "bulk"}])  # type: ignore[arg-type]
             session.bulk_insert_mappings(User, [{"id": 9501, "name": "bulk too"}])  # type: ignore[arg-type]
 
-    event.listen(Order, "after_insert", write)
-    try:
-        with Session(engine) as s:
-            s.add(Order(user_id=uid, total=decimal.Decimal("3")))
-            s.commit()
-    finally:
-        event.remove(Order, "after_insert", write)
+    commit_an_order_with(engine, uid, write)
     expected = ["bulk", None] if how == "orm_bulk_update" else ["bulk", "bulk too"]
     for _ in range(2):
         assert [name_of(engine, pk) for pk in (uid, 9501)] == expected
