@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import CHAR, Table, TypeDecorator
 
-from . import _keys, signals
+from . import _keys, _sa, signals
 from ._hierarchy import table_name
 from ._journal import Journal, Keys
 from ._objects import encode_instance, only_written
@@ -77,13 +77,14 @@ class _RowKeys:
     registrations: its hierarchy, the attributes of its primary key columns (read from the state), the
     start of every row key, and whether it is registered itself."""
 
-    __slots__ = ("attrs", "hierarchy", "layout", "registered", "start", "version")
+    __slots__ = ("attrs", "discriminators", "hierarchy", "layout", "registered", "start", "version")
 
     def __init__(self, registry: Registry, mapper: Mapper[Any], layout: _keys.Layout) -> None:
         self.layout, self.version = layout, registry.version
         self.hierarchy = h = registry.hierarchy(mapper.base_mapper)
         self.attrs = tuple(mapper.get_property_by_column(c).key for c in mapper.primary_key)
         self.registered = registry.policy_for(mapper) is not None  # else a class of its hierarchy
+        self.discriminators = _sa.discriminator_columns(mapper)
         # identity_dep_key(prefix, table, pk) is this followed by pk_token(pk)
         self.start = _keys.identity_dep_key(layout.at(h.base_table), h.base_table, ())
 
@@ -156,7 +157,7 @@ class Commits:
                     else:
                         st.everything = True  # mapped to a selectable: its tables are not known here
             return
-        written = self._written(mapper, state) if self._registry.repopulating else None
+        written = self._written(mapper, state, row.discriminators) if self._registry.repopulating else None
         previous = st.identities.get(key)
         if previous is not None:
             written = None if written is None or previous.written is None else written | previous.written
@@ -165,12 +166,13 @@ class Commits:
         if moved:  # the row is gone from its old key too
             st.identities[old_key] = IdentityWrite(h, tuple(old[1]), None, cls)
 
-    def _written(self, mapper: Mapper[Any], state: Any) -> set[str] | None:
+    def _written(self, mapper: Mapper[Any], state: Any, discriminators: frozenset[Any]) -> set[str] | None:
         """The columns an UPDATE of ``state`` sends, if the database will store each exactly as assigned;
         None if the row's new state cannot be known without reading it back: an insert (a savepoint
         may roll it back while the session keeps the object; a server default or a type may rewrite
         what was assigned), a class that does not repopulate, or a changed column whose stored value
-        may differ from the assigned one. Called from ``after_update``, while the history is there."""
+        may differ from the assigned one, or a column the discriminator is read from (the row is
+        another class's now). Called from ``after_update``, while the history is there."""
         policy = self._registry.policy_for(mapper)
         if state.key is None or policy is None or policy.mode != "repopulate":
             return None
@@ -185,7 +187,7 @@ class Commits:
                 continue  # assigned its own value: the UPDATE leaves the column out
             if not _stored_as_assigned(column, history.deleted, history.added[0]):
                 return None
-            if column is mapper.polymorphic_on:
+            if column in discriminators:
                 return None  # the row is another class's now: this object's entry is not its new state
             changed.add(name)
         return changed

@@ -44,11 +44,12 @@ class Registry:
         self._policy_memo: dict[Mapper[Any], ModelPolicy | None] = {}
         self._hierarchies: dict[Mapper[Any], Hierarchy] = {}
         self._cascades: dict[tuple[Any, bool, bool], set[Any]] = {}
-        # records_rows_of: a registered hierarchy's statement cache by id (held: it lives as long as its
-        # mapper anyway, and its id stays its own), and the ids of other hierarchies' caches (not held:
-        # a dropped registry's cache keeps its tables and statements alive; an id reused by a new cache
-        # can only make that cache's statements count as bulk writes, which is safe)
-        self._recorded_caches: dict[int, Any] = {}
+        # records_rows_of, by id of a statement cache: the base mapper of a registered hierarchy whose
+        # cache it is (checked at each use: a mapper configured again gets a new one), or absent from
+        # the registered ones (ids only, no cache held: a dropped registry's would keep its tables and
+        # statements alive; an id reused by a registered hierarchy's new cache can only make its
+        # statements count as bulk writes, which is safe, until the next register())
+        self._recorded_caches: dict[int, Mapper[Any]] = {}
         self._other_caches: set[int] = set()
         self.repopulating = False
         self.version = 0  #: moves at every register(): what was worked out from the registrations is stale
@@ -97,16 +98,20 @@ class Registry:
         if compiled_cache is None:
             return False
         key = id(compiled_cache)
-        if self._recorded_caches.get(key) is compiled_cache:
+        base = self._recorded_caches.get(key)
+        if base is not None and _sa.persistence_cache(base) is compiled_cache:
             return True
         if key in self._other_caches:
             return False
-        if any(_sa.persistence_cache(m) is compiled_cache for m in list(self._policies)):
-            self._recorded_caches[key] = compiled_cache
-            return True
-        if len(self._other_caches) > 4096:  # registries built again and again
-            self._other_caches.clear()
-        self._other_caches.add(key)
+        version = self.version
+        for mapper in list(self._policies):
+            if _sa.persistence_cache(mapper) is compiled_cache:
+                self._recorded_caches[key] = mapper.base_mapper
+                return True
+        if version == self.version:  # not a register() meanwhile, whose class this may be
+            if len(self._other_caches) > 4096:  # registries built again and again
+                self._other_caches.clear()
+            self._other_caches.add(key)
         return False
 
     def hierarchy(self, mapper: Mapper[Any]) -> Hierarchy:

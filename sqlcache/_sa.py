@@ -11,8 +11,8 @@ import inspect as pyinspect
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from sqlalchemy import Column, util
 from sqlalchemy import types as sqltypes
-from sqlalchemy import util
 from sqlalchemy.engine import Connection
 from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import Mapper
@@ -20,6 +20,7 @@ from sqlalchemy.orm import loading as _loading
 from sqlalchemy.orm import strategies as _strategies
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql import Select
+from sqlalchemy.sql.visitors import iterate
 from sqlalchemy.util import immutabledict
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ __all__ = [
     "cache_key",
     "current_path",
     "current_transaction",
+    "discriminator_columns",
     "driver_autocommit",
     "from_objects",
     "frozen_keys",
@@ -243,6 +245,13 @@ def current_transaction(session: Session) -> SessionTransaction | None:
     """The session's innermost transaction: during a flush, the flush's own (a subtransaction), or one
     begun inside it; ``session.get_transaction()`` answers the outermost only."""
     return session._transaction
+
+
+def discriminator_columns(mapper: Mapper[Any]) -> frozenset[Any]:
+    """The columns ``mapper``'s polymorphic discriminator is read from: ``polymorphic_on`` itself, or
+    those of the SQL expression it is (a ``case()`` over columns, say); empty without one."""
+    on = mapper.polymorphic_on
+    return frozenset() if on is None else frozenset(e for e in iterate(on) if isinstance(e, Column))
 
 
 def is_flushing(session: Session) -> bool:

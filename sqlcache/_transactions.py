@@ -197,6 +197,8 @@ class Transactions:
         another session is flushing on (a mapper listener's own ``Session(bind=conn)``), those rows are
         named by no event of that flush, whose statements from now on count as bulk writes."""
         for conn in self._conns(session):
+            if conn.closed or conn.invalidated:
+                continue  # a routed connection since closed (kept until the transaction ends)
             for ref in conn.info.get(self._conns_key, ()):
                 s = ref()
                 if s is not None and s is not session and _sa.is_flushing(s):
@@ -237,6 +239,7 @@ class Transactions:
             session.info.pop(self._conns_key, None)
             session.info.pop(self._clock_key, None)
             session.info.pop(self._routed_key, None)
+            session.info.pop(self._aside_key, None)
 
     def routed(self, session: Session, bind: Any) -> None:
         """A read's ``session.get_bind()`` answered ``bind``: a Connection it answered (an override
@@ -259,7 +262,7 @@ class Transactions:
         bound = _sa.bound_connections(session)
         routed = session.info.get(self._routed_key)
         if routed:
-            bound = [*bound, *routed]
+            bound = [*bound, *(c for c in routed if not c.closed)]
         if bound:
             conns = [*conns, *(c for c in bound if c not in conns)]
         return conns

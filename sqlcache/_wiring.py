@@ -8,8 +8,10 @@ Hooks and why each was chosen:
   change name resolution on the connection (SET search_path, USE, ...; ``after_cursor_execute``
   confirms their resets). It does not see rows, nor SQL run on the DBAPI connection directly (pool
   ``connect`` / ``checkout`` listeners, ``select_db()``).
-- mapper ``after_insert/after_update/after_delete`` (registered classes): the unit of work's rows,
-  with their primary keys. They do not see Core or bulk statements, hence the hook above.
+- mapper ``after_insert/after_update/after_delete`` (on each registered class's base mapper, so every
+  class of its hierarchy): the unit of work's rows, with their primary keys. They do not see Core or
+  bulk statements, hence the hook above, which counts a statement during a flush as those rows only
+  when SQLAlchemy's persistence runs it for such a hierarchy (its statement cache says so).
 - engine ``commit``: fires just before the DBAPI COMMIT; the lock goes here.
 - ``dialect.do_commit`` (wrapped): the only point that runs right after the DBAPI COMMIT for Core and
   ORM alike (there is no engine event after commit); the release goes here, success or not.
@@ -17,7 +19,13 @@ Hooks and why each was chosen:
 - engine ``rollback_savepoint`` / ``handle_error``: a reset of the connection's name resolution
   (RESET search_path, ...) run before them may be undone by the database; it is no longer believed.
 - session ``do_orm_execute``: the one entry point of ``Session.get`` and many-to-one lazy loads
-  (both end in a SELECT by primary key), before any SQL; lets us answer from Redis.
+  (both end in a SELECT by primary key), before any SQL; lets us answer from Redis. It also sees ORM
+  DML, which during a flush (a mapper listener's) runs persistence's code as the unit of work does,
+  with no mapper event: the rest of that flush counts as bulk writes.
+- session ``after_transaction_create``: a ``bulk_*`` method begins a subtransaction, and so does a
+  flush; begun inside a flush's unit of work (a listener's bulk call) or beside one on its
+  connection (a listener's own session), the flush's later statements count as bulk writes. ORM DML
+  begins no transaction, hence ``do_orm_execute`` above.
 - session ``after_begin`` / ``after_transaction_end``: which connections (and so which write records)
   belong to a session's transaction, so that a session never reads from Redis what it wrote itself.
 """

@@ -206,8 +206,9 @@ def test_unit_of_work_statements_carry_their_base_mappers_cache() -> None:
             s.commit()
     finally:
         event.remove(User, "after_insert", listener)
-    user_cache = User.__mapper__._compiled_cache
-    employee_cache = Engineer.__mapper__.base_mapper._compiled_cache
+    user_cache = _sa.persistence_cache(User.__mapper__)
+    employee_cache = _sa.persistence_cache(Engineer.__mapper__)
+    assert employee_cache is Engineer.__mapper__.base_mapper._compiled_cache
     assert employee_cache is not Engineer.__mapper__._compiled_cache
     by_table: dict[str, list[Any]] = {}
     for table, cache in seen:
@@ -222,12 +223,13 @@ def test_unit_of_work_statements_carry_their_base_mappers_cache() -> None:
 def test_transactions_begun_in_a_flush() -> None:
     """The flush's own subtransaction is begun before the unit of work's window (is_flushing false at
     its after_transaction_create), current_transaction() is it during the window, and a bulk_* method
-    a listener calls begins one inside it (is_flushing true): what Transactions.wrote_aside relies on."""
+    a listener calls begins one inside it (is_flushing true): what Transactions.wrote_aside and
+    wrote_beside rely on. Outside a flush, a bulk method's begins with is_flushing_or_bulk true."""
     from sqlalchemy import event
 
     engine = create_engine("sqlite://")
     Base.metadata.create_all(engine)
-    created: list[tuple[bool, bool]] = []  # (is_flushing, has a parent)
+    created: list[tuple[bool, bool, bool]] = []  # (is_flushing, is_flushing_or_bulk, has a parent)
     during: list[Any] = []
 
     def listener(mapper: Any, conn: Any, target: Any) -> None:
@@ -240,7 +242,9 @@ def test_transactions_begun_in_a_flush() -> None:
         event.listen(
             session,
             "after_transaction_create",
-            lambda s, t: created.append((_sa.is_flushing(s), t.parent is not None)),
+            lambda s, t: created.append(
+                (_sa.is_flushing(s), _sa.is_flushing_or_bulk(s), t.parent is not None)
+            ),
         )
         event.listen(User, "after_insert", listener)
         try:
@@ -250,5 +254,9 @@ def test_transactions_begun_in_a_flush() -> None:
             event.remove(User, "after_insert", listener)
         ((flush_txn, root),) = during
         assert root is session.get_transaction() and flush_txn is not root
-    assert created == [(False, True), (True, True)]  # the flush's, then the bulk method's inside it
+        # the flush's (a flush beginning: what Transactions.wrote_beside watches), then the bulk method's
+        assert created == [(False, True, True), (True, True, True)]
+        created.clear()
+        session.bulk_update_mappings(User, [{"id": 1, "name": "y"}])  # type: ignore[arg-type]
+        assert created == [(False, True, True)]
     engine.dispose()
