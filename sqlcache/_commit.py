@@ -70,6 +70,7 @@ class _Pending:
     tags: list[str]
     sent: SentLock | None = None  # a pipelined lock whose reply is read with the release
     outbox: OutboxRow | None = None  # durable: the row to mark done once the invalidation is applied
+    locked: bool = False  # an awaited lock that Redis took (a pipelined one's reply is in ``sent``)
 
 
 class _RowKeys:
@@ -225,9 +226,11 @@ class Commits:
         run = self._rep.begin("lock", keys=len(keys), tags=tuple(tags)) if self._rep.hooks else None
         seen: list[str] = []
         sent: SentLock | None = None
+        locked = False
         try:  # run.end() below in each branch; an unexpected exception still ends the operation
             if repop:
                 seen = self._slot.current.lock(k.clock, keys, watch, token, self._lock_ttl_ms, k.gen_ttl_ms)
+                locked = True
             else:
                 sent = self._slot.current.send_lock(k.clock, keys, token, self._lock_ttl_ms, k.gen_ttl_ms)
             if run is not None:
@@ -247,7 +250,7 @@ class Commits:
             marks = tuple("=" if i == 0 else watched.get(d, "") for i, d in enumerate(deps))
             if all(marks):
                 entries.append(RepopEntry(entry_key, tuple(deps), ttl_ms, payload, marks))
-        self._pending[dbapi_key] = _Pending(keys, token, entries, identities, tags, sent, row)
+        self._pending[dbapi_key] = _Pending(keys, token, entries, identities, tags, sent, row, locked)
 
     def _dependencies(self, st: TxnState) -> tuple[list[str], list[str]]:
         """(dependency keys, tags) of everything ``st`` wrote."""
@@ -309,32 +312,60 @@ class Commits:
         return payload
 
     def after(self, dbapi_key: int, committed: bool) -> None:
-        """After the database COMMIT: fresh generations, locks dropped, repopulated entries written."""
+        """After the database COMMIT: fresh generations, locks dropped, repopulated entries written.
+
+        After a COMMIT that raised, the database may still apply it: a cancelled asyncio task's COMMIT
+        goes on in the driver, a COMMIT sent before the connection broke may be applied by the server
+        later. Released now, its fresh generations would let a reader fill the old row before the
+        COMMIT lands. So a lock that Redis holds is left to expire (``lock_ttl``) into fresh
+        generations, as a crashed writer's is; until then those rows are read from the database."""
         pending = self._pending.pop(dbapi_key, None)
         if pending is None:
             return
         rep = self._rep
         run = rep.begin("release", keys=len(pending.keys), tags=tuple(pending.tags)) if rep.hooks else None
+        left = False  # the locks left to expire
         try:
             try:
-                failure = self._release(pending, committed)
+                if not committed and self._lock_holds(pending):
+                    failure, left = None, True
+                else:
+                    failure = self._release(pending, committed)
             except BaseException:
                 # interrupted (an asyncio task cancelled while its release was awaited; a
                 # KeyboardInterrupt): the journal keeps the invalidation, whatever the release did
                 self._journal.defer(pending.keys, pending.token)
                 raise
             if run is not None:
-                run.end("ok" if failure is None else "deferred", failure)
+                run.end("ok" if failure is None and not left else "deferred", failure)
         finally:
             if run is not None:
                 run.end("error")  # only if something unexpected raised before it ended
-        if pending.outbox is not None and failure is None:
+        if pending.outbox is not None and failure is None and not left:
             # applied: the row only needs deleting. Otherwise a relay applies it, even when the COMMIT
             # raised: a COMMIT that reached the server before the connection broke may have committed
             # (and a transaction that truly rolled back left no row to apply).
             pending.outbox.done()
         if signals.invalidated.receivers:
             rep.send(signals.invalidated, identities=pending.identities, tags=pending.tags, remote=False)
+
+    def _lock_holds(self, pending: _Pending) -> bool:
+        """After a COMMIT that raised: whether Redis holds this writer's lock. A pipelined lock's reply is
+        read now, behind a release of no key on its connection (its announcement published as a release
+        would); if Redis cannot answer, the release takes over (the journal keeps it)."""
+        sent, pending.sent = pending.sent, None
+        if sent is None:
+            return pending.locked
+        k = self._keys
+        announce = self._announce(pending.identities, pending.tags)
+        try:
+            held = self._slot.current.release_after(sent, k.clock, (), pending.token, k.gen_ttl_ms, announce)
+        except CacheUnavailable as exc:
+            self._rep.report(exc, "release")
+            return False
+        if not held:
+            self._rep.incr("errors")
+        return held
 
     def _release(self, pending: _Pending, committed: bool) -> CacheUnavailable | None:
         """The one release path: None if Redis took it, else why it went to the journal."""

@@ -14,7 +14,8 @@ Hooks and why each was chosen:
   when SQLAlchemy's persistence runs it for such a hierarchy (its statement cache says so).
 - engine ``commit``: fires just before the DBAPI COMMIT; the lock goes here.
 - ``dialect.do_commit`` (wrapped): the only point that runs right after the DBAPI COMMIT for Core and
-  ORM alike (there is no engine event after commit); the release goes here, success or not.
+  ORM alike (there is no engine event after commit); the release goes here. After a COMMIT that
+  raised (which the database may still apply) the locks are left to expire instead.
 - engine ``rollback``: nothing was committed; the write record is dropped, no Redis call.
 - engine ``rollback_savepoint`` / ``handle_error``: a reset of the connection's name resolution
   (RESET search_path, ...) run before them may be undone by the database; it is no longer believed.

@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session, selectinload
 
-from sqlcache import SQLCache, cached
+from sqlcache import SQLCache, cached, signals
 
 from ..helpers import AtRelease
 from ..models import Order, User
@@ -406,3 +406,76 @@ def test_a_commit_cancelled_during_its_release_still_releases(run: Run, cache: S
             await asyncio.sleep(0.05)
 
     run(body)
+
+
+def test_a_commit_cancelled_before_its_commit_landed_serves_no_older_row(
+    run: Run, cache: SQLCache, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The task awaiting ``session.commit()`` is cancelled while the driver's COMMIT is still on its way
+    (aiosqlite's thread goes on and commits after the task has given up): a read in between goes to the
+    database and fills nothing, and once the COMMIT has landed no read is served the old row."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("the COMMIT held in the driver's thread is aiosqlite's")
+    import threading
+
+    import aiosqlite
+
+    cache.register(User)
+    entered, go, slow = threading.Event(), threading.Event(), threading.Event()
+    real_commit = aiosqlite.Connection.commit
+
+    async def held_commit(self: Any) -> None:
+        if not slow.is_set():
+            return await real_commit(self)
+
+        def work() -> None:  # on aiosqlite's thread, which goes on after the task is cancelled
+            entered.set()
+            go.wait(30)
+            self._conn.commit()
+
+        await self._execute(work)
+
+    monkeypatch.setattr(aiosqlite.Connection, "commit", held_commit)
+
+    released: list[object] = []  # after() ran: the hooks of the failed COMMIT are done
+
+    @signals.invalidated.connect_via(cache)
+    def on_invalidated(sender: SQLCache, **kw: Any) -> None:
+        released.append(kw)
+
+    async def body(ae: AsyncEngine) -> None:
+        uid = await make_user(ae, "v1")
+        assert await cached_name(ae, uid) == "v1"
+        released.clear()
+        try:
+            # the reader holds a connection of its own (the writer's stays busy in aiosqlite's thread)
+            async with AsyncSession(ae) as reader:
+                await reader.connection()
+                slow.set()
+                writer = asyncio.create_task(rename(ae, uid, "v2"))
+                assert await asyncio.to_thread(entered.wait, 10), "the COMMIT never reached the driver"
+                slow.clear()
+                writer.cancel()
+                deadline = asyncio.get_running_loop().time() + 10
+                while not released:
+                    assert asyncio.get_running_loop().time() < deadline, "the failed COMMIT's hooks never ran"
+                    await asyncio.sleep(0.01)
+                fills = cache.stats()["fills"]
+                u = await reader.get(User, uid)
+                assert u is not None and u.name == "v1"  # the database's row: the COMMIT has not landed
+                assert cache.stats()["fills"] == fills  # ... and it is not stored
+        finally:
+            go.set()  # also when an assertion failed: the loop's end waits for the writer's task
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        deadline = asyncio.get_running_loop().time() + 10
+        while await db_name(ae, uid) != "v2":
+            assert asyncio.get_running_loop().time() < deadline, "the held COMMIT never landed"
+            await asyncio.sleep(0.02)
+        assert [await cached_name(ae, uid) for _ in range(2)] == ["v2", "v2"]
+
+    try:
+        run(body)
+    finally:
+        go.set()
+        signals.invalidated.disconnect(on_invalidated)

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from sqlalchemy import case, create_engine, delete, event, insert, pool, select, text, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SAWarning
+from sqlalchemy.exc import DBAPIError, SAWarning
 from sqlalchemy.orm import Mapper, Session, object_session, registry
 
 from sqlcache import SQLCache, signals
 
-from ..conftest import SQLCounter
+from ..conftest import SQLCounter, shareable_url
 from ..helpers import make_user
 from ..models import Car, Employee, Engineer, Order, Tag, Truck, User, Vehicle, user_tags
 
@@ -705,3 +705,37 @@ def test_repopulating_a_row_that_became_another_class(
             assert s.get(car_cls, cid) is None
             truck = s.get(base, cid)
             assert type(truck) is truck_cls and (truck.wheels, truck.payload) == (6, 900)
+
+
+def test_a_commit_that_raised_and_landed_later_serves_no_older_row(engine: Engine, cache: SQLCache) -> None:
+    """The COMMIT raised, and the database applied the transaction afterwards (a COMMIT sent before the
+    connection broke, a cancelled task's COMMIT carried on by the driver): a read in between goes to the
+    database and fills nothing, and after the late COMMIT no read is served the old row. The late
+    COMMIT is played here by an engine the cache is not attached to, once the failed one rolled back."""
+    cache.register(User)
+    writer_engine = create_engine(shareable_url(engine))  # a dialect of its own, to break
+    plain = create_engine(shareable_url(engine))
+
+    def commit_fails(dbapi_connection: object) -> None:
+        raise writer_engine.dialect.loaded_dbapi.OperationalError("connection lost during COMMIT")
+
+    writer_engine.dialect.do_commit = commit_fails  # type: ignore[method-assign]
+    cache.attach(writer_engine)
+    try:
+        (uid,) = make_users(engine, 1)
+        warm(engine, User, uid)
+        with Session(writer_engine) as s:
+            s.get(User, uid).name = "late"  # type: ignore[union-attr]
+            with pytest.raises(DBAPIError):
+                s.commit()
+        writer_engine.dispose()  # the failed transaction's connection closed: nothing of it applied
+        fills = cache.stats()["fills"]
+        assert name_of(engine, uid) == "u0"  # from the database: the COMMIT has not landed
+        assert cache.stats()["fills"] == fills  # and not stored
+        with plain.begin() as c:  # the COMMIT lands
+            c.execute(update(User.__table__).where(User.__table__.c.id == uid).values(name="late"))
+        assert [name_of(engine, uid) for _ in range(2)] == ["late", "late"]
+    finally:
+        cache.detach(writer_engine)
+        writer_engine.dispose()
+        plain.dispose()
