@@ -311,14 +311,15 @@ class Commits:
             payload = encode_instance(h, w.state)
         return payload
 
-    def after(self, dbapi_key: int, committed: bool) -> None:
+    def after(self, dbapi_key: int, committed: bool | None) -> None:
         """After the database COMMIT: fresh generations, locks dropped, repopulated entries written.
 
-        After a COMMIT that raised, the database may still apply it: a cancelled asyncio task's COMMIT
-        goes on in the driver, a COMMIT sent before the connection broke may be applied by the server
-        later. Released now, its fresh generations would let a reader fill the old row before the
+        ``committed`` None: the COMMIT raised and the database may still apply it (a cancelled asyncio
+        task's COMMIT goes on in the driver, a COMMIT sent before the connection broke may be applied
+        later). Released now, its fresh generations would let a reader fill the old row before the
         COMMIT lands. So a lock that Redis holds is left to expire (``lock_ttl``) into fresh
-        generations, as a crashed writer's is; until then those rows are read from the database."""
+        generations, as a crashed writer's is; until then those rows are read from the database.
+        False: the database refused it (nothing applied): released at once."""
         pending = self._pending.pop(dbapi_key, None)
         if pending is None:
             return
@@ -327,17 +328,17 @@ class Commits:
         left = False  # the locks left to expire
         try:
             try:
-                if not committed and self._lock_holds(pending):
+                if committed is None and self._lock_holds(pending):
                     failure, left = None, True
                 else:
-                    failure = self._release(pending, committed)
+                    failure = self._release(pending, committed is True)
             except BaseException:
                 # interrupted (an asyncio task cancelled while its release was awaited; a
                 # KeyboardInterrupt): the journal keeps the invalidation, whatever the release did
                 self._journal.defer(pending.keys, pending.token)
                 raise
             if run is not None:
-                run.end("ok" if failure is None and not left else "deferred", failure)
+                run.end("expiring" if left else "ok" if failure is None else "deferred", failure)
         finally:
             if run is not None:
                 run.end("error")  # only if something unexpected raised before it ended
@@ -350,16 +351,16 @@ class Commits:
             rep.send(signals.invalidated, identities=pending.identities, tags=pending.tags, remote=False)
 
     def _lock_holds(self, pending: _Pending) -> bool:
-        """After a COMMIT that raised: whether Redis holds this writer's lock. A pipelined lock's reply is
-        read now, behind a release of no key on its connection (its announcement published as a release
-        would); if Redis cannot answer, the release takes over (the journal keeps it)."""
+        """After a COMMIT whose outcome is unknown: whether Redis holds this writer's lock. A pipelined
+        lock's reply is read now, behind a release of no key on its connection (nothing announced: the
+        outcome is unknown). If Redis cannot say, the release takes over, as after any outage (the
+        journal keeps it)."""
         sent, pending.sent = pending.sent, None
         if sent is None:
             return pending.locked
         k = self._keys
-        announce = self._announce(pending.identities, pending.tags)
         try:
-            held = self._slot.current.release_after(sent, k.clock, (), pending.token, k.gen_ttl_ms, announce)
+            held = self._slot.current.release_after(sent, k.clock, (), pending.token, k.gen_ttl_ms)
         except CacheUnavailable as exc:
             self._rep.report(exc, "release")
             return False

@@ -15,7 +15,7 @@ Hooks and why each was chosen:
 - engine ``commit``: fires just before the DBAPI COMMIT; the lock goes here.
 - ``dialect.do_commit`` (wrapped): the only point that runs right after the DBAPI COMMIT for Core and
   ORM alike (there is no engine event after commit); the release goes here. After a COMMIT that
-  raised (which the database may still apply) the locks are left to expire instead.
+  raised with its outcome unknown (the database may still apply it) the locks are left to expire.
 - engine ``rollback``: nothing was committed; the write record is dropped, no Redis call.
 - engine ``rollback_savepoint`` / ``handle_error``: a reset of the connection's name resolution
   (RESET search_path, ...) run before them may be undone by the database; it is no longer believed.
@@ -80,7 +80,9 @@ class Policies(Protocol):
 # -- the dialect's commit, wrapped once per dialect --------------------------------------------------
 
 _HOOKS = "_sqlcache_commit_hooks"
-CommitHook = Callable[[Any, bool], None]
+# committed: True; refused by the database (nothing applied): False; unknown (the COMMIT may still be
+# applied: the connection broke, the task awaiting it was cancelled, an interrupt): None
+CommitHook = Callable[[Any, "bool | None"], None]
 
 
 def _add_commit_hook(dialect: Dialect, hook: CommitHook) -> None:
@@ -91,10 +93,13 @@ def _add_commit_hook(dialect: Dialect, hook: CommitHook) -> None:
         hooks_ref = hooks
 
         def do_commit(dbapi_connection: Any) -> None:
-            committed = False
+            committed: bool | None = None
             try:
                 original(dbapi_connection)
                 committed = True
+            except Exception as exc:
+                committed = _refused(dialect, exc, dbapi_connection)
+                raise
             finally:
                 for h in list(hooks_ref):
                     h(dbapi_connection, committed)
@@ -103,6 +108,19 @@ def _add_commit_hook(dialect: Dialect, hook: CommitHook) -> None:
         dialect.do_commit = do_commit  # type: ignore[method-assign]
     if hook not in hooks:
         hooks.append(hook)
+
+
+def _refused(dialect: Dialect, exc: Exception, dbapi_connection: Any) -> bool | None:
+    """False if the database answered the COMMIT with an error (a DBAPI error that is not a lost
+    connection, as SQLAlchemy tells them apart): nothing was applied. None otherwise: unknown."""
+    dbapi = getattr(dialect, "loaded_dbapi", None)
+    error = getattr(dbapi, "Error", None)
+    if not (isinstance(error, type) and isinstance(exc, error)):
+        return None
+    try:
+        return None if dialect.is_disconnect(exc, dbapi_connection, None) else False  # type: ignore[arg-type]
+    except Exception:  # a dialect's check that cannot look: unknown
+        return None
 
 
 def _remove_commit_hook(dialect: Dialect, hook: CommitHook) -> None:
@@ -308,11 +326,11 @@ class Wiring:
                 log.debug("sqlcache: rollback after a refused commit failed", exc_info=True)
             raise
 
-    def _on_after_commit(self, dbapi_connection: Any, committed: bool) -> None:
+    def _on_after_commit(self, dbapi_connection: Any, committed: bool | None) -> None:
         self._commits.after(id(dbapi_connection), committed)
         # the pool's proxy of the DBAPI connection (what Connection hands do_commit): its info is the
         # record's, where the connection's name-resolution state lives
-        self._txns.scope_txn_end(getattr(dbapi_connection, "info", None), committed)
+        self._txns.scope_txn_end(getattr(dbapi_connection, "info", None), committed is True)
 
     def _on_before_cursor_execute(
         self,

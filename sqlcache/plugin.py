@@ -47,8 +47,9 @@ OPERATIONS: Mapping[str, tuple[str, ...]] = {
     "fill": ("stored", "refused", "skipped", "error"),
     # before the database COMMIT: the transaction's dependencies locked (sent, for invalidate-only)
     "lock": ("ok", "error"),
-    # after the database COMMIT: fresh generations, locks dropped, repopulated entries written
-    "release": ("ok", "deferred", "error"),
+    # after the database COMMIT: fresh generations, locks dropped, repopulated entries written;
+    # "expiring": the COMMIT raised with its outcome unknown, the locks are left to expire (lock_ttl)
+    "release": ("ok", "deferred", "expiring", "error"),
     # invalidate(), invalidate_tags(), invalidate_model() outside a transaction
     "invalidate": ("ok", "deferred", "error"),
     # the journal of invalidations Redis did not take, applied once it answers again
