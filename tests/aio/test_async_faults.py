@@ -90,20 +90,22 @@ def test_killed_restarted_redis_replays_the_journal_and_is_fenced(
 
 
 def test_aclose_leaves_no_connection_behind(engine: Engine, private_redis: RedisServer) -> None:
-    """After ``await cache.aclose()`` the private server has only the test's own connection."""
+    """After ``await cache.aclose()`` the private server has only the test's own connection. The twenty
+    concurrent reads usually open several pooled connections; on a slow machine they may all run on one
+    (CI saw it): aclose() must close whatever was opened."""
     admin = redis.Redis(port=private_redis.port, socket_timeout=5)
     cache = SQLCache(private_redis.url, prefix="aclose")
     cache.register(User)
 
     async def body(ae: AsyncEngine) -> int:
         uid = await make_user(ae, "v1")
-        await asyncio.gather(*(cached_name(ae, uid) for _ in range(20)))  # several pooled connections
+        await asyncio.gather(*(cached_name(ae, uid) for _ in range(20)))  # usually several connections
         async with AsyncSession(ae) as s:
             await s.get(User, uid)
         return int(admin.info("clients")["connected_clients"])
 
     during = run_loop(engine, cache, body)  # run_loop ends with aclose()
-    assert during > 2
+    assert during >= 2  # the test's own and at least one of the cache's
     assert int(admin.info("clients")["connected_clients"]) == 1
     admin.close()
 
