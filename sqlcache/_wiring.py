@@ -98,7 +98,7 @@ def _add_commit_hook(dialect: Dialect, hook: CommitHook) -> None:
                 original(dbapi_connection)
                 committed = True
             except Exception as exc:
-                committed = _refused(dialect, exc, dbapi_connection)
+                committed = _failed_commit_outcome(dialect, exc, dbapi_connection)
                 raise
             finally:
                 for h in list(hooks_ref):
@@ -110,7 +110,7 @@ def _add_commit_hook(dialect: Dialect, hook: CommitHook) -> None:
         hooks.append(hook)
 
 
-def _refused(dialect: Dialect, exc: Exception, dbapi_connection: Any) -> bool | None:
+def _failed_commit_outcome(dialect: Dialect, exc: Exception, dbapi_connection: Any) -> bool | None:
     """False if the database answered the COMMIT with an error (a DBAPI error that is not a lost
     connection, as SQLAlchemy tells them apart): nothing was applied. None otherwise: unknown."""
     dbapi = getattr(dialect, "loaded_dbapi", None)
