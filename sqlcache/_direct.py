@@ -146,6 +146,8 @@ class DirectReader:
         """Whether the read is one the fast path answers exactly as Session.get would (see the module)."""
         if hasattr(session, "shard_chooser") or getattr(session, "execution_options", None):
             return False
+        if _sa.app_listeners(session):  # a listener may change what Session.get runs (a tenant filter)
+            return False
         bind = session.get_bind(mapper=mapper, clause=self._statement(mapper)[0])
         if not self._serves(bind):
             return False
@@ -224,7 +226,7 @@ class DirectReader:
                 reads.bypass("identity", model)
                 uncached.append(pk)
                 continue
-            if self._txns.wrote(session, deps[0], h.tables, ()):
+            if self._txns.wrote(session, deps[0], h.tables, h.reads):
                 # this transaction wrote the row or its table: the database holds what it must see
                 reads.bypass("identity", model)
                 uncached.append(pk)

@@ -12,6 +12,10 @@ from typing import Any
 
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import ColumnProperty, Mapper
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import ColumnClause, TextClause
+from sqlalchemy.sql.schema import Column
+from sqlalchemy.sql.selectable import TableClause, TextualSelect
 
 from . import _sa
 from .errors import CodecError, ConfigurationError
@@ -85,7 +89,9 @@ def _type_problem(type_: sqltypes.TypeEngine[Any]) -> str | None:
 
 
 def check_supported(mapper: Mapper[Any]) -> None:
-    """Raise ConfigurationError naming the first column whose type the codec cannot round-trip."""
+    """Raise ConfigurationError naming the first column whose type the codec cannot round-trip, or
+    a loaded column of SQL text (see :func:`column_reads`)."""
+    column_reads(mapper.base_mapper)
     for m in mapper.base_mapper.self_and_descendants:
         for prop in m.column_attrs:
             for col in prop.columns:
@@ -250,6 +256,9 @@ class Hierarchy:
     base_table: str
     tables: tuple[str, ...]  # every table of every mapper in the inheritance hierarchy
     shapes: dict[str, Shape]  # class id -> shape, for the mapper and its subclasses
+    # other tables a loaded column reads (a column_property's scalar subquery): its entries depend on
+    # them as a query depends on its tables
+    reads: tuple[str, ...] = ()
 
 
 def _shape(mapper: Mapper[Any]) -> Shape:
@@ -286,4 +295,45 @@ def hierarchy_for(mapper: Mapper[Any]) -> Hierarchy:
         base_table=table_name(base.local_table),
         tables=tuple(sorted(tables)),
         shapes={class_id(m): _shape(m) for m in mapper.self_and_descendants},
+        reads=tuple(sorted(column_reads(base) - set(tables))),
     )
+
+
+def tables_in(selectable: Any) -> set[str]:
+    """The names of the tables in ``selectable`` (a Table, a join of several, a subquery)."""
+    return {table_name(e) for e in visitors.iterate(selectable) if isinstance(e, TableClause)}
+
+
+def column_reads(base: Mapper[Any]) -> set[str]:
+    """The tables the SQL expressions of a hierarchy's loaded (not deferred) column properties read:
+    a ``column_property(select(...).scalar_subquery())`` is loaded with the row, and changes with
+    those tables.
+
+    :raises ConfigurationError: such an expression holds SQL text, whose tables are unknown.
+    """
+    out: set[str] = set()
+    for m in base.self_and_descendants:
+        for prop in m.column_attrs:
+            if prop.deferred:
+                continue  # loaded from the database when first touched, never from an entry
+            for col in prop.columns:
+                if isinstance(col, Column) and col.table is not None and col.table in m.tables:
+                    continue
+                for element in visitors.iterate(col):
+                    if isinstance(element, TableClause):
+                        out.add(table_name(element))
+                    elif is_text(element):
+                        raise ConfigurationError(
+                            f"{m.class_.__name__}.{prop.key} is SQL text: sqlcache cannot tell which "
+                            "tables it reads. Make it deferred (deferred=True) or build it of SQLAlchemy "
+                            "constructs."
+                        )
+    return out
+
+
+def is_text(element: Any) -> bool:
+    """Whether ``element`` is SQL text that may read tables nobody can name: ``text()``, a textual
+    select, a literal column holding a SELECT."""
+    if isinstance(element, (TextClause, TextualSelect)):
+        return True
+    return isinstance(element, ColumnClause) and element.is_literal and "select" in element.name.lower()

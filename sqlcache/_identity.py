@@ -68,11 +68,13 @@ class IdentityReader:
             # a key value the codec cannot encode (a TypeDecorator's own Python type): not cached
             self._reads.bypass("identity", mapper.class_.__name__)
             return None
-        if self._txns.wrote(session, deps[0], h.tables, ()):
+        if self._txns.wrote(session, deps[0], h.tables, h.reads):
             # this transaction wrote the row (or its table); the cache holds the committed state, which
             # is not what this transaction must see: read the database
             self._reads.bypass("identity", mapper.class_.__name__)
             return None
+        if self._reads.loading():  # a load nested in a query's miss (an immediateload)
+            self._reads.saw_tables((*h.tables, *h.reads))
         refresh, wanted = _sa.refresh_of(orm_state)  # loading an expired object's attributes
         if refresh is not None:
             obj = refresh.obj()
@@ -88,7 +90,7 @@ class IdentityReader:
             deps,
             self._registry.ttl_ms(policy.ttl),
             lambda payload: self._on_hit(orm_state, mapper, h, refresh, wanted, payload, entry_key),
-            lambda frozen, _unique, runid: _encode(h, pk, refresh, frozen, runid),
+            lambda frozen, _unique, runid, _loaded: _encode(h, pk, refresh, frozen, runid),
             model=mapper.class_.__name__,
             row_writes=row_writes,
         )
@@ -168,6 +170,7 @@ def shared_deps(layout: Layout, h: Hierarchy) -> tuple[tuple[str, ...], str]:
     the key of every entry of each shard involved), and its base table's row-writes key."""
     at = layout.at
     bulk = [_keys.bulk_dep_key(at(t), t) for t in h.tables]
+    bulk += [_keys.table_dep_key(at(t), t) for t in h.reads]  # any write of a table a column reads
     base = at(h.base_table)
     everything = layout.everything_of([_keys.row_writes_key(base, h.base_table), *bulk])
     return (*bulk, *everything), _keys.row_writes_key(base, h.base_table)

@@ -12,10 +12,12 @@ from sqlalchemy import Table
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.interfaces import MapperProperty
 from sqlalchemy.sql import visitors
+from sqlalchemy.sql.operators import custom_op
 from sqlalchemy.sql.schema import Column
+from sqlalchemy.sql.selectable import TableClause
 
 from ._codec import encode_body
-from ._hierarchy import class_id, table_name
+from ._hierarchy import class_id, is_text, table_name
 from .errors import CodecError
 
 __all__ = ["Uncacheable", "digest", "stable", "tables_read"]
@@ -61,10 +63,28 @@ def stable(o: Any) -> Any:
         )
     if isinstance(o, enum.Enum):
         return ("E", f"{type(o).__qualname__}.{o.name}")
+    if isinstance(o, custom_op):
+        # Column.op("..."): named by what it renders and how it groups (its repr is an address)
+        return ("O", o.opstring, o.precedence, o.is_comparison, o.natural_self_precedent, o.eager_grouping,
+                _named(o.return_type), _named(o.python_impl))  # fmt: skip
     mod = getattr(o, "__module__", None) or ""
     if callable(o) and (mod == "_operator" or mod == "operator" or mod.startswith("sqlalchemy.")):
-        return ("F", f"{mod}.{getattr(o, '__qualname__', repr(o))}")
+        return ("F", f"{mod}.{_named(o)}")
     raise Uncacheable(type(o).__qualname__)
+
+
+def _named(o: Any) -> str | None:
+    """A name for ``o`` that is the same in every process: its qualified name, or a repr that holds no
+    memory address; Uncacheable otherwise."""
+    if o is None:
+        return None
+    name = getattr(o, "__qualname__", None)
+    if isinstance(name, str):
+        return f"{getattr(o, '__module__', None) or ''}.{name}"
+    text = repr(o)
+    if " at 0x" in text:
+        raise Uncacheable(f"{type(o).__qualname__} has no name that outlives the process")
+    return text
 
 
 def digest(parts: Any) -> str:
@@ -88,8 +108,20 @@ def _keyable(o: Any) -> Any:
 
 
 def tables_read(compiled: Any, statement: Any) -> tuple[str, ...]:
-    """Every table the compiled statement reads: FROMs, joins, subqueries, CTEs, inheritance tables."""
+    """Every table the compiled statement reads: FROMs, joins, subqueries, CTEs, inheritance tables,
+    lightweight ``table()`` constructs by their names.
+
+    :raises Uncacheable: the statement holds SQL text (``text()``, a textual select, a literal column
+        naming a subquery): the tables that text reads are unknown, so no write could be relied on to
+        invalidate its entry.
+    """
     core = getattr(getattr(compiled, "compile_state", None), "statement", None)
     if core is None:
         core = statement
-    return tuple(sorted({table_name(t) for t in visitors.iterate(core) if isinstance(t, Table)}))
+    names = set()
+    for element in visitors.iterate(core):
+        if isinstance(element, TableClause):  # Table included
+            names.add(table_name(element))
+        elif is_text(element):
+            raise Uncacheable("SQL text: the tables it reads are unknown")
+    return tuple(sorted(names))

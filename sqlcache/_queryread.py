@@ -19,7 +19,7 @@ from ._hierarchy import Conv, Hierarchy, Shape
 from ._objects import apply_marks, decode_entry, discard_built, materialize_objects
 from ._querykey import Uncacheable, digest
 from ._queryspec import QuerySpec, describe, refuse_rows_before_unique
-from ._readthrough import Read, ReadThrough
+from ._readthrough import UNKNOWN_TABLES, Read, ReadThrough
 from ._registry import Registry
 from ._report import Reporter
 from ._rows import (
@@ -104,6 +104,7 @@ class QueryReader:
         if self._txns.wrote(orm_state.session, None, (), spec.tables):
             self._reads.bypass("query", spec.model, qp.tags)
             return None
+        self._reads.saw_tables(spec.tables)  # an eager load nested in another query's miss
         at = self._layout.at
         deps = [
             *(_keys.table_dep_key(at(t), t) for t in spec.tables),
@@ -117,8 +118,8 @@ class QueryReader:
             deps,
             (ttl or 0) * 1000,
             lambda payload: self._on_hit(orm_state, stmt, spec, key, payload),
-            lambda frozen, unique_required, runid: self._encode(
-                spec_key, spec, frozen, unique_required, runid
+            lambda frozen, unique_required, runid, loaded: self._encode(
+                spec_key, spec, frozen, unique_required, runid, loaded
             ),
             protect=True,
             swr_ms=(qp.swr or 0) * 1000,
@@ -218,7 +219,13 @@ class QueryReader:
         return _sa.with_attributes(result, d.single, spec.any_entity)
 
     def _encode(
-        self, spec_key: Any, spec: QuerySpec, frozen: FrozenResult[Any], unique_required: bool, runid: int
+        self,
+        spec_key: Any,
+        spec: QuerySpec,
+        frozen: FrozenResult[Any],
+        unique_required: bool,
+        runid: int,
+        loaded: set[str],
     ) -> bytes | None:
         """The entry of what the database returned; None when it must not be stored."""
         columns = spec.columns
@@ -244,9 +251,15 @@ class QueryReader:
             # e.g. lazyload(User.orders.and_(...)): a hit could not give its objects that loader
             self._rep.incr("fills_skipped")
             return None
+        if UNKNOWN_TABLES in loaded:
+            # the load ran SQL text (a listener's, a loader's): what it read is unknown
+            self._rep.incr("fills_skipped")
+            return None
+        through |= loaded
         if not through <= set(spec.tables):
-            # eager loads read tables the statement itself does not name; the generations taken
-            # before this SELECT did not cover them. Learn them for the next miss, store nothing now.
+            # eager loads (and subclass loads, loader criteria, a relationship's join) read tables the
+            # statement itself does not name; the generations taken before this SELECT did not cover
+            # them. Learn them for the next miss, store nothing now.
             tables = tuple(sorted(through | set(spec.tables)))
             self._specs[spec_key] = QuerySpec(
                 spec.digest, tables, spec.columns, spec.aliased, spec.extras, spec.types

@@ -167,7 +167,9 @@ def describe(stmt: Any, ck: Any, engine: Engine, hierarchy: HierarchyOf) -> Quer
     fps = [h.fingerprint if h is not None else None for h in columns]
     # the driver too: two drivers of one database may return other Python types for a column
     dialect = f"{engine.dialect.name}+{engine.dialect.driver}"
-    shape_digest = digest([ROWS_LAYOUT, stable(ck.key), dialect, fps])
+    # the SQL too: the cache key names a table by its name and a column by its table and key, so two Table
+    # objects of one table (columns in another order, a subset) would otherwise share entries
+    shape_digest = digest([ROWS_LAYOUT, stable(ck.key), dialect, fps, compiled.string])
     extras = column_extras(stmt)
     if len(extras) != len(columns):
         raise Uncacheable("result columns do not match the column descriptions")
@@ -175,7 +177,13 @@ def describe(stmt: Any, ck: Any, engine: Engine, hierarchy: HierarchyOf) -> Quer
         None if h is not None else d.get("type")
         for h, d in zip(columns, stmt.column_descriptions, strict=True)
     )
-    return QuerySpec(shape_digest, tables_read(compiled, stmt), tuple(columns), aliased, extras, types)
+    # an entity's every table, and what its columns read, even where this SQL does not name them (a
+    # subclass loaded by a second SELECT: polymorphic_load="selectin")
+    tables = set(tables_read(compiled, stmt))
+    for h in columns:
+        if h is not None:
+            tables.update(h.tables, h.reads)
+    return QuerySpec(shape_digest, tuple(sorted(tables)), tuple(columns), aliased, extras, types)
 
 
 def column_extras(stmt: Any) -> list[tuple[Any, ...]]:

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.collections import collection_adapter
 
 from ._codec import decode, encode
-from ._hierarchy import Conv, Hierarchy, Shape, class_id, table_name
+from ._hierarchy import Conv, Hierarchy, Shape, class_id, tables_in
 from ._objects import DEFERRED_KINDS, LAZY_KINDS, Unreproducible, built_since, loader_marks, plain_values
 from .errors import CodecError
 
@@ -83,8 +83,9 @@ class _Encoder:
                 continue
             target = self.hier(rel.mapper)
             self.tables.update(target.tables)
-            if rel.secondary is not None:
-                self.tables.add(table_name(rel.secondary))
+            self.tables.update(target.reads)
+            if rel.secondary is not None:  # a Table, or a join of several
+                self.tables.update(tables_in(rel.secondary))
             value = dict_[rel.key]
             if value is None:
                 ref: Any = None

@@ -33,6 +33,8 @@ __all__ = [
     "BINARY",
     "DeferredCallable",
     "LazyCallable",
+    "app_listener_after",
+    "app_listeners",
     "autobegin",
     "autoflush",
     "build_objects",
@@ -175,6 +177,22 @@ def bypasses_query_cache(orm_state: ORMExecuteState) -> bool:
         or opts._yield_per
         or getattr(opts, "_only_return_tuples", False)
     )
+
+
+def app_listener_after(orm_state: ORMExecuteState) -> bool:
+    """Whether a ``do_orm_execute`` listener that is not sqlcache's runs after the one running now.
+
+    A cache hit returns a result, and SQLAlchemy then skips the listeners after it: one that changes the
+    statement (a global tenant filter adding ``with_loader_criteria``) would never see it, and the hit
+    would answer the statement it did not change. ``_remaining_events`` is what ``invoke_statement``
+    runs next."""
+    return any(not getattr(fn, "sqlcache_listener", False) for fn in orm_state._remaining_events())
+
+
+def app_listeners(session: Session) -> bool:
+    """Whether the session has a ``do_orm_execute`` listener that is not sqlcache's (the direct path
+    would skip it: Session.get answers instead)."""
+    return any(not getattr(fn, "sqlcache_listener", False) for fn in session.dispatch.do_orm_execute)
 
 
 def pending_autoflush(orm_state: ORMExecuteState) -> bool:

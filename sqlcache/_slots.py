@@ -74,6 +74,7 @@ def _trampoline(slot: Slot) -> Callable[..., Any]:
             return None
         return fn(*args, **kw)
 
+    listener.sqlcache_listener = True  # type: ignore[attr-defined]  # told apart from the app's (_sa)
     return listener
 
 

@@ -180,6 +180,7 @@ class Wiring:
         self._mapper_slots: list[Hooked] = []
         self._session_slots: list[Hooked] = []
         self._session_listening = False
+        self._warned_listener = False  # _listener_after's log line, once
 
     # -- install / remove -------------------------------------------------------------------------
 
@@ -343,6 +344,9 @@ class Wiring:
     ) -> None:
         st = self._txns.of(conn)
         st.began_sql = True
+        reads = self._reads
+        if reads.loading():  # a miss is loading: what it reads, its entry depends on
+            reads.saw_statement(context.compiled if context is not None else None)
         if context is None:
             return
         if context.isinsert or context.isupdate or context.isdelete:
@@ -516,6 +520,9 @@ class Wiring:
             return None
         for opt in orm_state.user_defined_options:
             if isinstance(opt, CacheOption):
+                if _sa.app_listener_after(orm_state):
+                    self._listener_after("query", None, opt.payload.tags)
+                    return None
                 bind = self._attached_bind(orm_state)
                 if bind is None:
                     return None
@@ -533,6 +540,9 @@ class Wiring:
         policy = self._policies.policy_for(mapper)
         if policy is None:
             return None
+        if _sa.app_listener_after(orm_state):
+            self._listener_after("identity", mapper.class_.__name__)
+            return None
         bind = self._attached_bind(orm_state)
         if bind is None:
             return None
@@ -542,6 +552,17 @@ class Wiring:
             return None
         return self._identities.read(orm_state, mapper, pk, policy, tr)
 
+    def _listener_after(self, kind: str, model: str | None, tags: tuple[str, ...] = ()) -> None:
+        """A read the database answers because an application listener runs after ours (see
+        :func:`_sa.app_listener_after`); said once per cache in the log, counted each time."""
+        self._reads.bypass(kind, model, tags)
+        if not self._warned_listener:
+            self._warned_listener = True
+            log.warning(
+                "sqlcache: a do_orm_execute listener was registered after cache.attach(); reads it may "
+                "change are not cached (register it before attach(), see docs/pages/query-cache.md)"
+            )
+
     def _relationship_load(self, orm_state: ORMExecuteState) -> Result[Any] | None:
         """A lazy load of a collection of registered objects: cached like a query on its tables."""
         mapper = orm_state.bind_mapper
@@ -549,6 +570,9 @@ class Wiring:
             return None
         policy = self._policies.policy_for(mapper)
         if policy is None:
+            return None
+        if _sa.app_listener_after(orm_state):
+            self._listener_after("query", mapper.class_.__name__)
             return None
         bind = self._attached_bind(orm_state)
         if bind is None:
