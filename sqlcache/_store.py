@@ -62,9 +62,24 @@ class Subscription:
             pass
 
 
+#: scripts Redis must run even when it refuses writes for memory (maxmemory reached under the default
+#: policy, noeviction): a commit's lock and release and a connection's lineage check. Refused, the
+#: release would wait in the writer's journal while other processes served the old rows from Redis.
+#: Fills stay refusable: under memory pressure nothing new is stored.
+_ALLOW_OOM = frozenset({"lock", "release", "unlock", "lineage"})
+
+
 def script_source(name: str) -> str:
     lua = resources.files("sqlcache").joinpath("lua")
-    return lua.joinpath("_lib.lua").read_text("utf-8") + "\n" + lua.joinpath(f"{name}.lua").read_text("utf-8")
+    # a shebang is the script's very first line (Redis 7); cross-slot keys stay allowed, as for a script
+    # without one
+    flags = "#!lua flags=allow-oom,allow-cross-slot-keys\n" if name in _ALLOW_OOM else ""
+    return (
+        flags
+        + lua.joinpath("_lib.lua").read_text("utf-8")
+        + "\n"
+        + lua.joinpath(f"{name}.lua").read_text("utf-8")
+    )
 
 
 #: lineage.lua, sent whole (EVAL) on every new connection: a restarted server has no scripts loaded

@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 import redis
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache, signals
 from sqlcache.errors import CacheUnavailable, ConfigurationError
 
-from ..conftest import RedisServer, SQLCounter, free_port
+from ..conftest import RedisServer, SQLCounter, free_port, shareable_url
 from ..helpers import AtRelease, make_user, rename_user, user_name
 from ..models import User
 
@@ -408,3 +409,38 @@ def test_connections_the_server_closed_while_idle_are_made_again_before_use(
         cache.detach(engine)
         cache.clear()
         cache.close()
+
+
+def test_a_commit_invalidates_while_redis_refuses_writes_for_memory(
+    engine: Engine, private_redis: RedisServer
+) -> None:
+    """maxmemory reached under Redis's default policy (noeviction): Redis refuses writes but still answers
+    reads. A commit's lock and release still run (their scripts allow it), so another process's next
+    read is not served the old row; fills are refused, so nothing new is stored meanwhile."""
+    other = create_engine(shareable_url(engine))
+    writer = SQLCache(private_redis.url, prefix="oom", timeout=1)
+    reader = SQLCache(private_redis.url, prefix="oom", timeout=1)
+    for c, e in ((writer, engine), (reader, other)):
+        c.register(User)
+        c.attach(e)
+    client = redis.Redis(port=private_redis.port, socket_timeout=5)
+    try:
+        uid = make_user(engine)
+        for _ in range(2):
+            assert user_name(other, uid) == "ann"
+        assert reader.stats()["hits"] == 1
+        client.set("ballast", b"x" * 4_000_000)
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", "1mb")
+        with pytest.raises(redis.OutOfMemoryError):
+            client.set("probe", "x")
+        rename_user(engine, uid, "bob")
+        assert writer.stats()["journal"] == 0  # applied, not waiting for Redis
+        for _ in range(2):
+            assert user_name(other, uid) == "bob"
+    finally:
+        client.config_set("maxmemory", "0")
+        for c, e in ((writer, engine), (reader, other)):
+            c.detach(e)
+            c.close()
+        other.dispose()
