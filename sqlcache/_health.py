@@ -83,6 +83,10 @@ class Health:
                 self._failures = 0
                 self.backoffs += 1
 
+    def retry_now(self) -> None:
+        """End the back-off now: the next call goes to Redis (a closing cache's last journal replay)."""
+        self.open_until = 0.0
+
     def stalled(self) -> None:
         """A call timed out because its event loop ran late, not because Redis did: not a failure."""
         self.stalls += 1
@@ -103,7 +107,9 @@ class Health:
                 self.on_restart()
             raise CacheUnavailable(f"{operation} (redis restarted)")
         self.ok_seq += 1
-        if self._failures:
+        # after an outage the breaker opened (failures counted from zero again): a success also ends
+        # its doubled back-off, or the next short blip would wait as long as the outage's last one
+        if self._failures or self._next_backoff != self._base_backoff:
             with self._mutex:
                 self._failures = 0
                 self._next_backoff = self._base_backoff
