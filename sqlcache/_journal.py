@@ -7,6 +7,7 @@ relay's batch, a replay): :meth:`Journal.invalidate_now`.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,8 @@ from ._keys import Layout
 from ._protocol import StoreSlot
 from ._report import Reporter
 from .errors import CacheUnavailable
+
+log = logging.getLogger("sqlcache")
 
 __all__ = ["Journal", "Keys"]
 
@@ -233,7 +236,16 @@ class Journal:
             self._schedule()
 
     def close(self) -> None:
-        """Cancel the background replay (what is journalled stays; a later replay() still applies it)."""
+        """A last replay (one attempt, within the store's timeout), then cancel the background replay.
+        What Redis did not take stays journalled (a later replay() still applies it) and is logged: until
+        then, other processes may serve what those commits changed."""
+        if (self._journal or self._fence_pending or self._held) and not self.replay():
+            log.warning(
+                "sqlcache: closed with %d invalidations Redis has not taken%s; other processes may serve "
+                "what those commits changed until the entries expire",
+                len(self._journal) + len(self._held),
+                " and a fence" if self._fence_pending else "",
+            )
         with self._mutex:
             self._closed = True
             timer, self._timer = self._timer, None

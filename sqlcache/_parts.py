@@ -181,6 +181,7 @@ class Parts:
         if self.outbox is not None:
             self.outbox.stop_all()
         self.publisher.stop()
+        self.health.retry_now()  # the journal's last replay is tried even while backing off
         self.journal.close()
         if self.local is not None:
             self.local.close()

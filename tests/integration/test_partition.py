@@ -7,13 +7,14 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache, signals
 
-from ..conftest import RedisServer
-from ..helpers import make_user
+from ..conftest import RedisServer, shareable_url
+from ..helpers import make_user, rename_user
 from ..models import User
 from ..proxy import Proxy
 
@@ -94,3 +95,32 @@ def test_slow_redis_costs_at_most_the_timeout_then_backs_off(
     finally:
         proxy.latency = 0
         cache.detach(engine)
+
+
+def test_close_applies_the_journal_when_redis_is_back(
+    engine: Engine, private_redis: RedisServer, proxy: Proxy
+) -> None:
+    """A process that journalled an invalidation during a partition and shuts down cleanly after it
+    healed (a rolling deploy after a blip) applies its journal in close(), even while its breaker is
+    still open: other processes are not served the old row until the entry expires."""
+    other = create_engine(shareable_url(engine))
+    writer = SQLCache(proxy.url, prefix="closing", timeout=0.3, failure_threshold=1, backoff=30)
+    reader = SQLCache(private_redis.url, prefix="closing")
+    for c, e in ((writer, engine), (reader, other)):
+        c.register(User)
+        c.attach(e)
+    try:
+        uid = make_user(engine)
+        assert [name(other, uid), name(other, uid)] == ["ann", "ann"]
+        proxy.cut()
+        rename_user(engine, uid, "bob")
+        assert writer.stats()["journal"] >= 1 and writer.stats()["backoffs"] >= 1
+        proxy.heal()
+        writer.close()  # the breaker is open for 30 s: the last replay goes to Redis anyway
+        assert writer.stats()["journal"] == 0
+        assert name(other, uid) == "bob"
+    finally:
+        for c, e in ((writer, engine), (reader, other)):
+            c.detach(e)
+            c.close()
+        other.dispose()
