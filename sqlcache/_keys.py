@@ -7,7 +7,7 @@ never share a key, and ``clear()`` of one never reaches the other's keys (a plai
 every key of ``a:b``).
 
 {ns}:clock                      the invalidation clock (generations are drawn from it)
-{ns}:lineage                    the run id of the server process whose data this is (lineage.lua)
+{ns}:lineage                    run id:replication id of the server whose data this is (lineage.lua)
 {ns}:e:{fp}:{entity}:{pk}       identity entry of one mapped class (fp = schema fingerprint)
 {ns}:d:i:{table}:{pk}           dependency: one row identity (table = base table of the hierarchy)
 {ns}:d:b:{table}                dependency: rows of a table changed by statements we cannot

@@ -12,15 +12,21 @@
 -- ARGV[1] ttl ms of generation keys (0 = none); ARGV[2] this process's layout
 -- returns {run id, 1 if it fenced else 0, '=' and the layout the prefix holds if it is another, else ''}
 local run_id = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or ''
+-- the data is vouched for by this process AND its replication history: a primary whose data was
+-- replaced by a full resync from another server (demoted, then promoted again: an ABA failover) keeps
+-- its run id but not its replication id. (A primary also takes a new replication id when its first
+-- replica attaches with no backlog: one fence more, never a stale read.)
+local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
+local vouched = run_id .. ':' .. replid
 local layout = redis.pcall('GET', KEYS[4])
 if type(layout) == 'string' and layout ~= ARGV[2] then return {run_id, 0, '=' .. layout} end
 if layout ~= ARGV[2] then redis.call('SET', KEYS[4], ARGV[2]) end
-if run_id == '' or redis.pcall('GET', KEYS[2]) == run_id then return {run_id, 0, ''} end
+if run_id == '' or redis.pcall('GET', KEYS[2]) == vouched then return {run_id, 0, ''} end
 if clock_value(KEYS[1]) < now_us() + CLOCK_LEAD then
   set_clock(KEYS[1], now_us() + CLOCK_LEAD)
 end
 local g, x, n, locks = read_dep(KEYS[3])
 if not g then n, locks = '', {} end
 renew(KEYS[3], KEYS[1], n, locks, tonumber(ARGV[1]))
-redis.call('SET', KEYS[2], run_id)
+redis.call('SET', KEYS[2], vouched)
 return {run_id, 1, ''}

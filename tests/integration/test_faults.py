@@ -444,3 +444,54 @@ def test_a_commit_invalidates_while_redis_refuses_writes_for_memory(
             c.detach(e)
             c.close()
         other.dispose()
+
+
+def synced(client: redis.Redis) -> None:
+    """Wait (polling, with a deadline) until ``client``'s server is a replica in sync with its primary."""
+    deadline = time.monotonic() + 20
+    while True:
+        info = client.info("replication")
+        if info.get("master_link_status") == "up" and info.get("master_sync_in_progress") == 0:
+            return
+        assert time.monotonic() < deadline, info
+        time.sleep(0.02)  # polling the replica's state
+
+
+def test_a_primary_whose_data_was_replaced_by_a_resync_is_fenced(engine: Engine) -> None:
+    """An ABA failover: the replica R is promoted; the old primary P acknowledges a commit's release R
+    never gets; P is demoted, fully resynced from R (the v1 entry and its old generations come back,
+    with the lineage key P itself wrote), and promoted again: same process, same run id. The new
+    replication id fails the lineage check, so no process (the writer included) serves v1."""
+    p_server, r_server = RedisServer(), RedisServer()
+    p_server.start()
+    r_server.start()
+    p = redis.Redis(port=p_server.port, socket_timeout=10)
+    r = redis.Redis(port=r_server.port, socket_timeout=10)
+    other = create_engine(shareable_url(engine))
+    writer = SQLCache(p_server.url, prefix="aba", timeout=1)
+    reader = SQLCache(p_server.url, prefix="aba", timeout=1)
+    for c, e in ((writer, engine), (reader, other)):
+        c.register(User)
+        c.attach(e)
+    try:
+        r.replicaof("127.0.0.1", p_server.port)
+        synced(r)
+        uid = make_user(engine, "v1")
+        assert [user_name(other, uid), user_name(other, uid)] == ["v1", "v1"]  # filled, then a hit
+        p.wait(1, 5000)  # R holds the v1 entry
+        r.replicaof("no", "one")  # R promoted while nobody talks to it...
+        rename_user(engine, uid, "v2")  # ...and P acknowledges a release R never gets
+        p.replicaof("127.0.0.1", r_server.port)  # P demoted: a full resync from R
+        synced(p)
+        p.client_kill_filter(_type="normal")  # as the sentinels do to a demoted primary
+        p.replicaof("no", "one")  # P promoted again
+        for e in (other, engine, other):
+            assert user_name(e, uid) == "v2"
+        assert reader.stats()["lineage_fences"] + writer.stats()["lineage_fences"] >= 1
+    finally:
+        for c, e in ((writer, engine), (reader, other)):
+            c.detach(e)
+            c.close()
+        other.dispose()
+        p_server.cleanup()
+        r_server.cleanup()
