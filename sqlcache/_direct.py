@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, select, tuple_
 from sqlalchemy.engine import Connection
+from sqlalchemy.orm import scoped_session
 from sqlalchemy.orm.attributes import instance_state
 
 from . import _sa
@@ -61,6 +62,14 @@ def _never_encode(*_args: Any) -> bytes | None:
     raise AssertionError("a direct read fills through fill_after")  # pragma: no cover
 
 
+def _current(session: Session | scoped_session[Any]) -> Session:
+    """The session itself, or a ``scoped_session``'s current one (Flask-SQLAlchemy's ``db.session``)."""
+    if isinstance(session, scoped_session):
+        current: Session = session()
+        return current
+    return session
+
+
 class DirectReader:
     """``get`` and ``get_many`` of one cache.
 
@@ -83,9 +92,10 @@ class DirectReader:
         self._statements: dict[Mapper[Any], tuple[Select[Any], Select[Any]]] = {}
         self._mappers: dict[type[Any], Mapper[Any]] = {}  # inspect() is a good part of a hit
 
-    def get(self, session: Session, cls: type[Any], pk: Any) -> Any:
+    def get(self, session: Session | scoped_session[Any], cls: type[Any], pk: Any) -> Any:
         """What ``session.get(cls, pk)`` returns: :meth:`get_many` of one key, with a shorter way to a
         Redis hit (one key, not in the identity map, nothing to flush first)."""
+        session = _current(session)
         mapper, policy = self._registered(cls)
         if not self._plain(session, mapper):
             return session.get(cls, pk)
@@ -103,9 +113,12 @@ class DirectReader:
         self._read(session, mapper, cls, self._registry.ttl_ms(policy.ttl), {key: [0]}, out)
         return out[0]
 
-    def get_many(self, session: Session, cls: type[Any], pks: Iterable[Any]) -> list[Any]:
+    def get_many(
+        self, session: Session | scoped_session[Any], cls: type[Any], pks: Iterable[Any]
+    ) -> list[Any]:
         """Per key asked, in order, what ``session.get(cls, key)`` returns (duplicates allowed)."""
         asked = list(pks)
+        session = _current(session)
         mapper, policy = self._registered(cls)
         if not self._plain(session, mapper):
             return [session.get(cls, pk) for pk in asked]
@@ -131,13 +144,21 @@ class DirectReader:
     ) -> list[Any]:
         """The answers for ``asked`` of a read the fast path covers (:meth:`_plain`)."""
         out: list[Any] = [None] * len(asked)
-        wanted = self._lookup(session, mapper, cls, enumerate(asked), out)
-        if wanted and _sa.needs_autoflush(session):
-            # Session.get flushes before it queries: what the session holds pending is then in the
-            # database (and the identity map), and the flush is recorded as this transaction's writes
+        items = list(enumerate(asked))
+        start = 0
+        if _sa.needs_autoflush(session):
+            # Session.get, key by key, flushes at the first key the session does not hold: the keys
+            # before it are answered from the session as it is, the rest after the flush (which may
+            # have deleted an object, or moved it to another key); the flush is recorded as this
+            # transaction's writes
+            while start < len(items) and not self._lookup(
+                session, mapper, cls, items[start : start + 1], out
+            ):
+                start += 1
+            if start == len(items):
+                return out
             _sa.autoflush(session)
-            again = ((positions[0], pk) for pk, positions in wanted.items())
-            wanted = self._lookup(session, mapper, cls, again, out, wanted)
+        wanted = self._lookup(session, mapper, cls, items[start:], out)
         if wanted:
             self._read(session, mapper, cls, self._registry.ttl_ms(policy.ttl), wanted, out)
         return out
@@ -171,10 +192,9 @@ class DirectReader:
         cls: type[Any],
         items: Iterable[tuple[int, Any]],
         out: list[Any],
-        previous: dict[tuple[Any, ...], list[int]] | None = None,
     ) -> dict[tuple[Any, ...], list[int]]:
         """Answer from the identity map what it holds, as Session.get does; the other keys (as tuples)
-        with the positions that asked for them. ``previous``: the positions of an earlier lookup."""
+        with the positions that asked for them."""
         identity_map = session.identity_map
         width = len(mapper.primary_key)
         rest: dict[tuple[Any, ...], list[int]] = {}
@@ -191,17 +211,11 @@ class DirectReader:
             except TypeError:  # an unhashable value
                 out[i] = session.get(cls, pk)
                 continue
-            positions = previous[pk] if previous is not None else None
             if obj is not None:
                 held = isinstance(obj, cls) and not instance_state(obj).expired
-                answer = obj if held else session.get(cls, pk)  # an expired object reloads its way
-                for j in positions or (i,):
-                    out[j] = answer
+                out[i] = obj if held else session.get(cls, pk)  # an expired object reloads its way
                 continue
-            if positions is not None:
-                rest[pk] = positions
-            else:
-                rest.setdefault(pk, []).append(i)
+            rest.setdefault(pk, []).append(i)
         return rest
 
     def _read(
@@ -260,13 +274,13 @@ class DirectReader:
             return
         runid = _sa.new_runid()  # objects the SELECT builds get larger numbers (built_since)
         found = self._load(session, mapper, [*uncached, *(pk for _, pk, _ in misses)])
-        # rows found under a key nobody asked for: another spelling of a key asked (a case-insensitive
-        # or PAD SPACE collation) found them, and only Session.get can tell which
-        stray = any(k not in wanted for k in found)
+        # a key not found while rows were: it may be another spelling of one of them (a case-insensitive
+        # or PAD SPACE collation, '1' for 1), found under that one's key, and only Session.get can tell
+        any_found = bool(found)
         for pk in uncached:
-            self._place(session, cls, pk, found, stray, wanted, out)
+            self._place(session, h, cls, pk, found, any_found, wanted, out)
         for rd, pk, r in misses:
-            obj = self._place(session, cls, pk, found, stray, wanted, out)
+            obj = self._place(session, h, cls, pk, found, any_found, wanted, out)
             # entry_of refuses what must not be stored (a row under another spelling of its key, an
             # object the session held before the SELECT)
             reads.fill_after(session, rd, r, partial(entry_of, h, pk, obj, runid))
@@ -274,18 +288,19 @@ class DirectReader:
     def _place(
         self,
         session: Session,
+        h: Hierarchy,
         cls: type[Any],
         pk: tuple[Any, ...],
         found: dict[tuple[Any, ...], Any],
-        stray: bool,
+        any_found: bool,
         wanted: dict[tuple[Any, ...], list[int]],
         out: list[Any],
     ) -> Any:
         """Put the object loaded for ``pk`` where it was asked; returns it (None: no such row)."""
         positions = wanted[pk]
         obj = found.get(pk)
-        if obj is None and stray and not exact_key(pk):
-            # perhaps the row a stray key names: Session.get's own answer, and nothing is filled
+        if obj is None and any_found and not exact_key(h, pk):
+            # perhaps a row found under another spelling: Session.get's own answer, and nothing is filled
             obj = session.get(cls, pk)
             found[pk] = obj
         for i in positions:

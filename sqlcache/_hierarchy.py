@@ -5,6 +5,7 @@ entries are written and rebuilt with. No I/O."""
 from __future__ import annotations
 
 import enum
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b
@@ -15,7 +16,7 @@ from sqlalchemy.orm import ColumnProperty, Mapper
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import ColumnClause, TextClause
 from sqlalchemy.sql.schema import Column
-from sqlalchemy.sql.selectable import TableClause, TextualSelect
+from sqlalchemy.sql.selectable import Alias, Select, TableClause, TextualSelect
 
 from . import _sa
 from .errors import CodecError, ConfigurationError
@@ -259,6 +260,9 @@ class Hierarchy:
     # other tables a loaded column reads (a column_property's scalar subquery): its entries depend on
     # them as a query depends on its tables
     reads: tuple[str, ...] = ()
+    # per primary-key column, the one Python type its database compares exactly (int for an integer
+    # column, UUID for a native UUID one), or None: another spelling may find the same row
+    exact_pk: tuple[type | None, ...] = ()
 
 
 def _shape(mapper: Mapper[Any]) -> Shape:
@@ -295,8 +299,22 @@ def hierarchy_for(mapper: Mapper[Any]) -> Hierarchy:
         base_table=table_name(base.local_table),
         tables=tuple(sorted(tables)),
         shapes={class_id(m): _shape(m) for m in mapper.self_and_descendants},
-        reads=tuple(sorted(column_reads(base) - set(tables))),
+        reads=tuple(sorted(column_reads(base))),
+        exact_pk=tuple(_exact_type(col.type) for col in base.primary_key),
     )
+
+
+def _exact_type(type_: Any) -> type | None:
+    """The Python type whose values a column of ``type_`` compares exactly, if any: an integer column
+    compares integers (not '1', not 1.0), a native UUID column UUIDs. A TypeDecorator, a string or a
+    numeric column (collations, affinity, scale) has none."""
+    if isinstance(type_, sqltypes.TypeDecorator):
+        return None
+    if isinstance(type_, sqltypes.Integer):
+        return int
+    if isinstance(type_, sqltypes.Uuid) and type_.as_uuid:
+        return uuid.UUID
+    return None
 
 
 def tables_in(selectable: Any) -> set[str]:
@@ -312,6 +330,7 @@ def column_reads(base: Mapper[Any]) -> set[str]:
     :raises ConfigurationError: such an expression holds SQL text, whose tables are unknown.
     """
     out: set[str] = set()
+    own = {table_name(t) for m in base.self_and_descendants for t in m.tables}
     for m in base.self_and_descendants:
         for prop in m.column_attrs:
             if prop.deferred:
@@ -319,15 +338,26 @@ def column_reads(base: Mapper[Any]) -> set[str]:
             for col in prop.columns:
                 if isinstance(col, Column) and col.table is not None and col.table in m.tables:
                     continue
+                named: set[str] = set()
+                selects = []
                 for element in visitors.iterate(col):
                     if isinstance(element, TableClause):
-                        out.add(table_name(element))
+                        named.add(table_name(element))
+                    elif isinstance(element, Alias) and isinstance(element.element, TableClause):
+                        out.add(table_name(element.element))  # read under an alias: never correlated
+                    elif isinstance(element, Select):
+                        selects.append(element)
                     elif is_text(element):
                         raise ConfigurationError(
                             f"{m.class_.__name__}.{prop.key} is SQL text: sqlcache cannot tell which "
                             "tables it reads. Make it deferred (deferred=True) or build it of SQLAlchemy "
                             "constructs."
                         )
+                # the row's own tables are usually the enclosing query's, correlated (a count of the
+                # row's reviews); read whole only by a subquery that does not correlate them
+                for name in named:
+                    if name not in own or any(not _sa.correlates(sel, name) for sel in selects):
+                        out.add(name)
     return out
 
 

@@ -3,7 +3,6 @@ one entry per (class, primary key)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +25,6 @@ if TYPE_CHECKING:
     from ._keys import Layout
 
 __all__ = ["IdentityReader", "entry_of", "exact_key", "identity_keys", "shared_deps"]
-
-_EXACT_KEY_TYPES = frozenset({int, uuid.UUID})
 
 
 class IdentityReader:
@@ -208,10 +205,14 @@ def _encode(
     return entry_of(h, pk, obj, runid)
 
 
-def exact_key(pk: tuple[Any, ...]) -> bool:
-    """Whether the database compares every value of ``pk`` exactly (integers, UUIDs): no other
-    spelling of the key finds the same row."""
-    return all(type(v) in _EXACT_KEY_TYPES for v in pk)
+def exact_key(h: Hierarchy, pk: tuple[Any, ...]) -> bool:
+    """Whether the database compares every value of ``pk`` exactly: an int for an integer column, a
+    UUID for a native UUID column (``Hierarchy.exact_pk``). No other spelling of the key then finds the
+    same row (an int for a string or numeric column may: SQLite's affinity, MySQL's conversions)."""
+    exact = h.exact_pk
+    return len(exact) == len(pk) and all(
+        t is not None and type(v) is t for t, v in zip(exact, pk, strict=True)
+    )
 
 
 def entry_of(h: Hierarchy, pk: tuple[Any, ...], obj: Any, runid: int) -> bytes | None:
@@ -221,7 +222,7 @@ def entry_of(h: Hierarchy, pk: tuple[Any, ...], obj: Any, runid: int) -> bytes |
         # Absence is cached only for keys the database compares exactly: with a string key a
         # case-insensitive or PAD SPACE collation could match a row inserted under another spelling,
         # whose insert would invalidate that spelling's key, not this one.
-        return encode_absent(h) if exact_key(pk) else None
+        return encode_absent(h) if exact_key(h, pk) else None
     state = sa_inspect(obj)
     # the row found must carry exactly the key asked for (collations, Decimal('1.0') vs Decimal('1.00')):
     # writes invalidate the row's own key, so only that key may be filled

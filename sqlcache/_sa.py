@@ -40,6 +40,7 @@ __all__ = [
     "build_objects",
     "bypasses_query_cache",
     "cache_key",
+    "correlates",
     "current_path",
     "current_transaction",
     "discriminator_columns",
@@ -177,6 +178,22 @@ def bypasses_query_cache(orm_state: ORMExecuteState) -> bool:
         or opts._yield_per
         or getattr(opts, "_only_return_tuples", False)
     )
+
+
+def correlates(sel: Any, name: str) -> bool:
+    """Whether the SELECT ``sel``, as a subquery, takes the table ``name`` from the query around it
+    rather than reading it whole: auto-correlation (the default), ``correlate(table)``, or
+    ``correlate_except(...)`` not naming it."""
+    if sel._auto_correlate:
+        return True
+
+    def names(froms: Any) -> set[str]:
+        return {str(getattr(f, "fullname", None) or getattr(f, "name", "")) for f in froms or ()}
+
+    if name in names(sel._correlate):
+        return True
+    excepted = sel._correlate_except
+    return bool(excepted) and name not in names(excepted)
 
 
 def app_listener_after(orm_state: ORMExecuteState) -> bool:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import redis.asyncio
     import redis.cluster
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-    from sqlalchemy.orm import Session
+    from sqlalchemy.orm import Session, scoped_session
 
 __all__ = ["SQLCache"]
 
@@ -268,7 +268,7 @@ class SQLCache:
 
     # -- direct reads -------------------------------------------------------------------------------
 
-    def get(self, session: Session, cls: type[Any], pk: Any) -> Any:
+    def get(self, session: Session | scoped_session[Any], cls: type[Any], pk: Any) -> Any:
         """What ``session.get(cls, pk)`` returns (the object, in the session's identity map, or None),
         without SQLAlchemy's statement pipeline in front of a Redis hit (docs/pages/direct.md).
 
@@ -276,6 +276,8 @@ class SQLCache:
         call, a row this transaction wrote comes from the database, pending changes are flushed first
         (autoflush). What the fast path does not cover is handed to ``session.get`` itself.
 
+        :param session: a Session, or a ``scoped_session`` (Flask-SQLAlchemy's ``db.session``): its
+            current session.
         :param pk: the primary key, a tuple for a composite key (as ``Session.get`` takes it).
         :raises ConfigurationError: if ``cls`` is not mapped, or not registered with this cache.
 
@@ -283,7 +285,9 @@ class SQLCache:
         """
         return self._parts.direct.get(session, cls, pk)
 
-    def get_many(self, session: Session, cls: type[Any], pks: Iterable[Any]) -> list[Any]:
+    def get_many(
+        self, session: Session | scoped_session[Any], cls: type[Any], pks: Iterable[Any]
+    ) -> list[Any]:
         """:meth:`get` of every key in ``pks``, in order (None for a missing row; duplicates allowed):
         one Redis round trip for every key the session does not hold, and one ``SELECT ... IN`` (per
         1000 keys) for the misses, filled as single misses are.

@@ -39,6 +39,7 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Session,
+    aliased,
     column_property,
     mapped_column,
     relationship,
@@ -130,6 +131,19 @@ class Coder(Staff):
     language: Mapped[str] = mapped_column(String(20))
     # its columns come from a second SELECT of this table only
     __mapper_args__ = {"polymorphic_identity": "coder", "polymorphic_load": "selectin"}
+
+
+class Player(DepBase):
+    __tablename__ = "dep_players"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    team: Mapped[int]
+
+
+_mate = aliased(Player)
+# loaded with the row, over the row's own table (another alias of it): every player of the team
+Player.team_size = column_property(  # type: ignore[attr-defined]
+    select(func.count(_mate.id)).where(_mate.team == Player.team).scalar_subquery()
+)
 
 
 @pytest.fixture
@@ -272,6 +286,33 @@ def test_identity_entries_depend_on_what_their_columns_read(db: Engine, cache: S
     with Session(db) as s:
         s.add(Review(id=3, book_id=10))
         assert reviews(s) == [2, 1]  # this transaction's own write: the database answers
+
+
+def test_identity_entries_depend_on_their_own_table_read_under_an_alias(db: Engine, cache: SQLCache) -> None:
+    """A column_property counting the row's own table (another alias of it): a write of another row
+    changes it, and invalidates it. A correlated subquery (Book.reviews) does not make the row's table a
+    dependency of every entry."""
+    cache.register(Player)
+    with Session(db) as s:
+        s.add_all([Player(id=1, team=7), Player(id=2, team=7)])
+        s.commit()
+
+    def sizes(s: Session) -> list[int]:
+        return [s.get(Player, 1).team_size, cache.get(s, Player, 2).team_size]  # type: ignore[union-attr]
+
+    for _ in range(2):
+        with Session(db) as s:
+            assert sizes(s) == [2, 2]
+    with Session(db) as s:
+        s.add(Player(id=3, team=7))
+        s.commit()
+    with Session(db) as s:
+        assert sizes(s) == [3, 3]
+    cache.register(Book)
+    from sqlcache._hierarchy import hierarchy_for
+
+    assert hierarchy_for(Player.__mapper__).reads == ("dep_players",)
+    assert hierarchy_for(Book.__mapper__).reads == ("dep_reviews",)
 
 
 def test_a_column_property_of_sql_text_is_refused_at_register(redis_url: str) -> None:
