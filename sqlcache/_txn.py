@@ -95,7 +95,47 @@ def _is_write_statement(sql: str) -> bool:
         return _DML_WORD.search(rest) is not None
     if verb == "pragma":  # SQLite: "PRAGMA x = y" changes state, "PRAGMA x" / "PRAGMA x(y)" reads
         return "=" in rest
+    if verb in _RUNS_WHAT_FOLLOWS:
+        return _runs_a_write(verb, _QUOTED_OR_COMMENT.sub(" ", rest))
     return verb not in _READ_VERBS
+
+
+# Read verbs that may run a statement after all (rare: their text is cleaned of comments and quotes,
+# then looked at further):
+# - EXPLAIN (DESCRIBE / DESC in MySQL) with ANALYZE runs the statement it explains (PostgreSQL
+#   "EXPLAIN ANALYZE [VERBOSE] stmt" or "EXPLAIN (ANALYZE, ...) stmt", ANALYSE spelled either way;
+#   MySQL 8 "EXPLAIN ANALYZE [FORMAT=TREE] stmt"): it is the write that statement is. Without
+#   ANALYZE it only plans it (SQLite's EXPLAIN [QUERY PLAN] too).
+# - ANALYZE followed by a statement runs it (MariaDB "ANALYZE [FORMAT=JSON] stmt"); ANALYZE of a
+#   table gathers statistics (PostgreSQL, MySQL: "ANALYZE [VERBOSE] t", "ANALYZE TABLE t").
+# - BEGIN NOT ATOMIC ... END is a MariaDB compound statement, which may run anything; any other
+#   BEGIN starts a transaction.
+_RUNS_WHAT_FOLLOWS = frozenset({"explain", "describe", "desc", "analyze", "analyse", "begin"})
+_ANALYZE_WORD = re.compile(r"\banaly[sz]e\b", re.I)
+_OPTIONS = re.compile(
+    r"[a-z]+\s*(?P<paren>\([^)]*\))?"
+    r"(?P<words>(?:\s*(?:analy[sz]e|verbose|extended|partitions|query\s+plan|format\s*=?\s*\w+)\b)*)\s*",
+    re.I,
+)
+# what MariaDB's ANALYZE runs (anything else after ANALYZE names tables)
+_STATEMENT_VERBS = frozenset({"select", "insert", "update", "delete", "replace", "with", "values"})
+_NOT_ATOMIC = re.compile(r"begin\s+not\s+atomic\b", re.I)
+
+
+def _runs_a_write(verb: str, cleaned: str) -> bool:
+    if verb == "begin":
+        return _NOT_ATOMIC.match(cleaned) is not None
+    m = _OPTIONS.match(cleaned)
+    assert m is not None  # it starts with the verb
+    statement = cleaned[m.end() :]
+    if verb in ("analyze", "analyse"):
+        first = re.match(r"[A-Za-z]+", statement)
+        if first is None or first.group(0).lower() not in _STATEMENT_VERBS:
+            return False  # statistics of tables
+        return _is_write_statement(statement)
+    if _ANALYZE_WORD.search(m.group("paren") or "") or _ANALYZE_WORD.search(m.group("words")):
+        return _is_write_statement(statement)
+    return False  # EXPLAIN without ANALYZE: planned, not run
 
 
 # -- statements that change what an unqualified name (or a row-security policy) resolves to -------

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table
 
 from sqlcache._txn import cascade_targets, is_write_sql, scope_changes
@@ -21,6 +23,26 @@ from sqlcache._txn import cascade_targets, is_write_sql, scope_changes
         "SAVEPOINT sa_1",
         "RELEASE SAVEPOINT sa_1",
         "EXPLAIN SELECT 1",
+        # EXPLAIN without ANALYZE only plans the statement; with it, the statement runs: a read
+        "EXPLAIN DELETE FROM users",
+        "EXPLAIN (FORMAT JSON) UPDATE users SET name = 'x'",
+        "EXPLAIN QUERY PLAN DELETE FROM users",
+        "EXPLAIN FORMAT=JSON DELETE FROM users",
+        "DESCRIBE users",
+        "EXPLAIN ANALYZE SELECT * FROM users",
+        "EXPLAIN (ANALYZE, BUFFERS) SELECT 1",
+        "EXPLAIN ANALYZE WITH x AS (SELECT 'delete') SELECT * FROM x",
+        # ANALYZE of a table gathers statistics (PostgreSQL, MySQL); MariaDB's of a SELECT runs it
+        "ANALYZE users",
+        "ANALYSE VERBOSE users",
+        "ANALYZE (VERBOSE) users",
+        "ANALYZE TABLE users",
+        "ANALYZE NO_WRITE_TO_BINLOG TABLE users",
+        "ANALYZE FORMAT=JSON SELECT * FROM users",
+        "BEGIN",
+        "BEGIN WORK",
+        "BEGIN TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "begin isolation level repeatable read, read only",
     ],
 )
 def test_reads(sql: str) -> None:
@@ -47,6 +69,83 @@ def test_reads(sql: str) -> None:
 def test_writes(sql: str) -> None:
     """Anything that is not recognisably a read counts as a write."""
     assert is_write_sql(sql)
+
+
+# statements that run a write although their first word reads as a read (found by review q, s1)
+_RUN_WRITES = [
+    # PostgreSQL runs the statement EXPLAIN ANALYZE explains (either syntax, ANALYSE spelled either way)
+    "EXPLAIN ANALYZE DELETE FROM users WHERE id = 1",
+    "explain analyse update users set name = 'x'",
+    "EXPLAIN (ANALYZE, BUFFERS) UPDATE users SET name = 'x'",
+    "EXPLAIN (ANALYZE) UPDATE users SET name = 'x'",
+    "EXPLAIN (FORMAT JSON, ANALYZE TRUE) INSERT INTO users (name) VALUES ('x')",
+    "EXPLAIN ANALYZE VERBOSE DELETE FROM users",
+    "EXPLAIN ANALYZE WITH d AS (DELETE FROM users RETURNING id) SELECT * FROM d",
+    "EXPLAIN ANALYZE EXECUTE remove_user(1)",
+    "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
+    # MySQL 8 EXPLAIN ANALYZE (DESCRIBE is its synonym); MariaDB's ANALYZE statement runs what it names
+    "EXPLAIN ANALYZE FORMAT=TREE DELETE FROM users",
+    "DESCRIBE ANALYZE UPDATE users SET name = 'x'",
+    "ANALYZE DELETE FROM users WHERE id = 1",
+    "ANALYZE FORMAT=JSON UPDATE users SET name = 'x'",
+    # MariaDB compound statement outside a stored program
+    "BEGIN NOT ATOMIC UPDATE users SET name = 'x'; END",
+    "begin not atomic select 1; end",
+    "BEGIN NOT ATOMIC DECLARE n INT DEFAULT 1; IF n THEN DELETE FROM users; END IF; END",
+]
+
+
+@pytest.mark.parametrize("sql", _RUN_WRITES)
+def test_statements_that_run_a_write(sql: str) -> None:
+    """EXPLAIN ANALYZE / MariaDB ANALYZE of a write, and BEGIN NOT ATOMIC, run a write: not reads."""
+    assert is_write_sql(sql)
+
+
+_GAPS = ["  ", "\n", "\t", " /* c; 'x' */ ", " -- c\n", "\n-- c;\n  "]
+
+
+def _respelled(sql: str, gaps: list[str], upper: list[bool]) -> str:
+    """``sql`` with each space replaced by a gap (comments included) and each word's case flipped."""
+    words = sql.split(" ")
+    out = []
+    for i, w in enumerate(words):
+        out.append(w.upper() if upper[i % len(upper)] else w.lower())
+        if i < len(words) - 1:
+            out.append(gaps[i % len(gaps)])
+    return "".join(out)
+
+
+@given(
+    st.sampled_from(_RUN_WRITES),
+    st.lists(st.sampled_from(_GAPS), min_size=1, max_size=6),
+    st.lists(st.booleans(), min_size=1, max_size=6),
+    st.sampled_from(["", "  ", "/* lead */ ", "-- lead\n"]),
+)
+def test_statements_that_run_a_write_in_any_case_and_spacing(
+    sql: str, gaps: list[str], upper: list[bool], lead: str
+) -> None:
+    """Case, whitespace and comments between the words do not hide a write."""
+    assert is_write_sql(lead + _respelled(sql, gaps, upper))
+
+
+@given(
+    st.sampled_from(
+        [
+            "EXPLAIN SELECT 1",
+            "EXPLAIN DELETE FROM users",
+            "EXPLAIN (FORMAT JSON) UPDATE users SET name = 1",
+            "EXPLAIN ANALYZE SELECT * FROM users",
+            "SELECT * FROM users",
+            "ANALYZE users",
+            "BEGIN WORK",
+        ]
+    ),
+    st.lists(st.sampled_from(_GAPS), min_size=1, max_size=6),
+    st.lists(st.booleans(), min_size=1, max_size=6),
+)
+def test_reads_in_any_case_and_spacing(sql: str, gaps: list[str], upper: list[bool]) -> None:
+    """Plain EXPLAIN, EXPLAIN ANALYZE of a SELECT, a SELECT and BEGIN stay reads however spelled."""
+    assert not is_write_sql(_respelled(sql, gaps, upper))
 
 
 def test_cascade_targets() -> None:
