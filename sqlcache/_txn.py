@@ -26,6 +26,8 @@ __all__ = [
     "coarse_keys",
     "dml_tables",
     "is_write_sql",
+    "replaces_on_conflict",
+    "rows_changed",
     "scope_changes",
 ]
 
@@ -258,8 +260,50 @@ def _action(value: object) -> bool:
     return isinstance(value, str) and value.upper() in _CASCADING
 
 
+# An INSERT or UPDATE with conflict handling may delete or update rows of its table other than those
+# it names, and so run the FK actions of their children: SQLite INSERT / UPDATE OR REPLACE and MySQL
+# REPLACE delete the rows they conflict with (MySQL may do it as an update), ON CONFLICT DO UPDATE and
+# ON DUPLICATE KEY UPDATE update them. SQLAlchemy renders a plain INSERT as "INSERT INTO" and a
+# plain UPDATE as "UPDATE <table>"; any other start (a prefix, a CTE, a construct compiled its own
+# way) counts as possibly both.
+_PLAIN_INSERT = re.compile(r"INSERT\s+INTO\s", re.I)
+_PLAIN_UPDATE = re.compile(r"UPDATE(?!\s+OR\s)\s", re.I)
+_UPDATES_ON_CONFLICT = re.compile(r"\b(?:ON\s+DUPLICATE\s+KEY|DO)\s+UPDATE\b", re.I)
+
+
+def rows_changed(sql: str, kind: str) -> tuple[bool, bool]:
+    """Whether a DML statement of ``kind`` (``insert``, ``update``, ``delete``) may delete, and whether
+    it may update, rows already in its table, as FK actions see them; (False, False) for a plain INSERT.
+    """
+    if kind == "delete":
+        return True, False
+    m = _LEADING_COMMENTS.match(sql)
+    start = m.end() if m else 0
+    if kind == "update":
+        return _PLAIN_UPDATE.match(sql, start) is None, True
+    if _PLAIN_INSERT.match(sql, start) is None:
+        return True, True
+    # ON CONFLICT DO NOTHING changes nothing; a literal or name holding these words only costs more
+    return False, _UPDATES_ON_CONFLICT.search(sql, start) is not None
+
+
+def replaces_on_conflict(table: Table) -> bool:
+    """Whether SQLite resolves a conflict on one of ``table``'s constraints by REPLACE (declared with
+    ``sqlite_on_conflict``): any INSERT or UPDATE of it may delete rows."""
+    for c in table.constraints:
+        if str(c.dialect_kwargs.get("sqlite_on_conflict", "")).upper() == "REPLACE":
+            return True
+    for col in table.columns:
+        for name in ("sqlite_on_conflict_primary_key", "sqlite_on_conflict_unique"):
+            if str(col.dialect_kwargs.get(name, "")).upper() == "REPLACE":
+                return True
+    return False
+
+
 def cascade_targets(table: Table, deleted: bool, updated: bool) -> set[Table]:
-    """Tables the database itself may change when rows of ``table`` are deleted or updated (FK actions)."""
+    """Tables the database itself may change when rows of ``table`` are deleted or updated (FK actions).
+
+    Tables are matched by name: the ORM's statements name an annotated copy of the table."""
     out: set[Table] = set()
     todo = [table]
     while todo:
@@ -267,13 +311,12 @@ def cascade_targets(table: Table, deleted: bool, updated: bool) -> set[Table]:
         md = t.metadata
         for other in md.tables.values():
             for fk in other.foreign_keys:
-                if fk.column.table is not t or other in out:
+                if fk.column.table.fullname != t.fullname or other in out:
                     continue
                 if (deleted and _action(fk.ondelete)) or (updated and _action(fk.onupdate)):
                     out.add(other)
                     todo.append(other)
-    out.discard(table)
-    return out
+    return {t for t in out if t.fullname != table.fullname}
 
 
 @dataclass(eq=False)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -72,7 +73,7 @@ class Policies(Protocol):
 
     def policy_for(self, mapper: Mapper[Any]) -> ModelPolicy | None: ...
 
-    def cascades(self, table: Any, deleted: bool, updated: bool) -> set[Any]: ...
+    def cascaded(self, table: Any, sql: str, kind: str) -> AbstractSet[Any]: ...
 
     def records_rows_of(self, compiled_cache: Any) -> bool: ...
 
@@ -356,17 +357,20 @@ class Wiring:
             flushing = self._txns.flushing(conn) and self._policies.records_rows_of(
                 context.execution_options.get("compiled_cache")
             )
-            cascades = self._policies.cascades
+            cascaded = self._policies.cascaded
+            kind = "delete" if context.isdelete else "update" if context.isupdate else "insert"
+            # the SQL SQLAlchemy compiled, where a prefix, a conflict clause or a construct's own
+            # rendering is; the same string each time (an insertmanyvalues batch repeats its VALUES)
+            sql = context.compiled.string if context.compiled is not None else statement
             for table in dml_tables(context):
                 st.tables[table.fullname] = table
                 if not flushing:
                     st.bulk[table.fullname] = table
-                cascaded: set[Any] = set()
-                if context.isdelete:
-                    cascaded |= cascades(table, True, False)
-                if context.isupdate:
-                    cascaded |= cascades(table, False, True)
-                for other in cascaded:
+                # rows the database changes itself through FK actions (CASCADE, SET NULL, SET DEFAULT)
+                # of the rows this statement deletes or updates, an INSERT's conflict handling included
+                # (OR REPLACE, REPLACE, ON CONFLICT DO UPDATE, ON DUPLICATE KEY UPDATE): their tables
+                # are written, rows unknown; a plain INSERT, as the unit of work's, changes none
+                for other in cascaded(table, sql, kind):
                     st.tables[other.fullname] = other
                     st.bulk[other.fullname] = other
         elif context.isddl or is_write_sql(statement):

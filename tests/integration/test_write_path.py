@@ -8,12 +8,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import case, create_engine, delete, event, insert, pool, select, text, update
+from sqlalchemy import (
+    ForeignKey,
+    Integer,
+    String,
+    case,
+    create_engine,
+    delete,
+    event,
+    insert,
+    pool,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, SAWarning
-from sqlalchemy.orm import Mapper, Session, object_session, registry
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import DeclarativeBase, Mapped, Mapper, Session, mapped_column, object_session, registry
+from sqlalchemy.sql.expression import Executable, Insert
 
-from sqlcache import SQLCache, signals
+from sqlcache import SQLCache, cached, signals
 
 from ..conftest import SQLCounter, shareable_url
 from ..helpers import make_user
@@ -745,3 +761,241 @@ def test_a_commit_that_raised(engine: Engine, cache: SQLCache, lost: bool) -> No
         cache.detach(writer_engine)
         writer_engine.dispose()
         plain.dispose()
+
+
+# -- FK actions the database runs itself (ON DELETE / ON UPDATE CASCADE) -----------------------------
+#
+# Tables of their own, in two declarative bases (two MetaData): created on each database by the
+# fk_tables fixture, emptied before each test.
+
+
+class _FkBase(DeclarativeBase):
+    pass
+
+
+class _OtherBase(DeclarativeBase):  # another module's base: another MetaData
+    pass
+
+
+class Account(_FkBase):
+    """A parent referenced by a key that is not its primary key, which an upsert may change."""
+
+    __tablename__ = "fk_accounts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    code: Mapped[str] = mapped_column(String(10), unique=True)
+
+
+class Entry(_FkBase):
+    """Follows its account's code (ON UPDATE CASCADE only)."""
+
+    __tablename__ = "fk_entries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    code: Mapped[str | None] = mapped_column(String(10), ForeignKey("fk_accounts.code", onupdate="CASCADE"))
+
+
+class Line(_FkBase):
+    """Goes with its account (ON DELETE CASCADE only)."""
+
+    __tablename__ = "fk_lines"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    account_id: Mapped[int | None] = mapped_column(ForeignKey("fk_accounts.id", ondelete="CASCADE"))
+
+
+class Note(_OtherBase):
+    """Goes with its account, declared in another MetaData."""
+
+    __tablename__ = "fk_notes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    account_id: Mapped[int | None] = mapped_column(ForeignKey(Account.__table__.c.id, ondelete="CASCADE"))
+
+
+class Badge(_FkBase):
+    """A parent whose code resolves a conflict by REPLACE in SQLite (a plain INSERT may delete a row)."""
+
+    __tablename__ = "fk_badges"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    code: Mapped[str] = mapped_column(String(10), unique=True, sqlite_on_conflict_unique="REPLACE")
+
+
+class Award(_FkBase):
+    """Goes with its badge (ON DELETE CASCADE only)."""
+
+    __tablename__ = "fk_awards"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    badge_id: Mapped[int | None] = mapped_column(ForeignKey("fk_badges.id", ondelete="CASCADE"))
+
+
+class Replace(Insert):
+    """MySQL / MariaDB REPLACE: an INSERT that first deletes the rows it conflicts with."""
+
+    inherit_cache = True
+
+
+@compiles(Replace)
+def _replace(element: Replace, compiler: Any, **kw: Any) -> str:
+    return "REPLACE" + compiler.visit_insert(element, **kw)[len("INSERT") :]
+
+
+@pytest.fixture
+def fk_tables(engine: Engine) -> Engine:
+    """The tables above on ``engine``'s database, empty. Through an engine of its own: no cache sees these
+    statements (so the test's own first statement on a table is the cache's first)."""
+    plain = create_engine(shareable_url(engine))
+    try:
+        _FkBase.metadata.create_all(plain)
+        _OtherBase.metadata.create_all(plain)
+        with plain.begin() as c:
+            for md in (_OtherBase.metadata, _FkBase.metadata):
+                for table in reversed(md.sorted_tables):
+                    c.execute(table.delete())
+    finally:
+        plain.dispose()
+    return engine
+
+
+def add_rows(engine: Engine, *rows: Any) -> None:
+    with Session(engine) as s:
+        for row in rows:
+            s.add(row)
+            s.flush()
+        s.commit()
+
+
+def cached_reads(engine: Engine, cls: Any, pk: int, column: Any) -> tuple[Any, list[Any]]:
+    """The object ``cls`` ``pk`` (identity cache) and ``column`` of every row of its table (query cache)."""
+    with Session(engine) as s:
+        obj = s.get(cls, pk)
+        got = (None if obj is None else getattr(obj, column.key), column)
+        rows = s.scalars(select(column).order_by(column).options(cached())).all()
+        return got[0], list(rows)
+
+
+def assert_served_from_redis(engine: Engine, sql_count: SQLCounter, read: Any) -> Any:
+    """``read()`` twice: the second is answered without SQL (so a stale entry would be served)."""
+    first = read()
+    sql_count.reset()
+    assert read() == first and len(sql_count) == 0
+    return first
+
+
+def upsert_changing_code(engine: Engine) -> Executable:
+    """An INSERT of account 1 that, conflicting on its primary key, updates its code to "z"."""
+    if engine.dialect.name == "mysql":
+        my = mysql.insert(Account).values(id=1, code="z")
+        return my.on_duplicate_key_update(code=my.inserted.code)
+    dialect_insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    up = dialect_insert(Account).values(id=1, code="z")
+    return up.on_conflict_do_update(index_elements=["id"], set_={"code": up.excluded.code})
+
+
+def test_an_upsert_changing_a_referenced_key_invalidates_the_rows_it_cascades_to(
+    engine: Engine, cache: SQLCache, fk_tables: Engine, sql_count: SQLCounter
+) -> None:
+    """Review q, h7a: an INSERT ... ON CONFLICT DO UPDATE (PostgreSQL, SQLite) / ON DUPLICATE KEY UPDATE
+    (MariaDB) that changes a referenced key reaches ON UPDATE CASCADE children, which were served
+    stale: only UPDATE and DELETE statements were looked up for FK actions."""
+    cache.register(Entry)
+    add_rows(engine, Account(id=1, code="a"), Entry(id=1, code="a"))
+    read = lambda: cached_reads(engine, Entry, 1, Entry.code)  # noqa: E731
+    assert assert_served_from_redis(engine, sql_count, read) == ("a", ["a"])
+    with Session(engine) as s:  # through the ORM session (an ORM-enabled INSERT)
+        s.execute(upsert_changing_code(engine))
+        s.commit()
+    assert read() == ("z", ["z"])
+
+
+def replacing_statements(engine: Engine) -> list[Executable]:
+    """Statements that, conflicting with account 1's code or primary key, delete account 1."""
+    accounts = Account.__table__
+    if engine.dialect.name == "sqlite":
+        return [
+            insert(accounts).prefix_with("OR REPLACE").values(id=1, code="c"),
+            update(accounts).prefix_with("OR REPLACE").where(accounts.c.id == 2).values(code="a"),
+        ]
+    if engine.dialect.name == "mysql":
+        return [Replace(accounts).values(id=1, code="c"), Replace(accounts).values(id=2, code="a")]
+    return []
+
+
+def test_a_statement_replacing_a_referenced_row_invalidates_the_rows_it_cascades_to(
+    engine: Engine, cache: SQLCache, fk_tables: Engine, sql_count: SQLCounter
+) -> None:
+    """Review q, h7b: SQLite INSERT OR REPLACE / UPDATE OR REPLACE and MariaDB REPLACE delete the row
+    they conflict with, and so its ON DELETE CASCADE children, which were served stale."""
+    statements = replacing_statements(engine)
+    if not statements:
+        pytest.skip("PostgreSQL has no INSERT or UPDATE that deletes the rows it conflicts with")
+    cache.register(Line)
+    read = lambda: cached_reads(engine, Line, 1, Line.id)  # noqa: E731
+    for stmt in statements:
+        with engine.begin() as c:
+            c.execute(delete(Line))
+            c.execute(delete(Account))
+        add_rows(engine, Account(id=1, code="a"), Account(id=2, code="b"), Line(id=1, account_id=1))
+        assert assert_served_from_redis(engine, sql_count, read) == (1, [1])
+        with engine.begin() as c:  # through a Core connection
+            c.execute(stmt)
+        assert read() == (None, []), str(stmt.compile(engine))
+
+
+def test_inserts_that_change_no_referenced_row_leave_the_children_cached(
+    engine: Engine, cache: SQLCache, fk_tables: Engine, sql_count: SQLCounter
+) -> None:
+    """The unit of work's INSERTs of new parents (and plain Core ones, and an upsert that does nothing
+    on a conflict) cannot reach a child: the children's entries stay."""
+    cache.register(Entry)
+    cache.register(Line)
+    add_rows(engine, Account(id=1, code="a"), Entry(id=1, code="a"), Line(id=1, account_id=1))
+    entry = lambda: cached_reads(engine, Entry, 1, Entry.code)  # noqa: E731
+    line = lambda: cached_reads(engine, Line, 1, Line.id)  # noqa: E731
+    assert assert_served_from_redis(engine, sql_count, entry) == ("a", ["a"])
+    assert assert_served_from_redis(engine, sql_count, line) == (1, [1])
+    add_rows(engine, Account(id=2, code="b"))
+    with engine.begin() as c:
+        c.execute(insert(Account), [{"id": 3, "code": "c"}, {"id": 4, "code": "d"}])
+        if engine.dialect.name != "mysql":
+            dialect_insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+            c.execute(dialect_insert(Account).values(id=1, code="q").on_conflict_do_nothing())
+    sql_count.reset()
+    assert (entry(), line()) == (("a", ["a"]), (1, [1]))
+    assert len(sql_count) == 0
+
+
+@pytest.mark.parametrize("how", ["delete", "update"])
+def test_an_orm_statement_on_a_parent_invalidates_the_rows_it_cascades_to(
+    engine: Engine, cache: SQLCache, fk_tables: Engine, sql_count: SQLCounter, how: str
+) -> None:
+    """An ORM-enabled DELETE / UPDATE (``session.execute(delete(Account)...)``) names an annotated copy of
+    its table, which the FK lookup compared by identity: the ON DELETE / ON UPDATE CASCADE children
+    were served stale (pre-existing)."""
+    cache.register(Entry)
+    cache.register(Line)
+    add_rows(engine, Account(id=1, code="a"), Entry(id=1, code="a"), Line(id=1, account_id=1))
+    entry = lambda: cached_reads(engine, Entry, 1, Entry.code)  # noqa: E731
+    line = lambda: cached_reads(engine, Line, 1, Line.id)  # noqa: E731
+    assert assert_served_from_redis(engine, sql_count, entry) == ("a", ["a"])
+    assert assert_served_from_redis(engine, sql_count, line) == (1, [1])
+    with Session(engine) as s:
+        if how == "delete":
+            s.execute(delete(Entry))  # no ON DELETE action: it would refuse
+            s.execute(delete(Account).where(Account.id == 1))
+        else:
+            s.execute(update(Account).where(Account.id == 1).values(code="b"))
+        s.commit()
+    assert line() == ((None, []) if how == "delete" else (1, [1]))
+    assert entry() == ((None, []) if how == "delete" else ("b", ["b"]))
+
+
+def test_a_plain_insert_into_a_table_that_replaces_on_conflict_invalidates_the_rows_it_cascades_to(
+    engine: Engine, cache: SQLCache, fk_tables: Engine, sql_count: SQLCounter
+) -> None:
+    """A SQLite table whose unique constraint says ON CONFLICT REPLACE (``sqlite_on_conflict_unique``)
+    turns a plain INSERT, the unit of work's too, into one that deletes the row it conflicts with."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("ON CONFLICT REPLACE in a table's constraint is SQLite's")
+    cache.register(Award)
+    add_rows(engine, Badge(id=1, code="a"), Award(id=1, badge_id=1))
+    read = lambda: cached_reads(engine, Award, 1, Award.id)  # noqa: E731
+    assert assert_served_from_redis(engine, sql_count, read) == (1, [1])
+    add_rows(engine, Badge(id=2, code="a"))  # SQLite deletes badge 1, and so award 1
+    assert read() == (None, [])

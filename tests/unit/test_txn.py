@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table
+from sqlalchemy import Column, ForeignKey, Integer, MetaData, String, Table, UniqueConstraint
 
-from sqlcache._txn import cascade_targets, is_write_sql, scope_changes
+from sqlcache._txn import cascade_targets, is_write_sql, replaces_on_conflict, rows_changed, scope_changes
 
 
 @pytest.mark.parametrize(
@@ -179,6 +179,83 @@ def test_cascade_targets() -> None:
     assert cascade_targets(parent, deleted=True, updated=False) == {child, grandchild}
     assert {t.name for t in cascade_targets(parent, deleted=False, updated=True)} == {"upd"}
     assert cascade_targets(grandchild, deleted=True, updated=True) == set()
+
+
+@pytest.mark.parametrize(
+    ("sql", "kind", "expected"),
+    [
+        ("DELETE FROM users WHERE id = ?", "delete", (True, False)),
+        ("UPDATE users SET name=? WHERE users.id = ?", "update", (False, True)),
+        ("UPDATE orders SET total=?", "update", (False, True)),  # a table named or...
+        ("UPDATE OR REPLACE users SET name=?", "update", (True, True)),  # SQLite: deletes a conflicting row
+        ("update  or  ignore users set name=?", "update", (True, True)),
+        ("INSERT INTO users (id, name) VALUES (?, ?)", "insert", (False, False)),
+        ("INSERT INTO users (id, name) VALUES (?, ?), (?, ?) RETURNING users.id", "insert", (False, False)),
+        ("INSERT INTO users (name) SELECT t.name FROM t JOIN u ON t.id = u.id", "insert", (False, False)),
+        ("/* c */ INSERT INTO users DEFAULT VALUES", "insert", (False, False)),
+        ("INSERT INTO users (id) VALUES (%(id)s) ON CONFLICT DO NOTHING", "insert", (False, False)),
+        ("INSERT OR REPLACE INTO users (id, name) VALUES (?, ?)", "insert", (True, True)),
+        ("REPLACE INTO users (id, name) VALUES (%s, %s)", "insert", (True, True)),
+        ("INSERT IGNORE INTO users (id) VALUES (%s)", "insert", (True, True)),
+        (
+            "WITH d AS (DELETE FROM t RETURNING id) INSERT INTO users (id) SELECT id FROM d",
+            "insert",
+            (True, True),
+        ),
+        (
+            "INSERT INTO users (id, name) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET name = excluded.name",
+            "insert",
+            (False, True),
+        ),
+        (
+            "INSERT INTO users (id) VALUES (%(id)s) ON CONFLICT ON CONSTRAINT pk\n do  update SET id = 2",
+            "insert",
+            (False, True),
+        ),
+        (
+            "INSERT INTO users (id, name) VALUES (%s, %s) ON DUPLICATE KEY UPDATE name = VALUES(name)",
+            "insert",
+            (False, True),
+        ),
+    ],
+)
+def test_rows_changed(sql: str, kind: str, expected: tuple[bool, bool]) -> None:
+    """Review q, h7: an INSERT or UPDATE with conflict handling may delete or update rows it does not
+    name (and so run their FK actions); a plain INSERT, as the unit of work's, changes none."""
+    assert rows_changed(sql, kind) == expected
+
+
+def test_replaces_on_conflict() -> None:
+    """A SQLite conflict clause of REPLACE on a table's constraint or column makes any write a delete."""
+    md = MetaData()
+    plain = Table(
+        "plain", md, Column("id", Integer, primary_key=True), Column("code", String(5), unique=True)
+    )
+    by_column = Table(
+        "by_column",
+        md,
+        Column("id", Integer, primary_key=True),
+        Column("code", String(5), unique=True, sqlite_on_conflict_unique="REPLACE"),
+    )
+    by_pk = Table(
+        "by_pk", md, Column("id", Integer, primary_key=True, sqlite_on_conflict_primary_key="replace")
+    )
+    by_constraint = Table(
+        "by_constraint",
+        md,
+        Column("id", Integer, primary_key=True),
+        Column("code", String(5)),
+        UniqueConstraint("code", sqlite_on_conflict="REPLACE"),
+    )
+    ignoring = Table(
+        "ignoring", md, Column("id", Integer, primary_key=True, sqlite_on_conflict_primary_key="IGNORE")
+    )
+    assert not replaces_on_conflict(plain) and not replaces_on_conflict(ignoring)
+    assert (
+        replaces_on_conflict(by_column)
+        and replaces_on_conflict(by_pk)
+        and replaces_on_conflict(by_constraint)
+    )
 
 
 @pytest.mark.parametrize(
