@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm.attributes import set_committed_value
 
 from . import _keys, _sa
+from ._fkactions import metadata_in
 from ._hierarchy import Conv, Hierarchy, Shape
 from ._objects import apply_marks, decode_entry, discard_built, materialize_objects
 from ._querykey import Uncacheable, digest
@@ -165,6 +166,8 @@ class QueryReader:
                 # a statement sqlcache cannot describe (an unsupported column type, a textual or exotic
                 # construct) is simply not cached: the database answers it as usual
                 raise Uncacheable(str(exc)) from exc
+            # a write to a table this shape reads may reach it through FK actions declared beside it
+            self._registry.fk_actions.learn(metadata_in(stmt))
             if len(self._specs) > 4096:
                 self._specs.clear()
             self._specs[memo_key] = spec

@@ -11,13 +11,11 @@ from sqlalchemy.exc import NoInspectionAvailable
 from sqlalchemy.orm import Mapper
 
 from . import _sa
+from ._fkactions import FkActions
 from ._hierarchy import Hierarchy, check_supported, class_id, hierarchy_for
-from ._txn import cascade_targets, replaces_on_conflict, rows_changed
 from .config import ModelPolicy
 
 __all__ = ["Registry", "mapper_of"]
-
-_NONE: frozenset[Any] = frozenset()
 
 
 def mapper_of(cls: type[Any]) -> Mapper[Any]:
@@ -46,8 +44,7 @@ class Registry:
         self._policies: dict[Mapper[Any], ModelPolicy] = {}
         self._policy_memo: dict[Mapper[Any], ModelPolicy | None] = {}
         self._hierarchies: dict[Mapper[Any], Hierarchy] = {}
-        self._cascades: dict[tuple[str, bool, bool], set[Any]] = {}
-        self._cascaded: dict[tuple[str, str, str], AbstractSet[Any]] = {}  # by table, statement, kind
+        self.fk_actions = FkActions()
         # records_rows_of, by id of a statement cache: the base mapper of a registered hierarchy whose
         # cache it is (checked at each use: a mapper configured again gets a new one), or absent from
         # the registered ones (ids only, no cache held: a dropped registry's would keep its tables and
@@ -60,10 +57,15 @@ class Registry:
 
     def after_fork(self) -> None:
         self._mutex = threading.Lock()
+        self.fk_actions.after_fork()
 
     def register(self, mapper: Mapper[Any], policy: ModelPolicy) -> None:
         """:raises ConfigurationError: if a column type cannot round-trip."""
         check_supported(mapper)
+        # FK actions into the hierarchy's tables are searched in their MetaData (among others)
+        self.fk_actions.learn(
+            getattr(t, "metadata", None) for m in mapper.base_mapper.self_and_descendants for t in m.tables
+        )
         with self._mutex:
             self._policies[mapper] = policy
             self.version += 1
@@ -130,31 +132,15 @@ class Registry:
         chosen = ttl if ttl is not None else self._default_ttl
         return (chosen or 0) * 1000
 
-    def cascades(self, table: Any, deleted: bool, updated: bool) -> set[Any]:
+    def cascades(self, table: Any, deleted: bool, updated: bool) -> AbstractSet[Any]:
         """Tables the database changes itself (FK actions) when a statement deletes or updates rows of
         ``table``; for a table that replaces on conflict (SQLite), when any statement writes it."""
-        k = (table.fullname, deleted, updated)  # the ORM's statements name annotated copies of tables
-        out = self._cascades.get(k)
-        if out is None:
-            if replaces_on_conflict(table):
-                deleted = updated = True
-            out = cascade_targets(table, deleted, updated) if deleted or updated else set()
-            self._cascades[k] = out
-        return out
+        return self.fk_actions.cascades(table, deleted, updated)
 
     def cascaded(self, table: Any, sql: str, kind: str) -> AbstractSet[Any]:
         """Tables FK actions may change when the ``kind`` (``insert``, ``update``, ``delete``) statement
-        ``sql`` writes ``table`` (one dict look-up per statement once seen)."""
-        k = (table.fullname, sql, kind)
-        out = self._cascaded.get(k)
-        if out is None:
-            out = _NONE
-            if self.cascades(table, True, True):  # the statement is looked at only if FK actions start here
-                out = self.cascades(table, *rows_changed(sql, kind))
-            if len(self._cascaded) > 4096:
-                self._cascaded.clear()
-            self._cascaded[k] = out
-        return out
+        ``sql`` writes ``table``."""
+        return self.fk_actions.cascaded(table, sql, kind)
 
     def class_for(self, cid: str) -> type[Any] | None:
         """The registered class (or subclass) whose class id is ``cid`` (a broadcast names it so)."""

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import loading as _loading
+from sqlalchemy.orm import mapperlib as _mapperlib
 from sqlalchemy.orm import strategies as _strategies
 from sqlalchemy.orm.attributes import instance_state, set_committed_value
 from sqlalchemy.sql import Select
@@ -55,6 +56,8 @@ __all__ = [
     "lazy_strategy",
     "legacy_uniquing",
     "loader_criteria",
+    "mapper_registries",
+    "mapper_registry_count",
     "needs_autoflush",
     "new_runid",
     "path_registry",
@@ -271,6 +274,19 @@ def from_objects(clause: Any, default: Any) -> Any:
 def loader_criteria(loadopt: Any) -> Any:
     """Extra criteria a loader option carries (``lazyload(A.b.and_(...))``), or None."""
     return getattr(loadopt, "_extra_criteria", None) if loadopt is not None else None
+
+
+def mapper_registries() -> list[Any]:
+    """Every live ORM registry of the process (each declarative base has one): the MetaData of their
+    tables is where FK actions into a written table may be declared. SQLAlchemy keeps them in a weak
+    dictionary of its own, read under its configure mutex (as its ``_all_registries()`` does)."""
+    with _mapperlib._CONFIGURE_MUTEX:
+        return list(_mapperlib._mapper_registries)
+
+
+def mapper_registry_count() -> int:
+    """How many ORM registries are alive (cheap: the weak dictionary's length)."""
+    return len(_mapperlib._mapper_registries)
 
 
 # -- connections and sessions -------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Table
+from sqlalchemy import ForeignKey, MetaData, Table
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import _keys, _sa
 
@@ -19,13 +21,16 @@ if TYPE_CHECKING:
     from ._protocol import Clock
 
 __all__ = [
+    "FkIndex",
     "IdentityWrite",
     "ScopeChange",
     "TxnState",
     "cascade_targets",
     "coarse_keys",
     "dml_tables",
+    "fk_actions",
     "is_write_sql",
+    "reached",
     "replaces_on_conflict",
     "rows_changed",
     "scope_changes",
@@ -256,8 +261,82 @@ def dml_tables(context: DefaultExecutionContext) -> list[Table]:
 _CASCADING = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
 
 
-def _action(value: object) -> bool:
-    return isinstance(value, str) and value.upper() in _CASCADING
+def _action(value: object) -> str | None:
+    """An FK action the database runs itself (normalised), or None (NO ACTION, RESTRICT, none)."""
+    if isinstance(value, str):
+        action = " ".join(value.upper().split())
+        if action in _CASCADING:
+            return action
+    return None
+
+
+#: FK actions by the full name of the table they start from: (child table, its ON DELETE action, its
+#: ON UPDATE action), either None when it has none
+FkIndex = dict[str, list[tuple[Table, str | None, str | None]]]
+
+
+def _referred_table_name(fk: ForeignKey) -> str | None:
+    """The full name of the table ``fk`` refers to, resolved or not (None: not known)."""
+    try:
+        return str(fk.column.table.fullname)
+    except SQLAlchemyError:  # the referred table is not (yet) in the MetaData: its name as written
+        key = getattr(fk, "target_table_key", None)  # SQLAlchemy 2.1
+        if isinstance(key, str):
+            return key
+        try:
+            return fk.target_fullname.rsplit(".", 1)[0]
+        except SQLAlchemyError:
+            return None
+
+
+def fk_actions(metadatas: Iterable[MetaData]) -> tuple[FkIndex, list[MetaData]]:
+    """Every FK action declared in ``metadatas``, by the referred table's full name, and the MetaData
+    of the referred tables (where further actions leading to those tables are declared)."""
+    index: FkIndex = {}
+    referred: dict[int, MetaData] = {}
+    for md in metadatas:
+        for table in list(md.tables.values()):
+            for fk in list(table.foreign_keys):
+                on_delete, on_update = _action(fk.ondelete), _action(fk.onupdate)
+                if on_delete is None and on_update is None:
+                    continue
+                name = _referred_table_name(fk)
+                if name is None:
+                    continue
+                index.setdefault(name, []).append((table, on_delete, on_update))
+                try:
+                    parent = fk.column.table.metadata
+                except SQLAlchemyError:
+                    continue
+                if parent is not None:
+                    referred[id(parent)] = parent
+    return index, list(referred.values())
+
+
+def reached(index: FkIndex, name: str, deleted: bool, updated: bool) -> set[Table]:
+    """Tables FK actions change, directly or through further actions, when rows of the table named
+    ``name`` are deleted (``deleted``) or updated (``updated``). A child whose rows an action deletes
+    (ON DELETE CASCADE) passes deletes on; one whose rows it updates (SET NULL, SET DEFAULT, ON UPDATE
+    CASCADE) passes updates on."""
+    out: dict[str, Table] = {}
+    todo = [(name, True)] if deleted else []
+    if updated:
+        todo.append((name, False))
+    seen: set[tuple[str, bool]] = set()
+    while todo:
+        step = todo.pop()
+        if step in seen:
+            continue
+        seen.add(step)
+        parent, deleting = step
+        for child, on_delete, on_update in index.get(parent, ()):
+            action = on_delete if deleting else on_update
+            if action is None:
+                continue
+            out[child.fullname] = child
+            todo.append((child.fullname, deleting and action == "CASCADE"))
+    out.pop(name, None)
+    return set(out.values())
 
 
 # An INSERT or UPDATE with conflict handling may delete or update rows of its table other than those
@@ -300,23 +379,12 @@ def replaces_on_conflict(table: Table) -> bool:
     return False
 
 
-def cascade_targets(table: Table, deleted: bool, updated: bool) -> set[Table]:
-    """Tables the database itself may change when rows of ``table`` are deleted or updated (FK actions).
-
-    Tables are matched by name: the ORM's statements name an annotated copy of the table."""
-    out: set[Table] = set()
-    todo = [table]
-    while todo:
-        t = todo.pop()
-        md = t.metadata
-        for other in md.tables.values():
-            for fk in other.foreign_keys:
-                if fk.column.table.fullname != t.fullname or other in out:
-                    continue
-                if (deleted and _action(fk.ondelete)) or (updated and _action(fk.onupdate)):
-                    out.add(other)
-                    todo.append(other)
-    return {t for t in out if t.fullname != table.fullname}
+def cascade_targets(table: Table, deleted: bool, updated: bool, among: Iterable[MetaData] = ()) -> set[Table]:
+    """Tables the database itself may change when rows of ``table`` are deleted or updated (FK actions
+    declared in its MetaData or in ``among``). Tables are matched by full name (the ORM's statements
+    name an annotated copy of the table; another MetaData may declare its own copy)."""
+    index, _ = fk_actions({id(md): md for md in (table.metadata, *among)}.values())
+    return reached(index, table.fullname, deleted, updated)
 
 
 @dataclass(eq=False)

@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import (
+    Column,
     ForeignKey,
     Integer,
     String,
+    Table,
     case,
     create_engine,
     delete,
@@ -999,3 +1001,72 @@ def test_a_plain_insert_into_a_table_that_replaces_on_conflict_invalidates_the_r
     assert assert_served_from_redis(engine, sql_count, read) == (1, [1])
     add_rows(engine, Badge(id=2, code="a"))  # SQLite deletes badge 1, and so award 1
     assert read() == (None, [])
+
+
+@pytest.mark.parametrize("reader", ["same_cache", "another_process"])
+def test_a_cascade_into_a_table_of_another_metadata(
+    engine: Engine, cache: SQLCache, fk_tables: Engine, sql_count: SQLCounter, redis_url: str, reader: str
+) -> None:
+    """Review q, h8: FK actions were searched in the written table's own MetaData only, so a child
+    declared in another one (another declarative base) was served stale after its parent's DELETE.
+    ``another_process``: the rows are written and read through another cache and engine (as another
+    process would), so the deleting cache never saw the child's table at all."""
+    other: SQLCache | None = None
+    other_engine: Engine | None = None
+    if reader == "another_process":
+        other = SQLCache(redis_url, prefix=cache.config.prefix, default_ttl=600)
+        other_engine = create_engine(shareable_url(engine))
+        other.attach(other_engine)
+        read_with, read_engine = other, other_engine
+    else:
+        read_with, read_engine = cache, engine
+    try:
+        read_with.register(Note)
+        add_rows(read_engine, Account(id=1, code="a"), Note(id=1, account_id=1))
+        read = lambda: cached_reads(read_engine, Note, 1, Note.id)  # noqa: E731
+        assert assert_served_from_redis(engine, sql_count, read) == (1, [1])
+        with engine.begin() as c:  # the database deletes the note too
+            c.execute(delete(Account.__table__).where(Account.__table__.c.id == 1))
+        assert read() == (None, [])
+    finally:
+        if other is not None and other_engine is not None:
+            other.detach(other_engine)
+            other.close()
+            other_engine.dispose()
+
+
+def test_a_child_table_declared_after_the_first_write_to_its_parent(
+    engine: Engine, cache: SQLCache, fk_tables: Engine, sql_count: SQLCounter
+) -> None:
+    """Review q, h8: the FK actions of a table were worked out once, at its first write: a child
+    declared afterwards (a module imported later) was never searched."""
+    with engine.begin() as c:  # the cache works out what a DELETE of accounts reaches
+        c.execute(delete(Account.__table__).where(Account.__table__.c.id == 0))
+    md = _OtherBase.metadata  # a MetaData the cache searches already (a declarative base's)
+    late = Table(
+        f"fk_late_{uuid.uuid4().hex[:8]}",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("account_id", ForeignKey(Account.__table__.c.id, ondelete="CASCADE")),
+    )
+    plain = create_engine(shareable_url(engine))
+    try:
+        late.create(plain)
+        add_rows(engine, Account(id=1, code="a"))
+        with plain.begin() as c:
+            c.execute(insert(late).values(id=1, account_id=1))
+
+        def read() -> list[int]:
+            with Session(engine) as s:  # labelled: a bare column of an unmapped table is not stored
+                return list(s.scalars(select(late.c.id.label("late_id")).options(cached())))
+
+        assert read() == [1]
+        sql_count.reset()
+        assert read() == [1] and len(sql_count) == 0
+        with engine.begin() as c:
+            c.execute(delete(Account.__table__).where(Account.__table__.c.id == 1))
+        assert read() == []
+    finally:
+        late.drop(plain, checkfirst=True)
+        md.remove(late)
+        plain.dispose()

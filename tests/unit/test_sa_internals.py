@@ -260,3 +260,11 @@ def test_transactions_begun_in_a_flush() -> None:
         session.bulk_update_mappings(User, [{"id": 1, "name": "y"}])  # type: ignore[arg-type]
         assert created == [(False, True, True)]
     engine.dispose()
+
+
+def test_mapper_registries() -> None:
+    """The weak dictionary of live ORM registries (and its mutex) that FkActions reads the MetaData of
+    every declarative base from."""
+    live = _sa.mapper_registries()
+    assert Base.registry in live and _sa.mapper_registry_count() >= 1
+    assert all(hasattr(r, "metadata") for r in live)
