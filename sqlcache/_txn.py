@@ -317,7 +317,8 @@ def reached(index: FkIndex, name: str, deleted: bool, updated: bool) -> set[Tabl
     """Tables FK actions change, directly or through further actions, when rows of the table named
     ``name`` are deleted (``deleted``) or updated (``updated``). A child whose rows an action deletes
     (ON DELETE CASCADE) passes deletes on; one whose rows it updates (SET NULL, SET DEFAULT, ON UPDATE
-    CASCADE) passes updates on."""
+    CASCADE) passes updates on. The table itself is among them when actions lead back to it (a tree's
+    ON DELETE CASCADE to its own rows): other rows of it change than the statement names."""
     out: dict[str, Table] = {}
     todo = [(name, True)] if deleted else []
     if updated:
@@ -335,7 +336,6 @@ def reached(index: FkIndex, name: str, deleted: bool, updated: bool) -> set[Tabl
                 continue
             out[child.fullname] = child
             todo.append((child.fullname, deleting and action == "CASCADE"))
-    out.pop(name, None)
     return set(out.values())
 
 

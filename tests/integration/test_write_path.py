@@ -827,6 +827,14 @@ class Award(_FkBase):
     badge_id: Mapped[int | None] = mapped_column(ForeignKey("fk_badges.id", ondelete="CASCADE"))
 
 
+class Node(_FkBase):
+    """A tree whose subtrees go with their root (a self-referencing ON DELETE CASCADE)."""
+
+    __tablename__ = "fk_nodes"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("fk_nodes.id", ondelete="CASCADE"))
+
+
 class Replace(Insert):
     """MySQL / MariaDB REPLACE: an INSERT that first deletes the rows it conflicts with."""
 
@@ -1070,3 +1078,19 @@ def test_a_child_table_declared_after_the_first_write_to_its_parent(
         late.drop(plain, checkfirst=True)
         md.remove(late)
         plain.dispose()
+
+
+def test_the_unit_of_work_deleting_a_row_whose_own_table_cascades(
+    engine: Engine, cache: SQLCache, fk_tables: Engine, sql_count: SQLCounter
+) -> None:
+    """The unit of work deletes a node; the database deletes its subtree, rows of the same table no
+    statement names. Their entries were served: the written table itself was left out of what its FK
+    actions reach, and the unit of work's statement names only its own row (pre-existing)."""
+    cache.register(Node)
+    add_rows(engine, Node(id=1), Node(id=2, parent_id=1), Node(id=3, parent_id=2), Node(id=4))
+    read = lambda: cached_reads(engine, Node, 3, Node.id)  # noqa: E731
+    assert assert_served_from_redis(engine, sql_count, read) == (3, [1, 2, 3, 4])
+    with Session(engine) as s:
+        s.delete(s.get(Node, 1))  # no relationship: the ORM deletes node 1 only
+        s.commit()
+    assert read() == (None, [4])

@@ -9,7 +9,7 @@ import weakref
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, ForeignKey, Integer, MetaData, Table
+from sqlalchemy import Column, ForeignKey, ForeignKeyConstraint, Integer, MetaData, Table
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from sqlcache import _fkactions
@@ -176,3 +176,18 @@ def test_a_cached_query_names_the_metadata_of_what_it_reads() -> None:
     core = parent_table(md)
     inner = select(core.c.id).scalar_subquery()
     assert _fkactions.metadata_in(select(inner.label("x"))) == [md]
+
+
+def test_a_table_whose_actions_lead_back_to_itself() -> None:
+    """A tree's ON DELETE CASCADE to its own rows: deleting a row deletes others of the same table, so
+    the table is among what it reaches (the unit of work's DELETE names only its own row)."""
+    md = MetaData()
+    tree = Table(
+        f"tree_{uuid.uuid4().hex[:8]}",
+        md,
+        Column("id", Integer, primary_key=True),
+        Column("parent_id", Integer),
+    )
+    tree.append_constraint(ForeignKeyConstraint(["parent_id"], [tree.c.id], ondelete="CASCADE"))
+    assert cascade_targets(tree, True, False) == {tree}
+    assert cascade_targets(tree, False, True) == set()
