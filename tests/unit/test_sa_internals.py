@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, event, func, select
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import Session, joinedload
 
@@ -268,3 +268,31 @@ def test_mapper_registries() -> None:
     live = _sa.mapper_registries()
     assert Base.registry in live and _sa.mapper_registry_count() >= 1
     assert all(hasattr(r, "metadata") for r in live)
+
+
+def test_listener_and_correlation_internals(session: Session) -> None:
+    """The do_orm_execute listeners still to run (app_listener_after), and how a SELECT correlates
+    (correlates): their answers, not just their names."""
+    seen: list[bool] = []
+
+    def first(orm_state: Any) -> None:
+        seen.append(_sa.app_listener_after(orm_state))
+
+    def second(orm_state: Any) -> None:
+        pass
+
+    event.listen(session, "do_orm_execute", first)
+    event.listen(session, "do_orm_execute", second)
+    try:
+        assert _sa.app_listeners(session)
+        session.execute(select(User))
+    finally:
+        event.remove(session, "do_orm_execute", first)
+        event.remove(session, "do_orm_execute", second)
+    assert seen == [True]
+    count = select(func.count(Order.id))
+    assert _sa.correlates(count, "users")
+    assert not _sa.correlates(count.correlate(None), "users")
+    assert not _sa.correlates(count.correlate_except(None), "users")
+    assert _sa.correlates(count.correlate_except(Order), "users")
+    assert not _sa.correlates(count.correlate(Order), "users")
