@@ -524,11 +524,11 @@ class Wiring:
             return None
         for opt in orm_state.user_defined_options:
             if isinstance(opt, CacheOption):
-                if _sa.app_listener_after(orm_state):
-                    self._listener_after("query", None, opt.payload.tags)
-                    return None
                 bind = self._attached_bind(orm_state)
                 if bind is None:
+                    return None
+                if _sa.app_listener_after(orm_state):
+                    self._listener_after("query", None, opt.payload.tags)
                     return None
                 tr = self.translation(orm_state, bind)
                 if tr is None:
@@ -544,11 +544,11 @@ class Wiring:
         policy = self._policies.policy_for(mapper)
         if policy is None:
             return None
-        if _sa.app_listener_after(orm_state):
-            self._listener_after("identity", mapper.class_.__name__)
-            return None
         bind = self._attached_bind(orm_state)
         if bind is None:
+            return None
+        if _sa.app_listener_after(orm_state):
+            self._listener_after("identity", mapper.class_.__name__)
             return None
         tr = self.translation(orm_state, bind)
         if tr is None:
@@ -575,11 +575,11 @@ class Wiring:
         policy = self._policies.policy_for(mapper)
         if policy is None:
             return None
-        if _sa.app_listener_after(orm_state):
-            self._listener_after("query", mapper.class_.__name__)
-            return None
         bind = self._attached_bind(orm_state)
         if bind is None:
+            return None
+        if _sa.app_listener_after(orm_state):
+            self._listener_after("query", mapper.class_.__name__)
             return None
         tr = self.translation(orm_state, bind)
         if tr is None:

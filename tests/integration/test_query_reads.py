@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Table,
     column,
+    create_engine,
     event,
     func,
     join,
@@ -426,3 +427,28 @@ cache.close()
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[0] == "[[1], [2], [1], [2]] 2"
+
+
+def test_reads_of_an_engine_not_attached_are_left_alone(
+    tmp_path: Path, cache: SQLCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A listener on sessions of an engine the cache is not attached to: sqlcache has nothing to say
+    about their reads (no bypass counted, no warning)."""
+    other = create_engine(f"sqlite:///{tmp_path / 'other.db'}")
+    DepBase.metadata.create_all(other)
+    cache.register(Author)
+    sessions = sessionmaker(other)
+    event.listen(sessions, "do_orm_execute", only_this_tenant)
+    tenant.set(1)
+    try:
+        before = cache.stats()["bypassed"]
+        with sessions() as s:
+            s.add(Author(id=1, name="a"))
+            s.commit()
+            assert s.get(Author, 1) is not None
+            assert [a.id for a in s.scalars(select(Author).options(cached()))] == [1]
+        assert cache.stats()["bypassed"] == before
+        assert "registered after cache.attach()" not in caplog.text
+    finally:
+        event.remove(sessions, "do_orm_execute", only_this_tenant)
+        other.dispose()
