@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ForeignKey, MetaData, Table
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.dml import UpdateBase
 
 from . import _keys, _sa
 
@@ -30,6 +32,7 @@ __all__ = [
     "dml_tables",
     "fk_actions",
     "is_write_sql",
+    "nested_dml_tables",
     "reached",
     "replaces_on_conflict",
     "rows_changed",
@@ -245,14 +248,35 @@ def scope_changes(sql: str) -> list[ScopeChange]:
 
 def dml_tables(context: DefaultExecutionContext) -> list[Table]:
     """The tables a compiled INSERT/UPDATE/DELETE writes (its target table)."""
+    stmt: Any = getattr(context.compiled, "statement", None)
+    return _target_tables(getattr(stmt, "table", None))
+
+
+def nested_dml_tables(context: DefaultExecutionContext) -> list[Table]:
+    """The targets of the INSERT/UPDATE/DELETE statements nested in a compiled DML statement (a
+    data-modifying CTE, PostgreSQL's ``WITH gone AS (DELETE FROM things ... RETURNING id) INSERT INTO
+    log SELECT id FROM gone``). Walked only when the SQL holds a second DML verb."""
     compiled = context.compiled
+    sql = getattr(compiled, "string", "")
+    if not isinstance(sql, str) or len(_DML_VERB.findall(sql)) < 2:
+        return []
     stmt: Any = getattr(compiled, "statement", None)
-    table = getattr(stmt, "table", None)
     out: list[Table] = []
+    for element in visitors.iterate(stmt):
+        if element is not stmt and isinstance(element, UpdateBase):
+            out.extend(t for t in _target_tables(getattr(element, "table", None)) if t not in out)
+    return out
+
+
+_DML_VERB = re.compile(r"\b(?:INSERT|UPDATE|DELETE)\b", re.IGNORECASE)
+
+
+def _target_tables(table: Any) -> list[Table]:
+    """The tables of a DML target: a Table, or every table an alias or join names."""
     if isinstance(table, Table):
-        out.append(table)
-    elif table is not None:
-        # an alias or join as DML target: every table it names
+        return [table]
+    out: list[Table] = []
+    if table is not None:
         for t in _sa.from_objects(table, ()):
             out.extend(x for x in _sa.from_objects(t, (t,)) if isinstance(x, Table))
     return out

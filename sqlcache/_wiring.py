@@ -46,7 +46,7 @@ from sqlalchemy.orm import InstanceState, Mapper, Session
 from . import _sa
 from ._slots import Slot, hook
 from ._transactions import Transactions
-from ._txn import TxnState, dml_tables, is_write_sql, scope_changes
+from ._txn import TxnState, dml_tables, is_write_sql, nested_dml_tables, scope_changes
 from .config import ModelPolicy
 from .options import CacheOption, QueryPolicy
 
@@ -371,6 +371,10 @@ class Wiring:
                 # (OR REPLACE, REPLACE, ON CONFLICT DO UPDATE, ON DUPLICATE KEY UPDATE): their tables
                 # are written, rows unknown; a plain INSERT, as the unit of work's, changes none
                 for other in cascaded(table, sql, kind):
+                    st.tables[other.fullname] = other
+                    st.bulk[other.fullname] = other
+            for table in nested_dml_tables(context):  # a data-modifying CTE's: rows unknown, any kind
+                for other in (table, *cascaded(table, sql, "delete"), *cascaded(table, sql, "update")):
                     st.tables[other.fullname] = other
                     st.bulk[other.fullname] = other
         elif context.isddl or is_write_sql(statement):

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Column,
     ForeignKey,
     Integer,
+    MetaData,
     String,
     Table,
     case,
@@ -1094,3 +1095,30 @@ def test_the_unit_of_work_deleting_a_row_whose_own_table_cascades(
         s.delete(s.get(Node, 1))  # no relationship: the ORM deletes node 1 only
         s.commit()
     assert read() == (None, [4])
+
+
+def test_a_data_modifying_cte_inside_dml_is_a_write_of_its_table(engine: Engine, cache: SQLCache) -> None:
+    """PostgreSQL's ``WITH gone AS (DELETE ... RETURNING id) INSERT INTO ... SELECT id FROM gone``: the
+    rows the CTE deletes are written too, not only the INSERT's target."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("data-modifying CTEs are PostgreSQL's")
+    log = Table("cte_log", MetaData(), Column("id", Integer))
+    log.create(engine)  # DDL moves everything: before the entries are filled
+    cache.register(User)
+    first, second = make_user(engine, "one"), make_user(engine, "two")
+    users = User.__table__
+    query = select(User.name).order_by(User.id).options(cached())
+    try:
+        for _ in range(2):
+            with Session(engine) as s:
+                assert s.get(User, first) is not None
+                assert s.scalars(query).all() == ["one", "two"]
+        gone = delete(users).where(users.c.id == first).returning(users.c.id).cte("gone")
+        with engine.begin() as conn:
+            conn.execute(insert(log).from_select(["id"], select(gone.c.id)))
+        with Session(engine) as s:
+            assert s.get(User, first) is None
+            assert s.get(User, second) is not None
+            assert s.scalars(query).all() == ["two"]
+    finally:
+        log.drop(engine)
