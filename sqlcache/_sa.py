@@ -442,8 +442,10 @@ def frozen_single_entity(frozen: FrozenResult[Any]) -> bool:
 
 def frozen_keys(frozen: FrozenResult[Any]) -> list[str]:
     """Column names of a frozen result, None for unnamed columns (``.keys`` drops those; typed as str
-    as the rows layout stores them)."""
-    return list(getattr(frozen.metadata, "_keys", None) or frozen.metadata.keys)
+    as the rows layout stores them). Plain strings: a Core table's column names are ``quoted_name``
+    (a str subclass the codec refuses)."""
+    keys = getattr(frozen.metadata, "_keys", None) or frozen.metadata.keys
+    return [k if k is None or type(k) is str else str(k) for k in keys]  # type: ignore[misc]
 
 
 # -- building objects as a load does ------------------------------------------------------------------

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, func, select, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, defer, joinedload, lazyload, raiseload, selectinload
@@ -1120,3 +1120,33 @@ def test_only_return_tuples_is_honoured(engine: Engine, cache: SQLCache) -> None
         with Session(engine) as s:
             row = s.query(User).options(cached()).only_return_tuples(True).first()
             assert row is not None and row[0].name == "ann" and row._mapping["User"] is row[0]
+
+
+def test_core_selects_of_a_table_and_its_bare_columns(
+    engine: Engine, cache: SQLCache, sql_count: SQLCounter
+) -> None:
+    """select(table) and select(table.c.x) of a Core table: its column names are quoted_name, stored as
+    plain strings; each is a hit the second time, with no error."""
+    core = Table("core_rows", MetaData(), Column("id", Integer, primary_key=True), Column("name", String(20)))
+    core.create(engine)  # DDL: before anything is cached
+    errors: list[BaseException] = []
+
+    @signals.cache_error.connect_via(cache)
+    def on_error(sender: SQLCache, exc: BaseException, operation: str) -> None:
+        errors.append(exc)
+
+    statements = [select(core).order_by(core.c.id), select(core.c.name).order_by(core.c.id)]
+    try:
+        with engine.begin() as conn:
+            conn.execute(core.insert(), [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+        for n in range(2):
+            sql_count.reset()
+            with Session(engine) as s:
+                rows = [s.execute(stmt.options(cached())).all() for stmt in statements]
+            assert [r.name for r in rows[0]] == ["a", "b"] and rows[0][0]._mapping["id"] == 1
+            assert [r.name for r in rows[1]] == ["a", "b"]
+            assert len(sql_count) == (2 if n == 0 else 0)
+        assert errors == []
+    finally:
+        signals.cache_error.disconnect(on_error, sender=cache)
+        core.drop(engine)
