@@ -169,6 +169,8 @@ class DirectReader:
             return False
         if _sa.app_listeners(session):  # a listener may change what Session.get runs (a tenant filter)
             return False
+        if self._registry.hierarchy(mapper).unknown_reads:  # a column of SQL text (see _hierarchy)
+            return False
         bind = session.get_bind(mapper=mapper, clause=self._statement(mapper)[0])
         if not self._serves(bind):
             return False

@@ -5,6 +5,7 @@ entries are written and rebuilt with. No I/O."""
 from __future__ import annotations
 
 import enum
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -92,7 +93,12 @@ def _type_problem(type_: sqltypes.TypeEngine[Any]) -> str | None:
 def check_supported(mapper: Mapper[Any]) -> None:
     """Raise ConfigurationError naming the first column whose type the codec cannot round-trip, or
     a loaded column of SQL text (see :func:`column_reads`)."""
-    column_reads(mapper.base_mapper)
+    text = column_reads(mapper.base_mapper)[1]
+    if text is not None:
+        raise ConfigurationError(
+            f"{text} is SQL text: sqlcache cannot tell which tables it reads. Make it deferred "
+            "(deferred=True) or build it of SQLAlchemy constructs."
+        )
     for m in mapper.base_mapper.self_and_descendants:
         for prop in m.column_attrs:
             for col in prop.columns:
@@ -263,6 +269,9 @@ class Hierarchy:
     # per primary-key column, the one Python type its database compares exactly (int for an integer
     # column, UUID for a native UUID one), or None: another spelling may find the same row
     exact_pk: tuple[type | None, ...] = ()
+    # a loaded column of SQL text (a subclass mapped after register()): its tables are unknown, so the
+    # hierarchy's identity entries are neither read nor filled, and no query entry holds its objects
+    unknown_reads: bool = False
 
 
 def _shape(mapper: Mapper[Any]) -> Shape:
@@ -292,6 +301,7 @@ def hierarchy_for(mapper: Mapper[Any]) -> Hierarchy:
         for t in m.tables:
             if table_name(t) not in tables:
                 tables.append(table_name(t))
+    reads, text = column_reads(base)
     return Hierarchy(
         mapper=mapper,
         fingerprint=fingerprint(mapper),
@@ -299,7 +309,8 @@ def hierarchy_for(mapper: Mapper[Any]) -> Hierarchy:
         base_table=table_name(base.local_table),
         tables=tuple(sorted(tables)),
         shapes={class_id(m): _shape(m) for m in mapper.self_and_descendants},
-        reads=tuple(sorted(column_reads(base))),
+        reads=tuple(sorted(reads)),
+        unknown_reads=text is not None,
         exact_pk=tuple(_exact_type(col.type) for col in base.primary_key),
     )
 
@@ -322,14 +333,14 @@ def tables_in(selectable: Any) -> set[str]:
     return {table_name(e) for e in visitors.iterate(selectable) if isinstance(e, TableClause)}
 
 
-def column_reads(base: Mapper[Any]) -> set[str]:
-    """The tables the SQL expressions of a hierarchy's loaded (not deferred) column properties read:
-    a ``column_property(select(...).scalar_subquery())`` is loaded with the row, and changes with
-    those tables.
-
-    :raises ConfigurationError: such an expression holds SQL text, whose tables are unknown.
-    """
+def column_reads(base: Mapper[Any]) -> tuple[set[str], str | None]:
+    """The tables the SQL expressions of a hierarchy's loaded (not deferred) column properties read
+    (a ``column_property(select(...).scalar_subquery())`` is loaded with the row, and changes with
+    those tables), and the first such property of SQL text (``Class.attr``), whose tables are
+    unknown, or None. ``register()`` refuses a hierarchy with one; a subclass mapped after it makes
+    the hierarchy's entries unused (``Hierarchy.unknown_reads``)."""
     out: set[str] = set()
+    text: str | None = None
     own = {table_name(t) for m in base.self_and_descendants for t in m.tables}
     for m in base.self_and_descendants:
         for prop in m.column_attrs:
@@ -347,18 +358,14 @@ def column_reads(base: Mapper[Any]) -> set[str]:
                         out.add(table_name(element.element))  # read under an alias: never correlated
                     elif isinstance(element, Select):
                         selects.append(element)
-                    elif is_text(element):
-                        raise ConfigurationError(
-                            f"{m.class_.__name__}.{prop.key} is SQL text: sqlcache cannot tell which "
-                            "tables it reads. Make it deferred (deferred=True) or build it of SQLAlchemy "
-                            "constructs."
-                        )
+                    elif is_text(element) and text is None:
+                        text = f"{m.class_.__name__}.{prop.key}"
                 # the row's own tables are usually the enclosing query's, correlated (a count of the
                 # row's reviews); read whole only by a subquery that does not correlate them
                 for name in named:
                     if name not in own or any(not _sa.correlates(sel, name) for sel in selects):
                         out.add(name)
-    return out
+    return out, text
 
 
 def is_text(element: Any) -> bool:
@@ -366,4 +373,9 @@ def is_text(element: Any) -> bool:
     select, a literal column holding a SELECT."""
     if isinstance(element, (TextClause, TextualSelect)):
         return True
-    return isinstance(element, ColumnClause) and element.is_literal and "select" in element.name.lower()
+    return (
+        isinstance(element, ColumnClause) and element.is_literal and _SELECT.search(element.name) is not None
+    )
+
+
+_SELECT = re.compile(r"\bselect\b", re.IGNORECASE)

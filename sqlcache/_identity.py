@@ -59,6 +59,9 @@ class IdentityReader:
         """Serve a primary-key load from Redis, or run it and fill; None lets SQLAlchemy run it as usual."""
         session = orm_state.session
         h = self._registry.hierarchy(mapper)
+        if h.unknown_reads:  # a column of SQL text: what its entries depend on is unknown
+            self._reads.bypass("identity", mapper.class_.__name__)
+            return None
         try:
             entry_key, deps, row_writes = self.keys(h, pk, translation)
         except CodecError:

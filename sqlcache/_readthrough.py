@@ -7,7 +7,9 @@ using the store, the session's transaction state and the reporter, and never cli
 
 from __future__ import annotations
 
+import re
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,6 +36,9 @@ OnHit = Callable[[bytes], Any]  # a Result for an ORM execution; whatever a dire
 Encode = Callable[["FrozenResult[Any]", bool, int, "set[str]"], "bytes | None"]
 #: in the tables a load was seen to read: it ran SQL whose tables are unknown (text)
 UNKNOWN_TABLES = "\x00unknown"
+#: SQL text that may read a table: any that is not transaction control or a setting (BEGIN, SAVEPOINT,
+#: RELEASE, COMMIT, ROLLBACK, SET without a subquery)
+_MAY_READ = re.compile(r"\b(?:select|from|with|table|values|call|exec|execute|do|handler)\b", re.IGNORECASE)
 
 
 class Execution(Protocol):
@@ -133,7 +138,7 @@ class ReadThrough:
         # while a miss loads (this context): the tables of every statement it runs and of every cached
         # read nested in it (eager loads, subclass loads), which the entry must depend on
         self._loading: ContextVar[set[str] | None] = ContextVar("sqlcache_loading", default=None)
-        self._statement_tables: dict[Any, tuple[str, ...]] = {}
+        self._statement_tables: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
     def loading(self) -> bool:
         """Whether a miss is loading in this context (see :meth:`saw_statement`)."""
@@ -145,23 +150,26 @@ class ReadThrough:
         if seen is not None:
             seen.update(tables)
 
-    def saw_statement(self, compiled: Any) -> None:
-        """A statement ran while a miss loads: the tables it reads (UNKNOWN_TABLES for SQL text)."""
+    def saw_statement(self, compiled: Any, sql: str) -> None:
+        """A statement ran while a miss loads: the tables it reads (UNKNOWN_TABLES for SQL text that
+        may read any: anything but transaction control and settings, such as an engine's ``begin``
+        listener sending ``BEGIN`` itself, SQLAlchemy's pysqlite recipe)."""
         seen = self._loading.get()
         if seen is None:
             return
         if compiled is None:  # exec_driver_sql
-            seen.add(UNKNOWN_TABLES)
+            if _MAY_READ.search(sql):
+                seen.add(UNKNOWN_TABLES)
             return
         tables = self._statement_tables.get(compiled)
         if tables is None:
             try:
                 tables = tables_read(compiled, compiled.statement)
             except Uncacheable:
-                tables = (UNKNOWN_TABLES,)
+                tables = (UNKNOWN_TABLES,) if _MAY_READ.search(sql) else ()
             if len(self._statement_tables) > 4096:
                 self._statement_tables.clear()
-            self._statement_tables[compiled] = tables
+            self._statement_tables[compiled] = tables  # held weakly: never keeps a statement alive
         seen.update(tables)
 
     def bypass(self, kind: str, model: str | None = None, tags: tuple[str, ...] = ()) -> None:

@@ -82,6 +82,8 @@ class _Encoder:
             if rel.key not in dict_:
                 continue
             target = self.hier(rel.mapper)
+            if target.unknown_reads:  # a loaded column of SQL text: what the entry depends on is unknown
+                raise Unreproducible(f"{target.entity} has a column of SQL text")
             self.tables.update(target.tables)
             self.tables.update(target.reads)
             if rel.secondary is not None:  # a Table, or a join of several

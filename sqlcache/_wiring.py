@@ -347,7 +347,7 @@ class Wiring:
         st.began_sql = True
         reads = self._reads
         if reads.loading():  # a miss is loading: what it reads, its entry depends on
-            reads.saw_statement(context.compiled if context is not None else None)
+            reads.saw_statement(context.compiled if context is not None else None, statement)
         if context is None:
             return
         if context.isinsert or context.isupdate or context.isdelete:
@@ -567,8 +567,9 @@ class Wiring:
         if not self._warned_listener:
             self._warned_listener = True
             log.warning(
-                "sqlcache: a do_orm_execute listener was registered after cache.attach(); reads it may "
-                "change are not cached (register it before attach(), see docs/pages/query-cache.md)"
+                "sqlcache: a do_orm_execute listener runs after sqlcache's (registered after "
+                "cache.attach(), or on a Session instance); reads it may change are not cached "
+                "(docs/pages/query-cache.md)"
             )
 
     def _relationship_load(self, orm_state: ORMExecuteState) -> Result[Any] | None:

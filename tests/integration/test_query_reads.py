@@ -448,7 +448,89 @@ def test_reads_of_an_engine_not_attached_are_left_alone(
             assert s.get(Author, 1) is not None
             assert [a.id for a in s.scalars(select(Author).options(cached()))] == [1]
         assert cache.stats()["bypassed"] == before
-        assert "registered after cache.attach()" not in caplog.text
+        assert "runs after sqlcache's" not in caplog.text
     finally:
         event.remove(sessions, "do_orm_execute", only_this_tenant)
         other.dispose()
+
+
+def test_a_subclass_with_a_column_of_sql_text_mapped_after_register(tmp_path: Path, redis_url: str) -> None:
+    """register() refuses a column of SQL text; a subclass that brings one later (another module
+    imported afterwards) breaks no write or read: that hierarchy is simply not cached any more."""
+
+    class LateBase(DeclarativeBase):
+        pass
+
+    class Emp(LateBase):
+        __tablename__ = "dep_emp"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        kind: Mapped[str] = mapped_column(String(10))
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "emp"}
+
+    engine = create_engine(f"sqlite:///{tmp_path / 'late.db'}")
+    cache = SQLCache(redis_url, prefix=f"late{uuid.uuid4().hex[:8]}")
+    cache.register(Emp)
+    cache.attach(engine)
+
+    class Boss(Emp):
+        __mapper_args__ = {"polymorphic_identity": "boss"}
+        staff = column_property(literal_column("(SELECT count(*) FROM dep_emp)", Integer))
+
+    try:
+        LateBase.metadata.create_all(engine)
+        with Session(engine) as s:
+            s.add_all([Boss(id=1), Emp(id=2)])
+            s.commit()
+        for _ in range(2):
+            with Session(engine) as s:
+                assert isinstance(s.get(Emp, 1), Boss)
+                assert cache.get(s, Emp, 2) is not None
+                assert cache.get_many(s, Emp, [2, 1])[1] is not None
+        with Session(engine) as s:
+            s.add(Emp(id=3))
+            s.commit()
+        assert cache.stats()["hits"] == 0 and cache.stats()["errors"] == 0
+    finally:
+        cache.detach(engine)
+        cache.clear()
+        cache.close()
+        engine.dispose()
+
+
+def test_a_begin_sent_as_text_by_an_engine_listener_still_fills(tmp_path: Path, redis_url: str) -> None:
+    """SQLAlchemy's pysqlite recipe: a ``begin`` listener sends BEGIN itself, inside a miss's load. That
+    is transaction control, not a read of tables nobody can name: the entry is stored."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'begin.db'}")
+
+    @event.listens_for(engine, "connect")
+    def no_pysqlite_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+    DepBase.metadata.create_all(engine)
+    cache = SQLCache(redis_url, prefix=f"beg{uuid.uuid4().hex[:8]}")
+    cache.attach(engine)
+    try:
+        with Session(engine) as s:
+            s.add(Author(id=1, name="a"))
+            s.commit()
+        for _ in range(3):
+            with Session(engine) as s:
+                assert [a.name for a in s.scalars(select(Author).options(cached()))] == ["a"]
+        assert cache.stats()["fills"] == 1 and cache.stats()["hits"] == 2
+    finally:
+        cache.detach(engine)
+        cache.clear()
+        cache.close()
+        engine.dispose()
+
+
+def test_a_literal_column_that_only_mentions_select_in_a_word() -> None:
+    from sqlcache._hierarchy import is_text
+
+    assert not is_text(literal_column("'selected'"))
+    assert is_text(literal_column("(SELECT 1)"))
+    assert is_text(literal_column("(\nselect max(id) from t)"))
