@@ -136,13 +136,16 @@ class FkActions:
         """The memo of the MetaData as they are now, ``table``'s and every live registry's among them."""
         md = table.metadata
         if not self._knows(md) or _sa.mapper_registry_count() != len(self._registries):
+            # SQLAlchemy's configure mutex is taken before ours, never under it: a thread configuring
+            # mappers may run DML (and come here) while holding it
+            registries = (
+                _sa.mapper_registries() if _sa.mapper_registry_count() != len(self._registries) else []
+            )
             with self._mutex:
                 self._add([md])
-                if _sa.mapper_registry_count() != len(self._registries):
-                    registries = _sa.mapper_registries()
-                    for registry in registries:
-                        self._registries.add(registry)
-                    self._add(registry.metadata for registry in registries)
+                for registry in registries:
+                    self._registries.add(registry)
+                self._add(registry.metadata for registry in registries)
         memo = self._memo
         if memo.version != self._version():
             memo = self._rebuild()
