@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -236,3 +236,23 @@ class AtRelease:
 
     def close(self) -> None:
         pass
+
+
+@contextmanager
+def writer_and_reader(engine: Engine, writer: SQLCache, reader: SQLCache) -> Iterator[Engine]:
+    """Two processes' caches on one prefix, as two processes would have them: ``writer`` attached to
+    ``engine``, ``reader`` to a second engine of the same database (yielded); both with User registered,
+    detached and closed afterwards."""
+    from .conftest import shareable_url
+
+    other = create_engine(shareable_url(engine))
+    for cache, e in ((writer, engine), (reader, other)):
+        cache.register(User)
+        cache.attach(e)
+    try:
+        yield other
+    finally:
+        for cache, e in ((writer, engine), (reader, other)):
+            cache.detach(e)
+            cache.close()
+        other.dispose()

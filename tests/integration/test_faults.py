@@ -8,15 +8,14 @@ from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache, signals
 from sqlcache.errors import CacheUnavailable, ConfigurationError
 
-from ..conftest import RedisServer, SQLCounter, free_port, shareable_url
-from ..helpers import AtRelease, make_user, rename_user, user_name
+from ..conftest import RedisServer, SQLCounter, free_port
+from ..helpers import AtRelease, make_user, rename_user, user_name, writer_and_reader
 from ..models import User
 
 
@@ -417,14 +416,10 @@ def test_a_commit_invalidates_while_redis_refuses_writes_for_memory(
     """maxmemory reached under Redis's default policy (noeviction): Redis refuses writes but still answers
     reads. A commit's lock and release still run (their scripts allow it), so another process's next
     read is not served the old row; fills are refused, so nothing new is stored meanwhile."""
-    other = create_engine(shareable_url(engine))
     writer = SQLCache(private_redis.url, prefix="oom", timeout=1)
     reader = SQLCache(private_redis.url, prefix="oom", timeout=1)
-    for c, e in ((writer, engine), (reader, other)):
-        c.register(User)
-        c.attach(e)
     client = redis.Redis(port=private_redis.port, socket_timeout=5)
-    try:
+    with writer_and_reader(engine, writer, reader) as other:
         uid = make_user(engine)
         for _ in range(2):
             assert user_name(other, uid) == "ann"
@@ -438,12 +433,6 @@ def test_a_commit_invalidates_while_redis_refuses_writes_for_memory(
         assert writer.stats()["journal"] == 0  # applied, not waiting for Redis
         for _ in range(2):
             assert user_name(other, uid) == "bob"
-    finally:
-        client.config_set("maxmemory", "0")
-        for c, e in ((writer, engine), (reader, other)):
-            c.detach(e)
-            c.close()
-        other.dispose()
 
 
 def synced(client: redis.Redis) -> None:
@@ -467,31 +456,24 @@ def test_a_primary_whose_data_was_replaced_by_a_resync_is_fenced(engine: Engine)
     r_server.start()
     p = redis.Redis(port=p_server.port, socket_timeout=10)
     r = redis.Redis(port=r_server.port, socket_timeout=10)
-    other = create_engine(shareable_url(engine))
     writer = SQLCache(p_server.url, prefix="aba", timeout=1)
     reader = SQLCache(p_server.url, prefix="aba", timeout=1)
-    for c, e in ((writer, engine), (reader, other)):
-        c.register(User)
-        c.attach(e)
     try:
-        r.replicaof("127.0.0.1", p_server.port)
-        synced(r)
-        uid = make_user(engine, "v1")
-        assert [user_name(other, uid), user_name(other, uid)] == ["v1", "v1"]  # filled, then a hit
-        p.wait(1, 5000)  # R holds the v1 entry
-        r.replicaof("no", "one")  # R promoted while nobody talks to it...
-        rename_user(engine, uid, "v2")  # ...and P acknowledges a release R never gets
-        p.replicaof("127.0.0.1", r_server.port)  # P demoted: a full resync from R
-        synced(p)
-        p.client_kill_filter(_type="normal")  # as the sentinels do to a demoted primary
-        p.replicaof("no", "one")  # P promoted again
-        for e in (other, engine, other):
-            assert user_name(e, uid) == "v2"
-        assert reader.stats()["lineage_fences"] + writer.stats()["lineage_fences"] >= 1
+        with writer_and_reader(engine, writer, reader) as other:
+            r.replicaof("127.0.0.1", p_server.port)
+            synced(r)
+            uid = make_user(engine, "v1")
+            assert [user_name(other, uid), user_name(other, uid)] == ["v1", "v1"]  # filled, then a hit
+            p.wait(1, 5000)  # R holds the v1 entry
+            r.replicaof("no", "one")  # R promoted while nobody talks to it...
+            rename_user(engine, uid, "v2")  # ...and P acknowledges a release R never gets
+            p.replicaof("127.0.0.1", r_server.port)  # P demoted: a full resync from R
+            synced(p)
+            p.client_kill_filter(_type="normal")  # as the sentinels do to a demoted primary
+            p.replicaof("no", "one")  # P promoted again
+            for e in (other, engine, other):
+                assert user_name(e, uid) == "v2"
+            assert reader.stats()["lineage_fences"] + writer.stats()["lineage_fences"] >= 1
     finally:
-        for c, e in ((writer, engine), (reader, other)):
-            c.detach(e)
-            c.close()
-        other.dispose()
         p_server.cleanup()
         r_server.cleanup()

@@ -7,14 +7,13 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache, signals
 
-from ..conftest import RedisServer, shareable_url
-from ..helpers import make_user, rename_user
+from ..conftest import RedisServer
+from ..helpers import make_user, rename_user, writer_and_reader
 from ..models import User
 from ..proxy import Proxy
 
@@ -103,13 +102,9 @@ def test_close_applies_the_journal_when_redis_is_back(
     """A process that journalled an invalidation during a partition and shuts down cleanly after it
     healed (a rolling deploy after a blip) applies its journal in close(), even while its breaker is
     still open: other processes are not served the old row until the entry expires."""
-    other = create_engine(shareable_url(engine))
     writer = SQLCache(proxy.url, prefix="closing", timeout=0.3, failure_threshold=1, backoff=30)
     reader = SQLCache(private_redis.url, prefix="closing")
-    for c, e in ((writer, engine), (reader, other)):
-        c.register(User)
-        c.attach(e)
-    try:
+    with writer_and_reader(engine, writer, reader) as other:
         uid = make_user(engine)
         assert [name(other, uid), name(other, uid)] == ["ann", "ann"]
         proxy.cut()
@@ -119,8 +114,3 @@ def test_close_applies_the_journal_when_redis_is_back(
         writer.close()  # the breaker is open for 30 s: the last replay goes to Redis anyway
         assert writer.stats()["journal"] == 0
         assert name(other, uid) == "bob"
-    finally:
-        for c, e in ((writer, engine), (reader, other)):
-            c.detach(e)
-            c.close()
-        other.dispose()
