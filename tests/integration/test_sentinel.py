@@ -49,11 +49,12 @@ def test_wait_replicas_keeps_an_unacknowledged_release_in_the_journal(
     """``wait_replicas=1``: each release is followed by WAIT on its connection. Acknowledged, the commit
     is done as usual; not acknowledged in ``wait_timeout`` (the replica cut off), it is an outage: the
     invalidation stays in the journal, this process reads the database for it, and it is replayed (WAIT
-    included) once the replica is back."""
+    included) once the replica is back. (``wait_timeout`` of a second: on a loaded machine a replica
+    that is up may take more than 100 ms to acknowledge, which CI once saw.)"""
     client = local_sentinel.sentinel().master_for(local_sentinel.service_name)
     cache = SQLCache(
-        client, prefix=f"w{uuid.uuid4().hex[:10]}", default_ttl=600, timeout=0.5, wait_replicas=1,
-        wait_timeout=0.1, backoff=0.05, max_backoff=0.05,
+        client, prefix=f"w{uuid.uuid4().hex[:10]}", default_ttl=600, timeout=2.0, wait_replicas=1,
+        wait_timeout=1.0, backoff=0.05, max_backoff=0.05,
     )  # fmt: skip
     cache.register(User)
     cache.attach(engine)
