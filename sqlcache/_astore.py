@@ -31,6 +31,7 @@ import redis.sentinel
 from . import _aio
 from . import _protocol as proto
 from ._health import Health
+from ._pools import Wire
 from ._protocol import ReadResult, SentLock
 from ._store import KEPT_CONNECTION_KWARGS, LINEAGE_SOURCE, script_source
 from .errors import CacheUnavailable, ConfigurationError
@@ -277,9 +278,9 @@ class AsyncRedisStore(proto.ScriptCalls):
         (the command's, WAIT's)."""
         conn = await self._connection()
         try:
-            await conn.send_command(*args)
+            await Wire.asend(conn, *args)
             if wait is not None:
-                await conn.send_command("WAIT", *wait)
+                await Wire.asend(conn, "WAIT", *wait)
             reply = await conn.read_response()
             if wait is not None:
                 reply = (reply, await conn.read_response())
@@ -327,7 +328,7 @@ class AsyncRedisStore(proto.ScriptCalls):
         async def run() -> SentLock:
             conn = await self._connection()
             try:
-                await conn.send_command("EVALSHA", self._shas["lock"], len(keys), *keys, *args)
+                await Wire.asend(conn, "EVALSHA", self._shas["lock"], len(keys), *keys, *args)
             except BaseException:
                 await self._discard(conn)
                 raise
@@ -360,9 +361,9 @@ class AsyncRedisStore(proto.ScriptCalls):
             nonlocal ran
             ran = True
             try:
-                await conn.send_command("EVALSHA", self._shas["release"], len(keys), *keys, *args)
+                await Wire.asend(conn, "EVALSHA", self._shas["release"], len(keys), *keys, *args)
                 if wait is not None:
-                    await conn.send_command("WAIT", *wait)
+                    await Wire.asend(conn, "WAIT", *wait)
                 replies: list[Any] = []
                 for _ in range(2 if wait is None else 3):
                     try:

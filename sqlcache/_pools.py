@@ -7,14 +7,16 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.connection
+import redis.connection
 import redis.sentinel
 
 from .errors import ConfigurationError
 
-__all__ = ["KEPT_CONNECTION_KWARGS", "LeanPool", "client_for", "hide_password"]
+__all__ = ["KEPT_CONNECTION_KWARGS", "LeanPool", "Wire", "client_for", "hide_password"]
 
 
 def client_for(target: redis.Redis | redis.asyncio.Redis | str, timeout: float) -> redis.Redis:
@@ -88,6 +90,79 @@ class LeanPool(redis.ConnectionPool):
             if should_reconnect is not None and should_reconnect():  # redis-py 8's maintenance events
                 connection.disconnect()
             self._available_connections.append(connection)
+
+
+# hiredis packs a command in C (redis-py's own packer costs about 4 µs of a small hit); before 2.1 it
+# could not, and redis-py packs
+_PACK: Any = getattr(hiredis, "pack_command", None)
+
+
+# redis-py's own methods, as imported (a class or a test that changes them later is not bypassed)
+_SEND = redis.connection.AbstractConnection.send_command
+_SEND_PACKED = redis.connection.AbstractConnection.send_packed_command
+_READ = redis.connection.AbstractConnection.read_response
+_ASEND = redis.asyncio.connection.AbstractConnection.send_command
+
+
+class Wire:
+    """A command written and its reply read straight on a checked-out connection, without the
+    connection's per-call machinery (health checks it is not configured for, debug logging, a packer
+    that inspects every argument): about 10 µs of a small hit.
+
+    Only where the connection's class has redis-py's own ``send_command``, ``send_packed_command`` and
+    ``read_response`` (checked at each call, so that a class changed later is honoured too): a
+    Sentinel-managed connection turns READONLY into a failover, and a caller's connection class may
+    count or trace commands; those go through the connection's methods. What those methods do on an
+    error is the caller's to do, as every caller here does: a connection that failed is disconnected and
+    released (``RedisStore._discard``). An error reply is raised as its ``ResponseError`` and leaves the
+    connection in step, as ``read_response`` does.
+
+    redis-py's private names used: a connection's ``_sock`` and ``_parser`` (redis-py 5 to 8; if an
+    upgrade moves them, the connection's own methods are used, and tests/integration/test_wire.py
+    fails)."""
+
+    def send(self, conn: Any, *args: Any) -> None:
+        """Write one command (``conn`` was checked out of a pool: it is connected)."""
+        cls = type(conn)
+        sock = getattr(conn, "_sock", None)
+        if (
+            _PACK is None
+            or sock is None
+            or cls.send_command is not _SEND
+            or cls.send_packed_command is not _SEND_PACKED
+        ):
+            conn.send_command(*args)
+            return
+        try:
+            packed = _PACK(args)
+        except TypeError:  # an argument hiredis does not pack (a memoryview): redis-py's way
+            conn.send_command(*args)
+            return
+        sock.sendall(packed)
+
+    def read(self, conn: Any) -> Any:
+        """The next reply on ``conn``; an error reply raised as its ``ResponseError``."""
+        parser = getattr(conn, "_parser", None)
+        if parser is None or type(conn).read_response is not _READ:
+            return conn.read_response()
+        reply = parser.read_response()
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+        return reply
+
+    @staticmethod
+    async def asend(conn: Any, *args: Any) -> None:
+        """:meth:`send` on an asyncio connection: packed by hiredis, written by the connection's own
+        ``send_packed_command`` (which bounds the write by its timeout)."""
+        if _PACK is not None and type(conn).send_command is _ASEND:
+            try:
+                packed = _PACK(args)
+            except TypeError:
+                pass
+            else:
+                await conn.send_packed_command([packed], check_health=False)
+                return
+        await conn.send_command(*args)
 
 
 def _own_pool(pool: redis.ConnectionPool, timeout: float) -> redis.ConnectionPool:

@@ -16,7 +16,7 @@ import redis.sentinel
 from . import _protocol as proto
 from ._health import Health
 from ._keys import Layout
-from ._pools import KEPT_CONNECTION_KWARGS, LeanPool, client_for, hide_password
+from ._pools import KEPT_CONNECTION_KWARGS, LeanPool, Wire, client_for, hide_password
 from ._protocol import ReadResult, SentLock
 from .errors import CacheUnavailable
 
@@ -108,6 +108,7 @@ class RedisStore(proto.ScriptCalls):
         # every new connection asks the server for its run id before anything else is sent on it, so a
         # restarted Redis is noticed even when redis-py reconnects silently
         client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
+        self._wire = Wire()
 
     # -- circuit breaker ---------------------------------------------------------------------------
 
@@ -190,10 +191,10 @@ class RedisStore(proto.ScriptCalls):
         """MGET straight on a pooled connection: the command and its reply, without the client's
         per-call machinery (retries, which ours has none of, event hooks, metrics): a good part of a
         small hit's time. Errors leave the connection disconnected, as the client would."""
-        conn = self._connection()
+        conn, wire = self._connection(), self._wire
         try:
-            conn.send_command("MGET", *keys)
-            reply: list[bytes | None] = conn.read_response()
+            wire.send(conn, "MGET", *keys)
+            reply: list[bytes | None] = wire.read(conn)
         except BaseException:
             self._discard(conn)
             raise
@@ -224,7 +225,7 @@ class RedisStore(proto.ScriptCalls):
         def run() -> SentLock:
             conn = self._connection()
             try:
-                conn.send_command("EVALSHA", self._scripts["lock"].sha, len(keys), *keys, *args)
+                self._wire.send(conn, "EVALSHA", self._scripts["lock"].sha, len(keys), *keys, *args)
             except BaseException:
                 self._discard(conn)
                 raise
@@ -257,14 +258,15 @@ class RedisStore(proto.ScriptCalls):
         def run() -> list[Any]:
             nonlocal ran
             ran = True
+            wire = self._wire
             try:
-                conn.send_command("EVALSHA", self._scripts["release"].sha, len(keys), *keys, *args)
+                wire.send(conn, "EVALSHA", self._scripts["release"].sha, len(keys), *keys, *args)
                 if wait is not None:
-                    conn.send_command("WAIT", *wait)
+                    wire.send(conn, "WAIT", *wait)
                 replies: list[Any] = []
                 for _ in range(2 if wait is None else 3):
                     try:
-                        replies.append(conn.read_response())
+                        replies.append(wire.read(conn))
                     except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart
                         replies.append(exc)
             except BaseException:
