@@ -172,6 +172,7 @@ def test_bench_quick(redis_url: str, pg_url: str) -> None:
         "update sqlcache / update plain",
         "get hit / floor",
         "direct get hit / floor",
+        "direct get hit, open session / floor",
         "direct get hit / get hit",
         "get_many 50 / 50 get hits",
         "get local hit / get ORM floor, memory",

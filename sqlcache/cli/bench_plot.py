@@ -30,6 +30,7 @@ _PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
             ("plain", "get plain"),
             ("sqlcache", "get sqlcache hit"),
             ("direct", "direct get hit"),
+            ("direct, open session", "direct get hit, open session"),
             ("cluster", "cluster get hit"),
             ("floor", "floor"),
             ("ORM floor", "get ORM floor"),

@@ -10,7 +10,8 @@ __all__ = ["RATIOS", "pct", "report", "round_spread"]
 RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("get hit / floor", "get sqlcache hit", "floor", 1.5),
     ("lazy hit / floor", "lazy sqlcache hit", "floor", 1.5),
-    ("direct get hit / floor", "direct get hit", "floor", 1.2),
+    ("direct get hit / floor", "direct get hit", "floor", None),
+    ("direct get hit, open session / floor", "direct get hit, open session", "floor", 1.2),
     ("direct get hit / get hit", "direct get hit", "get sqlcache hit", None),
     ("get_many 50 / 50 get hits", "get_many 50 hit", "50 get hits", 0.3),
     ("get hit / get plain", "get sqlcache hit", "get plain", None),
