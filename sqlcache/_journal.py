@@ -97,9 +97,9 @@ class Journal:
         with self._mutex:
             if token and len(self._held) < HELD_LIMIT:
                 self._held[token] = (tuple(keys), self._defers + 1)
-            if self._fence_pending:
-                self._rep.incr("invalidations_lost", len(keys))
-                return
+            # journalled even while a fence is pending: that fence may be in Redis already (a replay in
+            # flight), before this commit's COMMIT, and cover nothing it wrote; a replay that applies a
+            # fence forgets only the keys deferred before it began (see replay)
             self._defers += 1
             self._journal.update(dict.fromkeys(keys, self._defers))
             self._rep.incr("invalidations_deferred", len(keys))

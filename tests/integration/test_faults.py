@@ -477,3 +477,52 @@ def test_a_primary_whose_data_was_replaced_by_a_resync_is_fenced(engine: Engine)
     finally:
         p_server.cleanup()
         r_server.cleanup()
+
+
+def test_a_commit_deferred_while_a_fence_is_on_its_way_keeps_its_keys(
+    engine: Engine, private_redis: RedisServer
+) -> None:
+    """A fence (every entry moved: a restart noticed) released in Redis before a commit's COMMIT does
+    not cover that commit. Its keys, deferred while the fence's replay is still in flight (Redis away
+    again for the commit's lock and release), stay journalled and are released by the next replay:
+    dropped as covered by that fence, another process would keep serving the entry it filled between
+    the fence and the COMMIT, with the old row, until its TTL."""
+    writer = SQLCache(private_redis.url, prefix="fencerace", timeout=1)
+    reader = SQLCache(private_redis.url, prefix="fencerace", timeout=1)
+    with writer_and_reader(engine, writer, reader) as other:
+        uid = make_user(engine)
+        journal: Any = writer._parts.journal
+        store: Any = writer.store
+        release, send_lock = store.release, store.send_lock
+        phase = ["fence"]
+
+        def away(*args: Any, **kwargs: Any) -> Any:
+            raise CacheUnavailable("away")
+
+        def fence_release(*args: Any, **kwargs: Any) -> Any:
+            if phase[0] == "commit":
+                raise CacheUnavailable("release")  # Redis away again for the commit's own replay
+            out = release(*args, **kwargs)  # the fence is in Redis now
+            if phase[0] == "fence":
+                phase[0] = "commit"
+                for _ in range(2):  # another process fills the row after the fence, and is served it
+                    assert user_name(other, uid) == "ann"
+                store.send_lock = away
+                rename_user(engine, uid, "bob")  # lock and release refused: its keys deferred
+                store.send_lock = send_lock
+                phase[0] = "done"
+            return out
+
+        store.release = fence_release
+        try:
+            journal.fence()
+            assert journal.replay()
+        finally:
+            store.release = release
+            store.send_lock = send_lock
+        assert phase[0] == "done"
+        assert writer.stats()["journal"] >= 1  # the commit's keys, kept for the next replay
+        writer._parts.store.health.retry_now()
+        assert journal.replay()
+        assert writer.stats()["journal"] == 0
+        assert user_name(other, uid) == "bob"
