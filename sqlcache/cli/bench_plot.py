@@ -85,6 +85,7 @@ _SERIES: dict[str, tuple[str, str]] = {  # series: (legend, colour)
     "plain": ("database, no cache", "#7f8c9a"),
     "sqlcache": ("sqlcache (a hit; for update, the cached commit)", "#e8730c"),
     "direct": ("sqlcache, direct: cache.get / cache.get_many", "#c0392b"),
+    "direct, open session": ("sqlcache, direct, in a Session already open", "#e74c3c"),
     "cluster": ("sqlcache on a Redis Cluster (three primaries)", "#8e44ad"),
     "no reuse": ("sqlcache hit, decoded every time (decoded_cache_bytes=0)", "#f5b971"),
     "floor": ("floor: one GET + msgpack decode + the objects", "#2e8b57"),

@@ -26,3 +26,13 @@ def test_report_prints_each_ratio_with_its_spread(capsys: pytest.CaptureFixture[
     report(samples, rounds=4)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("update sqlcache / "))
     assert "1.20x" in line and "(1.10-1.30)" in line and "target <= 1.15: MISS" in line
+
+
+def test_every_charted_series_has_a_legend_and_a_colour() -> None:
+    """A system added to a chart panel without its series in the legend table failed only in a full
+    ``bench --plot`` run (a KeyError while drawing)."""
+    from sqlcache.cli import bench_plot
+
+    for _group, _what, bars in bench_plot._PANELS:
+        for series, _system in bars:
+            assert series in bench_plot._SERIES, series
