@@ -92,12 +92,13 @@ class LeanPool(redis.ConnectionPool):
             self._available_connections.append(connection)
 
 
-# hiredis packs a command in C (redis-py's own packer costs about 4 µs of a small hit); before 2.1 it
-# could not, and redis-py packs
+# hiredis packs a command in C (redis-py's own packer costs about 4 µs of a small hit); before hiredis
+# 2.2 it could not, and redis-py packs
 _PACK: Any = getattr(hiredis, "pack_command", None)
 
 
-# redis-py's own methods, as imported (a class or a test that changes them later is not bypassed)
+# redis-py's own methods as they were when sqlcache was imported: a class that overrides them, or a
+# patch of redis-py's classes made later (a test that counts commands), is not bypassed
 _SEND = redis.connection.AbstractConnection.send_command
 _SEND_PACKED = redis.connection.AbstractConnection.send_packed_command
 _READ = redis.connection.AbstractConnection.read_response
@@ -112,10 +113,11 @@ class Wire:
     Only where the connection's class has redis-py's own ``send_command``, ``send_packed_command`` and
     ``read_response`` (checked at each call, so that a class changed later is honoured too): a
     Sentinel-managed connection turns READONLY into a failover, and a caller's connection class may
-    count or trace commands; those go through the connection's methods. What those methods do on an
-    error is the caller's to do, as every caller here does: a connection that failed is disconnected and
-    released (``RedisStore._discard``). An error reply is raised as its ``ResponseError`` and leaves the
-    connection in step, as ``read_response`` does.
+    count or trace commands; those go through the connection's methods. A failed write or read raises
+    what those methods raise (``redis.ConnectionError`` / ``redis.TimeoutError``, naming the server);
+    the rest of what they do on an error is the caller's, as every caller here does: a connection that
+    failed is disconnected and released (``RedisStore._discard``). An error reply is raised as its
+    ``ResponseError`` and leaves the connection in step, as ``read_response`` does.
 
     redis-py's private names used: a connection's ``_sock`` and ``_parser`` (redis-py 5 to 8; if an
     upgrade moves them, the connection's own methods are used, and tests/integration/test_wire.py
@@ -138,14 +140,24 @@ class Wire:
         except TypeError:  # an argument hiredis does not pack (a memoryview): redis-py's way
             conn.send_command(*args)
             return
-        sock.sendall(packed)
+        try:
+            sock.sendall(packed)
+        except TimeoutError as exc:
+            raise redis.TimeoutError(f"Timeout writing to {_server(conn)}") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"Error while writing to {_server(conn)}: {exc}") from exc
 
     def read(self, conn: Any) -> Any:
         """The next reply on ``conn``; an error reply raised as its ``ResponseError``."""
         parser = getattr(conn, "_parser", None)
         if parser is None or type(conn).read_response is not _READ:
             return conn.read_response()
-        reply = parser.read_response()
+        try:
+            reply = parser.read_response()
+        except TimeoutError as exc:  # the parsers raise redis-py's own errors; a bare socket's too
+            raise redis.TimeoutError(f"Timeout reading from {_server(conn)}") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"Error while reading from {_server(conn)}: {exc}") from exc
         if isinstance(reply, redis.ResponseError):
             raise reply
         return reply
@@ -163,6 +175,12 @@ class Wire:
                 await conn.send_packed_command([packed], check_health=False)
                 return
         await conn.send_command(*args)
+
+
+def _server(conn: Any) -> str:
+    """The server a connection talks to, for an error's message (never its credentials)."""
+    kwargs = (conn.host, conn.port) if hasattr(conn, "host") else (getattr(conn, "path", "?"),)
+    return ":".join(str(k) for k in kwargs)
 
 
 def _own_pool(pool: redis.ConnectionPool, timeout: float) -> redis.ConnectionPool:

@@ -317,6 +317,7 @@ def _systems(
         "lazy plain": _lazy_on(plain, rnd, ids),
         "lazy sqlcache hit": _lazy_on(cached, rnd, ids),
         "floor": lambda: timed(floor.of(1)),
+        "floor, lean GET": lambda: timed(floor.of(1, lean=True)),
         "q20 plain": lambda: timed(_query_on(plain, 20, False)),
         "q20 sqlcache hit": lambda: timed(_query_on(cached, 20, True)),
         "q20 floor": lambda: timed(floor.of(20)),

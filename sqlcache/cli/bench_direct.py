@@ -4,8 +4,9 @@
 - ``direct get hit``: a Session opened, ``cache.get`` of one row, the Session closed (as ``get
   sqlcache hit`` does with ``Session.get``);
 - ``direct get hit, open session``: ``cache.get`` of one row in a Session already open, its
-  transaction begun (a request reading several rows): the hit alone, as the floor is (which opens no
-  Session); the Session is opened and closed outside the timed part;
+  transaction begun but holding no database connection yet (a request's second read, before any
+  SQL): what opening and closing the Session costs of the row above; the Session is opened and closed
+  outside the timed part;
 - ``get_many 50 hit``: ``cache.get_many`` of 50 rows in one Session;
 - ``50 get hits``: the N+1 loop it replaces, ``Session.get`` of the same 50 rows in one Session.
 """

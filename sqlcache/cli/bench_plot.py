@@ -33,6 +33,7 @@ _PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
             ("direct, open session", "direct get hit, open session"),
             ("cluster", "cluster get hit"),
             ("floor", "floor"),
+            ("floor, lean GET", "floor, lean GET"),
             ("ORM floor", "get ORM floor"),
         ),
     ),
@@ -89,6 +90,7 @@ _SERIES: dict[str, tuple[str, str]] = {  # series: (legend, colour)
     "cluster": ("sqlcache on a Redis Cluster (three primaries)", "#8e44ad"),
     "no reuse": ("sqlcache hit, decoded every time (decoded_cache_bytes=0)", "#f5b971"),
     "floor": ("floor: one GET + msgpack decode + the objects", "#2e8b57"),
+    "floor, lean GET": ("the floor, its GET sent as sqlcache's store sends its MGET", "#52be80"),
     "ORM floor": ("ORM floor: the floor handed out through a Session", "#1b4d3e"),
 }
 

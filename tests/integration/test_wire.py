@@ -178,3 +178,18 @@ def test_async_commands_packed_by_hiredis_answer_as_redis_pys(redis_url: str) ->
 
     asyncio.run(body())
     redis.Redis.from_url(redis_url).delete(key)
+
+
+def test_a_failed_write_is_redis_pys_connection_error_naming_the_server(private_redis: RedisServer) -> None:
+    """What the caller catches, and what a ``cache_error`` receiver finds as the cause: redis-py's own
+    error, with the server in its message, as redis-py's methods raise it."""
+    client, wire = _pooled(private_redis.url)
+    conn = client.connection_pool.get_connection()
+    try:
+        conn._sock.shutdown(socket.SHUT_WR)  # the write side closed under the connection
+        with pytest.raises(redis.ConnectionError, match=f"127.0.0.1:{private_redis.port}"):
+            wire.send(conn, "PING")
+    finally:
+        conn.disconnect()
+        client.connection_pool.release(conn)
+        client.close()
