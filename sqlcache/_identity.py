@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 
-from . import _keys, _sa
+from . import _keys, _sa, _sabuild
 from ._hierarchy import Hierarchy, Shape
 from ._objects import built_since, decode_entry, encode_absent, encode_instance, materialize
 from ._readthrough import Read, ReadThrough, Unservable
@@ -73,8 +73,8 @@ class IdentityReader:
             # is not what this transaction must see: read the database
             self._reads.bypass("identity", mapper.class_.__name__)
             return None
-        if self._reads.loading():  # a load nested in a query's miss (an immediateload)
-            self._reads.saw_tables((*h.tables, *h.reads))
+        if self._reads.seen.loading():  # a load nested in a query's miss (an immediateload)
+            self._reads.seen.saw_tables((*h.tables, *h.reads))
         refresh, wanted = _sa.refresh_of(orm_state)  # loading an expired object's attributes
         if refresh is not None:
             obj = refresh.obj()
@@ -137,7 +137,7 @@ class IdentityReader:
     def _one_row(self, mapper: Mapper[Any], obj: Any) -> Result[Any]:
         meta = self._metas.get(mapper)
         if meta is None:
-            meta = self._metas[mapper] = _sa.result_metadata([mapper.class_.__name__], lambda: [id])
+            meta = self._metas[mapper] = _sabuild.result_metadata([mapper.class_.__name__], lambda: [id])
         return IteratorResult(meta, iter(() if obj is None else ((obj,),)))
 
 
@@ -203,7 +203,7 @@ def _encode(
     if not rows:
         return entry_of(h, pk, None, runid)
     obj = rows[0]
-    if not _sa.is_instance(obj):  # a Row, not a scalar-mode ORM result
+    if not _sabuild.is_instance(obj):  # a Row, not a scalar-mode ORM result
         obj = obj[0]
     return entry_of(h, pk, obj, runid)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm.attributes import instance_state
 
-from . import _sa
+from . import _sa, _sabuild
 from ._codec import decode, encode
 from ._hierarchy import Hierarchy, Shape, class_id
 from .errors import CodecError
@@ -139,7 +139,9 @@ def materialize_objects(
     instances: list[Any] = []
     new = bytearray(len(objects))
     try:
-        _sa.build_objects(session, shapes, objects, load_options, load_path, instances, new, _sa.new_runid())
+        _sabuild.build_objects(
+            session, shapes, objects, load_options, load_path, instances, new, _sa.new_runid()
+        )
     except BaseException:
         discard_built(session, instances, new)  # nothing half-built stays in the session
         raise
@@ -223,4 +225,4 @@ def apply_marks(instances: list[Any], new: bytearray, marks: list[tuple[int, str
 def materialize(session: Session, shape: Shape, mask: int, values: list[Any]) -> Any:
     """Build one persistent instance exactly as a database load would, in the identity map (an
     identity-cache hit: the query path's builder, for one object of the entry's values)."""
-    return _sa.build_one(session, shape, mask, values, _sa.new_runid())
+    return _sabuild.build_one(session, shape, mask, values, _sa.new_runid())

@@ -14,13 +14,14 @@ from sqlalchemy.engine.result import IteratorResult
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm.attributes import set_committed_value
 
-from . import _keys, _sa
+from . import _keys, _sa, _sabuild
 from ._fkactions import metadata_in
 from ._hierarchy import Conv, Hierarchy, Shape
+from ._loadreads import UNKNOWN_TABLES
 from ._objects import apply_marks, decode_entry, discard_built, materialize_objects
 from ._querykey import Uncacheable, digest
 from ._queryspec import QuerySpec, describe, refuse_rows_before_unique
-from ._readthrough import UNKNOWN_TABLES, Read, ReadThrough
+from ._readthrough import Read, ReadThrough
 from ._registry import Registry
 from ._report import Reporter
 from ._rows import (
@@ -105,7 +106,7 @@ class QueryReader:
         if self._txns.wrote(orm_state.session, None, (), spec.tables):
             self._reads.bypass("query", spec.model, qp.tags)
             return None
-        self._reads.saw_tables(spec.tables)  # an eager load nested in another query's miss
+        self._reads.seen.saw_tables(spec.tables)  # an eager load nested in another query's miss
         at = self._layout.at
         deps = [
             *(_keys.table_dep_key(at(t), t) for t in spec.tables),
@@ -218,8 +219,8 @@ class QueryReader:
         legacy = _sa.legacy_uniquing(orm_state)
         result: IteratorResult[Any] = IteratorResult(spec.metadata(d.keys, stmt, legacy), iter(out))
         if d.unique_required:
-            _sa.require_unique(result, refuse_rows_before_unique)
-        return _sa.with_attributes(result, d.single, spec.any_entity)
+            _sabuild.require_unique(result, refuse_rows_before_unique)
+        return _sabuild.with_attributes(result, d.single, spec.any_entity)
 
     def _encode(
         self,
@@ -232,10 +233,10 @@ class QueryReader:
     ) -> bytes | None:
         """The entry of what the database returned; None when it must not be stored."""
         columns = spec.columns
-        single = _sa.frozen_single_entity(frozen)
+        single = _sabuild.frozen_single_entity(frozen)
         # None for unnamed columns (an anonymous aliased(), with_polymorphic): the names must line up
         # with the columns
-        keys = _sa.frozen_keys(frozen)
+        keys = _sabuild.frozen_keys(frozen)
         if len(keys) != len(columns):
             self._rep.incr("fills_skipped")
             return None

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.attributes import InstrumentedAttribute
 from sqlalchemy.sql.schema import Column
 
-from . import _sa
+from . import _sa, _sabuild
 from ._hierarchy import Conv, Hierarchy, check_supported, type_converters
 from ._querykey import Uncacheable, digest, stable, tables_read
 from ._rows import LAYOUT as ROWS_LAYOUT
@@ -82,11 +82,11 @@ class QuerySpec:
         if self.aliased or not self.stable_extras:
             # the row mapping's keys are this statement's own objects (an alias's attributes, labels,
             # functions): a statement built again has new ones
-            return _sa.result_metadata(keys, lambda: self.unique_filters(legacy), column_extras(stmt))
+            return _sabuild.result_metadata(keys, lambda: self.unique_filters(legacy), column_extras(stmt))
         k = (tuple(keys), legacy)
         meta = self.metas.get(k)
         if meta is None:
-            meta = _sa.result_metadata(keys, lambda: self.unique_filters(legacy), self.extras)
+            meta = _sabuild.result_metadata(keys, lambda: self.unique_filters(legacy), self.extras)
             # a legacy filter for values of unknown type remembers what it met: not shared
             stateful = legacy and any(t is not None and _sa.type_is_unknown(t) for t in self.types)
             if not stateful and len(self.metas) < 8:

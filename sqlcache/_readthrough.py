@@ -7,17 +7,14 @@ using the store, the session's transaction state and the reporter, and never cli
 
 from __future__ import annotations
 
-import re
 import time
-import weakref
-from collections.abc import Callable, Iterable, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import _sa, signals
+from . import _sa, _sabuild, signals
 from ._journal import Keys
+from ._loadreads import LoadReads
 from ._protocol import ReadResult, StoreSlot
-from ._querykey import Uncacheable, tables_read
 from ._report import Reporter, Running
 from ._seal import Sealer
 from ._tokens import new_token
@@ -34,11 +31,6 @@ __all__ = ["Read", "ReadThrough", "Unservable"]
 OnHit = Callable[[bytes], Any]  # a Result for an ORM execution; whatever a direct read wants
 # the result, unique() required, the load's runid, the tables the load was seen to read (LOADED)
 Encode = Callable[["FrozenResult[Any]", bool, int, "set[str]"], "bytes | None"]
-#: in the tables a load was seen to read: it ran SQL whose tables are unknown (text)
-UNKNOWN_TABLES = "\x00unknown"
-#: SQL text that may read a table: any that is not transaction control or a setting (BEGIN, SAVEPOINT,
-#: RELEASE, COMMIT, ROLLBACK, SET without a subquery)
-_MAY_READ = re.compile(r"\b(?:select|from|with|table|values|call|exec|execute|do|handler)\b", re.IGNORECASE)
 
 
 class Execution(Protocol):
@@ -135,42 +127,7 @@ class ReadThrough:
         self._max_read_bytes = max_entry_bytes + sealer.overhead
         # a query's stampede lock outlives the wait of the callers behind it, then expires on its own
         self._fill_lock_ms = int(max(2 * stampede_wait, 5.0) * 1000)
-        # while a miss loads (this context): the tables of every statement it runs and of every cached
-        # read nested in it (eager loads, subclass loads), which the entry must depend on
-        self._loading: ContextVar[set[str] | None] = ContextVar("sqlcache_loading", default=None)
-        self._statement_tables: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
-
-    def loading(self) -> bool:
-        """Whether a miss is loading in this context (see :meth:`saw_statement`)."""
-        return self._loading.get() is not None
-
-    def saw_tables(self, tables: Iterable[str]) -> None:
-        """A read nested in a loading miss (served from Redis or not) depends on ``tables``."""
-        seen = self._loading.get()
-        if seen is not None:
-            seen.update(tables)
-
-    def saw_statement(self, compiled: Any, sql: str) -> None:
-        """A statement ran while a miss loads: the tables it reads (UNKNOWN_TABLES for SQL text that
-        may read any: anything but transaction control and settings, such as an engine's ``begin``
-        listener sending ``BEGIN`` itself, SQLAlchemy's pysqlite recipe)."""
-        seen = self._loading.get()
-        if seen is None:
-            return
-        if compiled is None:  # exec_driver_sql
-            if _MAY_READ.search(sql):
-                seen.add(UNKNOWN_TABLES)
-            return
-        tables = self._statement_tables.get(compiled)
-        if tables is None:
-            try:
-                tables = tables_read(compiled, compiled.statement)
-            except Uncacheable:
-                tables = (UNKNOWN_TABLES,) if _MAY_READ.search(sql) else ()
-            if len(self._statement_tables) > 4096:
-                self._statement_tables.clear()
-            self._statement_tables[compiled] = tables  # held weakly: never keeps a statement alive
-        seen.update(tables)
+        self.seen = LoadReads()  # what a loading miss reads (its entry's dependencies)
 
     def bypass(self, kind: str, model: str | None = None, tags: tuple[str, ...] = ()) -> None:
         """A read that could not use the cache (own writes, FOR UPDATE, ...)."""
@@ -347,19 +304,20 @@ class ReadThrough:
         r = self.snapshot(session, rd, r, txns)
         runid = _sa.new_runid()  # objects the statement builds get larger numbers (built_since)
         loaded: set[str] = set()
-        loading = self._loading.set(loaded)
+        seen = self.seen
+        loading = seen.begin(loaded)
         try:
             result = orm_state.invoke_statement()
             # set before anyone called unique(): lifted for the freeze, put back on what we return, and
             # stored with the entry
-            unique_guard = _sa.take_unique_guard(result)
+            unique_guard = _sabuild.take_unique_guard(result)
             frozen = result.freeze()  # eager loads run here, as the rows are built
         finally:
-            self._loading.reset(loading)
-        self.saw_tables(loaded)  # this miss is itself nested in another's load
+            seen.end(loading)
+        seen.saw_tables(loaded)  # this miss is itself nested in another's load
         out = frozen()
         if unique_guard is not None:
-            _sa.require_unique(out, unique_guard[1])
+            _sabuild.require_unique(out, unique_guard[1])
         if r.locked or r.generations is None:
             self._skipped_fill(rd)  # see fill_after
             return out, False

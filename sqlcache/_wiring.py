@@ -20,7 +20,8 @@ Hooks and why each was chosen:
 - engine ``rollback_savepoint`` / ``handle_error``: a reset of the connection's name resolution
   (RESET search_path, ...) run before them may be undone by the database; it is no longer believed.
 - session ``do_orm_execute``: the one entry point of ``Session.get`` and many-to-one lazy loads
-  (both end in a SELECT by primary key), before any SQL; lets us answer from Redis. It also sees ORM
+  (both end in a SELECT by primary key), before any SQL; lets us answer from Redis (which reads, and
+  how: ``_readhooks``). It also sees ORM
   DML, which during a flush (a mapper listener's) runs persistence's code as the unit of work does,
   with no mapper event: the rest of that flush counts as bulk writes.
 - session ``after_transaction_create``: a ``bulk_*`` method begins a subtransaction, and so does a
@@ -37,18 +38,16 @@ import logging
 import weakref
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
-from hashlib import blake2b
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import InstanceState, Mapper, Session
 
 from . import _sa
+from ._readhooks import ReadHooks, ReadPolicies
 from ._slots import Slot, hook
 from ._transactions import Transactions
 from ._txn import TxnState, dml_tables, is_write_sql, nested_dml_tables, scope_changes
-from .config import ModelPolicy
-from .options import CacheOption, QueryPolicy
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -68,10 +67,8 @@ log = logging.getLogger("sqlcache")
 __all__ = ["Wiring"]
 
 
-class Policies(Protocol):
-    """What the listeners ask of the registry."""
-
-    def policy_for(self, mapper: Mapper[Any]) -> ModelPolicy | None: ...
+class Policies(ReadPolicies, Protocol):
+    """What the listeners ask of the registry (the read hooks: ``policy_for``)."""
 
     def cascaded(self, table: Any, sql: str, kind: str) -> AbstractSet[Any]: ...
 
@@ -181,7 +178,7 @@ class Wiring:
         self._mapper_slots: list[Hooked] = []
         self._session_slots: list[Hooked] = []
         self._session_listening = False
-        self._warned_listener = False  # _listener_after's log line, once
+        self._read_hooks = ReadHooks(txns, policies, identities, queries, reads, self._pools)
 
     # -- install / remove -------------------------------------------------------------------------
 
@@ -345,9 +342,9 @@ class Wiring:
     ) -> None:
         st = self._txns.of(conn)
         st.began_sql = True
-        reads = self._reads
-        if reads.loading():  # a miss is loading: what it reads, its entry depends on
-            reads.saw_statement(context.compiled if context is not None else None, statement)
+        seen = self._reads.seen
+        if seen.loading():  # a miss is loading: what it reads, its entry depends on
+            seen.saw_statement(context.compiled if context is not None else None, statement)
         if context is None:
             return
         if context.isinsert or context.isupdate or context.isdelete:
@@ -448,146 +445,18 @@ class Wiring:
             # listener's own session), that flush's events will not name these rows
             self._txns.wrote_beside(session)
 
-    # -- reads ----------------------------------------------------------------------------------------
-
-    def _attached_bind(self, orm_state: ORMExecuteState) -> Any | None:
-        """The engine or connection this execution goes to, if it is attached; else None.
-
-        Asked exactly as the ORM asks right after this event (``get_bind(**bind_arguments)``, nothing
-        added: a ``get_bind()`` override may accept nothing more). A horizontally sharded session with
-        no shard chosen yet picks shards in its own execute hook, through user code that expects an
-        instance: not called here, and such a read is not cached.
-        """
-        args = orm_state.bind_arguments
-        session = orm_state.session
-        if hasattr(session, "shard_chooser") and "shard_id" not in args:
-            return None
-        bind = session.get_bind(**args)
-        if bind.engine.pool not in self._pools:
-            return None
-        self._txns.routed(session, bind)  # a Connection an override answered: its writes are the read's
-        return bind
-
-    def translation(self, orm_state: ORMExecuteState, bind: Any) -> str | None:
-        """ "" or a digest of what makes the same statement read other rows: the ``schema_translate_map``
-        in effect (execution options over those of the session's connection, of the bind) and a shard
-        (identity token, shard id). Part of every entry key; dependencies stay per table name, so a
-        write under any map or on any shard invalidates them all.
-
-        None: the read must not use the cache, because the connection it runs on resolves names its own
-        way (a SET search_path, USE, SET ROLE, ... ran on it, perhaps in an earlier checkout). Once
-        that was ever seen on the pool, a session with no connection yet takes it first, as the ORM
-        would right after this event: the connection it gets, and what its ``after_begin`` /
-        ``engine_connect`` hooks run, decide."""
-        pool = bind.engine.pool
-        txns = self._txns
-        conn = txns.connection_for(orm_state.session, pool)
-        if conn is None:
-            if isinstance(bind, Connection) and not (bind.closed or bind.invalidated):
-                conn = bind
-            elif txns.switching(pool):
-                conn = orm_state.session.connection(bind_arguments=orm_state.bind_arguments)
-        if conn is not None and txns.scoped(conn):
-            return None
-        stm = orm_state.execution_options.get("schema_translate_map")
-        if stm is None:
-            stm = (conn if conn is not None else bind).get_execution_options().get("schema_translate_map")
-        shard = (
-            _sa.shard_token(orm_state)
-            or orm_state.execution_options.get("identity_token")
-            or orm_state.execution_options.get("_sa_shard_id")
-            or orm_state.bind_arguments.get("shard_id")
-        )
-        if not stm and shard is None:
-            return ""
-        text = repr((_sa.translate_map_items(stm or {}), repr(shard)))
-        return blake2b(text.encode(), digest_size=8).hexdigest()
+    # -- ORM executions -------------------------------------------------------------------------------
 
     def _on_orm_execute(self, orm_state: ORMExecuteState) -> Result[Any] | None:
-        if not orm_state.is_select:
-            session = orm_state.session
-            if orm_state.is_update or orm_state.is_insert or orm_state.is_delete:
-                # a mapper listener's ORM statement during the flush (an ORM bulk UPDATE by primary
-                # key runs SQLAlchemy's persistence code as the unit of work does): nothing names its
-                # rows; the same from another session on the flush's connection
-                if _sa.is_flushing(session):
-                    self._txns.wrote_aside(session, _sa.current_transaction(session))
-                else:
-                    self._txns.wrote_beside(session)
-            return None
-        if _sa.pending_autoflush(orm_state):
-            # SQLAlchemy autoflushes after this event, then runs the statement against the flushed
-            # rows (a pending insert found by a get, a changed column matched by a WHERE): only the
-            # database can answer that
-            if any(isinstance(o, CacheOption) for o in orm_state.user_defined_options):
-                self._reads.bypass("query")
+        if orm_state.is_select:
+            return self._read_hooks.read(orm_state)  # answered from Redis, or None: SQLAlchemy runs it
+        session = orm_state.session
+        if orm_state.is_update or orm_state.is_insert or orm_state.is_delete:
+            # a mapper listener's ORM statement during the flush (an ORM bulk UPDATE by primary key
+            # runs SQLAlchemy's persistence code as the unit of work does): nothing names its rows; the
+            # same from another session on the flush's connection
+            if _sa.is_flushing(session):
+                self._txns.wrote_aside(session, _sa.current_transaction(session))
             else:
-                found = _sa.pk_load(orm_state)
-                if found is not None and self._policies.policy_for(found[0]) is not None:
-                    self._reads.bypass("identity", found[0].class_.__name__)
-            return None
-        for opt in orm_state.user_defined_options:
-            if isinstance(opt, CacheOption):
-                bind = self._attached_bind(orm_state)
-                if bind is None:
-                    return None
-                if _sa.app_listener_after(orm_state):
-                    self._listener_after("query", None, opt.payload.tags)
-                    return None
-                tr = self.translation(orm_state, bind)
-                if tr is None:
-                    self._reads.bypass("query", None, opt.payload.tags)
-                    return None
-                return self._queries.read(orm_state, opt.payload, bind.engine, tr)
-        found = _sa.pk_load(orm_state)
-        if found is None:
-            if orm_state.is_relationship_load:
-                return self._relationship_load(orm_state)
-            return None
-        mapper, pk = found
-        policy = self._policies.policy_for(mapper)
-        if policy is None:
-            return None
-        bind = self._attached_bind(orm_state)
-        if bind is None:
-            return None
-        if _sa.app_listener_after(orm_state):
-            self._listener_after("identity", mapper.class_.__name__)
-            return None
-        tr = self.translation(orm_state, bind)
-        if tr is None:
-            self._reads.bypass("identity", mapper.class_.__name__)
-            return None
-        return self._identities.read(orm_state, mapper, pk, policy, tr)
-
-    def _listener_after(self, kind: str, model: str | None, tags: tuple[str, ...] = ()) -> None:
-        """A read the database answers because an application listener runs after ours (see
-        :func:`_sa.app_listener_after`); said once per cache in the log, counted each time."""
-        self._reads.bypass(kind, model, tags)
-        if not self._warned_listener:
-            self._warned_listener = True
-            log.warning(
-                "sqlcache: a do_orm_execute listener runs after sqlcache's (registered after "
-                "cache.attach(), or on a Session instance); reads it may change are not cached "
-                "(docs/pages/query-cache.md)"
-            )
-
-    def _relationship_load(self, orm_state: ORMExecuteState) -> Result[Any] | None:
-        """A lazy load of a collection of registered objects: cached like a query on its tables."""
-        mapper = orm_state.bind_mapper
-        if mapper is None:
-            return None
-        policy = self._policies.policy_for(mapper)
-        if policy is None:
-            return None
-        bind = self._attached_bind(orm_state)
-        if bind is None:
-            return None
-        if _sa.app_listener_after(orm_state):
-            self._listener_after("query", mapper.class_.__name__)
-            return None
-        tr = self.translation(orm_state, bind)
-        if tr is None:
-            self._reads.bypass("query", mapper.class_.__name__)
-            return None
-        return self._queries.read(orm_state, QueryPolicy(ttl=policy.ttl), bind.engine, tr, relationship=True)
+                self._txns.wrote_beside(session)
+        return None

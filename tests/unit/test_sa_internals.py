@@ -1,5 +1,6 @@
-"""Every private SQLAlchemy attribute sqlcache._sa relies on exists in the installed SQLAlchemy: an
-upgrade that moves one fails here, by name, instead of as a wrong answer somewhere else."""
+"""Every private SQLAlchemy attribute sqlcache._sa and sqlcache._sabuild rely on exists in the
+installed SQLAlchemy: an upgrade that moves one fails here, by name, instead of as a wrong answer
+somewhere else."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from sqlalchemy import create_engine, event, func, select
 from sqlalchemy import types as sqltypes
 from sqlalchemy.orm import Session, joinedload
 
-from sqlcache import _sa
+from sqlcache import _sa, _sabuild
 
 from ..models import Base, Order, User
 
@@ -93,15 +94,15 @@ def test_execution_internals(session: Session) -> None:
 def test_result_internals(session: Session) -> None:
     """The unique() guard, result attributes and frozen keys the hit path sets and reads."""
     result = session.execute(select(User, Order).outerjoin(Order))
-    guard = _sa.take_unique_guard(result)
+    guard = _sabuild.take_unique_guard(result)
     frozen = result.freeze()
-    assert _sa.frozen_keys(frozen) == ["User", "Order"]
-    assert _sa.frozen_single_entity(frozen) is False
+    assert _sabuild.frozen_keys(frozen) == ["User", "Order"]
+    assert _sabuild.frozen_single_entity(frozen) is False
     out = frozen()
-    _sa.require_unique(out, lambda row: row)
+    _sabuild.require_unique(out, lambda row: row)
     assert guard is None or len(guard) == 2
-    meta = _sa.result_metadata(["a"], lambda: [None])
-    assert _sa.with_attributes(out, True)._attributes["is_single_entity"] is True
+    meta = _sabuild.result_metadata(["a"], lambda: [None])
+    assert _sabuild.with_attributes(out, True)._attributes["is_single_entity"] is True
     assert list(meta.keys) == ["a"]
 
 
@@ -113,7 +114,7 @@ def test_object_building_internals(session: Session) -> None:
     assert callable(manager._state_constructor) and callable(manager._state_setter)
     assert _sa.new_runid() < _sa.new_runid()
     user = session.get(User, 1)
-    assert _sa.is_instance(user)
+    assert _sabuild.is_instance(user)
     prop = User.__mapper__.relationships["orders"]
     assert _sa.lazy_strategy(prop, "raise") is not None
     assert _sa.LazyCallable is not None and _sa.DeferredCallable is not None
