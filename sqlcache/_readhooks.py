@@ -134,17 +134,10 @@ class ReadHooks:
             return None
         for opt in orm_state.user_defined_options:
             if isinstance(opt, CacheOption):
-                bind = self._attached_bind(orm_state)
-                if bind is None:
+                route = self._route(orm_state, "query", None, opt.payload.tags)
+                if route is None:
                     return None
-                if _sa.app_listener_after(orm_state):
-                    self._listener_after("query", None, opt.payload.tags)
-                    return None
-                tr = self.translation(orm_state, bind)
-                if tr is None:
-                    self._reads.bypass("query", None, opt.payload.tags)
-                    return None
-                return self._queries.read(orm_state, opt.payload, bind.engine, tr)
+                return self._queries.read(orm_state, opt.payload, route[0].engine, route[1])
         found = _sa.pk_load(orm_state)
         if found is None:
             if orm_state.is_relationship_load:
@@ -154,17 +147,29 @@ class ReadHooks:
         policy = self._policies.policy_for(mapper)
         if policy is None:
             return None
+        route = self._route(orm_state, "identity", mapper.class_.__name__)
+        if route is None:
+            return None
+        return self._identities.read(orm_state, mapper, pk, policy, route[1])
+
+    def _route(
+        self, orm_state: ORMExecuteState, kind: str, model: str | None, tags: tuple[str, ...] = ()
+    ) -> tuple[Any, str] | None:
+        """The attached bind a read of ``kind`` goes to and its translation (see :meth:`translation`);
+        None if the database must answer: the bind is not attached (not counted), an application
+        listener runs after ours, or the connection resolves names its own way (both counted as
+        bypasses)."""
         bind = self._attached_bind(orm_state)
         if bind is None:
             return None
         if _sa.app_listener_after(orm_state):
-            self._listener_after("identity", mapper.class_.__name__)
+            self._listener_after(kind, model, tags)
             return None
         tr = self.translation(orm_state, bind)
         if tr is None:
-            self._reads.bypass("identity", mapper.class_.__name__)
+            self._reads.bypass(kind, model, tags)
             return None
-        return self._identities.read(orm_state, mapper, pk, policy, tr)
+        return bind, tr
 
     def _listener_after(self, kind: str, model: str | None, tags: tuple[str, ...] = ()) -> None:
         """A read the database answers because an application listener runs after ours (see
@@ -186,14 +191,8 @@ class ReadHooks:
         policy = self._policies.policy_for(mapper)
         if policy is None:
             return None
-        bind = self._attached_bind(orm_state)
-        if bind is None:
+        route = self._route(orm_state, "query", mapper.class_.__name__)
+        if route is None:
             return None
-        if _sa.app_listener_after(orm_state):
-            self._listener_after("query", mapper.class_.__name__)
-            return None
-        tr = self.translation(orm_state, bind)
-        if tr is None:
-            self._reads.bypass("query", mapper.class_.__name__)
-            return None
-        return self._queries.read(orm_state, QueryPolicy(ttl=policy.ttl), bind.engine, tr, relationship=True)
+        policy_ = QueryPolicy(ttl=policy.ttl)
+        return self._queries.read(orm_state, policy_, route[0].engine, route[1], relationship=True)
