@@ -123,7 +123,8 @@ class Wire:
     upgrade moves them, the connection's own methods are used, and tests/integration/test_wire.py
     fails)."""
 
-    def send(self, conn: Any, *args: Any) -> None:
+    @staticmethod
+    def send(conn: Any, *args: Any) -> None:
         """Write one command (``conn`` was checked out of a pool: it is connected)."""
         cls = type(conn)
         sock = getattr(conn, "_sock", None)
@@ -147,7 +148,8 @@ class Wire:
         except OSError as exc:
             raise redis.ConnectionError(f"Error while writing to {_server(conn)}: {exc}") from exc
 
-    def read(self, conn: Any) -> Any:
+    @staticmethod
+    def read(conn: Any) -> Any:
         """The next reply on ``conn``; an error reply raised as its ``ResponseError``."""
         parser = getattr(conn, "_parser", None)
         if parser is None or type(conn).read_response is not _READ:

@@ -108,7 +108,6 @@ class RedisStore(proto.ScriptCalls):
         # every new connection asks the server for its run id before anything else is sent on it, so a
         # restarted Redis is noticed even when redis-py reconnects silently
         client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
-        self._wire = Wire()
 
     # -- circuit breaker ---------------------------------------------------------------------------
 
@@ -191,10 +190,10 @@ class RedisStore(proto.ScriptCalls):
         """MGET straight on a pooled connection: the command and its reply, without the client's
         per-call machinery (retries, which ours has none of, event hooks, metrics): a good part of a
         small hit's time. Errors leave the connection disconnected, as the client would."""
-        conn, wire = self._connection(), self._wire
+        conn = self._connection()
         try:
-            wire.send(conn, "MGET", *keys)
-            reply: list[bytes | None] = wire.read(conn)
+            Wire.send(conn, "MGET", *keys)
+            reply: list[bytes | None] = Wire.read(conn)
         except BaseException:
             self._discard(conn)
             raise
@@ -225,7 +224,7 @@ class RedisStore(proto.ScriptCalls):
         def run() -> SentLock:
             conn = self._connection()
             try:
-                self._wire.send(conn, "EVALSHA", self._scripts["lock"].sha, len(keys), *keys, *args)
+                Wire.send(conn, "EVALSHA", self._scripts["lock"].sha, len(keys), *keys, *args)
             except BaseException:
                 self._discard(conn)
                 raise
@@ -258,15 +257,14 @@ class RedisStore(proto.ScriptCalls):
         def run() -> list[Any]:
             nonlocal ran
             ran = True
-            wire = self._wire
             try:
-                wire.send(conn, "EVALSHA", self._scripts["release"].sha, len(keys), *keys, *args)
+                Wire.send(conn, "EVALSHA", self._scripts["release"].sha, len(keys), *keys, *args)
                 if wait is not None:
-                    wire.send(conn, "WAIT", *wait)
+                    Wire.send(conn, "WAIT", *wait)
                 replies: list[Any] = []
                 for _ in range(2 if wait is None else 3):
                     try:
-                        replies.append(wire.read(conn))
+                        replies.append(Wire.read(conn))
                     except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart
                         replies.append(exc)
             except BaseException:

@@ -100,7 +100,6 @@ class Floor:
         self.keys: dict[int, str] = {}
         self.held: dict[str, bytes] = {}  # the same bytes in this process's memory (the memory floors)
         self.lean = client_for(client, 5.0)  # sqlcache's transport to the same server
-        self.wire = Wire()
         with Session(plain) as s:
             for n in (1, 20, 200):
                 users = s.scalars(select(BenchUser).order_by(BenchUser.id).limit(n)).all()
@@ -118,8 +117,8 @@ class Floor:
         pool = self.lean.connection_pool
         conn: Any = pool.get_connection()
         try:
-            self.wire.send(conn, "GET", key)
-            raw = self.wire.read(conn)
+            Wire.send(conn, "GET", key)
+            raw = Wire.read(conn)
         except BaseException:
             conn.disconnect()
             pool.release(conn)

@@ -117,7 +117,7 @@ def test_error_reply_raised_and_connection_in_step(redis_url: str, redis_client:
 
 
 def test_a_connection_lost_mid_read_is_an_outage_and_leaves_the_pool_whole(
-    private_redis: RedisServer,
+    private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A reply that never comes (the server's end closed after the command was written): the read is
     an outage (the database answers), the connection is dropped, not returned in a state where its next
@@ -130,19 +130,19 @@ def test_a_connection_lost_mid_read_is_an_outage_and_leaves_the_pool_whole(
         key = f"{cache.config.prefix}:k"
         store.client.set(key, b"v")
         used: list[Any] = []
-        original = store._wire.send
+        original = Wire.send
 
         def send_then_cut(c: Any, *args: object) -> None:
             original(c, *args)
             used.append(c)
             c._sock.shutdown(socket.SHUT_RD)  # our end: EOF on the read
 
-        store._wire.send = send_then_cut  # type: ignore[method-assign]
+        monkeypatch.setattr(Wire, "send", staticmethod(send_then_cut))
         with pytest.raises(CacheUnavailable):
             store.read(f"{cache.config.prefix}:clock", key, [])
         assert not pool._in_use_connections
         assert len(used) == 1 and used[0]._sock is None  # disconnected, not kept
-        store._wire.send = original  # type: ignore[method-assign]
+        monkeypatch.undo()
         store.health.retry_now()
         store.read(f"{cache.config.prefix}:clock", key, [])  # answered: no CacheUnavailable
         assert not pool._in_use_connections
