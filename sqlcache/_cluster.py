@@ -322,6 +322,11 @@ class ClusterStore(Router):
         """Classic pub/sub reaches every node of a cluster: subscribe on the slot's primary."""
         return self._node("listen").subscribe(channel)
 
+    def settle(self) -> None:
+        """Each node's :meth:`RedisStore.settle`: the replies of the releases left unread."""
+        for store in list(self._stores.values()):
+            store.settle()
+
     def disconnect(self) -> None:
         for store in list(self._stores.values()):
             store.disconnect()

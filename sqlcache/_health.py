@@ -45,6 +45,9 @@ class Health:
         self.ok_seq = 0  # successful calls so far: tells one failure burst from the next
         self.run_ids: dict[str, str] = {}  # per server (node name on a cluster; "" for one server)
         self.on_restart: Callable[[], None] | None = None
+        # told of a release whose reply, read after commit() returned (a store's ``settle``), says Redis
+        # did not apply it: (its dependency keys, its lock's token, why). None: releases are awaited
+        self.on_release_lost: Callable[[Sequence[str], str, CacheUnavailable], None] | None = None
         self.restart_pending = False
         self.epoch = 0
         # per shard, lineage.lua's keys and arguments (clock, lineage key, dependency of every entry,

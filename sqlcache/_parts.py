@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from sqlalchemy import MetaData, Table
     from sqlalchemy.engine import Engine
 
+    from .errors import CacheUnavailable
+
 __all__ = ["Parts"]
 
 
@@ -78,6 +80,7 @@ class Parts:
             slot, rep, keys, announcer.announce, lambda: health.backing_off, c.backoff
         )
         health.on_restart = journal.fence
+        health.on_release_lost = self._release_lost
         if c.wait_replicas:
             health.wait = (c.wait_replicas, max(1, round(c.wait_timeout * 1000)))
         health.lineage = [
@@ -106,6 +109,13 @@ class Parts:
         queries = QueryReader(reads, registry, txns, rep, layout, c.default_ttl, decoded)
         self.wiring = Wiring(txns, registry, commits, identities, queries, reads, self.outbox)
         self.direct = DirectReader(reads, identities, registry, txns, self.wiring.serves)
+
+    def _release_lost(self, keys: Sequence[str], token: str, failure: CacheUnavailable) -> None:
+        """A release whose reply, read after its commit returned, says Redis may not have applied it:
+        reported as a failed release, and journalled as one (the lock it follows keeps readers off the
+        old rows meanwhile)."""
+        self.journal.defer(list(keys), token)
+        self.rep.report(failure, "release")
 
     def _local_tier(self, owner: Any) -> LocalTier | None:
         """The local tier asked for (``local_bytes``), its keeper not started yet (``attach`` starts it)."""
@@ -182,6 +192,7 @@ class Parts:
             self.outbox.stop_all()
         self.publisher.stop()
         self.health.retry_now()  # the journal's last replay is tried even while backing off
+        self.store.settle()  # a release Redis did not apply is journalled before that replay
         self.journal.close()
         if self.local is not None:
             self.local.close()

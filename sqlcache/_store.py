@@ -3,8 +3,11 @@ hands the replies back to ``_protocol`` to judge, and translates redis-py except
 
 from __future__ import annotations
 
+import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -82,6 +85,20 @@ def script_source(name: str) -> str:
     )
 
 
+@dataclass(slots=True)
+class _Owed:
+    """A release written behind a lock whose reply is read later (:meth:`RedisStore.settle`): what it
+    released, to release it again or journal it if that reply says Redis did not apply it."""
+
+    conn: Any
+    pid: int  # the process that wrote it (a forked child never reads its parent's connections)
+    clock_key: str
+    dep_keys: Sequence[str]
+    token: str
+    gen_ttl_ms: int
+    announce: tuple[str, bytes] | None
+
+
 #: lineage.lua, sent whole (EVAL) on every new connection: a restarted server has no scripts loaded
 LINEAGE_SOURCE = script_source("lineage")
 
@@ -105,6 +122,9 @@ class RedisStore(proto.ScriptCalls):
         self._shards = shards
         self._scripts = {name: client.register_script(script_source(name)) for name in proto.SCRIPTS}
         self._loaded_epoch = -1  # health.epoch when the scripts were last loaded; -1: not loaded
+        # releases whose reply nobody read yet, oldest first (see release_after); each holds its
+        # connection out of the pool until settle() reads it
+        self._owed: deque[_Owed] = deque()
         # every new connection asks the server for its run id before anything else is sent on it, so a
         # restarted Redis is noticed even when redis-py reconnects silently
         client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
@@ -118,6 +138,8 @@ class RedisStore(proto.ScriptCalls):
     def _call(self, operation: str, fn: Callable[[], T]) -> T:
         health = self.health
         health.check(operation)
+        if self._owed:
+            self.settle()
         try:
             if self._loaded_epoch != health.epoch:
                 self._load_scripts()
@@ -247,10 +269,20 @@ class RedisStore(proto.ScriptCalls):
         gen_ttl_ms: int,
         announce: tuple[str, bytes] | None = None,
     ) -> bool:
-        """Release behind a pipelined lock; returns whether the lock itself had succeeded."""
+        """Release behind a pipelined lock; returns whether the lock itself had succeeded.
+
+        The lock's reply is read before this returns: Redis has applied the lock, so no reader anywhere
+        takes the old entry once ``commit()`` has returned. The release's own reply is usually left
+        for later (:meth:`settle`, run before this store's next call): waiting for it would add a round
+        trip to every commit, and until the release runs, the lock keeps readers on the database. If
+        that reply says Redis did not apply the release, it is released again or handed to
+        ``health.on_release_lost`` (the journal). Read at once instead: when nobody listens for a lost
+        release, when the lock failed, and with ``wait_replicas`` (its WAIT acknowledges the release
+        before the commit returns)."""
         keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, (), announce)
         conn = sent.conn
         wait = self.health.wait
+        later = wait is None and self.health.on_release_lost is not None
 
         ran = False
 
@@ -262,11 +294,15 @@ class RedisStore(proto.ScriptCalls):
                 if wait is not None:
                     Wire.send(conn, "WAIT", *wait)
                 replies: list[Any] = []
-                for _ in range(2 if wait is None else 3):
+                for i in range(2 if wait is None else 3):
                     try:
                         replies.append(Wire.read(conn))
                     except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart
                         replies.append(exc)
+                    if i == 0 and later and not isinstance(replies[0], redis.ResponseError):
+                        owed = _Owed(conn, os.getpid(), clock_key, dep_keys, token, gen_ttl_ms, announce)
+                        self._owed.append(owed)  # the release's reply: read by settle()
+                        return [replies[0], None]
             except BaseException:
                 self._discard(conn)
                 raise
@@ -288,6 +324,51 @@ class RedisStore(proto.ScriptCalls):
             self._loaded_epoch = -1
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
         return not isinstance(lock_reply, redis.ResponseError)
+
+    def settle(self) -> None:
+        """Read the replies of the releases :meth:`release_after` left unread (normally in the socket
+        buffer long since), and give their connections back. A release Redis refused (NOSCRIPT: it
+        restarted or was flushed meanwhile) is sent again; one it may not have applied (the connection
+        failed) goes to ``health.on_release_lost``, as an awaited release's failure goes to the journal.
+        Never raises for Redis: its failures are the breaker's and the journal's."""
+        owed = self._owed
+        while owed:
+            try:
+                o = owed.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            if o.pid != os.getpid():  # a forked child: the parent reads its own connections
+                owed.clear()
+                return
+            failure: CacheUnavailable | None = None
+            try:
+                Wire.read(o.conn)
+            except redis.ResponseError:  # NOSCRIPT: not applied; the connection is in step
+                self.client.connection_pool.release(o.conn)
+                self._loaded_epoch = -1
+                try:
+                    self.release(o.clock_key, o.dep_keys, o.token, o.gen_ttl_ms, announce=o.announce)
+                except CacheUnavailable as exc:
+                    failure = exc
+            except BaseException as exc:
+                self._discard(o.conn)
+                failure = CacheUnavailable("release")
+                failure.__cause__ = exc
+                if isinstance(exc, _REDIS_ERRORS):
+                    self._loaded_epoch = -1
+                    self.health.failed()
+                else:  # interrupted (KeyboardInterrupt): journalled below, then passed on
+                    self._lost(o, failure)
+                    raise
+            else:
+                self.client.connection_pool.release(o.conn)
+            if failure is not None:
+                self._lost(o, failure)
+
+    def _lost(self, o: _Owed, failure: CacheUnavailable) -> None:
+        lost = self.health.on_release_lost
+        if lost is not None:
+            lost(o.dep_keys, o.token, failure)
 
     # -- several commands on one connection, the reply read later (a sharded cluster's exchange) -----
 
@@ -365,7 +446,9 @@ class RedisStore(proto.ScriptCalls):
         return Layout([self.key_prefix(prefix)])
 
     def disconnect(self) -> None:
-        """Close every connection this store opened (the client is sqlcache's own)."""
+        """Close every connection this store opened (the client is sqlcache's own), once the replies
+        of the releases left unread are read."""
+        self.settle()
         self.client.connection_pool.disconnect()
 
     def subscribe(self, channel: str) -> Subscription:

@@ -14,6 +14,7 @@ class Proxy:
         self.upstream_port = upstream_port
         self.latency = 0.0
         self._cut = False
+        self._holding = False
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self._server = socket.socket()
@@ -36,9 +37,15 @@ class Proxy:
         for c in conns:
             _close(c)
 
+    def hold(self) -> None:
+        """From now on, what clients send never reaches Redis, while replies already on their way still
+        come back: a partition that begins between one command and the next on a connection."""
+        self._holding = True
+
     def heal(self) -> None:
         with self._lock:
             self._cut = False
+            self._holding = False
 
     def close(self) -> None:
         self._closed = True
@@ -63,15 +70,17 @@ class Proxy:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, to_redis: bool = False) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if to_redis and self._holding:
+                    continue  # never delivered (see hold)
                 if self.latency:
                     time.sleep(self.latency)
                 dst.sendall(data)

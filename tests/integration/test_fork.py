@@ -85,6 +85,34 @@ def test_child_forked_while_a_lock_was_held_is_not_stuck(engine: Engine, cache: 
     assert user_name(engine, uid) == "child"
 
 
+def test_child_forked_with_a_release_reply_unread_leaves_it_to_the_parent(
+    engine: Engine, cache: SQLCache
+) -> None:
+    """A commit's release reply waits on its connection for the store's next call. A child forked
+    meanwhile never reads it (the socket is the parent's): it reads and commits on connections of its
+    own, and the parent's next call reads the reply, in step."""
+    cache.register(User)
+    uid = make_user(engine)
+    assert user_name(engine, uid) == "ann"
+    rename_user(engine, uid, "parent")
+    assert len(cache._parts.store._owed) == 1  # the reply the child must leave alone
+
+    def work() -> bool:
+        engine.dispose(close=False)
+        ok = user_name(engine, uid) == "parent" and user_name(engine, uid) == "parent"
+        rename_user(engine, uid, "child")
+        return ok and user_name(engine, uid) == "child"
+
+    pid = os.fork()
+    if pid == 0:
+        _in_child(work)
+    assert _wait(pid, 20) == 0
+    assert user_name(engine, uid) == "child"
+    assert not cache._parts.store._owed
+    hits = cache.stats()["hits"]
+    assert user_name(engine, uid) == "child" and cache.stats()["hits"] == hits + 1
+
+
 def test_child_forked_while_the_listener_slots_lock_was_held_can_attach(
     redis_url: str, tmp_path: Any
 ) -> None:

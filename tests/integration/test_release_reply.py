@@ -1,0 +1,151 @@
+"""A commit returns once Redis has applied its lock; its release's reply is read on the store's next
+call. What that reply may still say (NOSCRIPT, a broken connection) is handled then: sent again, or
+journalled, and never a stale read meanwhile (the lock keeps every reader on the database)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import redis
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlcache import SQLCache, signals
+
+from ..conftest import RedisServer
+from ..helpers import make_user, rename_user, user_name, writer_and_reader
+from ..models import User
+from ..proxy import Proxy
+
+
+def row_dependency(cache: SQLCache, uid: int) -> str:
+    """The key a commit of the user's row locks and releases."""
+    parts: Any = cache._parts
+    return str(parts.identity_keys(parts.registry.hierarchy(inspect(User)), (uid,))[0])
+
+
+@contextmanager
+def once_locked(engine: Engine, client: redis.Redis, key: str, then: Callable[[], None]) -> Iterator[None]:
+    """During the next commit on ``engine``: once Redis has applied the cache's lock on ``key`` (its
+    value changed) and before the database COMMIT, run ``then``."""
+    before = client.get(key)
+    assert before is not None
+
+    def on_commit(conn: Any) -> None:  # listens after the cache: its lock is on its way
+        deadline = time.monotonic() + 10
+        while client.get(key) == before:
+            assert time.monotonic() < deadline, "the lock never reached Redis"
+        then()
+
+    event.listen(engine, "commit", on_commit)
+    try:
+        yield
+    finally:
+        event.remove(engine, "commit", on_commit)
+
+
+def served_from_redis(cache: SQLCache, engine: Engine, uid: int, name: str) -> bool:
+    """Whether a read of the user, after one that may fill, is a hit with ``name``."""
+    assert user_name(engine, uid) == name
+    hits = cache.stats()["hits"]
+    return user_name(engine, uid) == name and cache.stats()["hits"] == hits + 1
+
+
+def test_a_release_redis_refused_after_the_commit_returned_is_sent_again(
+    engine: Engine, private_redis: RedisServer
+) -> None:
+    """Redis loses its scripts between the lock and the release (SCRIPT FLUSH; a restart is fenced
+    besides): the release's reply, read on the writer's next call, is NOSCRIPT. The scripts are loaded
+    and the release sent again then. Meanwhile every reader goes to the database."""
+    prefix = f"rr{uuid.uuid4().hex[:8]}"
+    writer = SQLCache(private_redis.url, prefix=prefix, timeout=2)
+    reader = SQLCache(private_redis.url, prefix=prefix, timeout=2)
+    client = redis.Redis(port=private_redis.port, socket_timeout=5)
+    errors: list[str] = []
+
+    @signals.cache_error.connect_via(writer)
+    def on_error(sender: SQLCache, exc: BaseException, operation: str) -> None:
+        errors.append(operation)
+
+    with writer_and_reader(engine, writer, reader) as other:
+        uid = make_user(engine)
+        assert user_name(engine, uid) == "ann" and user_name(other, uid) == "ann"
+        with once_locked(engine, client, row_dependency(writer, uid), client.script_flush):
+            rename_user(engine, uid, "bob")
+        assert user_name(other, uid) == "bob"  # another process, before the writer's next call
+        assert served_from_redis(writer, engine, uid, "bob")  # the release went again on that call
+        assert served_from_redis(reader, other, uid, "bob")
+        assert errors == [] and writer.stats()["journal"] == 0
+    client.close()
+
+
+def test_a_release_lost_after_the_commit_returned_is_journalled(
+    engine: Engine, private_redis: RedisServer
+) -> None:
+    """The connection breaks after the lock's reply came back but before Redis read the release: the
+    writer's next call finds the release's reply missing, reports the release failed and journals
+    it. Until Redis is back the lock keeps everyone on the database; the replay then drops it."""
+    prefix = f"rl{uuid.uuid4().hex[:8]}"
+    proxy = Proxy(private_redis.port)
+    writer = SQLCache(proxy.url, prefix=prefix, timeout=0.5, backoff=0.05, max_backoff=0.05)
+    reader = SQLCache(private_redis.url, prefix=prefix, timeout=2)  # another process, never cut off
+    client = redis.Redis(port=private_redis.port, socket_timeout=5)
+    errors: list[str] = []
+
+    @signals.cache_error.connect_via(writer)
+    def on_error(sender: SQLCache, exc: BaseException, operation: str) -> None:
+        errors.append(operation)
+
+    try:
+        with writer_and_reader(engine, writer, reader) as other:
+            uid = make_user(engine)
+            assert user_name(engine, uid) == "ann" and user_name(other, uid) == "ann"
+            with once_locked(engine, client, row_dependency(writer, uid), proxy.hold):
+                rename_user(engine, uid, "bob")  # the release never reaches Redis
+            assert errors == []  # returned with the lock applied, the release's reply not read yet
+            for _ in range(2):  # the lock holds: read from the database, and not filled
+                assert user_name(other, uid) == "bob"
+            proxy.cut()
+            assert user_name(engine, uid) == "bob"  # the writer's next call: the reply is not there
+            assert "release" in errors and writer.stats()["journal"] >= 1
+            proxy.heal()
+            deadline = time.monotonic() + 10
+            while writer.stats()["journal"]:  # replayed before the writer's next read of Redis
+                assert time.monotonic() < deadline, "the journal was never replayed"
+                assert user_name(engine, uid) == "bob"
+            assert served_from_redis(reader, other, uid, "bob")  # the replay dropped the lock
+    finally:
+        client.close()
+        proxy.close()
+
+
+def test_commits_give_their_connection_back(engine: Engine, private_redis: RedisServer) -> None:
+    """A commit's connection waits out of the pool for its release's reply only until the next call:
+    commits and reads in turn keep using the same few connections."""
+    cache = SQLCache(private_redis.url, prefix=f"rc{uuid.uuid4().hex[:8]}")
+    cache.register(User)
+    cache.attach(engine)
+    client = redis.Redis(port=private_redis.port, socket_timeout=5)
+    try:
+        uid = make_user(engine)
+        for i in range(30):
+            rename_user(engine, uid, f"v{i}")
+            assert user_name(engine, uid) == f"v{i}"
+        with Session(engine) as s:  # commits one after the other, nothing read between them
+            for i in range(30):
+                u = s.get(User, uid)
+                assert u is not None
+                u.name = f"w{i}"
+                s.commit()
+        assert user_name(engine, uid) == "w29"
+        # the pool's connections and this client's own; far below one per commit
+        assert int(client.info("clients")["connected_clients"]) <= 4
+    finally:
+        cache.detach(engine)
+        cache.close()
+        client.close()
