@@ -3,8 +3,11 @@ hands the replies back to ``_protocol`` to judge, and translates redis-py except
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +38,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger("sqlcache")
 
 # Errors that mean "Redis cannot serve us right now". A ResponseError from a script (OOM, READONLY
 # replica, BUSY) is an outage too as far as callers are concerned: the database answers instead.
@@ -92,11 +97,68 @@ class _Owed:
 
     conn: Any
     pid: int  # the process that wrote it (a forked child never reads its parent's connections)
+    since: float  # time.monotonic() when it was written
     clock_key: str
     dep_keys: Sequence[str]
     token: str
     gen_ttl_ms: int
     announce: tuple[str, bytes] | None
+
+
+#: seconds after which a release reply that no call of its store has read is read by the settler thread
+SETTLE_AFTER = 1.0
+
+
+class _Settler:
+    """One daemon thread per process that reads the release replies nobody read for ``SETTLE_AFTER``
+    seconds (a writer gone quiet, or one whose reads are all local hits): a release Redis did not apply
+    is then journalled and replayed within a second or so, as an awaited one's failure would be, rather
+    than leaving its rows uncacheable until the lock expires. It wakes once per ``SETTLE_AFTER`` while a
+    store it watches lives, and stops when none does (a closed store is no longer watched)."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._stores: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+        self._running = False
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:  # the thread did not survive the fork; the lock may have been held
+        self._mutex = threading.Lock()
+        self._stores = weakref.WeakSet()
+        self._running = False
+
+    def watch(self, store: RedisStore) -> None:
+        with self._mutex:
+            self._stores.add(store)
+            if self._running:
+                return
+            self._running = True
+        threading.Thread(target=self._run, name="sqlcache-settle", daemon=True).start()
+
+    def unwatch(self, store: RedisStore) -> None:
+        with self._mutex:
+            self._stores.discard(store)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(SETTLE_AFTER)  # a periodic check, not a synchronisation
+            with self._mutex:
+                stores = list(self._stores)
+                if not stores:
+                    self._running = False
+                    return
+            due = time.monotonic() - SETTLE_AFTER / 2
+            for store in stores:
+                owed = store._owed
+                try:
+                    if owed and owed[0].since < due:
+                        store.settle()
+                except Exception:  # a bug: logged, and the next round tries again
+                    log.exception("sqlcache: reading a release's reply failed")
+            del stores, store
+
+
+_SETTLER = _Settler()
 
 
 #: lineage.lua, sent whole (EVAL) on every new connection: a restarted server has no scripts loaded
@@ -125,6 +187,7 @@ class RedisStore(proto.ScriptCalls):
         # releases whose reply nobody read yet, oldest first (see release_after); each holds its
         # connection out of the pool until settle() reads it
         self._owed: deque[_Owed] = deque()
+        self._watched = -1  # the process whose settler watches this store (-1: none)
         # every new connection asks the server for its run id before anything else is sent on it, so a
         # restarted Redis is noticed even when redis-py reconnects silently
         client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
@@ -282,7 +345,8 @@ class RedisStore(proto.ScriptCalls):
         keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, (), announce)
         conn = sent.conn
         wait = self.health.wait
-        later = wait is None and self.health.on_release_lost is not None
+        # a release of no key (a COMMIT of unknown outcome: only the lock's reply is wanted) is read now
+        later = wait is None and self.health.on_release_lost is not None and bool(dep_keys)
 
         ran = False
 
@@ -300,8 +364,13 @@ class RedisStore(proto.ScriptCalls):
                     except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart
                         replies.append(exc)
                     if i == 0 and later and not isinstance(replies[0], redis.ResponseError):
-                        owed = _Owed(conn, os.getpid(), clock_key, dep_keys, token, gen_ttl_ms, announce)
+                        pid = os.getpid()
+                        since = time.monotonic()
+                        owed = _Owed(conn, pid, since, clock_key, dep_keys, token, gen_ttl_ms, announce)
                         self._owed.append(owed)  # the release's reply: read by settle()
+                        if self._watched != pid:
+                            self._watched = pid
+                            _SETTLER.watch(self)
                         return [replies[0], None]
             except BaseException:
                 self._discard(conn)
@@ -327,11 +396,14 @@ class RedisStore(proto.ScriptCalls):
 
     def settle(self) -> None:
         """Read the replies of the releases :meth:`release_after` left unread (normally in the socket
-        buffer long since), and give their connections back. A release Redis refused (NOSCRIPT: it
-        restarted or was flushed meanwhile) is sent again; one it may not have applied (the connection
-        failed) goes to ``health.on_release_lost``, as an awaited release's failure goes to the journal.
-        Never raises for Redis: its failures are the breaker's and the journal's."""
+        buffer long since), and give their connections back. A release Redis answered with an error
+        (NOSCRIPT: it restarted or was flushed meanwhile; READONLY, MOVED...) is sent again; one it may
+        not have applied (the connection failed) goes to ``health.on_release_lost``, as an awaited
+        release's failure goes to the journal. After one such failure, or while the breaker backs off,
+        the rest are handed over unread (a release journalled that Redis did apply only costs misses):
+        one call never waits out a timeout per owed reply. Never raises for Redis."""
         owed = self._owed
+        gave_up = False
         while owed:
             try:
                 o = owed.popleft()
@@ -340,28 +412,42 @@ class RedisStore(proto.ScriptCalls):
             if o.pid != os.getpid():  # a forked child: the parent reads its own connections
                 owed.clear()
                 return
+            held = True  # o.conn is still this call's to give back or drop
             failure: CacheUnavailable | None = None
             try:
-                Wire.read(o.conn)
-            except redis.ResponseError:  # NOSCRIPT: not applied; the connection is in step
-                self.client.connection_pool.release(o.conn)
-                self._loaded_epoch = -1
-                try:
-                    self.release(o.clock_key, o.dep_keys, o.token, o.gen_ttl_ms, announce=o.announce)
-                except CacheUnavailable as exc:
-                    failure = exc
-            except BaseException as exc:
-                self._discard(o.conn)
-                failure = CacheUnavailable("release")
-                failure.__cause__ = exc
-                if isinstance(exc, _REDIS_ERRORS):
-                    self._loaded_epoch = -1
-                    self.health.failed()
-                else:  # interrupted (KeyboardInterrupt): journalled below, then passed on
-                    self._lost(o, failure)
-                    raise
-            else:
-                self.client.connection_pool.release(o.conn)
+                if gave_up or self.health.backing_off:
+                    held = False
+                    self._discard(o.conn)
+                    failure = CacheUnavailable("release (not read: Redis failed)")
+                else:
+                    try:
+                        Wire.read(o.conn)
+                    except redis.ResponseError:  # not applied; the connection is in step
+                        held = False
+                        self.client.connection_pool.release(o.conn)
+                        self._loaded_epoch = -1
+                        try:
+                            self.release(o.clock_key, o.dep_keys, o.token, o.gen_ttl_ms, announce=o.announce)
+                        except CacheUnavailable as exc:
+                            failure = exc
+                    except _REDIS_ERRORS as exc:
+                        held = False
+                        self._discard(o.conn)
+                        self._loaded_epoch = -1
+                        self.health.failed()
+                        gave_up = True
+                        failure = CacheUnavailable("release")
+                        failure.__cause__ = exc
+                    else:
+                        held = False
+                        self.client.connection_pool.release(o.conn)
+            except BaseException as exc:  # interrupted (KeyboardInterrupt): journalled, passed on
+                if held:
+                    self._discard(o.conn)
+                interrupted = CacheUnavailable("release (interrupted)")
+                interrupted.__cause__ = exc
+                self._lost(o, interrupted)
+                raise
             if failure is not None:
                 self._lost(o, failure)
 
@@ -449,6 +535,8 @@ class RedisStore(proto.ScriptCalls):
         """Close every connection this store opened (the client is sqlcache's own), once the replies
         of the releases left unread are read."""
         self.settle()
+        _SETTLER.unwatch(self)
+        self._watched = -1
         self.client.connection_pool.disconnect()
 
     def subscribe(self, channel: str) -> Subscription:

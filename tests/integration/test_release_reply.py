@@ -4,18 +4,24 @@ journalled, and never a stale read meanwhile (the lock keeps every reader on the
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import redis
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache, signals
+from sqlcache._health import Health
+from sqlcache._pools import Wire, client_for
+from sqlcache._store import RedisStore, _Owed
 
 from ..conftest import RedisServer
 from ..helpers import make_user, rename_user, user_name, writer_and_reader
@@ -77,6 +83,7 @@ def test_a_release_redis_refused_after_the_commit_returned_is_sent_again(
         assert user_name(engine, uid) == "ann" and user_name(other, uid) == "ann"
         with once_locked(engine, client, row_dependency(writer, uid), client.script_flush):
             rename_user(engine, uid, "bob")
+        assert len(writer._parts.store._owed) == 1  # returned before the release's reply was read
         assert user_name(other, uid) == "bob"  # another process, before the writer's next call
         assert served_from_redis(writer, engine, uid, "bob")  # the release went again on that call
         assert served_from_redis(reader, other, uid, "bob")
@@ -145,6 +152,146 @@ def test_commits_give_their_connection_back(engine: Engine, private_redis: Redis
         assert user_name(engine, uid) == "w29"
         # the pool's connections and this client's own; far below one per commit
         assert int(client.info("clients")["connected_clients"]) <= 4
+    finally:
+        cache.detach(engine)
+        cache.close()
+        client.close()
+
+
+def test_a_release_lost_by_a_writer_gone_quiet_is_journalled_by_the_settler(
+    engine: Engine, private_redis: RedisServer
+) -> None:
+    """As above, but the writer makes no further call: its settler thread reads (and misses) the reply
+    about a second later, the journal replays the release, and the other process is served from Redis
+    again long before the lock would have expired."""
+    prefix = f"rq{uuid.uuid4().hex[:8]}"
+    proxy = Proxy(private_redis.port)
+    writer = SQLCache(proxy.url, prefix=prefix, timeout=0.5, backoff=0.05, max_backoff=0.05, lock_ttl=600)
+    reader = SQLCache(private_redis.url, prefix=prefix, timeout=2)
+    client = redis.Redis(port=private_redis.port, socket_timeout=5)
+    try:
+        with writer_and_reader(engine, writer, reader) as other:
+            uid = make_user(engine)
+            assert user_name(engine, uid) == "ann" and user_name(other, uid) == "ann"
+            with once_locked(engine, client, row_dependency(writer, uid), proxy.hold):
+                rename_user(engine, uid, "bob")
+            deadline = time.monotonic() + 20
+            while not writer.stats()["journal"]:  # the settler found the reply missing
+                assert time.monotonic() < deadline, writer.stats()
+                time.sleep(0.05)  # polling a background thread's effect, with a deadline
+            proxy.heal()  # for the replay; the release itself was never delivered
+            while not served_from_redis(reader, other, uid, "bob"):
+                assert time.monotonic() < deadline, writer.stats()
+                time.sleep(0.05)  # polling another process's view, with a deadline
+            assert writer.stats()["invalidations_replayed"] >= 1
+    finally:
+        client.close()
+        proxy.close()
+
+
+def test_closing_journals_a_lost_release_before_its_last_replay(
+    engine: Engine, private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """close() reads the replies left unread before the journal's last replay: a release lost on its
+    way is journalled, and (Redis still unreachable) reported as not taken, not silently dropped."""
+    prefix = f"rz{uuid.uuid4().hex[:8]}"
+    proxy = Proxy(private_redis.port)
+    writer = SQLCache(proxy.url, prefix=prefix, timeout=0.3, backoff=0.05, max_backoff=0.05)
+    writer.register(User)
+    writer.attach(engine)
+    client = redis.Redis(port=private_redis.port, socket_timeout=5)
+    try:
+        uid = make_user(engine)
+        assert user_name(engine, uid) == "ann"
+        with once_locked(engine, client, row_dependency(writer, uid), proxy.hold):
+            rename_user(engine, uid, "bob")
+        with caplog.at_level(logging.WARNING, logger="sqlcache"):
+            writer.detach(engine)
+            writer.close()
+        assert "invalidations Redis has not taken" in caplog.text
+    finally:
+        client.close()
+        proxy.close()
+
+
+def test_one_call_never_waits_out_a_timeout_per_unread_reply(private_redis: RedisServer) -> None:
+    """Ten replies owed on connections whose server will not answer (BLPOP on an empty list stands
+    for a reply that never comes): the first read times out, the other nine are handed over unread.
+    Each is reported lost, and every connection is dropped."""
+    timeout = 0.5
+    health = Health(failure_threshold=100)
+    lost: list[tuple[Sequence[str], str]] = []
+    health.on_release_lost = lambda keys, token, exc: lost.append((keys, token))
+    store = RedisStore(client_for(private_redis.url, timeout), health)
+    pool = store.client.connection_pool
+    key = f"never-{uuid.uuid4().hex}"
+    for i in range(10):
+        conn = pool.get_connection()
+        Wire.send(conn, "BLPOP", key, 0)
+        store._owed.append(_Owed(conn, conn.pid, time.monotonic(), "clock", [f"k{i}"], f"t{i}", 1000, None))
+    started = time.monotonic()
+    store.settle()
+    elapsed = time.monotonic() - started
+    assert sorted(lost) == sorted(([f"k{i}"], f"t{i}") for i in range(10))
+    assert not store._owed
+    assert elapsed < 5 * timeout, elapsed  # one timeout, not ten
+    store.client.close()
+
+
+def test_a_release_behind_a_refused_lock_is_awaited(engine: Engine, private_redis: RedisServer) -> None:
+    """A lock Redis refused (its scripts flushed before the commit) says nothing was locked: the
+    release's reply is read before the commit returns (NOSCRIPT: loaded and released again)."""
+    cache = SQLCache(private_redis.url, prefix=f"rn{uuid.uuid4().hex[:8]}")
+    cache.register(User)
+    cache.attach(engine)
+    client = redis.Redis(port=private_redis.port, socket_timeout=5)
+    try:
+        uid = make_user(engine)
+        assert user_name(engine, uid) == "ann"
+        client.script_flush()
+        rename_user(engine, uid, "bob")
+        assert not cache._parts.store._owed
+        assert served_from_redis(cache, engine, uid, "bob")
+    finally:
+        cache.detach(engine)
+        cache.close()
+        client.close()
+
+
+def test_threads_committing_together_each_get_their_release_read(
+    engine: Engine, private_redis: RedisServer
+) -> None:
+    """Threads commit and read at once: every reply owed is read by some later call, none twice (a
+    reply read by the wrong call would put a connection out of step), and the pool stays small."""
+    if engine.dialect.name == "sqlite":
+        pytest.skip("one writer at a time: SQLite serialises the commits this test overlaps")
+    cache = SQLCache(private_redis.url, prefix=f"rt{uuid.uuid4().hex[:8]}")
+    cache.register(User)
+    cache.attach(engine)
+    client = redis.Redis(port=private_redis.port, socket_timeout=5)
+    errors: list[BaseException] = []
+    uids = [make_user(engine, f"u{i}") for i in range(4)]
+
+    def work(uid: int) -> None:
+        try:
+            for i in range(15):
+                rename_user(engine, uid, f"{uid}-{i}")
+                assert user_name(engine, uid) == f"{uid}-{i}"
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=work, args=(uid,)) for uid in uids]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        for uid in uids:
+            assert served_from_redis(cache, engine, uid, f"{uid}-14")
+        assert not cache._parts.store._owed
+        assert cache.stats()["errors"] == 0 and cache.stats()["journal"] == 0
+        assert int(client.info("clients")["connected_clients"]) <= 4 + 2  # a few per thread at most
     finally:
         cache.detach(engine)
         cache.close()
