@@ -27,6 +27,8 @@ __all__ = ["Journal", "Keys"]
 JOURNAL_LIMIT = 10_000
 #: writers' locks a replay drops, at most (the rest expire after ``lock_ttl``)
 HELD_LIMIT = 100
+#: seconds close() waits at most for a background replay in flight
+CLOSE_WAIT = 10.0
 
 Identity = tuple[type[Any], tuple[Any, ...]]
 Announce = Callable[[list[Identity], list[str]], tuple[str, bytes] | None]
@@ -84,6 +86,9 @@ class Journal:
         self._fences_done = 0
         self._timer: threading.Timer | None = None
         self._closed = False
+        # held by a background replay while it runs: close() waits for one in flight, which would
+        # otherwise open connections after the store closed its own
+        self._background = threading.RLock()
         #: called after every successful replay (relays wake up: Redis is back)
         self.on_replayed: list[Callable[[], None]] = []
 
@@ -222,10 +227,13 @@ class Journal:
         timer.start()
 
     def _replay_in_background(self) -> None:
-        with self._mutex:
-            self._timer = None
-        if (self._journal or self._fence_pending) and not self._backing_off():
-            self.replay()
+        with self._background:
+            with self._mutex:
+                self._timer = None
+                if self._closed:
+                    return
+            if (self._journal or self._fence_pending) and not self._backing_off():
+                self.replay()
         if self._journal or self._fence_pending:
             self._schedule()
 
@@ -233,6 +241,7 @@ class Journal:
         """In a forked child: a fresh lock, and the background replay (its timer thread did not survive
         the fork) scheduled again if anything is pending."""
         self._mutex = threading.RLock()
+        self._background = threading.RLock()
         self._timer = None
         if self._journal or self._fence_pending:
             self._schedule()
@@ -253,3 +262,7 @@ class Journal:
             timer, self._timer = self._timer, None
         if timer is not None:
             timer.cancel()
+        # a background replay in flight ends first (within the store's timeout); bounded, should this
+        # thread hold something that replay waits for
+        if self._background.acquire(timeout=CLOSE_WAIT):
+            self._background.release()

@@ -114,8 +114,24 @@ async def _closed_leaving_no_connection(cache: SQLCache, cluster: LocalCluster, 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
     while _clients_on(cluster, name):
-        assert loop.time() < deadline, "a connection of the closed loop's cache is still open"
+        assert loop.time() < deadline, (
+            f"connections of the closed cache still open: {_named_clients(cluster, name)}"
+        )
         await asyncio.sleep(0.01)
+
+
+def _named_clients(cluster: LocalCluster, name: str) -> list[tuple[int, str, str, str, str]]:
+    """(node port, address, last command, age, idle) of each connection named ``name``: which part of
+    the cache left it open."""
+    out = []
+    for port in cluster.live_ports():
+        with cluster.node(port) as node:
+            for c in node.client_list(_type="normal"):
+                if c.get("name") == name:
+                    out.append(
+                        (port, str(c.get("addr")), str(c.get("cmd")), str(c.get("age")), str(c.get("idle")))
+                    )
+    return out
 
 
 def _kill_clients(cluster: LocalCluster) -> None:

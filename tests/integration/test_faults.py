@@ -526,3 +526,41 @@ def test_a_commit_deferred_while_a_fence_is_on_its_way_keeps_its_keys(
         assert journal.replay()
         assert writer.stats()["journal"] == 0
         assert user_name(other, uid) == "bob"
+
+
+def test_close_waits_for_a_background_replay_in_flight(redis_url: str) -> None:
+    """close() returns only once a journal replay already running on the background thread has ended:
+    left running, it would reach Redis after the store closed its connections, and open new ones that
+    nothing closes."""
+    import threading
+
+    cache = SQLCache(redis_url, prefix=f"cw{uuid.uuid4().hex[:8]}", timeout=2)
+    parts: Any = cache._parts
+    journal, store = parts.journal, parts.store
+    journal.defer(parts.tag_keys(["t"]))
+    release = store.release
+    calls: list[str] = []
+    inside, go = threading.Event(), threading.Event()
+
+    def held_release(*args: Any, **kwargs: Any) -> Any:
+        first = not calls
+        calls.append(threading.current_thread().name)
+        if first:
+            inside.set()
+            assert go.wait(30)
+        return release(*args, **kwargs)
+
+    store.release = held_release
+    background = threading.Thread(target=journal._replay_in_background, name="background")
+    closer = threading.Thread(target=cache.close, name="closer")
+    try:
+        background.start()
+        assert inside.wait(10)
+        closer.start()
+        closer.join(2)  # its own last replay goes through; then it waits for the background one
+        assert closer.is_alive() and len(calls) == 2
+    finally:
+        go.set()
+        background.join(30)
+        closer.join(30)
+    assert not closer.is_alive() and calls == ["background", "closer"]
