@@ -55,6 +55,21 @@ def once_locked(engine: Engine, client: redis.Redis, key: str, then: Callable[[]
         event.remove(engine, "commit", on_commit)
 
 
+@pytest.fixture
+def attached(engine: Engine, private_redis: RedisServer) -> Iterator[tuple[SQLCache, redis.Redis]]:
+    """A cache on a private Redis, User registered, attached to ``engine``; and a client of that Redis."""
+    cache = SQLCache(private_redis.url, prefix=f"r{uuid.uuid4().hex[:8]}")
+    cache.register(User)
+    cache.attach(engine)
+    client = redis.Redis(port=private_redis.port, socket_timeout=5)
+    try:
+        yield cache, client
+    finally:
+        cache.detach(engine)
+        cache.close()
+        client.close()
+
+
 def served_from_redis(cache: SQLCache, engine: Engine, uid: int, name: str) -> bool:
     """Whether a read of the user, after one that may fill, is a hit with ``name``."""
     assert user_name(engine, uid) == name
@@ -131,31 +146,23 @@ def test_a_release_lost_after_the_commit_returned_is_journalled(
         proxy.close()
 
 
-def test_commits_give_their_connection_back(engine: Engine, private_redis: RedisServer) -> None:
+def test_commits_give_their_connection_back(engine: Engine, attached: tuple[SQLCache, redis.Redis]) -> None:
     """A commit's connection waits out of the pool for its release's reply only until the next call:
     commits and reads in turn keep using the same few connections."""
-    cache = SQLCache(private_redis.url, prefix=f"rc{uuid.uuid4().hex[:8]}")
-    cache.register(User)
-    cache.attach(engine)
-    client = redis.Redis(port=private_redis.port, socket_timeout=5)
-    try:
-        uid = make_user(engine)
+    _, client = attached
+    uid = make_user(engine)
+    for i in range(30):
+        rename_user(engine, uid, f"v{i}")
+        assert user_name(engine, uid) == f"v{i}"
+    with Session(engine) as s:  # commits one after the other, nothing read between them
         for i in range(30):
-            rename_user(engine, uid, f"v{i}")
-            assert user_name(engine, uid) == f"v{i}"
-        with Session(engine) as s:  # commits one after the other, nothing read between them
-            for i in range(30):
-                u = s.get(User, uid)
-                assert u is not None
-                u.name = f"w{i}"
-                s.commit()
-        assert user_name(engine, uid) == "w29"
-        # the pool's connections and this client's own; far below one per commit
-        assert int(client.info("clients")["connected_clients"]) <= 4
-    finally:
-        cache.detach(engine)
-        cache.close()
-        client.close()
+            u = s.get(User, uid)
+            assert u is not None
+            u.name = f"w{i}"
+            s.commit()
+    assert user_name(engine, uid) == "w29"
+    # the pool's connections and this client's own; far below one per commit
+    assert int(client.info("clients")["connected_clients"]) <= 4
 
 
 def test_a_release_lost_by_a_writer_gone_quiet_is_journalled_by_the_settler(
@@ -238,37 +245,28 @@ def test_one_call_never_waits_out_a_timeout_per_unread_reply(private_redis: Redi
     store.client.close()
 
 
-def test_a_release_behind_a_refused_lock_is_awaited(engine: Engine, private_redis: RedisServer) -> None:
+def test_a_release_behind_a_refused_lock_is_awaited(
+    engine: Engine, attached: tuple[SQLCache, redis.Redis]
+) -> None:
     """A lock Redis refused (its scripts flushed before the commit) says nothing was locked: the
     release's reply is read before the commit returns (NOSCRIPT: loaded and released again)."""
-    cache = SQLCache(private_redis.url, prefix=f"rn{uuid.uuid4().hex[:8]}")
-    cache.register(User)
-    cache.attach(engine)
-    client = redis.Redis(port=private_redis.port, socket_timeout=5)
-    try:
-        uid = make_user(engine)
-        assert user_name(engine, uid) == "ann"
-        client.script_flush()
-        rename_user(engine, uid, "bob")
-        assert not cache._parts.store._owed
-        assert served_from_redis(cache, engine, uid, "bob")
-    finally:
-        cache.detach(engine)
-        cache.close()
-        client.close()
+    cache, client = attached
+    uid = make_user(engine)
+    assert user_name(engine, uid) == "ann"
+    client.script_flush()
+    rename_user(engine, uid, "bob")
+    assert not cache._parts.store._owed
+    assert served_from_redis(cache, engine, uid, "bob")
 
 
 def test_threads_committing_together_each_get_their_release_read(
-    engine: Engine, private_redis: RedisServer
+    engine: Engine, attached: tuple[SQLCache, redis.Redis]
 ) -> None:
     """Threads commit and read at once: every reply owed is read by some later call, none twice (a
     reply read by the wrong call would put a connection out of step), and the pool stays small."""
     if engine.dialect.name == "sqlite":
         pytest.skip("one writer at a time: SQLite serialises the commits this test overlaps")
-    cache = SQLCache(private_redis.url, prefix=f"rt{uuid.uuid4().hex[:8]}")
-    cache.register(User)
-    cache.attach(engine)
-    client = redis.Redis(port=private_redis.port, socket_timeout=5)
+    cache, client = attached
     errors: list[BaseException] = []
     uids = [make_user(engine, f"u{i}") for i in range(4)]
 
@@ -280,19 +278,14 @@ def test_threads_committing_together_each_get_their_release_read(
         except BaseException as exc:
             errors.append(exc)
 
-    try:
-        threads = [threading.Thread(target=work, args=(uid,)) for uid in uids]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors, errors
-        for uid in uids:
-            assert served_from_redis(cache, engine, uid, f"{uid}-14")
-        assert not cache._parts.store._owed
-        assert cache.stats()["errors"] == 0 and cache.stats()["journal"] == 0
-        assert int(client.info("clients")["connected_clients"]) <= 4 + 2  # a few per thread at most
-    finally:
-        cache.detach(engine)
-        cache.close()
-        client.close()
+    threads = [threading.Thread(target=work, args=(uid,)) for uid in uids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    for uid in uids:
+        assert served_from_redis(cache, engine, uid, f"{uid}-14")
+    assert not cache._parts.store._owed
+    assert cache.stats()["errors"] == 0 and cache.stats()["journal"] == 0
+    assert int(client.info("clients")["connected_clients"]) <= 4 + 2  # a few per thread at most
