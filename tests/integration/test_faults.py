@@ -557,8 +557,12 @@ def test_close_waits_for_a_background_replay_in_flight(redis_url: str) -> None:
         background.start()
         assert inside.wait(10)
         closer.start()
-        closer.join(2)  # its own last replay goes through; then it waits for the background one
-        assert closer.is_alive() and len(calls) == 2
+        deadline = time.monotonic() + 10
+        while len(calls) < 2:  # its own last replay goes through...
+            assert time.monotonic() < deadline, calls
+            time.sleep(0.01)  # polling another thread's progress, with a deadline
+        closer.join(1)  # ...and then it waits for the background one (up to 10 s)
+        assert closer.is_alive()
     finally:
         go.set()
         background.join(30)
