@@ -133,7 +133,12 @@ class _Settler:
             if self._running:
                 return
             self._running = True
-        threading.Thread(target=self._run, name="sqlcache-settle", daemon=True).start()
+        try:
+            threading.Thread(target=self._run, name="sqlcache-settle", daemon=True).start()
+        except RuntimeError:  # no thread can start (interpreter shutdown, a thread limit)
+            with self._mutex:
+                self._running = False
+            log.warning("sqlcache: no settler thread: release replies are read by the next call only")
 
     def unwatch(self, store: RedisStore) -> None:
         with self._mutex:
@@ -149,10 +154,13 @@ class _Settler:
                     return
             due = time.monotonic() - SETTLE_AFTER / 2
             for store in stores:
-                owed = store._owed
                 try:
-                    if owed and owed[0].since < due:
-                        store.settle()
+                    oldest = store._owed[0].since
+                except IndexError:  # nothing owed (or another thread just read the last one)
+                    continue
+                try:
+                    if oldest < due:
+                        store.try_settle()
                 except Exception:  # a bug: logged, and the next round tries again
                     log.exception("sqlcache: reading a release's reply failed")
             del stores, store
@@ -188,6 +196,10 @@ class RedisStore(proto.ScriptCalls):
         # connection out of the pool until settle() reads it
         self._owed: deque[_Owed] = deque()
         self._watched = -1  # the process whose settler watches this store (-1: none)
+        # held while owed replies are read: a settle() or disconnect() waits for one running elsewhere
+        # (the settler's), rather than returning while a reply is still being read; reentrant, for the
+        # release a refused reply sends again (release -> _call -> settle)
+        self._settling = threading.RLock()
         # every new connection asks the server for its run id before anything else is sent on it, so a
         # restarted Redis is noticed even when redis-py reconnects silently
         client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
@@ -368,9 +380,6 @@ class RedisStore(proto.ScriptCalls):
                         since = time.monotonic()
                         owed = _Owed(conn, pid, since, clock_key, dep_keys, token, gen_ttl_ms, announce)
                         self._owed.append(owed)  # the release's reply: read by settle()
-                        if self._watched != pid:
-                            self._watched = pid
-                            _SETTLER.watch(self)
                         return [replies[0], None]
             except BaseException:
                 self._discard(conn)
@@ -388,6 +397,9 @@ class RedisStore(proto.ScriptCalls):
             if not ran:  # refused before run() (backing off, scripts not loaded): the lock's connection
                 self._discard(conn)  # still waits for its reply, and must not stay checked out
             raise
+        if later and self._watched != os.getpid():  # outside run(): its failure must not drop the reply
+            self._watched = os.getpid()
+            _SETTLER.watch(self)
         if isinstance(release_reply, redis.ResponseError):
             # NOSCRIPT: Redis restarted or was flushed since we loaded the scripts; load and release
             self._loaded_epoch = -1
@@ -402,6 +414,18 @@ class RedisStore(proto.ScriptCalls):
         release's failure goes to the journal. After one such failure, or while the breaker backs off,
         the rest are handed over unread (a release journalled that Redis did apply only costs misses):
         one call never waits out a timeout per owed reply. Never raises for Redis."""
+        with self._settling:
+            self._settle()
+
+    def try_settle(self) -> None:
+        """:meth:`settle`, unless another thread is settling this store already (the settler's turn)."""
+        if self._settling.acquire(blocking=False):
+            try:
+                self._settle()
+            finally:
+                self._settling.release()
+
+    def _settle(self) -> None:
         owed = self._owed
         gave_up = False
         while owed:
@@ -429,6 +453,7 @@ class RedisStore(proto.ScriptCalls):
                         try:
                             self.release(o.clock_key, o.dep_keys, o.token, o.gen_ttl_ms, announce=o.announce)
                         except CacheUnavailable as exc:
+                            gave_up = True
                             failure = exc
                     except _REDIS_ERRORS as exc:
                         held = False
@@ -534,10 +559,11 @@ class RedisStore(proto.ScriptCalls):
     def disconnect(self) -> None:
         """Close every connection this store opened (the client is sqlcache's own), once the replies
         of the releases left unread are read."""
-        self.settle()
-        _SETTLER.unwatch(self)
-        self._watched = -1
-        self.client.connection_pool.disconnect()
+        with self._settling:
+            self._settle()
+            _SETTLER.unwatch(self)
+            self._watched = -1
+            self.client.connection_pool.disconnect()
 
     def subscribe(self, channel: str) -> Subscription:
         """Subscribe to ``channel`` on a connection of its own (not through the circuit breaker)."""

@@ -256,3 +256,13 @@ def writer_and_reader(engine: Engine, writer: SQLCache, reader: SQLCache) -> Ite
             cache.detach(e)
             cache.close()
         other.dispose()
+
+
+class NoSettler:
+    """In place of the settler thread, for a test whose reply must wait for the store's next call."""
+
+    def watch(self, store: Any) -> None:
+        pass
+
+    def unwatch(self, store: Any) -> None:
+        pass

@@ -534,7 +534,8 @@ def test_close_waits_for_a_background_replay_in_flight(redis_url: str) -> None:
     nothing closes."""
     import threading
 
-    cache = SQLCache(redis_url, prefix=f"cw{uuid.uuid4().hex[:8]}", timeout=2)
+    # backoff: the journal's own timer must not replay before the thread below does
+    cache = SQLCache(redis_url, prefix=f"cw{uuid.uuid4().hex[:8]}", timeout=2, backoff=60, max_backoff=60)
     parts: Any = cache._parts
     journal, store = parts.journal, parts.store
     journal.defer(parts.tag_keys(["t"]))

@@ -86,11 +86,16 @@ def test_child_forked_while_a_lock_was_held_is_not_stuck(engine: Engine, cache: 
 
 
 def test_child_forked_with_a_release_reply_unread_leaves_it_to_the_parent(
-    engine: Engine, cache: SQLCache
+    engine: Engine, cache: SQLCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A commit's release reply waits on its connection for the store's next call. A child forked
     meanwhile never reads it (the socket is the parent's): it reads and commits on connections of its
     own, and the parent's next call reads the reply, in step."""
+    from sqlcache import _store
+
+    from ..helpers import NoSettler
+
+    monkeypatch.setattr(_store, "_SETTLER", NoSettler())  # the reply waits for a call, not the settler
     cache.register(User)
     uid = make_user(engine)
     assert user_name(engine, uid) == "ann"

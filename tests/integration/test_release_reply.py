@@ -18,13 +18,13 @@ from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sqlcache import SQLCache, signals
+from sqlcache import SQLCache, _store, signals
 from sqlcache._health import Health
 from sqlcache._pools import Wire, client_for
 from sqlcache._store import RedisStore, _Owed
 
 from ..conftest import RedisServer
-from ..helpers import make_user, rename_user, user_name, writer_and_reader
+from ..helpers import NoSettler, make_user, rename_user, user_name, writer_and_reader
 from ..models import User
 from ..proxy import Proxy
 
@@ -78,11 +78,12 @@ def served_from_redis(cache: SQLCache, engine: Engine, uid: int, name: str) -> b
 
 
 def test_a_release_redis_refused_after_the_commit_returned_is_sent_again(
-    engine: Engine, private_redis: RedisServer
+    engine: Engine, private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis loses its scripts between the lock and the release (SCRIPT FLUSH; a restart is fenced
     besides): the release's reply, read on the writer's next call, is NOSCRIPT. The scripts are loaded
     and the release sent again then. Meanwhile every reader goes to the database."""
+    monkeypatch.setattr(_store, "_SETTLER", NoSettler())  # the writer's next call reads it
     prefix = f"rr{uuid.uuid4().hex[:8]}"
     writer = SQLCache(private_redis.url, prefix=prefix, timeout=2)
     reader = SQLCache(private_redis.url, prefix=prefix, timeout=2)
@@ -290,3 +291,26 @@ def test_threads_committing_together_each_get_their_release_read(
     assert cache.stats()["errors"] == 0 and cache.stats()["journal"] == 0
     # at most two per thread (one in use, one waiting for its reply) and this client: not one per commit
     assert int(client.info("clients")["connected_clients"]) <= 2 * len(uids) + 1
+
+
+def test_disconnect_waits_for_a_reply_another_thread_is_reading(private_redis: RedisServer) -> None:
+    """A reply the settler thread is reading when the store closes is read to the end first: closed
+    under it, an applied release would be reported lost (and journalled after the journal's last
+    replay). BLPOP with a one-second timeout stands for a reply that takes a second to come."""
+    health = Health()
+    lost: list[Sequence[str]] = []
+    health.on_release_lost = lambda keys, token, exc: lost.append(keys)
+    store = RedisStore(client_for(private_redis.url, 5.0), health)
+    conn = store.client.connection_pool.get_connection()
+    Wire.send(conn, "BLPOP", f"never-{uuid.uuid4().hex}", 1)
+    store._owed.append(_Owed(conn, conn.pid, time.monotonic(), "clock", ["k"], "t", 1000, None))
+    reading = threading.Thread(target=store.try_settle)
+    reading.start()
+    deadline = time.monotonic() + 10
+    while store._owed:  # the thread took it and reads it now
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    store.disconnect()
+    reading.join(10)
+    assert lost == [] and not reading.is_alive()
+    store.client.close()
