@@ -7,10 +7,8 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
@@ -20,10 +18,12 @@ import redis.asyncio.connection
 import redis.sentinel
 
 from . import _protocol as proto
+from . import _settle
 from ._health import Health
 from ._keys import Layout
 from ._pools import KEPT_CONNECTION_KWARGS, LeanPool, Wire, client_for, hide_password
 from ._protocol import ReadResult, SentLock
+from ._settle import Owed
 from .errors import CacheUnavailable
 
 __all__ = [
@@ -90,85 +90,6 @@ def script_source(name: str) -> str:
     )
 
 
-@dataclass(slots=True)
-class _Owed:
-    """A release written behind a lock whose reply is read later (:meth:`RedisStore.settle`): what it
-    released, to release it again or journal it if that reply says Redis did not apply it."""
-
-    conn: Any
-    pid: int  # the process that wrote it (a forked child never reads its parent's connections)
-    since: float  # time.monotonic() when it was written
-    clock_key: str
-    dep_keys: Sequence[str]
-    token: str
-    gen_ttl_ms: int
-    announce: tuple[str, bytes] | None
-
-
-#: seconds after which a release reply that no call of its store has read is read by the settler thread
-SETTLE_AFTER = 1.0
-
-
-class _Settler:
-    """One daemon thread per process that reads the release replies nobody read for ``SETTLE_AFTER``
-    seconds (a writer gone quiet, or one whose reads are all local hits): a release Redis did not apply
-    is then journalled and replayed within a second or so, as an awaited one's failure would be, rather
-    than leaving its rows uncacheable until the lock expires. It wakes once per ``SETTLE_AFTER`` while a
-    store it watches lives, and stops when none does (a closed store is no longer watched)."""
-
-    def __init__(self) -> None:
-        self._mutex = threading.Lock()
-        self._stores: weakref.WeakSet[RedisStore] = weakref.WeakSet()
-        self._running = False
-        os.register_at_fork(after_in_child=self._after_fork)
-
-    def _after_fork(self) -> None:  # the thread did not survive the fork; the lock may have been held
-        self._mutex = threading.Lock()
-        self._stores = weakref.WeakSet()
-        self._running = False
-
-    def watch(self, store: RedisStore) -> None:
-        with self._mutex:
-            self._stores.add(store)
-            if self._running:
-                return
-            self._running = True
-        try:
-            threading.Thread(target=self._run, name="sqlcache-settle", daemon=True).start()
-        except RuntimeError:  # no thread can start (interpreter shutdown, a thread limit)
-            with self._mutex:
-                self._running = False
-            log.warning("sqlcache: no settler thread: release replies are read by the next call only")
-
-    def unwatch(self, store: RedisStore) -> None:
-        with self._mutex:
-            self._stores.discard(store)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(SETTLE_AFTER)  # a periodic check, not a synchronisation
-            with self._mutex:
-                stores = list(self._stores)
-                if not stores:
-                    self._running = False
-                    return
-            due = time.monotonic() - SETTLE_AFTER / 2
-            for store in stores:
-                try:
-                    oldest = store._owed[0].since
-                except IndexError:  # nothing owed (or another thread just read the last one)
-                    continue
-                try:
-                    if oldest < due:
-                        store.try_settle()
-                except Exception:  # a bug: logged, and the next round tries again
-                    log.exception("sqlcache: reading a release's reply failed")
-            del stores, store
-
-
-_SETTLER = _Settler()
-
-
 #: lineage.lua, sent whole (EVAL) on every new connection: a restarted server has no scripts loaded
 LINEAGE_SOURCE = script_source("lineage")
 
@@ -194,7 +115,7 @@ class RedisStore(proto.ScriptCalls):
         self._loaded_epoch = -1  # health.epoch when the scripts were last loaded; -1: not loaded
         # releases whose reply nobody read yet, oldest first (see release_after); each holds its
         # connection out of the pool until settle() reads it
-        self._owed: deque[_Owed] = deque()
+        self._owed: deque[Owed] = deque()
         self._watched = -1  # the process whose settler watches this store (-1: none)
         # held while owed replies are read: a settle() or disconnect() waits for one running elsewhere
         # (the settler's), rather than returning while a reply is still being read; reentrant, for the
@@ -378,7 +299,7 @@ class RedisStore(proto.ScriptCalls):
                     if i == 0 and later and not isinstance(replies[0], redis.ResponseError):
                         pid = os.getpid()
                         since = time.monotonic()
-                        owed = _Owed(conn, pid, since, clock_key, dep_keys, token, gen_ttl_ms, announce)
+                        owed = Owed(conn, pid, since, clock_key, dep_keys, token, gen_ttl_ms, announce)
                         self._owed.append(owed)  # the release's reply: read by settle()
                         return [replies[0], None]
             except BaseException:
@@ -399,7 +320,7 @@ class RedisStore(proto.ScriptCalls):
             raise
         if later and self._watched != os.getpid():  # outside run(): its failure must not drop the reply
             self._watched = os.getpid()
-            _SETTLER.watch(self)
+            _settle.SETTLER.watch(self)
         if isinstance(release_reply, redis.ResponseError):
             # NOSCRIPT: Redis restarted or was flushed since we loaded the scripts; load and release
             self._loaded_epoch = -1
@@ -416,6 +337,13 @@ class RedisStore(proto.ScriptCalls):
         one call never waits out a timeout per owed reply. Never raises for Redis."""
         with self._settling:
             self._settle()
+
+    def unread_since(self) -> float | None:
+        """When the oldest release reply still unread was written (``time.monotonic()``); None: none."""
+        try:
+            return self._owed[0].since
+        except IndexError:  # nothing owed (or another thread just read the last one)
+            return None
 
     def try_settle(self) -> None:
         """:meth:`settle`, unless another thread is settling this store already (the settler's turn)."""
@@ -476,7 +404,7 @@ class RedisStore(proto.ScriptCalls):
             if failure is not None:
                 self._lost(o, failure)
 
-    def _lost(self, o: _Owed, failure: CacheUnavailable) -> None:
+    def _lost(self, o: Owed, failure: CacheUnavailable) -> None:
         lost = self.health.on_release_lost
         if lost is not None:
             lost(o.dep_keys, o.token, failure)
@@ -561,7 +489,7 @@ class RedisStore(proto.ScriptCalls):
         of the releases left unread are read."""
         with self._settling:
             self._settle()
-            _SETTLER.unwatch(self)
+            _settle.SETTLER.unwatch(self)
             self._watched = -1
             self.client.connection_pool.disconnect()
 

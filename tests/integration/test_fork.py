@@ -91,11 +91,11 @@ def test_child_forked_with_a_release_reply_unread_leaves_it_to_the_parent(
     """A commit's release reply waits on its connection for the store's next call. A child forked
     meanwhile never reads it (the socket is the parent's): it reads and commits on connections of its
     own, and the parent's next call reads the reply, in step."""
-    from sqlcache import _store
+    from sqlcache import _settle
 
     from ..helpers import NoSettler
 
-    monkeypatch.setattr(_store, "_SETTLER", NoSettler())  # the reply waits for a call, not the settler
+    monkeypatch.setattr(_settle, "SETTLER", NoSettler())  # the reply waits for a call, not the settler
     cache.register(User)
     uid = make_user(engine)
     assert user_name(engine, uid) == "ann"

@@ -18,10 +18,11 @@ from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sqlcache import SQLCache, _store, signals
+from sqlcache import SQLCache, _settle, signals
 from sqlcache._health import Health
 from sqlcache._pools import Wire, client_for
-from sqlcache._store import RedisStore, _Owed
+from sqlcache._settle import Owed
+from sqlcache._store import RedisStore
 
 from ..conftest import RedisServer
 from ..helpers import NoSettler, make_user, rename_user, user_name, writer_and_reader
@@ -83,7 +84,7 @@ def test_a_release_redis_refused_after_the_commit_returned_is_sent_again(
     """Redis loses its scripts between the lock and the release (SCRIPT FLUSH; a restart is fenced
     besides): the release's reply, read on the writer's next call, is NOSCRIPT. The scripts are loaded
     and the release sent again then. Meanwhile every reader goes to the database."""
-    monkeypatch.setattr(_store, "_SETTLER", NoSettler())  # the writer's next call reads it
+    monkeypatch.setattr(_settle, "SETTLER", NoSettler())  # the writer's next call reads it
     prefix = f"rr{uuid.uuid4().hex[:8]}"
     writer = SQLCache(private_redis.url, prefix=prefix, timeout=2)
     reader = SQLCache(private_redis.url, prefix=prefix, timeout=2)
@@ -236,7 +237,7 @@ def test_one_call_never_waits_out_a_timeout_per_unread_reply(private_redis: Redi
     for i in range(10):
         conn = pool.get_connection()
         Wire.send(conn, "BLPOP", key, 0)
-        store._owed.append(_Owed(conn, conn.pid, time.monotonic(), "clock", [f"k{i}"], f"t{i}", 1000, None))
+        store._owed.append(Owed(conn, conn.pid, time.monotonic(), "clock", [f"k{i}"], f"t{i}", 1000, None))
     started = time.monotonic()
     store.settle()
     elapsed = time.monotonic() - started
@@ -303,7 +304,7 @@ def test_disconnect_waits_for_a_reply_another_thread_is_reading(private_redis: R
     store = RedisStore(client_for(private_redis.url, 5.0), health)
     conn = store.client.connection_pool.get_connection()
     Wire.send(conn, "BLPOP", f"never-{uuid.uuid4().hex}", 1)
-    store._owed.append(_Owed(conn, conn.pid, time.monotonic(), "clock", ["k"], "t", 1000, None))
+    store._owed.append(Owed(conn, conn.pid, time.monotonic(), "clock", ["k"], "t", 1000, None))
     reading = threading.Thread(target=store.try_settle)
     reading.start()
     deadline = time.monotonic() + 10
