@@ -191,6 +191,8 @@ def _run(
         if arows is not None:
             systems["async get plain"] = arows.get(arows.plain, rnd, ids)
             systems["async get hit"] = arows.get(arows.cached, rnd, ids)
+            systems["async update plain"] = arows.update(arows.plain, rnd, ids)
+            systems["async update sqlcache"] = arows.update(arows.cached, rnd, ids)
         if crows is not None:
             systems["cluster get hit"] = lambda: _ns(_get_on(crows.engine, rnd, ids))
             systems["cluster q20 hit"] = lambda: _ns(_query_on(crows.engine, 20, True))

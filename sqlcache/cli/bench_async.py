@@ -1,5 +1,6 @@
-"""The benchmark's asyncio rows: ``AsyncSession.get`` uncached and as a sqlcache hit, on the same
-database and entries as the sync rows, measured in the same interleaved run.
+"""The benchmark's asyncio rows: ``AsyncSession.get`` uncached and as a sqlcache hit, and a committing
+update (a get, one column changed, ``commit()``) uncached and cached, on the same database and entries
+as the sync rows, measured in the same interleaved run.
 
 Each operation is timed inside its coroutine (from before ``AsyncSession`` opens to after it closes),
 so the event loop's own start and stop per sample are not counted.
@@ -56,6 +57,22 @@ class AsyncRows:
             t0 = time.perf_counter_ns()
             async with AsyncSession(engine) as s:
                 await s.get(model, key)
+            return time.perf_counter_ns() - t0
+
+        return lambda: self._loop.run_until_complete(op())
+
+    def update(self, engine: AsyncEngine, rnd: random.Random, ids: list[int]) -> Callable[[], int]:
+        """The sync ``update`` row under AsyncSession: get a row, change one column, commit."""
+        model = self._model
+
+        async def op() -> int:
+            key = rnd.choice(ids)
+            t0 = time.perf_counter_ns()
+            async with AsyncSession(engine) as s:
+                row = await s.get(model, key)
+                assert row is not None
+                row.score += 1
+                await s.commit()
             return time.perf_counter_ns() - t0
 
         return lambda: self._loop.run_until_complete(op())

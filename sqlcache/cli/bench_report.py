@@ -54,6 +54,8 @@ RATIOS: tuple[tuple[str, str, str, float | None], ...] = (
     ("async get hit / async get plain", "async get hit", "async get plain", 0.5),
     ("async get hit / get hit", "async get hit", "get sqlcache hit", None),
     ("async get plain / get plain", "async get plain", "get plain", None),
+    ("async update sqlcache / async update plain", "async update sqlcache", "async update plain", None),
+    ("async update sqlcache / update sqlcache", "async update sqlcache", "update sqlcache", None),
     ("cluster get hit / get hit", "cluster get hit", "get sqlcache hit", None),
     ("cluster q20 hit / q20 hit", "cluster q20 hit", "q20 sqlcache hit", None),
     ("cluster update / update", "cluster update", "update sqlcache", None),
