@@ -24,7 +24,8 @@ import redis.asyncio.connection as aconnection
 from redis.exceptions import RedisClusterException
 
 from . import _aio
-from ._astore import AsyncRedisStore, quietly_closed
+from ._aclient import quietly_closed
+from ._astore import AsyncRedisStore
 from ._cluster import ClusterTarget, Router
 from ._health import Health
 from .errors import CacheUnavailable
@@ -155,6 +156,11 @@ class AsyncClusterStore(Router):
 
     def pause(self, seconds: float) -> None:
         _aio.await_(asyncio.sleep(seconds))
+
+    async def settle(self) -> None:
+        """Read the release replies each node's store has left unread."""
+        for store in list(self._stores.values()):
+            await store.settle()
 
     async def aclose(self) -> None:
         """Close every node's connections and the topology client (the loop is shutting down)."""

@@ -17,8 +17,9 @@ from redis.exceptions import RedisClusterException
 
 from . import _aio
 from . import _protocol as proto
+from ._aclient import async_client_like
 from ._acluster import AsyncClusterStore
-from ._astore import AsyncRedisStore, async_client_like
+from ._astore import AsyncRedisStore
 from ._aworlds import LoopStore
 from ._cluster import ClusterStore, ClusterTarget
 from ._health import Health

@@ -18,92 +18,34 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import inspect
+import logging
+import os
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aredis
-import redis.asyncio.connection as aconnection
 import redis.asyncio.sentinel as asentinel
-import redis.sentinel
 
 from . import _aio
 from . import _protocol as proto
+from ._aclient import quietly_closed
 from ._health import Health
 from ._pools import Wire
 from ._protocol import ReadResult, SentLock
-from ._store import KEPT_CONNECTION_KWARGS, LINEAGE_SOURCE, script_source
-from .errors import CacheUnavailable, ConfigurationError
+from ._settle import SETTLE_AFTER, Owed
+from ._store import LINEAGE_SOURCE, script_source
+from .errors import CacheUnavailable
 
-__all__ = ["AsyncRedisStore", "async_client_like", "quietly_closed"]
+__all__ = ["AsyncRedisStore"]
 
 T = TypeVar("T")
 
+log = logging.getLogger("sqlcache")
+
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError, asyncio.TimeoutError)
-
-# the asyncio twin of each sync connection class redis-py builds from a URL or a client
-_TWINS: dict[type[Any], type[Any]] = {
-    redis.Connection: aconnection.Connection,
-    redis.SSLConnection: aconnection.SSLConnection,
-    redis.UnixDomainSocketConnection: aconnection.UnixDomainSocketConnection,
-}
-
-
-def _async_kwargs(kwargs: dict[str, Any], twin: type[Any], timeout: float) -> dict[str, Any]:
-    """The connection settings sqlcache keeps (identity, credentials, TLS) that ``twin`` accepts, with
-    bounded timeouts and no retries."""
-    accepted = set(inspect.signature(twin.__init__).parameters) | set(
-        inspect.signature(aconnection.AbstractConnection.__init__).parameters
-    )
-    kept = {
-        k: v
-        for k, v in kwargs.items()
-        if (k in KEPT_CONNECTION_KWARGS or k.startswith("ssl_")) and k in accepted
-    }
-    kept.update(socket_timeout=timeout, socket_connect_timeout=timeout, retry=None)
-    return kept
-
-
-def async_client_like(sync_client: redis.Redis, timeout: float) -> aredis.Redis:
-    """A redis.asyncio client of sqlcache's own to the server ``sync_client`` (sqlcache's own) reaches:
-    the same server, credentials and TLS settings; bounded timeouts, no retries, bytes responses. A
-    Sentinel-managed client gets the asyncio twin: the same sentinels and service, the primary asked
-    of them by each new connection.
-
-    :raises ConfigurationError: a connection class with no asyncio twin (a custom class).
-    """
-    pool = sync_client.connection_pool
-    if isinstance(pool, redis.sentinel.SentinelConnectionPool):
-        return _async_sentinel_client(pool, timeout)
-    twin = _TWINS.get(pool.connection_class)
-    if twin is None:
-        raise ConfigurationError(
-            f"an AsyncEngine needs a redis.asyncio connection like {pool.connection_class.__name__}, "
-            "which sqlcache cannot build: pass a redis:// or rediss:// URL, or a plain redis.Redis"
-        )
-    kept = _async_kwargs(pool.connection_kwargs, twin, timeout)
-    return aredis.Redis(connection_pool=aredis.ConnectionPool(connection_class=twin, **kept))
-
-
-def _async_sentinel_client(pool: redis.sentinel.SentinelConnectionPool, timeout: float) -> aredis.Redis:
-    manager = pool.sentinel_manager
-    sentinels = [
-        (c.connection_pool.connection_kwargs["host"], c.connection_pool.connection_kwargs["port"])
-        for c in manager.sentinels
-    ]
-    twin = asentinel.SentinelManagedConnection
-    kept = _async_kwargs(pool.connection_kwargs, twin, timeout)
-    if pool.connection_kwargs.get("ssl") or issubclass(pool.connection_class, redis.SSLConnection):
-        kept["ssl"] = True
-    watchers = _async_kwargs(dict(manager.sentinel_kwargs), aconnection.Connection, timeout)
-    if manager.sentinel_kwargs.get("ssl"):
-        watchers["ssl"] = True
-    asent = asentinel.Sentinel(  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
-        sentinels, min_other_sentinels=manager.min_other_sentinels, sentinel_kwargs=watchers
-    )
-    client: aredis.Redis = asent.master_for(pool.service_name, **kept)
-    return client
 
 
 class AsyncRedisStore(proto.ScriptCalls):
@@ -128,6 +70,12 @@ class AsyncRedisStore(proto.ScriptCalls):
         self._shas = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._sources.items()}
         self._loaded_epoch = -1
         self.closer: AsyncGenerator[None, None] | None = None  # see AsyncStores
+        # releases whose reply nobody read yet, oldest first, each holding its connection out of the
+        # pool (see release_after); read under _settling, by the next call or by the timer _due arms
+        self._owed: deque[Owed] = deque()
+        self._settling = asyncio.Lock()
+        self._due: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # the timer's settling tasks (held: not collected)
         client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
 
     @property
@@ -172,6 +120,8 @@ class AsyncRedisStore(proto.ScriptCalls):
         return time.monotonic() - started > 2 * timeout
 
     async def _run(self, make: Callable[[], Awaitable[T]]) -> T:
+        if self._owed:
+            await self.settle()
         if self._loaded_epoch != self.health.epoch:
             epoch = self.health.epoch
             async with self.client.pipeline(transaction=False) as pipe:
@@ -351,10 +301,14 @@ class AsyncRedisStore(proto.ScriptCalls):
         gen_ttl_ms: int,
         announce: tuple[str, bytes] | None = None,
     ) -> bool:
+        """As the sync store's: the lock's reply is read before this returns, the release's is left for
+        :meth:`settle` (run at the start of this store's next call, from :meth:`aclose`, or by a timer on
+        the loop ``SETTLE_AFTER`` seconds later for a writer gone quiet), except where it must be read at
+        once (no journal, a refused lock, a release of no key, ``wait_replicas``)."""
         keys, args = proto.release_call(clock_key, dep_keys, token, gen_ttl_ms, (), announce)
         conn = sent.conn
-
         wait = self.health.wait
+        later = wait is None and self.health.on_release_lost is not None and bool(dep_keys)
         ran = False
 
         async def run() -> list[Any]:
@@ -365,11 +319,25 @@ class AsyncRedisStore(proto.ScriptCalls):
                 if wait is not None:
                     await Wire.asend(conn, "WAIT", *wait)
                 replies: list[Any] = []
-                for _ in range(2 if wait is None else 3):
+                for i in range(2 if wait is None else 3):
                     try:
                         replies.append(await conn.read_response())
                     except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart
                         replies.append(exc)
+                    if i == 0 and later and not isinstance(replies[0], redis.ResponseError):
+                        owed = Owed(
+                            conn,
+                            os.getpid(),
+                            time.monotonic(),
+                            clock_key,
+                            dep_keys,
+                            token,
+                            gen_ttl_ms,
+                            announce,
+                        )
+                        self._owed.append(owed)  # the release's reply: read by settle()
+                        self._settle_later()
+                        return [replies[0], None]
             except BaseException:
                 await self._discard(conn)
                 raise
@@ -390,6 +358,102 @@ class AsyncRedisStore(proto.ScriptCalls):
             self._loaded_epoch = -1
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
         return not isinstance(lock_reply, redis.ResponseError)
+
+    # -- the release replies read late -------------------------------------------------------------
+
+    def _settle_later(self) -> None:
+        """Settle what is owed ``SETTLE_AFTER`` seconds from now, should no call of this store do it
+        first (a writer gone quiet): the asyncio twin of the sync world's settler thread."""
+        if self._due is None:
+            self._due = asyncio.get_running_loop().call_later(SETTLE_AFTER, self._on_due)
+
+    def _on_due(self) -> None:
+        self._due = None
+        if self._owed:
+            task = asyncio.get_running_loop().create_task(self._settle_quietly())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _settle_quietly(self) -> None:
+        try:
+            await self.settle()
+        except Exception:  # a bug: logged; the next call or timer tries again
+            log.exception("sqlcache: reading a release's reply failed")
+
+    async def settle(self) -> None:
+        """Read the replies of the releases :meth:`release_after` left unread and give their connections
+        back, as the sync store's ``settle()``: an error reply (NOSCRIPT, READONLY, MOVED) is released
+        again; a reply that never came (the connection failed) goes to ``health.on_release_lost`` (the
+        journal); after one failure, or while the breaker backs off, the rest are handed over unread.
+        Never raises for Redis. Held under a lock: closing waits for a reply another task is reading."""
+        async with self._settling:
+            await self._settle_owed()
+
+    async def _settle_owed(self) -> None:
+        owed = self._owed
+        gave_up = False
+        while owed:
+            o = owed.popleft()
+            if o.pid != os.getpid():  # a forked child: the parent reads its own connections
+                owed.clear()
+                return
+            held = True  # o.conn is still this call's to give back or drop
+            failure: CacheUnavailable | None = None
+            try:
+                if gave_up or self.health.backing_off:
+                    held = False
+                    await quietly_closed(self._discard(o.conn))
+                    failure = CacheUnavailable("release (not read: Redis failed)")
+                else:
+                    try:
+                        await o.conn.read_response()
+                    except redis.ResponseError:  # not applied; the connection is in step
+                        held = False
+                        await self._give_back(o.conn)
+                        self._loaded_epoch = -1
+                        failure = await self._release_again(o)
+                        gave_up = failure is not None
+                    except _REDIS_ERRORS as exc:
+                        held = False
+                        await quietly_closed(self._discard(o.conn))
+                        self._loaded_epoch = -1
+                        self.health.failed()
+                        gave_up = True
+                        failure = CacheUnavailable("release")
+                        failure.__cause__ = exc
+                    else:
+                        held = False
+                        await self._give_back(o.conn)
+            except BaseException as exc:  # cancelled (the loop shutting down), interrupted: journalled
+                interrupted = CacheUnavailable("release (interrupted)")
+                interrupted.__cause__ = exc
+                self._lost(o, interrupted)
+                if held:
+                    await quietly_closed(self._discard(o.conn))
+                raise
+            if failure is not None:
+                self._lost(o, failure)
+
+    async def _release_again(self, o: Owed) -> CacheUnavailable | None:
+        """Send a release again whose first sending Redis refused; the failure, if this one failed too."""
+        keys, args = proto.release_call(o.clock_key, o.dep_keys, o.token, o.gen_ttl_ms, (), o.announce)
+        try:
+            self.health.check("release")
+            try:
+                await self._script("release", keys, args)
+            except _REDIS_ERRORS as exc:
+                self._loaded_epoch = -1
+                self.health.failed()
+                raise CacheUnavailable("release") from exc
+            self.health.answered("release")
+        except CacheUnavailable as exc:
+            return exc
+        return None
+
+    def _lost(self, o: Owed, failure: CacheUnavailable) -> None:
+        lost = self.health.on_release_lost
+        if lost is not None:
+            lost(o.dep_keys, o.token, failure)
 
     def delete(self, *keys: str) -> None:
         self._call("delete", lambda: self._command("DEL", *keys))
@@ -416,24 +480,22 @@ class AsyncRedisStore(proto.ScriptCalls):
         _aio.await_(asyncio.sleep(seconds))
 
     async def disconnect(self) -> None:
-        """Close every pooled connection (the next call opens, and checks, a new one)."""
-        await quietly_closed(self.client.connection_pool.disconnect())
+        """Close every pooled connection (the next call opens, and checks, a new one), once the replies
+        owed on them are read."""
+        async with self._settling:  # and none is being read meanwhile
+            await self._settle_owed()
+            await quietly_closed(self.client.connection_pool.disconnect())
 
     async def aclose(self) -> None:
-        await quietly_closed(self.client.aclose())
-        pool = self.client.connection_pool
-        await quietly_closed(pool.disconnect())
+        """Close the store's connections, once the replies owed on them are read."""
+        async with self._settling:  # and none is being read meanwhile
+            await self._settle_owed()
+            if self._due is not None:
+                self._due.cancel()
+                self._due = None
+            await quietly_closed(self.client.aclose())
+            pool = self.client.connection_pool
+            await quietly_closed(pool.disconnect())
         if isinstance(pool, asentinel.SentinelConnectionPool):  # and the connections to the sentinels
             for watcher in pool.sentinel_manager.sentinels:
                 await quietly_closed(watcher.aclose())
-
-
-async def quietly_closed(closing: Awaitable[Any]) -> None:
-    """Await a close of connections, whose failure is not the caller's: redis-py closes each socket's
-    transport first, then waits for the close to finish for at most the connect timeout, and raises
-    when a busy event loop or server made it wait longer (or the peer was gone); the sockets are
-    closed either way, and every connection of a pool was asked to close."""
-    try:
-        await closing
-    except (redis.RedisError, OSError):
-        pass

@@ -22,6 +22,8 @@ class LoopStore(Store, Protocol):
 
     async def aclose(self) -> None: ...
 
+    async def settle(self) -> None: ...
+
 
 class AsyncStores:
     """One store per event loop (an :class:`AsyncRedisStore`, or a cluster's router), made on first
@@ -88,6 +90,14 @@ class AsyncStores:
         else:
             self._forget(loop, store)
             await store.aclose()
+
+    async def settle_current(self) -> None:
+        """Read the release replies the running loop's store has left unread (before the journal's last
+        replay: a release found lost is journalled in time for it)."""
+        with self._mutex:
+            store = self._by_loop.get(asyncio.get_running_loop())
+        if store is not None:
+            await store.settle()
 
     def open_loops(self) -> int:
         """How many event loops hold a store (and so possibly connections)."""

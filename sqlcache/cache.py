@@ -206,6 +206,8 @@ class SQLCache:
 
         .. versionadded:: 0.3
         """
+        if self._parts.async_stores is not None:  # a release found lost is journalled before close()'s replay
+            await self._parts.async_stores.settle_current()
         self.close()
         await self.release_loop()
 

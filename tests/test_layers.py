@@ -121,6 +121,7 @@ def test_only_the_stores_import_redis() -> None:
         if name in (
             "sqlcache._store",
             "sqlcache._astore",
+            "sqlcache._aclient",
             "sqlcache._cluster",
             "sqlcache._acluster",
             "sqlcache._shardstore",
