@@ -189,7 +189,7 @@ def _private_attributes(path: Path) -> list[tuple[int, str]]:
 
 
 # redis-py's private names, each used in one place: a connection's socket and parser (_pools.Wire)
-REDIS_PY_PRIVATE = {"sqlcache._pools": {"_sock", "_parser"}}
+REDIS_PY_PRIVATE = {"sqlcache._pools": {"_sock", "_parser", "_writer"}}
 
 
 def test_private_sqlalchemy_attributes_live_in_two_modules() -> None:

@@ -193,3 +193,53 @@ def test_a_failed_write_is_redis_pys_connection_error_naming_the_server(private_
         conn.disconnect()
         client.connection_pool.release(conn)
         client.close()
+
+
+def test_an_async_command_larger_than_the_socket_takes_is_written_whole(redis_url: str) -> None:
+    """``Wire.asend`` hands a command to the stream writer without redis-py's per-write task; one the
+    transport cannot send at once (8 MiB) waits for the socket, and arrives whole."""
+    key = f"wire-{uuid.uuid4().hex[:8]}"
+    value = bytes(range(256)) * (32 << 10)
+
+    async def body() -> None:
+        pool = redis.asyncio.ConnectionPool.from_url(redis_url, socket_timeout=10)
+        conn = await pool.get_connection()
+        try:
+            await Wire.asend(conn, "SET", key, value, "PX", 60_000)
+            assert await conn.read_response() == b"OK"
+            await Wire.asend(conn, "STRLEN", key)
+            assert await conn.read_response() == len(value)
+        finally:
+            await pool.release(conn)
+            await pool.disconnect()
+
+    asyncio.run(body())
+    redis.Redis.from_url(redis_url).delete(key)
+
+
+def test_an_async_write_on_a_lost_connection_is_redis_pys_connection_error(
+    private_redis: RedisServer,
+) -> None:
+    """The server closed the connection (CLIENT KILL of a private server): a write, or the read of
+    its reply, raises redis-py's ConnectionError; nothing passes silently (an asyncio transport drops
+    writes to a lost connection without raising: the drain after each write raises)."""
+
+    async def body() -> None:
+        pool = redis.asyncio.ConnectionPool.from_url(private_redis.url, socket_timeout=2)
+        conn = await pool.get_connection()
+        killer = redis.Redis(port=private_redis.port)
+        try:
+            await Wire.asend(conn, "CLIENT", "ID")
+            cid = await conn.read_response()
+            killer.client_kill_filter(_id=cid)
+            with pytest.raises(redis.ConnectionError):
+                for _ in range(3):  # the loss may be seen by the write, or by the read of its reply
+                    await Wire.asend(conn, "PING")
+                    await conn.read_response()
+        finally:
+            killer.close()
+            await conn.disconnect()
+            await pool.release(conn)
+            await pool.disconnect()
+
+    asyncio.run(body())
