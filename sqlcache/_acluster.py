@@ -162,6 +162,11 @@ class AsyncClusterStore(Router):
         for store in list(self._stores.values()):
             await store.settle()
 
+    def abandon(self) -> None:
+        """Each node's store's unread release replies to the journal (the loop closed unannounced)."""
+        for store in list(self._stores.values()):
+            store.abandon()
+
     async def aclose(self) -> None:
         """Close every node's connections and the topology client (the loop is shutting down)."""
         async with self._locating:  # not while a task's topology read may still set the client

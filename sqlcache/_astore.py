@@ -315,6 +315,10 @@ class AsyncRedisStore(proto.ScriptCalls):
             nonlocal ran
             ran = True
             try:
+                if not Wire.connected(
+                    conn
+                ):  # closed under the commit (disconnect()): the lock's reply is gone
+                    raise redis.ConnectionError("the lock's connection was closed before its release")
                 await Wire.asend(conn, "EVALSHA", self._shas["release"], len(keys), *keys, *args)
                 if wait is not None:
                     await Wire.asend(conn, "WAIT", *wait)
@@ -377,8 +381,11 @@ class AsyncRedisStore(proto.ScriptCalls):
     async def _settle_quietly(self) -> None:
         try:
             await self.settle()
-        except Exception:  # a bug: logged; the next call or timer tries again
+        except Exception:  # a bug, or a signal receiver's error: logged, and tried again
             log.exception("sqlcache: reading a release's reply failed")
+        finally:
+            if self._owed:  # what is left is read by the next call, or by the timer armed here
+                self._settle_later()
 
     async def settle(self) -> None:
         """Read the replies of the releases :meth:`release_after` left unread and give their connections
@@ -427,9 +434,11 @@ class AsyncRedisStore(proto.ScriptCalls):
             except BaseException as exc:  # cancelled (the loop shutting down), interrupted: journalled
                 interrupted = CacheUnavailable("release (interrupted)")
                 interrupted.__cause__ = exc
-                self._lost(o, interrupted)
-                if held:
-                    await quietly_closed(self._discard(o.conn))
+                try:
+                    if held:  # dropped first: a signal receiver's error below must not leak it
+                        await quietly_closed(self._discard(o.conn))
+                finally:
+                    self._lost(o, interrupted)
                 raise
             if failure is not None:
                 self._lost(o, failure)
@@ -449,6 +458,20 @@ class AsyncRedisStore(proto.ScriptCalls):
         except CacheUnavailable as exc:
             return exc
         return None
+
+    def abandon(self) -> None:
+        """The store's loop closed without shutting down its async generators (so :meth:`aclose` never
+        ran): the replies it left unread can no longer be read; each release is handed to the journal
+        (as lost: replayed through the sync store), not left to its lock's expiry unreported."""
+        if not self._owed:
+            return
+        log.warning(
+            "sqlcache: an event loop closed with %d release replies unread (closed without "
+            "shutdown_asyncgens(): call await cache.release_loop() before closing a loop by hand)",
+            len(self._owed),
+        )
+        while self._owed:
+            self._lost(self._owed.popleft(), CacheUnavailable("release (its event loop closed)"))
 
     def _lost(self, o: Owed, failure: CacheUnavailable) -> None:
         lost = self.health.on_release_lost

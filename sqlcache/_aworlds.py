@@ -24,6 +24,8 @@ class LoopStore(Store, Protocol):
 
     async def settle(self) -> None: ...
 
+    def abandon(self) -> None: ...
+
 
 class AsyncStores:
     """One store per event loop (an :class:`AsyncRedisStore`, or a cluster's router), made on first
@@ -32,7 +34,8 @@ class AsyncStores:
     A store's connections are closed when its loop shuts down its async generators, which
     ``asyncio.run()`` and ``asyncio.Runner`` do before closing the loop: each store parks an async
     generator in its loop whose ``finally`` closes them. A loop closed without that step is dropped (and
-    its connections left to the garbage collector) when the next loop's store is made.
+    its connections left to the garbage collector) when the next loop's store is made; the release
+    replies it left unread are handed to the journal then (``abandon``).
     """
 
     def __init__(self, make_store: Callable[[], LoopStore]) -> None:
@@ -48,15 +51,17 @@ class AsyncStores:
         if last is not None and last[0] is loop:
             return last[1]
         made = False
+        gone: list[LoopStore] = []
         with self._mutex:
             store = self._by_loop.get(loop)
             if store is None:
-                for gone in [other for other in self._by_loop if other.is_closed()]:
-                    del self._by_loop[gone]
+                gone = [self._by_loop.pop(other) for other in list(self._by_loop) if other.is_closed()]
                 store = self._make_store()
                 self._by_loop[loop] = store
                 made = True
             self._last = (loop, store)
+        for dropped in gone:  # their unread release replies, to the journal (outside the mutex: it reports)
+            dropped.abandon()
         if made:
             closer = self._closer(loop, store)
             store.closer = closer  # the loop only tracks async generators weakly

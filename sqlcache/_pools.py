@@ -167,14 +167,26 @@ class Wire:
         return reply
 
     @staticmethod
+    def connected(conn: Any) -> bool:
+        """Whether ``conn`` still has the socket it was checked out with: a pool's ``disconnect()``
+        closes connections in use too, and redis-py's methods would then reconnect on their own (a
+        release meant for its lock's connection must not go out on another)."""
+        if hasattr(conn, "_sock"):
+            return conn._sock is not None
+        if hasattr(conn, "_writer"):
+            return conn._writer is not None
+        return True
+
+    @staticmethod
     async def asend(conn: Any, *args: Any) -> None:
         """:meth:`send` on an asyncio connection: packed by hiredis and handed to the connection's
         stream writer. redis-py's ``send_packed_command`` bounds every write by ``asyncio.wait_for``,
-        a task of its own and two turns of the event loop (measured: 70 µs of a 100 µs write); the
-        transport takes a small command at once, so only a write it could not take whole waits for the
-        socket, bounded by the connection's timeout. A connection lost meanwhile raises
-        ``redis.ConnectionError``, as redis-py's method does (the caller drops the connection). A
-        connection class of the caller's, or one without a stream writer, is written by its own method.
+        a task of its own and two turns of the event loop (measured: 70 µs of a 100 µs write). A small
+        command leaves the transport's buffer below its low-water mark, and nothing waits; past it,
+        the wait for the buffer to drain (to that mark) is bounded by the connection's timeout. A
+        connection lost or closing raises ``redis.ConnectionError`` and is disconnected, as redis-py's
+        method does. A connection class of the caller's, or one without a stream writer, is written
+        by its own method.
 
         redis-py's private name used: an asyncio connection's ``_writer`` (redis-py 5 to 8)."""
         cls = type(conn)
@@ -192,18 +204,30 @@ class Wire:
         except TypeError:  # an argument hiredis does not pack: redis-py's way
             await conn.send_command(*args)
             return
+        transport = writer.transport
         try:
-            writer.write(packed)
-            if writer.transport.get_write_buffer_size() and conn.socket_timeout:
-                await asyncio.wait_for(
-                    writer.drain(), conn.socket_timeout
-                )  # the socket is full: wait, bounded
-            else:
-                await writer.drain()  # returns at once; raises if the connection was lost
-        except asyncio.TimeoutError as exc:
-            raise redis.TimeoutError(f"Timeout writing to {_server(conn)}") from exc
-        except OSError as exc:
-            raise redis.ConnectionError(f"Error while writing to {_server(conn)}: {exc}") from exc
+            try:
+                if transport.is_closing():  # a write now would be dropped without a word
+                    raise ConnectionResetError("the connection is closing")
+                writer.write(packed)
+                low = transport.get_write_buffer_limits()[0]
+                if conn.socket_timeout and transport.get_write_buffer_size() > low:
+                    try:
+                        await asyncio.wait_for(writer.drain(), conn.socket_timeout)
+                    except asyncio.TimeoutError as exc:
+                        if getattr(exc, "errno", None) is not None:  # the OS's ETIMEDOUT: a dead connection
+                            raise
+                        raise redis.TimeoutError(f"Timeout writing to {_server(conn)}") from exc
+                else:
+                    await writer.drain()  # returns at once; raises if the connection was lost
+            except OSError as exc:
+                raise redis.ConnectionError(f"Error while writing to {_server(conn)}: {exc}") from exc
+        except BaseException:
+            try:
+                await conn.disconnect(nowait=True)
+            except Exception:  # closing a broken connection: its own failure is not the caller's
+                pass
+            raise
 
 
 def _server(conn: Any) -> str:

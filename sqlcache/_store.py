@@ -287,6 +287,10 @@ class RedisStore(proto.ScriptCalls):
             nonlocal ran
             ran = True
             try:
+                if not Wire.connected(
+                    conn
+                ):  # closed under the commit (disconnect()): the lock's reply is gone
+                    raise redis.ConnectionError("the lock's connection was closed before its release")
                 Wire.send(conn, "EVALSHA", self._scripts["release"].sha, len(keys), *keys, *args)
                 if wait is not None:
                     Wire.send(conn, "WAIT", *wait)

@@ -6,6 +6,7 @@ again, or journalled, and never a stale read meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -20,7 +21,7 @@ from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sqlcache import SQLCache, signals
+from sqlcache import SQLCache, _astore, signals
 from sqlcache._aclient import async_client_like
 from sqlcache._astore import AsyncRedisStore
 from sqlcache._health import Health
@@ -59,6 +60,7 @@ def once_locked(aengine: AsyncEngine, client: redis.Redis, key: str, then: Calla
         deadline = time.monotonic() + 10
         while client.get(key) == before:
             assert time.monotonic() < deadline, "the lock never reached Redis"
+            time.sleep(0.001)  # polling Redis for the lock, with a deadline
         then()
 
     event.listen(aengine.sync_engine, "commit", on_commit)
@@ -115,12 +117,13 @@ class Pair:
 
 
 def test_a_release_redis_refused_after_the_commit_returned_is_sent_again(
-    engine: Engine, private_redis: RedisServer
+    engine: Engine, private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis loses its scripts between the lock and the release (SCRIPT FLUSH): ``commit()`` returns
     with the release's reply unread; another process reads the new row at once (the lock holds); the
     writer's next call reads NOSCRIPT and sends the release again, after which both are served from
     Redis."""
+    monkeypatch.setattr(_astore, "SETTLE_AFTER", 3600)  # the writer's next call reads it, not the timer
     pair = Pair(engine, private_redis.url, private_redis.url, timeout=2)
     client = redis.Redis(port=private_redis.port, socket_timeout=5)
 
@@ -173,7 +176,9 @@ def test_a_release_lost_after_the_commit_returned_is_journalled(
             assert time.monotonic() < deadline, "the journal was never replayed"
             assert await cached_name(ae, uid) == "bob"
             await asyncio.sleep(0.02)
-        assert pair.served_from_redis(uid, "bob")  # the replay dropped the lock
+        # the replay dropped the lock (a background replay that took the journal before this one
+        # emptied it may still move the generations once more: polled, with a deadline)
+        await until(lambda: pair.served_from_redis(uid, "bob"), "the lock was never dropped")
 
     try:
         pair.run(body)
@@ -381,3 +386,70 @@ def test_a_reply_whose_reading_is_cancelled_is_journalled(private_redis: RedisSe
             await store.aclose()
 
     asyncio.run(main())
+
+
+def test_a_quiet_writers_applied_release_is_read_by_the_loop(
+    engine: Engine, private_redis: RedisServer
+) -> None:
+    """The common case of a writer gone quiet: its release applied, the reply read by the loop's timer,
+    the connection back in the pool, nothing journalled or reported."""
+    pair = Pair(engine, private_redis.url, private_redis.url, timeout=2)
+
+    async def body(ae: AsyncEngine) -> None:
+        uid = await make_user(ae, "ann")
+        assert await cached_name(ae, uid) == "ann"
+        await rename(ae, uid, "bob")
+        store = loop_store(pair.writer)
+        pool: Any = store.client.connection_pool
+        assert len(store._owed) == 1 and len(pool._in_use_connections) == 1
+        await until(lambda: not store._owed, "the loop never read the reply")
+        assert not pool._in_use_connections
+        assert pair.errors == [] and pair.writer.stats()["journal"] == 0
+        assert pair.served_from_redis(uid, "bob")
+
+    pair.run(body)
+
+
+# the closed loop's connections and its parked async generator are left to the garbage collector (as a
+# loop closed by hand leaves them): collected within the test, their warnings are this scenario's own
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_loop_closed_without_its_shutdown_journals_what_it_left_unread(
+    engine: Engine, private_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A loop closed by hand (no ``shutdown_asyncgens()``, so no ``aclose()`` and no timer) with a
+    release's reply unread: when the next loop's store is made, that release is journalled, with a
+    warning, and replayed; it is not left to its lock's expiry (600 s here) unreported."""
+    pair = Pair(engine, private_redis.url, private_redis.url, timeout=2, lock_ttl=600)
+    ae = async_engine_like(engine)
+    pair.writer.attach(ae)
+
+    async def commit() -> int:
+        uid = await make_user(ae, "ann")
+        assert await cached_name(ae, uid) == "ann"
+        await rename(ae, uid, "bob")
+        assert len(loop_store(pair.writer)._owed) == 1
+        await ae.dispose()
+        return uid
+
+    loop = asyncio.new_event_loop()
+    try:
+        uid = loop.run_until_complete(commit())
+    finally:
+        loop.close()
+    deferred = pair.writer.stats()["invalidations_deferred"]
+
+    async def after() -> None:
+        try:
+            with caplog.at_level(logging.WARNING, logger="sqlcache"):
+                assert await cached_name(ae, uid) == "bob"  # a new loop's store: the old one's is dropped
+            assert "release replies unread" in caplog.text
+            assert pair.writer.stats()["invalidations_deferred"] > deferred
+            await until(lambda: pair.served_from_redis(uid, "bob"), "the release was never replayed")
+        finally:
+            await ae.dispose()
+
+    try:
+        pair.run(lambda _: after())
+    finally:
+        pair.writer.detach(ae)
+        gc.collect()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -220,9 +221,10 @@ def test_an_async_command_larger_than_the_socket_takes_is_written_whole(redis_ur
 def test_an_async_write_on_a_lost_connection_is_redis_pys_connection_error(
     private_redis: RedisServer,
 ) -> None:
-    """The server closed the connection (CLIENT KILL of a private server): a write, or the read of
-    its reply, raises redis-py's ConnectionError; nothing passes silently (an asyncio transport drops
-    writes to a lost connection without raising: the drain after each write raises)."""
+    """The server closed the connection (CLIENT KILL of a private server): an asyncio transport drops
+    writes to a lost connection without raising, so ``Wire.asend`` must find out itself. Writing
+    again (replies unread) soon raises redis-py's ConnectionError naming the server, and leaves the
+    connection disconnected."""
 
     async def body() -> None:
         pool = redis.asyncio.ConnectionPool.from_url(private_redis.url, socket_timeout=2)
@@ -232,10 +234,13 @@ def test_an_async_write_on_a_lost_connection_is_redis_pys_connection_error(
             await Wire.asend(conn, "CLIENT", "ID")
             cid = await conn.read_response()
             killer.client_kill_filter(_id=cid)
-            with pytest.raises(redis.ConnectionError):
-                for _ in range(3):  # the loss may be seen by the write, or by the read of its reply
+            deadline = time.monotonic() + 10
+            with pytest.raises(redis.ConnectionError, match=f"127.0.0.1:{private_redis.port}"):
+                while time.monotonic() < deadline:  # the first writes may still reach the socket
                     await Wire.asend(conn, "PING")
-                    await conn.read_response()
+                    await asyncio.sleep(0.01)  # the loop's turn: it learns of the loss
+            assert time.monotonic() < deadline, "writes to a lost connection never failed"
+            assert not conn.is_connected
         finally:
             killer.close()
             await conn.disconnect()
@@ -243,3 +248,28 @@ def test_an_async_write_on_a_lost_connection_is_redis_pys_connection_error(
             await pool.disconnect()
 
     asyncio.run(body())
+
+
+def test_a_release_never_goes_out_on_a_connection_made_after_its_lock(private_redis: RedisServer) -> None:
+    """The pool was disconnected between a commit's lock and its release (a cluster's topology change
+    closes a node's connections in use too): redis-py would reconnect and send the release on a new
+    connection, reading its reply as the lock's. The release fails instead, as an outage (journalled
+    by the caller)."""
+    from sqlcache._health import Health
+
+    store = RedisStore(client_for(private_redis.url, 2.0), Health())
+    try:
+        key = f"wire-{uuid.uuid4().hex[:8]}"
+        sent = store.send_lock("clock", [key], "tok", 10_000, 60_000)
+        store.client.connection_pool.disconnect()
+        other = redis.Redis(port=private_redis.port)
+        deadline = time.monotonic() + 10
+        while (locked := other.get(key)) is None:  # the lock's bytes were on their way: Redis ran it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(CacheUnavailable):
+            store.release_after(sent, "clock", [key], "tok", 60_000)
+        assert other.get(key) == locked  # the release never ran: the lock stands (journalled by the caller)
+        other.close()
+    finally:
+        store.client.close()
