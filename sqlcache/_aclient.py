@@ -14,6 +14,7 @@ import redis.asyncio.connection as aconnection
 import redis.asyncio.sentinel as asentinel
 import redis.sentinel
 
+from ._pools import AsyncLeanPool
 from ._store import KEPT_CONNECTION_KWARGS
 from .errors import ConfigurationError
 
@@ -60,7 +61,7 @@ def async_client_like(sync_client: redis.Redis, timeout: float) -> aredis.Redis:
             "which sqlcache cannot build: pass a redis:// or rediss:// URL, or a plain redis.Redis"
         )
     kept = _async_kwargs(pool.connection_kwargs, twin, timeout)
-    return aredis.Redis(connection_pool=aredis.ConnectionPool(connection_class=twin, **kept))
+    return aredis.Redis(connection_pool=AsyncLeanPool(connection_class=twin, **kept))
 
 
 def _async_sentinel_client(pool: redis.sentinel.SentinelConnectionPool, timeout: float) -> aredis.Redis:

@@ -28,6 +28,7 @@ from ._aclient import quietly_closed
 from ._astore import AsyncRedisStore
 from ._cluster import ClusterTarget, Router
 from ._health import Health
+from ._pools import AsyncLeanPool
 from .errors import CacheUnavailable
 
 __all__ = ["AsyncClusterStore"]
@@ -146,7 +147,7 @@ class AsyncClusterStore(Router):
         accepted = _accepted(twin.__init__) | _accepted(aconnection.AbstractConnection.__init__)
         kwargs = {k: v for k, v in self._target.node_kwargs(host, port).items() if k in accepted}
         kwargs["retry"] = None
-        return aredis.Redis(connection_pool=aredis.ConnectionPool(connection_class=twin, **kwargs))
+        return aredis.Redis(connection_pool=AsyncLeanPool(connection_class=twin, **kwargs))
 
     # -- operations --------------------------------------------------------------------------------
 

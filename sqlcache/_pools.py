@@ -5,6 +5,7 @@ of, and passwords kept out of messages. The stores (``_store``, ``_cluster``, ``
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 from typing import Any
 
@@ -17,7 +18,7 @@ import redis.sentinel
 
 from .errors import ConfigurationError
 
-__all__ = ["KEPT_CONNECTION_KWARGS", "LeanPool", "Wire", "client_for", "hide_password"]
+__all__ = ["KEPT_CONNECTION_KWARGS", "AsyncLeanPool", "LeanPool", "Wire", "client_for", "hide_password"]
 
 
 def client_for(target: redis.Redis | redis.asyncio.Redis | str, timeout: float) -> redis.Redis:
@@ -91,6 +92,56 @@ class LeanPool(redis.ConnectionPool):
             if should_reconnect is not None and should_reconnect():  # redis-py 8's maintenance events
                 connection.disconnect()
             self._available_connections.append(connection)
+
+
+class AsyncLeanPool(redis.asyncio.ConnectionPool):
+    """The asyncio twin of :class:`LeanPool`, for sqlcache's own asyncio pools: redis-py 8 records
+    metrics and dispatches events at each checkout and release, under a lock (measured: 28 µs a
+    checkout and release, against 11 µs here). What a checkout must do is kept: a connection with data
+    or an end waiting (closed by the server, say) is connected again before use, with redis-py's own
+    check. No lock: nothing is awaited between taking a connection and marking it in use, and a pool
+    belongs to one event loop. The release is redis-py's own where it is not a coroutine (before
+    redis-py 5.1), whose client calls it without awaiting."""
+
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+        try:
+            conn = self._available_connections.pop()
+        except IndexError:
+            if len(self._in_use_connections) >= self.max_connections:
+                raise redis.ConnectionError("Too many connections") from None
+            conn = self.make_connection()  # type: ignore[no-untyped-call, unused-ignore]
+        self._in_use_connections.add(conn)
+        # redis-py 8's name for the check; before, can_read_destructive (deprecated since)
+        check = conn.can_read if hasattr(conn, "can_read") else conn.can_read_destructive
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call, unused-ignore]
+            try:
+                if await check():
+                    raise redis.ConnectionError("the connection has data")
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                await conn.disconnect()
+                await conn.connect()  # type: ignore[no-untyped-call, unused-ignore]
+                if await check():
+                    raise redis.ConnectionError("the connection is not ready") from None
+        except BaseException:
+            self._in_use_connections.discard(conn)
+            self._available_connections.append(conn)
+            raise
+        return conn
+
+    if inspect.iscoroutinefunction(redis.asyncio.ConnectionPool.release):
+
+        async def release(self, connection: Any) -> None:
+            try:
+                self._in_use_connections.remove(connection)
+            except KeyError:
+                return  # not checked out here, or released already: as redis-py, nothing happens
+            should_reconnect = getattr(connection, "should_reconnect", None)
+            try:
+                if should_reconnect is not None and should_reconnect():  # redis-py 8's maintenance events
+                    await connection.disconnect()
+            finally:
+                self._available_connections.append(connection)
 
 
 # hiredis packs a command in C (redis-py's own packer costs about 4 µs of a small hit); before hiredis

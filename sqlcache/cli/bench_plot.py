@@ -80,6 +80,11 @@ _PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...]], ...] = (
         "AsyncSession.get of one row",
         (("plain", "async get plain"), ("sqlcache", "async get hit")),
     ),
+    (
+        "async update",
+        "AsyncSession: update of one row + commit",
+        (("plain", "async update plain"), ("sqlcache", "async update sqlcache")),
+    ),
 )
 
 _SERIES: dict[str, tuple[str, str]] = {  # series: (legend, colour)

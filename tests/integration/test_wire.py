@@ -273,3 +273,40 @@ def test_a_release_never_goes_out_on_a_connection_made_after_its_lock(private_re
         other.close()
     finally:
         store.client.close()
+
+
+def test_the_lean_asyncio_pool_never_hands_out_a_connection_out_of_step(private_redis: RedisServer) -> None:
+    """``AsyncLeanPool`` skips redis-py's metrics, not its checkout check: a connection given back
+    with a reply unread, or closed by the server, is connected again before its next use, and
+    answers its own command."""
+    from sqlcache._pools import AsyncLeanPool
+
+    async def body() -> None:
+        pool = AsyncLeanPool.from_url(private_redis.url, socket_timeout=2)
+        killer = redis.Redis(port=private_redis.port)
+        try:
+            conn = await pool.get_connection()
+            await Wire.asend(conn, "ECHO", "stale")  # its reply left unread (a bug this check catches)
+            deadline = time.monotonic() + 10
+            while not conn._reader._buffer:  # the reply reached the connection's reader
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            await pool.release(conn)
+            conn = await pool.get_connection()
+            await Wire.asend(conn, "ECHO", "fresh")
+            assert await conn.read_response() == b"fresh"
+            await Wire.asend(conn, "CLIENT", "ID")
+            killer.client_kill_filter(_id=await conn.read_response())
+            await pool.release(conn)
+            while not conn._reader.at_eof():  # the loop saw the server close it
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            conn = await pool.get_connection()
+            await Wire.asend(conn, "PING")
+            assert await conn.read_response() in (b"PONG", True)
+            await pool.release(conn)
+        finally:
+            killer.close()
+            await pool.disconnect()
+
+    asyncio.run(body())
