@@ -315,9 +315,8 @@ class AsyncRedisStore(proto.ScriptCalls):
             nonlocal ran
             ran = True
             try:
-                if not Wire.connected(
-                    conn
-                ):  # closed under the commit (disconnect()): the lock's reply is gone
+                # closed under the commit (a pool's disconnect()): the lock's reply is gone with it
+                if not Wire.connected(conn):
                     raise redis.ConnectionError("the lock's connection was closed before its release")
                 await Wire.asend(conn, "EVALSHA", self._shas["release"], len(keys), *keys, *args)
                 if wait is not None:

@@ -287,9 +287,8 @@ class RedisStore(proto.ScriptCalls):
             nonlocal ran
             ran = True
             try:
-                if not Wire.connected(
-                    conn
-                ):  # closed under the commit (disconnect()): the lock's reply is gone
+                # closed under the commit (a pool's disconnect()): the lock's reply is gone with it
+                if not Wire.connected(conn):
                     raise redis.ConnectionError("the lock's connection was closed before its release")
                 Wire.send(conn, "EVALSHA", self._scripts["release"].sha, len(keys), *keys, *args)
                 if wait is not None:
