@@ -12,12 +12,11 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import redis
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,16 +29,11 @@ from sqlcache._settle import Owed
 
 from ..conftest import RedisServer, shareable_url
 from ..helpers import user_name
+from ..integration.test_release_reply import once_locked, row_dependency
 from ..models import User
 from ..proxy import Proxy
 from .conftest import async_engine_like, run_loop
 from .test_async_scenarios import cached_name, make_user, rename
-
-
-def row_dependency(cache: SQLCache, uid: int) -> str:
-    """The key a commit of the user's row locks and releases."""
-    parts: Any = cache._parts
-    return str(parts.identity_keys(parts.registry.hierarchy(inspect(User)), (uid,))[0])
 
 
 def loop_store(cache: SQLCache) -> AsyncRedisStore:
@@ -47,27 +41,6 @@ def loop_store(cache: SQLCache) -> AsyncRedisStore:
     stores: Any = cache._parts.async_stores
     store: AsyncRedisStore = stores._by_loop[asyncio.get_running_loop()]
     return store
-
-
-@contextmanager
-def once_locked(aengine: AsyncEngine, client: redis.Redis, key: str, then: Callable[[], None]) -> Any:
-    """During the next commit on ``aengine``: once Redis has applied the cache's lock on ``key`` (its
-    value changed) and before the database COMMIT, run ``then``."""
-    before = client.get(key)
-    assert before is not None
-
-    def on_commit(conn: Any) -> None:  # listens after the cache: its lock is on its way
-        deadline = time.monotonic() + 10
-        while client.get(key) == before:
-            assert time.monotonic() < deadline, "the lock never reached Redis"
-            time.sleep(0.001)  # polling Redis for the lock, with a deadline
-        then()
-
-    event.listen(aengine.sync_engine, "commit", on_commit)
-    try:
-        yield
-    finally:
-        event.remove(aengine.sync_engine, "commit", on_commit)
 
 
 async def until(predicate: Callable[[], bool], what: str, seconds: float = 20) -> None:
@@ -92,6 +65,7 @@ class Pair:
         self.writer.register(User)
         self.reader.register(User)
         self.reader.attach(self.other)
+        self.client = redis.Redis.from_url(reader_url, socket_timeout=5)  # Redis itself, never cut off
         self.errors: list[str] = []
 
         @signals.cache_error.connect_via(self.writer)
@@ -106,10 +80,20 @@ class Pair:
         hits = self.reader.stats()["hits"]
         return user_name(self.other, uid) == name and self.reader.stats()["hits"] == hits + 1
 
+    async def renamed_once_locked(self, ae: AsyncEngine, then: Callable[[], None]) -> int:
+        """A user "ann" read by both caches, then renamed "bob" by the writer, ``then`` run once Redis
+        has applied the commit's lock (before the database COMMIT); the user's id."""
+        uid = await make_user(ae, "ann")
+        assert await cached_name(ae, uid) == "ann" and user_name(self.other, uid) == "ann"
+        with once_locked(ae.sync_engine, self.client, row_dependency(self.writer, uid), then):
+            await rename(ae, uid, "bob")
+        return uid
+
     def run(self, body: Callable[[AsyncEngine], Awaitable[Any]]) -> Any:
         try:
             return run_loop(self.engine, self.writer, body)
         finally:
+            self.client.close()
             signals.cache_error.disconnect(self._on_error)
             self.reader.detach(self.other)
             self.reader.close()
@@ -125,13 +109,9 @@ def test_a_release_redis_refused_after_the_commit_returned_is_sent_again(
     Redis."""
     monkeypatch.setattr(_astore, "SETTLE_AFTER", 3600)  # the writer's next call reads it, not the timer
     pair = Pair(engine, private_redis.url, private_redis.url, timeout=2)
-    client = redis.Redis(port=private_redis.port, socket_timeout=5)
 
     async def body(ae: AsyncEngine) -> None:
-        uid = await make_user(ae, "ann")
-        assert await cached_name(ae, uid) == "ann" and user_name(pair.other, uid) == "ann"
-        with once_locked(ae, client, row_dependency(pair.writer, uid), client.script_flush):
-            await rename(ae, uid, "bob")
+        uid = await pair.renamed_once_locked(ae, pair.client.script_flush)
         assert len(loop_store(pair.writer)._owed) == 1  # returned before the release's reply was read
         assert user_name(pair.other, uid) == "bob"  # another process, before the writer's next call
         assert await cached_name(ae, uid) == "bob"  # that call sent the release again first
@@ -141,10 +121,7 @@ def test_a_release_redis_refused_after_the_commit_returned_is_sent_again(
         assert pair.served_from_redis(uid, "bob")
         assert pair.errors == [] and pair.writer.stats()["journal"] == 0
 
-    try:
-        pair.run(body)
-    finally:
-        client.close()
+    pair.run(body)
 
 
 def test_a_release_lost_after_the_commit_returned_is_journalled(
@@ -156,13 +133,9 @@ def test_a_release_lost_after_the_commit_returned_is_journalled(
     it, and once Redis is reachable again the replay drops the lock."""
     proxy = Proxy(private_redis.port)
     pair = Pair(engine, proxy.url, private_redis.url, timeout=0.5, backoff=0.05, max_backoff=0.05)
-    client = redis.Redis(port=private_redis.port, socket_timeout=5)
 
     async def body(ae: AsyncEngine) -> None:
-        uid = await make_user(ae, "ann")
-        assert await cached_name(ae, uid) == "ann" and user_name(pair.other, uid) == "ann"
-        with once_locked(ae, client, row_dependency(pair.writer, uid), proxy.hold):
-            await rename(ae, uid, "bob")
+        uid = await pair.renamed_once_locked(ae, proxy.hold)
         assert pair.errors == []
         for _ in range(2):  # the lock holds: read from the database, and not filled
             assert user_name(pair.other, uid) == "bob"
@@ -183,7 +156,6 @@ def test_a_release_lost_after_the_commit_returned_is_journalled(
     try:
         pair.run(body)
     finally:
-        client.close()
         proxy.close()
 
 
@@ -197,13 +169,9 @@ def test_a_release_lost_by_a_writer_gone_quiet_is_journalled_by_the_loop(
     pair = Pair(
         engine, proxy.url, private_redis.url, timeout=0.5, backoff=0.05, max_backoff=0.05, lock_ttl=600
     )
-    client = redis.Redis(port=private_redis.port, socket_timeout=5)
 
     async def body(ae: AsyncEngine) -> None:
-        uid = await make_user(ae, "ann")
-        assert await cached_name(ae, uid) == "ann" and user_name(pair.other, uid) == "ann"
-        with once_locked(ae, client, row_dependency(pair.writer, uid), proxy.hold):
-            await rename(ae, uid, "bob")
+        uid = await pair.renamed_once_locked(ae, proxy.hold)
         await until(lambda: pair.writer.stats()["journal"] > 0, "the loop never read the reply")
         assert "release" in pair.errors and not loop_store(pair.writer)._owed
         proxy.heal()  # for the replay (the journal's own timer); the release itself was never delivered
@@ -213,7 +181,6 @@ def test_a_release_lost_by_a_writer_gone_quiet_is_journalled_by_the_loop(
     try:
         pair.run(body)
     finally:
-        client.close()
         proxy.close()
 
 
@@ -236,7 +203,7 @@ def test_aclose_journals_a_lost_release_before_the_last_replay(
         try:
             uid = await make_user(ae, "ann")
             assert await cached_name(ae, uid) == "ann"
-            with once_locked(ae, client, row_dependency(writer, uid), proxy.hold):
+            with once_locked(ae.sync_engine, client, row_dependency(writer, uid), proxy.hold):
                 await rename(ae, uid, "bob")
             with caplog.at_level(logging.WARNING, logger="sqlcache"):
                 await writer.aclose()
@@ -255,20 +222,16 @@ def test_a_release_behind_a_refused_lock_is_awaited(engine: Engine, private_redi
     """A lock Redis refused (its scripts flushed before the commit) locked nothing: the release's reply
     is read before the commit returns."""
     pair = Pair(engine, private_redis.url, private_redis.url, timeout=2)
-    client = redis.Redis(port=private_redis.port, socket_timeout=5)
 
     async def body(ae: AsyncEngine) -> None:
         uid = await make_user(ae, "ann")
         assert await cached_name(ae, uid) == "ann"
-        client.script_flush()
+        pair.client.script_flush()
         await rename(ae, uid, "bob")
         assert not loop_store(pair.writer)._owed
         assert pair.served_from_redis(uid, "bob")
 
-    try:
-        pair.run(body)
-    finally:
-        client.close()
+    pair.run(body)
 
 
 def test_tasks_committing_together_each_get_their_release_read(
@@ -280,7 +243,6 @@ def test_tasks_committing_together_each_get_their_release_read(
     if engine.dialect.name == "sqlite":
         pytest.skip("one writer at a time: SQLite serialises the commits this test overlaps")
     pair = Pair(engine, private_redis.url, private_redis.url, timeout=2)
-    client = redis.Redis(port=private_redis.port, socket_timeout=5)
 
     async def body(ae: AsyncEngine) -> None:
         uids = [await make_user(ae, f"u{i}") for i in range(4)]
@@ -298,12 +260,22 @@ def test_tasks_committing_together_each_get_their_release_read(
         assert not loop_store(pair.writer)._owed
         assert pair.writer.stats()["errors"] == 0 and pair.writer.stats()["journal"] == 0
         # two per task at most (one in use, one awaiting its reply), the reader's and this client's
-        assert int(client.info("clients")["connected_clients"]) <= 2 * len(uids) + 2
+        assert int(pair.client.info("clients")["connected_clients"]) <= 2 * len(uids) + 2
 
-    try:
-        pair.run(body)
-    finally:
-        client.close()
+    pair.run(body)
+
+
+def recording_health(**settings: Any) -> tuple[Health, list[tuple[Sequence[str], str]]]:
+    """A Health whose lost releases are recorded, (keys, token) each, in the list returned with it."""
+    health = Health(**settings)
+    lost: list[tuple[Sequence[str], str]] = []
+    health.on_release_lost = lambda keys, token, exc: lost.append((keys, token))
+    return health, lost
+
+
+def store_on(server: RedisServer, health: Health, timeout: float) -> AsyncRedisStore:
+    """An asyncio store of its own on ``server`` (made in the running loop)."""
+    return AsyncRedisStore(async_client_like(client_for(server.url, timeout), timeout), health)
 
 
 async def owed_blpop(store: AsyncRedisStore, seconds: int, i: int = 0) -> None:
@@ -314,16 +286,23 @@ async def owed_blpop(store: AsyncRedisStore, seconds: int, i: int = 0) -> None:
     store._owed.append(Owed(conn, os.getpid(), time.monotonic(), "clock", [f"k{i}"], f"t{i}", 1000, None))
 
 
+async def settling_a_late_reply(store: AsyncRedisStore, seconds: int) -> asyncio.Task[None]:
+    """A task of the running loop settling ``store``, once it has taken a reply that comes after
+    ``seconds`` (0: never) and is reading it."""
+    await owed_blpop(store, seconds)
+    reading = asyncio.get_running_loop().create_task(store.settle())
+    await until(lambda: not store._owed, "the task never took the reply")
+    return reading
+
+
 def test_one_settle_never_waits_out_a_timeout_per_unread_reply(private_redis: RedisServer) -> None:
     """Ten replies that never come: the first read times out, the other nine are handed over unread;
     each is reported lost, and every connection is dropped."""
     timeout = 0.5
-    health = Health(failure_threshold=100)
-    lost: list[tuple[Sequence[str], str]] = []
-    health.on_release_lost = lambda keys, token, exc: lost.append((keys, token))
+    health, lost = recording_health(failure_threshold=100)
 
     async def main() -> float:
-        store = AsyncRedisStore(async_client_like(client_for(private_redis.url, timeout), timeout), health)
+        store = store_on(private_redis, health, timeout)
         try:
             for i in range(10):
                 await owed_blpop(store, 0, i)
@@ -341,16 +320,12 @@ def test_one_settle_never_waits_out_a_timeout_per_unread_reply(private_redis: Re
 def test_disconnect_waits_for_a_reply_another_task_is_reading(private_redis: RedisServer) -> None:
     """A reply another task is reading when the store disconnects is read to the end first: closed
     under it, an applied release would be reported lost."""
-    health = Health()
-    lost: list[Sequence[str]] = []
-    health.on_release_lost = lambda keys, token, exc: lost.append(keys)
+    health, lost = recording_health()
 
     async def main() -> None:
-        store = AsyncRedisStore(async_client_like(client_for(private_redis.url, 5.0), 5.0), health)
+        store = store_on(private_redis, health, 5.0)
         try:
-            await owed_blpop(store, 1)
-            reading = asyncio.get_running_loop().create_task(store.settle())
-            await until(lambda: not store._owed, "the task never took the reply")
+            reading = await settling_a_late_reply(store, 1)
             await store.disconnect()
             assert reading.done() and lost == []
         finally:
@@ -363,20 +338,16 @@ def test_a_reply_whose_reading_is_cancelled_is_journalled(private_redis: RedisSe
     """The task reading a reply is cancelled (its loop shutting down): the release is handed to the
     journal as lost, the cancellation goes on, and the connection is dropped, not given back in the
     middle of a reply."""
-    health = Health()
-    lost: list[Sequence[str]] = []
-    health.on_release_lost = lambda keys, token, exc: lost.append(keys)
+    health, lost = recording_health()
 
     async def main() -> None:
-        store = AsyncRedisStore(async_client_like(client_for(private_redis.url, 5.0), 5.0), health)
+        store = store_on(private_redis, health, 5.0)
         try:
-            await owed_blpop(store, 0)
-            reading = asyncio.get_running_loop().create_task(store.settle())
-            await until(lambda: not store._owed, "the task never took the reply")
+            reading = await settling_a_late_reply(store, 0)
             reading.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await reading
-            assert lost == [["k0"]]
+            assert lost == [(["k0"], "t0")]
             pool: Any = store.client.connection_pool
             assert not pool._in_use_connections and not any(
                 c.is_connected for c in pool._available_connections
