@@ -35,8 +35,8 @@ from ._aclient import quietly_closed
 from ._health import Health
 from ._pools import Wire
 from ._protocol import ReadResult, SentLock
+from ._scripts import LINEAGE_SOURCE, script_source
 from ._settle import SETTLE_AFTER, Owed
-from ._store import LINEAGE_SOURCE, script_source
 from .errors import CacheUnavailable
 
 __all__ = ["AsyncRedisStore"]

@@ -29,8 +29,9 @@ from redis.exceptions import RedisClusterException
 from . import _keys
 from . import _protocol as proto
 from ._health import Health
+from ._pools import Subscription
 from ._protocol import ReadResult, SentLock
-from ._store import KEPT_CONNECTION_KWARGS, LeanPool, RedisStore, Subscription, hide_password
+from ._store import KEPT_CONNECTION_KWARGS, LeanPool, RedisStore, hide_password
 from .errors import CacheUnavailable, ConfigurationError
 
 __all__ = [

@@ -1,6 +1,7 @@
 """How sqlcache connects to one Redis server: its own client and pool built from the user's URL or
-client (their server and credentials, our timeouts), the lean pool its hot path checks connections out
-of, and passwords kept out of messages. The stores (``_store``, ``_cluster``, ``_shardstore``) use them."""
+client (their server and credentials, our timeouts), the lean pools its hot paths check connections
+out of (sync and asyncio), commands written straight on the socket (``Wire``), a pub/sub subscription
+whose failures are outages, and passwords kept out of messages. The stores use them."""
 
 from __future__ import annotations
 
@@ -16,9 +17,17 @@ import redis.asyncio.connection
 import redis.connection
 import redis.sentinel
 
-from .errors import ConfigurationError
+from .errors import CacheUnavailable, ConfigurationError
 
-__all__ = ["KEPT_CONNECTION_KWARGS", "AsyncLeanPool", "LeanPool", "Wire", "client_for", "hide_password"]
+__all__ = [
+    "KEPT_CONNECTION_KWARGS",
+    "AsyncLeanPool",
+    "LeanPool",
+    "Subscription",
+    "Wire",
+    "client_for",
+    "hide_password",
+]
 
 
 def client_for(target: redis.Redis | redis.asyncio.Redis | str, timeout: float) -> redis.Redis:
@@ -142,6 +151,30 @@ class AsyncLeanPool(redis.asyncio.ConnectionPool):
                     await connection.disconnect()
             finally:
                 self._available_connections.append(connection)
+
+
+class Subscription:
+    """A pub/sub subscription whose failures arrive as CacheUnavailable (from the redis-py error)."""
+
+    def __init__(self, client: redis.Redis, channel: str) -> None:
+        try:
+            self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
+            self._pubsub.subscribe(channel)
+        except (redis.RedisError, OSError) as exc:
+            raise CacheUnavailable("listen") from exc
+
+    def get_message(self, timeout: float) -> dict[str, Any] | None:
+        try:
+            message: dict[str, Any] | None = self._pubsub.get_message(timeout=timeout)
+        except (redis.RedisError, OSError) as exc:
+            raise CacheUnavailable("listen") from exc
+        return message
+
+    def close(self) -> None:
+        try:
+            self._pubsub.close()
+        except (redis.RedisError, OSError):
+            pass
 
 
 # hiredis packs a command in C (redis-py's own packer costs about 4 µs of a small hit); before hiredis

@@ -9,7 +9,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from importlib import resources
 from typing import Any, TypeVar
 
 import redis
@@ -21,20 +20,18 @@ from . import _protocol as proto
 from . import _settle
 from ._health import Health
 from ._keys import Layout
-from ._pools import KEPT_CONNECTION_KWARGS, LeanPool, Wire, client_for, hide_password
+from ._pools import KEPT_CONNECTION_KWARGS, LeanPool, Subscription, Wire, client_for, hide_password
 from ._protocol import ReadResult, SentLock
+from ._scripts import LINEAGE_SOURCE, script_source
 from ._settle import Owed
 from .errors import CacheUnavailable
 
 __all__ = [
     "KEPT_CONNECTION_KWARGS",
-    "LINEAGE_SOURCE",
     "LeanPool",
     "RedisStore",
-    "Subscription",
     "client_for",
     "hide_password",
-    "script_source",
 ]
 
 T = TypeVar("T")
@@ -44,54 +41,6 @@ log = logging.getLogger("sqlcache")
 # Errors that mean "Redis cannot serve us right now". A ResponseError from a script (OOM, READONLY
 # replica, BUSY) is an outage too as far as callers are concerned: the database answers instead.
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-
-
-class Subscription:
-    """A pub/sub subscription whose failures arrive as CacheUnavailable (from the redis-py error)."""
-
-    def __init__(self, client: redis.Redis, channel: str) -> None:
-        try:
-            self._pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
-            self._pubsub.subscribe(channel)
-        except _REDIS_ERRORS as exc:
-            raise CacheUnavailable("listen") from exc
-
-    def get_message(self, timeout: float) -> dict[str, Any] | None:
-        try:
-            message: dict[str, Any] | None = self._pubsub.get_message(timeout=timeout)
-        except _REDIS_ERRORS as exc:
-            raise CacheUnavailable("listen") from exc
-        return message
-
-    def close(self) -> None:
-        try:
-            self._pubsub.close()
-        except _REDIS_ERRORS:
-            pass
-
-
-#: scripts Redis must run even when it refuses writes for memory (maxmemory reached under the default
-#: policy, noeviction): a commit's lock and release and a connection's lineage check. Refused, the
-#: release would wait in the writer's journal while other processes served the old rows from Redis.
-#: Fills stay refusable: under memory pressure nothing new is stored.
-_ALLOW_OOM = frozenset({"lock", "release", "unlock", "lineage"})
-
-
-def script_source(name: str) -> str:
-    lua = resources.files("sqlcache").joinpath("lua")
-    # a shebang is the script's very first line (Redis 7); cross-slot keys stay allowed, as for a script
-    # without one
-    flags = "#!lua flags=allow-oom,allow-cross-slot-keys\n" if name in _ALLOW_OOM else ""
-    return (
-        flags
-        + lua.joinpath("_lib.lua").read_text("utf-8")
-        + "\n"
-        + lua.joinpath(f"{name}.lua").read_text("utf-8")
-    )
-
-
-#: lineage.lua, sent whole (EVAL) on every new connection: a restarted server has no scripts loaded
-LINEAGE_SOURCE = script_source("lineage")
 
 
 class RedisStore(proto.ScriptCalls):
