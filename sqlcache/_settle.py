@@ -23,8 +23,9 @@ log = logging.getLogger("sqlcache")
 
 @dataclass(slots=True)
 class Owed:
-    """A release written behind a lock whose reply is read later (``RedisStore.settle``): what it
-    released, to release it again or journal it if that reply says Redis did not apply it."""
+    """A release written behind a lock whose reply is read later (``RedisStore.settle``, and in the
+    asyncio world ``AsyncRedisStore.settle``): what it released, to release it again or journal it if
+    that reply says Redis did not apply it."""
 
     conn: Any
     pid: int  # the process that wrote it (a forked child never reads its parent's connections)
