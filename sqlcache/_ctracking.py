@@ -80,6 +80,8 @@ class CheckedTracking:
 
     Subclasses say how the nodes are found (:meth:`_connect_watches`) and checked (:meth:`_check`)."""
 
+    pong_proves = False  # a round's pongs count once the keeper's check of that round passed
+
     def __init__(self) -> None:
         self._closed = False
         self._watches: list[Tracking] = []

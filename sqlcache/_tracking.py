@@ -284,6 +284,8 @@ def tracking_target(client: redis.Redis, timeout: float) -> Target:
 class Tracking:
     """One tracking connection. Not thread-safe: the local tier calls it under its lock."""
 
+    pong_proves = True  # one server: its answer to a PING follows every message it sent before
+
     def __init__(self, target: Target, prefixes: Sequence[str]) -> None:
         self.target = target
         self._prefixes = [p.encode() for p in prefixes]

@@ -5,6 +5,7 @@ local tier, no shared Python state), against real Redis and databases."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from sqlcache.errors import ConfigurationError
 from ..conftest import RedisServer, shareable_url
 from ..helpers import make_user, user_name
 from ..models import User
+from ..proxy import Proxy
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
@@ -240,26 +242,104 @@ def test_a_flushed_or_restarted_redis_drops_the_tier(
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
 def test_nothing_is_served_locally_past_max_lag_without_an_answered_ping(
-    engine: Engine, redis_url: str
+    engine: Engine, private_redis: RedisServer
 ) -> None:
-    """The bound is enforced: with the tracking connection's keeper stopped (no PING answered since),
-    the tier stops serving once ``local_max_lag`` has passed, and Redis answers."""
-    with tiered(redis_url, engine, local_bytes=1 << 20, local_max_lag=0.05) as cache:
+    """The bound is enforced: once the PINGs on the tracking connection go unanswered (a proxy that
+    stops passing what the process sends, whoever sends it: the keeper or a reader), the tier stops
+    serving when ``local_max_lag`` has passed since the last PING that may still be answered."""
+    proxy = Proxy(private_redis.port)
+    cache = SQLCache(proxy.url, prefix="lag", default_ttl=600, local_bytes=1 << 20, local_max_lag=0.05,
+                     timeout=0.2, failure_threshold=1, backoff=30)  # fmt: skip
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        wait_for(lambda: serving(cache), "the tracking connection")
         uid = make_user(engine, "ann")
-        for _ in range(3):
-            assert user_name(engine, uid) == "ann"
+        wait_for(lambda: user_name(engine, uid) == "ann" and cache.stats()["local_hits"] >= 1, "a local hit")
         tier: Any = cache._parts.local
-        tier._stop.set()
-        tier._thread.join()
-        # the last PING the keeper sent may still be answered (a read drains its PONG, as it must): the
-        # bound then runs from when that PING was sent
-        last = max([tier._alive, *tier._pings])
+        with tier._lock:
+            proxy.hold()
+            # a PING already written may still be answered (a read drains its PONG, as it must): the
+            # bound then runs from when that one was sent; nothing written from here on is answered
+            last = max([tier._alive, *tier._pings])
         wait_for(lambda: time.monotonic() - last > 0.05, "max_lag to pass")
         hits = cache.stats()["local_hits"]
         for _ in range(3):
-            assert user_name(engine, uid) == "ann"
+            assert user_name(engine, uid) == "ann"  # the database answers: Redis is out of reach too
         assert cache.stats()["local_hits"] == hits
-        assert cache.stats()["hits"] >= 3
+    finally:
+        proxy.close()
+        cache.detach(engine)
+        cache.close()
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_the_keeper_stays_out_of_the_way_of_busy_readers(
+    engine: Engine, local: SQLCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While reads go on, the PINGs are the readers' and the keeper's thread sleeps: a thread waking
+    every ``local_max_lag / 4`` would contend with them for the GIL, and make every call of theirs that
+    releases it (a socket read, a poll) cost a thread switch."""
+    uid = make_user(engine, "v1")
+    tier: Any = local._parts.local
+    by: list[str] = []
+    ping = tier._ping
+
+    def recording(tracking: Any) -> None:
+        by.append(threading.current_thread().name)
+        ping(tracking)
+
+    monkeypatch.setattr(tier, "_ping", recording)
+    woken: list[float] = []
+    wake = tier._wake
+
+    class Counting:
+        def wait(self, timeout: float) -> bool:
+            woken.append(time.monotonic())
+            return bool(wake.wait(timeout))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(wake, name)
+
+    monkeypatch.setattr(tier, "_wake", Counting())
+    until = time.monotonic() + 40 * tier._interval  # 40 of the keeper's rounds while idle
+    while time.monotonic() < until:
+        assert user_name(engine, uid) == "v1"
+        time.sleep(0.002)
+    keeper = by.count("sqlcache-local-tier")
+    assert len(by) - keeper >= 20  # the readers pinged, about once per interval
+    assert keeper <= 2  # its rounds before the readers took over
+    assert len(woken) <= 10  # a few rounds until it sees they did, then once a second
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_readers_keep_the_tier_proven_without_the_keeper(
+    engine: Engine, local: SQLCache, writer: tuple[SQLCache, Engine]
+) -> None:
+    """While reads go on, the readers ping the tracking connection themselves (the keeper sleeps, out of
+    their way): with the keeper gone, reads spread over many times ``local_max_lag`` are still served
+    locally, and another process's commit is still seen at once."""
+    _, other = writer
+    uid = make_user(engine, "v1")
+    for _ in range(3):
+        assert user_name(engine, uid) == "v1"
+    tier: Any = local._parts.local
+    tier._stop.set()
+    tier._wake.set()
+    tier._thread.join()
+    hits = local.stats()["local_hits"]
+    until = time.monotonic() + 5 * local.config.local_max_lag
+    reads = 0
+    while time.monotonic() < until:
+        assert user_name(engine, uid) == "v1"
+        reads += 1
+        time.sleep(0.002)  # reads a few milliseconds apart, as a busy process's are
+    assert local.stats()["local_hits"] - hits >= reads - 2  # at most the first after a late PONG
+    _rename(other, uid, "v2")
+    assert user_name(engine, uid) == "v2"
+    for _ in range(3):
+        assert user_name(engine, uid) == "v2"
+    assert local.stats()["local_hits"] > hits + reads - 2
 
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
