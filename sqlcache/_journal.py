@@ -100,8 +100,12 @@ class Journal:
         the replay drops (as the writer's release would have)."""
         self._schedule()
         with self._mutex:
-            if token and len(self._held) < HELD_LIMIT:
-                self._held[token] = (tuple(keys), self._defers + 1)
+            if token and (token in self._held or len(self._held) < HELD_LIMIT):
+                # a lock journalled in parts (a sharded commit's releases, lost node by node): the
+                # replay releases every part, not only the last
+                merged = dict.fromkeys(self._held.get(token, ((), 0))[0])
+                merged.update(dict.fromkeys(keys))
+                self._held[token] = (tuple(merged), self._defers + 1)
             # journalled even while a fence is pending: that fence may be in Redis already (a replay in
             # flight), before this commit's COMMIT, and cover nothing it wrote; a replay that applies a
             # fence forgets only the keys deferred before it began (see replay)

@@ -25,7 +25,11 @@ log = logging.getLogger("sqlcache")
 class Owed:
     """A release written behind a lock whose reply is read later (``RedisStore.settle``, and in the
     asyncio world ``AsyncRedisStore.settle``): what it released, to release it again or journal it if
-    that reply says Redis did not apply it."""
+    that reply says Redis did not apply it.
+
+    Several may be owed on one connection (a sharded cluster's node runs one release per shard it
+    serves, behind their locks): they are read in order, and only the last, which ``holds`` the
+    connection, gives it back to the pool."""
 
     conn: Any
     pid: int  # the process that wrote it (a forked child never reads its parent's connections)
@@ -35,6 +39,7 @@ class Owed:
     token: str
     gen_ttl_ms: int
     announce: tuple[str, bytes] | None
+    holds: bool = True  # the last reply owed on its connection: it gives the connection back
 
 
 #: seconds after which a release reply that no call of its store has read is read by the settler thread

@@ -5,6 +5,8 @@ splitting, each node's share carried over redis-py (every node's written before 
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +17,9 @@ from . import _keys
 from . import _protocol as proto
 from ._cluster import ClusterStore, ClusterTarget, cluster_factory, is_cluster_target
 from ._health import Health
+from ._pools import Wire
 from ._protocol import SentLock
+from ._settle import Owed
 from ._shardsplit import Shard, ShardSplit, ShardTable, slot_of
 from ._store import RedisStore, client_for, hide_password
 from .errors import CacheUnavailable, ConfigurationError
@@ -127,33 +131,53 @@ class ShardedClusterStore(ShardSplit, ClusterStore):
         announce: tuple[str, bytes] | None = None,
     ) -> bool:
         """Each node's release behind its lock on the lock's connection (Redis runs them in order);
-        returns whether every lock had succeeded."""
+        returns whether every lock had succeeded.
+
+        As on one server (``RedisStore.release_after``), every lock's reply is read before this
+        returns, and the releases' replies are left on their connections for the node's next call
+        (:meth:`RedisStore.settle`): several on one connection where a node serves several shards,
+        read in order. Read at once instead when nobody listens for a lost release, and with
+        ``wait_replicas``."""
         health = self.health
         conns: list[tuple[RedisStore, Any, int]] = sent.conn
         groups = self._group(dep_keys)
         wait_for = health.wait
-        pending: list[tuple[RedisStore, Any, int, int]] = []
+        later = wait_for is None and health.on_release_lost is not None and bool(dep_keys)
+        pending: list[tuple[RedisStore, Any, int, int, list[Owed]]] = []
         unread = {id(conn): (node, conn) for node, conn, _ in conns}  # dropped if the release fails
         lock_ok = True
         try:
             health.check("release")
+            pid, since = os.getpid(), time.monotonic()
             for node, conn, locks in conns:
                 commands = []
+                owed: list[Owed] = []
                 for shard, keys in list(groups.items()):
                     if self._node_at(shard.slot, "release") is node:
                         keys_, args = proto.release_call(shard.clock, keys, token, gen_ttl_ms, (), announce)
+                        o = Owed(conn, pid, since, shard.clock, keys, token, gen_ttl_ms, announce, False)
+                        owed.append(o)
                         announce = None  # published once
                         commands.append(["EVALSHA", node.sha("release"), len(keys_), *keys_, *args])
                         del groups[shard]
                 if wait_for is not None:
                     commands.append(["WAIT", *wait_for])
+                # closed under the commit (a pool's disconnect()): redis-py would reconnect, and the
+                # release would go out on a connection its lock never went out on
+                if not Wire.connected(conn):
+                    raise redis.ConnectionError("the lock's connection was closed before its release")
                 conn.send_packed_command(conn.pack_commands(commands))
-                pending.append((node, conn, locks, len(commands)))
+                pending.append((node, conn, locks, len(commands), owed if later else []))
             failed: BaseException | None = None
             while pending:
-                node, conn, locks, count = pending.pop(0)
+                node, conn, locks, count, owed = pending.pop(0)
                 del unread[id(conn)]
-                got = node.receive(conn, locks + count)
+                if owed:  # the locks' replies now, the releases' later, in order, the last one holding
+                    got = node.receive(conn, locks, keep=True)
+                    owed[-1].holds = True
+                    node.owe(owed)
+                else:
+                    got = node.receive(conn, locks + count)
                 lock_ok = lock_ok and not any(isinstance(r, redis.ResponseError) for r in got[:locks])
                 if wait_for is not None:
                     short = health.short_ack(got.pop())

@@ -270,14 +270,25 @@ class RedisStore(proto.ScriptCalls):
             if not ran:  # refused before run() (backing off, scripts not loaded): the lock's connection
                 self._discard(conn)  # still waits for its reply, and must not stay checked out
             raise
-        if later and self._watched != os.getpid():  # outside run(): its failure must not drop the reply
-            self._watched = os.getpid()
-            _settle.SETTLER.watch(self)
+        if later:  # outside run(): its failure must not drop the reply
+            self._watch()
         if isinstance(release_reply, redis.ResponseError):
             # NOSCRIPT: Redis restarted or was flushed since we loaded the scripts; load and release
             self._loaded_epoch = -1
             self.release(clock_key, dep_keys, token, gen_ttl_ms, announce=announce)
         return not isinstance(lock_reply, redis.ResponseError)
+
+    def _watch(self) -> None:
+        """Have the settler thread read what this store owes if no call of it does (once per process)."""
+        if self._watched != os.getpid():
+            self._watched = os.getpid()
+            _settle.SETTLER.watch(self)
+
+    def owe(self, owed: Sequence[Owed]) -> None:
+        """Release replies left unread on one connection of this node, in the order they were sent,
+        the last holding the connection (a sharded cluster's ``release_after``): read by :meth:`settle`."""
+        self._owed.extend(owed)  # at once: another thread's never land between them
+        self._watch()
 
     def settle(self) -> None:
         """Read the replies of the releases :meth:`release_after` left unread (normally in the socket
@@ -316,19 +327,21 @@ class RedisStore(proto.ScriptCalls):
             if o.pid != os.getpid():  # a forked child: the parent reads its own connections
                 owed.clear()
                 return
-            held = True  # o.conn is still this call's to give back or drop
+            held = True  # o's reply is still this call's to let go of (o.conn given back or dropped)
             failure: CacheUnavailable | None = None
             try:
                 if gave_up or self.health.backing_off:
                     held = False
-                    self._discard(o.conn)
+                    self._let_go(o, drop=True)
                     failure = CacheUnavailable("release (not read: Redis failed)")
                 else:
                     try:
+                        if not Wire.connected(o.conn):  # dropped after an earlier reply on it failed
+                            raise redis.ConnectionError("the connection was closed before this reply")
                         Wire.read(o.conn)
                     except redis.ResponseError:  # not applied; the connection is in step
                         held = False
-                        self.client.connection_pool.release(o.conn)
+                        self._let_go(o)
                         self._loaded_epoch = -1
                         try:
                             self.release(o.clock_key, o.dep_keys, o.token, o.gen_ttl_ms, announce=o.announce)
@@ -337,7 +350,7 @@ class RedisStore(proto.ScriptCalls):
                             failure = exc
                     except _REDIS_ERRORS as exc:
                         held = False
-                        self._discard(o.conn)
+                        self._let_go(o, drop=True)
                         self._loaded_epoch = -1
                         self.health.failed()
                         gave_up = True
@@ -345,16 +358,28 @@ class RedisStore(proto.ScriptCalls):
                         failure.__cause__ = exc
                     else:
                         held = False
-                        self.client.connection_pool.release(o.conn)
+                        self._let_go(o)
             except BaseException as exc:  # interrupted (KeyboardInterrupt): journalled, passed on
                 if held:
-                    self._discard(o.conn)
+                    self._let_go(o, drop=True)
                 interrupted = CacheUnavailable("release (interrupted)")
                 interrupted.__cause__ = exc
                 self._lost(o, interrupted)
                 raise
             if failure is not None:
                 self._lost(o, failure)
+
+    def _let_go(self, o: Owed, drop: bool = False) -> None:
+        """Done with ``o``'s reply: its connection back to the pool (closed first if ``drop``: out of
+        step) if ``o`` holds it; else the connection stays out for the replies still owed on it, closed
+        if ``drop`` (their reads then fail, and the last one gives it back)."""
+        if o.holds:
+            if drop:
+                self._discard(o.conn)
+            else:
+                self.client.connection_pool.release(o.conn)
+        elif drop:
+            o.conn.disconnect()
 
     def _lost(self, o: Owed, failure: CacheUnavailable) -> None:
         lost = self.health.on_release_lost
@@ -371,6 +396,8 @@ class RedisStore(proto.ScriptCalls):
         """Write ``commands`` on a pooled connection of this node without reading their replies (the
         scripts loaded first if the server may have lost them); the connection, for :meth:`receive`.
         Raises redis-py's errors: the caller turns them into one outage for all its nodes."""
+        if self._owed:
+            self.settle()  # the replies a sharded commit left: connections back in the pool
         if self._loaded_epoch != self.health.epoch:
             self._load_scripts()
         conn = self._connection()
@@ -381,9 +408,10 @@ class RedisStore(proto.ScriptCalls):
             raise
         return conn
 
-    def receive(self, conn: Any, count: int) -> list[Any]:
+    def receive(self, conn: Any, count: int, keep: bool = False) -> list[Any]:
         """The next ``count`` replies on ``conn`` (an error reply as its ResponseError, so that one
-        refused command leaves the connection in step); the connection goes back to the pool."""
+        refused command leaves the connection in step); the connection goes back to the pool, unless
+        ``keep`` (more replies are owed on it: see :meth:`owe`). Dropped if a read fails."""
         replies: list[Any] = []
         try:
             for _ in range(count):
@@ -394,7 +422,8 @@ class RedisStore(proto.ScriptCalls):
         except BaseException:
             self._discard(conn)
             raise
-        self.client.connection_pool.release(conn)
+        if not keep:
+            self.client.connection_pool.release(conn)
         if any(isinstance(r, redis.ResponseError) for r in replies):
             self._loaded_epoch = -1  # NOSCRIPT after a restart, say: load them again next time
         return replies
