@@ -9,6 +9,8 @@ store does. A release, once begun, finishes even if the task awaiting the commit
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -23,7 +25,9 @@ from ._astore import AsyncRedisStore
 from ._aworlds import LoopStore
 from ._cluster import ClusterStore, ClusterTarget
 from ._health import Health
+from ._pools import Wire
 from ._protocol import SentLock
+from ._settle import Owed
 from ._shardsplit import Shard, ShardSplit, ShardTable
 from ._shardstore import ShardedClusterStore
 from ._store import RedisStore
@@ -140,25 +144,33 @@ class AsyncShardedClusterStore(ShardSplit, AsyncClusterStore):
         gen_ttl_ms: int,
         announce: tuple[str, bytes] | None = None,
     ) -> bool:
-        """Each node's release behind its lock on the lock's connection; whether every lock succeeded."""
+        """Each node's release behind its lock on the lock's connection; whether every lock succeeded.
+        As the sync store's: every lock's reply is read before this returns, the releases' replies are
+        left for each node's next call (several in order on one connection), except where they must be
+        read at once (no journal, ``wait_replicas``)."""
         health = self.health
         conns: list[tuple[AsyncRedisStore, Any, int]] = sent.conn
         groups = self._group(dep_keys)
         wait_for = health.wait
+        later = wait_for is None and health.on_release_lost is not None and bool(dep_keys)
         try:
             health.check("release")
-            plan: list[tuple[AsyncRedisStore, Any, int, list[list[Any]]]] = []
+            pid, since = os.getpid(), time.monotonic()
+            plan: list[tuple[AsyncRedisStore, Any, int, list[list[Any]], list[Owed]]] = []
             for node, conn, locks in conns:
                 commands: list[list[Any]] = []
+                owed: list[Owed] = []
                 for shard, keys in list(groups.items()):
                     if self._node_at(shard.slot, "release") is node:
                         keys_, args = proto.release_call(shard.clock, keys, token, gen_ttl_ms, (), announce)
+                        o = Owed(conn, pid, since, shard.clock, keys, token, gen_ttl_ms, announce, False)
+                        owed.append(o)
                         announce = None  # published once
                         commands.append(["EVALSHA", node.sha("release"), len(keys_), *keys_, *args])
                         del groups[shard]
                 if wait_for is not None:
                     commands.append(["WAIT", *wait_for])
-                plan.append((node, conn, locks, commands))
+                plan.append((node, conn, locks, commands, owed if later else []))
         except CacheUnavailable:
             if _aio.in_async_greenlet():
                 for node, conn, _ in conns:
@@ -170,11 +182,20 @@ class AsyncShardedClusterStore(ShardSplit, AsyncClusterStore):
             lock_ok = True
             failed: BaseException | None = None
             try:
-                for _, conn, _, commands in plan:
+                for _, conn, _, commands, _ in plan:
+                    # closed under the commit (a pool's disconnect()): redis-py would reconnect, and
+                    # the release would go out on a connection its lock never went out on
+                    if not Wire.connected(conn):
+                        raise redis.ConnectionError("the lock's connection was closed before its release")
                     await conn.send_packed_command(conn.pack_commands(commands))
                 while unread:
-                    node, conn, locks, commands = unread.pop(0)  # receive() drops it if it fails
-                    got = await node.receive(conn, locks + len(commands))
+                    node, conn, locks, commands, owed = unread.pop(0)  # receive() drops it if it fails
+                    if owed:  # the locks' replies now, the releases' later, in order, the last holding
+                        got = await node.receive(conn, locks, keep=True)
+                        owed[-1].holds = True
+                        node.owe(owed)
+                    else:
+                        got = await node.receive(conn, locks + len(commands))
                     lock_ok = lock_ok and not any(isinstance(r, redis.ResponseError) for r in got[:locks])
                     if wait_for is not None:
                         short = health.short_ack(got.pop())
@@ -182,7 +203,7 @@ class AsyncShardedClusterStore(ShardSplit, AsyncClusterStore):
                     refused = [r for r in got[locks:] if isinstance(r, redis.ResponseError)]
                     failed = failed or (refused[0] if refused else None)
             except BaseException:
-                for node, conn, _, _ in unread:
+                for node, conn, _, _, _ in unread:
                     await node.drop(conn)
                 raise
             if failed is not None:

@@ -170,6 +170,8 @@ class AsyncRedisStore(proto.ScriptCalls):
     async def send(self, commands: Sequence[Sequence[Any]]) -> Any:
         """As the sync store's: ``commands`` written on a pooled connection, replies left unread (the
         scripts loaded first if the server may have lost them); the connection, for :meth:`receive`."""
+        if self._owed:
+            await self.settle()  # the replies a sharded commit left: connections back in the pool
         if self._loaded_epoch != self.health.epoch:
             epoch = self.health.epoch
             async with self.client.pipeline(transaction=False) as pipe:
@@ -185,9 +187,9 @@ class AsyncRedisStore(proto.ScriptCalls):
             raise
         return conn
 
-    async def receive(self, conn: Any, count: int) -> list[Any]:
+    async def receive(self, conn: Any, count: int, keep: bool = False) -> list[Any]:
         """The next ``count`` replies on ``conn`` (an error reply as its ResponseError); the connection
-        goes back to the pool."""
+        goes back to the pool unless ``keep`` (more replies are owed on it: :meth:`owe`)."""
         replies: list[Any] = []
         try:
             for _ in range(count):
@@ -198,7 +200,8 @@ class AsyncRedisStore(proto.ScriptCalls):
         except BaseException:
             await self._discard(conn)
             raise
-        await self._give_back(conn)
+        if not keep:
+            await self._give_back(conn)
         if any(isinstance(r, redis.ResponseError) for r in replies):
             self._loaded_epoch = -1
         return replies
@@ -364,6 +367,12 @@ class AsyncRedisStore(proto.ScriptCalls):
 
     # -- the release replies read late -------------------------------------------------------------
 
+    def owe(self, owed: Sequence[Owed]) -> None:
+        """Release replies left unread on one connection of this node, in the order they were sent, the
+        last holding the connection (a sharded cluster's ``release_after``): read by :meth:`settle`."""
+        self._owed.extend(owed)
+        self._settle_later()
+
     def _settle_later(self) -> None:
         """Settle what is owed ``SETTLE_AFTER`` seconds from now, should no call of this store do it
         first (a writer gone quiet): the asyncio twin of the sync world's settler thread."""
@@ -403,25 +412,27 @@ class AsyncRedisStore(proto.ScriptCalls):
             if o.pid != os.getpid():  # a forked child: the parent reads its own connections
                 owed.clear()
                 return
-            held = True  # o.conn is still this call's to give back or drop
+            held = True  # o's reply is still this call's to let go of (o.conn given back or dropped)
             failure: CacheUnavailable | None = None
             try:
                 if gave_up or self.health.backing_off:
                     held = False
-                    await quietly_closed(self._discard(o.conn))
+                    await self._let_go(o, drop=True)
                     failure = CacheUnavailable("release (not read: Redis failed)")
                 else:
                     try:
+                        if not Wire.connected(o.conn):  # dropped after an earlier reply on it failed
+                            raise redis.ConnectionError("the connection was closed before this reply")
                         await o.conn.read_response()
                     except redis.ResponseError:  # not applied; the connection is in step
                         held = False
-                        await self._give_back(o.conn)
+                        await self._let_go(o)
                         self._loaded_epoch = -1
                         failure = await self._release_again(o)
                         gave_up = failure is not None
                     except _REDIS_ERRORS as exc:
                         held = False
-                        await quietly_closed(self._discard(o.conn))
+                        await self._let_go(o, drop=True)
                         self._loaded_epoch = -1
                         self.health.failed()
                         gave_up = True
@@ -429,18 +440,29 @@ class AsyncRedisStore(proto.ScriptCalls):
                         failure.__cause__ = exc
                     else:
                         held = False
-                        await self._give_back(o.conn)
+                        await self._let_go(o)
             except BaseException as exc:  # cancelled (the loop shutting down), interrupted: journalled
                 interrupted = CacheUnavailable("release (interrupted)")
                 interrupted.__cause__ = exc
                 try:
                     if held:  # dropped first: a signal receiver's error below must not leak it
-                        await quietly_closed(self._discard(o.conn))
+                        await self._let_go(o, drop=True)
                 finally:
                     self._lost(o, interrupted)
                 raise
             if failure is not None:
                 self._lost(o, failure)
+
+    async def _let_go(self, o: Owed, drop: bool = False) -> None:
+        """As the sync store's: ``o.conn`` back to the pool (closed first if ``drop``) if ``o`` holds it;
+        else it stays out for the replies still owed on it, closed if ``drop``."""
+        if o.holds:
+            if drop:
+                await quietly_closed(self._discard(o.conn))
+            else:
+                await self._give_back(o.conn)
+        elif drop:
+            await quietly_closed(o.conn.disconnect())
 
     async def _release_again(self, o: Owed) -> CacheUnavailable | None:
         """Send a release again whose first sending Redis refused; the failure, if this one failed too."""
