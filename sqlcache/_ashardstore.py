@@ -192,8 +192,17 @@ class AsyncShardedClusterStore(ShardSplit, AsyncClusterStore):
                     node, conn, locks, commands, owed = unread.pop(0)  # receive() drops it if it fails
                     if owed:  # the locks' replies now, the releases' later, in order, the last holding
                         got = await node.receive(conn, locks, keep=True)
-                        owed[-1].holds = True
-                        node.owe(owed)
+                        try:
+                            if any(isinstance(r, redis.ResponseError) for r in got):
+                                # a lock refused applied nothing, nor did the release behind it: this
+                                # fails now, and the journal takes it (as the sync store)
+                                got += await node.receive(conn, len(commands))
+                            else:
+                                owed[-1].holds = True
+                                node.owe(owed)
+                        except BaseException:
+                            await node.drop(conn)  # interrupted: not left checked out
+                            raise
                     else:
                         got = await node.receive(conn, locks + len(commands))
                     lock_ok = lock_ok and not any(isinstance(r, redis.ResponseError) for r in got[:locks])

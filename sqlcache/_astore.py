@@ -419,10 +419,12 @@ class AsyncRedisStore(proto.ScriptCalls):
                     held = False
                     await self._let_go(o, drop=True)
                     failure = CacheUnavailable("release (not read: Redis failed)")
+                elif not Wire.connected(o.conn):  # closed on purpose (as the sync store's)
+                    held = False
+                    await self._let_go(o, drop=True)
+                    failure = CacheUnavailable("release (not read: its connection was closed)")
                 else:
                     try:
-                        if not Wire.connected(o.conn):  # dropped after an earlier reply on it failed
-                            raise redis.ConnectionError("the connection was closed before this reply")
                         await o.conn.read_response()
                     except redis.ResponseError:  # not applied; the connection is in step
                         held = False

@@ -61,8 +61,9 @@ __all__ = ["LocalStore", "LocalTier", "in_front", "local_tier_for"]
 
 _MAX_DROPS = 10_000  # recent drops remembered at most (then every reply in flight is refused)
 _MAX_BACKOFF = 5.0  # seconds between attempts at a tracking connection, at most
-_KEPT_WAIT = 1.0  # seconds the keeper sleeps while readers keep the connection proven themselves
+_KEPT_WAIT = 1.0  # seconds the keeper sleeps while readers keep the connection proven, or read nothing
 _KEPT_ROUNDS = 4  # rounds in a row the readers pinged before the keeper sleeps that long
+_IDLE_AFTER = 1.0  # seconds without a read through the tier before it does too
 
 
 class TrackingLike(Protocol):
@@ -140,6 +141,8 @@ class LocalTier:
         self._pinged = float("-inf")  # when the last PING was sent, by the keeper or a reader
         self._kept = False  # a reader pinged while the tier served, since the keeper's last round
         self._read = False  # a reader found the tier serving, since the keeper's last round
+        self._looked = False  # a read went through the tier, since the keeper's last round
+        self._idle = False  # the keeper sleeps for want of reads: the next read wakes it
         self._stop = threading.Event()
         self._wake = threading.Event()  # set to stop the keeper, or to have it connect again soon
         self._attempted = float("-inf")  # when the keeper last tried to connect
@@ -160,6 +163,7 @@ class LocalTier:
             self._thread.start()
 
     def close(self) -> None:
+        self._wanted = False  # a read after close() does not start the keeper again
         self._stop.set()
         self._wake.set()
         thread = self._thread
@@ -183,7 +187,7 @@ class LocalTier:
 
     def _run(self) -> None:
         wait = self._interval
-        kept_rounds = 0
+        kept_rounds = idle_rounds = 0
         while True:
             self._wake.wait(wait)
             self._wake.clear()
@@ -215,9 +219,11 @@ class LocalTier:
                     self._install(tracking, epoch)
             with self._lock:
                 current = self._tracking
-                assert current is not None
+                if current is None:  # a reader found it broken meanwhile: connected again next round
+                    continue
                 kept, self._kept = self._kept, False
                 read, self._read = self._read, False
+                looked, self._looked = self._looked, False
                 try:
                     self._drain()
                     # readers found the tier serving: this round's PING is left to them (one is due
@@ -229,10 +235,15 @@ class LocalTier:
                     self._lost()
                     continue
             kept_rounds = kept_rounds + 1 if kept else 0
-            if kept_rounds >= _KEPT_ROUNDS:
-                # the readers pinged while the tier served, round after round: they keep it proven while
-                # they read, and the keeper stays out of their way (see the module). Reads in bursts
-                # further apart do not get here: between them, the keeper's cadence is what serves them
+            idle_rounds = 0 if looked else idle_rounds + 1
+            # nothing read through the tier for a second: the keeper wakes once a second (to drain the
+            # connection and prove it), out of the way of whatever else the process does; the first
+            # read that finds the tier stale wakes it, and is answered by Redis meanwhile
+            self._idle = idle = kept_rounds < _KEPT_ROUNDS and idle_rounds * self._interval >= _IDLE_AFTER
+            if kept_rounds >= _KEPT_ROUNDS or idle:
+                # or the readers pinged while the tier served, round after round: they keep it proven
+                # while they read, and the keeper stays out of their way (see the module). Reads in
+                # bursts further apart do not get here: between them, the keeper's cadence serves them
                 wait = self._kept_wait
             try:
                 # a cluster's proof that the nodes still serve the cache's slots (a round trip: outside
@@ -250,6 +261,7 @@ class LocalTier:
         self._pings.clear()
         self._pinged = float("-inf")
         self._kept = self._read = False
+        self._idle = False
         self._alive = float("-inf")  # nothing served before this connection answered a PING
         self._drop_all(count=False)  # what changed while no connection watched is not known
 
@@ -318,8 +330,10 @@ class LocalTier:
             return False
         try:
             self._drain()
-        except Exception:
+        except BaseException as exc:  # interrupted too: messages taken off and not applied are lost
             self._lost()
+            if not isinstance(exc, Exception):
+                raise
             return False
         tracking = self._tracking
         if tracking.partial:
@@ -336,6 +350,10 @@ class LocalTier:
             # than max_lag would find it stale every time, and the keeper's cadence is what serves them
             self._kept = self._kept or fresh
         self._read = self._read or fresh
+        self._looked = True
+        if self._idle and not fresh:
+            self._idle = False
+            self._wake.set()
         return fresh
 
     # -- reads -------------------------------------------------------------------------------------

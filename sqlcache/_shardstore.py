@@ -174,8 +174,17 @@ class ShardedClusterStore(ShardSplit, ClusterStore):
                 del unread[id(conn)]
                 if owed:  # the locks' replies now, the releases' later, in order, the last one holding
                     got = node.receive(conn, locks, keep=True)
-                    owed[-1].holds = True
-                    node.owe(owed)
+                    try:
+                        if any(isinstance(r, redis.ResponseError) for r in got):
+                            # a lock refused (MOVED, READONLY, NOSCRIPT...) applied nothing: neither did
+                            # the release behind it, so this fails now and the journal takes it
+                            got += node.receive(conn, count)
+                        else:
+                            owed[-1].holds = True
+                            node.owe(owed)
+                    except BaseException:
+                        node.drop(conn)  # interrupted: the connection is not left checked out
+                        raise
                 else:
                     got = node.receive(conn, locks + count)
                 lock_ok = lock_ok and not any(isinstance(r, redis.ResponseError) for r in got[:locks])

@@ -70,6 +70,7 @@ class RedisStore(proto.ScriptCalls):
         # (the settler's), rather than returning while a reply is still being read; reentrant, for the
         # release a refused reply sends again (release -> _call -> settle)
         self._settling = threading.RLock()
+        self._settling_pid = os.getpid()  # the process whose lock that is (see _settle_lock)
         # every new connection asks the server for its run id before anything else is sent on it, so a
         # restarted Redis is noticed even when redis-py reconnects silently
         client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
@@ -298,7 +299,7 @@ class RedisStore(proto.ScriptCalls):
         release's failure goes to the journal. After one such failure, or while the breaker backs off,
         the rest are handed over unread (a release journalled that Redis did apply only costs misses):
         one call never waits out a timeout per owed reply. Never raises for Redis."""
-        with self._settling:
+        with self._settle_lock():
             self._settle()
 
     def unread_since(self) -> float | None:
@@ -310,11 +311,22 @@ class RedisStore(proto.ScriptCalls):
 
     def try_settle(self) -> None:
         """:meth:`settle`, unless another thread is settling this store already (the settler's turn)."""
-        if self._settling.acquire(blocking=False):
+        lock = self._settle_lock()
+        if lock.acquire(blocking=False):
             try:
                 self._settle()
             finally:
-                self._settling.release()
+                lock.release()
+
+    def _settle_lock(self) -> threading.RLock:
+        """The lock replies are read under; in a forked child a new one (the parent's settler thread may
+        have held it at the fork, and no thread of the child would ever release it), and nothing owed:
+        the parent reads its own connections."""
+        if self._settling_pid != os.getpid():
+            self._settling = threading.RLock()
+            self._settling_pid = os.getpid()
+            self._owed.clear()
+        return self._settling
 
     def _settle(self) -> None:
         owed = self._owed
@@ -334,10 +346,15 @@ class RedisStore(proto.ScriptCalls):
                     held = False
                     self._let_go(o, drop=True)
                     failure = CacheUnavailable("release (not read: Redis failed)")
+                elif not Wire.connected(o.conn):
+                    # closed on purpose: an earlier reply on it was interrupted, or handed over while
+                    # the breaker backed off. Not a failure of Redis: no breaker count, and the replies
+                    # owed on other connections are still read
+                    held = False
+                    self._let_go(o, drop=True)
+                    failure = CacheUnavailable("release (not read: its connection was closed)")
                 else:
                     try:
-                        if not Wire.connected(o.conn):  # dropped after an earlier reply on it failed
-                            raise redis.ConnectionError("the connection was closed before this reply")
                         Wire.read(o.conn)
                     except redis.ResponseError:  # not applied; the connection is in step
                         held = False
@@ -468,7 +485,7 @@ class RedisStore(proto.ScriptCalls):
     def disconnect(self) -> None:
         """Close every connection this store opened (the client is sqlcache's own), once the replies
         of the releases left unread are read."""
-        with self._settling:
+        with self._settle_lock():
             self._settle()
             _settle.SETTLER.unwatch(self)
             self._watched = -1

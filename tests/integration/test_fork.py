@@ -85,6 +85,34 @@ def test_child_forked_while_a_lock_was_held_is_not_stuck(engine: Engine, cache: 
     assert user_name(engine, uid) == "child"
 
 
+def test_child_forked_while_release_replies_were_read_is_not_stuck(
+    engine: Engine, cache: SQLCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock the store reads release replies under, held by another thread at the fork (the settler
+    thread's turn), with a reply owed: the child's first call, which settles first, does not wait on
+    it; the child reads and commits."""
+    from sqlcache import _settle
+
+    from ..helpers import NoSettler
+
+    monkeypatch.setattr(_settle, "SETTLER", NoSettler())  # the reply waits for a call, not the settler
+    cache.register(User)
+    uid = make_user(engine)
+    assert user_name(engine, uid) == "ann"
+    rename_user(engine, uid, "bob")  # its release's reply is owed
+    store: Any = cache._parts.store
+    assert store._owed
+
+    def work() -> bool:
+        engine.dispose(close=False)
+        ok = user_name(engine, uid) == "bob"
+        rename_user(engine, uid, "child")
+        return ok and user_name(engine, uid) == "child"
+
+    assert _fork_while_held(store._settling, work) == 0
+    assert user_name(engine, uid) == "child"
+
+
 def test_child_forked_with_a_release_reply_unread_leaves_it_to_the_parent(
     engine: Engine, cache: SQLCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -313,6 +313,40 @@ def test_the_keeper_stays_out_of_the_way_of_busy_readers(
 
 
 @pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_the_keeper_of_a_tier_nobody_reads_sleeps_until_a_read_wakes_it(
+    engine: Engine, local: SQLCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no read through the tier for a second, the keeper wakes once a second (its wake-ups would
+    slow whatever else the process does); the first read after that, answered by Redis, wakes it, and
+    the reads after it are served from memory again."""
+    uid = make_user(engine, "v1")
+    wait_for(lambda: user_name(engine, uid) == "v1" and local.stats()["local_hits"] >= 1, "a local hit")
+    tier: Any = local._parts.local
+    wait_for(lambda: tier._idle, "the keeper to find the tier idle")
+    woken: list[float] = []
+    wake = tier._wake
+
+    class Counting:
+        def wait(self, timeout: float) -> bool:
+            woken.append(time.monotonic())
+            return bool(wake.wait(timeout))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(wake, name)
+
+    monkeypatch.setattr(tier, "_wake", Counting())
+    idle_until = time.monotonic() + 40 * tier._interval  # 40 of its rounds when it is awake
+    while time.monotonic() < idle_until:
+        time.sleep(0.01)
+    assert len(woken) <= 3
+    hits = local.stats()["local_hits"]
+    # stale by now, unless the keeper's last ping was within max_lag: Redis answers, and wakes the keeper
+    assert user_name(engine, uid) == "v1"
+    wait_for(lambda: user_name(engine, uid) == "v1" and local.stats()["local_hits"] > hits, "a local hit")
+    wait_for(lambda: not tier._idle, "the keeper back at its cadence")
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
 def test_readers_keep_the_tier_proven_without_the_keeper(
     engine: Engine, local: SQLCache, writer: tuple[SQLCache, Engine]
 ) -> None:

@@ -252,6 +252,31 @@ def test_one_call_never_waits_out_a_timeout_per_unread_reply(private_redis: Redi
     store.client.close()
 
 
+def test_replies_owed_on_a_connection_closed_on_purpose_are_handed_over_and_the_rest_read(
+    private_redis: RedisServer,
+) -> None:
+    """Two replies owed on one connection (a sharded node's two shards), which was closed on purpose (an
+    earlier read on it interrupted), and one on another connection: the closed one's are journalled
+    unread without counting against Redis (the breaker, with a threshold of one, stays closed), its
+    connection goes back to the pool once, and the other reply is read as usual."""
+    health = Health(failure_threshold=1)
+    lost: list[str] = []
+    health.on_release_lost = lambda keys, token, exc: lost.append(token)
+    store = RedisStore(client_for(private_redis.url, 2.0), health)
+    pool: Any = store.client.connection_pool
+    shared, other = pool.get_connection(), pool.get_connection()
+    for token, conn, holds in (("a1", shared, False), ("a2", shared, True), ("b", other, True)):
+        Wire.send(conn, "PING")
+        store._owed.append(Owed(conn, conn.pid, time.monotonic(), "clock", [token], token, 1000, None, holds))
+    shared.disconnect()
+    store.settle()
+    assert lost == ["a1", "a2"] and not store._owed
+    assert not health.backing_off
+    assert [c for c in pool._available_connections if c is shared] == [shared]
+    assert other in pool._available_connections and not pool._in_use_connections
+    store.client.close()
+
+
 def test_a_release_behind_a_refused_lock_is_awaited(
     engine: Engine, attached: tuple[SQLCache, redis.Redis]
 ) -> None:

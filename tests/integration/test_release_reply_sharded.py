@@ -183,6 +183,32 @@ def test_releases_refused_after_a_sharded_commit_returned_are_sent_again(
             n.close()
 
 
+def test_a_lock_refused_on_a_node_is_not_left_for_later(pair: Pair, local_cluster: LocalCluster) -> None:
+    """Every primary loses its scripts before the commit's locks go out: each lock is refused, and so is
+    the release behind it. Those replies are read before ``commit()`` returns (nothing applied: there is
+    nothing to leave for later), the invalidation is journalled and replayed at once, and another
+    process reads the new rows, never the old entries."""
+    assert pair.served_from_redis(pair.reader, pair.other, 0)
+    assert pair.served_from_redis(pair.writer, pair.engine, 0)
+    primaries = [local_cluster.node(p) for p in local_cluster.live_ports()]
+    try:
+        for n in primaries:
+            if n.info("replication")["role"] == "master":
+                n.script_flush()
+        pair.write(1)
+        assert pair.owed() == {}
+        assert "release" in pair.errors
+        assert pair.versions(pair.other) == ("v1", Decimal(1), 1)
+        deadline = time.monotonic() + 10
+        while not pair.served_from_redis(pair.reader, pair.other, 1):
+            assert time.monotonic() < deadline, "the rows were never served from Redis again"
+            time.sleep(0.02)  # polled with a deadline: the replay runs on the writer's calls
+            pair.versions(pair.engine)
+    finally:
+        for n in primaries:
+            n.close()
+
+
 def test_releases_lost_on_one_connection_are_all_journalled_and_it_goes_back_once(
     pair: Pair, local_cluster: LocalCluster
 ) -> None:
