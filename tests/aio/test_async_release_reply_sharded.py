@@ -22,7 +22,7 @@ from sqlcache._settle import Owed
 
 from ..conftest import shareable_url
 from ..integration.test_release_reply import once_locked
-from ..integration.test_release_reply_sharded import SHARDS, shared
+from ..integration.test_release_reply_sharded import SHARDS, seed_rows, shared
 from ..models import Employee, Manager, Order, User
 from ..topologies import LocalCluster, local_cluster
 from .conftest import run_loop
@@ -50,14 +50,7 @@ class AsyncPair:
         self.reader.attach(self.other)
         self.errors: list[str] = []
         signals.cache_error.connect(self._on_error, sender=self.writer, weak=False)
-        with Session(self.other) as s:
-            user, manager = User(name="v0"), Manager(name="m", reports=0)
-            s.add_all([user, manager])
-            s.flush()
-            order = Order(user_id=user.id, total=Decimal("0"))
-            s.add(order)
-            s.commit()
-            self.ids = (user.id, order.id, manager.id)
+        self.ids = seed_rows(self.other)
 
     def _on_error(self, sender: SQLCache, exc: BaseException, operation: str) -> None:
         self.errors.append(operation)

@@ -41,6 +41,23 @@ def serving(cache: SQLCache) -> bool:
     return bool(tier._alive > float("-inf"))
 
 
+def keeper_wakes(tier: Any, monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """When the tier's keeper woke from now on (appended to as it does)."""
+    woken: list[float] = []
+    wake = tier._wake
+
+    class Counting:
+        def wait(self, timeout: float) -> bool:
+            woken.append(time.monotonic())
+            return bool(wake.wait(timeout))
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(wake, name)
+
+    monkeypatch.setattr(tier, "_wake", Counting())
+    return woken
+
+
 @contextlib.contextmanager
 def tiered(redis_url: str, engine: Engine, **kwargs: Any) -> Iterator[SQLCache]:
     """A cache of User with a local tier whose tracking connection answers, attached to ``engine``;
@@ -290,18 +307,7 @@ def test_the_keeper_stays_out_of_the_way_of_busy_readers(
         ping(tracking)
 
     monkeypatch.setattr(tier, "_ping", recording)
-    woken: list[float] = []
-    wake = tier._wake
-
-    class Counting:
-        def wait(self, timeout: float) -> bool:
-            woken.append(time.monotonic())
-            return bool(wake.wait(timeout))
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(wake, name)
-
-    monkeypatch.setattr(tier, "_wake", Counting())
+    woken = keeper_wakes(tier, monkeypatch)
     until = time.monotonic() + 40 * tier._interval  # 40 of the keeper's rounds while idle
     while time.monotonic() < until:
         assert user_name(engine, uid) == "v1"
@@ -323,18 +329,7 @@ def test_the_keeper_of_a_tier_nobody_reads_sleeps_until_a_read_wakes_it(
     wait_for(lambda: user_name(engine, uid) == "v1" and local.stats()["local_hits"] >= 1, "a local hit")
     tier: Any = local._parts.local
     wait_for(lambda: tier._idle, "the keeper to find the tier idle")
-    woken: list[float] = []
-    wake = tier._wake
-
-    class Counting:
-        def wait(self, timeout: float) -> bool:
-            woken.append(time.monotonic())
-            return bool(wake.wait(timeout))
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(wake, name)
-
-    monkeypatch.setattr(tier, "_wake", Counting())
+    woken = keeper_wakes(tier, monkeypatch)
     idle_until = time.monotonic() + 40 * tier._interval  # 40 of its rounds when it is awake
     while time.monotonic() < idle_until:
         time.sleep(0.01)

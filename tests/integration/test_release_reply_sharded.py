@@ -33,6 +33,19 @@ SHARDS = 4  # users, orders, employees and managers each in a shard of their own
 pytestmark = pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
 
 
+def seed_rows(engine: Engine) -> tuple[int, int, int]:
+    """A user, an order of theirs and a manager at version 0 (each table in a shard of its own); their
+    ids."""
+    with Session(engine) as s:
+        user, manager = User(name="v0"), Manager(name="m", reports=0)
+        s.add_all([user, manager])
+        s.flush()
+        order = Order(user_id=user.id, total=Decimal("0"))
+        s.add(order)
+        s.commit()
+        return user.id, order.id, manager.id
+
+
 class Pair:
     """A writer's cache on ``engine`` and a reader's (another process's) on a second engine, sharded on
     one prefix; a user, an order and a manager written, each table in a shard of its own."""
@@ -50,14 +63,7 @@ class Pair:
             cache.attach(e)
         self.errors: list[str] = []
         signals.cache_error.connect(self._on_error, sender=self.writer, weak=False)
-        with Session(engine) as s:
-            user, manager = User(name="v0"), Manager(name="m", reports=0)
-            s.add_all([user, manager])
-            s.flush()
-            order = Order(user_id=user.id, total=Decimal("0"))
-            s.add(order)
-            s.commit()
-            self.ids = (user.id, order.id, manager.id)
+        self.ids = seed_rows(engine)
 
     def _on_error(self, sender: SQLCache, exc: BaseException, operation: str) -> None:
         self.errors.append(operation)
@@ -91,6 +97,15 @@ class Pair:
         assert self.versions(engine) == (f"v{n}", Decimal(n), n)
         hits = cache.stats()["hits"]
         return self.versions(engine) == (f"v{n}", Decimal(n), n) and cache.stats()["hits"] == hits + 3
+
+    def until_served(self, n: int, what: str) -> None:
+        """Read until the reader's reads of the three rows are hits of version ``n`` again (the writer's
+        calls replay its journal meanwhile), failing with ``what`` after 10 s."""
+        deadline = time.monotonic() + 10
+        while not self.served_from_redis(self.reader, self.other, n):
+            assert time.monotonic() < deadline, what
+            time.sleep(0.02)  # polled with a deadline: the replay runs on the writer's calls
+            self.versions(self.engine)
 
     def owed(self) -> dict[int, list[Owed]]:
         """The writer's unread release replies, per node's port."""
@@ -199,11 +214,7 @@ def test_a_lock_refused_on_a_node_is_not_left_for_later(pair: Pair, local_cluste
         assert pair.owed() == {}
         assert "release" in pair.errors
         assert pair.versions(pair.other) == ("v1", Decimal(1), 1)
-        deadline = time.monotonic() + 10
-        while not pair.served_from_redis(pair.reader, pair.other, 1):
-            assert time.monotonic() < deadline, "the rows were never served from Redis again"
-            time.sleep(0.02)  # polled with a deadline: the replay runs on the writer's calls
-            pair.versions(pair.engine)
+        pair.until_served(1, "the rows were never served from Redis again")
     finally:
         for n in primaries:
             n.close()
@@ -244,11 +255,7 @@ def test_releases_lost_on_one_connection_are_all_journalled_and_it_goes_back_onc
         store = next(s for s in stores.values() if int(s.server()["port"]) == port)
         available = store.client.connection_pool._available_connections
         assert sum(1 for c in available if c is conn) <= 1  # given back once, not once per reply
-        deadline = time.monotonic() + 10
-        while not pair.served_from_redis(pair.reader, pair.other, 2):
-            assert time.monotonic() < deadline, "the journal's replay never released every shard's lock"
-            time.sleep(0.02)  # polled with a deadline: the replay runs on the writer's calls
-            pair.versions(pair.engine)
+        pair.until_served(2, "the journal's replay never released every shard's lock")
     finally:
         try:
             node.client_unpause()
