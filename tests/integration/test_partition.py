@@ -68,6 +68,8 @@ def test_partition_then_heal(engine: Engine, private_redis: RedisServer, proxy: 
         signals.cache_error.disconnect(on_error)
         behind.detach(engine)
         other.detach(engine)
+        behind.close()  # their connections closed here, not by the garbage collector in a later test
+        other.close()
 
 
 def test_slow_redis_costs_at_most_the_timeout_then_backs_off(
