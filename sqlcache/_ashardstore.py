@@ -9,8 +9,6 @@ store does. A release, once begun, finishes even if the task awaiting the commit
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -27,7 +25,6 @@ from ._cluster import ClusterStore, ClusterTarget
 from ._health import Health
 from ._pools import Wire
 from ._protocol import SentLock
-from ._settle import Owed
 from ._shardsplit import Shard, ShardSplit, ShardTable
 from ._shardstore import ShardedClusterStore
 from ._store import RedisStore
@@ -155,22 +152,7 @@ class AsyncShardedClusterStore(ShardSplit, AsyncClusterStore):
         later = wait_for is None and health.on_release_lost is not None and bool(dep_keys)
         try:
             health.check("release")
-            pid, since = os.getpid(), time.monotonic()
-            plan: list[tuple[AsyncRedisStore, Any, int, list[list[Any]], list[Owed]]] = []
-            for node, conn, locks in conns:
-                commands: list[list[Any]] = []
-                owed: list[Owed] = []
-                for shard, keys in list(groups.items()):
-                    if self._node_at(shard.slot, "release") is node:
-                        keys_, args = proto.release_call(shard.clock, keys, token, gen_ttl_ms, (), announce)
-                        o = Owed(conn, pid, since, shard.clock, keys, token, gen_ttl_ms, announce, False)
-                        owed.append(o)
-                        announce = None  # published once
-                        commands.append(["EVALSHA", node.sha("release"), len(keys_), *keys_, *args])
-                        del groups[shard]
-                if wait_for is not None:
-                    commands.append(["WAIT", *wait_for])
-                plan.append((node, conn, locks, commands, owed if later else []))
+            plan = self._releases(conns, groups, token, gen_ttl_ms, announce, later)
         except CacheUnavailable:
             if _aio.in_async_greenlet():
                 for node, conn, _ in conns:
@@ -198,7 +180,6 @@ class AsyncShardedClusterStore(ShardSplit, AsyncClusterStore):
                                 # fails now, and the journal takes it (as the sync store)
                                 got += await node.receive(conn, len(commands))
                             else:
-                                owed[-1].holds = True
                                 node.owe(owed)
                         except BaseException:
                             await node.drop(conn)  # interrupted: not left checked out

@@ -17,7 +17,8 @@ from ._direct import DirectReader
 from ._health import Health
 from ._identity import IdentityReader
 from ._journal import Journal, Keys
-from ._local import LocalStore, LocalTier, in_front, local_tier_for
+from ._local import LocalTier
+from ._localstore import LocalStore, in_front, local_tier_for
 from ._outbox import OutboxSQL, OutboxWriter, check_table, outbox_table
 from ._plugins import Plugins
 from ._protocol import Store, StoreSlot

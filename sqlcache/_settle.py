@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._store import RedisStore
+    from ._storelate import LateReplies
 
 __all__ = ["SETTLER", "SETTLE_AFTER", "Owed"]
 
@@ -55,7 +55,7 @@ class _Settler:
 
     def __init__(self) -> None:
         self._mutex = threading.Lock()
-        self._stores: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+        self._stores: weakref.WeakSet[LateReplies] = weakref.WeakSet()
         self._running = False
         os.register_at_fork(after_in_child=self._after_fork)
 
@@ -64,7 +64,7 @@ class _Settler:
         self._stores = weakref.WeakSet()
         self._running = False
 
-    def watch(self, store: RedisStore) -> None:
+    def watch(self, store: LateReplies) -> None:
         with self._mutex:
             self._stores.add(store)
             if self._running:
@@ -77,7 +77,7 @@ class _Settler:
                 self._running = False
             log.warning("sqlcache: no settler thread: release replies are read by the next call only")
 
-    def unwatch(self, store: RedisStore) -> None:
+    def unwatch(self, store: LateReplies) -> None:
         with self._mutex:
             self._stores.discard(store)
 

@@ -22,6 +22,7 @@ one commit land on different nodes at different times:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from . import _keys
 from . import _protocol as proto
 from ._health import Health
 from ._protocol import Clock, ReadResult, RepopEntry
+from ._settle import Owed
 from .errors import CacheUnavailable, CodecError
 
 __all__ = ["Shard", "ShardSplit", "ShardTable", "slot_of"]
@@ -121,6 +123,39 @@ class ShardSplit:
 
     def _shard(self, key: str) -> Shard:
         return self._table.by_ns[key[: key.index("}") + 1]]
+
+    def _releases(
+        self,
+        conns: Sequence[tuple[Any, Any, int]],
+        groups: dict[Shard, list[str]],
+        token: str,
+        gen_ttl_ms: int,
+        announce: tuple[str, bytes] | None,
+        later: bool,
+    ) -> list[tuple[Any, Any, int, list[list[Any]], list[Owed]]]:
+        """Per lock connection ``(node, conn, locks)`` of a commit: ``(node, conn, locks, commands,
+        owed)``, the releases of the shards that node serves now, to go behind its locks (WAIT added
+        when the cache asks replicas), and if ``later`` one :class:`Owed` per release, the last holding
+        the connection. The shards left in ``groups`` moved since the locks went out."""
+        wait_for = self.health.wait
+        pid, since = os.getpid(), time.monotonic()
+        plan: list[tuple[Any, Any, int, list[list[Any]], list[Owed]]] = []
+        for node, conn, locks in conns:
+            commands: list[list[Any]] = []
+            owed: list[Owed] = []
+            for shard, keys in list(groups.items()):
+                if self._node_at(shard.slot, "release") is node:
+                    keys_, args = proto.release_call(shard.clock, keys, token, gen_ttl_ms, (), announce)
+                    owed.append(Owed(conn, pid, since, shard.clock, keys, token, gen_ttl_ms, announce, False))
+                    announce = None  # published once
+                    commands.append(["EVALSHA", node.sha("release"), len(keys_), *keys_, *args])
+                    del groups[shard]
+            if wait_for is not None:
+                commands.append(["WAIT", *wait_for])
+            if owed:
+                owed[-1].holds = True
+            plan.append((node, conn, locks, commands, owed if later else []))
+        return plan
 
     def _group(self, keys: Iterable[str]) -> dict[Shard, list[str]]:
         """``keys`` by shard, each shard's in their order (shards in the order first met)."""

@@ -5,8 +5,6 @@ splitting, each node's share carried over redis-py (every node's written before 
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +17,6 @@ from ._cluster import ClusterStore, ClusterTarget, cluster_factory, is_cluster_t
 from ._health import Health
 from ._pools import Wire
 from ._protocol import SentLock
-from ._settle import Owed
 from ._shardsplit import Shard, ShardSplit, ShardTable, slot_of
 from ._store import RedisStore, client_for, hide_password
 from .errors import CacheUnavailable, ConfigurationError
@@ -143,34 +140,21 @@ class ShardedClusterStore(ShardSplit, ClusterStore):
         groups = self._group(dep_keys)
         wait_for = health.wait
         later = wait_for is None and health.on_release_lost is not None and bool(dep_keys)
-        pending: list[tuple[RedisStore, Any, int, int, list[Owed]]] = []
         unread = {id(conn): (node, conn) for node, conn, _ in conns}  # dropped if the release fails
         lock_ok = True
         try:
             health.check("release")
-            pid, since = os.getpid(), time.monotonic()
-            for node, conn, locks in conns:
-                commands = []
-                owed: list[Owed] = []
-                for shard, keys in list(groups.items()):
-                    if self._node_at(shard.slot, "release") is node:
-                        keys_, args = proto.release_call(shard.clock, keys, token, gen_ttl_ms, (), announce)
-                        o = Owed(conn, pid, since, shard.clock, keys, token, gen_ttl_ms, announce, False)
-                        owed.append(o)
-                        announce = None  # published once
-                        commands.append(["EVALSHA", node.sha("release"), len(keys_), *keys_, *args])
-                        del groups[shard]
-                if wait_for is not None:
-                    commands.append(["WAIT", *wait_for])
+            pending = self._releases(conns, groups, token, gen_ttl_ms, announce, later)
+            for _, conn, _, commands, _ in pending:
                 # closed under the commit (a pool's disconnect()): redis-py would reconnect, and the
                 # release would go out on a connection its lock never went out on
                 if not Wire.connected(conn):
                     raise redis.ConnectionError("the lock's connection was closed before its release")
                 conn.send_packed_command(conn.pack_commands(commands))
-                pending.append((node, conn, locks, len(commands), owed if later else []))
             failed: BaseException | None = None
             while pending:
-                node, conn, locks, count, owed = pending.pop(0)
+                node, conn, locks, commands, owed = pending.pop(0)
+                count = len(commands)
                 del unread[id(conn)]
                 if owed:  # the locks' replies now, the releases' later, in order, the last one holding
                     got = node.receive(conn, locks, keep=True)
@@ -180,7 +164,6 @@ class ShardedClusterStore(ShardSplit, ClusterStore):
                             # the release behind it, so this fails now and the journal takes it
                             got += node.receive(conn, count)
                         else:
-                            owed[-1].holds = True
                             node.owe(owed)
                     except BaseException:
                         node.drop(conn)  # interrupted: the connection is not left checked out

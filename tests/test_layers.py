@@ -120,7 +120,9 @@ def test_only_the_stores_import_redis() -> None:
     for name, path in _modules().items():
         if name in (
             "sqlcache._store",
+            "sqlcache._storelate",
             "sqlcache._astore",
+            "sqlcache._astorelate",
             "sqlcache._aclient",
             "sqlcache._cluster",
             "sqlcache._acluster",

@@ -20,7 +20,7 @@ from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from sqlcache import SQLCache, _astore, signals
+from sqlcache import SQLCache, _astorelate, signals
 from sqlcache._aclient import async_client_like
 from sqlcache._astore import AsyncRedisStore
 from sqlcache._health import Health
@@ -107,7 +107,7 @@ def test_a_release_redis_refused_after_the_commit_returned_is_sent_again(
     with the release's reply unread; another process reads the new row at once (the lock holds); the
     writer's next call reads NOSCRIPT and sends the release again, after which both are served from
     Redis."""
-    monkeypatch.setattr(_astore, "SETTLE_AFTER", 3600)  # the writer's next call reads it, not the timer
+    monkeypatch.setattr(_astorelate, "SETTLE_AFTER", 3600)  # the writer's next call reads it, not the timer
     pair = Pair(engine, private_redis.url, private_redis.url, timeout=2)
 
     async def body(ae: AsyncEngine) -> None:

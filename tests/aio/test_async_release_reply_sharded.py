@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
-from sqlcache import SQLCache, _astore, signals
+from sqlcache import SQLCache, _astorelate, signals
 from sqlcache._settle import Owed
 
 from ..conftest import shareable_url
@@ -112,7 +112,7 @@ def test_an_async_sharded_commit_leaves_its_releases_for_each_nodes_next_call(
     """Four shards on three nodes: ``commit()`` returns with one reply owed per shard, two on one
     connection where a node serves two (the last holding it); another process reads the new rows at
     once; the writer's next call reads them all, and both are served from Redis."""
-    monkeypatch.setattr(_astore, "SETTLE_AFTER", 3600)  # the writer's next call reads them, not the timer
+    monkeypatch.setattr(_astorelate, "SETTLE_AFTER", 3600)  # the writer's next call reads them, not the timer
     pair = AsyncPair(engine, local_cluster)
 
     async def body(ae: AsyncEngine) -> None:
@@ -141,7 +141,7 @@ def test_async_releases_refused_after_a_sharded_commit_returned_are_sent_again(
 ) -> None:
     """Every primary loses its scripts between the locks and the releases: each reply, read on its
     node's next call, is NOSCRIPT, and each release goes again then; nothing is journalled."""
-    monkeypatch.setattr(_astore, "SETTLE_AFTER", 3600)
+    monkeypatch.setattr(_astorelate, "SETTLE_AFTER", 3600)
     pair = AsyncPair(engine, local_cluster)
     primaries: list[redis.Redis] = []
     for port in local_cluster.live_ports():
