@@ -6,6 +6,12 @@ every key asked in one round trip (``Store.read_many``), hits built into the ide
 loaded by one ``SELECT ... WHERE pk IN (...)`` after their generations were read, and each filled under
 the guarded protocol (refused if a dependency moved, the repeatable-read bound applied).
 
+A ``get`` of one key the session does not hold sends its MGET before its last checks (where the
+session would read, this transaction's writes) and reads the reply after them: those checks run while
+Redis answers. A reply the checks say must not be used is read and dropped, and the model's next
+``get`` checks before it sends (:meth:`DirectReader._read_one`). A plugin's store wrapper or the local
+tier in front of the store answer ``read`` themselves: the read is not split then.
+
 What this fast path does not cover is handed to ``Session.get`` itself, which gives the same answer at
 its usual cost: a sharded session, session execution options, an engine the cache is not attached to,
 a ``schema_translate_map`` or a connection whose names resolve elsewhere, an expired object in the
@@ -41,12 +47,15 @@ if TYPE_CHECKING:
 
     from ._hierarchy import Hierarchy
     from ._protocol import ReadResult
+    from ._report import Running
+    from ._txn import TxnState
 
 __all__ = ["DirectReader"]
 
 # keys per SELECT ... IN: far below every database's limit on bound parameters (SQLite: 32766)
 _IN_BATCH = 1000
 _ABSENT = (None,)  # a hit on a cached absence (a served hit is never None)
+_UNSENT = object()  # _read_one: the read was not sent, _read answers it
 
 
 def key_values(raw: Any) -> tuple[Any, ...]:
@@ -91,27 +100,35 @@ class DirectReader:
         self._serves = serves
         self._statements: dict[Mapper[Any], tuple[Select[Any], Select[Any]]] = {}
         self._mappers: dict[type[Any], Mapper[Any]] = {}  # inspect() is a good part of a hit
+        # models whose last get found, after its MGET was sent, that Session.get must answer (a session
+        # with listeners, bound elsewhere...): the next get checks before sending, and sends first
+        # again once the checks pass
+        self._checks_first: set[Mapper[Any]] = set()
 
     def get(self, session: Session | scoped_session[Any], cls: type[Any], pk: Any) -> Any:
         """What ``session.get(cls, pk)`` returns: :meth:`get_many` of one key, with a shorter way to a
         Redis hit (one key, not in the identity map, nothing to flush first)."""
         session = _current(session)
         mapper, policy = self._registered(cls)
+        t = type(pk)
+        if (t is int or t is str or t is uuid.UUID) and len(mapper.primary_key) == 1:
+            key = (pk,)
+            try:
+                held = session.identity_map.get(mapper.identity_key_from_primary_key(key))
+            except TypeError:  # an unhashable value
+                held = True
+            if held is None and not _sa.needs_autoflush(session):
+                checked = mapper in self._checks_first
+                if checked:
+                    if not self._plain(session, mapper):
+                        return session.get(cls, pk)
+                    self._checks_first.discard(mapper)
+                answered = self._read_one(session, mapper, cls, policy, key, checked)
+                if answered is not _UNSENT:
+                    return answered
         if not self._plain(session, mapper):
             return session.get(cls, pk)
-        t = type(pk)
-        if not (t is int or t is str or t is uuid.UUID) or len(mapper.primary_key) != 1:
-            return self._answer(session, mapper, cls, policy, [pk])[0]  # see key_values
-        key = (pk,)
-        try:
-            held = session.identity_map.get(mapper.identity_key_from_primary_key(key))
-        except TypeError:  # an unhashable value
-            held = True
-        if held is not None or _sa.needs_autoflush(session):
-            return self._answer(session, mapper, cls, policy, [pk])[0]
-        out: list[Any] = [None]
-        self._read(session, mapper, cls, self._registry.ttl_ms(policy.ttl), {key: [0]}, out)
-        return out[0]
+        return self._answer(session, mapper, cls, policy, [pk])[0]  # see key_values
 
     def get_many(
         self, session: Session | scoped_session[Any], cls: type[Any], pks: Iterable[Any]
@@ -165,12 +182,19 @@ class DirectReader:
 
     def _plain(self, session: Session, mapper: Mapper[Any]) -> bool:
         """Whether the read is one the fast path answers exactly as Session.get would (see the module)."""
+        return self._session_plain(session, mapper) and self._bind_plain(session, mapper)
+
+    def _session_plain(self, session: Session, mapper: Mapper[Any]) -> bool:
+        """:meth:`_plain`'s checks of the session and the model (cheap, and rarely changing)."""
         if hasattr(session, "shard_chooser") or getattr(session, "execution_options", None):
             return False
         if _sa.app_listeners(session):  # a listener may change what Session.get runs (a tenant filter)
             return False
-        if self._registry.hierarchy(mapper).unknown_reads:  # a column of SQL text (see _hierarchy)
-            return False
+        return not self._registry.hierarchy(mapper).unknown_reads  # a column of SQL text (_hierarchy)
+
+    def _bind_plain(self, session: Session, mapper: Mapper[Any]) -> bool:
+        """:meth:`_plain`'s checks of where the read would run: an engine the cache is attached to, on a
+        connection whose names resolve as the engine's."""
         bind = session.get_bind(mapper=mapper, clause=self._statement(mapper)[0])
         if not self._serves(bind):
             return False
@@ -232,6 +256,81 @@ class DirectReader:
         """Redis for every key the session does not hold, the database for the rest, then the fills."""
         reads, h = self._reads, self._registry.hierarchy(mapper)
         model = mapper.class_.__name__
+        rds, keys, uncached = self._requests(session, h, model, ttl_ms, wanted)
+        txns = reads.enter(session, rds) if rds else None
+        results, runs = reads.fetch(rds) if txns is not None else (None, None)
+        self._answered(session, h, cls, wanted, out, (rds, keys, uncached), txns, results, runs)
+
+    def _read_one(
+        self,
+        session: Session,
+        mapper: Mapper[Any],
+        cls: type[Any],
+        policy: ModelPolicy,
+        key: tuple[Any, ...],
+        checked: bool,
+    ) -> Any:
+        """:meth:`_read` of one key the session does not hold, with nothing to flush: its MGET is sent
+        first, and what decides whether the reply may be used (:meth:`_plain`, unless ``checked``
+        already; this transaction's writes) is looked at while Redis answers. The answer;
+        :data:`_UNSENT` if the read could not be sent this way (:meth:`_read` answers it then)."""
+        reads, h = self._reads, self._registry.hierarchy(mapper)
+        model = mapper.class_.__name__
+        try:
+            entry_key, deps, row_writes = self._identities.keys(h, key)
+        except CodecError:
+            return _UNSENT  # _read bypasses it
+        sent = reads.send(entry_key, deps)
+        if sent is None:
+            return _UNSENT
+        try:
+            plain = checked or self._plain(session, mapper)
+            if plain:
+                _sa.autobegin(session)  # raises as Session.get would
+                ttl_ms = self._registry.ttl_ms(policy.ttl)
+                rd = self._request(session, h, entry_key, deps, row_writes, ttl_ms, model)
+                wrote = self._txns.wrote(session, deps[0], h.tables, h.reads)
+                txns = self._txns.of_session(session)
+        except BaseException:
+            sent.drop()
+            raise
+        if not plain:  # the reply is not ours to use: Session.get answers
+            sent.drop()
+            self._checks_first.add(mapper)
+            return session.get(cls, key[0])
+        out: list[Any] = [None]
+        wanted = {key: [0]}
+        if wrote:
+            # this transaction wrote the row or its table: the database holds what it must see
+            sent.drop()
+            reads.bypass("identity", model)
+            self._answered(session, h, cls, wanted, out, ([], [], [key]), txns, None, None)
+        else:
+            self._answered(session, h, cls, wanted, out, ([rd], [key], []), txns, sent.results(), None)
+        return out[0]
+
+    def _request(
+        self,
+        session: Session,
+        h: Hierarchy,
+        entry_key: str,
+        deps: list[str],
+        row_writes: str | None,
+        ttl_ms: int,
+        model: str,
+    ) -> Read:
+        """The read of one identity entry; a hit builds its object into ``session``."""
+        on_hit = partial(self._built, session, h, entry_key)
+        rd = Read("identity", entry_key, deps, ttl_ms, on_hit, _never_encode, model=model)
+        rd.row_writes = row_writes
+        return rd
+
+    def _requests(
+        self, session: Session, h: Hierarchy, model: str, ttl_ms: int, wanted: Iterable[tuple[Any, ...]]
+    ) -> tuple[list[Read], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        """The reads of the keys ``wanted`` (and those keys, in the same order), and the keys the
+        database must answer without the cache (bypassed)."""
+        reads = self._reads
         rds: list[Read] = []
         keys: list[tuple[Any, ...]] = []
         uncached: list[tuple[Any, ...]] = []  # the database answers, nothing is filled
@@ -247,14 +346,28 @@ class DirectReader:
                 reads.bypass("identity", model)
                 uncached.append(pk)
                 continue
-            on_hit = partial(self._built, session, h, entry_key)
-            rd = Read("identity", entry_key, deps, ttl_ms, on_hit, _never_encode, model=model)
-            rd.row_writes = row_writes
-            rds.append(rd)
+            rds.append(self._request(session, h, entry_key, deps, row_writes, ttl_ms, model))
             keys.append(pk)
+        return rds, keys, uncached
+
+    def _answered(
+        self,
+        session: Session,
+        h: Hierarchy,
+        cls: type[Any],
+        wanted: dict[tuple[Any, ...], list[int]],
+        out: list[Any],
+        asked: tuple[list[Read], list[tuple[Any, ...]], list[tuple[Any, ...]]],
+        txns: list[TxnState] | None,
+        results: list[ReadResult] | None,
+        runs: list[Running] | None,
+    ) -> None:
+        """The hits served into ``out``, then the database for the misses and for the keys read without
+        the cache, and the fills. ``asked``: what :meth:`_requests` returned; ``txns``: the session's
+        transactions (None: Redis was not read); ``results``: Redis's answers (None: an outage)."""
+        reads = self._reads
+        rds, keys, uncached = asked
         misses: list[tuple[Read, tuple[Any, ...], ReadResult]] = []
-        txns = reads.enter(session, rds) if rds else None
-        results, runs = reads.fetch(rds) if txns is not None else (None, None)
         if txns is None or results is None:
             uncached.extend(keys)  # Redis unreadable: the database answers, as for Session.get
         else:
@@ -275,7 +388,7 @@ class DirectReader:
         if not uncached and not misses:
             return
         runid = _sa.new_runid()  # objects the SELECT builds get larger numbers (built_since)
-        found = self._load(session, mapper, [*uncached, *(pk for _, pk, _ in misses)])
+        found = self._load(session, h.mapper, [*uncached, *(pk for _, pk, _ in misses)])
         # a key not found while rows were: it may be another spelling of one of them (a case-insensitive
         # or PAD SPACE collation, '1' for 1), found under that one's key, and only Session.get can tell
         any_found = bool(found)

@@ -19,6 +19,7 @@ from .errors import CodecError
 
 __all__ = [
     "SCRIPTS",
+    "PendingRead",
     "ReadResult",
     "RepopEntry",
     "ScriptCalls",
@@ -107,9 +108,25 @@ class RepopEntry:
     seen: tuple[str, ...]
 
 
+class PendingRead(Protocol):
+    """A read written to Redis whose reply is not taken yet (a store's ``send_read``)."""
+
+    def result(self) -> ReadResult:
+        """The reply, judged as ``Store.read`` judges it; ``CacheUnavailable`` if Redis did not answer."""
+
+    def drop(self) -> None:
+        """The reply taken and not used; never raises for Redis."""
+
+
 class Store(Protocol):
     """One way of carrying the protocol to Redis. Every method raises ``CacheUnavailable`` when Redis
-    cannot answer; none raises anything else for an outage."""
+    cannot answer; none raises anything else for an outage.
+
+    A store may also offer ``send_read(clock_key, entry_key, dep_keys) -> PendingRead``: ``read`` in two
+    steps, the MGET written first, so that the caller's own work runs while Redis answers. The core
+    uses it only where the store's class defines it: a wrapper that delegates what it does not define
+    (``__getattr__``) must still have its ``read`` called.
+    """
 
     def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
         """The whole hit path: the entry, the clock and the dependencies at one instant."""

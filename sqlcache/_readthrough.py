@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _sa, _sabuild, signals
 from ._journal import Keys
 from ._loadreads import LoadReads
-from ._protocol import ReadResult, StoreSlot
+from ._protocol import PendingRead, ReadResult, StoreSlot
 from ._report import Reporter, Running
 from ._seal import Sealer
 from ._tokens import new_token
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine.result import FrozenResult, Result
     from sqlalchemy.orm import Session
 
-__all__ = ["Read", "ReadThrough", "Unservable"]
+__all__ = ["Read", "ReadThrough", "Sent", "Unservable"]
 
 OnHit = Callable[[bytes], Any]  # a Result for an ORM execution; whatever a direct read wants
 # the result, unique() required, the load's runid, the tables the load was seen to read (LOADED)
@@ -97,6 +97,34 @@ class Read:
         self.row_writes = row_writes
 
 
+class Sent:
+    """A direct read begun by :meth:`ReadThrough.send`; its reply is taken once, by :meth:`results` or
+    :meth:`drop`."""
+
+    __slots__ = ("_pending", "_rep")
+
+    def __init__(self, rep: Reporter, pending: PendingRead | None) -> None:
+        self._rep = rep
+        self._pending = pending  # None: nothing was sent (an outage, reported; the journal pending)
+
+    def results(self) -> list[ReadResult] | None:
+        """What :meth:`ReadThrough.fetch` returns for this one read; None after an outage (reported)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        try:
+            return [pending.result()]
+        except (CacheUnavailable, CodecError) as exc:  # degrade("read") spelled out
+            self._rep.report(exc, "read")
+            return None
+
+    def drop(self) -> None:
+        """The reply taken and not used (the reader answers another way)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.drop()
+
+
 class ReadThrough:
     """The read protocol of one cache.
 
@@ -154,6 +182,24 @@ class ReadThrough:
             for rd in rds:
                 self._rep.instant("read", "error", rd.kind, rd.key, rd.model, rd.tags)
         return None
+
+    def send(self, key: str, deps: list[str]) -> Sent | None:
+        """A direct read of one entry begun: its MGET written now, so that the caller's remaining checks
+        run while Redis answers; :meth:`Sent.results` then answers as :meth:`fetch` would, and
+        :meth:`Sent.drop` lets it go unused. None when the read is not split (the store in the slot is
+        a wrapper, or the local tier, whose own ``read`` must answer; an operation hook times reads):
+        :meth:`enter` and :meth:`fetch` then, as for any other read."""
+        store = self._slot.current
+        # offered only if the store's class defines it: a wrapper that delegates by __getattr__ does not
+        if self._rep.hooks or getattr(type(store), "send_read", None) is None:
+            return None
+        if not self._replay():  # see read(): the database answers until the journal is applied
+            return Sent(self._rep, None)
+        try:
+            return Sent(self._rep, store.send_read(self._keys.clock, key, deps))  # type: ignore[attr-defined]
+        except CacheUnavailable as exc:
+            self._rep.report(exc, "read")
+            return Sent(self._rep, None)
 
     def fetch(self, rds: Sequence[Read]) -> tuple[list[ReadResult] | None, list[Running] | None]:
         """Every read's entry and dependencies in one round trip (``Store.read_many``), and the

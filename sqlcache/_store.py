@@ -29,6 +29,7 @@ __all__ = [
     "KEPT_CONNECTION_KWARGS",
     "LeanPool",
     "RedisStore",
+    "SentRead",
     "client_for",
     "hide_password",
 ]
@@ -138,6 +139,50 @@ class RedisStore(LateReplies):
         keys = proto.read_keys(clock_key, entry_key, dep_keys)
         values = self._call("read", lambda: self._mget(keys))
         return proto.judge_read(values, time.time)
+
+    def send_read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> SentRead:
+        """:meth:`read` in two steps: its MGET written now, its reply read by :meth:`SentRead.result`.
+        What the caller does in between runs while Redis answers (``cache.get``'s checks of the
+        session). The breaker, the owed replies and the scripts are seen to first, as by every call;
+        the answer counts (a restarted server's is refused) once the reply is read.
+
+        :raises CacheUnavailable: Redis cannot be written to now (nothing is left on the wire).
+        """
+        keys = proto.read_keys(clock_key, entry_key, dep_keys)
+        health = self.health
+        health.check("read")
+        if self._owed:
+            self.settle()
+        try:
+            if self._loaded_epoch != health.epoch:
+                self._load_scripts()
+            conn = self._connection()
+            try:
+                Wire.send(conn, "MGET", *keys)
+            except BaseException:
+                self._discard(conn)
+                raise
+        except _REDIS_ERRORS as exc:
+            self._loaded_epoch = -1
+            health.failed()
+            raise CacheUnavailable("read") from exc
+        return SentRead(self, conn)
+
+    def _reply_of(self, conn: Any) -> list[bytes | None]:
+        """The reply of a read sent on ``conn``; the connection goes back to the pool (dropped if the
+        reply could not be read), and the answer counts for the breaker."""
+        try:
+            reply: list[bytes | None] = Wire.read(conn)
+        except BaseException as exc:
+            self._discard(conn)
+            if isinstance(exc, _REDIS_ERRORS):
+                self._loaded_epoch = -1
+                self.health.failed()
+                raise CacheUnavailable("read") from exc
+            raise
+        self.client.connection_pool.release(conn)
+        self.health.answered("read")
+        return reply
 
     def read_many(self, clock_key: str, entries: Sequence[tuple[str, Sequence[str]]]) -> list[ReadResult]:
         """Several reads, one MGET (``cache.get_many``)."""
@@ -395,3 +440,30 @@ class RedisStore(LateReplies):
             return removed
 
         return self._call("clear", run)
+
+
+class SentRead:
+    """A read whose MGET :meth:`RedisStore.send_read` wrote; its connection is held until the reply is
+    taken, by :meth:`result` or :meth:`drop`, exactly once."""
+
+    __slots__ = ("_conn", "_store")
+
+    def __init__(self, store: RedisStore, conn: Any) -> None:
+        self._store = store
+        self._conn = conn
+
+    def result(self) -> ReadResult:
+        """The reply, judged as :meth:`RedisStore.read` judges it.
+
+        :raises CacheUnavailable: Redis did not answer, or a restarted server did (then the cache fences
+            before its next read).
+        """
+        return proto.judge_read(self._store._reply_of(self._conn), time.time)
+
+    def drop(self) -> None:
+        """The reply read and not used (the reader took another way): the connection goes back clean.
+        Never raises for Redis (a failure counts for the breaker, as any)."""
+        try:
+            self._store._reply_of(self._conn)
+        except CacheUnavailable:
+            pass

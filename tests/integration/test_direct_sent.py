@@ -1,0 +1,241 @@
+"""cache.get writes its MGET before its last checks (where the session would read, its own writes) and
+reads the reply after them: what happens when something between the two says the reply must not be
+used, or fails, or when the reply never comes. In every case the answer is Session.get's, and no
+connection is left checked out with a reply unread on it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from sqlcache import SQLCache
+from sqlcache.plugin import PluginHost, ReadResult, Store
+
+from ..conftest import RedisServer, SQLCounter, shareable_url
+from ..helpers import make_user, user_name
+from ..models import User
+from ..proxy import Proxy
+from .test_local_tier import serving, wait_for
+
+
+def _in_use(cache: SQLCache) -> int:
+    """Connections of the cache's pool checked out now (a read's held until its reply is taken)."""
+    return len(cache.store.client.connection_pool._in_use_connections)  # type: ignore[attr-defined]
+
+
+class _Sends:
+    """Counts the reads cache.get sends ahead of its checks (the store's own method, wrapped)."""
+
+    def __init__(self, cache: SQLCache, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        original = cache.store.send_read  # type: ignore[attr-defined]
+
+        def counted(*args: Any) -> Any:
+            self.n += 1
+            return original(*args)
+
+        monkeypatch.setattr(cache.store, "send_read", counted)
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+
+class _Between(Session):
+    """A Session whose ``get_bind`` (asked after cache.get's MGET went out, before its reply is read)
+    runs ``between`` first."""
+
+    between: Any = None
+
+    def get_bind(self, *args: Any, **kw: Any) -> Any:
+        if self.between is not None:
+            self.between()
+        return super().get_bind(*args, **kw)
+
+
+def test_a_session_bound_elsewhere_is_answered_by_session_get(
+    engine: Engine, cache: SQLCache, sql_count: SQLCounter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session bound to an engine the cache is not attached to: its get is Session.get's (SQL, no hit),
+    the reply sent for it is read and dropped, and the next get of the model checks the session before
+    sending anything; a get on the cache's engine is then a hit again, sent first once more."""
+    cache.register(User)
+    uid = make_user(engine, "ann")
+    user_name(engine, uid)  # filled
+    other = create_engine(shareable_url(engine))
+    sends = _Sends(cache, monkeypatch)
+    try:
+        for expect_sent in (1, 0):
+            sql_count.reset()
+            with Session(other) as s:
+                got = cache.get(s, User, uid)
+                assert got is not None and got.name == "ann" and s.get(User, uid) is got
+            assert sends.take() == expect_sent and _in_use(cache) == 0
+        assert cache.stats()["hits"] == 0
+        for expect_sent in (1, 1):  # checked first (and passed), then sent first again
+            with Session(engine) as s:
+                assert cache.get(s, User, uid).name == "ann"
+            assert sends.take() == expect_sent and _in_use(cache) == 0
+        assert cache.stats()["hits"] == 2
+    finally:
+        other.dispose()
+
+
+def test_own_writes_found_after_the_send_are_read_from_the_database(
+    engine: Engine, cache: SQLCache, sql_count: SQLCounter
+) -> None:
+    """This transaction updated the row's table (a Core statement: nothing to flush): the reply already
+    asked for is dropped, the database answers with the transaction's own row, counted as bypassed;
+    after the rollback Redis answers with the committed row."""
+    cache.register(User)
+    uid = make_user(engine, "ann")
+    user_name(engine, uid)  # filled
+    with Session(engine) as s:
+        s.execute(update(User).where(User.id == uid).values(name="own"))
+        bypassed = cache.stats()["bypassed"]
+        sql_count.reset()
+        assert cache.get(s, User, uid).name == "own"
+        assert sql_count.selects() == 1 and cache.stats()["bypassed"] == bypassed + 1
+        assert _in_use(cache) == 0
+        s.rollback()
+    sql_count.reset()
+    with Session(engine) as s:
+        assert cache.get(s, User, uid).name == "ann"
+    assert len(sql_count) == 0 and _in_use(cache) == 0
+
+
+def test_an_error_between_the_send_and_the_reply_is_session_gets_error(
+    engine: Engine, cache: SQLCache
+) -> None:
+    """Where the session would read raises (a bind override failing): cache.get raises what Session.get
+    raises, the connection the MGET went out on goes back clean, and the next get is a hit."""
+    cache.register(User)
+    uid = make_user(engine, "ann")
+    user_name(engine, uid)  # filled
+
+    def fail() -> None:
+        raise RuntimeError("no bind today")
+
+    with _Between(engine) as s:
+        s.between = fail
+        with pytest.raises(RuntimeError, match="no bind today"):
+            s.get(User, uid)
+        with pytest.raises(RuntimeError, match="no bind today"):
+            cache.get(s, User, uid)
+        assert _in_use(cache) == 0
+    with Session(engine) as s:
+        assert cache.get(s, User, uid).name == "ann"
+    assert cache.stats()["hits"] == 1 and _in_use(cache) == 0
+
+
+@pytest.fixture
+def behind_proxy(private_redis: RedisServer, engine: Engine) -> Iterator[tuple[SQLCache, Proxy]]:
+    proxy = Proxy(private_redis.port)
+    cache = SQLCache(proxy.url, prefix=f"s{uuid.uuid4().hex[:8]}", default_ttl=600, timeout=0.5)
+    cache.strict_signals = True
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        yield cache, proxy
+    finally:
+        cache.detach(engine)
+        cache.close()
+        proxy.close()
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"], indirect=True)
+def test_a_reply_lost_after_the_send_is_an_outage(
+    engine: Engine, behind_proxy: tuple[SQLCache, Proxy], sql_count: SQLCounter
+) -> None:
+    """Redis cut off after the MGET went out and before its reply is read: the database answers, the
+    failure counts as any outage's (one error), the connection is not put back; once Redis is back
+    the next get reconnects and is a hit."""
+    cache, proxy = behind_proxy
+    uid = make_user(engine, "ann")
+    user_name(engine, uid)  # filled through the proxy
+    with _Between(engine) as s:
+        s.between = proxy.cut
+        sql_count.reset()
+        assert cache.get(s, User, uid).name == "ann"
+        assert sql_count.selects() == 1
+    st = cache.stats()
+    assert st["errors"] == 1 and st["hits"] == 0 and _in_use(cache) == 0
+    proxy.heal()
+    cache._parts.health.retry_now()  # the back-off after the failure is not what is tested here
+    with Session(engine) as s:
+        assert cache.get(s, User, uid).name == "ann"
+    assert cache.stats()["hits"] == 1
+
+
+class _Delegating:
+    """A store wrapper that answers ``read`` itself and hands everything else to the store it wraps
+    (``__getattr__``): cache.get must go through its ``read``, never past it."""
+
+    name = "delegating"
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def setup(self, host: PluginHost) -> None:
+        host.wrap_store(self._wrap)
+
+    def _wrap(self, inner: Store) -> Store:
+        owner = self
+
+        class Wrapped:
+            def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
+                owner.reads += 1
+                return inner.read(clock_key, entry_key, dep_keys)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inner, name)
+
+        return Wrapped()  # type: ignore[return-value]
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_wrapper_delegating_the_rest_still_answers_each_get(engine: Engine, cache: SQLCache) -> None:
+    """A plugin's wrapper whose ``__getattr__`` would hand out the store's ``send_read``: every get
+    still goes through the wrapper's ``read``."""
+    cache.register(User)
+    uid = make_user(engine, "ann")
+    wrapper = _Delegating()
+    cache.add_plugin(wrapper)
+    for _ in range(3):
+        with Session(engine) as s:
+            assert cache.get(s, User, uid).name == "ann"
+    assert wrapper.reads == 3 and cache.stats()["hits"] == 2 and cache.stats()["plugin_errors"] == 0
+
+
+@pytest.mark.parametrize("engine", ["sqlite", "postgresql"], indirect=True)
+def test_the_local_tier_answers_cache_get(
+    redis_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a local tier, cache.get is answered from process memory once Redis served the entry: the
+    store's two-step read is never used past the tier."""
+    cache = SQLCache(redis_url, prefix=f"l{uuid.uuid4().hex[:10]}", default_ttl=600, local_bytes=1 << 20)
+    cache.strict_signals = True
+    cache.register(User)
+    cache.attach(engine)
+    try:
+        wait_for(lambda: serving(cache), "the tracking connection")
+        uid = make_user(engine, "ann")
+        user_name(engine, uid)  # filled
+        sends: list[Any] = []
+        monkeypatch.setattr(type(cache.store), "send_read", lambda *a: sends.append(a))
+        for _ in range(3):  # a Redis hit (kept in the tier), then hits from memory
+            with Session(engine) as s:
+                assert cache.get(s, User, uid).name == "ann"
+        assert cache.stats()["local_hits"] == 2 and sends == []
+    finally:
+        cache.detach(engine)
+        cache.clear()
+        cache.close()
