@@ -10,7 +10,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, Protocol
 
 from . import _aio
-from ._protocol import SentLock, Store
+from ._protocol import PendingRead, SentLock, Store, send_read
 
 __all__ = ["AsyncStores", "LoopStore", "Worlds"]
 
@@ -130,6 +130,9 @@ class Worlds:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._here(), name)
+
+    def send_read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> PendingRead:
+        return send_read(self._here(), clock_key, entry_key, dep_keys)
 
     def send_lock(
         self, clock_key: str, lock_keys: Sequence[str], token: str, lock_ttl_ms: int, gen_ttl_ms: int

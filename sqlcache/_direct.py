@@ -10,7 +10,8 @@ A ``get`` of one key the session does not hold sends its MGET before its last ch
 session would read, this transaction's writes) and reads the reply after them: those checks run while
 Redis answers. A reply the checks say must not be used is read and dropped, and the model's next
 ``get`` checks before it sends (:meth:`DirectReader._read_one`). A plugin's store wrapper or the local
-tier in front of the store answer ``read`` themselves: the read is not split then.
+tier in front of the store answer ``read`` themselves, after the checks. Operation hooks
+see a split read from its reply on, and not at all if it is dropped.
 
 What this fast path does not cover is handed to ``Session.get`` itself, which gives the same answer at
 its usual cost: a sharded session, session execution options, an engine the cache is not attached to,
@@ -55,7 +56,7 @@ __all__ = ["DirectReader"]
 # keys per SELECT ... IN: far below every database's limit on bound parameters (SQLite: 32766)
 _IN_BATCH = 1000
 _ABSENT = (None,)  # a hit on a cached absence (a served hit is never None)
-_UNSENT = object()  # _read_one: the read was not sent, _read answers it
+_UNSENT = object()  # _read_one: a key the codec cannot encode, which _read answers
 
 
 def key_values(raw: Any) -> tuple[Any, ...]:
@@ -272,8 +273,9 @@ class DirectReader:
     ) -> Any:
         """:meth:`_read` of one key the session does not hold, with nothing to flush: its MGET is sent
         first, and what decides whether the reply may be used (:meth:`_plain`, unless ``checked``
-        already; this transaction's writes) is looked at while Redis answers. The answer;
-        :data:`_UNSENT` if the read could not be sent this way (:meth:`_read` answers it then)."""
+        already; this transaction's writes) is looked at while Redis answers (where the store can split
+        a read: ``ReadThrough.send``). The answer; :data:`_UNSENT` for a key the codec cannot encode
+        (:meth:`_read` answers it)."""
         reads, h = self._reads, self._registry.hierarchy(mapper)
         model = mapper.class_.__name__
         try:
@@ -281,8 +283,6 @@ class DirectReader:
         except CodecError:
             return _UNSENT  # _read bypasses it
         sent = reads.send(entry_key, deps)
-        if sent is None:
-            return _UNSENT
         try:
             plain = checked or self._plain(session, mapper)
             if plain:
@@ -296,7 +296,8 @@ class DirectReader:
             raise
         if not plain:  # the reply is not ours to use: Session.get answers
             sent.drop()
-            self._checks_first.add(mapper)
+            if sent.early:
+                self._checks_first.add(mapper)
             return session.get(cls, key[0])
         out: list[Any] = [None]
         wanted = {key: [0]}
@@ -306,7 +307,8 @@ class DirectReader:
             reads.bypass("identity", model)
             self._answered(session, h, cls, wanted, out, ([], [], [key]), txns, None, None)
         else:
-            self._answered(session, h, cls, wanted, out, ([rd], [key], []), txns, sent.results(), None)
+            results, runs = sent.results(rd)
+            self._answered(session, h, cls, wanted, out, ([rd], [key], []), txns, results, runs)
         return out[0]
 
     def _request(

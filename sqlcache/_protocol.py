@@ -20,6 +20,7 @@ from .errors import CodecError
 __all__ = [
     "SCRIPTS",
     "PendingRead",
+    "ReadLater",
     "ReadResult",
     "RepopEntry",
     "ScriptCalls",
@@ -38,6 +39,7 @@ __all__ = [
     "read_keys",
     "read_many_keys",
     "release_call",
+    "send_read",
     "unlock_call",
 ]
 
@@ -116,6 +118,32 @@ class PendingRead(Protocol):
 
     def drop(self) -> None:
         """The reply taken and not used; never raises for Redis."""
+
+
+class ReadLater:
+    """The :class:`PendingRead` of a store that does not split its reads: nothing is sent until
+    :meth:`result`, which is the store's own ``read`` (a wrapper's, the local tier's, an asyncio store's)."""
+
+    __slots__ = ("_args", "_store")
+
+    def __init__(self, store: Store, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> None:
+        self._store = store
+        self._args = (clock_key, entry_key, dep_keys)
+
+    def result(self) -> ReadResult:
+        return self._store.read(*self._args)
+
+    def drop(self) -> None:
+        pass  # nothing was sent
+
+
+def send_read(store: Store, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> PendingRead:
+    """``store.send_read(...)`` where the store's class defines it (see :class:`Store`), else a
+    :class:`ReadLater`."""
+    if getattr(type(store), "send_read", None) is None:
+        return ReadLater(store, clock_key, entry_key, dep_keys)
+    pending: PendingRead = store.send_read(clock_key, entry_key, dep_keys)  # type: ignore[attr-defined]
+    return pending
 
 
 class Store(Protocol):

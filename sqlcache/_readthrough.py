@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from . import _sa, _sabuild, signals
 from ._journal import Keys
 from ._loadreads import LoadReads
-from ._protocol import PendingRead, ReadResult, StoreSlot
+from ._protocol import PendingRead, ReadLater, ReadResult, StoreSlot, send_read
 from ._report import Reporter, Running
 from ._seal import Sealer
 from ._tokens import new_token
@@ -99,24 +99,38 @@ class Read:
 
 class Sent:
     """A direct read begun by :meth:`ReadThrough.send`; its reply is taken once, by :meth:`results` or
-    :meth:`drop`."""
+    :meth:`drop`. Operation hooks see the read only if its reply is used: from :meth:`results` on.
+    ``early``: whether its request went out at once (else it is sent by :meth:`results`)."""
 
-    __slots__ = ("_pending", "_rep")
+    __slots__ = ("_failure", "_pending", "_rep", "early")
 
-    def __init__(self, rep: Reporter, pending: PendingRead | None) -> None:
+    def __init__(
+        self, rep: Reporter, pending: PendingRead | None, failure: CacheUnavailable | None = None
+    ) -> None:
         self._rep = rep
-        self._pending = pending  # None: nothing was sent (an outage, reported; the journal pending)
+        # None: nothing was sent (an outage, reported: failure; or the journal not applied yet)
+        self._pending = pending
+        self._failure = failure
+        self.early = pending is not None and not isinstance(pending, ReadLater)
 
-    def results(self) -> list[ReadResult] | None:
-        """What :meth:`ReadThrough.fetch` returns for this one read; None after an outage (reported)."""
+    def results(self, rd: Read) -> tuple[list[ReadResult] | None, list[Running] | None]:
+        """What :meth:`ReadThrough.fetch` returns for ``rd``, the read sent: no results after an outage
+        (reported) or when Redis must not be read."""
         pending, self._pending = self._pending, None
+        rep = self._rep
+        run = rep.begin("read", rd.kind, rd.key, rd.model, rd.tags, len(rd.deps)) if rep.hooks else None
+        runs = None if run is None else [run]
         if pending is None:
-            return None
+            if run is not None:
+                run.end("error", self._failure)
+            return None, runs
         try:
-            return [pending.result()]
+            return [pending.result()], runs
         except (CacheUnavailable, CodecError) as exc:  # degrade("read") spelled out
-            self._rep.report(exc, "read")
-            return None
+            if run is not None:
+                run.end("error", exc)
+            rep.report(exc, "read")
+            return None, runs
 
     def drop(self) -> None:
         """The reply taken and not used (the reader answers another way)."""
@@ -183,23 +197,19 @@ class ReadThrough:
                 self._rep.instant("read", "error", rd.kind, rd.key, rd.model, rd.tags)
         return None
 
-    def send(self, key: str, deps: list[str]) -> Sent | None:
-        """A direct read of one entry begun: its MGET written now, so that the caller's remaining checks
-        run while Redis answers; :meth:`Sent.results` then answers as :meth:`fetch` would, and
-        :meth:`Sent.drop` lets it go unused. None when the read is not split (the store in the slot is
-        a wrapper, or the local tier, whose own ``read`` must answer; an operation hook times reads):
-        :meth:`enter` and :meth:`fetch` then, as for any other read."""
-        store = self._slot.current
-        # offered only if the store's class defines it: a wrapper that delegates by __getattr__ does not
-        if self._rep.hooks or getattr(type(store), "send_read", None) is None:
-            return None
+    def send(self, key: str, deps: list[str]) -> Sent:
+        """A direct read of one entry begun: its MGET written now where the store can split a read
+        (``Store.send_read``), so that the caller's remaining checks run while Redis answers;
+        :meth:`Sent.results` then answers as :meth:`fetch` would, and :meth:`Sent.drop` lets it go
+        unused. Through a wrapper or the local tier the store's own ``read`` answers, at
+        :meth:`Sent.results`."""
         if not self._replay():  # see read(): the database answers until the journal is applied
             return Sent(self._rep, None)
         try:
-            return Sent(self._rep, store.send_read(self._keys.clock, key, deps))  # type: ignore[attr-defined]
+            return Sent(self._rep, send_read(self._slot.current, self._keys.clock, key, deps))
         except CacheUnavailable as exc:
             self._rep.report(exc, "read")
-            return Sent(self._rep, None)
+            return Sent(self._rep, None, exc)
 
     def fetch(self, rds: Sequence[Read]) -> tuple[list[ReadResult] | None, list[Running] | None]:
         """Every read's entry and dependencies in one round trip (``Store.read_many``), and the

@@ -6,10 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache
 
+from ..helpers import make_user, user_name
 from ..models import User
 
 Run = Any
@@ -27,6 +30,13 @@ def test_aget_and_aget_many_hit_without_sql(run: Run, cache: SQLCache) -> None:
         return original(*args)
 
     cache.store.read_many = counted  # type: ignore[method-assign]
+    sent_early = cache.store.send_read  # type: ignore[attr-defined]
+
+    def counted_send(*args: Any) -> Any:
+        sync_reads.append(1)
+        return sent_early(*args)
+
+    cache.store.send_read = counted_send  # type: ignore[attr-defined]
 
     async def body(ae: AsyncEngine) -> None:
         async with AsyncSession(ae) as s:
@@ -51,3 +61,31 @@ def test_aget_and_aget_many_hit_without_sql(run: Run, cache: SQLCache) -> None:
     run(body)
     assert sync_reads == []
     assert cache.stats()["hits"] == 4
+
+
+def test_a_sync_get_beside_an_async_engine_sends_first(engine: Engine, run: Run, cache: SQLCache) -> None:
+    """With an AsyncEngine attached too, the cache's store answers each caller in its own world: a sync
+    cache.get still sends its MGET before its last checks (on the sync store), an aget reads through the
+    asyncio store, and both are hits."""
+    cache.register(User)
+    uid = make_user(engine, "ann")
+    user_name(engine, uid)  # filled
+    sends: list[int] = []
+    original = cache.store.send_read  # type: ignore[attr-defined]
+
+    def counted(*args: Any) -> Any:
+        sends.append(1)
+        return original(*args)
+
+    cache.store.send_read = counted  # type: ignore[attr-defined]
+
+    async def body(ae: AsyncEngine) -> None:
+        with Session(engine) as s:  # sync code beside the loop (outside SQLAlchemy's greenlet)
+            assert cache.get(s, User, uid).name == "ann"
+        assert sends == [1]
+        async with AsyncSession(ae) as s:
+            assert (await cache.aget(s, User, uid)).name == "ann"
+        assert sends == [1]
+
+    run(body)
+    assert cache.stats()["hits"] == 2

@@ -153,19 +153,22 @@ def behind_proxy(private_redis: RedisServer, engine: Engine) -> Iterator[tuple[S
 def test_a_reply_lost_after_the_send_is_an_outage(
     engine: Engine, behind_proxy: tuple[SQLCache, Proxy], sql_count: SQLCounter
 ) -> None:
-    """Redis cut off after the MGET went out and before its reply is read: the database answers, the
-    failure counts as any outage's (one error), the connection is not put back; once Redis is back
-    the next get reconnects and is a hit."""
+    """The MGET written, its reply never comes (the partition begins with it): the database answers
+    once the read times out, the failure counts as any outage's (one error), and the connection is
+    not put back; once Redis is back the next get connects again and is a hit."""
     cache, proxy = behind_proxy
     uid = make_user(engine, "ann")
     user_name(engine, uid)  # filled through the proxy
-    with _Between(engine) as s:
-        s.between = proxy.cut
+    connections = cache.store.client.connection_pool._available_connections  # type: ignore[attr-defined]
+    assert len(connections) == 1
+    proxy.hold()
+    with Session(engine) as s:
         sql_count.reset()
         assert cache.get(s, User, uid).name == "ann"
         assert sql_count.selects() == 1
     st = cache.stats()
     assert st["errors"] == 1 and st["hits"] == 0 and _in_use(cache) == 0
+    assert all(c._sock is None for c in connections)  # the one the read went out on: disconnected
     proxy.heal()
     cache._parts.health.retry_now()  # the back-off after the failure is not what is tested here
     with Session(engine) as s:
@@ -239,3 +242,35 @@ def test_the_local_tier_answers_cache_get(
         cache.detach(engine)
         cache.clear()
         cache.close()
+
+
+def test_operation_hooks_see_the_reads_whose_reply_is_used(
+    engine: Engine, cache: SQLCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With an operation hook, get still sends first; the hook sees a miss and its fill, then a hit, each
+    read once, and nothing of a read whose reply was dropped (a session bound elsewhere: Session.get
+    answers); Redis down: the read reports an error."""
+    from .test_direct import _Timing
+
+    cache.register(User)
+    uid = make_user(engine, "ann")
+    ops: list[tuple[str, str | None]] = []
+    cache.add_plugin(_Timing(ops))
+    sends = _Sends(cache, monkeypatch)
+    for _ in range(2):
+        with Session(engine) as s:
+            assert cache.get(s, User, uid).name == "ann"
+    assert ops == [("read", "miss"), ("fill", "stored"), ("read", "hit")] and sends.take() == 2
+    ops.clear()
+    other = create_engine(shareable_url(engine))
+    try:
+        with Session(other) as s:
+            assert cache.get(s, User, uid).name == "ann"
+    finally:
+        other.dispose()
+    assert ops == [] and sends.take() == 1
+    cache._parts.health.open_until = float("inf")  # the breaker open: nothing can be sent
+    with Session(engine) as s:
+        assert cache.get(s, User, uid).name == "ann"
+    assert ops == [("read", "error")] and sends.take() == 1
+    cache._parts.health.open_until = 0.0
