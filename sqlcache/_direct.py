@@ -299,16 +299,27 @@ class DirectReader:
             if sent.early:
                 self._checks_first.add(mapper)
             return session.get(cls, key[0])
-        out: list[Any] = [None]
-        wanted = {key: [0]}
+        uncached: list[tuple[Any, ...]] = []  # the database answers, nothing is filled
+        misses: list[tuple[Read, tuple[Any, ...], ReadResult]] = []
         if wrote:
             # this transaction wrote the row or its table: the database holds what it must see
             sent.drop()
             reads.bypass("identity", model)
-            self._answered(session, h, cls, wanted, out, ([], [], [key]), txns, None, None)
+            uncached.append(key)
         else:
             results, runs = sent.results(rd)
-            self._answered(session, h, cls, wanted, out, ([rd], [key], []), txns, results, runs)
+            if results is None:  # an outage (reported): the database answers, as for Session.get
+                uncached.append(key)
+            else:
+                r, run = results[0], (runs[0] if runs is not None else None)
+                if r.hit:
+                    served = reads.serve(session, rd, r, txns, run)
+                    if served is not None:
+                        return served[0]
+                reads.missed(rd, r, run)
+                misses.append((rd, key, reads.snapshot(session, rd, r, txns)))  # see _answered
+        out: list[Any] = [None]
+        self._loaded(session, h, cls, {key: [0]}, out, uncached, misses)
         return out[0]
 
     def _request(
@@ -387,8 +398,22 @@ class DirectReader:
             # t2 each fill presents its t0 generations: a commit between t0 and t2 moved one of them,
             # and fill.lua refuses the entry
             misses = [(rd, pk, reads.snapshot(session, rd, r, txns)) for rd, pk, r in misses]
-        if not uncached and not misses:
-            return
+        if uncached or misses:
+            self._loaded(session, h, cls, wanted, out, uncached, misses)
+
+    def _loaded(
+        self,
+        session: Session,
+        h: Hierarchy,
+        cls: type[Any],
+        wanted: dict[tuple[Any, ...], list[int]],
+        out: list[Any],
+        uncached: list[tuple[Any, ...]],
+        misses: list[tuple[Read, tuple[Any, ...], ReadResult]],
+    ) -> None:
+        """The database for the keys read without the cache and for the misses (each with the snapshot
+        its fill presents), then the fills."""
+        reads = self._reads
         runid = _sa.new_runid()  # objects the SELECT builds get larger numbers (built_since)
         found = self._load(session, h.mapper, [*uncached, *(pk for _, pk, _ in misses)])
         # a key not found while rows were: it may be another spelling of one of them (a case-insensitive
