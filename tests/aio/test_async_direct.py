@@ -18,25 +18,25 @@ from ..models import User
 Run = Any
 
 
+def _count(store: Any, name: str, calls: list[int]) -> None:
+    """Each call of ``store.<name>`` appends to ``calls`` (the store's own method, wrapped on the
+    instance: the test's cache is closed after it)."""
+    original = getattr(store, name)
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return original(*args)
+
+    setattr(store, name, counted)
+
+
 def test_aget_and_aget_many_hit_without_sql(run: Run, cache: SQLCache) -> None:
     """The asyncio twins answer as the sync ones: misses load and fill, hits send no SQL and land in
     the AsyncSession's identity map, in the order asked; the sync store is never used."""
     cache.register(User)
     sync_reads: list[int] = []
-    original = cache.store.read_many
-
-    def counted(*args: Any) -> Any:
-        sync_reads.append(1)
-        return original(*args)
-
-    cache.store.read_many = counted  # type: ignore[method-assign]
-    sent_early = cache.store.send_read  # type: ignore[attr-defined]
-
-    def counted_send(*args: Any) -> Any:
-        sync_reads.append(1)
-        return sent_early(*args)
-
-    cache.store.send_read = counted_send  # type: ignore[attr-defined]
+    for name in ("read_many", "send_read"):
+        _count(cache.store, name, sync_reads)
 
     async def body(ae: AsyncEngine) -> None:
         async with AsyncSession(ae) as s:
@@ -71,13 +71,7 @@ def test_a_sync_get_beside_an_async_engine_sends_first(engine: Engine, run: Run,
     uid = make_user(engine, "ann")
     user_name(engine, uid)  # filled
     sends: list[int] = []
-    original = cache.store.send_read  # type: ignore[attr-defined]
-
-    def counted(*args: Any) -> Any:
-        sends.append(1)
-        return original(*args)
-
-    cache.store.send_read = counted  # type: ignore[attr-defined]
+    _count(cache.store, "send_read", sends)
 
     async def body(ae: AsyncEngine) -> None:
         with Session(engine) as s:  # sync code beside the loop (outside SQLAlchemy's greenlet)

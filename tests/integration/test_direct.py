@@ -396,12 +396,14 @@ class _Timing:
 
 
 class _OldWrapper:
-    """A store wrapper written before read_many existed: it answers read itself, and has no read_many."""
+    """A store wrapper written before read_many existed: it answers read itself, and hands the rest to
+    the store it wraps (``__getattr__``) but for ``hidden`` (read_many by default)."""
 
     name = "old-wrapper"
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: tuple[str, ...] = ("read_many",)) -> None:
         self.reads = 0
+        self.hidden = hidden
 
     def setup(self, host: PluginHost) -> None:
         host.wrap_store(self._wrap)
@@ -415,7 +417,7 @@ class _OldWrapper:
                 return inner.read(clock_key, entry_key, dep_keys)
 
             def __getattr__(self, name: str) -> Any:
-                if name == "read_many":
+                if name in owner.hidden:
                     raise AttributeError(name)
                 return getattr(inner, name)
 

@@ -6,7 +6,7 @@ connection is left checked out with a reply unread on it."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,12 +15,12 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache
-from sqlcache.plugin import PluginHost, ReadResult, Store
 
 from ..conftest import RedisServer, SQLCounter, shareable_url
 from ..helpers import make_user, user_name
 from ..models import User
 from ..proxy import Proxy
+from .test_direct import _OldWrapper, _Timing
 from .test_local_tier import serving, wait_for
 
 
@@ -176,41 +176,12 @@ def test_a_reply_lost_after_the_send_is_an_outage(
     assert cache.stats()["hits"] == 1
 
 
-class _Delegating:
-    """A store wrapper that answers ``read`` itself and hands everything else to the store it wraps
-    (``__getattr__``): cache.get must go through its ``read``, never past it."""
-
-    name = "delegating"
-
-    def __init__(self) -> None:
-        self.reads = 0
-
-    def setup(self, host: PluginHost) -> None:
-        host.wrap_store(self._wrap)
-
-    def _wrap(self, inner: Store) -> Store:
-        owner = self
-
-        class Wrapped:
-            def read(self, clock_key: str, entry_key: str, dep_keys: Sequence[str]) -> ReadResult:
-                owner.reads += 1
-                return inner.read(clock_key, entry_key, dep_keys)
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(inner, name)
-
-        return Wrapped()  # type: ignore[return-value]
-
-    def close(self) -> None:
-        pass
-
-
 def test_a_wrapper_delegating_the_rest_still_answers_each_get(engine: Engine, cache: SQLCache) -> None:
     """A plugin's wrapper whose ``__getattr__`` would hand out the store's ``send_read``: every get
     still goes through the wrapper's ``read``."""
     cache.register(User)
     uid = make_user(engine, "ann")
-    wrapper = _Delegating()
+    wrapper = _OldWrapper(hidden=())  # send_read too would be handed out
     cache.add_plugin(wrapper)
     for _ in range(3):
         with Session(engine) as s:
@@ -250,8 +221,6 @@ def test_operation_hooks_see_the_reads_whose_reply_is_used(
     """With an operation hook, get still sends first; the hook sees a miss and its fill, then a hit, each
     read once, and nothing of a read whose reply was dropped (a session bound elsewhere: Session.get
     answers); Redis down: the read reports an error."""
-    from .test_direct import _Timing
-
     cache.register(User)
     uid = make_user(engine, "ann")
     ops: list[tuple[str, str | None]] = []
