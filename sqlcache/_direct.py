@@ -56,7 +56,8 @@ __all__ = ["DirectReader"]
 # keys per SELECT ... IN: far below every database's limit on bound parameters (SQLite: 32766)
 _IN_BATCH = 1000
 _ABSENT = (None,)  # a hit on a cached absence (a served hit is never None)
-_UNSENT = object()  # _read_one: a key the codec cannot encode, which _read answers
+_UNSENT = object()  # _read_one: a key the codec cannot encode, or own writes: _read answers
+_CHECKED_PASSES = 8  # see DirectReader._checks_first
 
 
 def key_values(raw: Any) -> tuple[Any, ...]:
@@ -101,10 +102,11 @@ class DirectReader:
         self._serves = serves
         self._statements: dict[Mapper[Any], tuple[Select[Any], Select[Any]]] = {}
         self._mappers: dict[type[Any], Mapper[Any]] = {}  # inspect() is a good part of a hit
-        # models whose last get found, after its MGET was sent, that Session.get must answer (a session
-        # with listeners, bound elsewhere...): the next get checks before sending, and sends first
-        # again once the checks pass
-        self._checks_first: set[Mapper[Any]] = set()
+        # models whose get found, after its MGET was sent, that Session.get must answer (a session with
+        # listeners, bound elsewhere...), with the gets checked before sending that passed since: a
+        # model sends first again after _CHECKED_PASSES of them in a row (sessions of both kinds
+        # taking turns do not pay a dropped round trip each)
+        self._checks_first: dict[Mapper[Any], int] = {}
 
     def get(self, session: Session | scoped_session[Any], cls: type[Any], pk: Any) -> Any:
         """What ``session.get(cls, pk)`` returns: :meth:`get_many` of one key, with a shorter way to a
@@ -119,12 +121,16 @@ class DirectReader:
             except TypeError:  # an unhashable value
                 held = True
             if held is None and not _sa.needs_autoflush(session):
-                checked = mapper in self._checks_first
-                if checked:
+                passes = self._checks_first.get(mapper)
+                if passes is not None:
                     if not self._plain(session, mapper):
+                        self._checks_first[mapper] = 0
                         return session.get(cls, pk)
-                    self._checks_first.discard(mapper)
-                answered = self._read_one(session, mapper, cls, policy, key, checked)
+                    if passes + 1 >= _CHECKED_PASSES:
+                        self._checks_first.pop(mapper, None)
+                    else:
+                        self._checks_first[mapper] = passes + 1
+                answered = self._read_one(session, mapper, cls, policy, key, passes is not None)
                 if answered is not _UNSENT:
                     return answered
         if not self._plain(session, mapper):
@@ -282,6 +288,8 @@ class DirectReader:
             entry_key, deps, row_writes = self._identities.keys(h, key)
         except CodecError:
             return _UNSENT  # _read bypasses it
+        if self._txns.wrote(session, deps[0], h.tables, h.reads):
+            return _UNSENT  # the database answers (_read): nothing to send
         sent = reads.send(entry_key, deps)
         try:
             plain = checked or self._plain(session, mapper)
@@ -289,6 +297,7 @@ class DirectReader:
                 _sa.autobegin(session)  # raises as Session.get would
                 ttl_ms = self._registry.ttl_ms(policy.ttl)
                 rd = self._request(session, h, entry_key, deps, row_writes, ttl_ms, model)
+                # again: a Connection the bind check just routed to may have written
                 wrote = self._txns.wrote(session, deps[0], h.tables, h.reads)
                 txns = self._txns.of_session(session)
         except BaseException:
@@ -297,7 +306,7 @@ class DirectReader:
         if not plain:  # the reply is not ours to use: Session.get answers
             sent.drop()
             if sent.early:
-                self._checks_first.add(mapper)
+                self._checks_first[mapper] = 0
             return session.get(cls, key[0])
         uncached: list[tuple[Any, ...]] = []  # the database answers, nothing is filled
         misses: list[tuple[Read, tuple[Any, ...], ReadResult]] = []

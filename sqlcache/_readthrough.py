@@ -115,14 +115,21 @@ class Sent:
 
     def results(self, rd: Read) -> tuple[list[ReadResult] | None, list[Running] | None]:
         """What :meth:`ReadThrough.fetch` returns for ``rd``, the read sent: no results after an outage
-        (reported) or when Redis must not be read."""
+        (reported now: a dropped read reports nothing) or when Redis must not be read."""
         pending, self._pending = self._pending, None
         rep = self._rep
-        run = rep.begin("read", rd.kind, rd.key, rd.model, rd.tags, len(rd.deps)) if rep.hooks else None
+        try:
+            run = rep.begin("read", rd.kind, rd.key, rd.model, rd.tags, len(rd.deps)) if rep.hooks else None
+        except BaseException:  # a hook interrupted (KeyboardInterrupt): the reply is still taken
+            if pending is not None:
+                pending.drop()
+            raise
         runs = None if run is None else [run]
         if pending is None:
             if run is not None:
                 run.end("error", self._failure)
+            if self._failure is not None:
+                rep.report(self._failure, "read")
             return None, runs
         try:
             return [pending.result()], runs
@@ -207,8 +214,7 @@ class ReadThrough:
             return Sent(self._rep, None)
         try:
             return Sent(self._rep, send_read(self._slot.current, self._keys.clock, key, deps))
-        except CacheUnavailable as exc:
-            self._rep.report(exc, "read")
+        except CacheUnavailable as exc:  # reported if the read is used (Sent.results)
             return Sent(self._rep, None, exc)
 
     def fetch(self, rds: Sequence[Read]) -> tuple[list[ReadResult] | None, list[Running] | None]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache
+from sqlcache.plugin import Operation, PluginHost
 
 from ..conftest import RedisServer, SQLCounter, shareable_url
 from ..helpers import make_user, user_name
@@ -59,55 +61,98 @@ class _Between(Session):
         return super().get_bind(*args, **kw)
 
 
+def _first_bind_sees(cache: SQLCache, session: _Between) -> list[int]:
+    """For each get from now on (cleared by the caller), the connections checked out when the session
+    was first asked where it reads: 1 if the get's MGET was already out, 0 if it checked first."""
+    seen: list[int] = []
+    session.between = lambda: seen.append(_in_use(cache))
+    return seen
+
+
 def test_a_session_bound_elsewhere_is_answered_by_session_get(
     engine: Engine, cache: SQLCache, sql_count: SQLCounter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A session bound to an engine the cache is not attached to: its get is Session.get's (SQL, no hit),
-    the reply sent for it is read and dropped, and the next get of the model checks the session before
-    sending anything; a get on the cache's engine is then a hit again, sent first once more."""
+    """A session bound to an engine the cache is not attached to: its get is Session.get's (SQL, no hit);
+    the reply sent for it is read and dropped, and the model's next gets check before they send. Gets
+    on the cache's engine are hits; after 8 of them checked first in a row, the model sends first
+    again, and one more session bound elsewhere puts it back."""
     cache.register(User)
     uid = make_user(engine, "ann")
     user_name(engine, uid)  # filled
     other = create_engine(shareable_url(engine))
     sends = _Sends(cache, monkeypatch)
+
+    def get(bind: Engine) -> tuple[int, int]:
+        """One get in a new session on ``bind``: (sent first?, reads sent)."""
+        with _Between(bind) as s:
+            seen = _first_bind_sees(cache, s)
+            got = cache.get(s, User, uid)
+            assert got is not None and got.name == "ann" and s.get(User, uid) is got
+        assert _in_use(cache) == 0
+        return seen[0], sends.take()
+
     try:
-        for expect_sent in (1, 0):
-            sql_count.reset()
-            with Session(other) as s:
-                got = cache.get(s, User, uid)
-                assert got is not None and got.name == "ann" and s.get(User, uid) is got
-            assert sends.take() == expect_sent and _in_use(cache) == 0
+        assert [get(other) for _ in range(2)] == [(1, 1), (0, 0)]
         assert cache.stats()["hits"] == 0
-        for expect_sent in (1, 1):  # checked first (and passed), then sent first again
-            with Session(engine) as s:
-                assert cache.get(s, User, uid).name == "ann"
-            assert sends.take() == expect_sent and _in_use(cache) == 0
-        assert cache.stats()["hits"] == 2
+        sql_count.reset()
+        assert [get(engine) for _ in range(9)] == [(0, 1)] * 8 + [(1, 1)]
+        assert cache.stats()["hits"] == 9 and sql_count.selects() == 0
+        assert [get(other), get(engine)] == [(1, 1), (0, 1)]
     finally:
         other.dispose()
 
 
-def test_own_writes_found_after_the_send_are_read_from_the_database(
-    engine: Engine, cache: SQLCache, sql_count: SQLCounter
+def test_own_writes_are_read_from_the_database_without_redis(
+    engine: Engine, cache: SQLCache, sql_count: SQLCounter, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """This transaction updated the row's table (a Core statement: nothing to flush): the reply already
-    asked for is dropped, the database answers with the transaction's own row, counted as bypassed;
-    after the rollback Redis answers with the committed row."""
+    """This transaction updated the row's table (a Core statement: nothing to flush): each get is the
+    database's, with the transaction's own row, counted as bypassed, and asks Redis nothing; after the
+    rollback Redis answers with the committed row."""
     cache.register(User)
     uid = make_user(engine, "ann")
     user_name(engine, uid)  # filled
+    sends = _Sends(cache, monkeypatch)
     with Session(engine) as s:
         s.execute(update(User).where(User.id == uid).values(name="own"))
         bypassed = cache.stats()["bypassed"]
         sql_count.reset()
-        assert cache.get(s, User, uid).name == "own"
-        assert sql_count.selects() == 1 and cache.stats()["bypassed"] == bypassed + 1
-        assert _in_use(cache) == 0
+        for _ in range(3):
+            s.expunge_all()
+            assert cache.get(s, User, uid).name == "own"
+        assert sql_count.selects() == 3 and cache.stats()["bypassed"] == bypassed + 3
+        assert sends.take() == 0 and _in_use(cache) == 0
         s.rollback()
     sql_count.reset()
     with Session(engine) as s:
         assert cache.get(s, User, uid).name == "ann"
-    assert len(sql_count) == 0 and _in_use(cache) == 0
+    assert len(sql_count) == 0 and sends.take() == 1 and _in_use(cache) == 0
+
+
+def test_with_the_breaker_open_a_read_not_used_reports_nothing(engine: Engine, cache: SQLCache) -> None:
+    """Redis backing off: a get that Session.get answers (a session bound elsewhere) or the database
+    answers for its own writes counts no error and fires no cache_error; a get that would have used
+    Redis counts one."""
+    cache.register(User)
+    uid = make_user(engine, "ann")
+    user_name(engine, uid)  # filled
+    other = create_engine(shareable_url(engine))
+    health = cache._parts.health
+    health.open_until = float("inf")  # the breaker open: nothing can be sent
+    try:
+        errors = cache.stats()["errors"]
+        with Session(other) as s:
+            assert cache.get(s, User, uid).name == "ann"
+        with Session(engine) as s:
+            s.execute(update(User).where(User.id == uid).values(name="own"))
+            assert cache.get(s, User, uid).name == "own"
+            s.rollback()
+        assert cache.stats()["errors"] == errors
+        with Session(engine) as s:
+            assert cache.get(s, User, uid).name == "ann"
+        assert cache.stats()["errors"] == errors + 1
+    finally:
+        health.open_until = 0.0
+        other.dispose()
 
 
 def test_an_error_between_the_send_and_the_reply_is_session_gets_error(
@@ -239,7 +284,42 @@ def test_operation_hooks_see_the_reads_whose_reply_is_used(
         other.dispose()
     assert ops == [] and sends.take() == 1
     cache._parts.health.open_until = float("inf")  # the breaker open: nothing can be sent
+    try:
+        with Session(engine) as s:
+            assert cache.get(s, User, uid).name == "ann"
+    finally:
+        cache._parts.health.open_until = 0.0
+    assert ops == [("read", "error")] and sends.take() == 1
+
+
+def test_an_interrupt_in_a_hook_leaves_no_reply_unread(engine: Engine, cache: SQLCache) -> None:
+    """An operation hook interrupted on entry (KeyboardInterrupt) after the MGET went out: the
+    interrupt propagates, the reply is taken off the connection, and the next get is a hit."""
+    cache.register(User)
+    uid = make_user(engine, "ann")
+    user_name(engine, uid)  # filled
+    interrupt = [True]
+
+    class Interrupting:
+        name = "interrupting"
+
+        def setup(self, host: PluginHost) -> None:
+            host.add_operation_hook(self._hook)
+
+        @contextmanager
+        def _hook(self, op: Operation) -> Iterator[None]:
+            if interrupt[0] and op.name == "read":
+                interrupt[0] = False
+                raise KeyboardInterrupt
+            yield
+
+        def close(self) -> None:
+            pass
+
+    cache.add_plugin(Interrupting())
+    with Session(engine) as s, pytest.raises(KeyboardInterrupt):
+        cache.get(s, User, uid)
+    assert _in_use(cache) == 0
     with Session(engine) as s:
         assert cache.get(s, User, uid).name == "ann"
-    assert ops == [("read", "error")] and sends.take() == 1
-    cache._parts.health.open_until = 0.0
+    assert cache.stats()["hits"] == 1 and _in_use(cache) == 0
