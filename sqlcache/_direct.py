@@ -288,7 +288,8 @@ class DirectReader:
             entry_key, deps, row_writes = self._identities.keys(h, key)
         except CodecError:
             return _UNSENT  # _read bypasses it
-        if self._txns.wrote(session, deps[0], h.tables, h.reads):
+        txns = self._txns.of_session(session)
+        if txns and self._txns.wrote(session, deps[0], h.tables, h.reads, txns):
             return _UNSENT  # the database answers (_read): nothing to send
         sent = reads.send(entry_key, deps)
         try:
@@ -298,8 +299,8 @@ class DirectReader:
                 ttl_ms = self._registry.ttl_ms(policy.ttl)
                 rd = self._request(session, h, entry_key, deps, row_writes, ttl_ms, model)
                 # again: a Connection the bind check just routed to may have written
-                wrote = self._txns.wrote(session, deps[0], h.tables, h.reads)
                 txns = self._txns.of_session(session)
+                wrote = bool(txns) and self._txns.wrote(session, deps[0], h.tables, h.reads, txns)
         except BaseException:
             sent.drop()
             raise

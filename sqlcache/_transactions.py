@@ -315,11 +315,17 @@ class Transactions:
         return not all(type(c) is dict and len(c) >= shards for c in noted)
 
     def wrote(
-        self, session: Session, identity: str | None, bulk: Iterable[str], tables: Iterable[str]
+        self,
+        session: Session,
+        identity: str | None,
+        bulk: Iterable[str],
+        tables: Iterable[str],
+        txns: list[TxnState] | None = None,
     ) -> bool:
-        """Whether this session's transaction wrote something the read depends on (it must not use Redis)."""
+        """Whether this session's transaction wrote something the read depends on (it must not use Redis).
+        ``txns``: :meth:`of_session`, if the caller has it already."""
         bulk, tables = tuple(bulk), tuple(tables)
-        for st in self.of_session(session):
+        for st in self.of_session(session) if txns is None else txns:
             if st.everything or (identity is not None and identity in st.identities):
                 return True
             if any(t in st.bulk for t in bulk) or any(t in st.tables for t in tables):
