@@ -36,7 +36,8 @@ from sqlalchemy.orm.attributes import instance_state
 from . import _sa
 from ._identity import IdentityReader, entry_of, exact_key
 from ._objects import materialize
-from ._readthrough import Read, ReadThrough
+from ._readreq import Read
+from ._readthrough import ReadThrough
 from ._registry import Registry, mapper_of
 from ._transactions import Transactions
 from .config import ModelPolicy

@@ -12,7 +12,8 @@ from sqlalchemy.engine.result import IteratorResult, SimpleResultMetaData
 from . import _keys, _sa, _sabuild
 from ._hierarchy import Hierarchy, Shape
 from ._objects import built_since, decode_entry, encode_absent, encode_instance, materialize
-from ._readthrough import Read, ReadThrough, Unservable
+from ._readreq import Read, Unservable
+from ._readthrough import ReadThrough
 from ._registry import Registry
 from ._transactions import Transactions
 from .config import ModelPolicy

@@ -21,7 +21,8 @@ from ._loadreads import UNKNOWN_TABLES
 from ._objects import apply_marks, decode_entry, discard_built, materialize_objects
 from ._querykey import Uncacheable, digest
 from ._queryspec import QuerySpec, describe, refuse_rows_before_unique
-from ._readthrough import Read, ReadThrough
+from ._readreq import Read
+from ._readthrough import ReadThrough
 from ._registry import Registry
 from ._report import Reporter
 from ._rows import (
