@@ -73,7 +73,10 @@ class RedisStore(LateReplies):
     def backing_off(self) -> bool:
         return self.health.backing_off
 
-    def _call(self, operation: str, fn: Callable[[], T]) -> T:
+    def _call(self, operation: str, fn: Callable[[], T], answered: bool = True) -> T:
+        """``fn()`` once the breaker, the owed replies and the scripts are seen to; a Redis failure is
+        CacheUnavailable (counted). ``answered=False``: ``fn`` only wrote a request, and the answer
+        counts once its reply is read (:meth:`_reply_of`)."""
         health = self.health
         health.check(operation)
         if self._owed:
@@ -83,11 +86,16 @@ class RedisStore(LateReplies):
                 self._load_scripts()
             result = fn()
         except _REDIS_ERRORS as exc:
-            self._loaded_epoch = -1  # load the scripts again once it answers (it may have restarted)
-            health.failed()
-            raise CacheUnavailable(operation) from exc
-        health.answered(operation)
+            raise self._failed(operation) from exc
+        if answered:
+            health.answered(operation)
         return result
+
+    def _failed(self, operation: str) -> CacheUnavailable:
+        """A Redis failure of ``operation``, counted for the breaker; the error to raise."""
+        self._loaded_epoch = -1  # load the scripts again once it answers (it may have restarted)
+        self.health.failed()
+        return CacheUnavailable(operation)
 
     def _eval(
         self, operation: str, script: str, keys: list[Any], args: list[Any], shield: bool = False
@@ -149,24 +157,17 @@ class RedisStore(LateReplies):
         :raises CacheUnavailable: Redis cannot be written to now (nothing is left on the wire).
         """
         keys = proto.read_keys(clock_key, entry_key, dep_keys)
-        health = self.health
-        health.check("read")
-        if self._owed:
-            self.settle()
-        try:
-            if self._loaded_epoch != health.epoch:
-                self._load_scripts()
+
+        def send() -> Any:
             conn = self._connection()
             try:
                 Wire.send(conn, "MGET", *keys)
             except BaseException:
                 self._discard(conn)
                 raise
-        except _REDIS_ERRORS as exc:
-            self._loaded_epoch = -1
-            health.failed()
-            raise CacheUnavailable("read") from exc
-        return SentRead(self, conn)
+            return conn
+
+        return SentRead(self, self._call("read", send, answered=False))
 
     def _reply_of(self, conn: Any) -> list[bytes | None]:
         """The reply of a read sent on ``conn``; the connection goes back to the pool (dropped if the
@@ -176,9 +177,7 @@ class RedisStore(LateReplies):
         except BaseException as exc:
             self._discard(conn)
             if isinstance(exc, _REDIS_ERRORS):
-                self._loaded_epoch = -1
-                self.health.failed()
-                raise CacheUnavailable("read") from exc
+                raise self._failed("read") from exc
             raise
         self.client.connection_pool.release(conn)
         self.health.answered("read")
