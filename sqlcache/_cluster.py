@@ -13,6 +13,7 @@ over the cluster's nodes).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -194,6 +195,8 @@ class ClusterStore(Router):
         self._cluster: redis.cluster.RedisCluster | None = None
         self._slot = -1  # set by key_prefix()
         self._stores: dict[str, RedisStore] = {}
+        # what closes each client it made (the cluster's, each node store's pool): see closer()
+        self._closers: list[Callable[[], None]] = []
         self._owners: dict[int, str] = {}  # per slot of the cache, the node that served it last
         self._refresh = False  # a call failed: ask the cluster again which node serves the slot
         # threads share the router: building the client, refreshing the topology and taking a new owner
@@ -260,6 +263,7 @@ class ClusterStore(Router):
             cluster = self._cluster
             if cluster is None:
                 cluster = self._cluster = self._make()
+                self._closers.append(cluster.close)
             elif self._refresh:
                 self._refresh = False
                 cluster.nodes_manager.initialize()
@@ -268,6 +272,7 @@ class ClusterStore(Router):
             if store is None:
                 store = RedisStore(self._node_client(node), health, node.name, self._served(node.name))
                 self._stores[node.name] = store
+                self._closers.append(store.closer())
         except _ERRORS as exc:
             self._refresh = True
             health.failed()
@@ -328,8 +333,20 @@ class ClusterStore(Router):
         for store in list(self._stores.values()):
             store.settle()
 
+    def closer(self) -> Callable[[], None]:
+        """What closes every client this router made, now and later (as :meth:`RedisStore.closer`)."""
+        return functools.partial(_close_each, self._closers)
+
     def disconnect(self) -> None:
         for store in list(self._stores.values()):
             store.disconnect()
         if self._cluster is not None:
             self._cluster.close()
+
+
+def _close_each(closers: list[Callable[[], None]]) -> None:
+    for close in list(closers):
+        try:
+            close()
+        except (redis.RedisError, OSError):
+            pass  # closing only: the others are closed still

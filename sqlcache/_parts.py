@@ -63,6 +63,10 @@ class Parts:
         )
         # the caller's client is untouched; a cluster's router is split by shard when shards > 1
         self.store = store_for(redis_client, c.timeout, health, c.shards)
+        # a cache dropped without close(): its connections are closed when it is collected, not left
+        # to the collector socket by socket (a ResourceWarning each, wherever it runs); at exit, as
+        # before, the process's end closes them (daemon threads may still be using them)
+        weakref.finalize(sender, self.store.closer()).atexit = False
         self.async_stores: AsyncStores | None = None  # the asyncio world, once an AsyncEngine is attached
         self.rep = rep = Reporter(sender, lambda: health.ok_seq)
         self.local = self._local_tier(sender)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -43,6 +44,21 @@ log = logging.getLogger("sqlcache")
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
 
+def _connect_hook(store: RedisStore) -> Callable[[Any], None]:
+    """``store._on_connect`` as its pool's connect hook, the store held weakly: a pool whose store is
+    gone (a cache dropped unclosed, its pool kept to be closed) connects as redis-py does."""
+    ref = weakref.ref(store)
+
+    def on_connect(conn: Any) -> None:
+        live = ref()
+        if live is None:
+            conn.on_connect()
+        else:
+            live._on_connect(conn)
+
+    return on_connect
+
+
 class RedisStore(LateReplies):
     """The :class:`~sqlcache._protocol.Store` over a sync redis-py client: one Lua script per
     operation; turns every Redis failure into CacheUnavailable, and skips Redis while ``health`` backs
@@ -65,7 +81,8 @@ class RedisStore(LateReplies):
         self._owe_nothing()
         # every new connection asks the server for its run id before anything else is sent on it, so a
         # restarted Redis is noticed even when redis-py reconnects silently
-        client.connection_pool.connection_kwargs["redis_connect_func"] = self._on_connect
+        # (held weakly: the pool outlives a dropped store only to be closed, see closer())
+        client.connection_pool.connection_kwargs["redis_connect_func"] = _connect_hook(self)
 
     # -- circuit breaker ---------------------------------------------------------------------------
 
@@ -116,6 +133,12 @@ class RedisStore(LateReplies):
             return written
 
         return self._call(operation, waited)
+
+    def closer(self) -> Callable[[], None]:
+        """What closes every connection this store opened, holding its pool and nothing of the store:
+        a cache dropped without close() calls it when it is collected (``_parts``), before the collector
+        would finalise the sockets one by one (a ResourceWarning each, in whatever code runs then)."""
+        return self.client.connection_pool.disconnect
 
     def _on_connect(self, conn: Any) -> None:
         conn.on_connect()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -266,3 +269,30 @@ class NoSettler:
 
     def unwatch(self, store: Any) -> None:
         pass
+
+
+def check_a_dropped_cache_closes_its_connections(redis_url: str) -> None:
+    """A cache dropped without close(), once collected, has closed every connection it opened to Redis:
+    the connections, kept here, hold no socket (and keeping them does not keep the cache alive)."""
+    cache = SQLCache(redis_url, prefix=f"d{uuid.uuid4().hex[:10]}")
+    cache.register(User)
+    cache.invalidate(User, 1)  # a connection opened (on a cluster: the cluster client's and a node's)
+    conns = _connections_of(cache._parts.store)
+    assert [c for c in conns if c._sock is not None]
+    gone = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert gone() is None
+    assert [c for c in conns if c._sock is not None] == []
+
+
+def _connections_of(store: Any) -> list[Any]:
+    """The connections of a store's pools: a server's store, or a cluster router's node stores and
+    cluster client."""
+    clients = [store.client] if hasattr(store, "client") else [s.client for s in store._stores.values()]
+    pools = [c.connection_pool for c in clients]
+    if getattr(store, "_cluster", None) is not None:
+        pools += [
+            n.redis_connection.connection_pool for n in store._cluster.get_nodes() if n.redis_connection
+        ]
+    return [c for p in pools for c in [*p._available_connections, *p._in_use_connections]]

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from sqlcache import SQLCache, _keys, cached
 
-from ..helpers import check_failover, make_user, user_name
+from ..helpers import check_a_dropped_cache_closes_its_connections, check_failover, make_user, user_name
 from ..models import User
 from ..topologies import LocalCluster, local_cluster
 from .test_identity import *  # noqa: F403  (run again with the fixtures below)
@@ -154,3 +154,8 @@ def test_threads_first_using_the_router_build_one_client(engine: Engine, redis_u
     finally:
         cache.clear()
         cache.close()
+
+
+def test_a_cache_dropped_unclosed_closes_its_connections(redis_url: str) -> None:
+    """On a cluster too: the cluster client's connections and each node's."""
+    check_a_dropped_cache_closes_its_connections(redis_url)

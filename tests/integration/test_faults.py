@@ -226,7 +226,7 @@ def test_restart_from_old_snapshot_is_fenced(
         st = cache.stats()
         assert st["restarts"] == 1 and st["fences"] == 1
     finally:
-        cache.detach(engine)
+        cache.close()
 
 
 def test_restart_from_old_snapshot_is_fenced_for_a_process_that_never_saw_it(

@@ -18,7 +18,13 @@ from sqlalchemy.orm import Session
 from sqlcache import SQLCache, outbox_table
 
 from ..conftest import SQLCounter
-from ..helpers import durable_cache, make_user, rename_user, user_name
+from ..helpers import (
+    check_a_dropped_cache_closes_its_connections,
+    durable_cache,
+    make_user,
+    rename_user,
+    user_name,
+)
 from ..models import User
 
 
@@ -257,3 +263,9 @@ def test_close_reentering_from_inside_the_cluster_router_does_not_deadlock() -> 
     t = threading.Thread(target=work, daemon=True)
     t.start()
     assert done.wait(15), "close() from inside the cluster router deadlocked"
+
+
+def test_a_cache_dropped_unclosed_closes_its_connections(redis_url: str) -> None:
+    """A cache dropped without close(): its connections to Redis are closed when it is collected (the
+    collector closed them itself, socket by socket, each with a ResourceWarning)."""
+    check_a_dropped_cache_closes_its_connections(redis_url)
