@@ -195,7 +195,7 @@ class ClusterStore(Router):
         self._cluster: redis.cluster.RedisCluster | None = None
         self._slot = -1  # set by key_prefix()
         self._stores: dict[str, RedisStore] = {}
-        # what closes each client it made (the cluster's, each node store's pool): see closer()
+        # what closes each node store's sockets: see closer()
         self._closers: list[Callable[[], None]] = []
         self._owners: dict[int, str] = {}  # per slot of the cache, the node that served it last
         self._refresh = False  # a call failed: ask the cluster again which node serves the slot
@@ -263,7 +263,6 @@ class ClusterStore(Router):
             cluster = self._cluster
             if cluster is None:
                 cluster = self._cluster = self._make()
-                self._closers.append(cluster.close)
             elif self._refresh:
                 self._refresh = False
                 cluster.nodes_manager.initialize()
@@ -334,7 +333,9 @@ class ClusterStore(Router):
             store.settle()
 
     def closer(self) -> Callable[[], None]:
-        """What closes every client this router made, now and later (as :meth:`RedisStore.closer`)."""
+        """What closes the sockets of every node store, now and later (as :meth:`RedisStore.closer`).
+        The cluster client's own connections (topology queries, made without the store's hook) are
+        redis-py's, left to it."""
         return functools.partial(_close_each, self._closers)
 
     def disconnect(self) -> None:
@@ -346,7 +347,4 @@ class ClusterStore(Router):
 
 def _close_each(closers: list[Callable[[], None]]) -> None:
     for close in list(closers):
-        try:
-            close()
-        except (redis.RedisError, OSError):
-            pass  # closing only: the others are closed still
+        close()

@@ -5,8 +5,8 @@ gets only the narrow pieces it needs (docs/pages/architecture.md has the table o
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, cast
 
 from . import _aio, _keys
 from ._ashardstore import async_store_maker
@@ -41,6 +41,21 @@ if TYPE_CHECKING:
     from .errors import CacheUnavailable
 
 __all__ = ["Parts"]
+
+
+P = ParamSpec("P")
+
+
+def _weakly(method: Callable[P, None]) -> Callable[P, None]:
+    """``method`` with its object held weakly; once the object is gone, a call does nothing."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: P.args, **kwargs: P.kwargs) -> None:
+        live = ref()
+        if live is not None:
+            live(*args, **kwargs)
+
+    return call
 
 
 class Parts:
@@ -84,8 +99,9 @@ class Parts:
         self.journal = journal = Journal(
             slot, rep, keys, announcer.announce, lambda: health.backing_off, c.backoff
         )
-        health.on_restart = journal.fence
-        health.on_release_lost = self._release_lost
+        # held weakly: the stores and the local tier hold health, and must not keep the cache alive
+        health.on_restart = _weakly(journal.fence)
+        health.on_release_lost = _weakly(self._release_lost)
         if c.wait_replicas:
             health.wait = (c.wait_replicas, max(1, round(c.wait_timeout * 1000)))
         health.lineage = [

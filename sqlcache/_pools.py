@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import socket
 from typing import Any
 
 import hiredis
@@ -23,6 +24,7 @@ __all__ = [
     "KEPT_CONNECTION_KWARGS",
     "AsyncLeanPool",
     "LeanPool",
+    "OpenSockets",
     "Subscription",
     "Wire",
     "client_for",
@@ -151,6 +153,34 @@ class AsyncLeanPool(redis.asyncio.ConnectionPool):
                     await connection.disconnect()
             finally:
                 self._available_connections.append(connection)
+
+
+class OpenSockets:
+    """The sockets of the connections one store opened, and nothing else (not the pool, whose settings
+    may hold the caller's objects, nor the store): what a cache dropped without close() closes when it
+    is collected, before the collector would finalise each socket itself (a ResourceWarning each,
+    wherever it runs). Closed ones are dropped as new ones come. No lock (a forked child must not meet
+    one held): a set's add and discard are atomic."""
+
+    __slots__ = ("_socks",)
+
+    def __init__(self) -> None:
+        self._socks: set[socket.socket] = set()
+
+    def add(self, sock: socket.socket) -> None:
+        for old in list(self._socks):
+            if old.fileno() == -1:
+                self._socks.discard(old)
+        self._socks.add(sock)
+
+    def close(self) -> None:
+        """Close each socket (in a forked child, its own copy: the parent's connection stays open)."""
+        for sock in list(self._socks):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        self._socks.clear()
 
 
 class Subscription:

@@ -19,7 +19,15 @@ from . import _protocol as proto
 from . import _settle
 from ._health import Health
 from ._keys import Layout
-from ._pools import KEPT_CONNECTION_KWARGS, LeanPool, Subscription, Wire, client_for, hide_password
+from ._pools import (
+    KEPT_CONNECTION_KWARGS,
+    LeanPool,
+    OpenSockets,
+    Subscription,
+    Wire,
+    client_for,
+    hide_password,
+)
 from ._protocol import ReadResult, SentLock
 from ._scripts import LINEAGE_SOURCE, script_source
 from ._settle import Owed
@@ -44,12 +52,14 @@ log = logging.getLogger("sqlcache")
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
 
-def _connect_hook(store: RedisStore) -> Callable[[Any], None]:
-    """``store._on_connect`` as its pool's connect hook, the store held weakly: a pool whose store is
-    gone (a cache dropped unclosed, its pool kept to be closed) connects as redis-py does."""
+def _connect_hook(store: RedisStore, sockets: OpenSockets) -> Callable[[Any], None]:
+    """``store._on_connect`` as its pool's connect hook, each new socket noted in ``sockets``. The store
+    is held weakly (the pool's settings must not keep the cache alive): a pool whose store is gone
+    connects as redis-py does."""
     ref = weakref.ref(store)
 
     def on_connect(conn: Any) -> None:
+        sockets.add(conn._sock)
         live = ref()
         if live is None:
             conn.on_connect()
@@ -81,8 +91,9 @@ class RedisStore(LateReplies):
         self._owe_nothing()
         # every new connection asks the server for its run id before anything else is sent on it, so a
         # restarted Redis is noticed even when redis-py reconnects silently
-        # (held weakly: the pool outlives a dropped store only to be closed, see closer())
-        client.connection_pool.connection_kwargs["redis_connect_func"] = _connect_hook(self)
+        # (and its socket noted, for closer())
+        self._sockets = OpenSockets()
+        client.connection_pool.connection_kwargs["redis_connect_func"] = _connect_hook(self, self._sockets)
 
     # -- circuit breaker ---------------------------------------------------------------------------
 
@@ -135,10 +146,9 @@ class RedisStore(LateReplies):
         return self._call(operation, waited)
 
     def closer(self) -> Callable[[], None]:
-        """What closes every connection this store opened, holding its pool and nothing of the store:
-        a cache dropped without close() calls it when it is collected (``_parts``), before the collector
-        would finalise the sockets one by one (a ResourceWarning each, in whatever code runs then)."""
-        return self.client.connection_pool.disconnect
+        """What closes the sockets of every connection this store opened, holding nothing but them: a
+        cache dropped without close() calls it when it is collected (``_parts``)."""
+        return self._sockets.close
 
     def _on_connect(self, conn: Any) -> None:
         conn.on_connect()

@@ -271,28 +271,26 @@ class NoSettler:
         pass
 
 
-def check_a_dropped_cache_closes_its_connections(redis_url: str) -> None:
-    """A cache dropped without close(), once collected, has closed every connection it opened to Redis:
-    the connections, kept here, hold no socket (and keeping them does not keep the cache alive)."""
-    cache = SQLCache(redis_url, prefix=f"d{uuid.uuid4().hex[:10]}")
+def check_a_dropped_cache_closes_its_connections(redis_url: str, **options: Any) -> None:
+    """A cache dropped without close(), once collected, has closed the socket of every connection its
+    store opened to Redis. The connections are kept here (so that only the cache can close them), and
+    keeping them keeps nothing else alive."""
+    cache = SQLCache(redis_url, prefix=f"d{uuid.uuid4().hex[:10]}", **options)
     cache.register(User)
-    cache.invalidate(User, 1)  # a connection opened (on a cluster: the cluster client's and a node's)
+    cache.invalidate(User, 1)  # a connection opened (on a cluster: a node store's)
     conns = _connections_of(cache._parts.store)
-    assert [c for c in conns if c._sock is not None]
+    socks = [c._sock for c in conns if c._sock is not None]
+    assert socks and all(s.fileno() != -1 for s in socks)
     gone = weakref.ref(cache)
     del cache
     gc.collect()
     assert gone() is None
-    assert [c for c in conns if c._sock is not None] == []
+    assert [s for s in socks if s.fileno() != -1] == []
+    del conns
 
 
 def _connections_of(store: Any) -> list[Any]:
-    """The connections of a store's pools: a server's store, or a cluster router's node stores and
-    cluster client."""
+    """The connections of a store's pools: a server's store, or each node store of a cluster router."""
     clients = [store.client] if hasattr(store, "client") else [s.client for s in store._stores.values()]
     pools = [c.connection_pool for c in clients]
-    if getattr(store, "_cluster", None) is not None:
-        pools += [
-            n.redis_connection.connection_pool for n in store._cluster.get_nodes() if n.redis_connection
-        ]
     return [c for p in pools for c in [*p._available_connections, *p._in_use_connections]]

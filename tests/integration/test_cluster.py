@@ -157,5 +157,5 @@ def test_threads_first_using_the_router_build_one_client(engine: Engine, redis_u
 
 
 def test_a_cache_dropped_unclosed_closes_its_connections(redis_url: str) -> None:
-    """On a cluster too: the cluster client's connections and each node's."""
+    """On a cluster too: each node store's connections."""
     check_a_dropped_cache_closes_its_connections(redis_url)

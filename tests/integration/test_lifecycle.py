@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 from sqlalchemy import MetaData, create_engine, event, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
@@ -265,7 +266,41 @@ def test_close_reentering_from_inside_the_cluster_router_does_not_deadlock() -> 
     assert done.wait(15), "close() from inside the cluster router deadlocked"
 
 
-def test_a_cache_dropped_unclosed_closes_its_connections(redis_url: str) -> None:
-    """A cache dropped without close(): its connections to Redis are closed when it is collected (the
-    collector closed them itself, socket by socket, each with a ResourceWarning)."""
-    check_a_dropped_cache_closes_its_connections(redis_url)
+@pytest.mark.parametrize("local_bytes", [0, 1 << 20], ids=["redis", "local_tier"])
+def test_a_cache_dropped_unclosed_closes_its_connections(redis_url: str, local_bytes: int) -> None:
+    """A cache dropped without close() is collected (with a local tier too, whose keeper's finalizer
+    held it), and its connections to Redis are closed then, not left to the collector socket by socket,
+    each with a ResourceWarning."""
+    check_a_dropped_cache_closes_its_connections(redis_url, local_bytes=local_bytes)
+
+
+class _App:
+    """An application object holding the cache (and what else it needs)."""
+
+    client: redis.Redis | None = None
+    cache: SQLCache | None = None
+
+
+class _Credentials(redis.CredentialProvider):
+    """Credentials read from the application (the shared server's default user takes any password)."""
+
+    def __init__(self, app: _App) -> None:
+        self.app = app
+
+    def get_credentials(self) -> tuple[str, str]:
+        return ("default", "any")
+
+
+def test_a_dropped_cache_whose_pool_settings_hold_it_is_collected(redis_url: str) -> None:
+    """What closes a dropped cache's connections holds their sockets only, not the pool, whose settings
+    hold the caller's objects: a credential provider holding the application that holds the cache does
+    not keep the cache alive (it did while the pool itself was held)."""
+    app = _App()
+    app.client = redis.Redis.from_url(redis_url, credential_provider=_Credentials(app))
+    app.cache = SQLCache(app.client, prefix=f"d{uuid.uuid4().hex[:10]}")
+    app.cache.register(User)
+    app.cache.invalidate(User, 1)
+    gone = weakref.ref(app.cache)
+    del app
+    gc.collect()
+    assert gone() is None

@@ -116,22 +116,21 @@ def test_survives_an_outage_and_resumes(redis_client: redis.Redis, prefix: str) 
 def test_a_dropped_cache_stops_publishing(redis_client: redis.Redis, prefix: str) -> None:
     """The thread holds no strong reference to the cache: a cache dropped without close() is collected,
     and its thread ends."""
-    cache = SQLCache(redis_client, prefix=prefix, publish_stats=0.1)
-    poll(lambda: published(redis_client, prefix))
-    # this test's subject is the thread; the gc.collect() calls below also collect whatever earlier
-    # tests left to the collector, whose unclosed sockets would warn here (an error under this suite's
-    # filters), as CI once saw. A dropped cache closing its own connections is test_lifecycle's
+    # what earlier tests left to the collector goes first: its sockets' warnings are not this test's
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ResourceWarning)
-        del cache
         gc.collect()
-        # collected between two turns of the thread (a turn holds the cache for its duration)
-        poll(
-            lambda: (
-                gc.collect() >= 0
-                and not [t for t in threading.enumerate() if t.name == f"sqlcache-publish-{prefix}"]
-            )
+    cache = SQLCache(redis_client, prefix=prefix, publish_stats=0.1)
+    poll(lambda: published(redis_client, prefix))
+    del cache
+    gc.collect()  # its connections are closed then (no ResourceWarning: an error under this suite's filters)
+    # collected between two turns of the thread (a turn holds the cache for its duration)
+    poll(
+        lambda: (
+            gc.collect() >= 0
+            and not [t for t in threading.enumerate() if t.name == f"sqlcache-publish-{prefix}"]
         )
+    )
 
 
 def test_forked_child_publishes_under_its_own_key(redis_client: redis.Redis, prefix: str) -> None:
