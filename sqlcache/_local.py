@@ -139,6 +139,7 @@ class LocalTier:
         self._thread: threading.Thread | None = None
         self._wanted = False  # start() was called: a forked child starts the keeper on first use
         self._failures = 0  # tracking connections that failed in a row (back-off, one warning)
+        self._abandoned = False  # the cache was dropped unclosed: the keeper closes as it stops
         me = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _stop_thread(me))
 
@@ -175,7 +176,31 @@ class LocalTier:
         self._drop_all(count=False)
         self._alive = float("-inf")
 
+    def abandon(self) -> None:
+        """The cache was dropped without close(): its finalizer, on whichever thread collected it (the
+        keeper's own, perhaps inside the lock). Nothing here waits or takes the lock: the keeper stops
+        and closes the tracking connection on its way out; with no keeper running, it is closed here
+        if the lock is free (nothing else uses a dropped cache's tier)."""
+        self._abandoned = True
+        self._wanted = False
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if (thread is None or not thread.is_alive()) and self._lock.acquire(blocking=False):
+            try:
+                self._lost(count=False)
+            finally:
+                self._lock.release()
+
     def _run(self) -> None:
+        try:
+            self._keep()
+        finally:
+            if self._abandoned:
+                with self._lock:
+                    self._lost(count=False)
+
+    def _keep(self) -> None:
         wait = self._interval
         kept_rounds = idle_rounds = 0
         while True:

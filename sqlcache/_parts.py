@@ -143,7 +143,7 @@ class Parts:
         if not self.config.local_bytes:
             return None
         tier = local_tier_for(self.store, self.config, self.health, self.rep.stats.incr)
-        weakref.finalize(owner, tier.close)  # a cache dropped without close(): its keeper stops
+        weakref.finalize(owner, tier.abandon)  # a cache dropped without close(): its keeper stops
         return tier
 
     def attach(self, engine: Engine) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
@@ -281,12 +282,27 @@ def check_a_dropped_cache_closes_its_connections(redis_url: str, **options: Any)
     conns = _connections_of(cache._parts.store)
     socks = [c._sock for c in conns if c._sock is not None]
     assert socks and all(s.fileno() != -1 for s in socks)
+    tier = cache._parts.local
+    if tier is not None:  # its keeper running, with its tracking connection (attach() starts it)
+        tier.start()
+        _until(lambda: tier._tracking is not None and tier._tracking._sock is not None)
+        socks.append(tier._tracking._sock)
     gone = weakref.ref(cache)
     del cache
     gc.collect()
     assert gone() is None
+    if tier is not None:
+        keeper = tier._thread
+        _until(lambda: keeper is None or not keeper.is_alive())
     assert [s for s in socks if s.fileno() != -1] == []
     del conns
+
+
+def _until(check: Callable[[], object], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def _connections_of(store: Any) -> list[Any]:

@@ -512,3 +512,26 @@ def test_a_forked_child_has_a_tier_of_its_own(engine: Engine, local: SQLCache) -
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert user_name(engine, uid) == "ann"
+
+
+@pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
+def test_an_abandoned_tier_stops_without_waiting_or_locking(local: SQLCache) -> None:
+    """What a cache dropped unclosed runs (on whichever thread collected it, the keeper's own perhaps,
+    inside the tier's lock) neither waits for the keeper nor takes the lock: the keeper stops and
+    closes its tracking connection once the lock is free. close() from inside the lock would hang."""
+    tier: Any = local._parts.local
+    keeper, sock = tier._thread, tier._tracking._sock
+    returned = threading.Event()
+
+    def abandon_inside_the_lock() -> None:
+        with tier._lock:
+            tier.abandon()
+            returned.set()
+            assert sock.fileno() != -1  # the keeper closes it once the lock is free
+
+    t = threading.Thread(target=abandon_inside_the_lock, daemon=True)
+    t.start()
+    assert returned.wait(5)
+    t.join(5)
+    wait_for(lambda: not keeper.is_alive(), "the keeper to stop")
+    assert sock.fileno() == -1
