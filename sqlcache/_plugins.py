@@ -158,7 +158,8 @@ class Plugins:
     def connect(self, plugin: str, signal: NamedSignal, receiver: Callable[..., Any]) -> None:
         guarded = self._rep.guard(plugin, receiver)
         with self._mutex:
-            signal.connect(guarded, sender=self._sender, weak=False)
+            # weakly: _receivers keeps it (a strong one, on a module-level signal, kept the cache alive)
+            signal.connect(guarded, sender=self._sender, weak=True)
             self._receivers.append((plugin, signal, guarded))
 
     def add_hook(self, plugin: str, hook: OperationHook) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import re
 import socket
 from typing import Any
@@ -160,27 +161,37 @@ class OpenSockets:
     may hold the caller's objects, nor the store): what a cache dropped without close() closes when it
     is collected, before the collector would finalise each socket itself (a ResourceWarning each,
     wherever it runs). Closed ones are dropped as new ones come. No lock (a forked child must not meet
-    one held): a set's add and discard are atomic."""
+    one held): a set's add, discard and pop are atomic."""
 
     __slots__ = ("_socks",)
 
     def __init__(self) -> None:
-        self._socks: set[socket.socket] = set()
+        self._socks: set[tuple[socket.socket, int]] = set()  # each with the process that opened it
 
     def add(self, sock: socket.socket) -> None:
         for old in list(self._socks):
-            if old.fileno() == -1:
+            if old[0].fileno() == -1:
                 self._socks.discard(old)
-        self._socks.add(sock)
+        self._socks.add((sock, os.getpid()))
 
     def close(self) -> None:
-        """Close each socket (in a forked child, its own copy: the parent's connection stays open)."""
-        for sock in list(self._socks):
+        """Shut each socket down and close it, as redis-py's ``disconnect()`` does; one inherited from a
+        parent process is only closed here (the parent's connection stays open)."""
+        pid = os.getpid()
+        while True:
+            try:
+                sock, opener = self._socks.pop()
+            except KeyError:
+                return
+            try:
+                if opener == pid:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 sock.close()
             except OSError:
                 pass
-        self._socks.clear()
 
 
 class Subscription:

@@ -4,7 +4,9 @@ without the cache, and the cache keeps working through them."""
 from __future__ import annotations
 
 import gc
+import os
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from sqlalchemy import MetaData, create_engine, event, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from sqlcache import SQLCache, outbox_table
+from sqlcache import SQLCache, outbox_table, signals
 
 from ..conftest import SQLCounter
 from ..helpers import (
@@ -304,3 +306,66 @@ def test_a_dropped_cache_whose_pool_settings_hold_it_is_collected(redis_url: str
     del app
     gc.collect()
     assert gone() is None
+
+
+class _Counting:
+    """A plugin with a signal receiver."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def setup(self, host: Any) -> None:
+        host.connect(signals.invalidated, self._seen)
+
+    def _seen(self, sender: object, **kwargs: Any) -> None:
+        self.seen += 1
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_dropped_cache_with_a_plugin_receiving_signals_is_collected(redis_url: str) -> None:
+    """A plugin's receiver (on a module-level signal) does not keep a dropped cache alive."""
+    plugin = _Counting()
+    cache = SQLCache(redis_url, prefix=f"d{uuid.uuid4().hex[:10]}", plugins=[plugin])
+    cache.register(User)
+    cache.invalidate(User, 1)
+    assert plugin.seen == 1
+    gone = weakref.ref(cache)
+    del cache
+    gc.collect()
+    assert gone() is None
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_dropped_cache_ends_its_connections_though_a_forked_child_holds_them(redis_url: str) -> None:
+    """A cache dropped unclosed ends its connections on the server (shut down, as redis-py's disconnect
+    does) though a child forked meanwhile still holds copies of their descriptors."""
+    cache = SQLCache(redis_url, prefix=f"d{uuid.uuid4().hex[:10]}")
+    cache.register(User)
+    cache.invalidate(User, 1)
+    conn: Any = cache.store.client.connection_pool._available_connections[0]
+    conn.send_command("CLIENT", "ID")
+    cid = conn.read_response()
+    del conn
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # holds the descriptors until told to go
+        os.read(read_end, 1)
+        os._exit(0)
+    try:
+        del cache
+        gc.collect()
+        admin = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 10
+        while str(cid) in [str(c["id"]) for c in admin.client_list()]:
+            assert time.monotonic() < deadline, "the connection is still open on the server"
+            time.sleep(0.02)
+        admin.close()
+    finally:
+        os.write(write_end, b"x")
+        os.waitpid(child, 0)
+        os.close(read_end)
+        os.close(write_end)
