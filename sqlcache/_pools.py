@@ -168,7 +168,9 @@ class OpenSockets:
     def __init__(self) -> None:
         self._socks: set[tuple[socket.socket, int]] = set()  # each with the process that opened it
 
-    def add(self, sock: socket.socket) -> None:
+    def add(self, conn: Any) -> None:
+        """Note the socket of ``conn``, a redis-py connection just connected."""
+        sock: socket.socket = conn._sock
         for old in list(self._socks):
             if old[0].fileno() == -1:
                 self._socks.discard(old)

@@ -59,7 +59,7 @@ def _connect_hook(store: RedisStore, sockets: OpenSockets) -> Callable[[Any], No
     ref = weakref.ref(store)
 
     def on_connect(conn: Any) -> None:
-        sockets.add(conn._sock)
+        sockets.add(conn)
         live = ref()
         if live is None:
             conn.on_connect()
