@@ -10,6 +10,8 @@ import inspect
 import os
 import re
 import socket
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -29,6 +31,7 @@ __all__ = [
     "Subscription",
     "Wire",
     "client_for",
+    "connect_hook",
     "hide_password",
 ]
 
@@ -194,6 +197,23 @@ class OpenSockets:
                 sock.close()
             except OSError:
                 pass
+
+
+def connect_hook(on_connect: Callable[[Any], None], sockets: OpenSockets) -> Callable[[Any], None]:
+    """A pool's connect hook: each new connection's socket noted in ``sockets``, then ``on_connect``
+    (a store's bound method) run on it. Its object is held weakly, since a pool's settings must not
+    keep the cache alive; once it is gone, a connection connects as redis-py does."""
+    ref = weakref.WeakMethod(on_connect)
+
+    def hook(conn: Any) -> None:
+        sockets.add(conn)
+        live = ref()
+        if live is None:
+            conn.on_connect()
+        else:
+            live(conn)
+
+    return hook
 
 
 class Subscription:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -26,6 +25,7 @@ from ._pools import (
     Subscription,
     Wire,
     client_for,
+    connect_hook,
     hide_password,
 )
 from ._protocol import ReadResult, SentLock
@@ -52,23 +52,6 @@ log = logging.getLogger("sqlcache")
 _REDIS_ERRORS: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
 
 
-def _connect_hook(store: RedisStore, sockets: OpenSockets) -> Callable[[Any], None]:
-    """``store._on_connect`` as its pool's connect hook, each new socket noted in ``sockets``. The store
-    is held weakly (the pool's settings must not keep the cache alive): a pool whose store is gone
-    connects as redis-py does."""
-    ref = weakref.ref(store)
-
-    def on_connect(conn: Any) -> None:
-        sockets.add(conn)
-        live = ref()
-        if live is None:
-            conn.on_connect()
-        else:
-            live._on_connect(conn)
-
-    return on_connect
-
-
 class RedisStore(LateReplies):
     """The :class:`~sqlcache._protocol.Store` over a sync redis-py client: one Lua script per
     operation; turns every Redis failure into CacheUnavailable, and skips Redis while ``health`` backs
@@ -93,7 +76,9 @@ class RedisStore(LateReplies):
         # restarted Redis is noticed even when redis-py reconnects silently
         # (and its socket noted, for closer())
         self._sockets = OpenSockets()
-        client.connection_pool.connection_kwargs["redis_connect_func"] = _connect_hook(self, self._sockets)
+        client.connection_pool.connection_kwargs["redis_connect_func"] = connect_hook(
+            self._on_connect, self._sockets
+        )
 
     # -- circuit breaker ---------------------------------------------------------------------------
 
